@@ -1,0 +1,46 @@
+"""The ``qft`` command line.
+
+Every subcommand lives in its own module under :mod:`qft.commands` and exposes
+``add_arguments(parser)`` and ``run(args) -> int``. A module is imported only when its
+subcommand runs, so ``qft --help`` stays fast (no torch import).
+
+Errors caused by the user's input are raised as :class:`qft.errors.UserError` and printed
+as one line (``qft <command>: error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from typing import Sequence
+
+from qft.errors import UserError
+
+__all__ = ["main", "COMMANDS"]
+
+#: subcommand -> (module under qft.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("train", "train a reference model from a YAML recipe"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="qft",
+        description="Post-training quantization and finetuning of learned image codecs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parsers = {name: sub.add_parser(name, help=h, description=h) for name, (_, h) in COMMANDS.items()}
+    name = argv[0] if argv else None
+    if name in COMMANDS:
+        module = importlib.import_module(f"qft.commands.{COMMANDS[name][0]}")
+        module.add_arguments(parsers[name])
+    args = parser.parse_args(argv)
+    try:
+        return int(module.run(args) or 0)
+    except UserError as exc:
+        print(f"qft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
