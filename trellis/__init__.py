@@ -1,0 +1,26 @@
+"""trellis: the quantization engine of qft (NumPy, Numba and SciPy only — never torch).
+
+* :mod:`trellis.machines` — VVC 4-state and ECM 8-state dependent-quantization machines.
+* :mod:`trellis.tables` — scale table, decision cells, 16-bit coding tables, table rates.
+* :mod:`trellis.kernels` — Numba kernels; :mod:`trellis.reference` — their NumPy twins.
+* :mod:`trellis.quantize` — the :class:`Quantizer` API (USQ, RDOQ, TCQ-4, TCQ-8).
+* ``python -m trellis.bench`` — throughput benchmark (JSON).
+"""
+
+from trellis.machines import MACHINES, StateMachine, machine
+from trellis.quantize import METHODS, RESETS, Quantizer, QuantizeResult
+from trellis.tables import NUM_SCALES, SCALE_TABLE, RateTable, rate_table
+
+__all__ = [
+    "MACHINES",
+    "METHODS",
+    "NUM_SCALES",
+    "RESETS",
+    "SCALE_TABLE",
+    "Quantizer",
+    "QuantizeResult",
+    "RateTable",
+    "StateMachine",
+    "machine",
+    "rate_table",
+]

@@ -1,0 +1,242 @@
+"""Public quantizer API: :class:`Quantizer` (USQ, RDOQ, TCQ-4, TCQ-8) and its results.
+
+Example::
+
+    >>> q = Quantizer("tcq8", step=0.6, lam=0.02)
+    >>> out = q.quantize(y, mu, sigma)          # arrays of shape (C, H, W) or (N, C, H, W)
+    >>> y_hat, states = q.dequantize(out.indices, mu)
+    >>> assert (y_hat == out.y_hat).all()
+
+Chains (scan order and state reset, part of the bitstream definition):
+
+* ``reset="channel"`` (default): one chain per channel (per image), raster order, state 0
+  at the start of every channel; chains are independent and run in parallel.
+* ``reset="tensor"``: one chain per image over the whole latent in ``(C, H, W)`` order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from trellis import kernels, reference
+from trellis.machines import StateMachine, machine
+from trellis.tables import NUM_SCALES, SCALE_TABLE, RateTable, rate_table, scale_rows_reference
+
+__all__ = ["METHODS", "RESETS", "BACKENDS", "Quantizer", "QuantizeResult"]
+
+METHODS = ("usq", "rdoq", "tcq4", "tcq8")
+RESETS = ("channel", "tensor")
+BACKENDS = ("numba", "numpy")
+#: ``|y - μ| / Δ`` must stay below this (indices are int32).
+_MAX_LEVEL = 2.0**30
+
+
+class QuantizeResult(NamedTuple):
+    """Output of :meth:`Quantizer.quantize` (arrays shaped like ``y``).
+
+    Attributes:
+        indices: ``int32`` transmitted indices ``k``.
+        states: ``uint8`` state in which each index is coded (all 0 for USQ/RDOQ).
+        rows: ``int32`` coding-table row of each index (``class * 64 + scale row``).
+        y_hat: reconstruction ``μ + t(k, state)``, dtype of ``y``.
+        bits: total table rate of the indices, in bits (exactly what the coder spends,
+            up to the coder's own overhead).
+    """
+
+    indices: np.ndarray
+    states: np.ndarray
+    rows: np.ndarray
+    y_hat: np.ndarray
+    bits: float
+
+
+def _check_finite(name: str, x: np.ndarray) -> None:
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """A latent quantizer with its probability tables.
+
+    Args:
+        method: ``"usq"``, ``"rdoq"``, ``"tcq4"`` or ``"tcq8"``.
+        step: USQ/RDOQ step ``Δ_s``, or the TCQ union-grid step ``Δ`` (each of ``Q0``,
+            ``Q1`` then has step ``2Δ``).
+        lam: Lagrange multiplier ``λ`` of ``J = Σ (r - t)² + λ Σ R`` (latent squared error
+            per bit; RDOQ and TCQ). ``λ = 0`` turns RDOQ into rounding.
+        theta: USQ rounding offset: ``½`` is rounding half to even (bit-identical to
+            CompressAI's ``torch.round``); smaller values give a dead zone.
+        reset: chain layout, ``"channel"`` or ``"tensor"`` (see module docstring).
+    """
+
+    method: str = "usq"
+    step: float = 1.0
+    lam: float = 0.0
+    theta: float = 0.5
+    reset: str = "channel"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not (np.isfinite(self.step) and self.step > 0):
+            raise ValueError(f"step must be a positive finite number, got {self.step!r}")
+        if not (np.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lam must be a non-negative finite number, got {self.lam!r}")
+        if not (0 < self.theta <= 0.5):
+            raise ValueError(f"theta must lie in (0, 0.5], got {self.theta!r}")
+        if self.reset not in RESETS:
+            raise ValueError(f"reset must be one of {RESETS}, got {self.reset!r}")
+
+    @property
+    def is_trellis(self) -> bool:
+        return self.method.startswith("tcq")
+
+    @property
+    def table(self) -> RateTable:
+        """The coding tables (``"tcq"`` kind for TCQ, ``"usq"`` otherwise)."""
+        return rate_table("tcq" if self.is_trellis else "usq", self.step)
+
+    @property
+    def machine(self) -> StateMachine | None:
+        """The state machine of TCQ-4/TCQ-8; ``None`` for USQ and RDOQ."""
+        return machine(int(self.method[3:])) if self.is_trellis else None
+
+    # -- layout ---------------------------------------------------------------------
+    def _chains(self, x: np.ndarray) -> np.ndarray:
+        """``(chains, length)`` view of a ``(C, H, W)`` or ``(N, C, H, W)`` array."""
+        x = x if x.ndim == 4 else x[None]
+        n, c = x.shape[:2]
+        return np.ascontiguousarray(x).reshape(n * c if self.reset == "channel" else n, -1)
+
+    def reconstruct(self, indices: np.ndarray, states: np.ndarray, mu: np.ndarray, backend: str = "numba") -> np.ndarray:
+        """``ŷ = μ + t`` with ``t = kΔ`` (USQ/RDOQ) or ``(2k - sgn(k) Q(s))Δ`` (TCQ).
+
+        ``t`` is formed in float64, rounded to ``μ``'s dtype, then added to ``μ`` in that
+        dtype, so encoder and decoder produce identical bits.
+        """
+        quant = self.machine.quantizer if self.is_trellis else np.zeros(1, np.int64)
+        if backend == "numpy":
+            return reference.reconstruct(indices, states, quant, self.is_trellis, self.step, mu)
+        flat = kernels.reconstruct(
+            indices.reshape(-1), states.reshape(-1), quant, self.is_trellis, self.step, np.ascontiguousarray(mu).reshape(-1)
+        )
+        return flat.reshape(mu.shape)
+
+    # -- quantize / dequantize --------------------------------------------------------
+    def quantize(
+        self,
+        y: np.ndarray,
+        mu: np.ndarray | None = None,
+        sigma: np.ndarray | None = None,
+        *,
+        scale_rows: np.ndarray | None = None,
+        backend: str = "numba",
+    ) -> QuantizeResult:
+        """Quantizes ``y`` relative to ``mu`` with rates from the Gaussian tables.
+
+        Args:
+            y: latent, shape ``(C, H, W)`` or ``(N, C, H, W)``, float.
+            mu: predicted means (same shape); ``None`` means 0 (scale-only hyperprior).
+            sigma: predicted scales ``> 0`` (same shape), mapped to table rows.
+            scale_rows: alternatively the table rows (int, 0…63) themselves.
+            backend: ``"numba"`` (fast kernels) or ``"numpy"`` (the reference).
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        y = np.asarray(y)
+        if y.ndim not in (3, 4):
+            raise ValueError(f"y must have shape (C, H, W) or (N, C, H, W), got {y.shape}")
+        _check_finite("y", y)
+        mu = np.zeros_like(y) if mu is None else np.asarray(mu)
+        if mu.shape != y.shape:
+            raise ValueError(f"mu has shape {mu.shape}, y has shape {y.shape}")
+        _check_finite("mu", mu)
+        mu = mu.astype(y.dtype, copy=False)
+        rows = self._scale_rows(y.shape, sigma, scale_rows, backend)
+        r = self._chains((y - mu).astype(np.float64))
+        if np.abs(r).max(initial=0.0) >= _MAX_LEVEL * self.step:
+            raise ValueError(f"y - mu exceeds {_MAX_LEVEL:g} quantization steps")
+        rows2 = self._chains(rows)
+        mu2 = self._chains(mu)
+        tab = self.table
+        lam = np.full(r.shape[0], self.lam)
+        tabargs = (tab.bits, tab.kmax, tab.tail_bits, tab.cdf_length, tab.offset)
+        states = np.zeros(r.shape, dtype=np.uint8)
+        coding_rows = rows2
+        if self.method == "usq":
+            if backend == "numba":
+                idx, y_hat, bits = kernels.usq(r, mu2, rows2, self.step, self.theta, *tabargs)
+            else:
+                idx, y_hat, bits = reference.usq(r, mu2, rows2, self.step, self.theta, tab)
+        elif self.method == "rdoq":
+            if backend == "numba":
+                idx, y_hat, bits = kernels.rdoq(r, mu2, rows2, self.step, lam, *tabargs)
+            else:
+                idx, y_hat, bits = reference.rdoq(r, mu2, rows2, self.step, lam, tab)
+        else:
+            sm = self.machine
+            if backend == "numba":
+                idx, states, coding_rows, y_hat, bits = kernels.tcq(
+                    r, mu2, rows2, self.step, lam, sm.num_states, sm.quantizer, *tabargs
+                )
+            else:
+                idx, states, coding_rows, y_hat, bits = reference.tcq(r, mu2, rows2, self.step, lam, tab, sm)
+        return QuantizeResult(
+            indices=idx.reshape(y.shape),
+            states=states.reshape(y.shape),
+            rows=coding_rows.reshape(y.shape),
+            y_hat=y_hat.reshape(y.shape),
+            bits=float(bits.sum()),
+        )
+
+    def dequantize(self, indices: np.ndarray, mu: np.ndarray | None = None, *, backend: str = "numba"):
+        """Reconstruction from the indices alone (states tracked from index parities).
+
+        Returns:
+            ``(y_hat, states)``, bit-identical to the encoder's ``y_hat`` and ``states``.
+        """
+        indices = np.asarray(indices)
+        if indices.ndim not in (3, 4) or not np.issubdtype(indices.dtype, np.integer):
+            raise ValueError("indices must be an integer array of shape (C, H, W) or (N, C, H, W)")
+        mu = np.zeros(indices.shape, np.float32) if mu is None else np.asarray(mu)
+        if mu.shape != indices.shape:
+            raise ValueError(f"mu has shape {mu.shape}, indices have shape {indices.shape}")
+        _check_finite("mu", mu)
+        if self.is_trellis:
+            chains = self._chains(indices.astype(np.int64))
+            if backend == "numba":
+                states = kernels.chain_states(chains, self.machine.next_state)
+            else:
+                states = reference.chain_states(chains, self.machine)
+            states = states.reshape(indices.shape)
+        else:
+            states = np.zeros(indices.shape, dtype=np.uint8)
+        return self.reconstruct(indices, states, mu, backend), states
+
+    @staticmethod
+    def _scale_rows(shape, sigma, scale_rows, backend) -> np.ndarray:
+        if (sigma is None) == (scale_rows is None):
+            raise ValueError("give exactly one of sigma and scale_rows")
+        if scale_rows is not None:
+            rows = np.asarray(scale_rows)
+            if rows.shape != shape or not np.issubdtype(rows.dtype, np.integer):
+                raise ValueError(f"scale_rows must be an integer array of shape {shape}")
+            if rows.size and (rows.min() < 0 or rows.max() >= NUM_SCALES):
+                raise ValueError(f"scale_rows must lie in [0, {NUM_SCALES - 1}]")
+            return rows.astype(np.int32)
+        sigma = np.asarray(sigma)
+        if sigma.shape != shape:
+            raise ValueError(f"sigma has shape {sigma.shape}, y has shape {shape}")
+        _check_finite("sigma", sigma)
+        if sigma.size and sigma.min() <= 0:
+            raise ValueError("sigma must be > 0")
+        sigma = sigma.astype(np.float32)
+        if backend == "numba":
+            return kernels.scale_rows(sigma.reshape(-1), SCALE_TABLE).reshape(shape)
+        return scale_rows_reference(sigma)
