@@ -1,0 +1,277 @@
+"""Tests of the trellis engine: machines, tables, kernels vs references, optimality, errors."""
+
+import itertools
+import zlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from scipy.special import ndtr
+
+from trellis import Quantizer, machine, rate_table
+from trellis import codegen, kernels, reference
+from trellis.machines import ECM_TRANSITIONS, VVC_TRANSITIONS, StateMachine
+from trellis.tables import NUM_SCALES, SCALE_TABLE, cell_bounds, escape_bits, quantize_pmf, scale_rows_reference
+
+METHOD_STEPS = {"usq": 1.0, "rdoq": 1.0, "tcq4": 0.6, "tcq8": 0.6}
+
+
+def latent(shape, seed=0, outliers=False):
+    """y, μ, σ with σ log-uniform over and beyond the table (0.05 … 400)."""
+    rng = np.random.default_rng(seed)
+    sigma = np.exp(rng.uniform(np.log(0.05), np.log(400), shape)).astype(np.float32)
+    mu = rng.normal(0, 3, shape).astype(np.float32)
+    y = (mu + sigma * rng.laplace(size=shape)).astype(np.float32)
+    if outliers:  # far outside every table row: exercises the escape path
+        mask = rng.random(shape) < 0.05
+        y[mask] += rng.choice([-1, 1], mask.sum()) * rng.uniform(1e3, 1e5, mask.sum())
+    return y, mu, sigma
+
+
+class TestMachines:
+    def test_ecm_tables(self):
+        # quantization.md §3: (k even ->, k odd ->) per state
+        assert machine(4).next_state.tolist() == [[0, 1], [2, 3], [1, 0], [3, 2]]
+        assert machine(8).next_state.tolist() == [[0, 2], [5, 7], [1, 3], [6, 4], [2, 0], [4, 6], [3, 1], [7, 5]]
+        for S in (4, 8):
+            assert machine(S).quantizer.tolist() == [s & 1 for s in range(S)]
+
+    def test_ecm4_is_vvc_relabelled(self):
+        vvc = np.array([[(VVC_TRANSITIONS >> ((s << 2) + (p << 1))) & 3 for p in (0, 1)] for s in range(4)])
+        relabel = np.array([0, 2, 1, 3])  # VVC state -> ECM state (1 <-> 2)
+        ecm = machine(4)
+        for s in range(4):
+            for p in (0, 1):
+                assert ecm.next_state[relabel[s], p] == relabel[vvc[s, p]]
+            assert ecm.quantizer[relabel[s]] == s >> 1  # VVC: quantizer = s >> 1
+
+    def test_predecessors_cover_all_branches(self):
+        for S in (4, 8):
+            sm = machine(S)
+            pred = sm.predecessors
+            assert sorted(map(tuple, pred.reshape(-1, 2).tolist())) == [(s, p) for s in range(S) for p in (0, 1)]
+            for t in range(S):
+                for s, p in pred[t]:
+                    assert sm.next_state[s, p] == t
+
+    def test_bad_machine(self):
+        with pytest.raises(ValueError, match="num_states"):
+            machine(6)
+        with pytest.raises(ValueError, match="4-state"):
+            StateMachine.from_packed(4, ECM_TRANSITIONS[8])
+
+
+class TestTables:
+    @pytest.mark.parametrize("kind,step", [("usq", 1.0), ("usq", 0.7), ("tcq", 0.6), ("tcq", 0.3)])
+    def test_cells_partition_and_cdfs(self, kind, step):
+        tab = rate_table(kind, step)
+        for c in range(tab.num_classes):
+            for j in (0, 20, 40, 63):
+                r = c * NUM_SCALES + j
+                sigma = float(SCALE_TABLE[j])
+                K = -int(tab.offset[r])
+                lo, hi = cell_bounds(kind, c, np.arange(K + 1), step)
+                assert lo[0] == -hi[0] and np.all(lo[1:] == hi[:-1])  # contiguous, symmetric
+                mass = ndtr(hi / sigma) - ndtr(lo / sigma)
+                tail = 2 * ndtr(-hi[-1] / sigma)
+                assert tail <= 1e-9
+                assert abs(mass[0] + 2 * mass[1:].sum() + tail - 1) < 1e-12
+                n = int(tab.cdf_length[r])
+                cdf = tab.cdf[r, :n]
+                assert n == 2 * K + 3 and cdf[0] == 0 and cdf[-1] == 1 << 16 and np.all(np.diff(cdf) > 0)
+                # table rates are -log2 of the quantized frequencies
+                freq = np.diff(cdf)
+                k = np.arange(-K, K + 1)
+                assert np.allclose(tab.index_bits(np.full_like(k, r), k), 16 - np.log2(freq[:-1]))
+
+    def test_q0_is_usq_at_twice_the_step(self):
+        tcq, usq = rate_table("tcq", 0.55), rate_table("usq", 1.1)
+        assert np.array_equal(tcq.cdf[:NUM_SCALES, : usq.cdf.shape[1]], usq.cdf)
+        assert np.array_equal(tcq.offset[:NUM_SCALES], usq.offset)
+
+    def test_q1_zero_costs_more_than_q0_zero(self):
+        tab = rate_table("tcq", 1.0)
+        j = int(np.searchsorted(SCALE_TABLE, 1.0))
+        assert tab.bits[NUM_SCALES + j, tab.kmax] > tab.bits[j, tab.kmax]
+
+    def test_quantize_pmf(self):
+        rng = np.random.default_rng(3)
+        for n in (2, 3, 50, 3000):
+            p = rng.random(n) ** 8
+            f = quantize_pmf(p)
+            assert f.sum() == 1 << 16 and f.min() >= 1
+        with pytest.raises(ValueError):
+            quantize_pmf([0.0, 0.0])
+
+    def test_escape_bits_match_compressai_rule(self):
+        # value -1 -> raw 1 (1 bypass), value 2K+1+20 -> raw 40 (2 bypasses), raw 0 -> 0 bypasses
+        assert escape_bits(np.array([-1, 35, 15]), np.array([15, 15, 15])).tolist() == [8.0, 12.0, 4.0]
+
+    def test_scale_rows_kernel_matches_reference(self):
+        rng = np.random.default_rng(4)
+        s = np.concatenate(
+            [
+                SCALE_TABLE,
+                np.nextafter(SCALE_TABLE, np.float32(0)),
+                np.nextafter(SCALE_TABLE, np.float32(1e9)),
+                np.exp(rng.uniform(-8, 8, 10000)),
+                [1e-30, 3e38],
+            ]
+        ).astype(np.float32)
+        rows = kernels.scale_rows(s, SCALE_TABLE)
+        assert np.array_equal(rows, scale_rows_reference(s))
+        assert rows[0] == 0 and rows[63] == 63 and rows[64 + 5] == 5 and rows[128 + 5] == 6
+
+    def test_bad_tables(self):
+        with pytest.raises(ValueError, match="step"):
+            rate_table("tcq", 0.0)
+        with pytest.raises(ValueError, match="kind"):
+            rate_table("vq", 1.0)
+
+
+class TestKernelsMatchReference:
+    @pytest.mark.parametrize("method", ["usq", "rdoq", "tcq4", "tcq8"])
+    @pytest.mark.parametrize("reset", ["channel", "tensor"])
+    @pytest.mark.parametrize("shape", [(5, 6, 7), (2, 3, 4, 5)])
+    def test_exact(self, method, reset, shape):
+        y, mu, sigma = latent(shape, seed=zlib.crc32(repr((method, reset, shape)).encode()), outliers=True)
+        q = Quantizer(method, step=METHOD_STEPS[method], lam=0.08, reset=reset)
+        a = q.quantize(y, mu, sigma)
+        b = q.quantize(y, mu, sigma, backend="numpy")
+        for name in ("indices", "states", "rows", "y_hat"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+        assert a.bits == pytest.approx(b.bits, rel=1e-12)
+        assert a.indices.dtype == np.int32 and a.states.dtype == np.uint8 and a.y_hat.dtype == np.float32
+
+    @pytest.mark.parametrize("method", ["usq", "rdoq", "tcq4", "tcq8"])
+    def test_dequantize_reproduces_encoder(self, method):
+        y, mu, sigma = latent((4, 9, 11), seed=7, outliers=True)
+        for reset in ("channel", "tensor"):
+            q = Quantizer(method, step=METHOD_STEPS[method], lam=0.05, reset=reset)
+            out = q.quantize(y, mu, sigma)
+            for backend in ("numba", "numpy"):
+                y_hat, states = q.dequantize(out.indices, mu, backend=backend)
+                assert np.array_equal(y_hat, out.y_hat) and np.array_equal(states, out.states)
+
+    def test_bits_are_table_bits_of_the_indices(self):
+        y, mu, sigma = latent((3, 8, 8), seed=11, outliers=True)
+        q = Quantizer("tcq8", step=0.5, lam=0.1)
+        out = q.quantize(y, mu, sigma)
+        assert out.bits == pytest.approx(q.table.index_bits(out.rows, out.indices).sum(), rel=1e-12)
+
+    def test_usq_is_rounding_half_to_even(self):
+        y = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 0.49, -2.51], np.float32).reshape(1, 1, 7)
+        out = Quantizer("usq").quantize(y, sigma=np.ones_like(y))
+        assert out.indices.ravel().tolist() == [0, 2, 2, 0, -2, 0, -3]
+        dz = Quantizer("usq", theta=0.3).quantize(y, sigma=np.ones_like(y))
+        assert dz.indices.ravel().tolist() == [0, 1, 2, 0, -1, 0, -2]
+
+    def test_rdoq_with_zero_lambda_rounds(self):
+        y, mu, sigma = latent((6, 10, 10), seed=5)
+        a = Quantizer("rdoq", lam=0.0).quantize(y, mu, sigma)
+        b = Quantizer("usq").quantize(y, mu, sigma)
+        assert np.array_equal(a.indices, b.indices)
+
+    def test_rate_lambda_trades_rate_for_distortion(self):
+        y, mu, sigma = latent((8, 16, 16), seed=9)
+        for method in ("rdoq", "tcq8"):
+            lo = Quantizer(method, step=METHOD_STEPS[method], lam=0.01).quantize(y, mu, sigma)
+            hi = Quantizer(method, step=METHOD_STEPS[method], lam=1.0).quantize(y, mu, sigma)
+            assert hi.bits < lo.bits
+            assert np.mean((hi.y_hat - y) ** 2) > np.mean((lo.y_hat - y) ** 2)
+
+    def test_reconstruction_levels(self):
+        q = Quantizer("tcq4", step=0.5)
+        k = np.array([0, 1, -1, 2, -2, 3], np.int32).reshape(1, 1, 6)
+        y_hat, states = q.dequantize(k, np.zeros(k.shape, np.float32))
+        # states 0 (Q0) -> 0 even -> 0 (Q0): k=1 -> 2Δ, odd -> 1 (Q1): k=-1 -> -Δ, odd -> 3 (Q1): k=2 -> 3Δ ...
+        assert states.ravel().tolist() == [0, 0, 1, 3, 3, 3]
+        assert y_hat.ravel().tolist() == [0.0, 1.0, -0.5, 1.5, -1.5, 2.5]
+
+
+def path_cost(r, rows, step, lam, sm, table, choices):
+    """J of one path through the candidate set: choice 0 zero, 1 even, 2 odd candidate."""
+    s, J = 0, 0.0
+    for x, row, ch in zip(r, rows, choices):
+        q = int(sm.quantizer[s])
+        sg = 1 if x >= 0 else -1
+        ke, ko = reference.tcq_candidates(abs(x), step, q)
+        k = (0, sg * ke, sg * ko)[ch]
+        t = (2 * k - np.sign(k) * q) * step
+        J += (x - t) ** 2 + lam * table.index_bits(q * NUM_SCALES + row, k)
+        s = sm.next_state[s, k & 1]
+    return J
+
+
+@pytest.mark.parametrize("S", [4, 8])
+@pytest.mark.parametrize("seed", range(6))
+def test_viterbi_is_optimal_exhaustive(S, seed):
+    rng = np.random.default_rng(seed)
+    L = 6
+    step, lam = rng.uniform(0.3, 1.0), rng.uniform(0.0, 0.5)
+    y = rng.normal(0, rng.uniform(0.3, 4), (1, 1, L)).astype(np.float32)
+    sigma = np.exp(rng.uniform(np.log(0.1), np.log(5), (1, 1, L))).astype(np.float32)
+    q = Quantizer(f"tcq{S}", step=step, lam=lam)
+    out = q.quantize(y, sigma=sigma)
+    sm, tab = q.machine, q.table
+    r = y.ravel().astype(np.float64)
+    rows = out.rows.ravel() % NUM_SCALES
+    best = min(path_cost(r, rows, step, lam, sm, tab, ch) for ch in itertools.product(range(3), repeat=L))
+    got = np.sum((r - (out.y_hat.ravel().astype(np.float64))) ** 2) + lam * out.bits
+    assert got == pytest.approx(best, rel=1e-6, abs=1e-9)
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.y, self.mu, self.sigma = latent((2, 3, 4))
+
+    @pytest.mark.parametrize("arg", ["y", "mu", "sigma"])
+    @pytest.mark.parametrize("bad", [np.nan, np.inf])
+    def test_non_finite(self, arg, bad):
+        kw = {"y": self.y.copy(), "mu": self.mu.copy(), "sigma": self.sigma.copy()}
+        kw[arg][0, 0, 0] = bad
+        with pytest.raises(ValueError, match=arg):
+            Quantizer("tcq8").quantize(**kw)
+
+    def test_sigma_not_positive(self):
+        self.sigma[1, 1, 1] = 0
+        with pytest.raises(ValueError, match="sigma"):
+            Quantizer("usq").quantize(self.y, self.mu, self.sigma)
+
+    def test_shapes(self):
+        with pytest.raises(ValueError, match="mu"):
+            Quantizer("usq").quantize(self.y, self.mu[:1], self.sigma)
+        with pytest.raises(ValueError, match="sigma"):
+            Quantizer("usq").quantize(self.y, self.mu, self.sigma[..., :2])
+        with pytest.raises(ValueError, match="y"):
+            Quantizer("usq").quantize(self.y[0], self.mu[0], self.sigma[0])
+        with pytest.raises(ValueError, match="scale_rows"):
+            Quantizer("usq").quantize(self.y, self.mu, scale_rows=np.full(self.y.shape, 64))
+        with pytest.raises(ValueError, match="sigma and scale_rows"):
+            Quantizer("usq").quantize(self.y, self.mu)
+
+    @pytest.mark.parametrize(
+        "kw,arg",
+        [({"lam": -1.0}, "lam"), ({"lam": np.nan}, "lam"), ({"step": 0.0}, "step"), ({"step": -1.0}, "step"),
+         ({"method": "tcq6"}, "method"), ({"reset": "row"}, "reset"), ({"theta": 0.7}, "theta")],
+    )
+    def test_parameters(self, kw, arg):
+        with pytest.raises(ValueError, match=arg):
+            Quantizer(**kw)
+
+    def test_absurd_residual(self):
+        self.y[0, 0, 0] = 1e12
+        with pytest.raises(ValueError, match="y - mu"):
+            Quantizer("tcq8").quantize(self.y, self.mu, self.sigma)
+
+
+def test_generated_passes_are_current():
+    assert codegen.TARGET.read_text() == codegen.generate(), "run python -m trellis.codegen"
+
+
+def test_trellis_does_not_import_torch():
+    code = "import sys, trellis, trellis.kernels, trellis.reference, trellis.codegen; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
