@@ -23,7 +23,7 @@ __all__ = ["forward4", "forward8"]
 def forward4(r, rows, step, lam, bits, kmax, tail_bits, cdf_length, offset, bp):  # pragma: no cover
     J0, J1, J2, J3 = 0.0, np.inf, np.inf, np.inf
     for i in range(r.shape[0]):
-        x = r[i]
+        x = np.float64(r[i])
         a = abs(x)
         sg = 1 if x >= 0 else -1
         row = rows[i]
@@ -77,7 +77,7 @@ def forward4(r, rows, step, lam, bits, kmax, tail_bits, cdf_length, offset, bp):
 def forward8(r, rows, step, lam, bits, kmax, tail_bits, cdf_length, offset, bp):  # pragma: no cover
     J0, J1, J2, J3, J4, J5, J6, J7 = 0.0, np.inf, np.inf, np.inf, np.inf, np.inf, np.inf, np.inf
     for i in range(r.shape[0]):
-        x = r[i]
+        x = np.float64(r[i])
         a = abs(x)
         sg = 1 if x >= 0 else -1
         row = rows[i]

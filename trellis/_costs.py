@@ -59,7 +59,7 @@ def branches(a, sg, n0, step, lm, q, row, bits, kmax, tail_bits, cdf_length, off
     db = da - 2 * step
     ca = da * da + lm * index_bits(bits, kmax, tail_bits, cdf_length, offset, row, sg * ka)
     cb = db * db + lm * index_bits(bits, kmax, tail_bits, cdf_length, offset, row, sg * (ka + 1))
-    cz = a * a + lm * index_bits(bits, kmax, tail_bits, cdf_length, offset, row, 0)
+    cz = a * a + lm * bits[row, kmax]
     if ka & 1:
         ce, co = cb, ca
     else:

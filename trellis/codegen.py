@@ -42,7 +42,7 @@ __all__ = [{names}]
 '''
 
 _LOOP = '''    for i in range(r.shape[0]):
-        x = r[i]
+        x = np.float64(r[i])
         a = abs(x)
         sg = 1 if x >= 0 else -1
         row = rows[i]

@@ -31,22 +31,20 @@ __all__ = ["scale_rows", "usq", "rdoq", "tcq", "chain_states", "reconstruct"]
 def scale_rows(sigma, table):  # pragma: no cover
     """Row of the smallest table scale >= sigma, clamped to the last row (flat arrays).
 
-    The table is log-spaced, so ``log`` gives the row up to rounding; the two loops make
-    it exact against ``table`` (same result as ``searchsorted(table, sigma, "left")``).
+    A branch-free binary search over the 64-entry table: the number of table scales
+    below sigma, i.e. ``searchsorted(table, sigma, "left")``, clamped to 63.
     """
     n = sigma.shape[0]
     out = np.empty(n, dtype=np.int32)
     last = table.shape[0] - 1
-    lo = math.log(table[0])
-    inv_h = last / (math.log(table[last]) - lo)
     for i in prange(n):
         s = sigma[i]
-        j = min(max(np.int64(math.ceil((math.log(s) - lo) * inv_h)), 0), last)
-        while j > 0 and table[j - 1] >= s:
-            j -= 1
-        while j < last and table[j] < s:
-            j += 1
-        out[i] = j
+        j = 0
+        half = 32
+        while half > 0:
+            j += half if table[j + half - 1] < s else 0
+            half >>= 1
+        out[i] = min(j, last)
     return out
 
 
@@ -66,7 +64,7 @@ def usq(r, mu, rows, step, theta, bits, kmax, tail_bits, cdf_length, offset):  #
     for c in prange(C):
         acc = 0.0
         for i in range(L):
-            x = r[c, i] / step
+            x = np.float64(r[c, i]) / step
             if half:
                 q = np.int64(np.rint(x))
             else:
@@ -95,7 +93,7 @@ def rdoq(r, mu, rows, step, lam, bits, kmax, tail_bits, cdf_length, offset):  # 
         lm = lam[c]
         acc = 0.0
         for i in range(L):
-            x = r[c, i]
+            x = np.float64(r[c, i])
             row = rows[c, i]
             u = x / step
             lo = np.int64(math.floor(u))
@@ -104,7 +102,7 @@ def rdoq(r, mu, rows, step, lam, bits, kmax, tail_bits, cdf_length, offset):  # 
             best_b = index_bits(bits, kmax, tail_bits, cdf_length, offset, row, 0)
             best = x * x + lm * best_b
             for q in (lo, hi):
-                if q == 0 or (q == hi and hi == lo):
+                if q == 0:
                     continue
                 b = index_bits(bits, kmax, tail_bits, cdf_length, offset, row, q)
                 d = x - q * step
@@ -113,6 +111,8 @@ def rdoq(r, mu, rows, step, lam, bits, kmax, tail_bits, cdf_length, offset):  # 
                     best = cost
                     best_q = q
                     best_b = b
+                if hi == lo:  # r/Δ integral: ceil repeats floor
+                    break
             idx[c, i] = best_q
             y_hat[c, i] = mu[c, i] + y_hat.dtype.type(best_q * step)
             acc += best_b
@@ -156,7 +156,7 @@ def tcq(r, mu, rows, step, lam, num_states, quant, bits, kmax, tail_bits, cdf_le
             q = quant[states[c, i]]
             k = np.int64(0)
             if choice != 0:
-                x = r[c, i]
+                x = np.float64(r[c, i])
                 k = first_candidate(candidate_n0(abs(x), step), q)
                 if (k & 1) != (choice == 2):  # choice 1 wants the even, 2 the odd one
                     k += 1

@@ -159,7 +159,7 @@ class Quantizer:
         _check_finite("mu", mu)
         mu = mu.astype(y.dtype, copy=False)
         rows = self._scale_rows(y.shape, sigma, scale_rows, backend)
-        r = self._chains((y - mu).astype(np.float64))
+        r = self._chains(y - mu)  # residual in y's dtype (as CompressAI's round(y - μ))
         if np.abs(r).max(initial=0.0) >= _MAX_LEVEL * self.step:
             raise ValueError(f"y - mu exceeds {_MAX_LEVEL:g} quantization steps")
         rows2 = self._chains(rows)

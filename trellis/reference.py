@@ -1,9 +1,10 @@
 """NumPy references of the Numba kernels in :mod:`trellis.kernels`.
 
 Written for clarity, not speed; the tests require the kernels to return exactly the
-indices (and states) of these functions. Arguments mirror the kernels: ``r`` and ``rows``
-are ``(chains, length)`` arrays, ``table`` a :class:`trellis.tables.RateTable`, ``lam`` one
-λ per chain.
+indices (and states) of these functions. Arguments mirror the kernels: ``r`` (the residual
+``y - μ`` in the latent's dtype; all cost arithmetic is float64), ``mu`` and ``rows`` are
+``(chains, length)`` arrays, ``table`` a :class:`trellis.tables.RateTable`, ``lam`` one λ
+per chain.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _NO_STATES = np.zeros(1, dtype=np.int64)
 
 def usq(r: np.ndarray, mu: np.ndarray, rows: np.ndarray, step: float, theta: float, table: RateTable):
     """Mean-relative USQ: ``rint(r/Δ)`` for ``θ = ½``, else ``sgn(r) floor(|r|/Δ + θ)``."""
-    x = r / step
+    x = r.astype(np.float64) / step
     q = np.rint(x) if theta == 0.5 else np.sign(x) * np.floor(np.abs(x) + theta)
     q = q.astype(np.int64)
     y_hat = reconstruct(q, np.zeros(q.shape, np.uint8), _NO_STATES, False, step, mu)
@@ -30,6 +31,7 @@ def usq(r: np.ndarray, mu: np.ndarray, rows: np.ndarray, step: float, theta: flo
 
 def rdoq(r: np.ndarray, mu: np.ndarray, rows: np.ndarray, step: float, lam: np.ndarray, table: RateTable):
     """Greedy RDOQ over {0, floor(r/Δ), ceil(r/Δ)}; ties keep the earlier candidate."""
+    r = r.astype(np.float64)
     u = r / step
     lo, hi = np.floor(u).astype(np.int64), np.ceil(u).astype(np.int64)
     cands = np.stack([np.zeros_like(lo), lo, hi])  # evaluation order = tie order
@@ -64,6 +66,7 @@ def tcq(r: np.ndarray, mu: np.ndarray, rows: np.ndarray, step: float, lam: np.nd
 
     Returns ``(indices, states, coding_rows, y_hat, chain_bits)`` as :func:`trellis.kernels.tcq`.
     """
+    r = r.astype(np.float64)
     C, L = r.shape
     S = sm.num_states
     idx = np.zeros((C, L), dtype=np.int32)

@@ -1,0 +1,120 @@
+"""Throughput benchmark of the quantizers: ``python -m trellis.bench [--quick] --json PATH``.
+
+Measures full :meth:`trellis.Quantizer.quantize` calls (validation, scale rows, kernel,
+reconstruction) in latents per second, on one thread and on all threads, for USQ, RDOQ,
+TCQ-4 and TCQ-8 (Numba) and for the NumPy reference of TCQ-8, on latents of Kodak size
+(192×32×48 and 320×32×48) with σ log-uniform in 0.11…20. JIT compilation (or loading
+from Numba's cache) is timed separately and excluded. The JSON records the machine and
+its load average before and after, so figures taken on a busy machine can be told apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numba
+import numpy as np
+
+from trellis.quantize import Quantizer
+
+__all__ = ["machine_info", "synthetic_latent", "run", "main"]
+
+SHAPES = ((192, 32, 48), (320, 32, 48))
+#: method -> quantizer (TCQ at VVC's union step 2^(1/6)/2 and λ = 2^(1/12) ln2/6)
+QUANTIZERS = {
+    "usq": Quantizer("usq"),
+    "rdoq": Quantizer("rdoq", lam=0.1155),
+    "tcq4": Quantizer("tcq4", step=0.5612, lam=0.1224),
+    "tcq8": Quantizer("tcq8", step=0.5612, lam=0.1224),
+}
+
+
+def machine_info() -> dict:
+    """CPU model, core count, Numba threads, load average and software versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "numba_threads": numba.config.NUMBA_NUM_THREADS,
+        "loadavg_1min": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+    }
+
+
+def synthetic_latent(shape, seed: int = 0):
+    """``(y, μ, σ)`` float32 with σ log-uniform in 0.11…20 and Gaussian residuals."""
+    rng = np.random.default_rng(seed)
+    sigma = np.exp(rng.uniform(np.log(0.11), np.log(20.0), shape)).astype(np.float32)
+    mu = rng.normal(0.0, 2.0, shape).astype(np.float32)
+    y = (mu + sigma * rng.standard_normal(shape)).astype(np.float32)
+    return y, mu, sigma
+
+
+def _best_time(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run(quick: bool = False) -> dict:
+    """Runs the benchmark and returns the JSON-ready result."""
+    reps = 3 if quick else 10
+    numpy_channels = 1 if quick else 4
+    all_threads = numba.config.NUMBA_NUM_THREADS
+    result = {"machine": machine_info(), "quick": quick, "jit_warmup_s": {}, "runs": []}
+    for shape in SHAPES:
+        y, mu, sigma = synthetic_latent(shape)
+        methods = {}
+        for name, q in QUANTIZERS.items():
+            t0 = time.perf_counter()
+            q.quantize(y, mu, sigma)  # compile or load from cache
+            result["jit_warmup_s"].setdefault(name, time.perf_counter() - t0)
+            rates = {}
+            for key, threads in (("latents_per_s_1t", 1), ("latents_per_s_all", all_threads)):
+                numba.set_num_threads(threads)
+                rates[key] = y.size / _best_time(lambda: q.quantize(y, mu, sigma), reps)
+            numba.set_num_threads(all_threads)
+            methods[name] = rates
+        sub = tuple(a[:numpy_channels] for a in (y, mu, sigma))
+        t = _best_time(lambda: QUANTIZERS["tcq8"].quantize(*sub, backend="numpy"), 1)
+        methods["tcq8_numpy"] = {"latents_per_s_1t": sub[0].size / t, "latents_per_s_all": sub[0].size / t}
+        methods["tcq8"]["speedup_vs_numpy_1t"] = methods["tcq8"]["latents_per_s_1t"] / methods["tcq8_numpy"]["latents_per_s_1t"]
+        result["runs"].append({"shape": list(shape), "methods": methods})
+    result["machine"]["loadavg_1min_after"] = os.getloadavg()[0]
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trellis.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller NumPy sample (< 30 s)")
+    parser.add_argument("--json", metavar="PATH", help="write the result here")
+    args = parser.parse_args(argv)
+    result = run(args.quick)
+    for r in result["runs"]:
+        print(f"latent {'x'.join(map(str, r['shape']))}:")
+        for name, m in r["methods"].items():
+            print(f"  {name:11s} {m['latents_per_s_1t'] / 1e6:8.2f} M/s (1 thread)  {m['latents_per_s_all'] / 1e6:8.2f} M/s (all)")
+        print(f"  TCQ-8 speed-up over its NumPy reference: {r['methods']['tcq8']['speedup_vs_numpy_1t']:.0f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
