@@ -1,0 +1,90 @@
+"""Checkpoint files: atomic writes, safe loading, fp16 export for shipping.
+
+A *training checkpoint* is a dict of plain tensors, numbers, strings, lists and dicts
+(model and both optimizer states, step, recipe, timings), so it loads with
+``torch.load(path, weights_only=True)``. An *exported model* is a plain CompressAI
+state_dict after ``update(force=True)`` with its parameters in fp16 and its buffers
+(CDF tables, bounds) unchanged; ``MeanScaleHyperprior.from_state_dict`` loads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import tempfile
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressai.models import CompressionModel
+
+from qft.errors import UserError
+
+__all__ = ["save_atomic", "load_checkpoint", "export_state_dict", "sha256_file", "CHECKPOINT_FORMAT"]
+
+#: ``format`` field of training checkpoints written by this version
+CHECKPOINT_FORMAT = "qft-train/1"
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a
+    reader (or a crash) never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a training checkpoint with ``weights_only=True`` and check its format."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:  # unpickling errors have many types
+        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a qft training checkpoint ({CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+@torch.no_grad()
+def export_state_dict(model: CompressionModel) -> dict[str, torch.Tensor]:
+    """The model's state_dict for shipping.
+
+    Floating-point parameters are cast to fp16; buffers are kept as they are (integer CDF
+    tables; float bounds such as GDN's 2^-36 pedestal, which fp16 would flush to zero).
+    The CDF tables are rebuilt with ``update(force=True)`` from the fp16-rounded
+    parameters, so the file is self-consistent. ``model`` itself is not modified.
+    Loading casts the parameters back to the model's dtype.
+    """
+    model = copy.deepcopy(model).to("cpu", torch.float32)
+    for p in model.parameters():
+        p.copy_(p.half().float())
+    model.update(force=True)
+    params = {name for name, _ in model.named_parameters()}
+    return {
+        k: v.detach().half() if k in params and v.is_floating_point() else v.detach().clone()
+        for k, v in model.state_dict().items()
+    }
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
