@@ -4,11 +4,13 @@
 * :mod:`trellis.tables` — scale table, decision cells, 16-bit coding tables, table rates.
 * :mod:`trellis.kernels` — Numba kernels; :mod:`trellis.reference` — their NumPy twins.
 * :mod:`trellis.quantize` — the :class:`Quantizer` API (USQ, RDOQ, TCQ-4, TCQ-8).
+* :mod:`trellis.rans` — rANS coder (CompressAI-compatible streams) with a state-driven
+  row selector, so TCQ indices decode at Numba speed.
 * ``python -m trellis.bench`` — throughput benchmark (JSON).
 """
 
 from trellis.machines import MACHINES, StateMachine, machine
-from trellis.quantize import METHODS, RESETS, Quantizer, QuantizeResult
+from trellis.quantize import METHODS, RESETS, Quantizer, QuantizeResult, scale_rows
 from trellis.tables import NUM_SCALES, SCALE_TABLE, RateTable, rate_table
 
 __all__ = [
@@ -23,4 +25,5 @@ __all__ = [
     "StateMachine",
     "machine",
     "rate_table",
+    "scale_rows",
 ]

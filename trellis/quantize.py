@@ -25,7 +25,7 @@ from trellis import kernels, reference
 from trellis.machines import StateMachine, machine
 from trellis.tables import NUM_SCALES, SCALE_TABLE, RateTable, rate_table, scale_rows_reference
 
-__all__ = ["METHODS", "RESETS", "BACKENDS", "Quantizer", "QuantizeResult"]
+__all__ = ["METHODS", "RESETS", "BACKENDS", "Quantizer", "QuantizeResult", "scale_rows"]
 
 METHODS = ("usq", "rdoq", "tcq4", "tcq8")
 RESETS = ("channel", "tensor")
@@ -51,6 +51,12 @@ class QuantizeResult(NamedTuple):
     rows: np.ndarray
     y_hat: np.ndarray
     bits: float
+
+
+def scale_rows(sigma: np.ndarray) -> np.ndarray:
+    """Table row (0…63) of each scale: the smallest table scale ``>= σ`` (float32 compare)."""
+    sigma = np.ascontiguousarray(sigma, dtype=np.float32)
+    return kernels.scale_rows(sigma.reshape(-1), SCALE_TABLE).reshape(sigma.shape)
 
 
 def _check_finite(name: str, x: np.ndarray) -> None:
@@ -106,6 +112,22 @@ class Quantizer:
     def machine(self) -> StateMachine | None:
         """The state machine of TCQ-4/TCQ-8; ``None`` for USQ and RDOQ."""
         return machine(int(self.method[3:])) if self.is_trellis else None
+
+    @property
+    def selector(self) -> tuple[np.ndarray, np.ndarray]:
+        """Row selector of the coder: ``(next_state[S, 2], state_class[S])``.
+
+        The trivial one-state selector for USQ/RDOQ, the state machine for TCQ.
+        """
+        sm = self.machine
+        if sm is None:
+            return np.zeros((1, 2), dtype=np.int64), np.zeros(1, dtype=np.int64)
+        return sm.next_state, sm.quantizer
+
+    def chain_length(self, shape: tuple[int, ...]) -> int:
+        """Elements per chain for a latent of shape ``(C, H, W)`` or ``(N, C, H, W)``."""
+        c, h, w = shape[-3:]
+        return h * w if self.reset == "channel" else c * h * w
 
     # -- layout ---------------------------------------------------------------------
     def _chains(self, x: np.ndarray) -> np.ndarray:
@@ -220,11 +242,11 @@ class Quantizer:
         return self.reconstruct(indices, states, mu, backend), states
 
     @staticmethod
-    def _scale_rows(shape, sigma, scale_rows, backend) -> np.ndarray:
-        if (sigma is None) == (scale_rows is None):
+    def _scale_rows(shape, sigma, rows, backend) -> np.ndarray:
+        if (sigma is None) == (rows is None):
             raise ValueError("give exactly one of sigma and scale_rows")
-        if scale_rows is not None:
-            rows = np.asarray(scale_rows)
+        if rows is not None:
+            rows = np.asarray(rows)
             if rows.shape != shape or not np.issubdtype(rows.dtype, np.integer):
                 raise ValueError(f"scale_rows must be an integer array of shape {shape}")
             if rows.size and (rows.min() < 0 or rows.max() >= NUM_SCALES):
@@ -236,7 +258,4 @@ class Quantizer:
         _check_finite("sigma", sigma)
         if sigma.size and sigma.min() <= 0:
             raise ValueError("sigma must be > 0")
-        sigma = sigma.astype(np.float32)
-        if backend == "numba":
-            return kernels.scale_rows(sigma.reshape(-1), SCALE_TABLE).reshape(shape)
-        return scale_rows_reference(sigma)
+        return scale_rows(sigma) if backend == "numba" else scale_rows_reference(sigma)

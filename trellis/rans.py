@@ -1,0 +1,227 @@
+"""rANS coder for the latent indices, bit-compatible with CompressAI's ``RansEncoder``.
+
+The **probability model** is a set of table rows (:class:`trellis.tables.RateTable`:
+``cdf``, ``cdf_length``, ``offset``) and a **row selector**: a small finite-state machine
+that picks the row of each symbol from its scale row and the current context state, and
+moves to the next state by the parity of the decoded index. USQ and RDOQ use the trivial
+one-state selector; TCQ the 4- or 8-state machine, its quantizer class choosing the
+``Q0`` or ``Q1`` rows. The **coder** only ever sees rows and symbols.
+
+Stream format (identical to CompressAI 1.2.8 ``compressai.ans``): 64-bit rANS state,
+32-bit renormalisation, 16-bit precision, words written little-endian; a symbol outside its
+row is coded as the row's tail symbol followed by 4-bit bypass symbols (the count of
+nibbles, in chunks of 15, then the nibbles of ``raw = -2v - 1`` below the row or
+``raw = 2(v - max)`` above it). Streams produced here decode with CompressAI's
+``RansDecoder.decode_with_indexes`` and vice versa (tested).
+
+Decoding runs chain by chain (state 0 at the start of each chain), so for TCQ the state
+machine is tracked inside the decoding loop at Numba speed. A corrupted stream (reads past
+its end, an impossible escape, a final state or position that does not match) raises
+:class:`CorruptStreamError`; it never hangs or crashes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from numba import njit
+
+__all__ = ["CorruptStreamError", "encode", "decode"]
+
+_PRECISION = 16
+_BYPASS = 4
+_MAX_BYPASS = (1 << _BYPASS) - 1
+_RANS_L = np.uint64(1 << 31)
+# Decoder status codes.
+_OK, _ERR_EOF, _ERR_ESCAPE, _ERR_END = 0, 1, 2, 3
+_MESSAGES = {
+    _ERR_EOF: "the stream ends too early",
+    _ERR_ESCAPE: "an escape code is out of range",
+    _ERR_END: "the stream does not end where its last symbol does",
+}
+
+
+class CorruptStreamError(ValueError):
+    """The y stream cannot be decoded: it is corrupted or truncated."""
+
+
+@njit(cache=True, nogil=True)
+def _encode(symbols, rows, cdf, cdf_length, offset):  # pragma: no cover
+    n = symbols.shape[0]
+    # Upper bound on the number of words: one per coded symbol + the final state.
+    count = 2
+    for i in range(n):
+        r = rows[i]
+        v = symbols[i] - offset[r]
+        mx = cdf_length[r] - 2
+        count += 1
+        if v < 0 or v >= mx:
+            raw = -2 * v - 1 if v < 0 else 2 * (v - mx)
+            nb = 0
+            while (raw >> (_BYPASS * nb)) != 0:
+                nb += 1
+            count += nb // _MAX_BYPASS + 1 + nb
+    out = np.empty(count, dtype=np.uint32)
+    ptr = count
+    x = _RANS_L
+    for i in range(n - 1, -1, -1):
+        r = rows[i]
+        v = symbols[i] - offset[r]
+        mx = cdf_length[r] - 2
+        if v < 0 or v >= mx:
+            raw = -2 * v - 1 if v < 0 else 2 * (v - mx)
+            nb = 0
+            while (raw >> (_BYPASS * nb)) != 0:
+                nb += 1
+            # Forward order: tail symbol, n in chunks of 15, then the nibbles; push reversed.
+            for j in range(nb - 1, -1, -1):
+                x, ptr = _put_bits(x, out, ptr, (raw >> (j * _BYPASS)) & _MAX_BYPASS)
+            x, ptr = _put_bits(x, out, ptr, nb % _MAX_BYPASS)
+            for _ in range(nb // _MAX_BYPASS):
+                x, ptr = _put_bits(x, out, ptr, _MAX_BYPASS)
+            v = mx
+        start = np.uint64(cdf[r, v])
+        freq = np.uint64(cdf[r, v + 1] - cdf[r, v])
+        x_max = ((_RANS_L >> np.uint64(_PRECISION)) << np.uint64(32)) * freq
+        if x >= x_max:
+            ptr -= 1
+            out[ptr] = np.uint32(x & np.uint64(0xFFFFFFFF))
+            x >>= np.uint64(32)
+        x = ((x // freq) << np.uint64(_PRECISION)) + (x % freq) + start
+    out[ptr - 2] = np.uint32(x & np.uint64(0xFFFFFFFF))
+    out[ptr - 1] = np.uint32(x >> np.uint64(32))
+    return out[ptr - 2 :]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put_bits(x, out, ptr, val):  # pragma: no cover
+    freq = np.uint64(1 << (_PRECISION - _BYPASS))
+    x_max = ((_RANS_L >> np.uint64(_PRECISION)) << np.uint64(32)) * freq
+    if x >= x_max:
+        ptr -= 1
+        out[ptr] = np.uint32(x & np.uint64(0xFFFFFFFF))
+        x >>= np.uint64(32)
+    return (x << np.uint64(_BYPASS)) | np.uint64(val), ptr
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _get_bits(x, words, ptr):  # pragma: no cover
+    """Returns (value, x, ptr, ok)."""
+    val = np.int64(x & np.uint64(_MAX_BYPASS))
+    x >>= np.uint64(_BYPASS)
+    if x < _RANS_L:
+        if ptr >= words.shape[0]:
+            return val, x, ptr, False
+        x = (x << np.uint64(32)) | np.uint64(words[ptr])
+        ptr += 1
+    return val, x, ptr, True
+
+
+@njit(cache=True, nogil=True)
+def _decode(words, scale_rows, chain_length, next_state, state_class, num_scales, cdf, cdf_length, offset, out):  # pragma: no cover
+    n = scale_rows.shape[0]
+    if words.shape[0] < 2:
+        return _ERR_EOF
+    x = np.uint64(words[0]) | (np.uint64(words[1]) << np.uint64(32))
+    ptr = 2
+    mask = np.uint64((1 << _PRECISION) - 1)
+    s = 0
+    for i in range(n):
+        if i % chain_length == 0:
+            s = 0
+        r = state_class[s] * num_scales + scale_rows[i]
+        length = cdf_length[r]
+        cum = np.int64(x & mask)
+        lo = 0  # binary search: last position with cdf <= cum
+        hi = length - 1
+        while hi - lo > 1:
+            mid = (lo + hi) >> 1
+            if cdf[r, mid] <= cum:
+                lo = mid
+            else:
+                hi = mid
+        start = np.uint64(cdf[r, lo])
+        freq = np.uint64(cdf[r, lo + 1]) - start
+        x = freq * (x >> np.uint64(_PRECISION)) + (x & mask) - start
+        if x < _RANS_L:
+            if ptr >= words.shape[0]:
+                return _ERR_EOF
+            x = (x << np.uint64(32)) | np.uint64(words[ptr])
+            ptr += 1
+        v = np.int64(lo)
+        mx = length - 2
+        if v == mx:
+            val, x, ptr, ok = _get_bits(x, words, ptr)
+            if not ok:
+                return _ERR_EOF
+            nb = val
+            while val == _MAX_BYPASS:
+                val, x, ptr, ok = _get_bits(x, words, ptr)
+                if not ok:
+                    return _ERR_EOF
+                nb += val
+                if nb > 16:
+                    return _ERR_ESCAPE
+            if nb > 16:  # raw values fit in 64 bits; more nibbles cannot come from the encoder
+                return _ERR_ESCAPE
+            raw = np.int64(0)
+            for j in range(nb):
+                val, x, ptr, ok = _get_bits(x, words, ptr)
+                if not ok:
+                    return _ERR_EOF
+                raw |= val << (j * _BYPASS)
+            v = raw >> 1
+            v = -v - 1 if raw & 1 else v + mx
+        k = v + offset[r]
+        out[i] = k
+        s = next_state[s, k & 1]
+    if ptr != words.shape[0] or x != _RANS_L:
+        return _ERR_END
+    return _OK
+
+
+def encode(symbols: np.ndarray, rows: np.ndarray, cdf: np.ndarray, cdf_length: np.ndarray, offset: np.ndarray) -> bytes:
+    """Codes ``symbols[i]`` with table row ``rows[i]`` (flat arrays, in decoding order)."""
+    symbols = np.ascontiguousarray(symbols, dtype=np.int64).reshape(-1)
+    rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
+    if symbols.shape != rows.shape:
+        raise ValueError(f"symbols ({symbols.size}) and rows ({rows.size}) differ in size")
+    return _encode(symbols, rows, cdf, cdf_length, offset).astype("<u4").tobytes()
+
+
+def decode(
+    data: bytes,
+    scale_rows: np.ndarray,
+    chain_length: int,
+    next_state: np.ndarray,
+    state_class: np.ndarray,
+    num_scales: int,
+    cdf: np.ndarray,
+    cdf_length: np.ndarray,
+    offset: np.ndarray,
+) -> np.ndarray:
+    """Decodes one symbol per entry of ``scale_rows`` (flat, decoding order).
+
+    Args:
+        data: the stream.
+        scale_rows: scale row (0…63) of each symbol.
+        chain_length: the selector's state returns to 0 every ``chain_length`` symbols.
+        next_state: ``int64[S, 2]`` successor by index parity (``[[0, 0]]`` for USQ).
+        state_class: ``int64[S]`` row class of each state (``[0]`` for USQ).
+        num_scales: rows per class (64).
+        cdf, cdf_length, offset: the table rows.
+
+    Returns:
+        ``int32`` symbols. Raises :class:`CorruptStreamError` for a damaged stream.
+    """
+    if len(data) % 4:
+        raise CorruptStreamError("y stream: length is not a multiple of 4 bytes (truncated?)")
+    words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
+    scale_rows = np.ascontiguousarray(scale_rows, dtype=np.int64).reshape(-1)
+    out = np.empty(scale_rows.size, dtype=np.int32)
+    status = _decode(
+        words, scale_rows, max(int(chain_length), 1), next_state, state_class, num_scales, cdf, cdf_length, offset, out
+    )
+    if status != _OK:
+        raise CorruptStreamError(f"y stream: {_MESSAGES[status]}")
+    return out
