@@ -66,11 +66,15 @@ def export_state_dict(model: CompressionModel) -> dict[str, torch.Tensor]:
 
     Floating-point parameters are cast to fp16; buffers are kept as they are (integer CDF
     tables; float bounds such as GDN's 2^-36 pedestal, which fp16 would flush to zero).
-    The CDF tables are rebuilt with ``update(force=True)`` from the fp16-rounded
-    parameters, so the file is self-consistent. ``model`` itself is not modified.
-    Loading casts the parameters back to the model's dtype.
+    The EntropyBottleneck quantiles (median and tails of each z channel's learned
+    density, which the aux optimizer only approaches slowly) are first solved exactly by
+    CompressAI's bisection, ``update(force=True, update_quantiles=True)``; the CDF
+    tables are then rebuilt from the fp16-rounded parameters, so the file is
+    self-consistent and a plain ``update(force=True)`` reproduces it. ``model`` itself
+    is not modified. Loading casts the parameters back to the model's dtype.
     """
     model = copy.deepcopy(model).to("cpu", torch.float32)
+    model.update(force=True, update_quantiles=True)
     for p in model.parameters():
         p.copy_(p.half().float())
     model.update(force=True)
