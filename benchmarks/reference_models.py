@@ -40,10 +40,24 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "qft" / "assets"
-ANCHOR = REPO.parent / "shared" / "anchors" / "kodak" / "compressai-mbt2018-mean_mse.json"
-TRAIN_DATA = "BSDS500 train+test (400 images), random crops + flips; val for validation loss"
+ANCHOR = (
+    REPO.parent / "shared" / "anchors" / "kodak" / "compressai-mbt2018-mean_mse.json"
+)
+TRAIN_DATA = (
+    "BSDS500 train+test (400 images), random crops + flips; val for validation loss"
+)
 BD_METHODS = ("pchip", "cubic", "akima")
-TRAINING_KEYS = ("batch_size", "crop", "lr", "aux_lr", "decay_at", "decay_factor", "clip_max_norm", "seed", "threads")
+TRAINING_KEYS = (
+    "batch_size",
+    "crop",
+    "lr",
+    "aux_lr",
+    "decay_at",
+    "decay_factor",
+    "clip_max_norm",
+    "seed",
+    "threads",
+)
 
 
 def ship(runs: Path, dest: Path) -> list[dict]:
@@ -56,7 +70,11 @@ def ship(runs: Path, dest: Path) -> list[dict]:
         s["file"] = f"{s['arch']}-{s['lambda']:g}.pth"
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(summary_path.parent / "model.pth", dest / s["file"])
-        recipe = torch.load(summary_path.parent / "checkpoint.pth", map_location="cpu", weights_only=True)["recipe"]
+        recipe = torch.load(
+            summary_path.parent / "checkpoint.pth",
+            map_location="cpu",
+            weights_only=True,
+        )["recipe"]
         s["recipe"] = recipe["path"]
         s["training"] = {k: recipe[k] for k in TRAINING_KEYS}
         summaries.append(s)
@@ -68,7 +86,9 @@ def evaluate(path: Path, images: list[Path]) -> dict:
     from compressai.models import MeanScaleHyperprior
     from compressai.utils.eval_model.__main__ import inference, read_image
 
-    net = MeanScaleHyperprior.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    net = MeanScaleHyperprior.from_state_dict(
+        torch.load(path, map_location="cpu", weights_only=True)
+    )
     net.update(force=True)
     net.eval()
     per_image = {}
@@ -89,12 +109,22 @@ def bd_rates(anchor: dict, rates: list[float], psnrs: list[float]) -> dict:
     for m in BD_METHODS:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            value = float(bd.bd_rate(ra, da, rates, psnrs, method=m, require_matching_points=False))
+            value = float(
+                bd.bd_rate(
+                    ra, da, rates, psnrs, method=m, require_matching_points=False
+                )
+            )
         out[m] = value if math.isfinite(value) else None  # no PSNR overlap
-        out.setdefault("warnings", []).extend(str(w.message) for w in caught if str(w.message) not in out.get("warnings", []))
+        out.setdefault("warnings", []).extend(
+            str(w.message)
+            for w in caught
+            if str(w.message) not in out.get("warnings", [])
+        )
     lo, hi = max(min(da), min(psnrs)), min(max(da), max(psnrs))
     out["psnr_overlap_db"] = [lo, hi]
-    out["overlap_fraction_of_ours"] = (hi - lo) / (max(psnrs) - min(psnrs)) if hi > lo else 0.0
+    out["overlap_fraction_of_ours"] = (
+        (hi - lo) / (max(psnrs) - min(psnrs)) if hi > lo else 0.0
+    )
     return out
 
 
@@ -105,9 +135,14 @@ def plot(path: Path, ours: dict, anchor: dict, bd: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric, label in ((axes[0], "psnr-rgb", "PSNR-RGB [dB]"), (axes[1], "ms-ssim-rgb", "MS-SSIM-RGB [dB]")):
-        for res, name, style in ((anchor["results"], "CompressAI mbt2018-mean (published, q1-q8)", "s--"),
-                                 (ours["results"], "qft reference (this repo)", "o-")):  # fmt: skip
+    for ax, metric, label in (
+        (axes[0], "psnr-rgb", "PSNR-RGB [dB]"),
+        (axes[1], "ms-ssim-rgb", "MS-SSIM-RGB [dB]"),
+    ):
+        for res, name, style in (
+            (anchor["results"], "CompressAI mbt2018-mean (published, q1-q8)", "s--"),
+            (ours["results"], "qft reference (this repo)", "o-"),
+        ):
             y = res[metric]
             if metric == "ms-ssim-rgb":
                 y = [-10 * math.log10(1 - v) for v in y]
@@ -115,12 +150,22 @@ def plot(path: Path, ours: dict, anchor: dict, bd: dict) -> None:
         ax.set_xlabel("bpp (real bitstreams)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    bd_text = "no PSNR overlap" if bd["pchip"] is None else f"{bd['pchip']:+.1f} % (pchip)"
+    bd_text = (
+        "no PSNR overlap" if bd["pchip"] is None else f"{bd['pchip']:+.1f} % (pchip)"
+    )
     axes[0].set_title(f"Kodak, 24 images — BD-rate vs published: {bd_text}")
     axes[1].set_title("Kodak, 24 images")
     axes[0].legend(loc="lower right")
-    for x, y, lam in zip(ours["results"]["bpp"], ours["results"]["psnr-rgb"], ours["lambda"]):
-        axes[0].annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for x, y, lam in zip(
+        ours["results"]["bpp"], ours["results"]["psnr-rgb"], ours["lambda"]
+    ):
+        axes[0].annotate(
+            f"λ={lam:g}",
+            (x, y),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=7,
+        )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -129,14 +174,26 @@ def plot(path: Path, ours: dict, anchor: dict, bd: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, default=REPO / "runs/reference/mbt2018-mean-cpu",
-                        help="qft train output folder (read with --ship)")  # fmt: skip
-    parser.add_argument("--ship", action="store_true", help="copy finished models into qft/assets/checkpoints")
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=REPO / "runs/reference/mbt2018-mean-cpu",
+        help="qft train output folder (read with --ship)",
+    )
+    parser.add_argument(
+        "--ship",
+        action="store_true",
+        help="copy finished models into qft/assets/checkpoints",
+    )
     parser.add_argument("--checkpoints", type=Path, default=ASSETS / "checkpoints")
     parser.add_argument("--kodak", type=Path, default=ASSETS / "kodak")
     parser.add_argument("--anchor", type=Path, default=ANCHOR)
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks/results/reference_models.json")
-    parser.add_argument("--plot", type=Path, default=REPO / "docs/figures/reference_rd.png")
+    parser.add_argument(
+        "--json", type=Path, default=REPO / "benchmarks/results/reference_models.json"
+    )
+    parser.add_argument(
+        "--plot", type=Path, default=REPO / "docs/figures/reference_rd.png"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -153,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     images = sorted(args.kodak.glob("*.png"))
     if len(images) != 24:
-        print(f"expected the 24 Kodak images in {args.kodak}, found {len(images)}", file=sys.stderr)
+        print(
+            f"expected the 24 Kodak images in {args.kodak}, found {len(images)}",
+            file=sys.stderr,
+        )
         return 1
 
     import compressai
@@ -163,41 +223,78 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         r = evaluate(args.checkpoints / e["file"], images)
         m = r["mean"]
-        print(f"{e['file']}: bpp {m['bpp']:.4f}  PSNR {m['psnr-rgb']:.3f} dB  MS-SSIM {m['ms-ssim-rgb']:.4f}"
-              f"  ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+        print(
+            f"{e['file']}: bpp {m['bpp']:.4f}  PSNR {m['psnr-rgb']:.3f} dB  MS-SSIM {m['ms-ssim-rgb']:.4f}"
+            f"  ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
         evals.append(r)
 
     ours = {
         "name": "qft-reference-mbt2018-mean",
         "description": f"Inference (ans), USQ; qft reference models ({entries[0]['N']}/{entries[0]['M']}), "
         "compressai eval_model procedure, CPU, 1 thread",
-        "results": {k: [r["mean"][k] for r in evals] for k in ("psnr-rgb", "ms-ssim-rgb", "bpp", "encoding_time", "decoding_time")},
+        "results": {
+            k: [r["mean"][k] for r in evals]
+            for k in (
+                "psnr-rgb",
+                "ms-ssim-rgb",
+                "bpp",
+                "encoding_time",
+                "decoding_time",
+            )
+        },
         "lambda": [e["lambda"] for e in entries],
         "files": [e["file"] for e in entries],
         "per_image": [r["per_image"] for r in evals],
-    }  # fmt: skip
+    }
     anchor = json.loads(args.anchor.read_text())
     bd = bd_rates(anchor, ours["results"]["bpp"], ours["results"]["psnr-rgb"])
     bd["method_default"] = "pchip"
     ours["bd_rate"] = bd
-    print("BD-rate vs " + anchor["name"] + ": " + ", ".join(f"{m} {bd[m]} %" for m in BD_METHODS))
-    print(f"PSNR overlap {bd['psnr_overlap_db'][0]:.2f}-{bd['psnr_overlap_db'][1]:.2f} dB "
-          f"({100 * bd['overlap_fraction_of_ours']:.0f} % of our range)")  # fmt: skip
+    print(
+        "BD-rate vs "
+        + anchor["name"]
+        + ": "
+        + ", ".join(f"{m} {bd[m]} %" for m in BD_METHODS)
+    )
+    print(
+        f"PSNR overlap {bd['psnr_overlap_db'][0]:.2f}-{bd['psnr_overlap_db'][1]:.2f} dB "
+        f"({100 * bd['overlap_fraction_of_ours']:.0f} % of our range)"
+    )
 
     manifest = []
     for e, r in zip(entries, evals):
         path = args.checkpoints / e["file"]
-        manifest.append({
-            "file": e["file"], "arch": e["arch"], "lambda": e["lambda"], "N": r["N"], "M": r["M"],
-            "sha256": sha256_file(path), "bytes": path.stat().st_size, "dtype": "float16 parameters, int32 CDF tables",
-            "steps": e["steps"], "init": e["init"], "train_data": TRAIN_DATA,
-            "wall_time_s": round(e["wall_time_s"], 1), "cpu_time_s": round(e["cpu_time_s"], 1), "machine": e["machine"],
-            "recipe": e["recipe"], "training": e["training"], "val": e["val"],
-            "kodak": {k: r["mean"][k] for k in ("bpp", "psnr-rgb", "ms-ssim-rgb")},
-            "kodak_eval": "24 images, real bitstreams (compressai rANS), USQ, from_state_dict + update(force=True)",
-            "set_bd_rate_vs_published_pct": {m: bd[m] for m in BD_METHODS},
-            "versions": {"compressai": compressai.__version__, "torch": str(torch.__version__), "python": platform.python_version()},
-        })  # fmt: skip
+        manifest.append(
+            {
+                "file": e["file"],
+                "arch": e["arch"],
+                "lambda": e["lambda"],
+                "N": r["N"],
+                "M": r["M"],
+                "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
+                "dtype": "float16 parameters, int32 CDF tables",
+                "steps": e["steps"],
+                "init": e["init"],
+                "train_data": TRAIN_DATA,
+                "wall_time_s": round(e["wall_time_s"], 1),
+                "cpu_time_s": round(e["cpu_time_s"], 1),
+                "machine": e["machine"],
+                "recipe": e["recipe"],
+                "training": e["training"],
+                "val": e["val"],
+                "kodak": {k: r["mean"][k] for k in ("bpp", "psnr-rgb", "ms-ssim-rgb")},
+                "kodak_eval": "24 images, real bitstreams (compressai rANS), USQ, from_state_dict + update(force=True)",
+                "set_bd_rate_vs_published_pct": {m: bd[m] for m in BD_METHODS},
+                "versions": {
+                    "compressai": compressai.__version__,
+                    "torch": str(torch.__version__),
+                    "python": platform.python_version(),
+                },
+            }
+        )
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(ours, indent=2) + "\n")

@@ -20,13 +20,33 @@ from qft.train.data import load_images, sample_batch
 
 def _recipe_dict(root) -> dict:
     return {
-        "arch": "mbt2018-mean", "N": 8, "M": 8, "seed": 3, "threads": 1, "device": "cpu",
-        "batch_size": 2, "crop": 64,
-        "optimizer": {"lr": 1e-3, "aux_lr": 1e-3, "clip_max_norm": 1.0, "decay_at": 0.5, "decay_factor": 0.1},
-        "data": {"root": str(root), "train": ["train"], "val": "val", "val_images": 2, "val_crop": 64},
-        "checkpoint_every": 2, "validate_every": 3, "log_every": 2,
+        "arch": "mbt2018-mean",
+        "N": 8,
+        "M": 8,
+        "seed": 3,
+        "threads": 1,
+        "device": "cpu",
+        "batch_size": 2,
+        "crop": 64,
+        "optimizer": {
+            "lr": 1e-3,
+            "aux_lr": 1e-3,
+            "clip_max_norm": 1.0,
+            "decay_at": 0.5,
+            "decay_factor": 0.1,
+        },
+        "data": {
+            "root": str(root),
+            "train": ["train"],
+            "val": "val",
+            "val_images": 2,
+            "val_crop": 64,
+        },
+        "checkpoint_every": 2,
+        "validate_every": 3,
+        "log_every": 2,
         "schedule": {"lambdas": [0.05, 0.01], "first_steps": 6, "warm_steps": 2},
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +102,22 @@ class TestRecipe:
 
     def test_lambdas_must_decrease(self, recipe_file):
         with pytest.raises(UserError, match="strictly decreasing"):
-            load_recipe(recipe_file(schedule={"lambdas": [0.01, 0.05], "first_steps": 1, "warm_steps": 1}))
+            load_recipe(
+                recipe_file(
+                    schedule={
+                        "lambdas": [0.01, 0.05],
+                        "first_steps": 1,
+                        "warm_steps": 1,
+                    }
+                )
+            )
 
     def test_schedule_and_lr(self, recipe_file):
         r = load_recipe(recipe_file())
-        assert [(p.lmbda, p.steps, p.parent) for p in r.points] == [(0.05, 6, None), (0.01, 2, 0.05)]
+        assert [(p.lmbda, p.steps, p.parent) for p in r.points] == [
+            (0.05, 6, None),
+            (0.01, 2, 0.05),
+        ]
         assert [r.lr_at(s, 6) for s in range(6)] == [1e-3] * 3 + [1e-3 * 0.1] * 3
 
     def test_cli_reports_user_error(self, tmp_path, capsys):
@@ -114,11 +145,16 @@ def test_resume_is_bit_exact(recipe_file, tmp_path):
     s = train(recipe, parts, lmbda=0.05, resume=True, progress=False)
     assert s[0]["finished"]
     tag = lambda_tag(0.05)
-    a, b = _weights(full / tag / "checkpoint.pth"), _weights(parts / tag / "checkpoint.pth")
+    a, b = _weights(full / tag / "checkpoint.pth"), _weights(
+        parts / tag / "checkpoint.pth"
+    )
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    log = [json.loads(line) for line in (parts / tag / "log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(line)
+        for line in (parts / tag / "log.jsonl").read_text().splitlines()
+    ]
     steps = [e["step"] for e in log if e["kind"] == "train"]
     assert steps == sorted(steps) and steps[-1] == 6
     assert {"loss", "bpp", "mse", "lr", "step_time_s"} <= set(log[1])
@@ -154,7 +190,22 @@ def test_schedule_warm_start_and_export(recipe_file, tmp_path):
 def test_cli_trains_one_point(recipe_file, tmp_path, capsys):
     path = recipe_file()
     out = tmp_path / "cli"
-    assert main(["train", str(path), "--lambda", "0.01", "--out", str(out), "--steps", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(path),
+                "--lambda",
+                "0.01",
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     # parent missing: trained from scratch for first_steps
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["init"] == "scratch" and line["steps"] == 2 and line["finished"]

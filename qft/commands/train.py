@@ -23,16 +23,43 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file (see recipes/reference/)")
-    parser.add_argument("--lambda", dest="lmbda", type=float, help="train only this rate point of the schedule")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the recipe's device")
-    parser.add_argument("--resume", action="store_true", help="continue existing checkpoints, skip finished points")
-    parser.add_argument("--out", type=Path, help="output folder (default: runs/reference/<recipe name>)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (overrides the recipe)")
-    parser.add_argument("--steps", type=int, help="steps of the first point (overrides schedule.first_steps)")
-    parser.add_argument("--warm-steps", type=int, help="steps of each warm-started point")
-    parser.add_argument("--stop-after", type=int, metavar="STEP",
-                        help="stop with a checkpoint once STEP steps of the current point are done")  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument(
+        "--lambda",
+        dest="lmbda",
+        type=float,
+        help="train only this rate point of the schedule",
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help="override the recipe's device"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue existing checkpoints, skip finished points",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default: runs/reference/<recipe name>)"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (overrides the recipe)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="steps of the first point (overrides schedule.first_steps)",
+    )
+    parser.add_argument(
+        "--warm-steps", type=int, help="steps of each warm-started point"
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEP",
+        help="stop with a checkpoint once STEP steps of the current point are done",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no tqdm progress bar"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     overrides = {
         k: v
-        for k, v in (("threads", args.threads), ("first_steps", args.steps), ("warm_steps", args.warm_steps))
+        for k, v in (
+            ("threads", args.threads),
+            ("first_steps", args.steps),
+            ("warm_steps", args.warm_steps),
+        )
         if v is not None
     }
     if overrides:
@@ -50,8 +81,30 @@ def run(args: argparse.Namespace) -> int:
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError("--stop-after must be at least 1")
     out = args.out or Path("runs") / "reference" / Path(args.recipe).stem
-    summaries = train(recipe, out, lmbda=args.lmbda, device=args.device, resume=args.resume,
-                      stop_after=args.stop_after, progress=not args.no_progress)  # fmt: skip
+    summaries = train(
+        recipe,
+        out,
+        lmbda=args.lmbda,
+        device=args.device,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
+    )
     for s in summaries:
-        print(json.dumps({k: s[k] for k in ("lambda", "init", "step", "steps", "finished", "wall_time_s", "val")}))
+        print(
+            json.dumps(
+                {
+                    k: s[k]
+                    for k in (
+                        "lambda",
+                        "init",
+                        "step",
+                        "steps",
+                        "finished",
+                        "wall_time_s",
+                        "val",
+                    )
+                }
+            )
+        )
     return 0

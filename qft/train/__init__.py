@@ -6,12 +6,27 @@
 - :mod:`qft.train.checkpoint`: atomic checkpoints, fp16 export for shipping.
 """
 
-from qft.train.checkpoint import export_state_dict, load_checkpoint, save_atomic, sha256_file
+from qft.train.checkpoint import (
+    export_state_dict,
+    load_checkpoint,
+    save_atomic,
+    sha256_file,
+)
 from qft.train.loop import build_model, rd_forward, resolve_device, train, train_point
 from qft.train.recipe import RatePoint, Recipe, lambda_tag, load_recipe
 
 __all__ = [
-    "Recipe", "RatePoint", "load_recipe", "lambda_tag",
-    "build_model", "rd_forward", "resolve_device", "train", "train_point",
-    "save_atomic", "load_checkpoint", "export_state_dict", "sha256_file",
-]  # fmt: skip
+    "Recipe",
+    "RatePoint",
+    "load_recipe",
+    "lambda_tag",
+    "build_model",
+    "rd_forward",
+    "resolve_device",
+    "train",
+    "train_point",
+    "save_atomic",
+    "load_checkpoint",
+    "export_state_dict",
+    "sha256_file",
+]

@@ -23,7 +23,13 @@ from compressai.models import CompressionModel
 
 from qft.errors import UserError
 
-__all__ = ["save_atomic", "load_checkpoint", "export_state_dict", "sha256_file", "CHECKPOINT_FORMAT"]
+__all__ = [
+    "save_atomic",
+    "load_checkpoint",
+    "export_state_dict",
+    "sha256_file",
+    "CHECKPOINT_FORMAT",
+]
 
 #: ``format`` field of training checkpoints written by this version
 CHECKPOINT_FORMAT = "qft-train/1"
@@ -54,9 +60,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # unpickling errors have many types
-        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__})") from None
+        raise UserError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a qft training checkpoint ({CHECKPOINT_FORMAT})")
+        raise UserError(
+            f"{path} is not a qft training checkpoint ({CHECKPOINT_FORMAT})"
+        )
     return ckpt
 
 
@@ -80,7 +90,11 @@ def export_state_dict(model: CompressionModel) -> dict[str, torch.Tensor]:
     model.update(force=True)
     params = {name for name, _ in model.named_parameters()}
     return {
-        k: v.detach().half() if k in params and v.is_floating_point() else v.detach().clone()
+        k: (
+            v.detach().half()
+            if k in params and v.is_floating_point()
+            else v.detach().clone()
+        )
         for k, v in model.state_dict().items()
     }
 

@@ -17,7 +17,13 @@ from PIL import Image
 
 from qft.errors import UserError
 
-__all__ = ["IMAGE_EXTENSIONS", "list_images", "load_images", "sample_batch", "center_crops"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "list_images",
+    "load_images",
+    "sample_batch",
+    "center_crops",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -29,11 +35,15 @@ def list_images(folder: str | Path) -> list[Path]:
         raise UserError(f"image folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise UserError(f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(
+            f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+        )
     return files
 
 
-def load_images(root: str | Path, splits: Sequence[str], limit: int | None = None) -> list[np.ndarray]:
+def load_images(
+    root: str | Path, splits: Sequence[str], limit: int | None = None
+) -> list[np.ndarray]:
     """Decode the images of ``root/<split>/`` for each split into RGB uint8 HxWx3 arrays.
 
     Args:
@@ -59,7 +69,9 @@ def _to_tensor(patches: list[np.ndarray]) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def sample_batch(images: Sequence[np.ndarray], seed: int, step: int, batch_size: int, crop: int) -> torch.Tensor:
+def sample_batch(
+    images: Sequence[np.ndarray], seed: int, step: int, batch_size: int, crop: int
+) -> torch.Tensor:
     """The training batch of ``step``: random crops with random horizontal and vertical
     flips, as a float tensor ``[batch_size, 3, crop, crop]`` in [0, 1].
 
@@ -71,7 +83,9 @@ def sample_batch(images: Sequence[np.ndarray], seed: int, step: int, batch_size:
         img = images[i]
         h, w = img.shape[:2]
         if h < crop or w < crop:
-            raise UserError(f"training image of {w}x{h} pixels is smaller than the {crop}-pixel crop")
+            raise UserError(
+                f"training image of {w}x{h} pixels is smaller than the {crop}-pixel crop"
+            )
         top, left = rng.integers(h - crop + 1), rng.integers(w - crop + 1)
         p = img[top : top + crop, left : left + crop]
         if rng.random() < 0.5:
@@ -88,7 +102,9 @@ def center_crops(images: Sequence[np.ndarray], crop: int) -> torch.Tensor:
     for img in images:
         h, w = img.shape[:2]
         if h < crop or w < crop:
-            raise UserError(f"validation image of {w}x{h} pixels is smaller than the {crop}-pixel crop")
+            raise UserError(
+                f"validation image of {w}x{h} pixels is smaller than the {crop}-pixel crop"
+            )
         top, left = (h - crop) // 2, (w - crop) // 2
         patches.append(img[top : top + crop, left : left + crop])
     return _to_tensor(patches)

@@ -37,11 +37,23 @@ from compressai.models import MeanScaleHyperprior
 from tqdm import tqdm
 
 from qft.errors import UserError
-from qft.train.checkpoint import CHECKPOINT_FORMAT, export_state_dict, load_checkpoint, save_atomic
+from qft.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    export_state_dict,
+    load_checkpoint,
+    save_atomic,
+)
 from qft.train.data import center_crops, load_images, sample_batch
 from qft.train.recipe import Recipe, RatePoint, lambda_tag
 
-__all__ = ["build_model", "rd_forward", "resolve_device", "machine_description", "train", "train_point"]
+__all__ = [
+    "build_model",
+    "rd_forward",
+    "resolve_device",
+    "machine_description",
+    "train",
+    "train_point",
+]
 
 
 def build_model(recipe: Recipe) -> MeanScaleHyperprior:
@@ -76,7 +88,9 @@ def machine_description(device: torch.device, threads: int) -> str:
     return f"CPU {cpu}, {threads} thread(s)"
 
 
-def rd_forward(model: MeanScaleHyperprior, x: torch.Tensor, amp: bool = False) -> dict[str, Any]:
+def rd_forward(
+    model: MeanScaleHyperprior, x: torch.Tensor, amp: bool = False
+) -> dict[str, Any]:
     """``MeanScaleHyperprior.forward``, with the four transforms optionally under CUDA
     bf16 autocast while the entropy models (likelihoods down to 1e-9) stay in fp32.
 
@@ -100,7 +114,10 @@ def rd_forward(model: MeanScaleHyperprior, x: torch.Tensor, amp: bool = False) -
     y_hat, y_likelihoods = model.gaussian_conditional(y, scales_hat, means=means_hat)
     with transforms():
         x_hat = model.g_s(y_hat)
-    return {"x_hat": x_hat.float(), "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+    return {
+        "x_hat": x_hat.float(),
+        "likelihoods": {"y": y_likelihoods, "z": z_likelihoods},
+    }
 
 
 def _noise_seed(seed: int, step: int) -> int:
@@ -114,7 +131,11 @@ def _psnr(mse: float) -> float:
 def _optimizers(model: MeanScaleHyperprior, recipe: Recipe):
     main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
     aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
-    return torch.optim.Adam(main, lr=recipe.lr), torch.optim.Adam(aux, lr=recipe.aux_lr), main
+    return (
+        torch.optim.Adam(main, lr=recipe.lr),
+        torch.optim.Adam(aux, lr=recipe.aux_lr),
+        main,
+    )
 
 
 class _Log:
@@ -125,7 +146,11 @@ class _Log:
         if keep_until_step is None:
             path.write_text("")
         elif path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= keep_until_step]
+            kept = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln and json.loads(ln).get("step", 0) <= keep_until_step
+            ]
             path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, **entry: Any) -> None:
@@ -141,7 +166,12 @@ def _validate(model, criterion, batch, amp) -> dict[str, float]:
     finally:
         model.train()
     mse = out["mse_loss"].item()
-    return {"loss": out["loss"].item(), "bpp": out["bpp_loss"].item(), "mse": mse, "psnr": _psnr(mse)}
+    return {
+        "loss": out["loss"].item(),
+        "bpp": out["bpp_loss"].item(),
+        "mse": mse,
+        "psnr": _psnr(mse),
+    }
 
 
 def _point_done(path: Path) -> dict[str, Any] | None:
@@ -188,37 +218,70 @@ def train_point(
 
     if ckpt_path.exists():
         if not resume:
-            raise UserError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+            raise UserError(
+                f"{ckpt_path} exists; pass --resume to continue it or choose another --out"
+            )
         ckpt = load_checkpoint(ckpt_path)
-        if abs(ckpt["lambda"] - point.lmbda) > 1e-12 or (ckpt["N"], ckpt["M"]) != (recipe.N, recipe.M):
-            raise UserError(f"{ckpt_path} was trained with another lambda or width than the recipe asks for")
+        if abs(ckpt["lambda"] - point.lmbda) > 1e-12 or (ckpt["N"], ckpt["M"]) != (
+            recipe.N,
+            recipe.M,
+        ):
+            raise UserError(
+                f"{ckpt_path} was trained with another lambda or width than the recipe asks for"
+            )
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         aux_opt.load_state_dict(ckpt["aux_optimizer"])
-        start, wall, cpu, init = ckpt["step"], ckpt["wall_time_s"], ckpt["cpu_time_s"], ckpt["init"]
+        start, wall, cpu, init = (
+            ckpt["step"],
+            ckpt["wall_time_s"],
+            ckpt["cpu_time_s"],
+            ckpt["init"],
+        )
         log = _Log(log_path, keep_until_step=start)
     else:
         folder.mkdir(parents=True, exist_ok=True)
         if point.parent is not None:
-            parent = _point_done(Path(out_dir) / lambda_tag(point.parent) / "checkpoint.pth")
+            parent = _point_done(
+                Path(out_dir) / lambda_tag(point.parent) / "checkpoint.pth"
+            )
             if parent is None:
-                raise UserError(f"parent rate point {point.parent:g} is not finished in {out_dir}")
+                raise UserError(
+                    f"parent rate point {point.parent:g} is not finished in {out_dir}"
+                )
             model.load_state_dict(parent["model"])
         log = _Log(log_path, keep_until_step=None)
     end = point.steps if stop_after is None else min(point.steps, stop_after)
     if start < end:
-        log.write(kind="start", step=start, **{"lambda": point.lmbda}, steps=point.steps, init=init, device=str(device))
+        log.write(
+            kind="start",
+            step=start,
+            **{"lambda": point.lmbda},
+            steps=point.steps,
+            init=init,
+            device=str(device),
+        )
 
     def save(done: int) -> None:
         save_atomic(
             {
-                "format": CHECKPOINT_FORMAT, "arch": recipe.arch, "N": recipe.N, "M": recipe.M,
-                "lambda": point.lmbda, "step": done, "steps": point.steps, "init": init,
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "aux_optimizer": aux_opt.state_dict(),
-                "recipe": recipe.to_dict(), "wall_time_s": wall + time.perf_counter() - t0,
-                "cpu_time_s": cpu + time.process_time() - c0, "machine": machine_description(device, recipe.threads),
+                "format": CHECKPOINT_FORMAT,
+                "arch": recipe.arch,
+                "N": recipe.N,
+                "M": recipe.M,
+                "lambda": point.lmbda,
+                "step": done,
+                "steps": point.steps,
+                "init": init,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "aux_optimizer": aux_opt.state_dict(),
+                "recipe": recipe.to_dict(),
+                "wall_time_s": wall + time.perf_counter() - t0,
+                "cpu_time_s": cpu + time.process_time() - c0,
+                "machine": machine_description(device, recipe.threads),
                 "torch": str(torch.__version__),
-            },  # fmt: skip
+            },
             ckpt_path,
         )
 
@@ -226,10 +289,18 @@ def train_point(
     window: dict[str, float] = {}
     val = None
     model.train()
-    bar = tqdm(total=point.steps, initial=start, desc=lambda_tag(point.lmbda), disable=not progress, mininterval=5)
+    bar = tqdm(
+        total=point.steps,
+        initial=start,
+        desc=lambda_tag(point.lmbda),
+        disable=not progress,
+        mininterval=5,
+    )
     for step in range(start, end):
         ts = time.perf_counter()
-        x = sample_batch(images, recipe.seed, step, recipe.batch_size, recipe.crop).to(device)
+        x = sample_batch(images, recipe.seed, step, recipe.batch_size, recipe.crop).to(
+            device
+        )
         lr = recipe.lr_at(step, point.steps)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -245,8 +316,13 @@ def train_point(
         aux_opt.step()
 
         done = step + 1
-        stats = {"loss": out["loss"].item(), "bpp": out["bpp_loss"].item(), "mse": out["mse_loss"].item(),
-                 "aux_loss": aux_loss.item(), "step_time_s": time.perf_counter() - ts}  # fmt: skip
+        stats = {
+            "loss": out["loss"].item(),
+            "bpp": out["bpp_loss"].item(),
+            "mse": out["mse_loss"].item(),
+            "aux_loss": aux_loss.item(),
+            "step_time_s": time.perf_counter() - ts,
+        }
         for k, v in stats.items():
             window[k] = window.get(k, 0.0) + v
         window["n"] = window.get("n", 0) + 1
@@ -254,11 +330,24 @@ def train_point(
         if done % recipe.log_every == 0 or done == end:
             n = window.pop("n")
             mean = {k: v / n for k, v in window.items()}
-            log.write(kind="train", step=done, **{"lambda": point.lmbda}, **mean, psnr=_psnr(mean["mse"]), lr=lr,
-                      wall_time_s=wall + time.perf_counter() - t0)  # fmt: skip
-            bar.set_postfix(loss=f"{mean['loss']:.3f}", bpp=f"{mean['bpp']:.3f}", psnr=f"{_psnr(mean['mse']):.2f}")
+            log.write(
+                kind="train",
+                step=done,
+                **{"lambda": point.lmbda},
+                **mean,
+                psnr=_psnr(mean["mse"]),
+                lr=lr,
+                wall_time_s=wall + time.perf_counter() - t0,
+            )
+            bar.set_postfix(
+                loss=f"{mean['loss']:.3f}",
+                bpp=f"{mean['bpp']:.3f}",
+                psnr=f"{_psnr(mean['mse']):.2f}",
+            )
             window = {}
-        if val_batch is not None and (done % recipe.validate_every == 0 or done == point.steps):
+        if val_batch is not None and (
+            done % recipe.validate_every == 0 or done == point.steps
+        ):
             val = _validate(model, criterion, val_batch.to(device), amp)
             log.write(kind="val", step=done, **{"lambda": point.lmbda}, **val)
         if done % recipe.checkpoint_every == 0 or done == end:
@@ -267,21 +356,37 @@ def train_point(
 
     finished = _point_done(ckpt_path) if ckpt_path.exists() else None
     summary = {
-        "lambda": point.lmbda, "arch": recipe.arch, "N": recipe.N, "M": recipe.M, "init": init,
-        "steps": point.steps, "step": end if start < end else start, "finished": finished is not None,
+        "lambda": point.lmbda,
+        "arch": recipe.arch,
+        "N": recipe.N,
+        "M": recipe.M,
+        "init": init,
+        "steps": point.steps,
+        "step": end if start < end else start,
+        "finished": finished is not None,
         "wall_time_s": wall + time.perf_counter() - t0 if start < end else wall,
         "cpu_time_s": cpu + time.process_time() - c0 if start < end else cpu,
-        "machine": machine_description(device, recipe.threads), "val": val,
-        "checkpoint": str(ckpt_path), "model": str(folder / "model.pth"),
-    }  # fmt: skip
+        "machine": machine_description(device, recipe.threads),
+        "val": val,
+        "checkpoint": str(ckpt_path),
+        "model": str(folder / "model.pth"),
+    }
     if finished is not None:
-        summary["wall_time_s"], summary["cpu_time_s"] = finished["wall_time_s"], finished["cpu_time_s"]
+        summary["wall_time_s"], summary["cpu_time_s"] = (
+            finished["wall_time_s"],
+            finished["cpu_time_s"],
+        )
         summary["machine"] = finished["machine"]
         model.load_state_dict(finished["model"])
         save_atomic(export_state_dict(model), folder / "model.pth")
         (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if start < end:
-            log.write(kind="end", step=end, **{"lambda": point.lmbda}, wall_time_s=summary["wall_time_s"])
+            log.write(
+                kind="end",
+                step=end,
+                **{"lambda": point.lmbda},
+                wall_time_s=summary["wall_time_s"],
+            )
     return summary
 
 
@@ -308,19 +413,37 @@ def train(
         points = recipe.points
     else:
         p = recipe.point(lmbda)
-        parent_ckpt = None if p.parent is None else Path(out_dir) / lambda_tag(p.parent) / "checkpoint.pth"
+        parent_ckpt = (
+            None
+            if p.parent is None
+            else Path(out_dir) / lambda_tag(p.parent) / "checkpoint.pth"
+        )
         if parent_ckpt is not None and _point_done(parent_ckpt) is None:
-            print(f"parent {p.parent:g} not finished in {out_dir}: training {lmbda:g} from scratch")
+            print(
+                f"parent {p.parent:g} not finished in {out_dir}: training {lmbda:g} from scratch"
+            )
             p = RatePoint(p.lmbda, recipe.first_steps, None)
         points = [p]
     images = load_images(recipe.data_root, recipe.train_splits)
     val_batch = None
     if recipe.val_split is not None:
-        val_batch = center_crops(load_images(recipe.data_root, [recipe.val_split], recipe.val_images), recipe.val_crop)
+        val_batch = center_crops(
+            load_images(recipe.data_root, [recipe.val_split], recipe.val_images),
+            recipe.val_crop,
+        )
     summaries = []
     for p in points:
-        s = train_point(recipe, p, out_dir, images=images, val_batch=val_batch, device=dev, resume=resume,
-                        stop_after=stop_after, progress=progress)  # fmt: skip
+        s = train_point(
+            recipe,
+            p,
+            out_dir,
+            images=images,
+            val_batch=val_batch,
+            device=dev,
+            resume=resume,
+            stop_after=stop_after,
+            progress=progress,
+        )
         summaries.append(s)
         if not s["finished"]:
             break

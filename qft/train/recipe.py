@@ -52,9 +52,21 @@ __all__ = ["Recipe", "RatePoint", "load_recipe", "lambda_tag", "ARCHITECTURES"]
 ARCHITECTURES = {"mbt2018-mean": "MeanScaleHyperprior"}
 
 _TOP = {
-    "arch", "N", "M", "seed", "threads", "device", "batch_size", "crop", "optimizer",
-    "data", "checkpoint_every", "validate_every", "log_every", "schedule",
-}  # fmt: skip
+    "arch",
+    "N",
+    "M",
+    "seed",
+    "threads",
+    "device",
+    "batch_size",
+    "crop",
+    "optimizer",
+    "data",
+    "checkpoint_every",
+    "validate_every",
+    "log_every",
+    "schedule",
+}
 _OPTIMIZER = {"lr", "aux_lr", "clip_max_norm", "decay_at", "decay_factor"}
 _DATA = {"root", "train", "val", "val_images", "val_crop"}
 _SCHEDULE = {"lambdas", "first_steps", "warm_steps"}
@@ -126,7 +138,9 @@ class Recipe:
     def lr_at(self, step: int, steps: int) -> float:
         """Learning rate of 0-based ``step`` in a run of ``steps`` steps: ``lr`` until
         ``decay_at·steps``, then ``lr·decay_factor`` (deterministic, step-based)."""
-        return self.lr * (self.decay_factor if step >= int(self.decay_at * steps) else 1.0)
+        return self.lr * (
+            self.decay_factor if step >= int(self.decay_at * steps) else 1.0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (str/int/float/list/None only), stored in checkpoints."""
@@ -167,26 +181,43 @@ def _project_root(recipe_path: Path) -> Path:
 def _validate(r: Recipe) -> None:
     where = f"recipe {r.path}"
     if r.arch not in ARCHITECTURES:
-        raise UserError(f"{where}: arch '{r.arch}' not supported (use one of {sorted(ARCHITECTURES)})")
+        raise UserError(
+            f"{where}: arch '{r.arch}' not supported (use one of {sorted(ARCHITECTURES)})"
+        )
     checks = [
-        ("N", r.N >= 1), ("M", r.M >= 1), ("threads", r.threads >= 1),
-        ("batch_size", r.batch_size >= 1), ("crop", r.crop >= 64 and r.crop % 64 == 0),
-        ("optimizer.lr", r.lr > 0), ("optimizer.aux_lr", r.aux_lr > 0),
+        ("N", r.N >= 1),
+        ("M", r.M >= 1),
+        ("threads", r.threads >= 1),
+        ("batch_size", r.batch_size >= 1),
+        ("crop", r.crop >= 64 and r.crop % 64 == 0),
+        ("optimizer.lr", r.lr > 0),
+        ("optimizer.aux_lr", r.aux_lr > 0),
         ("optimizer.clip_max_norm", r.clip_max_norm > 0),
         ("optimizer.decay_at", 0 < r.decay_at <= 1),
         ("optimizer.decay_factor", 0 < r.decay_factor <= 1),
-        ("data.val_images", r.val_images >= 1), ("data.val_crop", r.val_crop >= 64 and r.val_crop % 64 == 0),
-        ("checkpoint_every", r.checkpoint_every >= 1), ("validate_every", r.validate_every >= 1),
+        ("data.val_images", r.val_images >= 1),
+        ("data.val_crop", r.val_crop >= 64 and r.val_crop % 64 == 0),
+        ("checkpoint_every", r.checkpoint_every >= 1),
+        ("validate_every", r.validate_every >= 1),
         ("log_every", r.log_every >= 1),
-        ("schedule.first_steps", r.first_steps >= 1), ("schedule.warm_steps", r.warm_steps >= 1),
-    ]  # fmt: skip
+        ("schedule.first_steps", r.first_steps >= 1),
+        ("schedule.warm_steps", r.warm_steps >= 1),
+    ]
     for key, ok in checks:
         if not ok:
-            raise UserError(f"{where}: invalid value {key} (crops must be multiples of 64; counts >= 1)")
+            raise UserError(
+                f"{where}: invalid value {key} (crops must be multiples of 64; counts >= 1)"
+            )
     if r.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"{where}: device must be auto, cpu or cuda, not '{r.device}'")
-    if not r.lambdas or any(a <= b for a, b in zip(r.lambdas, r.lambdas[1:])) or r.lambdas[-1] <= 0:
-        raise UserError(f"{where}: schedule.lambdas must be positive and strictly decreasing (highest rate first)")
+    if (
+        not r.lambdas
+        or any(a <= b for a, b in zip(r.lambdas, r.lambdas[1:]))
+        or r.lambdas[-1] <= 0
+    ):
+        raise UserError(
+            f"{where}: schedule.lambdas must be positive and strictly decreasing (highest rate first)"
+        )
     if not r.train_splits:
         raise UserError(f"{where}: data.train must name at least one split")
 
