@@ -23,6 +23,8 @@ __all__ = ["main", "COMMANDS"]
 #: subcommand -> (module under qft.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a reference model from a YAML recipe"),
+    "models": ("models", "list the registered architectures and their parameters"),
+    "init": ("init", "write a randomly initialised checkpoint of any architecture"),
 }
 
 

@@ -1,0 +1,43 @@
+"""Architectures, model creation and checkpoint loading.
+
+::
+
+    from qft.models import ARCHITECTURES, create_model, load_checkpoint
+
+    model = create_model("mbt2018-mean", N=64, M=96, seed=0)
+    ckpt = load_checkpoint("model.pth")            # architecture detected from the keys
+    ckpt.model, ckpt.arch, ckpt.params, ckpt.sha256
+
+One module per model family registers its architectures in :data:`ARCHITECTURES`:
+:mod:`.google` (bmshj2018-hyperprior, mbt2018-mean, mbt2018), :mod:`.waseda`
+(cheng2020-anchor, cheng2020-attn), :mod:`.sensetime` (elic2022-official,
+elic2022-chandelier).
+"""
+
+from . import google, waseda, sensetime  # noqa: F401  # isort: skip  (registration = listing order)
+from .checkpoint import (
+    DERIVED_BUFFERS,
+    WRAPPER_KEYS,
+    LoadedCheckpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    state_dict_of,
+)
+from .registry import ARCHITECTURES, ENTROPY_KINDS, Architecture, create_model, get_architecture, register_architecture
+
+__all__ = [
+    "ARCHITECTURES",
+    "ENTROPY_KINDS",
+    "Architecture",
+    "register_architecture",
+    "get_architecture",
+    "create_model",
+    "LoadedCheckpoint",
+    "WRAPPER_KEYS",
+    "DERIVED_BUFFERS",
+    "state_dict_of",
+    "load_weights",
+    "load_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,402 @@
+"""Loading and saving model checkpoints of any registered architecture.
+
+::
+
+    file ─sha256─▶ torch.load(weights_only=True) ─▶ state_dict_of ─▶ detect / check arch
+                                                        │                   │
+       unwrap state_dict | network | model_state_dict | model          infer (N, M, …)
+       strip module. / _orig_mod.  ·  legacy EB keys → matrices.i        from shapes
+       drop CDF tables  ·  floats → float32                                 │
+                                                                            ▼
+                               LoadedCheckpoint ◀─ update(force=True) ◀─ build + load_weights
+
+The CDF tables (``_quantized_cdf``, ``_offset``, ``_cdf_length``) and the
+``GaussianConditional.scale_table`` are *derived* state: whatever the file holds (any
+shape, stale after finetuning, or nothing) is dropped and rebuilt by
+``update(force=True)``. Dropping them also sidesteps CompressAI's
+``CompressionModel.load_state_dict``, which resizes these buffers from the incoming dict
+and fails when they are absent; :func:`load_weights` loads through
+``nn.Module.load_state_dict`` and does its own key and shape check instead.
+
+Checkpoints written by qft (:func:`save_checkpoint`) are
+``{"state_dict": ..., "arch": id, "params": {...}}`` of tensors and plain types, so they
+load with ``weights_only=True``; the inner state_dict is complete (CDF tables included), so
+plain CompressAI loads it with ``cls.from_state_dict``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import re
+import tempfile
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torch import Tensor, nn
+
+from qft.errors import UserError
+
+from .registry import ARCHITECTURES, Architecture, forked_rng, get_architecture
+
+__all__ = [
+    "LoadedCheckpoint",
+    "WRAPPER_KEYS",
+    "DERIVED_BUFFERS",
+    "state_dict_of",
+    "load_weights",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+#: Keys under which training scripts store the state_dict, tried in this order.
+WRAPPER_KEYS = ("state_dict", "network", "model_state_dict", "model")
+
+#: Buffer names rebuilt by ``update(force=True)``; dropped from every incoming state_dict.
+DERIVED_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+
+#: Prefixes added by DataParallel/DistributedDataParallel and ``torch.compile``.
+_PREFIXES = ("module.", "_orig_mod.")
+
+#: Legacy EntropyBottleneck parameter names: ``_matrix0`` (CompressAI < 1.2.7) and
+#: ``_matrices.0`` (ParameterList era, as renamed by ``compressai.zoo``) -> ``matrices.0``.
+_LEGACY_EB = re.compile(r"(?:(?<=\.)|^)_(matrix|bias|factor|matrices\.|biases\.|factors\.)(\d+)$")
+_EB_NAMES = {"matrix": "matrices", "bias": "biases", "factor": "factors"}
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model loaded from a checkpoint file.
+
+    Attributes:
+        model: eval mode, float32, on the CPU, ``update(force=True)`` done.
+        arch: registered architecture id.
+        params: constructor parameters read from the shapes, e.g. ``{"N": 64, "M": 96}``.
+        sha256: hex SHA-256 of the file's bytes.
+        path: the file, as given.
+        extra: non-tensor metadata stored beside the state_dict (e.g. ``"lambda"``),
+            possibly ``{}``.
+    """
+
+    model: nn.Module
+    arch: str
+    params: dict
+    sha256: str
+    path: str
+    extra: dict = field(default_factory=dict)
+
+
+def _is_plain(value: Any) -> bool:
+    """True for numbers, strings, None and lists/tuples/dicts of them (no tensors)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _unwrap(obj: Any, name: str) -> tuple[Mapping[str, Any], dict]:
+    """The state_dict inside ``obj`` and the plain metadata found beside it."""
+    extra: dict = {}
+    while isinstance(obj, Mapping):
+        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))), None)
+        if key is None:
+            break
+        extra.update({k: v for k, v in obj.items() if k != key and isinstance(k, str) and _is_plain(v)})
+        obj = obj[key]
+    if isinstance(obj, nn.Module):  # a whole pickled model (only with unsafe loading)
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{name} holds a {type(obj).__name__}, not a state_dict or a dict holding one")
+    if not obj:
+        raise UserError(f"{name} holds an empty state_dict")
+    for k, v in obj.items():
+        if not isinstance(v, Tensor):
+            raise UserError(
+                f"{name} holds no state_dict: entry {k!r} is a {type(v).__name__}, not a tensor "
+                f"(a state_dict is expected, raw or under one of {', '.join(WRAPPER_KEYS)})"
+            )
+    return obj, extra
+
+
+def _strip_prefixes(keys: list[str]) -> list[str]:
+    """Remove ``module.``/``_orig_mod.`` prefixes shared by all keys, in any nesting."""
+    while True:
+        prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in keys)), None)
+        if prefix is None:
+            return keys
+        keys = [k[len(prefix) :] for k in keys]
+
+
+def _rename(key: str) -> str:
+    """Legacy key -> CompressAI 1.2.8 key."""
+    key = key.replace(".downsample.", ".skip.")  # ResidualBlockWithStride, early zoo weights
+
+    def eb(m: re.Match) -> str:
+        legacy = m.group(1).rstrip(".")
+        return f"{_EB_NAMES.get(legacy, legacy)}.{m.group(2)}"
+
+    return _LEGACY_EB.sub(eb, key)
+
+
+def _normalize(raw: Mapping[str, Tensor], name: str) -> dict[str, Tensor]:
+    """Prefixes stripped, legacy keys renamed, derived buffers dropped, floats to float32."""
+    out: dict[str, Tensor] = {}
+    for key, value in zip(_strip_prefixes([str(k) for k in raw]), raw.values()):
+        key = _rename(key)
+        if key.rsplit(".", 1)[-1] in DERIVED_BUFFERS:
+            continue
+        if key in out:
+            raise UserError(f"{name} holds key {key!r} twice (once under a legacy name)")
+        out[key] = value.float() if value.is_floating_point() else value
+    return out
+
+
+def state_dict_of(obj: Any, *, name: str = "checkpoint") -> dict[str, Tensor]:
+    """The model state_dict held by a loaded checkpoint object, in CompressAI 1.2.8 form.
+
+    - unwraps ``obj["state_dict"]``, ``["network"]``, ``["model_state_dict"]`` or
+      ``["model"]`` (repeatedly: a training dict may nest them), or a whole ``nn.Module``;
+    - strips the ``module.`` (DataParallel) and ``_orig_mod.`` (``torch.compile``) prefixes
+      when every key carries them;
+    - renames legacy EntropyBottleneck keys (``_matrix0``, ``_biases.0``, …) to
+      ``matrices.0``, ``biases.0``, … and ``.downsample.`` to ``.skip.``;
+    - drops the derived buffers :data:`DERIVED_BUFFERS` (rebuilt by ``update(force=True)``);
+    - casts floating-point tensors (fp16, bf16, fp64) to float32.
+
+    Load the result with :func:`load_weights`: CompressAI's ``load_state_dict`` expects the
+    CDF buffers.
+
+    Args:
+        obj: what ``torch.load`` returned.
+        name: how to name the checkpoint in error messages (its path).
+
+    Raises:
+        UserError: ``obj`` holds no state_dict.
+    """
+    return _normalize(_unwrap(obj, name)[0], name)
+
+
+def _first(keys: list[str]) -> str:
+    return repr(keys[0]) + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+
+
+def _differences(model: nn.Module, state_dict: Mapping[str, Tensor], *, shapes: bool = True) -> tuple[int, str]:
+    """How ``state_dict`` fails to fit ``model``: the number of differing keys and, in a
+    few words, the first missing and unexpected keys and the first shape mismatch
+    (``(0, "")`` if it fits; shapes are not compared when ``shapes`` is false).
+
+    Parameters must all be present; buffers other than the derived ones are constants of
+    the constructor (GDN bounds, context masks, lower bounds) and may be absent, in which
+    case the model keeps its own values.
+    """
+    expected = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS}
+    buffers = {k for k, _ in model.named_buffers()}
+    missing = [k for k in expected if k not in state_dict and k not in buffers]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [k for k in expected if shapes and k in state_dict and state_dict[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing key {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected key {_first(unexpected)}")
+    if mismatched:
+        k = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        problems.append(f"{k!r} has shape {tuple(state_dict[k].shape)}, the model {tuple(expected[k].shape)}{more}")
+    return len(missing) + len(unexpected) + len(mismatched), ", ".join(problems)
+
+
+def load_weights(model: nn.Module, obj: Any, *, name: str = "checkpoint") -> nn.Module:
+    """Load the state_dict held by ``obj`` into ``model`` and rebuild its CDF tables.
+
+    ``obj`` is anything :func:`state_dict_of` accepts (a loaded checkpoint, a state_dict of
+    any layout, or its output). Every parameter of ``model`` must be present with its
+    shape and no key may be left over; absent constant buffers keep the model's values.
+    Then ``update(force=True)``.
+
+    Raises:
+        UserError: the state_dict does not fit the model; the message names the first
+            missing and unexpected keys and the first shape mismatch.
+    """
+    state_dict = state_dict_of(obj, name=name)
+    count, problems = _differences(model, state_dict)
+    if count:
+        raise UserError(f"{name} does not fit the model: {problems}")
+    nn.Module.load_state_dict(model, state_dict, strict=False)  # not CompressAI's: no CDF buffers
+    model.update(force=True)
+    return model
+
+
+@dataclass
+class _Fit:
+    """How a state_dict fits one architecture."""
+
+    arch: str
+    model: nn.Module | None  # built at the parameters read from the shapes, if it fits
+    params: dict
+    count: int  # differing keys, 0 if it fits
+    problems: str  # what differs, in a few words
+
+
+def _fit(arch: Architecture, state_dict: Mapping[str, Tensor]) -> _Fit:
+    """Build ``arch`` at the parameters read from ``state_dict`` and compare."""
+    try:
+        params = arch.resolve_params(arch.infer_params(state_dict))
+    except KeyError:
+        # Parameters unreadable: compare the key names with those of the default model.
+        with forked_rng():
+            count, problems = _differences(arch.build(), state_dict, shapes=False)
+        return _Fit(arch.name, None, {}, max(count, 1), problems or "parameters cannot be read from the shapes")
+    except UserError as exc:
+        return _Fit(arch.name, None, {}, len(state_dict), f"parameters read from the shapes are invalid ({exc})")
+    with forked_rng():
+        model = arch.build(params)
+    count, problems = _differences(model, state_dict)
+    return _Fit(arch.name, model if count == 0 else None, params, count, problems)
+
+
+def _select(state_dict: Mapping[str, Tensor], arch: str | None, name: str) -> _Fit:
+    """The architecture of ``state_dict``, given (checked) or detected, with a model built
+    for it.
+
+    Detection: the candidates are the architectures whose key signature the state_dict
+    holds; each is built at the parameters read from the shapes and compared, key names
+    and shapes. Exactly one must fit.
+    """
+    if arch is not None:
+        fit = _fit(get_architecture(arch), state_dict)
+        if fit.model is None:
+            raise UserError(f"{name} is not a {arch} checkpoint: {fit.problems}")
+        return fit
+    keys = set(state_dict)
+    candidates = [a for a in ARCHITECTURES.values() if a.signature <= keys]
+    if not candidates:
+        first = ", ".join(repr(k) for k in list(state_dict)[:3])
+        raise UserError(
+            f"{name}: no registered architecture has keys like {first}, ... "
+            f"(registered: {', '.join(ARCHITECTURES)}; pass --arch to see the differences)"
+        )
+    fits = sorted((_fit(a, state_dict) for a in candidates), key=lambda f: f.count)
+    exact = [f for f in fits if f.model is not None]
+    if len(exact) == 1:
+        return exact[0]
+    if exact:
+        raise UserError(f"{name}: ambiguous architecture, fits {', '.join(f.arch for f in exact)}; pass --arch")
+    if len(fits) == 1:
+        raise UserError(f"{name} looks like a {fits[0].arch} checkpoint but is not one: {fits[0].problems}")
+    closest = "; ".join(f"{f.arch} ({f.problems})" for f in fits)
+    raise UserError(f"{name}: ambiguous architecture, fits none of the candidates exactly, closest first: {closest}; pass --arch")
+
+
+def _read(path: Path, unsafe_load: bool) -> tuple[Any, str]:
+    """``torch.load`` the file (CPU, ``weights_only`` unless ``unsafe_load``) and hash it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"checkpoint {path} is a directory, not a file") from None
+    except OSError as exc:
+        raise UserError(f"checkpoint {path} cannot be read ({exc.strerror})") from None
+    if not data:
+        raise UserError(f"checkpoint {path} is empty")
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not unsafe_load)
+    except Exception as exc:  # torch.load raises many types: classify by content
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if isinstance(exc, pickle.UnpicklingError) and refused:
+            raise UserError(
+                f"{path} holds Python objects, not only tensors (e.g. {refused.group(1)}), refused by safe "
+                "loading; if you trust the file, pass --unsafe-load"
+            ) from None
+        if data.startswith(b"PK\x03\x04") or data.startswith(b"\x80"):  # zip or legacy torch/pickle
+            raise UserError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint") from None
+    return obj, sha256
+
+
+def load_checkpoint(path: str | os.PathLike, arch: str | None = None, *, unsafe_load: bool = False) -> LoadedCheckpoint:
+    """Load a model checkpoint of any registered architecture, in any common layout.
+
+    Args:
+        path: the file (``torch.save`` output: zip or legacy format).
+        arch: registered id; ``None`` detects it from the key signature and shapes.
+        unsafe_load: allow arbitrary pickled Python objects (``weights_only=False``). Only
+            for trusted files: unpickling can execute code.
+
+    Returns:
+        the model (eval, CPU, float32, ``update(force=True)`` done), its id and parameters,
+        the file's SHA-256 and the plain metadata beside the state_dict.
+
+    Raises:
+        UserError: missing, empty, truncated or non-checkpoint file; pickle payload refused;
+            no state_dict inside; unknown architecture; state_dict not of ``arch`` (the
+            message names the first missing and unexpected keys); architecture not
+            detectable (the message lists the candidates).
+    """
+    name = str(path)
+    if arch is not None:
+        get_architecture(arch)  # unknown id: fail before reading the file
+    obj, sha256 = _read(Path(path), unsafe_load)
+    raw, extra = _unwrap(obj, name)
+    state_dict = _normalize(raw, name)
+    fit = _select(state_dict, arch, name)
+    model = fit.model
+    nn.Module.load_state_dict(model, state_dict, strict=False)  # fit checked by _select
+    model.update(force=True)
+    return LoadedCheckpoint(model=model.eval(), arch=fit.arch, params=fit.params, sha256=sha256, path=name, extra=extra)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    arch: str,
+    params: Mapping[str, Any],
+    *,
+    extra: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> str:
+    """Write ``{"state_dict", "arch", "params", **extra}`` atomically; return its SHA-256.
+
+    The state_dict is the model's (after ``update(force=True)``, so CompressAI's
+    ``from_state_dict`` loads it), moved to the CPU. ``extra`` must hold plain values
+    (numbers, strings, lists, dicts) so the file loads with ``weights_only=True``.
+
+    Raises:
+        UserError: ``path`` exists and ``force`` is false; ``arch`` unknown.
+    """
+    get_architecture(arch)
+    extra = dict(extra or {})
+    if not _is_plain(extra) or set(extra) & {"state_dict", "arch", "params"}:
+        raise ValueError("extra must hold plain values under keys other than state_dict, arch, params")
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    model.update(force=True)
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    obj = {"state_dict": state_dict, "arch": arch, "params": dict(params), **extra}
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return hashlib.sha256(data).hexdigest()
