@@ -20,13 +20,24 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", required=True, help="architecture id (see `qft models`)")
+    parser.add_argument(
+        "--arch", required=True, help="architecture id (see `qft models`)"
+    )
     parser.add_argument("--N", type=int, help="channels of the transforms and of z")
     parser.add_argument("--M", type=int, help="channels of the latent y")
-    parser.add_argument("--groups", help="ELIC channel groups, comma-separated, summing to M (e.g. 16,16,32,64,192)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
-    parser.add_argument("-o", "--output", required=True, help="checkpoint file to write")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    parser.add_argument(
+        "--groups",
+        help="ELIC channel groups, comma-separated, summing to M (e.g. 16,16,32,64,192)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="initialisation seed (default: 0)"
+    )
+    parser.add_argument(
+        "-o", "--output", required=True, help="checkpoint file to write"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite an existing output"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,9 +50,20 @@ def run(args: argparse.Namespace) -> int:
         try:
             params["groups"] = [int(g) for g in args.groups.split(",")]
         except ValueError:
-            raise UserError(f"--groups must be comma-separated integers, got {args.groups!r}") from None
+            raise UserError(
+                f"--groups must be comma-separated integers, got {args.groups!r}"
+            ) from None
     params = arch.resolve_params(params)
     model = create_model(arch.name, seed=args.seed, **params)
-    sha256 = save_checkpoint(args.output, model, arch.name, params, extra={"seed": args.seed}, force=args.force)
-    print(f"wrote {args.output}: {arch.name} {params} seed {args.seed}, sha256 {sha256[:16]}")
+    sha256 = save_checkpoint(
+        args.output,
+        model,
+        arch.name,
+        params,
+        extra={"seed": args.seed},
+        force=args.force,
+    )
+    print(
+        f"wrote {args.output}: {arch.name} {params} seed {args.seed}, sha256 {sha256[:16]}"
+    )
     return 0

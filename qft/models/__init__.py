@@ -14,7 +14,11 @@ One module per model family registers its architectures in :data:`ARCHITECTURES`
 elic2022-chandelier).
 """
 
-from . import google, waseda, sensetime  # noqa: F401  # isort: skip  (registration = listing order)
+from . import (
+    google,
+    waseda,
+    sensetime,
+)  # noqa: F401  # isort: skip  (registration = listing order)
 from .checkpoint import (
     DERIVED_BUFFERS,
     WRAPPER_KEYS,
@@ -24,7 +28,14 @@ from .checkpoint import (
     save_checkpoint,
     state_dict_of,
 )
-from .registry import ARCHITECTURES, ENTROPY_KINDS, Architecture, create_model, get_architecture, register_architecture
+from .registry import (
+    ARCHITECTURES,
+    ENTROPY_KINDS,
+    Architecture,
+    create_model,
+    get_architecture,
+    register_architecture,
+)
 
 __all__ = [
     "ARCHITECTURES",

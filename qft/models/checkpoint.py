@@ -67,7 +67,9 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 #: Legacy EntropyBottleneck parameter names: ``_matrix0`` (CompressAI < 1.2.7) and
 #: ``_matrices.0`` (ParameterList era, as renamed by ``compressai.zoo``) -> ``matrices.0``.
-_LEGACY_EB = re.compile(r"(?:(?<=\.)|^)_(matrix|bias|factor|matrices\.|biases\.|factors\.)(\d+)$")
+_LEGACY_EB = re.compile(
+    r"(?:(?<=\.)|^)_(matrix|bias|factor|matrices\.|biases\.|factors\.)(\d+)$"
+)
 _EB_NAMES = {"matrix": "matrices", "bias": "biases", "factor": "factors"}
 
 
@@ -108,22 +110,34 @@ def _unwrap(obj: Any, name: str) -> tuple[Mapping[str, Any], dict]:
     """The state_dict inside ``obj`` and the plain metadata found beside it."""
     extra: dict = {}
     while isinstance(obj, Mapping):
-        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))), None)
+        key = next(
+            (k for k in WRAPPER_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))),
+            None,
+        )
         if key is None:
             break
-        extra.update({k: v for k, v in obj.items() if k != key and isinstance(k, str) and _is_plain(v)})
+        extra.update(
+            {
+                k: v
+                for k, v in obj.items()
+                if k != key and isinstance(k, str) and _is_plain(v)
+            }
+        )
         obj = obj[key]
     if isinstance(obj, nn.Module):  # a whole pickled model (only with unsafe loading)
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
-        raise UserError(f"{name} holds a {type(obj).__name__}, not a state_dict or a dict holding one")
+        raise UserError(
+            f"{name} holds a {type(obj).__name__}, not a state_dict or a dict holding one"
+        )
     if not obj:
         raise UserError(f"{name} holds an empty state_dict")
     for k, v in obj.items():
         if not isinstance(v, Tensor):
             raise UserError(
-                f"{name} holds no state_dict: entry {k!r} is a {type(v).__name__}, not a tensor "
-                f"(a state_dict is expected, raw or under one of {', '.join(WRAPPER_KEYS)})"
+                f"{name} holds no state_dict: entry {k!r} is not a tensor "
+                f"({type(v).__name__}); expected a state_dict, raw or under one of "
+                f"{', '.join(WRAPPER_KEYS)}"
             )
     return obj, extra
 
@@ -131,7 +145,9 @@ def _unwrap(obj: Any, name: str) -> tuple[Mapping[str, Any], dict]:
 def _strip_prefixes(keys: list[str]) -> list[str]:
     """Remove ``module.``/``_orig_mod.`` prefixes shared by all keys, in any nesting."""
     while True:
-        prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in keys)), None)
+        prefix = next(
+            (p for p in _PREFIXES if all(k.startswith(p) for k in keys)), None
+        )
         if prefix is None:
             return keys
         keys = [k[len(prefix) :] for k in keys]
@@ -139,7 +155,8 @@ def _strip_prefixes(keys: list[str]) -> list[str]:
 
 def _rename(key: str) -> str:
     """Legacy key -> CompressAI 1.2.8 key."""
-    key = key.replace(".downsample.", ".skip.")  # ResidualBlockWithStride, early zoo weights
+    # ResidualBlockWithStride.downsample was renamed skip (early zoo weights)
+    key = key.replace(".downsample.", ".skip.")
 
     def eb(m: re.Match) -> str:
         legacy = m.group(1).rstrip(".")
@@ -156,7 +173,9 @@ def _normalize(raw: Mapping[str, Tensor], name: str) -> dict[str, Tensor]:
         if key.rsplit(".", 1)[-1] in DERIVED_BUFFERS:
             continue
         if key in out:
-            raise UserError(f"{name} holds key {key!r} twice (once under a legacy name)")
+            raise UserError(
+                f"{name} holds key {key!r} twice (once under a legacy name)"
+            )
         out[key] = value.float() if value.is_floating_point() else value
     return out
 
@@ -190,7 +209,9 @@ def _first(keys: list[str]) -> str:
     return repr(keys[0]) + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
 
 
-def _differences(model: nn.Module, state_dict: Mapping[str, Tensor], *, shapes: bool = True) -> tuple[int, str]:
+def _differences(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, shapes: bool = True
+) -> tuple[int, str]:
     """How ``state_dict`` fails to fit ``model``: the number of differing keys and, in a
     few words, the first missing and unexpected keys and the first shape mismatch
     (``(0, "")`` if it fits; shapes are not compared when ``shapes`` is false).
@@ -199,11 +220,19 @@ def _differences(model: nn.Module, state_dict: Mapping[str, Tensor], *, shapes: 
     the constructor (GDN bounds, context masks, lower bounds) and may be absent, in which
     case the model keeps its own values.
     """
-    expected = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS}
+    expected = {
+        k: v
+        for k, v in model.state_dict().items()
+        if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS
+    }
     buffers = {k for k, _ in model.named_buffers()}
     missing = [k for k in expected if k not in state_dict and k not in buffers]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [k for k in expected if shapes and k in state_dict and state_dict[k].shape != expected[k].shape]
+    mismatched = [
+        k
+        for k in expected
+        if shapes and k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing key {_first(missing)}")
@@ -212,7 +241,9 @@ def _differences(model: nn.Module, state_dict: Mapping[str, Tensor], *, shapes: 
     if mismatched:
         k = mismatched[0]
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
-        problems.append(f"{k!r} has shape {tuple(state_dict[k].shape)}, the model {tuple(expected[k].shape)}{more}")
+        problems.append(
+            f"{k!r} has shape {tuple(state_dict[k].shape)}, the model {tuple(expected[k].shape)}{more}"
+        )
     return len(missing) + len(unexpected) + len(mismatched), ", ".join(problems)
 
 
@@ -232,7 +263,9 @@ def load_weights(model: nn.Module, obj: Any, *, name: str = "checkpoint") -> nn.
     count, problems = _differences(model, state_dict)
     if count:
         raise UserError(f"{name} does not fit the model: {problems}")
-    nn.Module.load_state_dict(model, state_dict, strict=False)  # not CompressAI's: no CDF buffers
+    nn.Module.load_state_dict(
+        model, state_dict, strict=False
+    )  # not CompressAI's: no CDF buffers
     model.update(force=True)
     return model
 
@@ -256,9 +289,21 @@ def _fit(arch: Architecture, state_dict: Mapping[str, Tensor]) -> _Fit:
         # Parameters unreadable: compare the key names with those of the default model.
         with forked_rng():
             count, problems = _differences(arch.build(), state_dict, shapes=False)
-        return _Fit(arch.name, None, {}, max(count, 1), problems or "parameters cannot be read from the shapes")
+        return _Fit(
+            arch.name,
+            None,
+            {},
+            max(count, 1),
+            problems or "parameters cannot be read from the shapes",
+        )
     except UserError as exc:
-        return _Fit(arch.name, None, {}, len(state_dict), f"parameters read from the shapes are invalid ({exc})")
+        return _Fit(
+            arch.name,
+            None,
+            {},
+            len(state_dict),
+            f"parameters read from the shapes are invalid ({exc})",
+        )
     with forked_rng():
         model = arch.build(params)
     count, problems = _differences(model, state_dict)
@@ -270,7 +315,7 @@ def _select(state_dict: Mapping[str, Tensor], arch: str | None, name: str) -> _F
     for it.
 
     Detection: the candidates are the architectures whose key signature the state_dict
-    holds; each is built at the parameters read from the shapes and compared, key names
+    matches; each is built at the parameters read from the shapes and compared, key names
     and shapes. Exactly one must fit.
     """
     if arch is not None:
@@ -279,7 +324,7 @@ def _select(state_dict: Mapping[str, Tensor], arch: str | None, name: str) -> _F
             raise UserError(f"{name} is not a {arch} checkpoint: {fit.problems}")
         return fit
     keys = set(state_dict)
-    candidates = [a for a in ARCHITECTURES.values() if a.signature <= keys]
+    candidates = [a for a in ARCHITECTURES.values() if a.is_candidate(keys)]
     if not candidates:
         first = ", ".join(repr(k) for k in list(state_dict)[:3])
         raise UserError(
@@ -291,11 +336,17 @@ def _select(state_dict: Mapping[str, Tensor], arch: str | None, name: str) -> _F
     if len(exact) == 1:
         return exact[0]
     if exact:
-        raise UserError(f"{name}: ambiguous architecture, fits {', '.join(f.arch for f in exact)}; pass --arch")
+        raise UserError(
+            f"{name}: ambiguous architecture, fits {', '.join(f.arch for f in exact)}; pass --arch"
+        )
     if len(fits) == 1:
-        raise UserError(f"{name} looks like a {fits[0].arch} checkpoint but is not one: {fits[0].problems}")
+        raise UserError(
+            f"{name} looks like a {fits[0].arch} checkpoint but is not one: {fits[0].problems}"
+        )
     closest = "; ".join(f"{f.arch} ({f.problems})" for f in fits)
-    raise UserError(f"{name}: ambiguous architecture, fits none of the candidates exactly, closest first: {closest}; pass --arch")
+    raise UserError(
+        f"{name}: ambiguous architecture, fits none of the candidates exactly, closest first: {closest}; pass --arch"
+    )
 
 
 def _read(path: Path, unsafe_load: bool) -> tuple[Any, str]:
@@ -312,7 +363,9 @@ def _read(path: Path, unsafe_load: bool) -> tuple[Any, str]:
         raise UserError(f"checkpoint {path} is empty")
     sha256 = hashlib.sha256(data).hexdigest()
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not unsafe_load)
+        obj = torch.load(
+            io.BytesIO(data), map_location="cpu", weights_only=not unsafe_load
+        )
     except Exception as exc:  # torch.load raises many types: classify by content
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if isinstance(exc, pickle.UnpicklingError) and refused:
@@ -320,13 +373,19 @@ def _read(path: Path, unsafe_load: bool) -> tuple[Any, str]:
                 f"{path} holds Python objects, not only tensors (e.g. {refused.group(1)}), refused by safe "
                 "loading; if you trust the file, pass --unsafe-load"
             ) from None
-        if data.startswith(b"PK\x03\x04") or data.startswith(b"\x80"):  # zip or legacy torch/pickle
-            raise UserError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})") from None
+        if data.startswith(b"PK\x03\x04") or data.startswith(
+            b"\x80"
+        ):  # zip or legacy torch/pickle
+            raise UserError(
+                f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})"
+            ) from None
         raise UserError(f"{path} is not a PyTorch checkpoint") from None
     return obj, sha256
 
 
-def load_checkpoint(path: str | os.PathLike, arch: str | None = None, *, unsafe_load: bool = False) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | os.PathLike, arch: str | None = None, *, unsafe_load: bool = False
+) -> LoadedCheckpoint:
     """Load a model checkpoint of any registered architecture, in any common layout.
 
     Args:
@@ -355,7 +414,14 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None, *, unsafe_
     model = fit.model
     nn.Module.load_state_dict(model, state_dict, strict=False)  # fit checked by _select
     model.update(force=True)
-    return LoadedCheckpoint(model=model.eval(), arch=fit.arch, params=fit.params, sha256=sha256, path=name, extra=extra)
+    return LoadedCheckpoint(
+        model=model.eval(),
+        arch=fit.arch,
+        params=fit.params,
+        sha256=sha256,
+        path=name,
+        extra=extra,
+    )
 
 
 def save_checkpoint(
@@ -379,7 +445,9 @@ def save_checkpoint(
     get_architecture(arch)
     extra = dict(extra or {})
     if not _is_plain(extra) or set(extra) & {"state_dict", "arch", "params"}:
-        raise ValueError("extra must hold plain values under keys other than state_dict, arch, params")
+        raise ValueError(
+            "extra must hold plain values under keys other than state_dict, arch, params"
+        )
     path = Path(path)
     if path.exists() and not force:
         raise UserError(f"{path} exists; pass --force to overwrite it")

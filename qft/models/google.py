@@ -18,7 +18,11 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from compressai.models import JointAutoregressiveHierarchicalPriors, MeanScaleHyperprior, ScaleHyperprior
+from compressai.models import (
+    JointAutoregressiveHierarchicalPriors,
+    MeanScaleHyperprior,
+    ScaleHyperprior,
+)
 from torch import Tensor
 
 from .registry import Architecture, register_architecture
@@ -26,14 +30,28 @@ from .registry import Architecture, register_architecture
 __all__ = ["infer_google_params"]
 
 _HYPERPRIOR_KEYS = frozenset(
-    {"g_a.0.weight", "g_a.1.beta", "g_a.6.weight", "g_s.0.weight", "h_a.0.weight", "h_s.4.weight",
-     "entropy_bottleneck.quantiles"}
-)  # fmt: skip
+    {
+        "g_a.0.weight",
+        "g_a.1.beta",
+        "g_a.6.weight",
+        "g_s.0.weight",
+        "h_a.0.weight",
+        "h_s.4.weight",
+        "entropy_bottleneck.quantiles",
+    }
+)
+
+
+#: the autoregressive context of mbt2018, absent from the two hyperprior models
+_CONTEXT_KEYS = frozenset({"context_prediction.weight", "entropy_parameters.0.weight"})
 
 
 def infer_google_params(state_dict: Mapping[str, Tensor]) -> dict:
     """``N`` and ``M`` of a Google-family state_dict."""
-    return {"N": state_dict["g_a.0.weight"].shape[0], "M": state_dict["g_a.6.weight"].shape[0]}
+    return {
+        "N": state_dict["g_a.0.weight"].shape[0],
+        "M": state_dict["g_a.6.weight"].shape[0],
+    }
 
 
 register_architecture(
@@ -43,6 +61,7 @@ register_architecture(
         entropy="scale-hyperprior",
         defaults={"N": 128, "M": 192},
         signature=_HYPERPRIOR_KEYS,
+        excludes=_CONTEXT_KEYS,
         infer_params=infer_google_params,
         description="Ballé et al. 2018, scale hyperprior (ICLR 2018)",
     )
@@ -55,6 +74,7 @@ register_architecture(
         entropy="mean-scale-hyperprior",
         defaults={"N": 128, "M": 192},
         signature=_HYPERPRIOR_KEYS,
+        excludes=_CONTEXT_KEYS,
         infer_params=infer_google_params,
         description="Minnen et al. 2018, mean-scale hyperprior (NeurIPS 2018)",
     )
@@ -66,7 +86,7 @@ register_architecture(
         cls=JointAutoregressiveHierarchicalPriors,
         entropy="autoregressive",
         defaults={"N": 192, "M": 192},
-        signature=_HYPERPRIOR_KEYS | {"context_prediction.weight", "entropy_parameters.0.weight"},
+        signature=_HYPERPRIOR_KEYS | _CONTEXT_KEYS,
         infer_params=infer_google_params,
         description="Minnen et al. 2018, mean-scale hyperprior + autoregressive context (NeurIPS 2018)",
     )

@@ -4,8 +4,8 @@ Each model family registers its architectures in its own module (:mod:`.google`,
 :mod:`.waseda`, :mod:`.sensetime`, …), timm-style; importing :mod:`qft.models` imports
 them all. An :class:`Architecture` knows its CompressAI class, its entropy-model kind (what
 the codec needs to know), its constructor parameters, how to read those parameters back
-from the tensor shapes of a state_dict, and a *key signature*: state_dict keys that every
-checkpoint of the architecture holds, used to pick the candidates when detecting the
+from the tensor shapes of a state_dict, and a *key signature* (keys every checkpoint of the
+architecture holds, keys none holds), used to pick the candidates when detecting the
 architecture of a file.
 """
 
@@ -40,7 +40,12 @@ __all__ = [
 #:   cheng2020-*);
 #: - ``channel-checkerboard``: uneven channel groups, each with a checkerboard spatial
 #:   context (elic2022-*).
-ENTROPY_KINDS = ("scale-hyperprior", "mean-scale-hyperprior", "autoregressive", "channel-checkerboard")
+ENTROPY_KINDS = (
+    "scale-hyperprior",
+    "mean-scale-hyperprior",
+    "autoregressive",
+    "channel-checkerboard",
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class Architecture:
         description: one line for ``qft models``.
         complete_params: optional ``params -> params`` hook that fills ``None`` defaults
             and checks constraints between parameters, raising :class:`UserError`.
+        excludes: keys no checkpoint of this architecture holds (those of a sibling
+            architecture that extends it); a file holding one is not a candidate.
     """
 
     name: str
@@ -71,6 +78,11 @@ class Architecture:
     infer_params: Callable[[Mapping[str, Tensor]], dict]
     description: str
     complete_params: Callable[[dict], dict] | None = None
+    excludes: frozenset[str] = frozenset()
+
+    def is_candidate(self, keys: set[str] | frozenset[str]) -> bool:
+        """Whether state_dict keys ``keys`` match the key signature."""
+        return self.signature <= keys and not self.excludes & keys
 
     def resolve_params(self, params: Mapping[str, Any] | None = None) -> dict:
         """``defaults`` updated with ``params``, checked and completed.
@@ -87,13 +99,21 @@ class Architecture:
             )
         out = {**self.defaults, **params}
         for key in ("N", "M"):
-            if key in out and not (isinstance(out[key], int) and not isinstance(out[key], bool) and out[key] > 0):
-                raise UserError(f"{self.name}: {key} must be a positive integer, got {out[key]!r}")
+            if key in out and not (
+                isinstance(out[key], int)
+                and not isinstance(out[key], bool)
+                and out[key] > 0
+            ):
+                raise UserError(
+                    f"{self.name}: {key} must be a positive integer, got {out[key]!r}"
+                )
         if self.complete_params is not None:
             out = self.complete_params(out)
         return out
 
-    def build(self, params: Mapping[str, Any] | None = None, *, seed: int | None = None) -> nn.Module:
+    def build(
+        self, params: Mapping[str, Any] | None = None, *, seed: int | None = None
+    ) -> nn.Module:
         """A new randomly initialised model (train mode, CDF tables not built).
 
         With a ``seed``, initialisation draws from a forked RNG seeded with it, so the
@@ -126,7 +146,9 @@ def register_architecture(arch: Architecture) -> Architecture:
     if arch.name in ARCHITECTURES:
         raise ValueError(f'architecture "{arch.name}" is already registered')
     if arch.entropy not in ENTROPY_KINDS:
-        raise ValueError(f'architecture "{arch.name}": unknown entropy kind "{arch.entropy}"')
+        raise ValueError(
+            f'architecture "{arch.name}": unknown entropy kind "{arch.entropy}"'
+        )
     ARCHITECTURES[arch.name] = arch
     return arch
 
@@ -136,7 +158,9 @@ def get_architecture(name: str) -> Architecture:
     try:
         return ARCHITECTURES[name]
     except KeyError:
-        raise UserError(f"unknown architecture '{name}' (registered: {', '.join(ARCHITECTURES)})") from None
+        raise UserError(
+            f"unknown architecture '{name}' (registered: {', '.join(ARCHITECTURES)})"
+        ) from None
 
 
 def create_model(arch: str, *, seed: int | None = None, **params: Any) -> nn.Module:

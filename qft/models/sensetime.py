@@ -29,9 +29,16 @@ __all__ = ["infer_elic_params", "complete_elic_params"]
 _GROUP_KEY = "latent_codec.y.latent_codec.y{}.context_prediction.weight"
 
 _ELIC_KEYS = frozenset(
-    {"g_a.0.weight", "g_a.13.weight", "g_s.1.weight", "latent_codec.hyper.h_a.0.weight",
-     "latent_codec.hyper.h_s.4.weight", "latent_codec.hyper.entropy_bottleneck.quantiles", _GROUP_KEY.format(0)}
-)  # fmt: skip
+    {
+        "g_a.0.weight",
+        "g_a.13.weight",
+        "g_s.1.weight",
+        "latent_codec.hyper.h_a.0.weight",
+        "latent_codec.hyper.h_s.4.weight",
+        "latent_codec.hyper.entropy_bottleneck.quantiles",
+        _GROUP_KEY.format(0),
+    }
+)
 
 
 def infer_elic_params(state_dict: Mapping[str, Tensor]) -> dict:
@@ -41,7 +48,11 @@ def infer_elic_params(state_dict: Mapping[str, Tensor]) -> dict:
         groups.append(state_dict[_GROUP_KEY.format(len(groups))].shape[1])
     if not groups:
         raise KeyError(_GROUP_KEY.format(0))
-    return {"N": state_dict["g_a.0.weight"].shape[0], "M": state_dict["g_a.13.weight"].shape[0], "groups": groups}
+    return {
+        "N": state_dict["g_a.0.weight"].shape[0],
+        "M": state_dict["g_a.13.weight"].shape[0],
+        "groups": groups,
+    }
 
 
 def complete_elic_params(params: dict) -> dict:
@@ -49,10 +60,14 @@ def complete_elic_params(params: dict) -> dict:
     M, groups = params["M"], params["groups"]
     if groups is None:
         if M <= 128:
-            raise UserError(f"ELIC at M={M} needs explicit groups (CompressAI's default [16, 16, 32, 64, M-128] needs M > 128)")  # fmt: skip
+            raise UserError(
+                f"ELIC at M={M} needs explicit groups (CompressAI's default [16, 16, 32, 64, M-128] needs M > 128)"
+            )
         groups = [16, 16, 32, 64, M - 128]
     groups = list(groups)
-    if not groups or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in groups):
+    if not groups or not all(
+        isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in groups
+    ):
         raise UserError(f"ELIC groups must be positive integers, got {groups}")
     if sum(groups) != M:
         raise UserError(f"ELIC groups {groups} sum to {sum(groups)}, not M={M}")

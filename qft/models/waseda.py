@@ -18,9 +18,20 @@ from .registry import Architecture, register_architecture
 __all__ = ["infer_cheng2020_params"]
 
 _CHENG2020_KEYS = frozenset(
-    {"g_a.0.conv1.weight", "g_a.2.conv1.weight", "h_a.0.weight", "h_s.0.weight", "context_prediction.weight",
-     "entropy_parameters.0.weight", "entropy_bottleneck.quantiles"}
-)  # fmt: skip
+    {
+        "g_a.0.conv1.weight",
+        "g_a.2.conv1.weight",
+        "h_a.0.weight",
+        "h_s.0.weight",
+        "context_prediction.weight",
+        "entropy_parameters.0.weight",
+        "entropy_bottleneck.quantiles",
+    }
+)
+
+
+#: the first attention block of cheng2020-attn, absent from cheng2020-anchor
+_ATTENTION_KEYS = frozenset({"g_a.3.conv_a.0.conv.0.weight"})
 
 
 def infer_cheng2020_params(state_dict: Mapping[str, Tensor]) -> dict:
@@ -35,6 +46,7 @@ register_architecture(
         entropy="autoregressive",
         defaults={"N": 192},
         signature=_CHENG2020_KEYS,
+        excludes=_ATTENTION_KEYS,
         infer_params=infer_cheng2020_params,
         description="Cheng et al. 2020, residual blocks, autoregressive context (CVPR 2020)",
     )
@@ -46,7 +58,7 @@ register_architecture(
         cls=Cheng2020Attention,
         entropy="autoregressive",
         defaults={"N": 192},
-        signature=_CHENG2020_KEYS | {"g_a.3.conv_a.0.conv.0.weight"},
+        signature=_CHENG2020_KEYS | _ATTENTION_KEYS,
         infer_params=infer_cheng2020_params,
         description="Cheng et al. 2020, residual + attention blocks, autoregressive context (CVPR 2020)",
     )
