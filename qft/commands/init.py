@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
     )
     print(
-        f"wrote {args.output}: {arch.name} {params} seed {args.seed}, sha256 {sha256[:16]}"
+        f"wrote {args.output}: {arch.name} {params} seed {args.seed}, "
+        f"sha256 {sha256[:16]}"
     )
     return 0

@@ -2,13 +2,12 @@
 
 ::
 
-    file ─sha256─▶ torch.load(weights_only=True) ─▶ state_dict_of ─▶ detect / check arch
-                                                        │                   │
-       unwrap state_dict | network | model_state_dict | model          infer (N, M, …)
-       strip module. / _orig_mod.  ·  legacy EB keys → matrices.i        from shapes
-       drop CDF tables  ·  floats → float32                                 │
-                                                                            ▼
-                               LoadedCheckpoint ◀─ update(force=True) ◀─ build + load_weights
+    file ─sha256─▶ torch.load(weights_only) ─▶ state_dict_of ─▶ arch given or detected
+                                                   │                      │
+      unwrap state_dict | network | model_state_dict | model       (N, M, …) from shapes
+      strip module. / _orig_mod.  ·  legacy EB keys → matrices.i           │
+      drop CDF tables  ·  floats → float32                                 ▼
+                        LoadedCheckpoint ◀─ update(force=True) ◀─ build, check, load
 
 The CDF tables (``_quantized_cdf``, ``_offset``, ``_cdf_length``) and the
 ``GaussianConditional.scale_table`` are *derived* state: whatever the file holds (any
@@ -128,7 +127,8 @@ def _unwrap(obj: Any, name: str) -> tuple[Mapping[str, Any], dict]:
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise UserError(
-            f"{name} holds a {type(obj).__name__}, not a state_dict or a dict holding one"
+            f"{name} holds a {type(obj).__name__}, "
+            "not a state_dict or a dict holding one"
         )
     if not obj:
         raise UserError(f"{name} holds an empty state_dict")
@@ -242,7 +242,8 @@ def _differences(
         k = mismatched[0]
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
         problems.append(
-            f"{k!r} has shape {tuple(state_dict[k].shape)}, the model {tuple(expected[k].shape)}{more}"
+            f"{k!r} has shape {tuple(state_dict[k].shape)}, "
+            f"the model {tuple(expected[k].shape)}{more}"
         )
     return len(missing) + len(unexpected) + len(mismatched), ", ".join(problems)
 
@@ -263,11 +264,15 @@ def load_weights(model: nn.Module, obj: Any, *, name: str = "checkpoint") -> nn.
     count, problems = _differences(model, state_dict)
     if count:
         raise UserError(f"{name} does not fit the model: {problems}")
-    nn.Module.load_state_dict(
-        model, state_dict, strict=False
-    )  # not CompressAI's: no CDF buffers
-    model.update(force=True)
+    _load(model, state_dict)
     return model
+
+
+def _load(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Load a checked :func:`state_dict_of` dict, then rebuild the CDF tables."""
+    # nn.Module's loader, not CompressAI's: the incoming dict holds no CDF buffers
+    nn.Module.load_state_dict(model, state_dict, strict=False)
+    model.update(force=True)
 
 
 @dataclass
@@ -329,7 +334,8 @@ def _select(state_dict: Mapping[str, Tensor], arch: str | None, name: str) -> _F
         first = ", ".join(repr(k) for k in list(state_dict)[:3])
         raise UserError(
             f"{name}: no registered architecture has keys like {first}, ... "
-            f"(registered: {', '.join(ARCHITECTURES)}; pass --arch to see the differences)"
+            f"(registered: {', '.join(ARCHITECTURES)}; "
+            "pass --arch to see the differences)"
         )
     fits = sorted((_fit(a, state_dict) for a in candidates), key=lambda f: f.count)
     exact = [f for f in fits if f.model is not None]
@@ -337,15 +343,18 @@ def _select(state_dict: Mapping[str, Tensor], arch: str | None, name: str) -> _F
         return exact[0]
     if exact:
         raise UserError(
-            f"{name}: ambiguous architecture, fits {', '.join(f.arch for f in exact)}; pass --arch"
+            f"{name}: ambiguous architecture, fits "
+            f"{', '.join(f.arch for f in exact)}; pass --arch"
         )
     if len(fits) == 1:
         raise UserError(
-            f"{name} looks like a {fits[0].arch} checkpoint but is not one: {fits[0].problems}"
+            f"{name} looks like a {fits[0].arch} checkpoint but is not one: "
+            f"{fits[0].problems}"
         )
     closest = "; ".join(f"{f.arch} ({f.problems})" for f in fits)
     raise UserError(
-        f"{name}: ambiguous architecture, fits none of the candidates exactly, closest first: {closest}; pass --arch"
+        f"{name}: ambiguous architecture, fits none of the candidates exactly, "
+        f"closest first: {closest}; pass --arch"
     )
 
 
@@ -370,12 +379,11 @@ def _read(path: Path, unsafe_load: bool) -> tuple[Any, str]:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if isinstance(exc, pickle.UnpicklingError) and refused:
             raise UserError(
-                f"{path} holds Python objects, not only tensors (e.g. {refused.group(1)}), refused by safe "
-                "loading; if you trust the file, pass --unsafe-load"
+                f"{path} holds Python objects, not only tensors (e.g. "
+                f"{refused.group(1)}), refused by safe loading; if you trust the file, "
+                "pass --unsafe-load"
             ) from None
-        if data.startswith(b"PK\x03\x04") or data.startswith(
-            b"\x80"
-        ):  # zip or legacy torch/pickle
+        if data.startswith((b"PK\x03\x04", b"\x80")):  # zip, or legacy torch/pickle
             raise UserError(
                 f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})"
             ) from None
@@ -411,11 +419,9 @@ def load_checkpoint(
     raw, extra = _unwrap(obj, name)
     state_dict = _normalize(raw, name)
     fit = _select(state_dict, arch, name)
-    model = fit.model
-    nn.Module.load_state_dict(model, state_dict, strict=False)  # fit checked by _select
-    model.update(force=True)
+    _load(fit.model, state_dict)
     return LoadedCheckpoint(
-        model=model.eval(),
+        model=fit.model.eval(),
         arch=fit.arch,
         params=fit.params,
         sha256=sha256,

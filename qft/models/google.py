@@ -88,6 +88,6 @@ register_architecture(
         defaults={"N": 192, "M": 192},
         signature=_HYPERPRIOR_KEYS | _CONTEXT_KEYS,
         infer_params=infer_google_params,
-        description="Minnen et al. 2018, mean-scale hyperprior + autoregressive context (NeurIPS 2018)",
+        description="Minnen et al. 2018, hyperprior + autoregressive context (NeurIPS 2018)",
     )
 )

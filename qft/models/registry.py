@@ -95,7 +95,8 @@ class Architecture:
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             raise UserError(
-                f"{self.name} has no parameter {unknown[0]} (its parameters: {', '.join(self.defaults)})"
+                f"{self.name} has no parameter {unknown[0]} "
+                f"(its parameters: {', '.join(self.defaults)})"
             )
         out = {**self.defaults, **params}
         for key in ("N", "M"):

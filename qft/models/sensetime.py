@@ -61,7 +61,8 @@ def complete_elic_params(params: dict) -> dict:
     if groups is None:
         if M <= 128:
             raise UserError(
-                f"ELIC at M={M} needs explicit groups (CompressAI's default [16, 16, 32, 64, M-128] needs M > 128)"
+                f"ELIC at M={M} needs explicit groups "
+                "(CompressAI's default [16, 16, 32, 64, M-128] needs M > 128)"
             )
         groups = [16, 16, 32, 64, M - 128]
     groups = list(groups)
@@ -82,7 +83,7 @@ register_architecture(
         defaults={"N": 192, "M": 320, "groups": None},
         signature=_ELIC_KEYS,
         infer_params=infer_elic_params,
-        description="He et al. 2022, ELIC: uneven channel groups + checkerboard context (CVPR 2022)",
+        description="He et al. 2022, ELIC: uneven channel groups, checkerboard (CVPR 2022)",
         complete_params=complete_elic_params,
     )
 )
@@ -95,7 +96,7 @@ register_architecture(
         defaults={"N": 192, "M": 320, "groups": None},
         signature=_ELIC_KEYS,
         infer_params=infer_elic_params,
-        description="ELIC as re-implemented by Chandelier 2023: context from first + latest group only",
+        description="ELIC re-implemented by Chandelier 2023: context from 1st + last group",
         complete_params=complete_elic_params,
     )
 )

@@ -48,7 +48,7 @@ register_architecture(
         signature=_CHENG2020_KEYS,
         excludes=_ATTENTION_KEYS,
         infer_params=infer_cheng2020_params,
-        description="Cheng et al. 2020, residual blocks, autoregressive context (CVPR 2020)",
+        description="Cheng et al. 2020, residual blocks, autoregressive (CVPR 2020)",
     )
 )
 
@@ -60,6 +60,6 @@ register_architecture(
         defaults={"N": 192},
         signature=_CHENG2020_KEYS | _ATTENTION_KEYS,
         infer_params=infer_cheng2020_params,
-        description="Cheng et al. 2020, residual + attention blocks, autoregressive context (CVPR 2020)",
+        description="Cheng et al. 2020, residual + attention, autoregressive (CVPR 2020)",
     )
 )
