@@ -1,14 +1,19 @@
 """qft.models: registry, creation, checkpoint layouts, detection, errors, CLI.
 
-Every architecture is built once at a tiny (N, M), saved in every layout people have and
-loaded back; the loaded model must reproduce the original's outputs exactly.
+Every architecture is built once at a tiny (N, M). Every layout people have is checked for
+every architecture through ``state_dict_of`` and end to end through a file for one; every
+architecture is loaded from a file with and without ``--arch`` and must reproduce the
+original's outputs exactly.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
+import hashlib
 import io
+import json
 import re
 
 import pytest
@@ -273,8 +278,6 @@ class TestLayouts:
         assert_same_outputs(ckpt.model, rounded, image)
 
     def test_sha256_extra(self, models, tmp_path):
-        import hashlib
-
         model = models["mbt2018-mean"]
         path = save(LAYOUTS["model"](model.state_dict()), tmp_path / "train.pth")
         ckpt = load_checkpoint(path)
@@ -446,6 +449,25 @@ class TestErrors:
             in message
         )
 
+    def test_ambiguous_exact(self, models, tmp_path, monkeypatch):
+        twin = dataclasses.replace(ARCHITECTURES["mbt2018-mean"], name="twin")
+        monkeypatch.setitem(ARCHITECTURES, "twin", twin)
+        path = save(models["mbt2018-mean"].state_dict(), tmp_path / "mean.pth")
+        with pytest.raises(
+            UserError,
+            match=r"ambiguous architecture, fits mbt2018-mean, twin; pass --arch$",
+        ):
+            load_checkpoint(path)
+        assert load_checkpoint(path, "twin").arch == "twin"
+
+    def test_load_weights_mismatch(self, models):
+        model = create_model("mbt2018-mean", N=8, M=16)
+        with pytest.raises(
+            UserError,
+            match=r"^checkpoint does not fit the model: 'g_a.6.weight' has shape",
+        ):
+            load_weights(model, models["mbt2018-mean"].state_dict())
+
     def test_looks_like(self, models, tmp_path):
         sd = dict(models["cheng2020-anchor"].state_dict())
         del sd["g_s.0.conv1.weight"]
@@ -467,8 +489,6 @@ class TestCLI:
         assert [line.split()[0] for line in out[1:]] == list(ARCHITECTURES)
         assert "N=128 M=192" in out[2] and "MeanScaleHyperprior" in out[2]
         assert main(["models", "--json"]) == 0
-        import json
-
         rows = json.loads(capsys.readouterr().out)
         assert rows[1]["id"] == "mbt2018-mean" and rows[1]["defaults"] == {
             "N": 128,
