@@ -160,9 +160,9 @@ def _decode(words, scale_rows, chain_length, next_state, state_class, num_scales
                 if not ok:
                     return _ERR_EOF
                 nb += val
-                if nb > 16:
+                if nb > 8:
                     return _ERR_ESCAPE
-            if nb > 16:  # raw values fit in 64 bits; more nibbles cannot come from the encoder
+            if nb > 8:  # raw values of int32 indices fit in 32 bits: at most 8 nibbles
                 return _ERR_ESCAPE
             raw = np.int64(0)
             for j in range(nb):
