@@ -286,6 +286,16 @@ class TestLayouts:
             "lambda": 0.0130
         }  # the optimizer state holds tensors: not metadata
 
+    def test_zoo_downsample_keys(self, models, image, reference, tmp_path):
+        sd = {
+            k.replace(".skip.", ".downsample."): v
+            for k, v in models["cheng2020-attn"].state_dict().items()
+        }
+        assert any(".downsample." in k for k in sd)
+        ckpt = load_checkpoint(save(sd, tmp_path / "zoo.pth.tar"))
+        assert ckpt.arch == "cheng2020-attn"
+        assert_outputs(ckpt.model, reference["cheng2020-attn"], image)
+
     def test_absent_constant_buffer_kept(self, models, image, tmp_path):
         model = models["mbt2018-mean"]
         sd = {k: v for k, v in model.state_dict().items() if not k.endswith("pedestal")}

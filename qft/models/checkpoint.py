@@ -71,6 +71,10 @@ _LEGACY_EB = re.compile(
 )
 _EB_NAMES = {"matrix": "matrices", "bias": "biases", "factor": "factors"}
 
+#: cheng2020's ``ResidualBlockWithStride.downsample`` (zoo weights) -> ``skip``; only at
+#: ``g_a.<i>``, so that other models' own ``downsample`` modules are left alone.
+_DOWNSAMPLE = re.compile(r"^(g_a\.\d+\.)downsample\.")
+
 
 @dataclass
 class LoadedCheckpoint:
@@ -155,8 +159,7 @@ def _strip_prefixes(keys: list[str]) -> list[str]:
 
 def _rename(key: str) -> str:
     """Legacy key -> CompressAI 1.2.8 key."""
-    # ResidualBlockWithStride.downsample was renamed skip (early zoo weights)
-    key = key.replace(".downsample.", ".skip.")
+    key = _DOWNSAMPLE.sub(r"\1skip.", key)
 
     def eb(m: re.Match) -> str:
         legacy = m.group(1).rstrip(".")
@@ -188,7 +191,7 @@ def state_dict_of(obj: Any, *, name: str = "checkpoint") -> dict[str, Tensor]:
     - strips the ``module.`` (DataParallel) and ``_orig_mod.`` (``torch.compile``) prefixes
       when every key carries them;
     - renames legacy EntropyBottleneck keys (``_matrix0``, ``_biases.0``, …) to
-      ``matrices.0``, ``biases.0``, … and ``.downsample.`` to ``.skip.``;
+      ``matrices.0``, ``biases.0``, … and cheng2020's ``g_a.<i>.downsample`` to ``skip``;
     - drops the derived buffers :data:`DERIVED_BUFFERS` (rebuilt by ``update(force=True)``);
     - casts floating-point tensors (fp16, bf16, fp64) to float32.
 
@@ -290,7 +293,7 @@ def _fit(arch: Architecture, state_dict: Mapping[str, Tensor]) -> _Fit:
     """Build ``arch`` at the parameters read from ``state_dict`` and compare."""
     try:
         params = arch.resolve_params(arch.infer_params(state_dict))
-    except KeyError:
+    except (KeyError, IndexError):
         # Parameters unreadable: compare the key names with those of the default model.
         with forked_rng():
             count, problems = _differences(arch.build(), state_dict, shapes=False)
