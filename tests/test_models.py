@@ -40,8 +40,8 @@ TINY = {
     "mbt2018": {"N": 8, "M": 16},
     "cheng2020-anchor": {"N": 8},
     "cheng2020-attn": {"N": 8},
-    "elic2022-official": {"N": 8, "M": 16, "groups": [2, 2, 4, 8]},
-    "elic2022-chandelier": {"N": 8, "M": 16, "groups": [2, 2, 4, 8]},
+    "elic2022-official": {"N": 8, "M": 16, "groups": [4, 4, 8]},
+    "elic2022-chandelier": {"N": 8, "M": 16, "groups": [2, 6, 8]},
 }
 
 ENTROPY = {
