@@ -1,0 +1,20 @@
+"""Real bitstreams: the codec, the latent coder of hyperprior models, images, the container."""
+
+from qft.codec.codec import Codec, model_fingerprint
+from qft.codec.container import Container
+from qft.codec.image import crop, list_images, pad, read_image, write_image
+from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent
+
+__all__ = [
+    "Codec",
+    "Container",
+    "HYPERPRIOR_ENTROPY",
+    "HyperpriorLatentCoder",
+    "QuantizedLatent",
+    "crop",
+    "list_images",
+    "model_fingerprint",
+    "pad",
+    "read_image",
+    "write_image",
+]

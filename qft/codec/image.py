@@ -1,0 +1,113 @@
+"""Image reading and writing, padding and cropping.
+
+Conversions (each announced with one warning line, never silent):
+
+* grayscale (``L``, ``1``) → RGB by replicating the channel;
+* with alpha (``RGBA``, ``LA``, ``PA``) → the alpha channel is dropped;
+* 16-bit and 32-bit grayscale (``I;16``, ``I``) and float (``F``) → 8-bit by ``round(v / 257)``
+  (16-bit) or clipping to 0…255 (others), then RGB; 16-bit RGB PNGs arrive from Pillow
+  already reduced to 8 bits;
+* ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` → RGB by Pillow's conversion;
+* palette (``P``) → RGB silently (lossless).
+
+Models see float tensors in ``[0, 1]`` of shape ``(1, 3, H, W)``; sizes are padded to a
+multiple of 64 (zeros, centred, as CompressAI's ``eval_model``) and cropped back.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from PIL import Image, UnidentifiedImageError
+
+from qft.errors import UserError
+
+__all__ = ["IMAGE_SUFFIXES", "read_image", "write_image", "pad", "crop", "list_images"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        if "transparency" in img.info:
+            warnings.warn(f"{name}: palette image with transparency, alpha dropped", stacklevel=3)
+        return img.convert("RGB")
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        a = np.round(a / 257.0) if mode.startswith("I;16") else a
+        warnings.warn(f"{name}: {mode} image converted to 8-bit RGB", stacklevel=3)
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        warnings.warn(f"{name}: alpha channel dropped", stacklevel=3)
+    elif mode in ("L", "1"):
+        warnings.warn(f"{name}: grayscale image replicated to RGB", stacklevel=3)
+    else:
+        warnings.warn(f"{name}: {mode} image converted to RGB", stacklevel=3)
+    return img.convert("RGB")
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Reads an image file as a float tensor ``(1, 3, H, W)`` in ``[0, 1]``.
+
+    Raises:
+        UserError: the file does not exist or is not an image Pillow can read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = _to_rgb(img, path.name)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise UserError(f"{path}: not a readable image ({exc.__class__.__name__}); give a PNG, JPEG, BMP, PPM, TIFF or WebP file") from None
+    a = np.asarray(rgb, dtype=np.uint8)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+
+
+def write_image(x: torch.Tensor, path: str | Path) -> None:
+    """Writes ``(1, 3, H, W)`` or ``(3, H, W)`` values in ``[0, 1]`` as an 8-bit RGB image."""
+    x = x.detach().squeeze(0).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(x, "RGB").save(path)
+
+
+def pad(x: torch.Tensor, multiple: int = 64) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Zero-pads height and width to a multiple, centred. Returns ``(x_padded, padding)``.
+
+    ``padding = (left, right, top, bottom)``, the argument of :func:`crop`.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    padding = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    return F.pad(x, padding, mode="constant", value=0.0), padding
+
+
+def crop(x: torch.Tensor, padding: tuple[int, int, int, int]) -> torch.Tensor:
+    """Removes the padding added by :func:`pad`."""
+    left, right, top, bottom = padding
+    h, w = x.shape[-2:]
+    return x[..., top : h - bottom, left : w - right]
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files in a folder and its subfolders (CompressAI's rule), sorted.
+
+    Raises:
+        UserError: not a folder, or no image in it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return files

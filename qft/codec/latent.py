@@ -1,0 +1,137 @@
+"""Latent coding of hyperprior models with any :class:`trellis.Quantizer`.
+
+::
+
+    x ─g_a─▶ y ─h_a─▶ z ─EntropyBottleneck─▶ ẑ ─h_s (CPU, float64)─▶ μ, σ ─▶ scale rows
+                 │                                                       │
+                 └───── r = y − μ ──▶ Quantizer (USQ | RDOQ | TCQ-4 | TCQ-8) ◀┘
+                                         │ indices k, states s, rows
+                                         ▼
+                                   rANS (trellis.rans) ─▶ y stream
+
+``z`` is coded exactly as CompressAI codes it (its ``EntropyBottleneck``). The
+entropy-parameter path — ``ẑ`` from the decoded z symbols, ``h_s`` in float64 on the CPU,
+``μ`` and ``σ`` rounded to float32, ``σ`` lower-bounded at 0.11 — is run identically by
+encoder and decoder, so the decoder reproduces the encoder's table rows and ``ŷ`` bit for
+bit even when the encoder ran the analysis transforms on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trellis import NUM_SCALES, SCALE_TABLE, Quantizer, QuantizeResult, rans, scale_rows
+
+__all__ = ["HYPERPRIOR_ENTROPY", "QuantizedLatent", "HyperpriorLatentCoder"]
+
+#: Entropy-model kinds (see :class:`qft.models.Architecture`) this coder handles.
+HYPERPRIOR_ENTROPY = ("scale-hyperprior", "mean-scale-hyperprior")
+
+
+@dataclass
+class QuantizedLatent:
+    """One image's latent after quantization (the encoder side of the codec).
+
+    Attributes:
+        y: the analysis output, float32 numpy ``(C, H, W)``.
+        mu, sigma: entropy parameters (float32, ``σ >= 0.11``).
+        result: the quantizer's output (indices, states, rows, ŷ, table bits).
+        z_string: the coded hyper-latent.
+        z_shape: spatial size of ``z``.
+    """
+
+    y: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    result: QuantizeResult
+    z_string: bytes
+    z_shape: tuple[int, int]
+
+
+class HyperpriorLatentCoder:
+    """Quantizes and codes the latent of a scale or mean-scale hyperprior model.
+
+    The quantizer is an argument of each call, so one coder (and its float64 copy of
+    ``h_s``) serves every quantizer.
+
+    Args:
+        model: a CompressAI ``ScaleHyperprior``/``MeanScaleHyperprior``-like model with
+            ``g_a``, ``h_a``, ``h_s``, ``entropy_bottleneck``; CDFs up to date
+            (``update(force=True)``).
+        entropy: ``"scale-hyperprior"`` (``σ = h_s(ẑ)``, ``μ = 0``, ``h_a`` sees ``|y|``)
+            or ``"mean-scale-hyperprior"`` (``σ, μ = h_s(ẑ).chunk(2, 1)``).
+    """
+
+    def __init__(self, model: torch.nn.Module, entropy: str):
+        if entropy not in HYPERPRIOR_ENTROPY:
+            raise ValueError(f"entropy must be one of {HYPERPRIOR_ENTROPY}, got {entropy!r}")
+        self.model = model
+        self.entropy = entropy
+        self._h_s64 = copy.deepcopy(model.h_s).to("cpu", torch.float64).eval()
+
+    # -- shared by encoder and decoder -------------------------------------------------
+    @torch.no_grad()
+    def entropy_parameters(self, z_hat: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """``(μ, σ)`` as float32 numpy ``(N, C, H, W)`` from ``ẑ`` (deterministic CPU path)."""
+        p = self._h_s64(z_hat.to("cpu", torch.float64))
+        if self.entropy == "scale-hyperprior":
+            sigma, mu = p, torch.zeros_like(p)
+        else:
+            sigma, mu = p.chunk(2, 1)
+        sigma = sigma.float().numpy()
+        return mu.float().numpy(), np.maximum(sigma, SCALE_TABLE[0])
+
+    # -- encoder ------------------------------------------------------------------------
+    @torch.no_grad()
+    def quantize(self, x: torch.Tensor, quantizer: Quantizer) -> list[QuantizedLatent]:
+        """Analysis, hyper-latent coding and latent quantization of a batch ``(N, 3, H, W)``.
+
+        ``H`` and ``W`` must be multiples of 64. The analysis transforms run on ``x``'s
+        device; everything after ``z`` runs on the CPU.
+        """
+        m = self.model
+        y = m.g_a(x)
+        z = m.h_a(torch.abs(y) if self.entropy == "scale-hyperprior" else y).cpu()
+        z_strings = m.entropy_bottleneck.compress(z)
+        z_hat = m.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+        mu, sigma = self.entropy_parameters(z_hat)
+        y = y.float().cpu().numpy()
+        out = []
+        for i in range(y.shape[0]):
+            res = quantizer.quantize(y[i], mu[i], sigma[i])
+            out.append(QuantizedLatent(y[i], mu[i], sigma[i], res, z_strings[i], tuple(z.shape[-2:])))
+        return out
+
+    @staticmethod
+    def encode(q: QuantizedLatent, quantizer: Quantizer) -> bytes:
+        """The y stream of one quantized latent."""
+        tab = quantizer.table
+        return rans.encode(q.result.indices, q.result.rows, tab.cdf, tab.cdf_length, tab.offset)
+
+    # -- decoder ------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, z_string: bytes, z_shape, y_stream: bytes, y_shape, quantizer: Quantizer):
+        """``(ŷ, indices, states)`` as numpy ``(C, H, W)`` from the two streams.
+
+        Raises:
+            trellis.rans.CorruptStreamError: the y stream is damaged.
+        """
+        z_hat = self.model.entropy_bottleneck.decompress([z_string], tuple(z_shape))
+        mu, sigma = self.entropy_parameters(z_hat)
+        mu, sigma = mu[0], sigma[0]
+        if mu.shape != tuple(y_shape):
+            raise ValueError(f"latent shape {tuple(y_shape)} does not match the hyper-latent ({mu.shape})")
+        q = quantizer
+        tab = q.table
+        next_state, state_class = q.selector
+        indices = rans.decode(
+            y_stream, scale_rows(sigma), q.chain_length(mu.shape), next_state, state_class, NUM_SCALES,
+            tab.cdf, tab.cdf_length, tab.offset,
+        ).reshape(mu.shape)
+        y_hat, states = q.dequantize(indices, mu)
+        return y_hat, indices, states
