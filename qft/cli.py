@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a reference model from a YAML recipe"),
     "models": ("models", "list the registered architectures and their parameters"),
     "init": ("init", "write a randomly initialised checkpoint of any architecture"),
+    "compress": ("compress", "code an image into a .qft bitstream"),
+    "decompress": ("decompress", "decode a .qft bitstream into a PNG"),
+    "eval": ("eval", "evaluate checkpoints on an image folder with real bitstreams (CompressAI JSON)"),
 }
 
 

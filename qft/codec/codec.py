@@ -18,6 +18,8 @@ parameters, and TCQ over channel groups is not built yet.
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 import time
 import zlib
 
@@ -27,7 +29,7 @@ import torch
 from trellis import Quantizer
 from trellis.rans import CorruptStreamError
 
-from qft.codec.container import Container
+from qft.codec.container import Container, Header
 from qft.codec.image import crop, pad
 from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder
 from qft.errors import UserError
@@ -100,43 +102,48 @@ class Codec:
                 "gives after it; use -q usq with its defaults"
             )
 
-    def _header(self, q: Quantizer) -> dict:
-        return {
-            "arch": self.arch,
-            "checkpoint": self.fingerprint,
-            "quantizer": {"method": q.method, "step": q.step, "lam": q.lam, "theta": q.theta, "reset": q.reset},
-            "y_tables": q.table.checksum if self.latent_coder else None,
-            "z_tables": self.z_tables,
-        }
+    def _tables(self, q: Quantizer) -> int:
+        """CRC-32 of the coding tables a stream depends on (y rows for this quantizer, z)."""
+        y = q.table.checksum if self.latent_coder else 0
+        return zlib.crc32(struct.pack("<II", y, self.z_tables))
 
     @torch.no_grad()
     def compress(self, x: torch.Tensor, quantizer: Quantizer) -> dict:
         """Codes one image ``(1, 3, H, W)`` in ``[0, 1]`` with the given latent quantizer.
 
         Returns:
-            dict with ``bitstream`` (bytes), ``y_hat`` (the decoder's latent, numpy; for
-            hyperprior models), ``y_table_bits`` (table rate of the indices), ``y_bytes``,
-            ``z_bytes`` and ``time_s``.
+            dict with ``bitstream`` (bytes), ``bits_estimated`` (for hyperprior models the
+            table rate of the y indices plus the likelihood bits of ``ẑ``; otherwise the
+            model's likelihood bits), ``time_s``, and for hyperprior models ``y_hat`` (the
+            decoder's latent, numpy), ``y_table_bits``, ``y_bytes``, ``z_bytes``.
         """
         if x.ndim != 4 or x.shape[:2] != (1, 3):
             raise ValueError(f"expected one RGB image (1, 3, H, W), got {tuple(x.shape)}")
         self.check_quantizer(quantizer)
         t0 = time.perf_counter()
         h, w = x.shape[-2:]
-        xp, padding = pad(x.to(self.device))
-        header = self._header(quantizer) | {"image": [h, w], "padding": list(padding)}
+        xp, _ = pad(x.to(self.device))
+        header = Header(bytes.fromhex(self.fingerprint), quantizer.method, quantizer.reset, quantizer.step,
+                        self._tables(quantizer), h, w)
         out = {}
         if self.latent_coder is not None:
             (q,) = self.latent_coder.quantize(xp, quantizer)
             y_stream = self.latent_coder.encode(q, quantizer)
-            header |= {"z_shape": list(q.z_shape), "y_shape": list(q.result.indices.shape)}
             sections = [q.z_string, y_stream]
-            out |= {"y_hat": q.result.y_hat, "y_table_bits": q.result.bits, "z_bytes": len(q.z_string), "y_bytes": len(y_stream)}
+            out |= {
+                "y_hat": q.result.y_hat,
+                "y_table_bits": q.result.bits,
+                "z_bytes": len(q.z_string),
+                "y_bytes": len(y_stream),
+                "bits_estimated": q.result.bits + q.z_bits_estimated,
+            }
         else:
+            likelihoods = self.model(xp)["likelihoods"]
+            out["bits_estimated"] = float(sum(-torch.log2(v).sum() for v in likelihoods.values()))
             enc = self.model.compress(xp)
             strings = enc["strings"]
-            header |= {"shape": _plain(enc["shape"]), "layout": [len(s) for s in strings]}
-            sections = [s for group in strings for s in group]
+            layout = {"shape": _plain(enc["shape"]), "groups": [len(s) for s in strings]}
+            sections = [json.dumps(layout, separators=(",", ":")).encode()] + [s for group in strings for s in group]
         out["bitstream"] = Container(header, sections).to_bytes()
         out["time_s"] = time.perf_counter() - t0
         return out
@@ -157,42 +164,41 @@ class Codec:
         hd = c.header
         try:
             quantizer = self._check_compatible(hd, name)
-            h, w = hd["image"]
-            padding = tuple(hd["padding"])
+            padding = pad(torch.empty(0, 0, hd.height, hd.width))[1]
+            hp, wp = hd.height + padding[2] + padding[3], hd.width + padding[0] + padding[1]
             out = {}
             if self.latent_coder is not None:
                 z_string, y_stream = c.sections
-                y_hat, _, _ = self.latent_coder.decode(z_string, hd["z_shape"], y_stream, hd["y_shape"], quantizer)
+                y_hat, _, _ = self.latent_coder.decode(z_string, (hp // 64, wp // 64), y_stream, quantizer)
                 x_hat = self.model.g_s(torch.from_numpy(y_hat)[None].to(self.device)).clamp_(0, 1)
                 out["y_hat"] = y_hat
             else:
-                strings, pos = [], 0
-                for n in hd["layout"]:
+                layout = json.loads(c.sections[0].decode())
+                strings, pos = [], 1
+                for n in layout["groups"]:
                     strings.append(list(c.sections[pos : pos + n]))
                     pos += n
-                x_hat = self.model.decompress(strings, hd["shape"])["x_hat"]
+                x_hat = self.model.decompress(strings, layout["shape"])["x_hat"]
         except CorruptStreamError as exc:
             raise UserError(f"{name}: {exc}") from None
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise UserError(f"{name}: malformed qft bitstream ({exc})") from None
         x_hat = crop(x_hat, padding).cpu()
-        if x_hat.shape[-2:] != (h, w):
-            raise UserError(f"{name}: malformed qft bitstream (image size {h}x{w} does not match its latent)")
+        if x_hat.shape[-2:] != (hd.height, hd.width):
+            raise UserError(f"{name}: malformed qft bitstream (image size does not match its latent)")
         out |= {"x_hat": x_hat, "time_s": time.perf_counter() - t0}
         return out
 
-    def _check_compatible(self, hd: dict, name: str) -> Quantizer:
-        """The stream's quantizer, after checking architecture, weights and tables."""
-        if hd.get("arch") != self.arch:
-            raise UserError(f"{name}: coded with architecture {hd.get('arch')}, the given checkpoint is {self.arch}")
-        if hd.get("checkpoint") != self.fingerprint:
+    def _check_compatible(self, hd: Header, name: str) -> Quantizer:
+        """The stream's quantizer, after checking the weights and the tables."""
+        if hd.checkpoint != bytes.fromhex(self.fingerprint)[:4]:
             raise UserError(
-                f"{name}: coded with checkpoint weights {str(hd.get('checkpoint'))[:12]}…, the given checkpoint has "
-                f"{self.fingerprint[:12]}…; decode with the checkpoint that encoded it"
+                f"{name}: coded with other checkpoint weights ({hd.checkpoint.hex()}…) than the given ones "
+                f"({self.fingerprint[:8]}…); decode with the checkpoint that encoded it"
             )
-        quantizer = Quantizer(**hd["quantizer"])
+        quantizer = Quantizer(hd.method, step=hd.step, reset=hd.reset)
         self.check_quantizer(quantizer)
-        if hd.get("y_tables") != (quantizer.table.checksum if self.latent_coder else None) or hd.get("z_tables") != self.z_tables:
+        if hd.tables != self._tables(quantizer):
             raise UserError(
                 f"{name}: the probability tables rebuilt here differ from the encoder's (another numpy/scipy/compressai?); "
                 "decode with the software versions that encoded it"

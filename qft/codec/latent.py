@@ -43,6 +43,7 @@ class QuantizedLatent:
         result: the quantizer's output (indices, states, rows, ŷ, table bits).
         z_string: the coded hyper-latent.
         z_shape: spatial size of ``z``.
+        z_bits_estimated: ``-Σ log2`` of the ``EntropyBottleneck`` likelihoods of ``ẑ``.
     """
 
     y: np.ndarray
@@ -51,6 +52,7 @@ class QuantizedLatent:
     result: QuantizeResult
     z_string: bytes
     z_shape: tuple[int, int]
+    z_bits_estimated: float
 
 
 class HyperpriorLatentCoder:
@@ -99,12 +101,14 @@ class HyperpriorLatentCoder:
         z = m.h_a(torch.abs(y) if self.entropy == "scale-hyperprior" else y).cpu()
         z_strings = m.entropy_bottleneck.compress(z)
         z_hat = m.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+        _, z_lik = m.entropy_bottleneck(z, training=False)
+        z_bits = -torch.log2(z_lik).flatten(1).sum(1)
         mu, sigma = self.entropy_parameters(z_hat)
         y = y.float().cpu().numpy()
         out = []
         for i in range(y.shape[0]):
             res = quantizer.quantize(y[i], mu[i], sigma[i])
-            out.append(QuantizedLatent(y[i], mu[i], sigma[i], res, z_strings[i], tuple(z.shape[-2:])))
+            out.append(QuantizedLatent(y[i], mu[i], sigma[i], res, z_strings[i], tuple(z.shape[-2:]), float(z_bits[i])))
         return out
 
     @staticmethod
@@ -115,8 +119,10 @@ class HyperpriorLatentCoder:
 
     # -- decoder ------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, z_string: bytes, z_shape, y_stream: bytes, y_shape, quantizer: Quantizer):
+    def decode(self, z_string: bytes, z_shape, y_stream: bytes, quantizer: Quantizer):
         """``(ŷ, indices, states)`` as numpy ``(C, H, W)`` from the two streams.
+
+        ``z_shape`` is the spatial size of ``z``; the latent's shape follows from ``h_s``.
 
         Raises:
             trellis.rans.CorruptStreamError: the y stream is damaged.
@@ -124,8 +130,6 @@ class HyperpriorLatentCoder:
         z_hat = self.model.entropy_bottleneck.decompress([z_string], tuple(z_shape))
         mu, sigma = self.entropy_parameters(z_hat)
         mu, sigma = mu[0], sigma[0]
-        if mu.shape != tuple(y_shape):
-            raise ValueError(f"latent shape {tuple(y_shape)} does not match the hyper-latent ({mu.shape})")
         q = quantizer
         tab = q.table
         next_state, state_class = q.selector

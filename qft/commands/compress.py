@@ -1,0 +1,55 @@
+"""``qft compress``: code an image into a ``.qft`` bitstream.
+
+::
+
+    qft compress -m ckpt.pth -q tcq8 kodim01.png -o kodim01.qft
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from qft.commands._options import (
+    add_checkpoint_arguments,
+    add_quantizer_arguments,
+    device_from_args,
+    quantizer_from_args,
+)
+
+__all__ = ["add_arguments", "run", "output_guard"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser)
+    add_quantizer_arguments(parser)
+    parser.add_argument("image", help="input image (PNG, JPEG, …)")
+    parser.add_argument("-o", "--output", required=True, help="output .qft file")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def output_guard(path: str, force: bool) -> None:
+    """Refuses to overwrite an existing file unless ``--force``."""
+    from pathlib import Path
+
+    from qft.errors import UserError
+
+    if Path(path).exists() and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qft.codec import Codec, read_image
+    from qft.models import ARCHITECTURES, load_checkpoint
+
+    output_guard(args.output, args.force)
+    quantizer = quantizer_from_args(args)
+    x = read_image(args.image)
+    ckpt = load_checkpoint(args.checkpoint, args.arch, unsafe_load=args.unsafe_load)
+    codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy, device=device_from_args(args))
+    out = codec.compress(x, quantizer)
+    with open(args.output, "wb") as f:
+        f.write(out["bitstream"])
+    h, w = x.shape[-2:]
+    print(f"{args.output}: {len(out['bitstream'])} bytes, {len(out['bitstream']) * 8 / (h * w):.4f} bpp "
+          f"({quantizer.method}, {out['time_s']:.2f} s)")
+    return 0

@@ -1,0 +1,45 @@
+"""``qft decompress``: decode a ``.qft`` bitstream to a PNG.
+
+::
+
+    qft decompress kodim01.qft -m ckpt.pth -o kodim01-dec.png
+
+The quantizer and its parameters come from the stream; the checkpoint must hold the
+weights that encoded it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from qft.commands._options import add_checkpoint_arguments, device_from_args
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("stream", help="input .qft file")
+    add_checkpoint_arguments(parser)
+    parser.add_argument("-o", "--output", required=True, help="output image (PNG)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qft.codec import Codec, write_image
+    from qft.commands.compress import output_guard
+    from qft.errors import UserError
+    from qft.models import ARCHITECTURES, load_checkpoint
+
+    output_guard(args.output, args.force)
+    path = Path(args.stream)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    data = path.read_bytes()
+    ckpt = load_checkpoint(args.checkpoint, args.arch, unsafe_load=args.unsafe_load)
+    codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy, device=device_from_args(args))
+    out = codec.decompress(data, name=str(path))
+    write_image(out["x_hat"], args.output)
+    print(f"{args.output}: {tuple(out['x_hat'].shape[-2:])} ({out['time_s']:.2f} s)")
+    return 0

@@ -1,0 +1,64 @@
+"""``qft eval``: rate-distortion of checkpoints on an image folder, with real bitstreams.
+
+::
+
+    qft eval -m ckpt1.pth ckpt2.pth -q tcq8 --data qft/assets/kodak -o results.json
+
+Writes CompressAI's JSON schema (plottable with ``compressai.utils.plot``) plus a ``qft``
+block: quantizer and parameters, checkpoint hashes, real and estimated bpp, and with
+``--per-image`` every image's values. ``bpp`` is the real stream size unless ``--estimate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from qft.commands._options import (
+    add_checkpoint_arguments,
+    add_quantizer_arguments,
+    device_from_args,
+    quantizer_from_args,
+)
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser, many=True)
+    add_quantizer_arguments(parser)
+    parser.add_argument("--data", required=True, help="image folder (searched recursively)")
+    parser.add_argument("-o", "--output", required=True, help="results JSON")
+    parser.add_argument("--name", help="curve name in the JSON (default: ARCH-QUANTIZER)")
+    parser.add_argument("--estimate", action="store_true", help="report likelihood/table bpp as `bpp`")
+    parser.add_argument("--per-image", action="store_true", help="store every image's values")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from qft.codec import Codec, list_images
+    from qft.commands.compress import output_guard
+    from qft.eval import evaluate_images, results_json
+    from qft.models import ARCHITECTURES, load_checkpoint
+
+    output_guard(args.output, args.force)
+    quantizer = quantizer_from_args(args)
+    images = list_images(args.data)
+    device = device_from_args(args)
+    checkpoints, per_checkpoint, arch = [], [], None
+    for path in args.checkpoint:
+        ckpt = load_checkpoint(path, args.arch, unsafe_load=args.unsafe_load)
+        arch = ckpt.arch
+        codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy, device=device)
+        codec.check_quantizer(quantizer)
+        per_checkpoint.append(evaluate_images(codec, quantizer, images, desc=str(path)))
+        checkpoints.append({"path": str(path), "sha256": ckpt.sha256, "arch": ckpt.arch, "params": ckpt.params})
+    name = args.name or f"{arch}-{quantizer.method}"
+    out = results_json(name, quantizer, checkpoints, per_checkpoint, args.estimate, args.per_image, str(args.data))
+    with open(args.output, "w") as f:
+        json.dump(out, f, indent=2)
+    for c, bpp, p in zip(checkpoints, out["results"]["bpp"], out["results"]["psnr-rgb"]):
+        print(f"{c['path']}: {bpp:.4f} bpp, {p:.3f} dB")
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,66 @@
+"""The compress / decompress / eval commands end to end on a tiny checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+
+from PIL import Image
+
+from qft.cli import main
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    assert main(["init", "--arch", "mbt2018-mean", "--N", "16", "--M", "24", "-o", str(d / "m.pth")]) == 0
+    rng = np.random.default_rng(0)
+    (d / "imgs").mkdir()
+    for i, (h, w) in enumerate([(40, 56), (33, 70)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / "imgs" / f"i{i}.png")
+    return d
+
+
+@pytest.mark.parametrize("q", ["usq", "rdoq", "tcq4", "tcq8"])
+def test_compress_decompress(workdir, q, capsys):
+    d = workdir
+    s, o = d / f"{q}.qft", d / f"{q}.png"
+    assert main(["compress", "-m", str(d / "m.pth"), "-q", q, str(d / "imgs" / "i1.png"), "-o", str(s)]) == 0
+    assert main(["decompress", str(s), "-m", str(d / "m.pth"), "-o", str(o)]) == 0
+    assert Image.open(o).size == (70, 33)
+    # never overwrite without --force
+    assert main(["decompress", str(s), "-m", str(d / "m.pth"), "-o", str(o)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["decompress", str(s), "-m", str(d / "m.pth"), "-o", str(o), "--force"]) == 0
+
+
+def test_errors_are_one_line(workdir, capsys):
+    d = workdir
+    (d / "junk.qft").write_bytes(b"\x89Q" + b"\x01" * 40)
+    cases = [
+        ["decompress", str(d / "junk.qft"), "-m", str(d / "m.pth"), "-o", str(d / "x.png")],
+        ["compress", "-m", str(d / "m.pth"), str(d / "missing.png"), "-o", str(d / "x.qft")],
+        ["compress", "-m", str(d / "imgs" / "i0.png"), str(d / "imgs" / "i0.png"), "-o", str(d / "x.qft")],
+        ["compress", "-m", str(d / "m.pth"), "--step", "-1", "-q", "tcq8", str(d / "imgs" / "i0.png"), "-o", str(d / "x.qft")],
+    ]
+    for argv in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(err) == 1, argv
+
+
+def test_eval_json(workdir):
+    d = workdir
+    out = d / "r.json"
+    argv = ["eval", "-m", str(d / "m.pth"), str(d / "m.pth"), "-q", "tcq8", "--data", str(d / "imgs"), "-o", str(out),
+            "--per-image"]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert set(r) >= {"name", "description", "results", "qft"}
+    for key in ("psnr-rgb", "ms-ssim-rgb", "bpp", "encoding_time", "decoding_time"):
+        assert len(r["results"][key]) == 2
+    assert r["qft"]["quantizer"]["method"] == "tcq8" and len(r["qft"]["per_image"][0]) == 2
+    assert r["results"]["bpp"] == r["qft"]["bpp_real"]
+    assert all(0 < e < r_ for r_, e in zip(r["qft"]["bpp_real"], r["qft"]["bpp_estimated"]))  # header + rANS overhead
+    assert main(argv) == 2  # exists, no --force
