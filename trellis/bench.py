@@ -78,17 +78,18 @@ def run(quick: bool = False) -> dict:
     result = {"machine": machine_info(), "quick": quick, "jit_warmup_s": {}, "runs": []}
     for shape in SHAPES:
         y, mu, sigma = synthetic_latent(shape)
-        methods = {}
+        methods = {name: {} for name in QUANTIZERS}
         for name, q in QUANTIZERS.items():
             t0 = time.perf_counter()
             q.quantize(y, mu, sigma)  # compile or load from cache
             result["jit_warmup_s"].setdefault(name, time.perf_counter() - t0)
-            rates = {}
-            for key, threads in (("latents_per_s_1t", 1), ("latents_per_s_all", all_threads)):
-                numba.set_num_threads(threads)
-                rates[key] = y.size / _best_time(lambda: q.quantize(y, mu, sigma), reps)
-            numba.set_num_threads(all_threads)
-            methods[name] = rates
+        # All one-thread figures first, then all-thread ones: switching the thread count
+        # back and forth between measurements disturbed the one-thread figures.
+        for key, threads in (("latents_per_s_1t", 1), ("latents_per_s_all", all_threads)):
+            numba.set_num_threads(threads)
+            for name, q in QUANTIZERS.items():
+                methods[name][key] = y.size / _best_time(lambda: q.quantize(y, mu, sigma), reps)
+        numba.set_num_threads(all_threads)
         sub = tuple(a[:numpy_channels] for a in (y, mu, sigma))
         t = _best_time(lambda: QUANTIZERS["tcq8"].quantize(*sub, backend="numpy"), 1)
         methods["tcq8_numpy"] = {"latents_per_s_1t": sub[0].size / t, "latents_per_s_all": sub[0].size / t}
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     for r in result["runs"]:
         print(f"latent {'x'.join(map(str, r['shape']))}:")
         for name, m in r["methods"].items():
-            print(f"  {name:11s} {m['latents_per_s_1t'] / 1e6:8.2f} M/s (1 thread)  {m['latents_per_s_all'] / 1e6:8.2f} M/s (all)")
+            print(f"  {name:11s} {m['latents_per_s_1t'] / 1e6:9.3f} M/s (1 thread)  {m['latents_per_s_all'] / 1e6:9.3f} M/s (all)")
         print(f"  TCQ-8 speed-up over its NumPy reference: {r['methods']['tcq8']['speedup_vs_numpy_1t']:.0f}x")
     if args.json:
         with open(args.json, "w") as f:
