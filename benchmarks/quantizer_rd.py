@@ -1,0 +1,187 @@
+"""RD of RDOQ, TCQ-4 and TCQ-8 against USQ on the reference checkpoints (issue 4).
+
+Two steps, never tuning on a test set:
+
+``calibrate``: on BSDS500 validation images, for every reference checkpoint, compute the
+latent, μ, σ and ẑ once per image, then quantize with every configuration of a grid —
+TCQ union step Δ × λ multiplier ``m`` (λ = m × the VVC-style default of
+``qft.commands._options.default_lambda``), RDOQ × ``m`` — decode with ``g_s`` and measure
+PSNR-RGB and the rate (exact table bits of y + likelihood bits of ẑ, within 0.2 % of the
+real stream). For each configuration, applied unchanged to all rate points, the BD-rate
+against USQ (``bjontegaard``, pchip) is computed; the best one per method is the rule.
+
+The grid also holds USQ with coarser steps (a control: a noise-trained model may simply
+prefer a coarser quantizer, which would flatter TCQ's larger steps).
+
+``kodak``: all 24 Kodak images with real bitstreams (compress → decompress) for USQ, the
+calibrated USQ step, RDOQ, TCQ-4 and TCQ-8 (plus TCQ-8 at the plain VVC rule, m = 1),
+BD-rates against USQ (step 1) on the same checkpoints.
+
+    python benchmarks/quantizer_rd.py calibrate --json benchmarks/results/tcq_rule.json
+    python benchmarks/quantizer_rd.py kodak --rule benchmarks/results/tcq_rule.json \\
+        --json benchmarks/results/quantizer_rd_kodak.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+import warnings
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tqdm import tqdm
+
+from trellis import Quantizer
+from trellis.bench import machine_info
+
+from qft.codec import Codec, crop, list_images, pad, read_image
+from qft.commands._options import default_lambda, default_step
+from qft.eval import psnr
+from qft.models import ARCHITECTURES, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = REPO / "qft" / "assets" / "checkpoints" / "manifest.json"
+STEPS = (0.63, 0.7, 0.8, 0.9, 1.0, 1.1)
+MULTS = (0.1, 0.25, 0.5)
+USQ_STEPS = (1.0, 1.1, 1.25, 1.4)  # control: USQ with a coarser step, against the same anchor
+
+
+def reference_checkpoints() -> list[Path]:
+    entries = json.loads(MANIFEST.read_text())
+    entries = [e for e in entries if "finetuned_from" not in e]
+    return [MANIFEST.parent / e["file"] for e in sorted(entries, key=lambda e: e["lambda"])]
+
+
+def configs(steps=STEPS, mults=MULTS, methods=("rdoq", "tcq4", "tcq8")) -> list[tuple[str, float, float]]:
+    out = [("usq", s, 0.0) for s in USQ_STEPS]
+    out += [("rdoq", 1.0, m) for m in mults if "rdoq" in methods]
+    out += [(meth, d, m) for meth in methods if meth != "rdoq" for d, m in itertools.product(steps, mults)]
+    return out
+
+
+def quantizer(method: str, step: float, mult: float) -> Quantizer:
+    return Quantizer(method, step=step, lam=default_lambda(method, step, mult))
+
+
+def bd_rate(anchor: dict, test: dict) -> float:
+    """BD-rate in % (bjontegaard, pchip) of two curves {"bpp": [...], "psnr": [...]}."""
+    import bjontegaard as bd
+
+    a = sorted(zip(anchor["bpp"], anchor["psnr"]))
+    t = sorted(zip(test["bpp"], test["psnr"]))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(bd.bd_rate([r for r, _ in a], [p for _, p in a], [r for r, _ in t], [p for _, p in t],
+                                    method="pchip", require_matching_points=False, min_overlap=0.5))
+    except Exception:  # non-monotone or non-overlapping curves
+        return float("nan")
+
+
+@torch.no_grad()
+def calibrate(args) -> dict:
+    images = list_images(args.data)[: args.images]
+    ckpts = [Path(p) for p in args.checkpoints] if args.checkpoints else reference_checkpoints()
+    grid = configs(args.steps or STEPS, args.mults or MULTS, args.methods)
+    per_ckpt = []
+    for path in ckpts:
+        ck = load_checkpoint(path)
+        codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
+        acc = {c: [0.0, 0.0] for c in grid}
+        for img in tqdm(images, desc=path.name, leave=False):
+            x = read_image(img)
+            xp, padding = pad(x)
+            (lat,) = codec.latent_coder.quantize(xp, Quantizer("usq"))
+            pixels = x.shape[-2] * x.shape[-1]
+            for c in grid:
+                res = quantizer(*c).quantize(lat.y, lat.mu, lat.sigma)
+                x_hat = crop(ck.model.g_s(torch.from_numpy(res.y_hat)[None]).clamp(0, 1), padding)
+                acc[c][0] += (res.bits + lat.z_bits_estimated) / pixels / len(images)
+                acc[c][1] += psnr(x, x_hat) / len(images)
+        per_ckpt.append({"checkpoint": path.name, "points": {json.dumps(c): v for c, v in acc.items()}})
+    curves = {c: {"bpp": [p["points"][json.dumps(c)][0] for p in per_ckpt],
+                  "psnr": [p["points"][json.dumps(c)][1] for p in per_ckpt]} for c in grid}
+    usq = curves[("usq", 1.0, 0.0)]
+    table = [{"method": c[0], "step": c[1], "mult": c[2], "bd_rate": bd_rate(usq, curves[c])} for c in grid[1:]]
+    rule = {}
+    for method in ["usq", *args.methods]:
+        rows = [r for r in table if r["method"] == method and not math.isnan(r["bd_rate"])]
+        best = min(rows, key=lambda r: r["bd_rate"])
+        rule[method] = {"step": best["step"], "mult": best["mult"], "bd_rate_val": best["bd_rate"]}
+    return {"machine": machine_info(), "data": str(args.data), "images": [p.name for p in images],
+            "checkpoints": [p.name for p in ckpts], "grid": table, "curves": {json.dumps(c): v for c, v in curves.items()},
+            "rule": rule}
+
+
+@torch.no_grad()
+def kodak(args) -> dict:
+    rule = json.loads(Path(args.rule).read_text())["rule"]
+    qs = {"usq": Quantizer("usq")}
+    for method, r in rule.items():
+        qs[method + ("-step" if method == "usq" else "")] = quantizer(method, r["step"], r["mult"])
+    qs["tcq8-vvc-rule"] = quantizer("tcq8", default_step("tcq8"), 1.0)
+    images = list_images(args.data)[: args.images]
+    ckpts = [Path(p) for p in args.checkpoints] if args.checkpoints else reference_checkpoints()
+    curves = {name: {"bpp": [], "psnr": [], "bpp_estimated": [], "encoding_time": [], "decoding_time": []} for name in qs}
+    for path in ckpts:
+        ck = load_checkpoint(path)
+        codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
+        for name, q in qs.items():
+            vals = []
+            for img in tqdm(images, desc=f"{path.name} {name}", leave=False):
+                x = read_image(img)
+                enc = codec.compress(x, q)
+                dec = codec.decompress(enc["bitstream"])
+                px = x.shape[-2] * x.shape[-1]
+                vals.append((len(enc["bitstream"]) * 8 / px, psnr(x, dec["x_hat"]), enc["bits_estimated"] / px,
+                             enc["time_s"], dec["time_s"]))
+            for key, v in zip(("bpp", "psnr", "bpp_estimated", "encoding_time", "decoding_time"), np.mean(vals, 0)):
+                curves[name][key].append(float(v))
+    bd = {name: bd_rate(curves["usq"], c) for name, c in curves.items() if name != "usq"}
+    return {"machine": machine_info(), "data": str(args.data), "images": len(images), "checkpoints": [p.name for p in ckpts],
+            "quantizers": {n: {"method": q.method, "step": q.step, "lambda": q.lam} for n, q in qs.items()},
+            "curves": curves, "bd_rate_vs_usq": bd}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=("calibrate", "kodak"))
+    parser.add_argument("--checkpoints", nargs="*", help="default: the reference checkpoints of the manifest")
+    parser.add_argument("--data", help="default: BSDS500 val (calibrate) / bundled Kodak (kodak)")
+    parser.add_argument("--images", type=int, default=None, help="first N images only")
+    parser.add_argument("--rule", default="benchmarks/results/tcq_rule.json")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=float, nargs="*", help=f"TCQ union steps of the grid (default {STEPS})")
+    parser.add_argument("--mults", type=float, nargs="*", help=f"λ multipliers of the grid (default {MULTS})")
+    parser.add_argument("--methods", nargs="*", default=["rdoq", "tcq4", "tcq8"])
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.data is None:
+        args.data = REPO.parent / "shared/data/bsds500/val" if args.mode == "calibrate" else REPO / "qft/assets/kodak"
+    if args.mode == "calibrate" and args.images is None:
+        args.images = 12
+    t0 = time.time()
+    result = calibrate(args) if args.mode == "calibrate" else kodak(args)
+    result["wall_s"] = time.time() - t0
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.mode == "calibrate":
+        for method, r in result["rule"].items():
+            print(f"{method}: step {r['step']}, λ multiplier {r['mult']} → BD-rate vs USQ on validation {r['bd_rate_val']:+.2f} %")
+    else:
+        for name, v in result["bd_rate_vs_usq"].items():
+            print(f"{name}: BD-rate vs USQ on Kodak (real bitstreams) {v:+.2f} %")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
