@@ -1,5 +1,8 @@
 """Throughput benchmark of the quantizers: ``python -m trellis.bench [--quick] --json PATH``.
 
+Output: ``{"machine": str, "machine_info": {...}, "runs": [{"shape": [C, H, W], "methods":
+{NAME: {"latents_per_s_1t", "latents_per_s_all"}}}], "jit_warmup_s": {...}}``.
+
 Measures full :meth:`trellis.Quantizer.quantize` calls (validation, scale rows, kernel,
 reconstruction) in latents per second, on one thread and on all threads, for USQ, RDOQ,
 TCQ-4 and TCQ-8 (Numba) and for the NumPy reference of TCQ-8, on latents of Kodak size
@@ -75,7 +78,8 @@ def run(quick: bool = False) -> dict:
     reps = 3 if quick else 10
     numpy_channels = 1 if quick else 4
     all_threads = numba.config.NUMBA_NUM_THREADS
-    result = {"machine": machine_info(), "quick": quick, "jit_warmup_s": {}, "runs": []}
+    info = machine_info()
+    result = {"machine": "", "machine_info": info, "quick": quick, "jit_warmup_s": {}, "runs": []}
     for shape in SHAPES:
         y, mu, sigma = synthetic_latent(shape)
         methods = {name: {} for name in QUANTIZERS}
@@ -95,7 +99,11 @@ def run(quick: bool = False) -> dict:
         methods["tcq8_numpy"] = {"latents_per_s_1t": sub[0].size / t, "latents_per_s_all": sub[0].size / t}
         methods["tcq8"]["speedup_vs_numpy_1t"] = methods["tcq8"]["latents_per_s_1t"] / methods["tcq8_numpy"]["latents_per_s_1t"]
         result["runs"].append({"shape": list(shape), "methods": methods})
-    result["machine"]["loadavg_1min_after"] = os.getloadavg()[0]
+    info["loadavg_1min_after"] = os.getloadavg()[0]
+    result["machine"] = (
+        f"{info['cpu']}, {info['cores']} cores, numba {info['numba']} ({info['numba_threads']} threads), "
+        f"load {info['loadavg_1min']:.2f} before / {info['loadavg_1min_after']:.2f} after"
+    )
     return result
 
 
