@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("compress", "code an image into a .qft bitstream"),
     "decompress": ("decompress", "decode a .qft bitstream into a PNG"),
     "eval": ("eval", "evaluate checkpoints on an image folder with real bitstreams (CompressAI JSON)"),
+    "bdrate": ("bdrate", "BD-rate of a test curve against an anchor (CompressAI JSON)"),
 }
 
 

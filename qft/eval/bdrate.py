@@ -1,0 +1,52 @@
+"""Bjøntegaard-delta rate between two RD curves, through the ``bjontegaard`` package.
+
+Curves are CompressAI results (``{"results": {"bpp": [...], "psnr-rgb": [...], ...}}``) or
+plain ``{"bpp": [...], METRIC: [...]}`` dicts. Points are sorted by rate; the default
+method is ``pchip`` (JVET common test conditions), ``cubic`` (VCEG-M33) and ``akima`` are
+computed alongside. A curve pair whose quality ranges overlap by less than
+``min_overlap`` gets a warning from the package, which is collected and returned.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+__all__ = ["BD_METHODS", "bd_rate", "curve"]
+
+BD_METHODS = ("pchip", "cubic", "akima")
+
+
+def curve(obj: dict, metric: str = "psnr-rgb") -> tuple[list[float], list[float]]:
+    """``(rates, qualities)`` sorted by rate, from a CompressAI results JSON or a plain dict."""
+    res = obj.get("results", obj)
+    if "bpp" not in res or metric not in res:
+        raise KeyError(f"curve has no 'bpp' and '{metric}' lists")
+    pts = sorted(zip(res["bpp"], res[metric]))
+    return [r for r, _ in pts], [q for _, q in pts]
+
+
+def bd_rate(anchor: dict, test: dict, metric: str = "psnr-rgb", min_overlap: float = 0.5) -> dict:
+    """BD-rate in percent of ``test`` against ``anchor`` for every method.
+
+    Returns:
+        ``{"pchip": %, "cubic": %, "akima": %, "warnings": [...]}``; a method that cannot
+        be computed (fewer than 2 points, non-monotone quality, no overlap) gives NaN and
+        its reason in ``warnings``.
+    """
+    import bjontegaard as bd
+
+    ra, qa = curve(anchor, metric)
+    rt, qt = curve(test, metric)
+    out: dict = {"warnings": []}
+    for method in BD_METHODS:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                out[method] = float(bd.bd_rate(ra, qa, rt, qt, method=method, require_matching_points=False,
+                                               min_overlap=min_overlap))
+            except Exception as exc:  # the package raises ValueError/AssertionError on bad curves
+                out[method] = math.nan
+                out["warnings"].append(f"{method}: {exc.__class__.__name__} {exc}".rstrip())
+        out["warnings"] += [f"{method}: {w.message}" for w in caught]
+    return out
