@@ -191,35 +191,89 @@ class TestKernelsMatchReference:
         assert y_hat.ravel().tolist() == [0.0, 1.0, -0.5, 1.5, -1.5, 2.5]
 
 
-def path_cost(r, rows, step, lam, sm, table, choices):
+class TestWeights:
+    @pytest.mark.parametrize("method", ["rdoq", "tcq4", "tcq8"])
+    @pytest.mark.parametrize("per", ["channel", "element"])
+    def test_kernels_match_reference(self, method, per):
+        y, mu, sigma = latent((4, 7, 9), seed=21, outliers=True)
+        rng = np.random.default_rng(22)
+        w = np.exp(rng.normal(0, 1, (4, 1, 1) if per == "channel" else y.shape))
+        q = Quantizer(method, step=METHOD_STEPS[method], lam=0.1, reset="tensor" if per == "element" else "channel")
+        a = q.quantize(y, mu, sigma, weights=w)
+        b = q.quantize(y, mu, sigma, weights=w, backend="numpy")
+        for name in ("indices", "states", "rows", "y_hat"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+    @pytest.mark.parametrize("method", ["rdoq", "tcq8"])
+    def test_uniform_weight_is_a_lambda_scale(self, method):
+        y, mu, sigma = latent((3, 8, 8), seed=23)
+        q = Quantizer(method, step=METHOD_STEPS[method], lam=0.2)
+        ones = q.quantize(y, mu, sigma, weights=np.ones(1))
+        assert np.array_equal(ones.indices, q.quantize(y, mu, sigma).indices)
+        # J = Σ 4 (r - t)² + λ R has the argmin of Σ (r - t)² + (λ/4) R
+        four = q.quantize(y, mu, sigma, weights=np.full(1, 4.0))
+        quarter = Quantizer(method, step=METHOD_STEPS[method], lam=0.05).quantize(y, mu, sigma)
+        assert np.array_equal(four.indices, quarter.indices)
+
+    def test_weighted_stream_decodes_without_weights(self):
+        from trellis import rans, scale_rows
+
+        y, mu, sigma = latent((4, 6, 6), seed=24, outliers=True)
+        q = Quantizer("tcq8", step=0.5, lam=0.1)
+        out = q.quantize(y, mu, sigma, weights=np.exp(np.random.default_rng(0).normal(size=(4, 1, 1))))
+        tab = q.table
+        data = rans.encode(out.indices, out.rows, tab.cdf, tab.cdf_length, tab.offset)
+        nxt, cls = q.selector
+        idx = rans.decode(data, scale_rows(sigma), q.chain_length(y.shape), nxt, cls, NUM_SCALES, tab.cdf,
+                          tab.cdf_length, tab.offset).reshape(y.shape)
+        y_hat, _ = q.dequantize(idx, mu)
+        assert np.array_equal(y_hat, out.y_hat)
+
+    @pytest.mark.parametrize("bad", [np.zeros((2, 1, 1)), -np.ones(1), np.full(1, np.nan), np.ones((3, 1, 1))])
+    def test_bad_weights(self, bad):
+        y, mu, sigma = latent((2, 3, 4))
+        with pytest.raises(ValueError, match="weights"):
+            Quantizer("tcq8").quantize(y, mu, sigma, weights=bad)
+
+    def test_usq_takes_no_weights(self):
+        y, mu, sigma = latent((2, 3, 4))
+        with pytest.raises(ValueError, match="weights"):
+            Quantizer("usq").quantize(y, mu, sigma, weights=np.ones(1))
+
+
+def path_cost(r, rows, step, lam, sm, table, choices, w=None):
     """J of one path through the candidate set: choice 0 zero, 1 even, 2 odd candidate."""
+    w = np.ones(len(r)) if w is None else w
     s, J = 0, 0.0
-    for x, row, ch in zip(r, rows, choices):
+    for x, wd, row, ch in zip(r, w, rows, choices):
         q = int(sm.quantizer[s])
         sg = 1 if x >= 0 else -1
         ke, ko = reference.tcq_candidates(abs(x), step, q)
         k = (0, sg * ke, sg * ko)[ch]
         t = (2 * k - np.sign(k) * q) * step
-        J += (x - t) ** 2 + lam * table.index_bits(q * NUM_SCALES + row, k)
+        J += wd * (x - t) ** 2 + lam * table.index_bits(q * NUM_SCALES + row, k)
         s = sm.next_state[s, k & 1]
     return J
 
 
 @pytest.mark.parametrize("S", [4, 8])
 @pytest.mark.parametrize("seed", range(6))
-def test_viterbi_is_optimal_exhaustive(S, seed):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_viterbi_is_optimal_exhaustive(S, seed, weighted):
     rng = np.random.default_rng(seed)
     L = 6
     step, lam = rng.uniform(0.3, 1.0), rng.uniform(0.0, 0.5)
     y = rng.normal(0, rng.uniform(0.3, 4), (1, 1, L)).astype(np.float32)
     sigma = np.exp(rng.uniform(np.log(0.1), np.log(5), (1, 1, L))).astype(np.float32)
+    w = np.exp(rng.normal(0, 1, L)) if weighted else None
     q = Quantizer(f"tcq{S}", step=step, lam=lam)
-    out = q.quantize(y, sigma=sigma)
+    out = q.quantize(y, sigma=sigma, weights=None if w is None else w.reshape(1, 1, L))
     sm, tab = q.machine, q.table
     r = y.ravel().astype(np.float64)
     rows = out.rows.ravel() % NUM_SCALES
-    best = min(path_cost(r, rows, step, lam, sm, tab, ch) for ch in itertools.product(range(3), repeat=L))
-    got = np.sum((r - (out.y_hat.ravel().astype(np.float64))) ** 2) + lam * out.bits
+    best = min(path_cost(r, rows, step, lam, sm, tab, ch, w) for ch in itertools.product(range(3), repeat=L))
+    err = (r - (out.y_hat.ravel().astype(np.float64))) ** 2
+    got = np.sum(err if w is None else w * err) + lam * out.bits
     assert got == pytest.approx(best, rel=1e-6, abs=1e-9)
 
 

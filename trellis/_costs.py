@@ -52,14 +52,18 @@ def candidate_n0(a, step):  # pragma: no cover
 
 
 @njit(cache=True, nogil=True, inline="always")
-def branches(a, sg, n0, step, lm, q, row, bits, kmax, tail_bits, cdf_length, offset):  # pragma: no cover
-    """(cost of the even-parity branch, its choice code, cost of the odd branch)."""
+def branches(a, sg, n0, step, wd, lm, q, row, bits, kmax, tail_bits, cdf_length, offset):  # pragma: no cover
+    """(cost of the even-parity branch, its choice code, cost of the odd branch).
+
+    Costs are ``wd (r - t)² + λ R``: ``wd`` is the element's distortion weight (1 when
+    unweighted; multiplying by 1.0 is exact, so unweighted results do not change).
+    """
     ka = first_candidate(n0, q)
     da = a - (2 * ka - q) * step
     db = da - 2 * step
-    ca = da * da + lm * index_bits(bits, kmax, tail_bits, cdf_length, offset, row, sg * ka)
-    cb = db * db + lm * index_bits(bits, kmax, tail_bits, cdf_length, offset, row, sg * (ka + 1))
-    cz = a * a + lm * bits[row, kmax]
+    ca = wd * (da * da) + lm * index_bits(bits, kmax, tail_bits, cdf_length, offset, row, sg * ka)
+    cb = wd * (db * db) + lm * index_bits(bits, kmax, tail_bits, cdf_length, offset, row, sg * (ka + 1))
+    cz = wd * (a * a) + lm * bits[row, kmax]
     if ka & 1:
         ce, co = cb, ca
     else:

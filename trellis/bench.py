@@ -5,7 +5,9 @@ Output: ``{"machine": str, "machine_info": {...}, "runs": [{"shape": [C, H, W], 
 
 Measures full :meth:`trellis.Quantizer.quantize` calls (validation, scale rows, kernel,
 reconstruction) in latents per second, on one thread and on all threads, for USQ, RDOQ,
-TCQ-4 and TCQ-8 (Numba) and for the NumPy reference of TCQ-8, on latents of Kodak size
+TCQ-4 and TCQ-8 (Numba), TCQ-8 with per-channel (``tcq8_weighted``) and per-element
+(``tcq8_weighted_elementwise``) distortion weights, and the NumPy reference of TCQ-8
+(``tcq8_numpy``), on latents of Kodak size
 (192×32×48 and 320×32×48) with σ log-uniform in 0.11…20. JIT compilation (or loading
 from Numba's cache) is timed separately and excluded. The JSON records the machine and
 its load average before and after, so figures taken on a busy machine can be told apart.
@@ -82,22 +84,30 @@ def run(quick: bool = False) -> dict:
     result = {"machine": "", "machine_info": info, "quick": quick, "jit_warmup_s": {}, "runs": []}
     for shape in SHAPES:
         y, mu, sigma = synthetic_latent(shape)
-        methods = {name: {} for name in QUANTIZERS}
-        for name, q in QUANTIZERS.items():
+        # per-channel distortion weights (decoder-aware TCQ), log-normal around 1
+        weights = np.exp(np.random.default_rng(1).normal(0.0, 0.5, (shape[0], 1, 1)))
+        elem_weights = np.exp(np.random.default_rng(2).normal(0.0, 0.5, shape))
+        calls = {name: (q, None) for name, q in QUANTIZERS.items()} | {
+            "tcq8_weighted": (QUANTIZERS["tcq8"], weights),
+            "tcq8_weighted_elementwise": (QUANTIZERS["tcq8"], elem_weights),
+        }
+        methods = {name: {} for name in calls}
+        for name, (q, w) in calls.items():
             t0 = time.perf_counter()
-            q.quantize(y, mu, sigma)  # compile or load from cache
+            q.quantize(y, mu, sigma, weights=w)  # compile or load from cache
             result["jit_warmup_s"].setdefault(name, time.perf_counter() - t0)
         # All one-thread figures first, then all-thread ones: switching the thread count
         # back and forth between measurements disturbed the one-thread figures.
         for key, threads in (("latents_per_s_1t", 1), ("latents_per_s_all", all_threads)):
             numba.set_num_threads(threads)
-            for name, q in QUANTIZERS.items():
-                methods[name][key] = y.size / _best_time(lambda: q.quantize(y, mu, sigma), reps)
+            for name, (q, w) in calls.items():
+                methods[name][key] = y.size / _best_time(lambda: q.quantize(y, mu, sigma, weights=w), reps)
         numba.set_num_threads(all_threads)
         sub = tuple(a[:numpy_channels] for a in (y, mu, sigma))
         t = _best_time(lambda: QUANTIZERS["tcq8"].quantize(*sub, backend="numpy"), 1)
         methods["tcq8_numpy"] = {"latents_per_s_1t": sub[0].size / t, "latents_per_s_all": sub[0].size / t}
         methods["tcq8"]["speedup_vs_numpy_1t"] = methods["tcq8"]["latents_per_s_1t"] / methods["tcq8_numpy"]["latents_per_s_1t"]
+        methods["tcq8_weighted"]["vs_unweighted_1t"] = methods["tcq8_weighted"]["latents_per_s_1t"] / methods["tcq8"]["latents_per_s_1t"]
         result["runs"].append({"shape": list(shape), "methods": methods})
     info["loadavg_1min_after"] = os.getloadavg()[0]
     result["machine"] = (
@@ -116,7 +126,7 @@ def main(argv=None) -> int:
     for r in result["runs"]:
         print(f"latent {'x'.join(map(str, r['shape']))}:")
         for name, m in r["methods"].items():
-            print(f"  {name:11s} {m['latents_per_s_1t'] / 1e6:9.3f} M/s (1 thread)  {m['latents_per_s_all'] / 1e6:9.3f} M/s (all)")
+            print(f"  {name:25s} {m['latents_per_s_1t'] / 1e6:9.3f} M/s (1 thread)  {m['latents_per_s_all'] / 1e6:9.3f} M/s (all)")
         print(f"  TCQ-8 speed-up over its NumPy reference: {r['methods']['tcq8']['speedup_vs_numpy_1t']:.0f}x")
     if args.json:
         with open(args.json, "w") as f:

@@ -79,11 +79,12 @@ def usq(r, mu, rows, step, theta, bits, kmax, tail_bits, cdf_length, offset):  #
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def rdoq(r, mu, rows, step, lam, bits, kmax, tail_bits, cdf_length, offset):  # pragma: no cover
+def rdoq(r, w, mu, rows, step, lam, bits, kmax, tail_bits, cdf_length, offset):  # pragma: no cover
     """Greedy scalar RDOQ: per element the best of {0, floor(r/Δ), ceil(r/Δ)}.
 
-    Cost ``(r - qΔ)² + λ_c R(q)`` with ``λ_c = lam[chain]``; ties keep the earlier
-    candidate in the order 0, floor, ceil. Returns ``(indices, y_hat, chain_bits)``.
+    Cost ``w (r - qΔ)² + λ_c R(q)`` with ``λ_c = lam[chain]`` and distortion weights ``w``
+    (``None``: all 1); ties keep the earlier candidate in the order 0, floor, ceil.
+    Returns ``(indices, y_hat, chain_bits)``.
     """
     C, L = r.shape
     idx = np.empty((C, L), dtype=np.int32)
@@ -95,18 +96,19 @@ def rdoq(r, mu, rows, step, lam, bits, kmax, tail_bits, cdf_length, offset):  # 
         for i in range(L):
             x = np.float64(r[c, i])
             row = rows[c, i]
+            wd = 1.0 if w is None else w[c, i]
             u = x / step
             lo = np.int64(math.floor(u))
             hi = np.int64(math.ceil(u))
             best_q = np.int64(0)
             best_b = index_bits(bits, kmax, tail_bits, cdf_length, offset, row, 0)
-            best = x * x + lm * best_b
+            best = wd * (x * x) + lm * best_b
             for q in (lo, hi):
                 if q == 0:
                     continue
                 b = index_bits(bits, kmax, tail_bits, cdf_length, offset, row, q)
                 d = x - q * step
-                cost = d * d + lm * b
+                cost = wd * (d * d) + lm * b
                 if cost < best:
                     best = cost
                     best_q = q
@@ -121,10 +123,11 @@ def rdoq(r, mu, rows, step, lam, bits, kmax, tail_bits, cdf_length, offset):  # 
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def tcq(r, mu, rows, step, lam, num_states, quant, bits, kmax, tail_bits, cdf_length, offset):  # pragma: no cover
+def tcq(r, w, mu, rows, step, lam, num_states, quant, bits, kmax, tail_bits, cdf_length, offset):  # pragma: no cover
     """Trellis-coded quantization: Viterbi over the 4- or 8-state machine.
 
-    Minimises ``Σ (r - t)² + λ_c Σ R`` per chain, start state 0, free end state; the
+    Minimises ``Σ w (r - t)² + λ_c Σ R`` per chain (``w``: distortion weights, ``None``
+    for all 1), start state 0, free end state; the
     forward passes are the hard-wired ones of :mod:`trellis._acs`. Returns
     ``(indices, states, coding_rows, y_hat, chain_bits)``: ``states[c, i]`` is the state
     in which element i is coded, ``coding_rows = quant[state] * 64 + rows``, and
@@ -139,10 +142,11 @@ def tcq(r, mu, rows, step, lam, num_states, quant, bits, kmax, tail_bits, cdf_le
     chain_bits = np.zeros(C, dtype=np.float64)
     for c in prange(C):
         bp = np.empty((L, S), dtype=np.uint8)
+        wc = None if w is None else w[c]
         if S == 8:
-            t = forward8(r[c], rows[c], step, lam[c], bits, kmax, tail_bits, cdf_length, offset, bp)
+            t = forward8(r[c], wc, rows[c], step, lam[c], bits, kmax, tail_bits, cdf_length, offset, bp)
         else:
-            t = forward4(r[c], rows[c], step, lam[c], bits, kmax, tail_bits, cdf_length, offset, bp)
+            t = forward4(r[c], wc, rows[c], step, lam[c], bits, kmax, tail_bits, cdf_length, offset, bp)
         # Trace the survivor path first (a tight serial loop), keeping the choice code
         # in idx; then turn choices into indices, levels and rates (independent steps).
         for i in range(L - 1, -1, -1):

@@ -158,6 +158,7 @@ class Quantizer:
         sigma: np.ndarray | None = None,
         *,
         scale_rows: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
         backend: str = "numba",
     ) -> QuantizeResult:
         """Quantizes ``y`` relative to ``mu`` with rates from the Gaussian tables.
@@ -167,6 +168,11 @@ class Quantizer:
             mu: predicted means (same shape); ``None`` means 0 (scale-only hyperprior).
             sigma: predicted scales ``> 0`` (same shape), mapped to table rows.
             scale_rows: alternatively the table rows (int, 0…63) themselves.
+            weights: distortion weights ``w > 0`` broadcastable to ``y`` (e.g. ``(C, 1, 1)``
+                per channel) for RDOQ and TCQ: ``J = Σ w (r - t)² + λ Σ R``. Weights that are
+                constant along each chain (per channel, ``reset="channel"``) are applied as
+                the equivalent per-chain ``λ / w``; others per element. The decoder needs
+                none of them.
             backend: ``"numba"`` (fast kernels) or ``"numpy"`` (the reference).
         """
         if backend not in BACKENDS:
@@ -188,6 +194,16 @@ class Quantizer:
         mu2 = self._chains(mu)
         tab = self.table
         lam = np.full(r.shape[0], self.lam)
+        w = None
+        if weights is not None:
+            wv = self._weights(weights, y.shape)
+            wv = wv.reshape((1,) * (y.ndim - wv.ndim) + wv.shape)
+            if self.reset == "channel" and wv.shape[-2:] == (1, 1):
+                # constant along each chain: Σ w_c (r - t)² + λ R has the argmin of
+                # Σ (r - t)² + (λ / w_c) R, a per-chain λ at no cost per element
+                lam = self.lam / np.broadcast_to(wv, y.shape[:-2] + (1, 1)).reshape(-1)
+            else:
+                w = self._chains(np.broadcast_to(wv, y.shape))
         tabargs = (tab.bits, tab.kmax, tab.tail_bits, tab.cdf_length, tab.offset)
         states = np.zeros(r.shape, dtype=np.uint8)
         coding_rows = rows2
@@ -198,17 +214,17 @@ class Quantizer:
                 idx, y_hat, bits = reference.usq(r, mu2, rows2, self.step, self.theta, tab)
         elif self.method == "rdoq":
             if backend == "numba":
-                idx, y_hat, bits = kernels.rdoq(r, mu2, rows2, self.step, lam, *tabargs)
+                idx, y_hat, bits = kernels.rdoq(r, w, mu2, rows2, self.step, lam, *tabargs)
             else:
-                idx, y_hat, bits = reference.rdoq(r, mu2, rows2, self.step, lam, tab)
+                idx, y_hat, bits = reference.rdoq(r, w, mu2, rows2, self.step, lam, tab)
         else:
             sm = self.machine
             if backend == "numba":
                 idx, states, coding_rows, y_hat, bits = kernels.tcq(
-                    r, mu2, rows2, self.step, lam, sm.num_states, sm.quantizer, *tabargs
+                    r, w, mu2, rows2, self.step, lam, sm.num_states, sm.quantizer, *tabargs
                 )
             else:
-                idx, states, coding_rows, y_hat, bits = reference.tcq(r, mu2, rows2, self.step, lam, tab, sm)
+                idx, states, coding_rows, y_hat, bits = reference.tcq(r, w, mu2, rows2, self.step, lam, tab, sm)
         return QuantizeResult(
             indices=idx.reshape(y.shape),
             states=states.reshape(y.shape),
@@ -240,6 +256,19 @@ class Quantizer:
         else:
             states = np.zeros(indices.shape, dtype=np.uint8)
         return self.reconstruct(indices, states, mu, backend), states
+
+    def _weights(self, weights, shape) -> np.ndarray:
+        """Validated weights (not yet broadcast)."""
+        if self.method == "usq":
+            raise ValueError("weights apply to rdoq and tcq; usq makes no rate-distortion decision")
+        w = np.asarray(weights, dtype=np.float64)
+        try:
+            np.broadcast_shapes(w.shape, shape)
+        except ValueError:
+            raise ValueError(f"weights of shape {w.shape} do not broadcast to the latent's {shape}") from None
+        if w.ndim > len(shape) or not np.isfinite(w).all() or w.min(initial=1.0) <= 0:
+            raise ValueError("weights must be finite, > 0 and of at most the latent's dimensions")
+        return w
 
     @staticmethod
     def _scale_rows(shape, sigma, rows, backend) -> np.ndarray:

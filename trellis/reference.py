@@ -29,14 +29,18 @@ def usq(r: np.ndarray, mu: np.ndarray, rows: np.ndarray, step: float, theta: flo
     return q.astype(np.int32), y_hat, table.index_bits(rows, q).sum(axis=1)
 
 
-def rdoq(r: np.ndarray, mu: np.ndarray, rows: np.ndarray, step: float, lam: np.ndarray, table: RateTable):
-    """Greedy RDOQ over {0, floor(r/Δ), ceil(r/Δ)}; ties keep the earlier candidate."""
+def rdoq(r, w, mu, rows, step: float, lam: np.ndarray, table: RateTable):
+    """Greedy RDOQ over {0, floor(r/Δ), ceil(r/Δ)}; ties keep the earlier candidate.
+
+    ``w``: distortion weights shaped like ``r``, or ``None`` (all 1).
+    """
     r = r.astype(np.float64)
+    w = np.ones_like(r) if w is None else w
     u = r / step
     lo, hi = np.floor(u).astype(np.int64), np.ceil(u).astype(np.int64)
     cands = np.stack([np.zeros_like(lo), lo, hi])  # evaluation order = tie order
     bits = table.index_bits(rows[None], cands)
-    dist = (r[None] - cands * step) ** 2
+    dist = w[None] * ((r[None] - cands * step) ** 2)
     cost = dist + lam[None, :, None] * bits
     # floor == 0 or ceil == floor repeat an earlier candidate: never strictly better.
     choice = np.argmin(cost, axis=0)
@@ -61,12 +65,13 @@ def tcq_candidates(a: float, step: float, q: int) -> tuple[int, int]:
     return (int(mags[0]), int(mags[1])) if mags[0] % 2 == 0 else (int(mags[1]), int(mags[0]))
 
 
-def tcq(r: np.ndarray, mu: np.ndarray, rows: np.ndarray, step: float, lam: np.ndarray, table: RateTable, sm: StateMachine):
-    """Viterbi TCQ, one chain at a time, vectorised over states.
+def tcq(r, w, mu, rows, step: float, lam: np.ndarray, table: RateTable, sm: StateMachine):
+    """Viterbi TCQ, one chain at a time, vectorised over states (``w`` as in :func:`rdoq`).
 
     Returns ``(indices, states, coding_rows, y_hat, chain_bits)`` as :func:`trellis.kernels.tcq`.
     """
     r = r.astype(np.float64)
+    w = np.ones_like(r) if w is None else w
     C, L = r.shape
     S = sm.num_states
     idx = np.zeros((C, L), dtype=np.int32)
@@ -87,7 +92,7 @@ def tcq(r: np.ndarray, mu: np.ndarray, rows: np.ndarray, step: float, lam: np.nd
                 ks = np.array([0, sg * ke, sg * ko])
                 b = table.index_bits(q * NUM_SCALES + rows[c, i], ks)
                 t = np.array([0, 2 * ke - q, 2 * ko - q]) * step
-                cst = (a - t) ** 2 + lam[c] * b
+                cst = w[c, i] * ((a - t) ** 2) + lam[c] * b
                 e = 1 if cst[1] < cst[0] else 0  # zero wins ties
                 cost[q] = cst[e], cst[2]
                 kk[q] = ks[e], ks[2]
