@@ -23,6 +23,7 @@ __all__ = ["main", "COMMANDS"]
 #: subcommand -> (module under qft.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a reference model from a YAML recipe"),
+    "finetune": ("finetune", "finetune the decoder on latents quantized as at inference"),
     "models": ("models", "list the registered architectures and their parameters"),
     "init": ("init", "write a randomly initialised checkpoint of any architecture"),
     "compress": ("compress", "code an image into a .qft bitstream"),

@@ -1,0 +1,106 @@
+"""``qft finetune``: finetune the decoder on genuinely quantized latents.
+
+::
+
+    qft finetune recipes/finetune/decoder-tcq8.yaml -m base.pth --lambda 0.0130
+    qft finetune RECIPE -m base.pth -q usq --parts decoder+hyperdecoder --out runs/ft/usq
+    qft finetune RECIPE -m base.pth --control            # the noise-proxy control arm
+    torchrun --nproc_per_node=4 -m qft finetune RECIPE -m base.pth --device cuda
+
+Command-line options override the recipe. Outputs go to
+``runs/finetune/<recipe name>/`` unless ``--out`` is given; ``model.pth`` there is a
+normal qft checkpoint whose metadata names the base model (``finetuned_from``), the
+quantizer, the parts and λ. See :mod:`qft.finetune.loop` for the layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from pathlib import Path
+
+from qft.commands._options import add_quantizer_arguments
+
+__all__ = ["add_arguments", "run"]
+
+#: the quantizer options whose recipe value is kept when not given on the command line
+_QUANTIZER_OPTIONS = {
+    "quantizer": "method",
+    "step": "step",
+    "lambda_t": "lambda_t",
+    "lambda_mult": "lambda_mult",
+    "reset": "reset",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file (see recipes/finetune/)")
+    parser.add_argument("-m", "--checkpoint", help="base model checkpoint (overrides the recipe)")
+    parser.add_argument("--arch", help="architecture id (default: detected from the checkpoint)")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="allow checkpoints that need full pickle loading (only for files you trust)")
+    add_quantizer_arguments(parser)
+    parser.set_defaults(**{k: None for k in _QUANTIZER_OPTIONS})
+    parser.add_argument("--parts", choices=("decoder", "decoder+hyperdecoder"), help="trained parts")
+    parser.add_argument("--lambda", dest="lmbda", type=float,
+                        help="λ of the loss λ·255²·MSE (+ bpp): the base model's rate point")
+    parser.add_argument("--steps", type=int, help="training steps")
+    parser.add_argument("--lr", type=float, help="Adam learning rate")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the recipe's device")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process")
+    parser.add_argument("--control", action="store_true",
+                        help="control arm: conventional noise-proxy training of the same parts")
+    parser.add_argument("--cache", type=Path, help="latent cache folder (default: OUT/cache)")
+    parser.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pth")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/finetune/<recipe name>)")
+    parser.add_argument("--stop-after", type=int, metavar="STEP",
+                        help="stop with a checkpoint once STEP steps are done")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qft.errors import UserError
+    from qft.finetune import finetune, load_finetune_recipe
+
+    recipe = load_finetune_recipe(args.recipe)
+    overrides = {
+        field: getattr(args, option)
+        for option, field in {
+            **_QUANTIZER_OPTIONS,
+            "checkpoint": "checkpoint",
+            "arch": "arch",
+            "parts": "parts",
+            "lmbda": "lmbda",
+            "steps": "steps",
+            "lr": "lr",
+            "device": "device",
+            "threads": "threads",
+        }.items()
+        if getattr(args, option) is not None
+    }
+    if args.quantizer is not None and args.quantizer != recipe.method:
+        # another method: the recipe's step and λ belong to the old one
+        overrides.setdefault("step", None)
+        overrides.setdefault("lambda_t", None)
+    if overrides:
+        recipe = recipe.replace(**overrides)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError("--stop-after must be at least 1")
+    out = args.out or Path("runs") / "finetune" / Path(args.recipe).stem
+    summary = finetune(
+        recipe,
+        out,
+        control=args.control,
+        cache_dir=args.cache,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        unsafe_load=args.unsafe_load,
+        progress=not args.no_progress,
+    )
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    keys = ("finetuned_from", "parts", "control", "lambda", "step", "steps", "finished", "wall_time_s", "model")
+    print(json.dumps({k: summary.get(k) for k in keys}))
+    return 0

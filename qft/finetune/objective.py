@@ -1,0 +1,196 @@
+"""The finetuning objectives and their batches.
+
+Four variants, ``parts`` × quantized/control (``x`` the image crop, ``λ`` the base
+model's rate point, all latents from the frozen ``g_a``/``h_a``):
+
+=====================  =========================================================================
+variant                loss
+=====================  =========================================================================
+decoder                ``λ·255²·MSE(x, g_s(ŷ))``, ``ŷ`` the cached quantizer output (rate constant)
+decoder+hyperdecoder   ``λ·255²·MSE(x, g_s(μ + t)) + bpp``, ``μ, σ = h_s(ẑ)``, ``t = ŷ₀ − μ₀`` the
+                       cached reconstruction offset of the fixed index ``k``, bpp
+                       ``= −log2 P(k)`` with ``P(k)`` the Gaussian ``N(0, σ²)`` mass of
+                       ``k``'s decision cell in its quantizer class (state-dependent for TCQ)
+control, decoder       ``λ·255²·MSE(x, g_s(y + u))``, ``u ~ U(−½, ½)`` (CompressAI's proxy)
+control, decoder+h.    ``λ·255²·MSE(x, g_s(y + u)) + bpp``, ``μ, σ = h_s(z + u')``,
+                       bpp from the mass of ``[y + u − μ − ½, y + u − μ + ½)``
+=====================  =========================================================================
+
+With fixed indices the residual-domain cell, hence the rate, does not depend on ``μ``:
+``μ`` only moves the reconstruction, it acts as a learned offset of ``ŷ``. ``σ`` is
+lower-bounded at 0.11 and the likelihoods at 1e-9 by the model's own
+``GaussianConditional`` bounds. Noise comes from the batch sampler (seeded per step and
+batch element), so runs are reproducible and independent of the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from torch import nn
+
+from trellis import Quantizer
+from trellis.tables import cell_bounds
+
+from qft.finetune.cache import LatentCache
+
+__all__ = ["FinetuneObjective", "assemble_batch", "sample_crops", "index_cells", "cell_mass"]
+
+
+def sample_crops(
+    cache: LatentCache, seed: int, step: int, batch_size: int, size: int, align: int
+) -> list[tuple[int, int, int]]:
+    """The crops ``(image, top, left)`` of ``step`` (latent units, positions multiples of
+    ``align``), drawn from ``numpy.random.default_rng([seed, step])`` as
+    :func:`qft.train.data.sample_batch` draws its batches. No flips: ``g_s`` is not
+    flip-equivariant, so flipped latents are not the latents of flipped images."""
+    rng = np.random.default_rng([seed, step])
+    picks = []
+    for i in rng.integers(cache.num_images, size=batch_size):
+        h, w = cache.latent_size(int(i))
+        top = align * int(rng.integers((h - size) // align + 1))
+        left = align * int(rng.integers((w - size) // align + 1))
+        picks.append((int(i), top, left))
+    return picks
+
+
+def index_cells(
+    indices: np.ndarray, qclass: np.ndarray, quantizer: Quantizer
+) -> tuple[np.ndarray, np.ndarray]:
+    """Residual-domain decision cells ``[lo, hi)`` of signed indices (cells mirrored for
+    ``k < 0``), from :func:`trellis.tables.cell_bounds` of the quantizer's table kind."""
+    kind = quantizer.table.kind
+    mag = np.abs(indices)
+    lo = np.empty(indices.shape, np.float64)
+    hi = np.empty(indices.shape, np.float64)
+    for q in np.unique(qclass):
+        m = qclass == q
+        lo[m], hi[m] = cell_bounds(kind, int(q), mag[m], quantizer.step)
+    neg = indices < 0
+    lo[neg], hi[neg] = -hi[neg], -lo[neg]
+    return lo.astype(np.float32), hi.astype(np.float32)
+
+
+def cell_mass(lo: torch.Tensor, hi: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The ``N(0, σ²)`` mass of ``[lo, hi)`` (likelihood bound applied by the
+    caller), computed on the side of the cell away from the centre for precision."""
+    sign = torch.where(lo + hi > 0, -1.0, 1.0)
+    return torch.special.ndtr(sign * hi / sigma).sub(torch.special.ndtr(sign * lo / sigma)).abs()
+
+
+def assemble_batch(
+    cache: LatentCache,
+    picks: Sequence[tuple[int, int, int]],
+    elements: Sequence[int],
+    size: int,
+    fields: Sequence[str],
+    quantizer: Quantizer,
+    seed: int,
+    step: int,
+) -> dict[str, torch.Tensor]:
+    """Stack the crops ``picks`` (global batch elements ``elements``) into
+    tensors: ``x`` (images in [0, 1]) and the requested ``fields`` among ``y_hat``, ``t``
+    (``ŷ − μ``), ``lo``/``hi`` (cells of the indices), ``z_hat``, ``y_noisy`` (``y + u``)
+    and ``z_noisy``. Noise of element ``b`` comes from ``default_rng([seed, step, b])``, so the batch
+    does not depend on how the global batch is split over processes."""
+
+    def stack(name: str) -> np.ndarray:
+        return np.stack([cache.crop(name, i, t, l, size) for i, t, l in picks])
+
+    out = {"x": torch.from_numpy(stack("image")).permute(0, 3, 1, 2).float().div_(255.0)}
+    if "y_hat" in fields:
+        out["y_hat"] = torch.from_numpy(stack("y_hat"))
+    if "t" in fields:
+        out["t"] = torch.from_numpy(stack("y_hat") - stack("mu"))
+        lo, hi = index_cells(stack("index"), stack("qclass"), quantizer)
+        out["lo"], out["hi"] = torch.from_numpy(lo), torch.from_numpy(hi)
+    if "z_hat" in fields:
+        out["z_hat"] = torch.from_numpy(stack("z_hat"))
+    if "y_noisy" in fields:
+        y, z = stack("y"), stack("z") if "z_noisy" in fields else None
+        rngs = [np.random.default_rng([seed, step, b]) for b in elements]
+        uy = np.stack([r.uniform(-0.5, 0.5, y.shape[1:]) for r in rngs]).astype(np.float32)
+        out["y_noisy"] = torch.from_numpy(y + uy)
+        if z is not None:
+            uz = np.stack([r.uniform(-0.5, 0.5, z.shape[1:]) for r in rngs]).astype(np.float32)
+            out["z_noisy"] = torch.from_numpy(z + uz)
+    return out
+
+
+class FinetuneObjective(nn.Module):
+    """The loss of one variant (see the module docstring) over a batch from
+    :func:`assemble_batch`; the module DDP wraps.
+
+    Args:
+        model: the hyperprior model; its ``g_s``, ``h_s`` and ``gaussian_conditional``
+            are shared, not copied.
+        entropy: ``"scale-hyperprior"`` or ``"mean-scale-hyperprior"``.
+        parts: ``"decoder"`` or ``"decoder+hyperdecoder"``.
+        control: the noise-proxy control arm instead of the quantized latents.
+        lmbda: λ of ``λ·255²·MSE``.
+        amp: bf16 autocast on CUDA for ``g_s`` and ``h_s`` (losses in fp32).
+    """
+
+    def __init__(self, model: nn.Module, entropy: str, parts: str, control: bool, lmbda: float, amp: bool = False):
+        super().__init__()
+        self.g_s = model.g_s
+        self.h_s = model.h_s
+        self.gaussian_conditional = model.gaussian_conditional
+        self.entropy = entropy
+        self.hyper = parts == "decoder+hyperdecoder"
+        self.control = control
+        self.lmbda = lmbda
+        self.amp = amp
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The batch fields this variant reads."""
+        if self.control:
+            return ("y_noisy", "z_noisy") if self.hyper else ("y_noisy",)
+        return ("t", "z_hat") if self.hyper else ("y_hat",)
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _entropy_parameters(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            p = self.h_s(z)
+        p = p.float()
+        if self.entropy == "scale-hyperprior":
+            return torch.zeros_like(p), p
+        sigma, mu = p.chunk(2, 1)
+        return mu, sigma
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"loss", "mse", "bpp"}`` (``bpp`` of ``y``; 0 for decoder-only variants,
+        whose rate does not change)."""
+        x = batch["x"]
+        bpp = x.new_zeros(())
+        if not self.hyper:
+            y_hat = batch["y_noisy" if self.control else "y_hat"]
+        else:
+            gc = self.gaussian_conditional
+            mu, sigma = self._entropy_parameters(batch["z_noisy" if self.control else "z_hat"])
+            sigma = gc.lower_bound_scale(sigma)
+            if self.control:
+                y_hat = batch["y_noisy"]
+                r = y_hat - mu
+                lo, hi = r - 0.5, r + 0.5
+            else:
+                y_hat = mu + batch["t"]
+                lo, hi = batch["lo"], batch["hi"]
+            mass = cell_mass(lo, hi, sigma)
+            if gc.use_likelihood_bound:
+                mass = gc.likelihood_lower_bound(mass)
+            bpp = -torch.log2(mass).sum() / (x.shape[0] * x.shape[2] * x.shape[3])
+        with self._autocast():
+            x_hat = self.g_s(y_hat)
+        mse = torch.mean((x_hat.float() - x) ** 2)
+        return {"loss": self.lmbda * 255**2 * mse + bpp, "mse": mse, "bpp": bpp}

@@ -1,0 +1,213 @@
+"""Finetuning recipes: a YAML file read into a validated :class:`FinetuneRecipe`.
+
+Layout, every key required (``null`` where allowed)::
+
+    checkpoint: null            # base model; null: give --checkpoint
+    arch: null                  # null: detected from the checkpoint's keys
+    lambda: null                # λ of λ·255²·MSE (+ bpp); null: the checkpoint's "lambda"
+    parts: decoder              # decoder | decoder+hyperdecoder
+    quantizer:                  # as `qft compress` (qft.commands._options)
+      method: tcq8              # usq | rdoq | tcq4 | tcq8
+      step: null                # null: the method's default step
+      lambda_t: null            # null: lambda_mult × the default λ_T
+      lambda_mult: 0.25
+      reset: channel
+    seed: 0
+    threads: 1
+    device: auto                # auto | cpu | cuda
+    batch_size: 8               # global batch (split over DDP processes)
+    crop: 256                   # image crop, a multiple of 64 (latent crop crop/16)
+    steps: 2000
+    optimizer:
+      lr: 5.0e-5                # Adam on the trained parts
+      clip_max_norm: 1.0
+    data:
+      root: ../shared/data/bsds500   # relative to the project root
+      train: [train, test]
+    checkpoint_every: 250
+    log_every: 25
+
+Relative paths (``checkpoint``, ``data.root``) are resolved against the project root, as
+in :mod:`qft.train.recipe`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trellis import METHODS, RESETS
+
+from qft.errors import UserError
+from qft.train.recipe import _project_root, _section
+
+__all__ = ["PARTS", "FinetuneRecipe", "load_finetune_recipe"]
+
+#: trainable parts: ``decoder`` = ``g_s``; ``decoder+hyperdecoder`` = ``g_s`` and ``h_s``
+PARTS = ("decoder", "decoder+hyperdecoder")
+
+_TOP = {
+    "checkpoint",
+    "arch",
+    "lambda",
+    "parts",
+    "quantizer",
+    "seed",
+    "threads",
+    "device",
+    "batch_size",
+    "crop",
+    "steps",
+    "optimizer",
+    "data",
+    "checkpoint_every",
+    "log_every",
+}
+_QUANTIZER = {"method", "step", "lambda_t", "lambda_mult", "reset"}
+_OPTIMIZER = {"lr", "clip_max_norm"}
+_DATA = {"root", "train"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneRecipe:
+    """A validated finetuning recipe (see the module docstring for the YAML layout)."""
+
+    path: str
+    checkpoint: str | None
+    arch: str | None
+    lmbda: float | None
+    parts: str
+    method: str
+    step: float | None
+    lambda_t: float | None
+    lambda_mult: float
+    reset: str
+    seed: int
+    threads: int
+    device: str
+    batch_size: int
+    crop: int
+    steps: int
+    lr: float
+    clip_max_norm: float
+    data_root: str
+    train_splits: tuple[str, ...]
+    checkpoint_every: int
+    log_every: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (str/int/float/list/None only), stored in checkpoints."""
+        d = dataclasses.asdict(self)
+        d["train_splits"] = list(self.train_splits)
+        return d
+
+    def replace(self, **changes: Any) -> "FinetuneRecipe":
+        """A copy with some fields changed (CLI overrides), re-validated."""
+        new = dataclasses.replace(self, **changes)
+        _validate(new)
+        return new
+
+
+def _validate(r: FinetuneRecipe) -> None:
+    where = f"recipe {r.path}"
+    if r.parts not in PARTS:
+        raise UserError(f"{where}: parts must be one of {', '.join(PARTS)}, not '{r.parts}'")
+    if r.method not in METHODS:
+        raise UserError(
+            f"{where}: quantizer.method must be one of {', '.join(METHODS)}, not '{r.method}'"
+        )
+    if r.reset not in RESETS:
+        raise UserError(f"{where}: quantizer.reset must be one of {', '.join(RESETS)}")
+    if r.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"{where}: device must be auto, cpu or cuda, not '{r.device}'")
+    checks = [
+        ("lambda", r.lmbda is None or r.lmbda > 0),
+        ("quantizer.step", r.step is None or r.step > 0),
+        ("quantizer.lambda_t", r.lambda_t is None or r.lambda_t >= 0),
+        ("quantizer.lambda_mult", r.lambda_mult >= 0),
+        ("threads", r.threads >= 1),
+        ("batch_size", r.batch_size >= 1),
+        ("crop", r.crop >= 64 and r.crop % 64 == 0),
+        ("steps", r.steps >= 1),
+        ("optimizer.lr", r.lr > 0),
+        ("optimizer.clip_max_norm", r.clip_max_norm > 0),
+        ("checkpoint_every", r.checkpoint_every >= 1),
+        ("log_every", r.log_every >= 1),
+    ]
+    for key, ok in checks:
+        if not ok:
+            raise UserError(
+                f"{where}: invalid value {key} (crop: a multiple of 64; "
+                "counts >= 1; λ, step, lr positive)"
+            )
+    if not r.train_splits:
+        raise UserError(f"{where}: data.train must name at least one split")
+
+
+def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
+    """Read and validate a finetuning recipe; every problem is a one-line
+    :class:`UserError`."""
+    path = Path(path)
+    where = f"recipe {path}"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"{where}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{where}: invalid YAML{line}") from None
+    top = _section(raw, "the recipe", _TOP, where)
+    quant = _section(top["quantizer"], "quantizer", _QUANTIZER, where)
+    opt = _section(top["optimizer"], "optimizer", _OPTIMIZER, where)
+    data = _section(top["data"], "data", _DATA, where)
+
+    root = _project_root(path)
+
+    def resolve(p: Any) -> str | None:
+        if p is None:
+            return None
+        p = Path(str(p))
+        return str(p if p.is_absolute() else root / p)
+
+    train = data["train"]
+    train = [train] if isinstance(train, str) else train
+
+    def opt_float(v: Any) -> float | None:
+        return None if v is None else float(v)
+
+    try:
+        recipe = FinetuneRecipe(
+            path=str(path),
+            checkpoint=resolve(top["checkpoint"]),
+            arch=None if top["arch"] is None else str(top["arch"]),
+            lmbda=opt_float(top["lambda"]),
+            parts=str(top["parts"]),
+            method=str(quant["method"]),
+            step=opt_float(quant["step"]),
+            lambda_t=opt_float(quant["lambda_t"]),
+            lambda_mult=float(quant["lambda_mult"]),
+            reset=str(quant["reset"]),
+            seed=int(top["seed"]),
+            threads=int(top["threads"]),
+            device=str(top["device"]),
+            batch_size=int(top["batch_size"]),
+            crop=int(top["crop"]),
+            steps=int(top["steps"]),
+            lr=float(opt["lr"]),
+            clip_max_norm=float(opt["clip_max_norm"]),
+            data_root=resolve(data["root"]),
+            train_splits=tuple(str(s) for s in train),
+            checkpoint_every=int(top["checkpoint_every"]),
+            log_every=int(top["log_every"]),
+        )
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}: wrong value type ({exc})") from None
+    _validate(recipe)
+    return recipe
