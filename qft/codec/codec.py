@@ -31,7 +31,7 @@ from trellis.rans import CorruptStreamError
 
 from qft.codec.container import Container, Header
 from qft.codec.image import crop, pad
-from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder
+from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent
 from qft.errors import UserError
 
 __all__ = ["Codec", "model_fingerprint"]
@@ -123,30 +123,45 @@ class Codec:
         t0 = time.perf_counter()
         h, w = x.shape[-2:]
         xp, _ = pad(x.to(self.device))
-        header = Header(bytes.fromhex(self.fingerprint), quantizer.method, quantizer.reset, quantizer.step,
-                        self._tables(quantizer), h, w)
-        out = {}
         if self.latent_coder is not None:
-            (q,) = self.latent_coder.quantize(xp, quantizer)
-            y_stream = self.latent_coder.encode(q, quantizer)
-            sections = [q.z_string, y_stream]
-            out |= {
-                "y_hat": q.result.y_hat,
-                "y_table_bits": q.result.bits,
-                "z_bytes": len(q.z_string),
-                "y_bytes": len(y_stream),
-                "bits_estimated": q.result.bits + q.z_bits_estimated,
-            }
-        else:
-            likelihoods = self.model(xp)["likelihoods"]
-            out["bits_estimated"] = float(sum(-torch.log2(v).sum() for v in likelihoods.values()))
-            enc = self.model.compress(xp)
-            strings = enc["strings"]
-            layout = {"shape": _plain(enc["shape"]), "groups": [len(s) for s in strings]}
-            sections = [json.dumps(layout, separators=(",", ":")).encode()] + [s for group in strings for s in group]
-        out["bitstream"] = Container(header, sections).to_bytes()
-        out["time_s"] = time.perf_counter() - t0
-        return out
+            (lat,) = self.latent_coder.quantize(xp, quantizer)
+            out = self.encode_latent(lat, quantizer, h, w)
+            out["time_s"] = time.perf_counter() - t0
+            return out
+        # context models: their own coder (USQ), inside the container
+        likelihoods = self.model(xp)["likelihoods"]
+        enc = self.model.compress(xp)
+        strings = enc["strings"]
+        layout = {"shape": _plain(enc["shape"]), "groups": [len(s) for s in strings]}
+        sections = [json.dumps(layout, separators=(",", ":")).encode()] + [s for group in strings for s in group]
+        return {
+            "bitstream": Container(self._header(quantizer, h, w), sections).to_bytes(),
+            "bits_estimated": float(sum(-torch.log2(v).sum() for v in likelihoods.values())),
+            "time_s": time.perf_counter() - t0,
+        }
+
+    def encode_latent(self, lat: QuantizedLatent, quantizer: Quantizer, height: int, width: int) -> dict:
+        """The bitstream of an already quantized latent (hyperprior models).
+
+        :meth:`compress` is :meth:`HyperpriorLatentCoder.quantize` followed by this; callers
+        that try several quantizers on one image analyse once and re-quantize
+        (:meth:`HyperpriorLatentCoder.requantize`). Returns :meth:`compress`'s dict less
+        ``time_s``.
+        """
+        y_stream = self.latent_coder.encode(lat, quantizer)
+        bitstream = Container(self._header(quantizer, height, width), [lat.z_string, y_stream]).to_bytes()
+        return {
+            "bitstream": bitstream,
+            "y_hat": lat.result.y_hat,
+            "y_table_bits": lat.result.bits,
+            "z_bytes": len(lat.z_string),
+            "y_bytes": len(y_stream),
+            "bits_estimated": lat.result.bits + lat.z_bits_estimated,
+        }
+
+    def _header(self, quantizer: Quantizer, height: int, width: int) -> Header:
+        return Header(bytes.fromhex(self.fingerprint), quantizer.method, quantizer.reset, quantizer.step,
+                      self._tables(quantizer), height, width)
 
     @torch.no_grad()
     def decompress(self, data: bytes, name: str = "stream") -> dict:

@@ -19,6 +19,7 @@ bit even when the encoder ran the analysis transforms on a GPU.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from dataclasses import dataclass
 
@@ -110,6 +111,11 @@ class HyperpriorLatentCoder:
             res = quantizer.quantize(y[i], mu[i], sigma[i])
             out.append(QuantizedLatent(y[i], mu[i], sigma[i], res, z_strings[i], tuple(z.shape[-2:]), float(z_bits[i])))
         return out
+
+    @staticmethod
+    def requantize(lat: QuantizedLatent, quantizer: Quantizer) -> QuantizedLatent:
+        """The same analysis (y, μ, σ, z) quantized with another quantizer."""
+        return dataclasses.replace(lat, result=quantizer.quantize(lat.y, lat.mu, lat.sigma))
 
     @staticmethod
     def encode(q: QuantizedLatent, quantizer: Quantizer) -> bytes:
