@@ -152,6 +152,9 @@ def _finetune(recipe, out, control, cache_dir, resume, stop_after, unsafe_load, 
     if world > 1:
         dist.barrier()
     cache = LatentCache.open(cache_dir, identity)
+    # Numba's parallel kernels (the quantizer) reset the shared OpenMP thread count:
+    # restore torch's, or a run that built the cache would not match a resumed one.
+    torch.set_num_threads(recipe.threads)
 
     # -- model, optimizer, resume ---------------------------------------------------
     model.to(device)

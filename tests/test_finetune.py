@@ -1,0 +1,244 @@
+"""Tests of ``qft finetune`` on a tiny model and synthetic images (no shared data needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from compressai.models import MeanScaleHyperprior
+from PIL import Image
+
+from trellis import SCALE_TABLE, Quantizer
+
+from qft.cli import main
+from qft.codec import HyperpriorLatentCoder
+from qft.errors import UserError
+from qft.finetune import (
+    LatentCache,
+    cell_mass,
+    finetune,
+    index_cells,
+    load_finetune_recipe,
+)
+from qft.models import create_model, load_checkpoint, save_checkpoint
+
+LAMBDA = 0.01
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Synthetic images, a tiny base checkpoint with non-trivial latents, a recipe."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("finetune")
+    rng = np.random.default_rng(0)
+    (root / "data" / "train").mkdir(parents=True)
+    for i in range(3):
+        img = rng.integers(0, 256, size=(70 + 16 * i, 100, 3), dtype=np.uint8)
+        Image.fromarray(img).save(root / "data" / "train" / f"{i}.png")
+    model = create_model("mbt2018-mean", N=16, M=24, seed=0)
+    with torch.no_grad():
+        model.g_a[-1].weight.mul_(20)  # latents of a few quantization steps
+    model.update(force=True)
+    base = root / "base.pth"
+    save_checkpoint(base, model, "mbt2018-mean", {"N": 16, "M": 24}, extra={"lambda": LAMBDA})
+    recipe = {
+        "checkpoint": str(base),
+        "arch": None,
+        "lambda": None,
+        "parts": "decoder",
+        "quantizer": {"method": "tcq8", "step": None, "lambda_t": None, "lambda_mult": 0.25, "reset": "channel"},
+        "seed": 1,
+        "threads": 1,
+        "device": "cpu",
+        "batch_size": 2,
+        "crop": 64,
+        "steps": 4,
+        "optimizer": {"lr": 1e-3, "clip_max_norm": 1.0},
+        "data": {"root": str(root / "data"), "train": ["train"]},
+        "checkpoint_every": 2,
+        "log_every": 1,
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return {"root": root, "base": base, "recipe": path, "raw": recipe, "cache": root / "cache-tcq8"}
+
+
+def _run(setup, out, *extra, cache=True):
+    args = ["finetune", str(setup["recipe"]), "--out", str(out), "--no-progress", *extra]
+    if cache:
+        args += ["--cache", str(setup["cache"])]
+    return main(args)
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _same(a, b, prefix):
+    return all(torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
+
+
+@pytest.fixture(scope="module")
+def decoder_run(setup):
+    out = setup["root"] / "decoder"
+    assert _run(setup, out) == 0
+    return out
+
+
+def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
+    base = load_checkpoint(setup["base"])
+    q = Quantizer("tcq8", step=0.5612310241546865, lam=0.0305984940317692)
+    meta = json.loads((setup["cache"] / "meta.json").read_text())
+    cache = LatentCache.open(setup["cache"], meta["identity"])
+    img = np.asarray(Image.open(setup["root"] / "data" / "train" / "1.png").convert("RGB"))
+    img = img[:80, :96]  # trimmed to multiples of 16
+    x = torch.zeros(1, 3, 128, 128)
+    x[0, :, :80, :96] = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255
+    lat = HyperpriorLatentCoder(base.model, "mean-scale-hyperprior").quantize(x, q)[0]
+    assert meta["identity"]["quantizer"] == {"method": "tcq8", "step": q.step, "lam": q.lam, "theta": 0.5, "reset": "channel"}
+    np.testing.assert_array_equal(cache.crop("index", 1, 0, 0, 8), lat.result.indices[:, :8, :8])
+    np.testing.assert_array_equal(cache.crop("y_hat", 1, 1, 2, 4), lat.result.y_hat[:, 1:5, 2:6])
+    # latent crop (i, j) of size h <-> image crop (16 i, 16 j) of size 16 h
+    np.testing.assert_array_equal(cache.crop("image", 1, 1, 2, 4), img[16:80, 32:96])
+    assert cache.latent_size(1) == (5, 6)
+    assert np.abs(lat.result.indices).max() >= 2  # the test latents are not all zero
+
+
+@pytest.mark.parametrize("method", ["usq", "tcq8"])
+def test_cell_rate_matches_the_coding_tables(method):
+    """At table scales, −log2 of the cell masses equals the quantizer's table bits."""
+    rng = np.random.default_rng(0)
+    sigma = SCALE_TABLE[rng.integers(8, 40, size=(4, 16, 16))]
+    y = (rng.standard_normal(sigma.shape) * sigma).astype(np.float32)
+    mu = np.zeros_like(y)
+    q = Quantizer(method, step=0.56 if method == "tcq8" else 1.0, lam=0.02 if method == "tcq8" else 0.0)
+    res = q.quantize(y, mu, sigma)
+    lo, hi = index_cells(res.indices, res.rows // 64, q)
+    bits = -torch.log2(cell_mass(torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(sigma))).sum().item()
+    assert bits == pytest.approx(res.bits, rel=2e-3)
+
+
+def test_decoder_finetune_output(setup, decoder_run):
+    base, out = _weights(setup["base"]), _weights(decoder_run / "model.pth")
+    assert not _same(base, out, "g_s.")
+    for prefix in ("g_a.", "h_a.", "h_s.", "entropy_bottleneck."):
+        assert _same(base, out, prefix)
+    ckpt = load_checkpoint(decoder_run / "model.pth")
+    assert ckpt.arch == "mbt2018-mean" and ckpt.params == {"N": 16, "M": 24}
+    extra = ckpt.extra
+    assert extra["finetuned_from"] == load_checkpoint(setup["base"]).sha256
+    assert extra["quantizer"]["method"] == "tcq8" and extra["parts"] == "decoder"
+    assert extra["lambda"] == LAMBDA and extra["steps"] == 4 and extra["control"] is False
+    MeanScaleHyperprior.from_state_dict(out)  # plain CompressAI loads it
+    log = [json.loads(ln) for ln in (decoder_run / "log.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in log] == ["start", "train", "train", "train", "train", "end"]
+    assert all(e["bpp"] == 0 for e in log if e["kind"] == "train")
+
+
+def test_decoder_and_hyperdecoder(setup, tmp_path):
+    out = tmp_path / "hyper"
+    assert _run(setup, out, "--parts", "decoder+hyperdecoder") == 0
+    base, new = _weights(setup["base"]), _weights(out / "model.pth")
+    assert not _same(base, new, "g_s.") and not _same(base, new, "h_s.")
+    assert _same(base, new, "g_a.") and _same(base, new, "h_a.")
+    log = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert all(e["bpp"] > 0 for e in log if e["kind"] == "train")
+
+
+def test_control_arm(setup, decoder_run, tmp_path):
+    out = tmp_path / "control"
+    assert _run(setup, out, "--control") == 0
+    base, ctrl, ft = (_weights(p) for p in (setup["base"], out / "model.pth", decoder_run / "model.pth"))
+    assert not _same(base, ctrl, "g_s.") and not _same(ft, ctrl, "g_s.")
+    assert load_checkpoint(out / "model.pth").extra["control"] is True
+
+
+def test_resume_is_exact(setup, decoder_run, tmp_path):
+    out = tmp_path / "resumed"
+    assert _run(setup, out, "--stop-after", "2") == 0
+    assert not (out / "model.pth").exists()
+    with pytest.raises(UserError, match="--resume"):
+        finetune(load_finetune_recipe(setup["recipe"]), out, cache_dir=setup["cache"], progress=False)
+    assert _run(setup, out, "--resume") == 0
+    a, b = _weights(out / "model.pth"), _weights(decoder_run / "model.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 2, 3, 4, 4]
+
+
+def test_cache_of_another_quantizer_or_checkpoint(setup, tmp_path, capsys):
+    assert _run(setup, tmp_path / "a", "-q", "usq") == 2
+    assert "belongs to another quantizer" in capsys.readouterr().err
+    other = tmp_path / "other.pth"
+    model = create_model("mbt2018-mean", N=16, M=24, seed=1)
+    save_checkpoint(other, model, "mbt2018-mean", {"N": 16, "M": 24})
+    assert _run(setup, tmp_path / "b", "-m", str(other), "--lambda", "0.01") == 2
+    assert "belongs to another checkpoint" in capsys.readouterr().err
+
+
+def test_recipe_errors(setup, tmp_path):
+    bad = dict(setup["raw"], parts="encoder")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(UserError, match="parts must be one of"):
+        load_finetune_recipe(tmp_path / "r.yaml")
+    bad = dict(setup["raw"], extra_key=1)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(UserError, match="unknown key 'extra_key'"):
+        load_finetune_recipe(tmp_path / "r.yaml")
+    recipe = load_finetune_recipe(setup["recipe"]).replace(checkpoint=None)
+    with pytest.raises(UserError, match="no checkpoint"):
+        finetune(recipe, tmp_path / "o", progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _assert_same_training(setup, out, reference):
+    """Same updates up to float summation order (Adam's first steps amplify rounding of
+    near-zero gradients, so compare with the size of the updates)."""
+    base, a, b = (_weights(p) for p in (setup["base"], out / "model.pth", reference / "model.pth"))
+    for k in a:
+        if a[k].is_floating_point():
+            step = (b[k].float() - base[k].float()).abs().max().item()
+            assert (a[k].float() - b[k].float()).abs().max().item() <= 0.02 * step + 1e-7, k
+
+
+def _ddp_worker(rank, world, port, recipe, out, cache):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    finetune(recipe, out, cache_dir=cache, progress=False)
+
+
+def test_ddp_gloo_two_processes(setup, decoder_run, tmp_path):
+    """The DDP path (gloo, 2 processes, rank-strided batch) trains as one process."""
+    out = tmp_path / "ddp"
+    recipe = load_finetune_recipe(setup["recipe"])
+    mp.start_processes(
+        _ddp_worker, args=(2, _free_port(), recipe, out, setup["cache"]), nprocs=2, start_method="fork"
+    )
+    _assert_same_training(setup, out, decoder_run)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 6  # one writer
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(setup, decoder_run, tmp_path):
+    out = tmp_path / "torchrun"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "qft", "finetune",
+        str(setup["recipe"]), "--out", str(out), "--cache", str(setup["cache"]), "--no-progress",
+    ]
+    subprocess.run(cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _assert_same_training(setup, out, decoder_run)
