@@ -20,7 +20,7 @@ from PIL import Image
 from trellis import SCALE_TABLE, Quantizer
 
 from qft.cli import main
-from qft.codec import HyperpriorLatentCoder
+from qft.codec import Codec, HyperpriorLatentCoder
 from qft.errors import UserError
 from qft.finetune import (
     LatentCache,
@@ -29,7 +29,7 @@ from qft.finetune import (
     index_cells,
     load_finetune_recipe,
 )
-from qft.models import create_model, load_checkpoint, save_checkpoint
+from qft.models import ARCHITECTURES, create_model, load_checkpoint, save_checkpoint
 
 LAMBDA = 0.01
 
@@ -183,6 +183,32 @@ def test_cache_of_another_quantizer_or_checkpoint(setup, tmp_path, capsys):
     save_checkpoint(other, model, "mbt2018-mean", {"N": 16, "M": 24})
     assert _run(setup, tmp_path / "b", "-m", str(other), "--lambda", "0.01") == 2
     assert "belongs to another checkpoint" in capsys.readouterr().err
+
+
+def test_scale_hyperprior_and_codec_round_trip(setup, tmp_path):
+    """bmshj2018-hyperprior (μ = 0), both parts, USQ; the output codes real bitstreams."""
+    base = tmp_path / "bmshj.pth"
+    model = create_model("bmshj2018-hyperprior", N=16, M=24, seed=0)
+    with torch.no_grad():
+        model.g_a[-1].weight.mul_(20)
+    save_checkpoint(base, model, "bmshj2018-hyperprior", {"N": 16, "M": 24})
+    out = tmp_path / "bmshj"
+    args = ["-m", str(base), "--lambda", "0.02", "-q", "usq", "--parts", "decoder+hyperdecoder", "--steps", "2"]
+    assert _run(setup, out, *args, cache=False) == 0
+    ckpt = load_checkpoint(out / "model.pth")
+    assert ckpt.arch == "bmshj2018-hyperprior" and ckpt.extra["quantizer"]["method"] == "usq"
+    codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy)
+    x = torch.rand(1, 3, 64, 64)
+    q = Quantizer("usq")
+    x_hat = codec.decompress(codec.compress(x, q)["bitstream"])["x_hat"]
+    assert x_hat.shape == x.shape
+
+
+def test_context_models_are_refused(setup, tmp_path, capsys):
+    base = tmp_path / "mbt2018.pth"
+    save_checkpoint(base, create_model("mbt2018", N=8, M=8, seed=0), "mbt2018", {"N": 8, "M": 8})
+    assert _run(setup, tmp_path / "o", "-m", str(base), "--lambda", "0.01") == 2
+    assert "needs a hyperprior model" in capsys.readouterr().err
 
 
 def test_recipe_errors(setup, tmp_path):
