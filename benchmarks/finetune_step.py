@@ -31,7 +31,12 @@ from compressai.losses import RateDistortionLoss
 from trellis import Quantizer
 
 from qft.commands._options import default_lambda, default_step
-from qft.finetune import FinetuneObjective, LatentCache, cache_identity, trainable_parameters
+from qft.finetune import (
+    FinetuneObjective,
+    LatentCache,
+    cache_identity,
+    trainable_parameters,
+)
 from qft.finetune.cache import images_digest
 from qft.finetune.objective import assemble_batch, sample_crops
 from qft.models import create_model
@@ -53,30 +58,56 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, size=(256, 384, 3), dtype=np.uint8) for _ in range(args.images)]
+    images = [
+        rng.integers(0, 256, size=(256, 384, 3), dtype=np.uint8)
+        for _ in range(args.images)
+    ]
     model = create_model("mbt2018-mean", N=args.N, M=args.M, seed=0)
     model.update(force=True)
     entropy, lmbda = "mean-scale-hyperprior", 0.013
-    q = Quantizer("tcq8", step=default_step("tcq8"), lam=default_lambda("tcq8", default_step("tcq8")))
+    q = Quantizer(
+        "tcq8",
+        step=default_step("tcq8"),
+        lam=default_lambda("tcq8", default_step("tcq8")),
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
-        identity = cache_identity(model, "mbt2018-mean", entropy, q, images_digest(images))
+        identity = cache_identity(
+            model, "mbt2018-mean", entropy, q, images_digest(images)
+        )
         t = time.perf_counter()
-        cache = LatentCache.build(f"{tmp}/cache", identity, model.eval(), entropy, q, images, torch.device("cpu"), False)
+        cache = LatentCache.build(
+            f"{tmp}/cache",
+            identity,
+            model.eval(),
+            entropy,
+            q,
+            images,
+            torch.device("cpu"),
+            False,
+        )
         build_s = time.perf_counter() - t
         torch.set_num_threads(args.threads)
 
         ft = FinetuneObjective(model, entropy, "decoder", False, lmbda)
         ft_opt = torch.optim.Adam(trainable_parameters(model, "decoder"), lr=5e-5)
         full_model = create_model("mbt2018-mean", N=args.N, M=args.M, seed=0).train()
-        main_p = [p for n, p in full_model.named_parameters() if not n.endswith(".quantiles")]
-        aux_p = [p for n, p in full_model.named_parameters() if n.endswith(".quantiles")]
-        opt, aux_opt = torch.optim.Adam(main_p, lr=1e-4), torch.optim.Adam(aux_p, lr=1e-3)
+        main_p = [
+            p for n, p in full_model.named_parameters() if not n.endswith(".quantiles")
+        ]
+        aux_p = [
+            p for n, p in full_model.named_parameters() if n.endswith(".quantiles")
+        ]
+        opt, aux_opt = torch.optim.Adam(main_p, lr=1e-4), torch.optim.Adam(
+            aux_p, lr=1e-3
+        )
         criterion = RateDistortionLoss(lmbda=lmbda)
 
         def finetune_step(step: int) -> None:
             picks = sample_crops(cache, 0, step, args.batch, args.crop // 16, 1)
-            batch = assemble_batch(cache, picks, range(args.batch), args.crop // 16, ft.fields, q, 0, step)
+            batch = assemble_batch(
+                cache, picks, range(args.batch), args.crop // 16, ft.fields, q, 0, step
+            )
             ft_opt.zero_grad(set_to_none=True)
             ft(batch)["loss"].backward()
             torch.nn.utils.clip_grad_norm_(ft_opt.param_groups[0]["params"], 1.0)
@@ -124,7 +155,18 @@ def main() -> None:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    print(json.dumps({k: result[k] for k in ("step_s_median", "ratio_finetune_over_full", "load_average_1_5_15")}))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "step_s_median",
+                    "ratio_finetune_over_full",
+                    "load_average_1_5_15",
+                )
+            }
+        )
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -49,13 +49,21 @@ def setup(tmp_path_factory):
         model.g_a[-1].weight.mul_(20)  # latents of a few quantization steps
     model.update(force=True)
     base = root / "base.pth"
-    save_checkpoint(base, model, "mbt2018-mean", {"N": 16, "M": 24}, extra={"lambda": LAMBDA})
+    save_checkpoint(
+        base, model, "mbt2018-mean", {"N": 16, "M": 24}, extra={"lambda": LAMBDA}
+    )
     recipe = {
         "checkpoint": str(base),
         "arch": None,
         "lambda": None,
         "parts": "decoder",
-        "quantizer": {"method": "tcq8", "step": None, "lambda_t": None, "lambda_mult": 0.25, "reset": "channel"},
+        "quantizer": {
+            "method": "tcq8",
+            "step": None,
+            "lambda_t": None,
+            "lambda_mult": 0.25,
+            "reset": "channel",
+        },
         "seed": 1,
         "threads": 1,
         "device": "cpu",
@@ -69,11 +77,24 @@ def setup(tmp_path_factory):
     }
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    return {"root": root, "base": base, "recipe": path, "raw": recipe, "cache": root / "cache-tcq8"}
+    return {
+        "root": root,
+        "base": base,
+        "recipe": path,
+        "raw": recipe,
+        "cache": root / "cache-tcq8",
+    }
 
 
 def _run(setup, out, *extra, cache=True):
-    args = ["finetune", str(setup["recipe"]), "--out", str(out), "--no-progress", *extra]
+    args = [
+        "finetune",
+        str(setup["recipe"]),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
     if cache:
         args += ["--cache", str(setup["cache"])]
     return main(args)
@@ -99,14 +120,26 @@ def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
     q = Quantizer("tcq8", step=0.5612310241546865, lam=0.0305984940317692)
     meta = json.loads((setup["cache"] / "meta.json").read_text())
     cache = LatentCache.open(setup["cache"], meta["identity"])
-    img = np.asarray(Image.open(setup["root"] / "data" / "train" / "1.png").convert("RGB"))
+    img = np.asarray(
+        Image.open(setup["root"] / "data" / "train" / "1.png").convert("RGB")
+    )
     img = img[:80, :96]  # trimmed to multiples of 16
     x = torch.zeros(1, 3, 128, 128)
     x[0, :, :80, :96] = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255
     lat = HyperpriorLatentCoder(base.model, "mean-scale-hyperprior").quantize(x, q)[0]
-    assert meta["identity"]["quantizer"] == {"method": "tcq8", "step": q.step, "lam": q.lam, "theta": 0.5, "reset": "channel"}
-    np.testing.assert_array_equal(cache.crop("index", 1, 0, 0, 8), lat.result.indices[:, :8, :8])
-    np.testing.assert_array_equal(cache.crop("y_hat", 1, 1, 2, 4), lat.result.y_hat[:, 1:5, 2:6])
+    assert meta["identity"]["quantizer"] == {
+        "method": "tcq8",
+        "step": q.step,
+        "lam": q.lam,
+        "theta": 0.5,
+        "reset": "channel",
+    }
+    np.testing.assert_array_equal(
+        cache.crop("index", 1, 0, 0, 8), lat.result.indices[:, :8, :8]
+    )
+    np.testing.assert_array_equal(
+        cache.crop("y_hat", 1, 1, 2, 4), lat.result.y_hat[:, 1:5, 2:6]
+    )
     # latent crop (i, j) of size h <-> image crop (16 i, 16 j) of size 16 h
     np.testing.assert_array_equal(cache.crop("image", 1, 1, 2, 4), img[16:80, 32:96])
     assert cache.latent_size(1) == (5, 6)
@@ -120,10 +153,22 @@ def test_cell_rate_matches_the_coding_tables(method):
     sigma = SCALE_TABLE[rng.integers(8, 40, size=(4, 16, 16))]
     y = (rng.standard_normal(sigma.shape) * sigma).astype(np.float32)
     mu = np.zeros_like(y)
-    q = Quantizer(method, step=0.56 if method == "tcq8" else 1.0, lam=0.02 if method == "tcq8" else 0.0)
+    q = Quantizer(
+        method,
+        step=0.56 if method == "tcq8" else 1.0,
+        lam=0.02 if method == "tcq8" else 0.0,
+    )
     res = q.quantize(y, mu, sigma)
     lo, hi = index_cells(res.indices, res.rows // 64, q)
-    bits = -torch.log2(cell_mass(torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(sigma))).sum().item()
+    bits = (
+        -torch.log2(
+            cell_mass(
+                torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(sigma)
+            )
+        )
+        .sum()
+        .item()
+    )
     assert bits == pytest.approx(res.bits, rel=2e-3)
 
 
@@ -137,10 +182,21 @@ def test_decoder_finetune_output(setup, decoder_run):
     extra = ckpt.extra
     assert extra["finetuned_from"] == load_checkpoint(setup["base"]).sha256
     assert extra["quantizer"]["method"] == "tcq8" and extra["parts"] == "decoder"
-    assert extra["lambda"] == LAMBDA and extra["steps"] == 4 and extra["control"] is False
+    assert (
+        extra["lambda"] == LAMBDA and extra["steps"] == 4 and extra["control"] is False
+    )
     MeanScaleHyperprior.from_state_dict(out)  # plain CompressAI loads it
-    log = [json.loads(ln) for ln in (decoder_run / "log.jsonl").read_text().splitlines()]
-    assert [e["kind"] for e in log] == ["start", "train", "train", "train", "train", "end"]
+    log = [
+        json.loads(ln) for ln in (decoder_run / "log.jsonl").read_text().splitlines()
+    ]
+    assert [e["kind"] for e in log] == [
+        "start",
+        "train",
+        "train",
+        "train",
+        "train",
+        "end",
+    ]
     assert all(e["bpp"] == 0 for e in log if e["kind"] == "train")
 
 
@@ -157,7 +213,10 @@ def test_decoder_and_hyperdecoder(setup, tmp_path):
 def test_control_arm(setup, decoder_run, tmp_path):
     out = tmp_path / "control"
     assert _run(setup, out, "--control") == 0
-    base, ctrl, ft = (_weights(p) for p in (setup["base"], out / "model.pth", decoder_run / "model.pth"))
+    base, ctrl, ft = (
+        _weights(p)
+        for p in (setup["base"], out / "model.pth", decoder_run / "model.pth")
+    )
     assert not _same(base, ctrl, "g_s.") and not _same(ft, ctrl, "g_s.")
     assert load_checkpoint(out / "model.pth").extra["control"] is True
 
@@ -167,11 +226,18 @@ def test_resume_is_exact(setup, decoder_run, tmp_path):
     assert _run(setup, out, "--stop-after", "2") == 0
     assert not (out / "model.pth").exists()
     with pytest.raises(UserError, match="--resume"):
-        finetune(load_finetune_recipe(setup["recipe"]), out, cache_dir=setup["cache"], progress=False)
+        finetune(
+            load_finetune_recipe(setup["recipe"]),
+            out,
+            cache_dir=setup["cache"],
+            progress=False,
+        )
     assert _run(setup, out, "--resume") == 0
     a, b = _weights(out / "model.pth"), _weights(decoder_run / "model.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()
+    ]
     assert steps == [0, 1, 2, 2, 3, 4, 4]
 
 
@@ -193,10 +259,24 @@ def test_scale_hyperprior_and_codec_round_trip(setup, tmp_path):
         model.g_a[-1].weight.mul_(20)
     save_checkpoint(base, model, "bmshj2018-hyperprior", {"N": 16, "M": 24})
     out = tmp_path / "bmshj"
-    args = ["-m", str(base), "--lambda", "0.02", "-q", "usq", "--parts", "decoder+hyperdecoder", "--steps", "2"]
+    args = [
+        "-m",
+        str(base),
+        "--lambda",
+        "0.02",
+        "-q",
+        "usq",
+        "--parts",
+        "decoder+hyperdecoder",
+        "--steps",
+        "2",
+    ]
     assert _run(setup, out, *args, cache=False) == 0
     ckpt = load_checkpoint(out / "model.pth")
-    assert ckpt.arch == "bmshj2018-hyperprior" and ckpt.extra["quantizer"]["method"] == "usq"
+    assert (
+        ckpt.arch == "bmshj2018-hyperprior"
+        and ckpt.extra["quantizer"]["method"] == "usq"
+    )
     codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy)
     x = torch.rand(1, 3, 64, 64)
     q = Quantizer("usq")
@@ -206,7 +286,9 @@ def test_scale_hyperprior_and_codec_round_trip(setup, tmp_path):
 
 def test_context_models_are_refused(setup, tmp_path, capsys):
     base = tmp_path / "mbt2018.pth"
-    save_checkpoint(base, create_model("mbt2018", N=8, M=8, seed=0), "mbt2018", {"N": 8, "M": 8})
+    save_checkpoint(
+        base, create_model("mbt2018", N=8, M=8, seed=0), "mbt2018", {"N": 8, "M": 8}
+    )
     assert _run(setup, tmp_path / "o", "-m", str(base), "--lambda", "0.01") == 2
     assert "needs a hyperprior model" in capsys.readouterr().err
 
@@ -234,16 +316,24 @@ def _free_port() -> int:
 def _assert_same_training(setup, out, reference):
     """Same updates up to float summation order (Adam's first steps amplify rounding of
     near-zero gradients, so compare with the size of the updates)."""
-    base, a, b = (_weights(p) for p in (setup["base"], out / "model.pth", reference / "model.pth"))
+    base, a, b = (
+        _weights(p) for p in (setup["base"], out / "model.pth", reference / "model.pth")
+    )
     for k in a:
         if a[k].is_floating_point():
             step = (b[k].float() - base[k].float()).abs().max().item()
-            assert (a[k].float() - b[k].float()).abs().max().item() <= 0.02 * step + 1e-7, k
+            assert (
+                a[k].float() - b[k].float()
+            ).abs().max().item() <= 0.02 * step + 1e-7, k
 
 
 def _ddp_worker(rank, world, port, recipe, out, cache):
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
     )
     finetune(recipe, out, cache_dir=cache, progress=False)
 
@@ -253,7 +343,10 @@ def test_ddp_gloo_two_processes(setup, decoder_run, tmp_path):
     out = tmp_path / "ddp"
     recipe = load_finetune_recipe(setup["recipe"])
     mp.start_processes(
-        _ddp_worker, args=(2, _free_port(), recipe, out, setup["cache"]), nprocs=2, start_method="fork"
+        _ddp_worker,
+        args=(2, _free_port(), recipe, out, setup["cache"]),
+        nprocs=2,
+        start_method="fork",
     )
     _assert_same_training(setup, out, decoder_run)
     assert len((out / "log.jsonl").read_text().splitlines()) == 6  # one writer
@@ -263,8 +356,21 @@ def test_ddp_gloo_two_processes(setup, decoder_run, tmp_path):
 def test_torchrun_two_processes(setup, decoder_run, tmp_path):
     out = tmp_path / "torchrun"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "qft", "finetune",
-        str(setup["recipe"]), "--out", str(out), "--cache", str(setup["cache"]), "--no-progress",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "-m",
+        "qft",
+        "finetune",
+        str(setup["recipe"]),
+        "--out",
+        str(out),
+        "--cache",
+        str(setup["cache"]),
+        "--no-progress",
     ]
-    subprocess.run(cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     _assert_same_training(setup, out, decoder_run)

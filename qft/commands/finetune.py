@@ -37,27 +37,57 @@ _QUANTIZER_OPTIONS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file (see recipes/finetune/)")
-    parser.add_argument("-m", "--checkpoint", help="base model checkpoint (overrides the recipe)")
-    parser.add_argument("--arch", help="architecture id (default: detected from the checkpoint)")
-    parser.add_argument("--unsafe-load", action="store_true",
-                        help="allow checkpoints that need full pickle loading (only for files you trust)")
+    parser.add_argument(
+        "-m", "--checkpoint", help="base model checkpoint (overrides the recipe)"
+    )
+    parser.add_argument(
+        "--arch", help="architecture id (default: detected from the checkpoint)"
+    )
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="allow checkpoints that need full pickle loading (only for files you trust)",
+    )
     add_quantizer_arguments(parser)
     parser.set_defaults(**{k: None for k in _QUANTIZER_OPTIONS})
-    parser.add_argument("--parts", choices=("decoder", "decoder+hyperdecoder"), help="trained parts")
-    parser.add_argument("--lambda", dest="lmbda", type=float,
-                        help="λ of the loss λ·255²·MSE (+ bpp): the base model's rate point")
+    parser.add_argument(
+        "--parts", choices=("decoder", "decoder+hyperdecoder"), help="trained parts"
+    )
+    parser.add_argument(
+        "--lambda",
+        dest="lmbda",
+        type=float,
+        help="λ of the loss λ·255²·MSE (+ bpp): the base model's rate point",
+    )
     parser.add_argument("--steps", type=int, help="training steps")
     parser.add_argument("--lr", type=float, help="Adam learning rate")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the recipe's device")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help="override the recipe's device"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads per process")
-    parser.add_argument("--control", action="store_true",
-                        help="control arm: conventional noise-proxy training of the same parts")
-    parser.add_argument("--cache", type=Path, help="latent cache folder (default: OUT/cache)")
-    parser.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pth")
-    parser.add_argument("--out", type=Path, help="output folder (default: runs/finetune/<recipe name>)")
-    parser.add_argument("--stop-after", type=int, metavar="STEP",
-                        help="stop with a checkpoint once STEP steps are done")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="control arm: conventional noise-proxy training of the same parts",
+    )
+    parser.add_argument(
+        "--cache", type=Path, help="latent cache folder (default: OUT/cache)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue OUT/checkpoint.pth"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default: runs/finetune/<recipe name>)"
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEP",
+        help="stop with a checkpoint once STEP steps are done",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no tqdm progress bar"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +131,16 @@ def run(args: argparse.Namespace) -> int:
     )
     if os.environ.get("RANK", "0") != "0":
         return 0
-    keys = ("finetuned_from", "parts", "control", "lambda", "step", "steps", "finished", "wall_time_s", "model")
+    keys = (
+        "finetuned_from",
+        "parts",
+        "control",
+        "lambda",
+        "step",
+        "steps",
+        "finished",
+        "wall_time_s",
+        "model",
+    )
     print(json.dumps({k: summary.get(k) for k in keys}))
     return 0

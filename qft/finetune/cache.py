@@ -62,7 +62,13 @@ __all__ = [
 CACHE_FORMAT = "qft-finetune-cache/1"
 
 #: latent-domain fields (``C×h×w`` per image) and hyper-latent fields
-_LATENT = {"y": np.float32, "mu": np.float32, "y_hat": np.float32, "index": np.int32, "qclass": np.uint8}
+_LATENT = {
+    "y": np.float32,
+    "mu": np.float32,
+    "y_hat": np.float32,
+    "index": np.int32,
+    "qclass": np.uint8,
+}
 _HYPER = {"z": np.float32, "z_hat": np.float32}
 
 
@@ -168,7 +174,9 @@ class LatentCache:
         except FileNotFoundError:
             raise UserError(f"no latent cache in {folder}") from None
         except (OSError, ValueError):
-            raise UserError(f"latent cache {folder} is damaged (meta.json); delete it") from None
+            raise UserError(
+                f"latent cache {folder} is damaged (meta.json); delete it"
+            ) from None
         found = meta.get("identity", {})
         if found != identity:
             raise UserError(
@@ -212,15 +220,24 @@ class LatentCache:
                 "latent": sum(hp * wp // 256 for hp, wp in shapes),
                 "hyper": sum(hp * wp // 4096 for hp, wp in shapes),
             }
-            for img, (hp, wp) in zip(tqdm(images, desc="latent cache", disable=not progress), shapes):
+            for img, (hp, wp) in zip(
+                tqdm(images, desc="latent cache", disable=not progress), shapes
+            ):
                 x = torch.zeros(1, 3, hp, wp)
-                x[0, :, : img.shape[0], : img.shape[1]] = torch.from_numpy(
-                    np.ascontiguousarray(img)
-                ).permute(2, 0, 1).float().div_(255.0)
+                x[0, :, : img.shape[0], : img.shape[1]] = (
+                    torch.from_numpy(np.ascontiguousarray(img))
+                    .permute(2, 0, 1)
+                    .float()
+                    .div_(255.0)
+                )
                 with torch.no_grad():
                     q = coder.quantize(x.to(device), quantizer)[0]
                     y = torch.from_numpy(q.y)[None].to(device)
-                    z = model.h_a(torch.abs(y) if entropy == "scale-hyperprior" else y).float().cpu()
+                    z = (
+                        model.h_a(torch.abs(y) if entropy == "scale-hyperprior" else y)
+                        .float()
+                        .cpu()
+                    )
                     z_hat = model.entropy_bottleneck.decompress([q.z_string], q.z_shape)
                 values = {
                     "image": img,
@@ -234,13 +251,21 @@ class LatentCache:
                 }
                 if not files:
                     c, cz = q.y.shape[0], z.shape[1]
-                    for name, dtype in (("image", np.uint8), *_LATENT.items(), *_HYPER.items()):
+                    for name, dtype in (
+                        ("image", np.uint8),
+                        *_LATENT.items(),
+                        *_HYPER.items(),
+                    ):
                         kind = _kind(name)
                         mult = {"image": 1, "latent": c, "hyper": cz}[kind]
                         files[name] = np.lib.format.open_memmap(
                             tmp / f"{name}.npy", "w+", dtype, (totals[kind] * mult,)
                         )
-                entry = {"image": list(img.shape), "latent": list(q.y.shape), "hyper": list(values["z"].shape)}
+                entry = {
+                    "image": list(img.shape),
+                    "latent": list(q.y.shape),
+                    "hyper": list(values["z"].shape),
+                }
                 for kind in ("image", "latent", "hyper"):
                     entry[f"{kind}_offset"] = offsets[kind]
                 for name, a in files.items():

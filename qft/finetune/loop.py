@@ -45,14 +45,20 @@ from qft.finetune.cache import LatentCache, cache_identity, images_digest, trim_
 from qft.finetune.objective import FinetuneObjective, assemble_batch, sample_crops
 from qft.finetune.recipe import FinetuneRecipe
 from qft.models import ARCHITECTURES, load_checkpoint, save_checkpoint
-from qft.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint as load_training_state, save_atomic
+from qft.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint as load_training_state,
+    save_atomic,
+)
 from qft.train.data import load_images
 from qft.train.loop import _Log, _psnr, machine_description, resolve_device
 
 __all__ = ["finetune", "trainable_parameters"]
 
 
-def trainable_parameters(model: torch.nn.Module, parts: str) -> list[torch.nn.Parameter]:
+def trainable_parameters(
+    model: torch.nn.Module, parts: str
+) -> list[torch.nn.Parameter]:
     """Freeze the model, then unfreeze ``g_s`` (and ``h_s`` for
     ``decoder+hyperdecoder``); returns the unfrozen parameters."""
     model.requires_grad_(False)
@@ -66,7 +72,11 @@ def trainable_parameters(model: torch.nn.Module, parts: str) -> list[torch.nn.Pa
 
 def _distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    return (
+        world,
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
 
 
 def finetune(
@@ -94,10 +104,14 @@ def finetune(
         progress: tqdm bars on rank 0.
     """
     if recipe.checkpoint is None:
-        raise UserError("no checkpoint: give --checkpoint or set 'checkpoint' in the recipe")
+        raise UserError(
+            "no checkpoint: give --checkpoint or set 'checkpoint' in the recipe"
+        )
     world, rank, local_rank = _distributed()
     if recipe.batch_size % world:
-        raise UserError(f"batch_size {recipe.batch_size} is not a multiple of the {world} processes")
+        raise UserError(
+            f"batch_size {recipe.batch_size} is not a multiple of the {world} processes"
+        )
     torch.set_num_threads(recipe.threads)
     device = resolve_device(recipe.device)
     if world > 1:
@@ -107,15 +121,36 @@ def finetune(
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return _finetune(
-            recipe, Path(out_dir), control, cache_dir, resume, stop_after, unsafe_load,
-            progress and rank == 0, device, world, rank,
+            recipe,
+            Path(out_dir),
+            control,
+            cache_dir,
+            resume,
+            stop_after,
+            unsafe_load,
+            progress and rank == 0,
+            device,
+            world,
+            rank,
         )
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _finetune(recipe, out, control, cache_dir, resume, stop_after, unsafe_load, progress, device, world, rank):
+def _finetune(
+    recipe,
+    out,
+    control,
+    cache_dir,
+    resume,
+    stop_after,
+    unsafe_load,
+    progress,
+    device,
+    world,
+    rank,
+):
     main = rank == 0
     base = load_checkpoint(recipe.checkpoint, recipe.arch, unsafe_load=unsafe_load)
     entropy = ARCHITECTURES[base.arch].entropy
@@ -126,11 +161,16 @@ def _finetune(recipe, out, control, cache_dir, resume, stop_after, unsafe_load, 
         )
     lmbda = recipe.lmbda if recipe.lmbda is not None else base.extra.get("lambda")
     if not isinstance(lmbda, (int, float)) or lmbda <= 0:
-        raise UserError(f"{recipe.checkpoint} records no λ: give --lambda (the base model's rate point)")
+        raise UserError(
+            f"{recipe.checkpoint} records no λ: give --lambda (the base model's rate point)"
+        )
     quantizer = quantizer_from_args(
         argparse.Namespace(
-            quantizer=recipe.method, step=recipe.step, lambda_t=recipe.lambda_t,
-            lambda_mult=recipe.lambda_mult, reset=recipe.reset,
+            quantizer=recipe.method,
+            step=recipe.step,
+            lambda_t=recipe.lambda_t,
+            lambda_mult=recipe.lambda_mult,
+            reset=recipe.reset,
         )
     )
     model = base.model
@@ -144,10 +184,21 @@ def _finetune(recipe, out, control, cache_dir, resume, stop_after, unsafe_load, 
             f"a training image of {small[0][1]}x{small[0][0]} pixels (after cropping to "
             f"multiples of 16) is smaller than the {recipe.crop}-pixel crop"
         )
-    identity = cache_identity(model, base.arch, entropy, quantizer, images_digest(images))
+    identity = cache_identity(
+        model, base.arch, entropy, quantizer, images_digest(images)
+    )
     cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
     if main and not (cache_dir / "meta.json").exists():
-        LatentCache.build(cache_dir, identity, model.to(device), entropy, quantizer, images, device, progress)
+        LatentCache.build(
+            cache_dir,
+            identity,
+            model.to(device),
+            entropy,
+            quantizer,
+            images,
+            device,
+            progress,
+        )
     del images
     if world > 1:
         dist.barrier()
@@ -161,7 +212,9 @@ def _finetune(recipe, out, control, cache_dir, resume, stop_after, unsafe_load, 
     if amp:
         model.to(memory_format=torch.channels_last)
     params = trainable_parameters(model, recipe.parts)
-    objective = FinetuneObjective(model, entropy, recipe.parts, control, float(lmbda), amp)
+    objective = FinetuneObjective(
+        model, entropy, recipe.parts, control, float(lmbda), amp
+    )
     objective.train()
     opt = torch.optim.Adam(params, lr=recipe.lr)
     config = {
@@ -184,7 +237,9 @@ def _finetune(recipe, out, control, cache_dir, resume, stop_after, unsafe_load, 
     start, wall = 0, 0.0
     if ckpt_path.exists():
         if not resume:
-            raise UserError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+            raise UserError(
+                f"{ckpt_path} exists; pass --resume to continue it or choose another --out"
+            )
         state = load_training_state(ckpt_path)
         if state.get("kind") != "finetune" or state["config"] != config:
             raise UserError(
@@ -197,14 +252,25 @@ def _finetune(recipe, out, control, cache_dir, resume, stop_after, unsafe_load, 
     elif main:
         out.mkdir(parents=True, exist_ok=True)
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
-    log = _Log(log_path, keep_until_step=start if ckpt_path.exists() else None) if main else None
+    log = (
+        _Log(log_path, keep_until_step=start if ckpt_path.exists() else None)
+        if main
+        else None
+    )
     net = objective
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None
         )
     if main and start < end:
-        log.write(kind="start", step=start, steps=recipe.steps, device=str(device), world_size=world, **config)
+        log.write(
+            kind="start",
+            step=start,
+            steps=recipe.steps,
+            device=str(device),
+            world_size=world,
+            **config,
+        )
 
     t0 = time.perf_counter()
 
@@ -230,13 +296,26 @@ def _finetune(recipe, out, control, cache_dir, resume, stop_after, unsafe_load, 
     size = recipe.crop // 16
     align = 4 if recipe.parts == "decoder+hyperdecoder" else 1
     window: dict[str, float] = {}
-    bar = tqdm(total=recipe.steps, initial=start, desc="finetune", disable=not progress, mininterval=5)
+    bar = tqdm(
+        total=recipe.steps,
+        initial=start,
+        desc="finetune",
+        disable=not progress,
+        mininterval=5,
+    )
     for step in range(start, end):
         ts = time.perf_counter()
         picks = sample_crops(cache, recipe.seed, step, recipe.batch_size, size, align)
         mine = range(rank, recipe.batch_size, world)
         batch = assemble_batch(
-            cache, [picks[b] for b in mine], mine, size, objective.fields, quantizer, recipe.seed, step
+            cache,
+            [picks[b] for b in mine],
+            mine,
+            size,
+            objective.fields,
+            quantizer,
+            recipe.seed,
+            step,
         )
         batch = {
             k: v.to(device, memory_format=torch.channels_last) if amp else v.to(device)
@@ -259,9 +338,17 @@ def _finetune(recipe, out, control, cache_dir, resume, stop_after, unsafe_load, 
         if done % recipe.log_every == 0 or done == end:
             n = window.pop("n")
             mean = {k: v / n for k, v in window.items()}
-            log.write(kind="train", step=done, **mean, psnr=_psnr(mean["mse"]), lr=recipe.lr,
-                      wall_time_s=wall + time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{mean['loss']:.4f}", psnr=f"{_psnr(mean['mse']):.2f}")
+            log.write(
+                kind="train",
+                step=done,
+                **mean,
+                psnr=_psnr(mean["mse"]),
+                lr=recipe.lr,
+                wall_time_s=wall + time.perf_counter() - t0,
+            )
+            bar.set_postfix(
+                loss=f"{mean['loss']:.4f}", psnr=f"{_psnr(mean['mse']):.2f}"
+            )
             window = {}
         if done % recipe.checkpoint_every == 0 or done == end:
             save(done)
@@ -281,10 +368,20 @@ def _finetune(recipe, out, control, cache_dir, resume, stop_after, unsafe_load, 
     }
     if main and summary["finished"]:
         model.to("cpu", memory_format=torch.contiguous_format)
-        extra = {k: config[k] for k in ("finetuned_from", "quantizer", "parts", "control", "lambda")}
+        extra = {
+            k: config[k]
+            for k in ("finetuned_from", "quantizer", "parts", "control", "lambda")
+        }
         extra.update(steps=recipe.steps, finetune_recipe=recipe.to_dict())
-        summary["sha256"] = save_checkpoint(out / "model.pth", model, base.arch, base.params, extra=extra, force=True)
+        summary["sha256"] = save_checkpoint(
+            out / "model.pth", model, base.arch, base.params, extra=extra, force=True
+        )
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if start < end:
-            log.write(kind="end", step=done, wall_time_s=summary["wall_time_s"], sha256=summary["sha256"])
+            log.write(
+                kind="end",
+                step=done,
+                wall_time_s=summary["wall_time_s"],
+                sha256=summary["sha256"],
+            )
     return summary

@@ -39,7 +39,13 @@ from trellis.tables import cell_bounds
 
 from qft.finetune.cache import LatentCache
 
-__all__ = ["FinetuneObjective", "assemble_batch", "sample_crops", "index_cells", "cell_mass"]
+__all__ = [
+    "FinetuneObjective",
+    "assemble_batch",
+    "sample_crops",
+    "index_cells",
+    "cell_mass",
+]
 
 
 def sample_crops(
@@ -63,7 +69,8 @@ def index_cells(
     indices: np.ndarray, qclass: np.ndarray, quantizer: Quantizer
 ) -> tuple[np.ndarray, np.ndarray]:
     """Residual-domain decision cells ``[lo, hi)`` of signed indices (cells mirrored for
-    ``k < 0``), from :func:`trellis.tables.cell_bounds` of the quantizer's table kind."""
+    ``k < 0``), from :func:`trellis.tables.cell_bounds` of the quantizer's table kind.
+    """
     kind = quantizer.table.kind
     mag = np.abs(indices)
     lo = np.empty(indices.shape, np.float64)
@@ -80,7 +87,11 @@ def cell_mass(lo: torch.Tensor, hi: torch.Tensor, sigma: torch.Tensor) -> torch.
     """The ``N(0, σ²)`` mass of ``[lo, hi)`` (likelihood bound applied by the
     caller), computed on the side of the cell away from the centre for precision."""
     sign = torch.where(lo + hi > 0, -1.0, 1.0)
-    return torch.special.ndtr(sign * hi / sigma).sub(torch.special.ndtr(sign * lo / sigma)).abs()
+    return (
+        torch.special.ndtr(sign * hi / sigma)
+        .sub(torch.special.ndtr(sign * lo / sigma))
+        .abs()
+    )
 
 
 def assemble_batch(
@@ -102,7 +113,9 @@ def assemble_batch(
     def stack(name: str) -> np.ndarray:
         return np.stack([cache.crop(name, i, t, l, size) for i, t, l in picks])
 
-    out = {"x": torch.from_numpy(stack("image")).permute(0, 3, 1, 2).float().div_(255.0)}
+    out = {
+        "x": torch.from_numpy(stack("image")).permute(0, 3, 1, 2).float().div_(255.0)
+    }
     if "y_hat" in fields:
         out["y_hat"] = torch.from_numpy(stack("y_hat"))
     if "t" in fields:
@@ -114,10 +127,14 @@ def assemble_batch(
     if "y_noisy" in fields:
         y, z = stack("y"), stack("z") if "z_noisy" in fields else None
         rngs = [np.random.default_rng([seed, step, b]) for b in elements]
-        uy = np.stack([r.uniform(-0.5, 0.5, y.shape[1:]) for r in rngs]).astype(np.float32)
+        uy = np.stack([r.uniform(-0.5, 0.5, y.shape[1:]) for r in rngs]).astype(
+            np.float32
+        )
         out["y_noisy"] = torch.from_numpy(y + uy)
         if z is not None:
-            uz = np.stack([r.uniform(-0.5, 0.5, z.shape[1:]) for r in rngs]).astype(np.float32)
+            uz = np.stack([r.uniform(-0.5, 0.5, z.shape[1:]) for r in rngs]).astype(
+                np.float32
+            )
             out["z_noisy"] = torch.from_numpy(z + uz)
     return out
 
@@ -136,7 +153,15 @@ class FinetuneObjective(nn.Module):
         amp: bf16 autocast on CUDA for ``g_s`` and ``h_s`` (losses in fp32).
     """
 
-    def __init__(self, model: nn.Module, entropy: str, parts: str, control: bool, lmbda: float, amp: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        entropy: str,
+        parts: str,
+        control: bool,
+        lmbda: float,
+        amp: bool = False,
+    ):
         super().__init__()
         self.g_s = model.g_s
         self.h_s = model.h_s
@@ -177,7 +202,9 @@ class FinetuneObjective(nn.Module):
             y_hat = batch["y_noisy" if self.control else "y_hat"]
         else:
             gc = self.gaussian_conditional
-            mu, sigma = self._entropy_parameters(batch["z_noisy" if self.control else "z_hat"])
+            mu, sigma = self._entropy_parameters(
+                batch["z_noisy" if self.control else "z_hat"]
+            )
             sigma = gc.lower_bound_scale(sigma)
             if self.control:
                 y_hat = batch["y_noisy"]

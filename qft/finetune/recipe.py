@@ -115,7 +115,9 @@ class FinetuneRecipe:
 def _validate(r: FinetuneRecipe) -> None:
     where = f"recipe {r.path}"
     if r.parts not in PARTS:
-        raise UserError(f"{where}: parts must be one of {', '.join(PARTS)}, not '{r.parts}'")
+        raise UserError(
+            f"{where}: parts must be one of {', '.join(PARTS)}, not '{r.parts}'"
+        )
     if r.method not in METHODS:
         raise UserError(
             f"{where}: quantizer.method must be one of {', '.join(METHODS)}, not '{r.method}'"
