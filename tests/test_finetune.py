@@ -30,6 +30,7 @@ from qft.finetune import (
     load_finetune_recipe,
 )
 from qft.models import ARCHITECTURES, create_model, load_checkpoint, save_checkpoint
+from qft.train import export_state_dict
 
 LAMBDA = 0.01
 
@@ -282,6 +283,33 @@ def test_scale_hyperprior_and_codec_round_trip(setup, tmp_path):
     q = Quantizer("usq")
     x_hat = codec.decompress(codec.compress(x, q)["bitstream"])["x_hat"]
     assert x_hat.shape == x.shape
+
+
+def test_exported_fp16_state_dict(setup, tmp_path):
+    """The layout `qft train` ships (a bare fp16 state_dict, no metadata) finetunes."""
+    base = tmp_path / "export.pth"
+    torch.save(export_state_dict(load_checkpoint(setup["base"]).model), base)
+    out = tmp_path / "o"
+    assert (
+        _run(
+            setup,
+            out,
+            "-m",
+            str(base),
+            "--lambda",
+            "0.01",
+            "-q",
+            "usq",
+            "--steps",
+            "1",
+            cache=False,
+        )
+        == 0
+    )
+    assert (
+        load_checkpoint(out / "model.pth").extra["finetuned_from"]
+        == load_checkpoint(base).sha256
+    )
 
 
 def test_context_models_are_refused(setup, tmp_path, capsys):

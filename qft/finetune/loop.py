@@ -123,15 +123,15 @@ def finetune(
         return _finetune(
             recipe,
             Path(out_dir),
-            control,
-            cache_dir,
-            resume,
-            stop_after,
-            unsafe_load,
-            progress and rank == 0,
-            device,
-            world,
-            rank,
+            control=control,
+            cache_dir=cache_dir,
+            resume=resume,
+            stop_after=stop_after,
+            unsafe_load=unsafe_load,
+            progress=progress and rank == 0,
+            device=device,
+            world=world,
+            rank=rank,
         )
     finally:
         if world > 1:
@@ -139,18 +139,20 @@ def finetune(
 
 
 def _finetune(
-    recipe,
-    out,
-    control,
-    cache_dir,
-    resume,
-    stop_after,
-    unsafe_load,
-    progress,
-    device,
-    world,
-    rank,
-):
+    recipe: FinetuneRecipe,
+    out: Path,
+    *,
+    control: bool,
+    cache_dir: str | Path | None,
+    resume: bool,
+    stop_after: int | None,
+    unsafe_load: bool,
+    progress: bool,
+    device: torch.device,
+    world: int,
+    rank: int,
+) -> dict[str, Any]:
+    """:func:`finetune` inside its process group (``world`` processes, this one ``rank``)."""
     main = rank == 0
     base = load_checkpoint(recipe.checkpoint, recipe.arch, unsafe_load=unsafe_load)
     entropy = ARCHITECTURES[base.arch].entropy
