@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "qft" / "assets" / "checkpoints" / "manifest.json"
 STEPS = (0.63, 0.7, 0.8, 0.9, 1.0)
 MULTS = (0.025, 0.05, 0.1, 0.25)
+TIE_PP = 0.5  # percentage points of saving treated as equal when choosing the rule
 USQ_STEPS = (1.0, 0.8, 0.9, 1.1, 1.25, 1.4, 1.6)  # USQ's own step sweep: the local reference curve
 
 
@@ -119,14 +120,20 @@ def _summarise(grid, per_ckpt: list[dict], key: str) -> tuple[list[dict], dict]:
             continue
         local = [local_saving([tuple(p[json.dumps(u)]) for u in usq_grid], tuple(p[json.dumps(c)])) for p in per_ckpt]
         test = {"bpp": [p[json.dumps(c)][0] for p in per_ckpt], "psnr-rgb": [p[json.dumps(c)][1] for p in per_ckpt]}
+        rate = float(np.mean([t / a for t, a in zip(test["bpp"], anchor["bpp"])]))
         table.append({"method": c[0], "step": c[1], "mult": c[2], "local_saving": local,
-                      key: float(np.mean(local)), "bd_rate_vs_usq_step1": bd_pchip(anchor, test)})
+                      key: float(np.mean(local)), "rate_vs_usq_step1": rate, "bd_rate_vs_usq_step1": bd_pchip(anchor, test)})
     rule = {}
     for method in sorted({c[0] for c in grid if c[0] != "usq"}):
         rows = [r for r in table if r["method"] == method and not math.isnan(r[key])]
         if rows:
-            best = min(rows, key=lambda r: r[key])
-            rule[method] = {"step": best["step"], "mult": best["mult"], key: best[key]}
+            # Among the configurations within TIE_PP of the best saving, the one whose rate
+            # stays closest to the model's own operating point (USQ step 1): the saving is
+            # nearly flat in Δ, the operating point is not.
+            best = min(r[key] for r in rows)
+            pick = min((r for r in rows if r[key] <= best + TIE_PP), key=lambda r: abs(r["rate_vs_usq_step1"] - 1))
+            rule[method] = {"step": pick["step"], "mult": pick["mult"], key: pick[key],
+                            "rate_vs_usq_step1": pick["rate_vs_usq_step1"], "best_" + key: best}
     return table, rule
 
 
