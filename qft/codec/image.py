@@ -98,8 +98,13 @@ def crop(x: torch.Tensor, padding: tuple[int, int, int, int]) -> torch.Tensor:
     return x[..., top : h - bottom, left : w - right]
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files in a folder and its subfolders (CompressAI's rule), sorted.
+def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Image files in a folder, sorted.
+
+    Args:
+        folder: the folder.
+        recursive: also in subfolders (as CompressAI's ``eval_model``); otherwise only
+            directly inside (as CompressAI's ``ImageFolder`` split folders).
 
     Raises:
         UserError: not a folder, or no image in it.
@@ -107,7 +112,8 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     return files

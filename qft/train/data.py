@@ -15,30 +15,14 @@ import torch
 
 from PIL import Image
 
+from qft.codec.image import list_images
 from qft.errors import UserError
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "list_images",
     "load_images",
     "sample_batch",
     "center_crops",
 ]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise UserError(
-            f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
-        )
-    return files
 
 
 def load_images(
@@ -51,7 +35,7 @@ def load_images(
         splits: sub-folders to read, in order.
         limit: keep only the first ``limit`` images (after concatenating the splits).
     """
-    files = [f for s in splits for f in list_images(Path(root) / s)]
+    files = [f for s in splits for f in list_images(Path(root) / s, recursive=False)]
     if limit is not None:
         files = files[:limit]
     images = []
