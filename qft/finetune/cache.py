@@ -45,6 +45,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from tqdm import tqdm
+
 from trellis import NUM_SCALES, Quantizer
 
 from qft.codec import HyperpriorLatentCoder, model_fingerprint
@@ -203,18 +205,16 @@ class LatentCache:
     ) -> "LatentCache":
         """Quantize every (trimmed) image once and write the cache atomically (a
         temporary folder renamed into place, ``meta.json`` last)."""
-        from tqdm import tqdm
-
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             coder = HyperpriorLatentCoder(model, entropy)
             entries, offsets, files = [], {"image": 0, "latent": 0, "hyper": 0}, {}
-            shapes = []
-            for img in images:
-                h, w = img.shape[:2]
-                shapes.append(((h + 63) // 64 * 64, (w + 63) // 64 * 64))
+            shapes = [
+                (-(-h // 64) * 64, -(-w // 64) * 64)
+                for h, w, _ in map(np.shape, images)
+            ]
             totals = {
                 "image": sum(img.size for img in images),
                 "latent": sum(hp * wp // 256 for hp, wp in shapes),
