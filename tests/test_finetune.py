@@ -19,6 +19,7 @@ from PIL import Image
 
 from trellis import SCALE_TABLE, Quantizer
 
+from qft.commands._options import DEFAULT_LAMBDA_MULT, default_lambda, default_step
 from qft.cli import main
 from qft.codec import Codec, HyperpriorLatentCoder
 from qft.errors import UserError
@@ -62,7 +63,7 @@ def setup(tmp_path_factory):
             "method": "tcq8",
             "step": None,
             "lambda_t": None,
-            "lambda_mult": 0.25,
+            "lambda_mult": DEFAULT_LAMBDA_MULT,
             "reset": "channel",
         },
         "seed": 1,
@@ -118,7 +119,7 @@ def decoder_run(setup):
 
 def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
     base = load_checkpoint(setup["base"])
-    q = Quantizer("tcq8", step=0.5612310241546865, lam=0.0305984940317692)
+    q = Quantizer("tcq8", step=default_step("tcq8"), lam=default_lambda("tcq8", default_step("tcq8")))  # the CLI's
     meta = json.loads((setup["cache"] / "meta.json").read_text())
     cache = LatentCache.open(setup["cache"], meta["identity"])
     img = np.asarray(

@@ -1,14 +1,16 @@
 """Options shared by the commands that load a checkpoint and quantize with it.
 
-Quantizer defaults (see docs/design.md, "Default Δ and λ_T"):
+Quantizer defaults (docs/design.md, "Quantizer calibration"; chosen on BSDS500
+validation images by ``benchmarks/quantizer_rd.py calibrate``, never on a test set):
 
 * USQ: step 1 (CompressAI's rounding).
-* RDOQ: step 1, ``λ = m · (ln 2 / 6)``.
-* TCQ-4/8: union step ``Δ = 2^(1/6)/2 ≈ 0.561`` (VVC), ``λ_T = m · 2^(1/12) (ln 2 / 6) (2Δ / 2^(1/6))²``
-  (VVC's rule: the high-rate slope of a scalar quantizer of the same per-quantizer step, × 2^(1/12)).
+* RDOQ: step 1, ``λ = m · (ln 2 / 6) Δ²``.
+* TCQ-4/8: union step ``Δ = 0.63``, ``λ_T = m · 2^(1/12) (ln 2 / 6) (2Δ / 2^(1/6))²`` — VVC's
+  rule (the high-rate slope of a scalar quantizer with TCQ's per-quantizer step, times
+  2^(1/12)) scaled by ``m``.
 
-``m`` is ``--lambda-mult`` (default 0.25: the VVC rule alone lets TCQ lose to USQ in the
-image domain; see docs/design.md). ``--lambda-t`` sets λ directly.
+``m`` is ``--lambda-mult``, default 0.025: the plain VVC rule (``m = 1``) makes TCQ lose to
+USQ in the image domain of these noise-trained models. ``--lambda-t`` sets λ directly.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ __all__ = [
     "device_from_args",
 ]
 
-DEFAULT_LAMBDA_MULT = 0.25
+DEFAULT_LAMBDA_MULT = 0.025
+DEFAULT_TCQ_STEP = 0.63
 _SLOPE = math.log(2) / 6  # dD/dR of an entropy-coded uniform quantizer of step 1, per bit
-_VVC_STEP = 2 ** (1 / 6) / 2
 
 
 def default_step(method: str) -> float:
-    """The default step of a method: 1 for USQ/RDOQ, VVC's union step for TCQ."""
-    return _VVC_STEP if method.startswith("tcq") else 1.0
+    """The default step of a method: 1 for USQ/RDOQ, the calibrated union step for TCQ."""
+    return DEFAULT_TCQ_STEP if method.startswith("tcq") else 1.0
 
 
 def default_lambda(method: str, step: float, mult: float = DEFAULT_LAMBDA_MULT) -> float:
@@ -59,10 +61,10 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, many: bool = False
 def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("quantizer")
     g.add_argument("-q", "--quantizer", choices=METHODS, default="usq", help="latent quantizer (default: usq)")
-    g.add_argument("--step", type=float, help="USQ/RDOQ step, or TCQ union step (default: 1, TCQ 0.561)")
+    g.add_argument("--step", type=float, help=f"USQ/RDOQ step, or TCQ union step (default: 1, TCQ {DEFAULT_TCQ_STEP})")
     g.add_argument("--lambda-t", type=float, help="λ of J = SSE + λ·bits (overrides --lambda-mult)")
     g.add_argument("--lambda-mult", type=float, default=DEFAULT_LAMBDA_MULT,
-                   help=f"multiplier of the VVC-style default λ (default: {DEFAULT_LAMBDA_MULT})")
+                   help=f"multiplier of the VVC-style λ rule (default: {DEFAULT_LAMBDA_MULT}, calibrated)")
     g.add_argument("--reset", choices=RESETS, default="channel", help="trellis chains (default: one per channel)")
 
 

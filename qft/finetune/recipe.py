@@ -10,7 +10,7 @@ Layout, every key required (``null`` where allowed)::
       method: tcq8              # usq | rdoq | tcq4 | tcq8
       step: null                # null: the method's default step
       lambda_t: null            # null: lambda_mult × the default λ_T
-      lambda_mult: 0.25
+      lambda_mult: 0.025
       reset: channel
     seed: 0
     threads: 1
