@@ -157,12 +157,12 @@ def plot(path: Path, ours: dict, anchor: dict, bd: dict) -> None:
     psnr = bd["bd_psnr_db"]["pchip"]
     psnr = "n/a" if psnr is None else f"{psnr:+.2f} dB"
     axes[0].set_title(
-        f"Kodak — vs published (pchip): BD-rate {rate} (PSNR overlap "
+        f"Kodak — vs published (pchip): BD-rate {rate}\n(PSNR overlap "
         f"{lo:.1f}–{hi:.1f} dB), BD-PSNR {psnr}",
         fontsize=9,
     )
     axes[1].set_title("Kodak, 24 images")
-    axes[0].legend(loc="lower right")
+    axes[0].legend(loc="upper left", fontsize=8)
     for x, y, lam in zip(
         ours["results"]["bpp"], ours["results"]["psnr-rgb"], ours["lambda"]
     ):
