@@ -5,7 +5,7 @@ validation images by ``benchmarks/quantizer_rd.py calibrate``, never on a test s
 
 * USQ: step 1 (CompressAI's rounding).
 * RDOQ: step 1, ``λ = m · (ln 2 / 6) Δ²``.
-* TCQ-4/8: union step ``Δ = 0.63``, ``λ_T = m · 2^(1/12) (ln 2 / 6) (2Δ / 2^(1/6))²`` — VVC's
+* TCQ-4/8: union step ``Δ = 0.7``, ``λ_T = m · 2^(1/12) (ln 2 / 6) (2Δ / 2^(1/6))²`` — VVC's
   rule (the high-rate slope of a scalar quantizer with TCQ's per-quantizer step, times
   2^(1/12)) scaled by ``m``.
 
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 DEFAULT_LAMBDA_MULT = 0.025
-DEFAULT_TCQ_STEP = 0.63
+DEFAULT_TCQ_STEP = 0.7
 _SLOPE = math.log(2) / 6  # dD/dR of an entropy-coded uniform quantizer of step 1, per bit
 
 
