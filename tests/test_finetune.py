@@ -343,17 +343,16 @@ def _free_port() -> int:
 
 
 def _assert_same_training(setup, out, reference):
-    """Same updates up to float summation order (Adam's first steps amplify rounding of
-    near-zero gradients, so compare with the size of the updates)."""
+    """Same updates up to float summation order. Adam's first steps turn rounding noise in
+    near-zero gradients into full-size steps of single elements, so each tensor's
+    difference is compared, as a norm, with the norm of its update."""
     base, a, b = (
         _weights(p) for p in (setup["base"], out / "model.pth", reference / "model.pth")
     )
     for k in a:
         if a[k].is_floating_point():
-            step = (b[k].float() - base[k].float()).abs().max().item()
-            assert (
-                a[k].float() - b[k].float()
-            ).abs().max().item() <= 0.02 * step + 1e-7, k
+            update = (b[k].float() - base[k].float()).norm().item()
+            assert (a[k].float() - b[k].float()).norm().item() <= 0.05 * update + 1e-7, k
 
 
 def _ddp_worker(rank, world, port, recipe, out, cache):

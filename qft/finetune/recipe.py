@@ -38,12 +38,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from trellis import METHODS, RESETS
 
 from qft.errors import UserError
-from qft.train.recipe import _project_root, _section
+from qft.train.recipe import _project_root, _section, read_yaml
 
 __all__ = ["PARTS", "FinetuneRecipe", "load_finetune_recipe"]
 
@@ -155,16 +154,7 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
     :class:`UserError`."""
     path = Path(path)
     where = f"recipe {path}"
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{where}: no such file") from None
-    except OSError as exc:
-        raise UserError(f"{where}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{where}: invalid YAML{line}") from None
+    raw = read_yaml(path, where)
     top = _section(raw, "the recipe", _TOP, where)
     quant = _section(top["quantizer"], "quantizer", _QUANTIZER, where)
     opt = _section(top["optimizer"], "optimizer", _OPTIMIZER, where)

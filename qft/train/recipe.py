@@ -222,12 +222,11 @@ def _validate(r: Recipe) -> None:
         raise UserError(f"{where}: data.train must name at least one split")
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file; every problem is a one-line :class:`UserError`."""
-    path = Path(path)
-    where = f"recipe {path}"
+def read_yaml(path: Path, where: str) -> Any:
+    """The parsed YAML of a recipe file; a missing, unreadable or invalid file is a
+    one-line :class:`UserError` naming ``where``."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{where}: no such file") from None
     except OSError as exc:
@@ -236,6 +235,13 @@ def load_recipe(path: str | Path) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"{where}: invalid YAML{line}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; every problem is a one-line :class:`UserError`."""
+    path = Path(path)
+    where = f"recipe {path}"
+    raw = read_yaml(path, where)
     top = _section(raw, "the recipe", _TOP, where)
     opt = _section(top["optimizer"], "optimizer", _OPTIMIZER, where)
     data = _section(top["data"], "data", _DATA, where)
