@@ -30,7 +30,7 @@ from trellis import Quantizer
 from trellis.rans import CorruptStreamError
 
 from qft.codec.container import Container, Header
-from qft.codec.image import crop, pad
+from qft.codec.image import crop, pad, padding_for
 from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent
 from qft.errors import UserError
 
@@ -179,7 +179,7 @@ class Codec:
         hd = c.header
         try:
             quantizer = self._check_compatible(hd, name)
-            padding = pad(torch.empty(0, 0, hd.height, hd.width))[1]
+            padding = padding_for(hd.height, hd.width)
             hp, wp = hd.height + padding[2] + padding[3], hd.width + padding[0] + padding[1]
             out = {}
             if self.latent_coder is not None:

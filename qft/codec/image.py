@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from qft.errors import UserError
 
-__all__ = ["IMAGE_SUFFIXES", "read_image", "write_image", "pad", "crop", "list_images"]
+__all__ = ["IMAGE_SUFFIXES", "read_image", "write_image", "pad", "padding_for", "crop", "list_images"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -80,14 +80,18 @@ def write_image(x: torch.Tensor, path: str | Path) -> None:
     Image.fromarray(x, "RGB").save(path)
 
 
+def padding_for(height: int, width: int, multiple: int = 64) -> tuple[int, int, int, int]:
+    """Centred zero padding ``(left, right, top, bottom)`` up to a multiple of ``multiple``."""
+    ph, pw = (-height) % multiple, (-width) % multiple
+    return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
+
+
 def pad(x: torch.Tensor, multiple: int = 64) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """Zero-pads height and width to a multiple, centred. Returns ``(x_padded, padding)``.
 
-    ``padding = (left, right, top, bottom)``, the argument of :func:`crop`.
+    ``padding = (left, right, top, bottom)`` (:func:`padding_for`), the argument of :func:`crop`.
     """
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    padding = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    padding = padding_for(*x.shape[-2:], multiple)
     return F.pad(x, padding, mode="constant", value=0.0), padding
 
 
