@@ -62,5 +62,6 @@ def test_eval_json(workdir):
         assert len(r["results"][key]) == 2
     assert r["qft"]["quantizer"]["method"] == "tcq8" and len(r["qft"]["per_image"][0]) == 2
     assert r["results"]["bpp"] == r["qft"]["bpp_real"]
+    assert r["results"]["ms-ssim-rgb"] == [None, None]  # too small for MS-SSIM: null, strict JSON
     assert all(0 < e < r_ for r_, e in zip(r["qft"]["bpp_real"], r["qft"]["bpp_estimated"]))  # header + rANS overhead
     assert main(argv) == 2  # exists, no --force

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or f"{arch}-{quantizer.method}"
     out = results_json(name, quantizer, checkpoints, per_checkpoint, args.estimate, args.per_image, str(args.data))
     with open(args.output, "w") as f:
-        json.dump(out, f, indent=2)
+        json.dump(out, f, indent=2, allow_nan=False)
     for c, bpp, p in zip(checkpoints, out["results"]["bpp"], out["results"]["psnr-rgb"]):
         print(f"{c['path']}: {bpp:.4f} bpp, {p:.3f} dB")
     print(f"wrote {args.output}")

@@ -9,6 +9,7 @@ convention). The result follows CompressAI's JSON schema (``name``, ``descriptio
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from pathlib import Path
@@ -47,8 +48,11 @@ def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc
     return rows
 
 
-def _mean(rows: list[dict], key: str) -> float:
-    return statistics.fmean(r[key] for r in rows)
+def _mean(rows: list[dict], key: str) -> float | None:
+    """Mean over images; ``None`` (JSON null) when not finite (MS-SSIM of images too small
+    for its five scales, PSNR of a lossless image), so the file stays strict JSON."""
+    m = statistics.fmean(r[key] for r in rows)
+    return m if math.isfinite(m) else None
 
 
 def results_json(name: str, quantizer: Quantizer, checkpoints: list[dict], per_checkpoint: list[list[dict]],
@@ -84,5 +88,8 @@ def results_json(name: str, quantizer: Quantizer, checkpoints: list[dict], per_c
         },
     }
     if per_image:
-        out["qft"]["per_image"] = per_checkpoint
+        out["qft"]["per_image"] = [
+            [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()} for row in rows]
+            for rows in per_checkpoint
+        ]
     return out
