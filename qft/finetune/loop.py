@@ -51,7 +51,7 @@ from qft.train.checkpoint import (
     save_atomic,
 )
 from qft.train.data import load_images
-from qft.train.loop import _Log, _psnr, machine_description, resolve_device
+from qft.train.loop import _Log, _psnr, _Window, machine_description, resolve_device
 
 __all__ = ["finetune", "trainable_parameters"]
 
@@ -297,7 +297,7 @@ def _finetune(
 
     size = recipe.crop // 16
     align = 4 if recipe.parts == "decoder+hyperdecoder" else 1
-    window: dict[str, float] = {}
+    window = _Window()
     bar = tqdm(
         total=recipe.steps,
         initial=start,
@@ -333,13 +333,10 @@ def _finetune(
             continue
         stats = {k: out_[k].item() for k in ("loss", "mse", "bpp")}
         stats["step_time_s"] = time.perf_counter() - ts
-        for k, v in stats.items():
-            window[k] = window.get(k, 0.0) + v
-        window["n"] = window.get("n", 0) + 1
+        window.add(stats)
         bar.update(1)
         if done % recipe.log_every == 0 or done == end:
-            n = window.pop("n")
-            mean = {k: v / n for k, v in window.items()}
+            mean = window.take()
             log.write(
                 kind="train",
                 step=done,
@@ -351,7 +348,6 @@ def _finetune(
             bar.set_postfix(
                 loss=f"{mean['loss']:.4f}", psnr=f"{_psnr(mean['mse']):.2f}"
             )
-            window = {}
         if done % recipe.checkpoint_every == 0 or done == end:
             save(done)
     bar.close()

@@ -158,6 +158,25 @@ class _Log:
             f.write(json.dumps(entry) + "\n")
 
 
+class _Window:
+    """Running sums of per-step statistics between two log lines."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._n = 0
+
+    def add(self, stats: dict[str, float]) -> None:
+        for k, v in stats.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._n += 1
+
+    def take(self) -> dict[str, float]:
+        """The means since the last call, and a fresh window."""
+        mean = {k: v / self._n for k, v in self._sums.items()}
+        self._sums, self._n = {}, 0
+        return mean
+
+
 @torch.no_grad()
 def _validate(model, criterion, batch, amp) -> dict[str, float]:
     model.eval()
@@ -286,7 +305,7 @@ def train_point(
         )
 
     t0, c0 = time.perf_counter(), time.process_time()
-    window: dict[str, float] = {}
+    window = _Window()
     val = None
     model.train()
     bar = tqdm(
@@ -323,13 +342,10 @@ def train_point(
             "aux_loss": aux_loss.item(),
             "step_time_s": time.perf_counter() - ts,
         }
-        for k, v in stats.items():
-            window[k] = window.get(k, 0.0) + v
-        window["n"] = window.get("n", 0) + 1
+        window.add(stats)
         bar.update(1)
         if done % recipe.log_every == 0 or done == end:
-            n = window.pop("n")
-            mean = {k: v / n for k, v in window.items()}
+            mean = window.take()
             log.write(
                 kind="train",
                 step=done,
@@ -344,7 +360,6 @@ def train_point(
                 bpp=f"{mean['bpp']:.3f}",
                 psnr=f"{_psnr(mean['mse']):.2f}",
             )
-            window = {}
         if val_batch is not None and (
             done % recipe.validate_every == 0 or done == point.steps
         ):
