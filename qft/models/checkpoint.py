@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from qft.errors import UserError
 
 from .registry import ARCHITECTURES, Architecture, forked_rng, get_architecture
+from .zoo import base_of, resolve
 
 __all__ = [
     "LoadedCheckpoint",
@@ -394,13 +395,34 @@ def _read(path: Path, unsafe_load: bool) -> tuple[Any, str]:
     return obj, sha256
 
 
+def _complete_delta(
+    path: Path, delta: dict[str, Tensor], extra: dict, unsafe_load: bool
+) -> dict[str, Tensor]:
+    """The full state_dict of a delta checkpoint (:mod:`qft.models.zoo`): its base's,
+    with the delta's tensors in place."""
+    base_path = base_of(path, str(extra["delta_of"]))
+    obj, base_sha = _read(base_path, unsafe_load)
+    if base_sha != extra.get("base_sha256"):
+        raise UserError(
+            f"{path} was finetuned from another {base_path.name} "
+            f"(SHA-256 {str(extra.get('base_sha256'))[:12]}…, found {base_sha[:12]}…)"
+        )
+    base = _normalize(_unwrap(obj, str(base_path))[0], str(base_path))
+    unknown = sorted(set(delta) - set(base))
+    if unknown:
+        raise UserError(f"{path}: tensor {_first(unknown)} is not in its base {base_path.name}")
+    return {**base, **delta}
+
+
 def load_checkpoint(
     path: str | os.PathLike, arch: str | None = None, *, unsafe_load: bool = False
 ) -> LoadedCheckpoint:
     """Load a model checkpoint of any registered architecture, in any common layout.
 
     Args:
-        path: the file (``torch.save`` output: zip or legacy format).
+        path: the file (``torch.save`` output: zip or legacy format), or the name of a
+            shipped model (:mod:`qft.models.zoo`); a finetuned delta is completed from
+            its base.
         arch: registered id; ``None`` detects it from the key signature and shapes.
         unsafe_load: allow arbitrary pickled Python objects (``weights_only=False``). Only
             for trusted files: unpickling can execute code.
@@ -418,9 +440,12 @@ def load_checkpoint(
     name = str(path)
     if arch is not None:
         get_architecture(arch)  # unknown id: fail before reading the file
-    obj, sha256 = _read(Path(path), unsafe_load)
+    path = resolve(path)
+    obj, sha256 = _read(path, unsafe_load)
     raw, extra = _unwrap(obj, name)
     state_dict = _normalize(raw, name)
+    if "delta_of" in extra:
+        state_dict = _complete_delta(path, state_dict, extra, unsafe_load)
     fit = _select(state_dict, arch, name)
     _load(fit.model, state_dict)
     return LoadedCheckpoint(

@@ -1,0 +1,110 @@
+"""The checkpoints shipped with qft, by name, and compact finetuned checkpoints.
+
+``qft/assets/checkpoints/manifest.json`` lists the shipped files. Every command that takes
+``-m CKPT`` also takes the name of a shipped model — the file name without ``.pth``::
+
+    qft eval -m mbt2018-mean-0.013 mbt2018-mean-0.013-ft-tcq8 -q tcq8 --data …
+
+A finetuned model changes only the trained parts (``g_s``, optionally ``h_s``), so it is
+shipped as a *delta checkpoint*: ``{"state_dict": <only those tensors, fp16>, "delta_of":
+<base file name>, "base_sha256": …, …}``. :func:`~qft.models.load_checkpoint` completes a
+delta from its base, found beside the delta file (or among the shipped checkpoints), and
+refuses a base whose SHA-256 differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qft.errors import UserError
+
+__all__ = ["ASSETS", "shipped", "shipped_names", "resolve", "write_delta"]
+
+#: folder of the shipped checkpoints and their manifest
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
+
+
+def shipped() -> list[dict[str, Any]]:
+    """The manifest entries, each with its ``name`` (file name without ``.pth``)."""
+    try:
+        entries = json.loads((ASSETS / "manifest.json").read_text())
+    except FileNotFoundError:
+        return []
+    return [{"name": Path(e["file"]).stem, **e} for e in entries]
+
+
+def shipped_names() -> list[str]:
+    return [e["name"] for e in shipped()]
+
+
+def resolve(spec: str | os.PathLike) -> Path:
+    """The file of a checkpoint given as a path or as the name of a shipped model.
+
+    An existing path wins over a shipped name.
+
+    Raises:
+        UserError: neither a file nor a shipped name (the message lists the names).
+    """
+    path = Path(spec)
+    if path.exists():
+        return path
+    if str(spec) in shipped_names():
+        return ASSETS / f"{spec}.pth"
+    names = shipped_names()
+    hint = f" (shipped: {', '.join(names)})" if names else ""
+    raise UserError(f"{spec} does not exist and is not the name of a shipped model{hint}")
+
+
+def write_delta(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    base: str | os.PathLike,
+    prefixes: tuple[str, ...],
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Write the tensors of ``model`` under ``prefixes`` (e.g. ``("g_s.",)``) in fp16 as a
+    delta checkpoint of the file ``base``; returns the SHA-256 of the written file.
+
+    The base is named by its file name: the delta must be kept beside it (or ``base`` must
+    be a shipped checkpoint). An existing ``path`` is not overwritten.
+    """
+    path, base = Path(path), Path(base)
+    if path.exists():
+        raise UserError(f"{path} exists; remove it first")
+    state = {
+        k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu())
+        for k, v in model.state_dict().items()
+        if k.startswith(prefixes)
+    }
+    if not state:
+        raise ValueError(f"no tensors under {prefixes}")
+    obj = {
+        "state_dict": state,
+        "delta_of": base.name,
+        "base_sha256": hashlib.sha256(base.read_bytes()).hexdigest(),
+        **(extra or {}),
+    }
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def base_of(delta_path: Path, name: str) -> Path:
+    """The base file of a delta checkpoint: beside it, else a shipped checkpoint."""
+    for candidate in (delta_path.parent / name, ASSETS / name):
+        if candidate.is_file():
+            return candidate
+    raise UserError(
+        f"{delta_path} is a finetuned delta of {name}, which is neither beside it nor "
+        "shipped; put the base checkpoint beside it"
+    )

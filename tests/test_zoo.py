@@ -1,0 +1,73 @@
+"""qft.models.zoo: shipped checkpoints by name, finetuned delta checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qft.errors import UserError
+from qft.models import create_model, load_checkpoint, save_checkpoint
+from qft.models.zoo import ASSETS, resolve, shipped, write_delta
+
+
+def test_manifest_names_resolve_to_files():
+    entries = shipped()
+    assert entries, "the package ships reference checkpoints"
+    for e in entries:
+        path = resolve(e["name"])
+        assert path == ASSETS / e["file"] and path.is_file()
+        if "finetuned_from" in e:
+            assert (ASSETS / e["finetuned_from"]).is_file()
+
+
+def test_unknown_name_lists_shipped():
+    with pytest.raises(UserError, match=r"does not exist .*shipped: mbt2018-mean-"):
+        resolve("no-such-model")
+
+
+def test_shipped_name_loads():
+    name = shipped()[0]["name"]
+    ck = load_checkpoint(name)
+    assert ck.arch == "mbt2018-mean" and ck.path == name
+
+
+@pytest.fixture
+def base(tmp_path):
+    model = create_model("mbt2018-mean", N=8, M=12, seed=0)
+    path = tmp_path / "base.pth"
+    save_checkpoint(path, model, "mbt2018-mean", {"N": 8, "M": 12}, extra={"lambda": 0.01})
+    return path, model
+
+
+def test_delta_roundtrip(base, tmp_path):
+    path, model = base
+    with torch.no_grad():
+        for p in model.g_s.parameters():
+            p.add_(0.125)  # exactly representable: fp16 keeps it
+    delta = tmp_path / "ft.pth"
+    write_delta(delta, model, path, ("g_s.",), {"quantizer": {"method": "tcq8"}})
+    saved = torch.load(delta, weights_only=True)
+    assert all(k.startswith("g_s.") for k in saved["state_dict"])
+    ck = load_checkpoint(delta)
+    assert ck.extra["quantizer"] == {"method": "tcq8"} and ck.extra["delta_of"] == "base.pth"
+    got, want = ck.model.state_dict(), model.state_dict()
+    for k, v in want.items():
+        if k.startswith(("g_s.", "g_a.", "h_s.")):
+            assert torch.equal(got[k], v.half().float() if k.startswith("g_s.") else v), k
+    with pytest.raises(UserError, match="exists"):
+        write_delta(delta, model, path, ("g_s.",))
+
+
+def test_delta_with_other_base_refused(base, tmp_path):
+    path, model = base
+    delta = tmp_path / "ft.pth"
+    write_delta(delta, model, path, ("g_s.",))
+    save_checkpoint(path, create_model("mbt2018-mean", N=8, M=12, seed=1), "mbt2018-mean",
+                    {"N": 8, "M": 12}, force=True)
+    with pytest.raises(UserError, match="finetuned from another base.pth"):
+        load_checkpoint(delta)
+    path.unlink()
+    with pytest.raises(UserError, match="neither beside it nor shipped"):
+        load_checkpoint(delta)
