@@ -22,6 +22,7 @@ __all__ = ["main", "COMMANDS"]
 
 #: subcommand -> (module under qft.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("quickstart", "shipped models on the bundled Kodak: USQ vs RDOQ/TCQ, BD-rate table and plots"),
     "train": ("train", "train a reference model from a YAML recipe"),
     "finetune": ("finetune", "finetune the decoder on latents quantized as at inference"),
     "models": ("models", "list the registered architectures and their parameters"),
@@ -29,7 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("compress", "code an image into a .qft bitstream"),
     "decompress": ("decompress", "decode a .qft bitstream into a PNG"),
     "eval": ("eval", "evaluate checkpoints on an image folder with real bitstreams (CompressAI JSON)"),
+    "calibrate": ("calibrate", "choose Δ, λ_T (and decoder weights) per checkpoint on held-out images"),
     "bdrate": ("bdrate", "BD-rate of a test curve against an anchor (CompressAI JSON)"),
+    "report": ("report", "BD-rate tables and RD plots of quantizers x models on a dataset"),
 }
 
 

@@ -65,6 +65,7 @@ def setup(tmp_path_factory):
             "lambda_t": None,
             "lambda_mult": DEFAULT_LAMBDA_MULT,
             "reset": "channel",
+            "weights": "auto",
         },
         "seed": 1,
         "threads": 1,

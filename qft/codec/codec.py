@@ -108,8 +108,11 @@ class Codec:
         return zlib.crc32(struct.pack("<II", y, self.z_tables))
 
     @torch.no_grad()
-    def compress(self, x: torch.Tensor, quantizer: Quantizer) -> dict:
+    def compress(self, x: torch.Tensor, quantizer: Quantizer, weights: np.ndarray | None = None) -> dict:
         """Codes one image ``(1, 3, H, W)`` in ``[0, 1]`` with the given latent quantizer.
+
+        ``weights``: per-channel distortion weights ``(C,)`` of RDOQ/TCQ (hyperprior
+        models; the decoder needs none).
 
         Returns:
             dict with ``bitstream`` (bytes), ``bits_estimated`` (for hyperprior models the
@@ -124,7 +127,7 @@ class Codec:
         h, w = x.shape[-2:]
         xp, _ = pad(x.to(self.device))
         if self.latent_coder is not None:
-            (lat,) = self.latent_coder.quantize(xp, quantizer)
+            (lat,) = self.latent_coder.quantize(xp, quantizer, weights)
             out = self.encode_latent(lat, quantizer, h, w)
             out["time_s"] = time.perf_counter() - t0
             return out

@@ -34,6 +34,11 @@ __all__ = ["HYPERPRIOR_ENTROPY", "QuantizedLatent", "HyperpriorLatentCoder"]
 HYPERPRIOR_ENTROPY = ("scale-hyperprior", "mean-scale-hyperprior")
 
 
+def _per_channel(weights: np.ndarray | None) -> np.ndarray | None:
+    """Per-channel weights ``(C,)`` as the ``(C, 1, 1)`` array the engine broadcasts."""
+    return None if weights is None else np.asarray(weights, np.float64).reshape(-1, 1, 1)
+
+
 @dataclass
 class QuantizedLatent:
     """One image's latent after quantization (the encoder side of the codec).
@@ -91,11 +96,14 @@ class HyperpriorLatentCoder:
 
     # -- encoder ------------------------------------------------------------------------
     @torch.no_grad()
-    def quantize(self, x: torch.Tensor, quantizer: Quantizer) -> list[QuantizedLatent]:
+    def quantize(
+        self, x: torch.Tensor, quantizer: Quantizer, weights: np.ndarray | None = None
+    ) -> list[QuantizedLatent]:
         """Analysis, hyper-latent coding and latent quantization of a batch ``(N, 3, H, W)``.
 
         ``H`` and ``W`` must be multiples of 64. The analysis transforms run on ``x``'s
-        device; everything after ``z`` runs on the CPU.
+        device; everything after ``z`` runs on the CPU. ``weights``: per-channel distortion
+        weights ``(C,)`` of RDOQ/TCQ (encoder only; see :meth:`trellis.Quantizer.quantize`).
         """
         m = self.model
         y = m.g_a(x)
@@ -108,14 +116,17 @@ class HyperpriorLatentCoder:
         y = y.float().cpu().numpy()
         out = []
         for i in range(y.shape[0]):
-            res = quantizer.quantize(y[i], mu[i], sigma[i])
+            res = quantizer.quantize(y[i], mu[i], sigma[i], weights=_per_channel(weights))
             out.append(QuantizedLatent(y[i], mu[i], sigma[i], res, z_strings[i], tuple(z.shape[-2:]), float(z_bits[i])))
         return out
 
     @staticmethod
-    def requantize(lat: QuantizedLatent, quantizer: Quantizer) -> QuantizedLatent:
-        """The same analysis (y, μ, σ, z) quantized with another quantizer."""
-        return dataclasses.replace(lat, result=quantizer.quantize(lat.y, lat.mu, lat.sigma))
+    def requantize(
+        lat: QuantizedLatent, quantizer: Quantizer, weights: np.ndarray | None = None
+    ) -> QuantizedLatent:
+        """The same analysis (y, μ, σ, z) quantized with another quantizer (and weights)."""
+        res = quantizer.quantize(lat.y, lat.mu, lat.sigma, weights=_per_channel(weights))
+        return dataclasses.replace(lat, result=res)
 
     @staticmethod
     def encode(q: QuantizedLatent, quantizer: Quantizer) -> bytes:

@@ -59,26 +59,25 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, many: bool = False
 
 
 def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("quantizer")
+    g = parser.add_argument_group("quantizer (defaults: the checkpoint's qft calibrate file, else the global rule)")
     g.add_argument("-q", "--quantizer", choices=METHODS, default="usq", help="latent quantizer (default: usq)")
     g.add_argument("--step", type=float, help=f"USQ/RDOQ step, or TCQ union step (default: 1, TCQ {DEFAULT_TCQ_STEP})")
     g.add_argument("--lambda-t", type=float, help="λ of J = SSE + λ·bits (overrides --lambda-mult)")
-    g.add_argument("--lambda-mult", type=float, default=DEFAULT_LAMBDA_MULT,
+    g.add_argument("--lambda-mult", type=float,
                    help=f"multiplier of the VVC-style λ rule (default: {DEFAULT_LAMBDA_MULT}, calibrated)")
     g.add_argument("--reset", choices=RESETS, default="channel", help="trellis chains (default: one per channel)")
+    g.add_argument("--weights", default="auto", metavar="auto|none|decoder|FILE",
+                   help="RDOQ/TCQ distortion weights per latent channel: the calibrated choice (auto, default), "
+                        "none, the checkpoint's decoder-sensitivity weights, or a .npy/.json file")
 
 
-def quantizer_from_args(args: argparse.Namespace) -> Quantizer:
-    """Builds the quantizer; raises ValueError (a UserError in the CLI) for bad values."""
-    from qft.errors import UserError
+def quantizer_from_args(args: argparse.Namespace, settings: dict | None = None):
+    """The :class:`qft.eval.settings.QuantizerChoice` of the options and a checkpoint's
+    settings (:func:`qft.eval.settings.read_settings`); raises UserError for bad values."""
+    from qft.eval.settings import resolve_quantizer
 
-    method = args.quantizer
-    step = default_step(method) if args.step is None else args.step
-    lam = default_lambda(method, step, args.lambda_mult) if args.lambda_t is None else args.lambda_t
-    try:
-        return Quantizer(method, step=step, lam=lam, reset=args.reset)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    return resolve_quantizer(args.quantizer, settings or {}, step=args.step, lambda_t=args.lambda_t,
+                             lambda_mult=args.lambda_mult, reset=args.reset, weights=getattr(args, "weights", "auto"))
 
 
 def device_from_args(args: argparse.Namespace) -> str:

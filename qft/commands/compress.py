@@ -39,14 +39,16 @@ def output_guard(path: str, force: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qft.codec import Codec, read_image
+    from qft.eval.settings import read_settings
     from qft.models import ARCHITECTURES, load_checkpoint
 
     output_guard(args.output, args.force)
-    quantizer = quantizer_from_args(args)
     x = read_image(args.image)
     ckpt = load_checkpoint(args.checkpoint, args.arch, unsafe_load=args.unsafe_load)
+    choice = quantizer_from_args(args, read_settings(ckpt))
+    quantizer = choice.quantizer
     codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy, device=device_from_args(args))
-    out = codec.compress(x, quantizer)
+    out = codec.compress(x, quantizer, choice.weights)
     with open(args.output, "wb") as f:
         f.write(out["bitstream"])
     h, w = x.shape[-2:]

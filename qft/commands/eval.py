@@ -40,20 +40,23 @@ def run(args: argparse.Namespace) -> int:
     from qft.codec import Codec, list_images
     from qft.commands.compress import output_guard
     from qft.eval import evaluate_images, results_json
+    from qft.eval.settings import read_settings
     from qft.models import ARCHITECTURES, load_checkpoint
 
     output_guard(args.output, args.force)
-    quantizer = quantizer_from_args(args)
     images = list_images(args.data)
     device = device_from_args(args)
-    checkpoints, per_checkpoint, arch = [], [], None
+    checkpoints, per_checkpoint, arch, quantizer = [], [], None, None
     for path in args.checkpoint:
         ckpt = load_checkpoint(path, args.arch, unsafe_load=args.unsafe_load)
         arch = ckpt.arch
+        choice = quantizer_from_args(args, read_settings(ckpt))
+        quantizer = choice.quantizer
         codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy, device=device)
         codec.check_quantizer(quantizer)
-        per_checkpoint.append(evaluate_images(codec, quantizer, images, desc=str(path)))
-        checkpoints.append({"path": str(path), "sha256": ckpt.sha256, "arch": ckpt.arch, "params": ckpt.params})
+        per_checkpoint.append(evaluate_images(codec, quantizer, images, desc=str(path), weights=choice.weights))
+        checkpoints.append({"path": str(path), "sha256": ckpt.sha256, "arch": ckpt.arch, "params": ckpt.params,
+                            "quantizer": choice.describe()})
     name = args.name or f"{arch}-{quantizer.method}"
     out = results_json(name, quantizer, checkpoints, per_checkpoint, args.estimate, args.per_image, str(args.data))
     with open(args.output, "w") as f:

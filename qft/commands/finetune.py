@@ -32,6 +32,7 @@ _QUANTIZER_OPTIONS = {
     "lambda_t": "lambda_t",
     "lambda_mult": "lambda_mult",
     "reset": "reset",
+    "weights": "weights",
 }
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 import warnings
 
-__all__ = ["BD_METHODS", "bd_rate", "curve"]
+import numpy as np
+
+__all__ = ["BD_METHODS", "bd_rate", "curve", "local_rate_change", "pareto_front"]
 
 BD_METHODS = ("pchip", "cubic", "akima")
 
@@ -50,3 +52,29 @@ def bd_rate(anchor: dict, test: dict, metric: str = "psnr-rgb", min_overlap: flo
                 out["warnings"].append(f"{method}: {exc.__class__.__name__} {exc}".rstrip())
         out["warnings"] += [f"{method}: {w.message}" for w in caught]
     return out
+
+
+def pareto_front(rates: list[float], qualities: list[float]) -> list[int]:
+    """Indices of the points no other point beats in both rate (lower or equal) and
+    quality (strictly higher): the points a monotone RD curve can pass through."""
+    return [
+        i
+        for i, (r, q) in enumerate(zip(rates, qualities))
+        if not any(r2 <= r and q2 > q for j, (r2, q2) in enumerate(zip(rates, qualities)) if j != i)
+    ]
+
+
+def local_rate_change(anchor: list[tuple[float, float]], point: tuple[float, float]) -> float:
+    """Rate change in % of one RD point ``(rate, quality)`` against an anchor curve at equal
+    quality, the anchor's log-rate interpolated linearly in quality (the anchor: one model
+    swept over its quantizer step). NaN when the point's quality lies outside the anchor's
+    range or the anchor is not monotone."""
+    pts = sorted(anchor, key=lambda p: p[1])
+    q = [p[1] for p in pts]
+    r = [p[0] for p in pts]
+    if len(pts) < 2 or any(b <= a for a, b in zip(q, q[1:])) or any(b <= a for a, b in zip(r, r[1:])):
+        return math.nan
+    if not q[0] <= point[1] <= q[-1]:
+        return math.nan
+    ref = math.exp(float(np.interp(point[1], q, np.log(r))))
+    return 100 * (point[0] / ref - 1)

@@ -18,21 +18,25 @@ import torch
 
 from tqdm import tqdm
 
+import numpy as np
+
 from trellis import Quantizer
 
-from qft.codec import Codec, read_image
+from qft.codec import Codec, crop, pad, read_image
+from qft.errors import UserError
 from qft.eval.metrics import ms_ssim_rgb, psnr
 
-__all__ = ["evaluate_images", "results_json"]
+__all__ = ["evaluate_images", "evaluate_configs", "results_json"]
 
 
-def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc: str = "eval") -> list[dict]:
+def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc: str = "eval",
+                    weights: np.ndarray | None = None) -> list[dict]:
     """Per-image metrics of one codec/quantizer over a list of image files."""
     rows = []
     for path in tqdm(images, desc=desc, unit="img", leave=False):
         x = read_image(path)
         pixels = x.shape[-2] * x.shape[-1]
-        enc = codec.compress(x, quantizer)
+        enc = codec.compress(x, quantizer, weights)
         dec = codec.decompress(enc["bitstream"], name=path.name)
         rows.append(
             {
@@ -46,6 +50,50 @@ def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc
             }
         )
     return rows
+
+
+@torch.no_grad()
+def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarray | None]], images: list[Path],
+                     desc: str = "eval", ms_ssim: bool = True) -> dict[str, list[dict]]:
+    """Per-image metrics of many quantizers on one hyperprior codec, analysing each image once.
+
+    Each image is analysed once (``g_a``, ``h_a``, ``ẑ``, ``h_s``) and re-quantized per
+    configuration; the rate is the length of the ``.qft`` stream
+    :meth:`Codec.encode_latent` writes (exactly ``qft compress``'s output), the distortion
+    that of ``g_s(ŷ)``. The first image's stream of every configuration is decoded end to
+    end and must give the same ``ŷ`` (otherwise RuntimeError). No timings.
+
+    Args:
+        configs: label -> (quantizer, per-channel weights or None).
+
+    Returns:
+        label -> one row per image (``image``, ``bpp``, ``bpp_estimated``, ``psnr-rgb``,
+        ``ms-ssim-rgb``).
+    """
+    if codec.latent_coder is None:
+        raise UserError(f"{codec.arch}: only hyperprior models can be re-quantized per image")
+    out: dict[str, list[dict]] = {label: [] for label in configs}
+    coder = codec.latent_coder
+    for i, path in enumerate(tqdm(images, desc=desc, unit="img", leave=False)):
+        x = read_image(path)
+        h, w = x.shape[-2:]
+        xp, padding = pad(x.to(codec.device))
+        (lat0,) = coder.quantize(xp, Quantizer("usq"))
+        for label, (q, weights) in configs.items():
+            lat = coder.requantize(lat0, q, weights)
+            enc = codec.encode_latent(lat, q, h, w)
+            if i == 0 and not np.array_equal(codec.decompress(enc["bitstream"])["y_hat"], lat.result.y_hat):
+                raise RuntimeError(f"{label}: the decoded latent differs from the encoder's")
+            y_hat = torch.from_numpy(lat.result.y_hat)[None].to(codec.device)
+            x_hat = crop(codec.model.g_s(y_hat).clamp(0, 1), padding).cpu()
+            out[label].append({
+                "image": path.name,
+                "bpp": len(enc["bitstream"]) * 8 / (h * w),
+                "bpp_estimated": enc["bits_estimated"] / (h * w),
+                "psnr-rgb": psnr(x, x_hat),
+                "ms-ssim-rgb": ms_ssim_rgb(x, x_hat) if ms_ssim else float("nan"),
+            })
+    return out
 
 
 def _mean(rows: list[dict], key: str) -> float | None:

@@ -89,10 +89,16 @@ def images_digest(images: Sequence[np.ndarray]) -> str:
 
 
 def cache_identity(
-    model: torch.nn.Module, arch: str, entropy: str, quantizer: Quantizer, data: str
+    model: torch.nn.Module,
+    arch: str,
+    entropy: str,
+    quantizer: Quantizer,
+    data: str,
+    weights: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """What a cache's content depends on: weights, architecture, quantizer, images."""
-    return {
+    """What a cache's content depends on: model weights, architecture, quantizer (and its
+    distortion weights, by SHA-256), images."""
+    identity = {
         "format": CACHE_FORMAT,
         "model": model_fingerprint(model),
         "arch": arch,
@@ -100,6 +106,10 @@ def cache_identity(
         "quantizer": dataclasses.asdict(quantizer),
         "data": data,
     }
+    if weights is not None:
+        w = np.ascontiguousarray(weights, np.float64)
+        identity["weights"] = hashlib.sha256(w.tobytes()).hexdigest()
+    return identity
 
 
 def _kind(name: str) -> str:
@@ -114,7 +124,7 @@ def _describe_mismatch(found: dict, want: dict) -> str:
             f"another checkpoint (weights {str(found.get('model'))[:12]}…, "
             f"this run {want['model'][:12]}…)"
         )
-    if found.get("quantizer") != want["quantizer"]:
+    if found.get("quantizer") != want["quantizer"] or found.get("weights") != want.get("weights"):
         return f"another quantizer ({found.get('quantizer')}, this run {want['quantizer']})"
     return "other training images"
 
@@ -202,9 +212,11 @@ class LatentCache:
         images: Sequence[np.ndarray],
         device: torch.device,
         progress: bool = True,
+        weights: np.ndarray | None = None,
     ) -> "LatentCache":
-        """Quantize every (trimmed) image once and write the cache atomically (a
-        temporary folder renamed into place, ``meta.json`` last)."""
+        """Quantize every (trimmed) image once (with the quantizer's per-channel
+        distortion ``weights``, if any) and write the cache atomically (a temporary folder
+        renamed into place, ``meta.json`` last)."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -231,7 +243,7 @@ class LatentCache:
                     .div_(255.0)
                 )
                 with torch.no_grad():
-                    q = coder.quantize(x.to(device), quantizer)[0]
+                    q = coder.quantize(x.to(device), quantizer, weights)[0]
                     y = torch.from_numpy(q.y)[None].to(device)
                     z = (
                         model.h_a(torch.abs(y) if entropy == "scale-hyperprior" else y)

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from qft.codec import HYPERPRIOR_ENTROPY
 from qft.commands._options import quantizer_from_args
+from qft.eval.settings import read_settings
 from qft.errors import UserError
 from qft.finetune.cache import LatentCache, cache_identity, images_digest, trim_images
 from qft.finetune.objective import FinetuneObjective, assemble_batch, sample_crops
@@ -166,15 +167,18 @@ def _finetune(
         raise UserError(
             f"{recipe.checkpoint} records no λ: give --lambda (the base model's rate point)"
         )
-    quantizer = quantizer_from_args(
+    choice = quantizer_from_args(
         argparse.Namespace(
             quantizer=recipe.method,
             step=recipe.step,
             lambda_t=recipe.lambda_t,
             lambda_mult=recipe.lambda_mult,
             reset=recipe.reset,
-        )
+            weights=recipe.weights,
+        ),
+        read_settings(base),
     )
+    quantizer, weights = choice.quantizer, choice.weights
     model = base.model
     amp = device.type == "cuda"
 
@@ -187,7 +191,7 @@ def _finetune(
             f"multiples of 16) is smaller than the {recipe.crop}-pixel crop"
         )
     identity = cache_identity(
-        model, base.arch, entropy, quantizer, images_digest(images)
+        model, base.arch, entropy, quantizer, images_digest(images), weights
     )
     cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
     if main and not (cache_dir / "meta.json").exists():
@@ -200,6 +204,7 @@ def _finetune(
             images,
             device,
             progress,
+            weights=weights,
         )
     del images
     if world > 1:
@@ -224,7 +229,8 @@ def _finetune(
         "finetuned_from_path": str(base.path),
         "arch": base.arch,
         "params": base.params,
-        "quantizer": dataclasses.asdict(quantizer),
+        "quantizer": dataclasses.asdict(quantizer)
+        | ({} if weights is None else {"weights": identity["weights"]}),
         "parts": recipe.parts,
         "control": control,
         "lambda": float(lmbda),

@@ -10,8 +10,9 @@ Layout, every key required (``null`` where allowed)::
       method: tcq8              # usq | rdoq | tcq4 | tcq8
       step: null                # null: the method's default step
       lambda_t: null            # null: lambda_mult × the default λ_T
-      lambda_mult: 0.025
+      lambda_mult: null         # null: calibrated (qft calibrate), else 0.025
       reset: channel
+      weights: auto             # auto | none | decoder | FILE (as --weights)
     seed: 0
     threads: 1
     device: auto                # auto | cpu | cuda
@@ -66,7 +67,7 @@ _TOP = {
     "checkpoint_every",
     "log_every",
 }
-_QUANTIZER = {"method", "step", "lambda_t", "lambda_mult", "reset"}
+_QUANTIZER = {"method", "step", "lambda_t", "lambda_mult", "reset", "weights"}
 _OPTIMIZER = {"lr", "clip_max_norm"}
 _DATA = {"root", "train"}
 
@@ -83,8 +84,9 @@ class FinetuneRecipe:
     method: str
     step: float | None
     lambda_t: float | None
-    lambda_mult: float
+    lambda_mult: float | None
     reset: str
+    weights: str
     seed: int
     threads: int
     device: str
@@ -129,7 +131,7 @@ def _validate(r: FinetuneRecipe) -> None:
         ("lambda", r.lmbda is None or r.lmbda > 0),
         ("quantizer.step", r.step is None or r.step > 0),
         ("quantizer.lambda_t", r.lambda_t is None or r.lambda_t >= 0),
-        ("quantizer.lambda_mult", r.lambda_mult >= 0),
+        ("quantizer.lambda_mult", r.lambda_mult is None or r.lambda_mult >= 0),
         ("threads", r.threads >= 1),
         ("batch_size", r.batch_size >= 1),
         ("crop", r.crop >= 64 and r.crop % 64 == 0),
@@ -184,8 +186,9 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
             method=str(quant["method"]),
             step=opt_float(quant["step"]),
             lambda_t=opt_float(quant["lambda_t"]),
-            lambda_mult=float(quant["lambda_mult"]),
+            lambda_mult=opt_float(quant["lambda_mult"]),
             reset=str(quant["reset"]),
+            weights=str(quant["weights"]),
             seed=int(top["seed"]),
             threads=int(top["threads"]),
             device=str(top["device"]),

@@ -1,0 +1,36 @@
+"""``qft report``: BD-rate tables and RD plots of the quantizer × model matrix.
+
+::
+
+    qft report recipes/report/kodak.yaml
+    qft report recipes/report/tecnick.yaml --images 8 --out runs/report/tecnick-8
+
+Resumes: finished cells (checkpoint × quantizer × images) are read back from ``OUT/cells``.
+See :mod:`qft.eval.report` for the recipe fields and the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="report recipe YAML (see recipes/report/)")
+    parser.add_argument("--data", help="image folder (overrides the recipe)")
+    parser.add_argument("--images", type=int, help="first N images only")
+    parser.add_argument("--out", help="output folder (default: the recipe's)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qft.eval.report import load_report_recipe, run_report
+
+    recipe = load_report_recipe(args.recipe, data=args.data, images=args.images, out=args.out, threads=args.threads)
+    summary = run_report(recipe, progress=not args.no_progress)
+    print(summary["markdown"])
+    print(f"wrote {recipe.out}/bdrate.md, bdrate.json, per_image.md, results/*.json and plots: "
+          + ", ".join(summary["plots"]))
+    return 0

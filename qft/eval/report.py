@@ -1,0 +1,442 @@
+"""``qft report``: the quantizer × model matrix on a dataset, BD-rate tables and RD plots.
+
+A report recipe (``recipes/report/*.yaml``) names a dataset, the quantizers, and the
+*model rows*: each row is one checkpoint per rate point (aligned by position with the
+base row), e.g. the shipped base models, the models finetuned for TCQ-8, a control arm.
+``models: shipped`` builds the rows from ``qft/assets/checkpoints/manifest.json``: the base
+models, and one row per finetuned quantizer (and part set) evaluated with that quantizer.
+
+Every *cell* — one checkpoint, one quantizer configuration, all images — is evaluated
+with real bitstreams by :func:`qft.eval.evaluate_configs` and stored as
+``cells/<key>.json``; a rerun skips finished cells (it resumes). Outputs in ``out``::
+
+    results/<row>-<quantizer>.json   CompressAI schema (+ qft block), one entry per rate point
+    bdrate.json, bdrate.md           BD-rate table (see below)
+    per_image.json, per_image.md     per image: equal-PSNR rate change of every row vs base-USQ
+    rd-psnr.png, rd-ms-ssim.png      RD plots (with the recipe's published anchor curves)
+
+Two BD measures, because the rate points of an under-trained model family need not form
+a monotone curve (a model at a larger λ can be worse in both rate and PSNR):
+
+* ``bd_pchip``: Bjøntegaard delta rate (``bjontegaard``, pchip) over the rate points, both
+  curves restricted to the anchor's Pareto-optimal rate points (listed in the table).
+* ``local``: per rate point, the rate change at equal PSNR against the anchor checkpoint
+  swept over its quantizer step (``sweep`` scales of the step, λ following the rule);
+  the table gives the mean over rate points and each value. This is a BD-rate taken
+  locally around each operating point, well-defined whatever the family looks like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import statistics
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tqdm import tqdm
+
+from qft.errors import UserError
+from qft.eval.bdrate import bd_rate, local_rate_change, pareto_front
+from qft.eval.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer
+
+__all__ = ["QuantizerSpec", "ModelRow", "ReportRecipe", "load_report_recipe", "run_report", "shipped_rows"]
+
+REPORT_FORMAT = "qft-report/1"
+METRICS = ("psnr-rgb", "ms-ssim-rgb")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerSpec:
+    """One quantizer configuration of the matrix (``None``: calibrated, else default)."""
+
+    label: str
+    method: str
+    step: float | None = None
+    lambda_mult: float | None = None
+    lambda_t: float | None = None
+    weights: str = "auto"
+
+    @classmethod
+    def parse(cls, item: Any) -> "QuantizerSpec":
+        if isinstance(item, str):
+            item = {"method": item}
+        if not isinstance(item, dict) or "method" not in item:
+            raise UserError(f"report recipe: a quantizer is a method name or a mapping with 'method', got {item!r}")
+        unknown = set(item) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise UserError(f"report recipe: unknown quantizer field(s) {sorted(unknown)}")
+        item = {"label": item["method"], **item}
+        if item.get("weights", "auto") not in WEIGHT_CHOICES and not Path(str(item["weights"])).is_file():
+            raise UserError(f"report recipe: weights must be one of {WEIGHT_CHOICES} or a file, got {item['weights']!r}")
+        return cls(**item)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRow:
+    """Checkpoints (or ``None``) per rate point, evaluated with the listed quantizers."""
+
+    label: str
+    checkpoints: tuple[str | None, ...]
+    quantizers: tuple[str, ...]  # quantizer labels
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportRecipe:
+    name: str
+    data: str
+    out: str
+    quantizers: tuple[QuantizerSpec, ...]
+    rows: tuple[ModelRow, ...]
+    images: int | None = None
+    sweep: tuple[float, ...] = (0.8, 0.9, 1.1, 1.25, 1.4)
+    sweep_quantizers: tuple[str, ...] = ("usq",)
+    anchors: tuple[str, ...] = ()
+    threads: int = 1
+    ms_ssim: bool = True
+
+
+def shipped_rows(labels: list[str]) -> list[ModelRow]:
+    from qft.models.zoo import shipped
+
+    entries = shipped()
+    bases = sorted((e for e in entries if "finetuned_from" not in e), key=lambda e: e["lambda"])
+    rows = [ModelRow("base", tuple(e["name"] for e in bases), tuple(labels))]
+    groups: dict[tuple[str, str], dict[str, str]] = {}
+    for e in entries:
+        if "finetuned_from" in e:
+            key = (e["quantizer"]["method"], e.get("parts", "decoder"))
+            groups.setdefault(key, {})[e["finetuned_from"]] = e["name"]
+    for (method, parts), by_base in sorted(groups.items()):
+        if method not in labels:
+            continue
+        label = f"ft-{method}" + ("" if parts == "decoder" else "-" + parts.replace("decoder+", ""))
+        rows.append(ModelRow(label, tuple(by_base.get(b["file"]) for b in bases), (method,)))
+    return rows
+
+
+def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
+    """Read a report recipe; ``overrides`` (non-None) replace its top-level fields.
+
+    Relative paths in the recipe are relative to the current directory (run from the
+    project root, as the shipped recipes expect).
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{path}: not a readable YAML recipe ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a report recipe is a mapping")
+    raw |= {k: v for k, v in overrides.items() if v is not None}
+    known = {f.name for f in dataclasses.fields(ReportRecipe)} | {"models", "extra_rows"}
+    unknown = set(raw) - known
+    if unknown:
+        raise UserError(f"{path}: unknown field(s) {sorted(unknown)}")
+    for key in ("data", "quantizers", "models"):
+        if key not in raw:
+            raise UserError(f"{path}: missing field {key!r}")
+    quantizers = tuple(QuantizerSpec.parse(q) for q in raw["quantizers"])
+    labels = [q.label for q in quantizers]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"{path}: quantizer labels must differ, got {labels}")
+    if raw["models"] == "shipped":
+        rows = shipped_rows(labels)
+    else:
+        rows = [_parse_row(r, labels, path) for r in raw["models"]]
+    rows += [_parse_row(r, labels, path) for r in raw.get("extra_rows") or []]
+    n = len(rows[0].checkpoints)
+    if any(len(r.checkpoints) != n for r in rows):
+        raise UserError(f"{path}: every model row needs one checkpoint (or null) per rate point ({n})")
+    return ReportRecipe(
+        name=str(raw.get("name", path.stem)),
+        data=str(raw["data"]),
+        out=str(raw.get("out", f"runs/report/{path.stem}")),
+        quantizers=quantizers,
+        rows=tuple(rows),
+        images=raw.get("images"),
+        sweep=tuple(float(s) for s in raw.get("sweep", ReportRecipe.sweep)),
+        sweep_quantizers=tuple(raw.get("sweep_quantizers", ReportRecipe.sweep_quantizers)),
+        anchors=tuple(raw.get("anchors", ())),
+        threads=int(raw.get("threads", 1)),
+        ms_ssim=bool(raw.get("ms_ssim", True)),
+    )
+
+
+def _parse_row(r: Any, labels: list[str], path: Path) -> ModelRow:
+    if not isinstance(r, dict) or not {"label", "checkpoints"} <= set(r):
+        raise UserError(f"{path}: a model row is a mapping with 'label' and 'checkpoints'")
+    qs = tuple(r.get("quantizers", labels))
+    bad = [q for q in qs if q not in labels]
+    if bad:
+        raise UserError(f"{path}: row {r['label']} names unknown quantizer(s) {bad}")
+    return ModelRow(str(r["label"]), tuple(None if c is None else str(c) for c in r["checkpoints"]), qs)
+
+
+# -- evaluation ---------------------------------------------------------------------------
+def _cell_key(sha: str, choice, images: list[str], ms_ssim: bool) -> str:
+    """Identity of a cell: checkpoint file, resolved quantizer and weights, images."""
+    w = None if choice.weights is None else hashlib.sha256(choice.weights.tobytes()).hexdigest()
+    q = dataclasses.asdict(choice.quantizer)
+    blob = json.dumps([sha, q, w, images, ms_ssim, REPORT_FORMAT])
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: bool) -> dict:
+    """All cells: (row, rate point, quantizer label, scale) -> cell dict (from disk when done)."""
+    import torch
+
+    from qft.codec import Codec
+    from qft.eval.evaluate import evaluate_configs
+    from qft.models import ARCHITECTURES, load_checkpoint
+
+    torch.set_num_threads(recipe.threads)
+    specs = {q.label: q for q in recipe.quantizers}
+    names = [p.name for p in images]
+    cells: dict[tuple, dict] = {}
+    jobs = [(row, i, ck) for row in recipe.rows for i, ck in enumerate(row.checkpoints) if ck is not None]
+    bar = tqdm(jobs, desc=f"report {recipe.name}", unit="model", disable=not progress)
+    for row, i, ck_name in bar:
+        bar.set_postfix_str(f"{row.label} {Path(ck_name).name}")
+        ck = load_checkpoint(ck_name)
+        settings = read_settings(ck)
+        todo, paths = {}, {}
+        for label in row.quantizers:
+            scales = (1.0,) + (recipe.sweep if row is recipe.rows[0] and label in recipe.sweep_quantizers else ())
+            spec = specs[label]
+            for s in scales:
+                choice = resolve_quantizer(spec.method, settings, step=spec.step, lambda_t=spec.lambda_t,
+                                           lambda_mult=spec.lambda_mult, weights=spec.weights, step_scale=s)
+                path = out / "cells" / f"{_cell_key(ck.sha256, choice, names, recipe.ms_ssim)}.json"
+                if path.is_file():
+                    cells[(row.label, i, label, s)] = json.loads(path.read_text())
+                    continue
+                todo[(label, s)] = (choice.quantizer, choice.weights)
+                paths[(label, s)] = (path, choice)
+        if not todo:
+            continue
+        codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
+        for (label, s), (q, _) in todo.items():
+            codec.check_quantizer(q)
+        rows = evaluate_configs(codec, {json.dumps(k): v for k, v in todo.items()}, images,
+                                desc=f"{row.label} {Path(ck_name).name}", ms_ssim=recipe.ms_ssim)
+        for (label, s), (path, choice) in paths.items():
+            cell = {"checkpoint": ck_name, "sha256": ck.sha256, "arch": ck.arch, "params": ck.params,
+                    "quantizer": choice.describe(), "scale": s, "images": rows[json.dumps([label, s])]}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cell, allow_nan=True))
+            cells[(row.label, i, label, s)] = cell
+    return cells
+
+
+def _mean(values: list[float]) -> float:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return statistics.fmean(v) if len(v) == len(values) and v else math.nan
+
+
+def _point(cell: dict, metric: str = "psnr-rgb") -> tuple[float, float]:
+    return _mean([r["bpp"] for r in cell["images"]]), _mean([r[metric] for r in cell["images"]])
+
+
+def _finite(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+# -- tables and plots -----------------------------------------------------------------------
+def _curves(recipe: ReportRecipe, cells: dict) -> dict[tuple[str, str], list[tuple[int, dict]]]:
+    """(row, quantizer) -> [(rate point, cell at scale 1)]."""
+    out: dict = {}
+    for row in recipe.rows:
+        for label in row.quantizers:
+            pts = [(i, cells[(row.label, i, label, 1.0)]) for i, ck in enumerate(row.checkpoints) if ck is not None]
+            if pts:
+                out[(row.label, label)] = pts
+    return out
+
+
+def _compare(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, str], anchor: tuple[str, str]) -> dict:
+    """BD-rate (pchip, anchor's Pareto rate points) and local savings of ``test`` vs ``anchor``."""
+    a_pts, t_pts = dict(curves[anchor]), dict(curves[test])
+    common = sorted(set(a_pts) & set(t_pts))
+    out: dict[str, Any] = {"test": "/".join(test), "anchor": "/".join(anchor), "rate_points": common}
+    for metric in METRICS:
+        a = [_point(a_pts[i], metric) for i in common]
+        t = [_point(t_pts[i], metric) for i in common]
+        front = [common[j] for j in pareto_front([p[0] for p in a], [p[1] for p in a])]
+        bd = math.nan
+        if len(front) >= 2 and all(math.isfinite(p[1]) for p in a + t):
+            sel = [common.index(i) for i in front]
+            bd = bd_rate({"bpp": [a[j][0] for j in sel], metric: [a[j][1] for j in sel]},
+                         {"bpp": [t[j][0] for j in sel], metric: [t[j][1] for j in sel]}, metric)["pchip"]
+        local = []
+        for i in common:
+            sweep = [cells.get((anchor[0], i, anchor[1], s)) for s in (1.0, *recipe.sweep)]
+            if any(c is None for c in sweep) or len(sweep) < 2:
+                local.append(math.nan)
+                continue
+            local.append(local_rate_change([_point(c, metric) for c in sweep], _point(t_pts[i], metric)))
+        out[metric] = {"bd_pchip": _finite(bd), "pareto_points": front,
+                       "local": [_finite(x) for x in local], "local_mean": _finite(_mean(local))}
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:+.2f}"
+
+
+def _tables(recipe: ReportRecipe, cells: dict) -> dict:
+    curves = _curves(recipe, cells)
+    base = recipe.rows[0].label
+    rows = []
+    for (row, label) in curves:
+        if (row, label) == (base, "usq"):
+            continue
+        entry = {"row": row, "quantizer": label, "vs_base_usq": None, "vs_base_same_quantizer": None}
+        if (base, "usq") in curves:
+            entry["vs_base_usq"] = _compare(recipe, cells, curves, (row, label), (base, "usq"))
+        if row != base and (base, label) in curves:
+            entry["vs_base_same_quantizer"] = _compare(recipe, cells, curves, (row, label), (base, label))
+        rows.append(entry)
+    return {"rows": rows, "curves": curves}
+
+
+def _markdown(recipe: ReportRecipe, table: list[dict], meta: dict) -> str:
+    lines = [
+        f"# qft report: {recipe.name}",
+        "",
+        f"{meta['images']} images of `{recipe.data}`, real bitstreams; {meta['machine']}; {meta['date']}.",
+        "Negative = fewer bits at equal quality. **local**: mean over rate points of the rate change at equal",
+        "PSNR against the anchor checkpoint swept over its quantizer step; **BD**: Bjøntegaard (pchip) over the",
+        "anchor's Pareto-optimal rate points.",
+        "",
+        "| model | quantizer | local vs base USQ (%) | BD vs base USQ (%) | local vs base, same quantizer (%) | BD vs base, same quantizer (%) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        a, b = r["vs_base_usq"], r["vs_base_same_quantizer"]
+        cols = [_fmt(a and a["psnr-rgb"]["local_mean"]), _fmt(a and a["psnr-rgb"]["bd_pchip"]),
+                _fmt(b and b["psnr-rgb"]["local_mean"]), _fmt(b and b["psnr-rgb"]["bd_pchip"])]
+        lines.append(f"| {r['row']} | {r['quantizer']} | " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _results_json(recipe: ReportRecipe, key: tuple[str, str], pts: list[tuple[int, dict]]) -> dict:
+    res = {m: [] for m in (*METRICS, "bpp")}
+    for _, cell in pts:
+        for m in METRICS:
+            res[m].append(_finite(_mean([r[m] for r in cell["images"]])))
+        res["bpp"].append(_mean([r["bpp"] for r in cell["images"]]))
+    return {
+        "name": f"{key[0]}-{key[1]}",
+        "description": f"qft report {recipe.name}: {key[0]} models, {key[1]}, real bitstreams",
+        "results": res,
+        "qft": {
+            "checkpoints": [{k: c[k] for k in ("checkpoint", "sha256", "arch", "params", "quantizer")} for _, c in pts],
+            "bpp_estimated": [_mean([r["bpp_estimated"] for r in c["images"]]) for _, c in pts],
+            "dataset": recipe.data,
+            "images": len(pts[0][1]["images"]),
+        },
+    }
+
+
+def _per_image(recipe: ReportRecipe, cells: dict, curves: dict) -> dict:
+    """Per image and row/quantizer: mean over rate points of the equal-PSNR rate change
+    against the base-USQ sweep of that image."""
+    base = recipe.rows[0].label
+    out: dict[str, dict[str, float | None]] = {}
+    for (row, label), pts in curves.items():
+        if (row, label) == (base, "usq"):
+            continue
+        for k, (i, cell) in enumerate(pts):
+            sweep = [cells.get((base, i, "usq", s)) for s in (1.0, *recipe.sweep)]
+            if any(c is None for c in sweep):
+                continue
+            for j, img in enumerate(cell["images"]):
+                anchor = [(c["images"][j]["bpp"], c["images"][j]["psnr-rgb"]) for c in sweep]
+                change = local_rate_change(anchor, (img["bpp"], img["psnr-rgb"]))
+                out.setdefault(img["image"], {}).setdefault(f"{row}/{label}", []).append(change)
+    return {img: {k: _finite(_mean(v)) for k, v in d.items()} for img, d in out.items()}
+
+
+def _plot(recipe: ReportRecipe, curves: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    anchors = []
+    for a in recipe.anchors:
+        try:
+            anchors.append(json.loads(Path(a).read_text()))
+        except (OSError, ValueError):
+            raise UserError(f"report recipe: anchor {a} is not a readable results JSON") from None
+    for metric in METRICS:
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for (row, label), pts in curves.items():
+            xy = sorted(_point(c, metric) for _, c in pts)
+            ax.plot([p[0] for p in xy], [p[1] for p in xy], "o-" if row == recipe.rows[0].label else "s--",
+                    label=f"{row} {label}", ms=4)
+        for a in anchors:
+            res = a["results"]
+            if metric in res:
+                ax.plot(res["bpp"], res[metric], "k:", marker=".", label=a.get("name", "anchor"), alpha=0.6)
+        ax.set_xlabel("bpp")
+        ax.set_ylabel(f"{metric.upper()}" + (" (dB)" if metric == "psnr-rgb" else ""))
+        ax.set_title(f"{recipe.name}: {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"rd-{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(str(path))
+    return files
+
+
+def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
+    """Evaluate the matrix (resuming), write tables, JSONs and plots; return the summary."""
+    import datetime
+
+    from qft.codec import list_images
+    from trellis.bench import machine_info
+
+    images = list_images(recipe.data)
+    if not images:
+        raise UserError(f"{recipe.data}: no images found")
+    images = images[: recipe.images] if recipe.images else images
+    out = Path(recipe.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = _evaluate(recipe, images, out, progress)
+    tables = _tables(recipe, cells)
+    machine = machine_info()
+    meta = {"format": REPORT_FORMAT, "recipe": recipe.name, "data": recipe.data, "images": len(images),
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{machine.get('cpu', 'CPU')}, {machine.get('cores', '?')} cores"}
+    (out / "results").mkdir(exist_ok=True)
+    result_files = []
+    for key, pts in tables["curves"].items():
+        path = out / "results" / f"{key[0]}-{key[1]}.json"
+        path.write_text(json.dumps(_results_json(recipe, key, pts), indent=1))
+        result_files.append(str(path))
+    summary = {**meta, "machine_info": machine, "rows": tables["rows"], "results": result_files,
+               "quantizers": [dataclasses.asdict(q) for q in recipe.quantizers],
+               "models": [dataclasses.asdict(r) for r in recipe.rows], "sweep": list(recipe.sweep)}
+    (out / "bdrate.json").write_text(json.dumps(summary, indent=1))
+    md = _markdown(recipe, tables["rows"], meta)
+    (out / "bdrate.md").write_text(md)
+    per_image = _per_image(recipe, cells, tables["curves"])
+    (out / "per_image.json").write_text(json.dumps(per_image, indent=1))
+    cols = sorted({k for d in per_image.values() for k in d})
+    lines = ["| image | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {img} | " + " | ".join(_fmt(d.get(c)) for c in cols) + " |" for img, d in sorted(per_image.items())]
+    (out / "per_image.md").write_text("Rate change (%) at equal PSNR vs the base model's USQ sweep, per image, "
+                                      "mean over rate points.\n\n" + "\n".join(lines) + "\n")
+    summary["plots"] = _plot(recipe, tables["curves"], out)
+    summary["markdown"] = md
+    return summary

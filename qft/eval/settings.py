@@ -1,0 +1,173 @@
+"""Per-checkpoint quantizer settings: the calibration file beside a checkpoint.
+
+``qft calibrate`` writes ``<checkpoint>.qft.json`` next to the checkpoint (for a shipped
+model, next to the shipped file)::
+
+    {"format": "qft-settings/1",
+     "checkpoint_sha256": "…",            # the file it belongs to
+     "weights": {"decoder": [w_0, …, w_{C-1}], "estimator": …, "data": …},
+     "methods": {"tcq8": {"step": 0.7, "lambda_mult": 0.025, "weights": "decoder",
+                          "saving": -3.1, …}, "rdoq": {…}, "tcq4": {…}},
+     "calibration": {"data": …, "images": […], "grid": …}}
+
+:func:`resolve_quantizer` turns a method and the user's explicit options into the
+quantizer and distortion weights every command uses, in this order of precedence:
+explicit option > the checkpoint's settings file > the global defaults of
+:mod:`qft.commands._options`. A settings file whose ``checkpoint_sha256`` differs from the
+checkpoint is ignored with a warning (it belongs to another file); a finetuned delta
+checkpoint uses its base's settings (its encoder is the base's).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trellis import Quantizer
+
+from qft.commands._options import DEFAULT_LAMBDA_MULT, default_lambda, default_step
+from qft.errors import UserError
+from qft.models import LoadedCheckpoint
+from qft.models.zoo import base_of, resolve
+
+__all__ = [
+    "SETTINGS_FORMAT",
+    "WEIGHT_CHOICES",
+    "QuantizerChoice",
+    "settings_path",
+    "read_settings",
+    "write_settings",
+    "resolve_quantizer",
+]
+
+SETTINGS_FORMAT = "qft-settings/1"
+#: ``--weights``: the settings' choice, none, the checkpoint's decoder weights, or a file
+WEIGHT_CHOICES = ("auto", "none", "decoder")
+
+
+def settings_path(checkpoint: str | Path) -> Path:
+    """``<checkpoint without .pth>.qft.json`` beside the (resolved) checkpoint file."""
+    path = resolve(checkpoint)
+    return path.with_name(path.name.removesuffix(".pth") + ".qft.json")
+
+
+def read_settings(ck: LoadedCheckpoint) -> dict[str, Any]:
+    """The settings file of a loaded checkpoint, ``{}`` when there is none (or it belongs
+    to another file: a warning says so). A delta checkpoint reads its base's."""
+    path, sha = resolve(ck.path), ck.sha256
+    if "delta_of" in ck.extra:
+        path = base_of(path, str(ck.extra["delta_of"]))
+        sha = str(ck.extra.get("base_sha256"))
+    file = settings_path(path)
+    if not file.is_file():
+        return {}
+    try:
+        settings = json.loads(file.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{file} is not a readable settings file; delete it or re-run qft calibrate") from None
+    if settings.get("format") != SETTINGS_FORMAT:
+        raise UserError(f"{file}: format {settings.get('format')!r}, this version reads {SETTINGS_FORMAT}")
+    if settings.get("checkpoint_sha256") != sha:
+        warnings.warn(f"{file} belongs to another checkpoint file; ignored (re-run qft calibrate)", stacklevel=2)
+        return {}
+    return settings
+
+
+def write_settings(checkpoint: str | Path, sha256: str, update: dict[str, Any]) -> Path:
+    """Merge ``update`` into the checkpoint's settings file (created if absent)."""
+    file = settings_path(checkpoint)
+    settings: dict[str, Any] = {}
+    if file.is_file():
+        settings = json.loads(file.read_text())
+        if settings.get("checkpoint_sha256") != sha256:
+            settings = {}
+    settings |= {"format": SETTINGS_FORMAT, "checkpoint_sha256": sha256} | update
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    tmp.replace(file)
+    return file
+
+
+@dataclass(frozen=True)
+class QuantizerChoice:
+    """A quantizer with its encoder-side distortion weights and where they came from."""
+
+    quantizer: Quantizer
+    weights: np.ndarray | None
+    source: str  # "explicit", "calibrated" or "default"
+
+    def describe(self) -> dict[str, Any]:
+        q = self.quantizer
+        return {"method": q.method, "step": q.step, "lambda": q.lam, "reset": q.reset,
+                "weights": self.weights is not None, "source": self.source}
+
+
+def _weights_file(path: str) -> np.ndarray:
+    try:
+        if path.endswith(".json"):
+            data = json.loads(Path(path).read_text())
+            data = data.get("weights", {}).get("decoder", data) if isinstance(data, dict) else data
+            return np.asarray(data, np.float64)
+        return np.load(path).astype(np.float64)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--weights {path}: not a readable weights file ({exc.__class__.__name__})") from None
+
+
+def resolve_quantizer(
+    method: str,
+    settings: dict[str, Any],
+    *,
+    step: float | None = None,
+    lambda_t: float | None = None,
+    lambda_mult: float | None = None,
+    reset: str = "channel",
+    weights: str = "auto",
+    step_scale: float = 1.0,
+) -> QuantizerChoice:
+    """The quantizer of ``method`` for a checkpoint with ``settings`` (:func:`read_settings`).
+
+    Args:
+        step, lambda_t, lambda_mult: explicit values (``None``: calibrated, else default).
+        weights: ``"auto"`` (the calibrated choice: decoder weights if calibration chose
+            them), ``"none"``, ``"decoder"`` (the settings' decoder weights) or a file
+            (``.npy`` or a settings/JSON file) holding one weight per latent channel.
+        step_scale: multiplies the resolved step (λ follows the step through the rule,
+            unless ``lambda_t`` is explicit); sweeps the rate around the operating point.
+
+    Raises:
+        UserError: decoder weights asked for but not estimated; unreadable weights file;
+            invalid values.
+    """
+    cal = settings.get("methods", {}).get(method, {})
+    explicit = step is not None or lambda_t is not None or lambda_mult is not None
+    source = "explicit" if explicit else "calibrated" if cal else "default"
+    step = step if step is not None else cal.get("step", default_step(method))
+    step *= step_scale
+    mult = lambda_mult if lambda_mult is not None else cal.get("lambda_mult", DEFAULT_LAMBDA_MULT)
+    lam = lambda_t if lambda_t is not None else default_lambda(method, step, mult)
+    choice = cal.get("weights", "none") if weights == "auto" else weights
+    w = None
+    if method != "usq" and choice != "none":
+        if choice == "decoder":
+            if "weights" not in settings:
+                raise UserError("no decoder weights for this checkpoint; run qft calibrate --weights first")
+            w = np.asarray(settings["weights"]["decoder"], np.float64)
+        else:
+            w = _weights_file(choice)
+        if w.ndim != 1 or not np.all(np.isfinite(w)) or not np.all(w > 0):
+            raise UserError("distortion weights must be one finite positive value per latent channel")
+    try:
+        q = Quantizer(method, step=step, lam=lam, reset=reset)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        q.table  # built (and cached) here, so a step too fine for 16-bit tables fails clearly
+    except ValueError:
+        raise UserError(f"step {step:g} is too small for the 16-bit coding tables; use a step of at least 0.05") from None
+    return QuantizerChoice(q, w, source)

@@ -1,0 +1,153 @@
+"""qft report / calibrate / quickstart and the per-checkpoint settings file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from PIL import Image
+
+from qft.cli import main
+from qft.errors import UserError
+from qft.eval.bdrate import local_rate_change, pareto_front
+from qft.eval.settings import read_settings, resolve_quantizer, settings_path, write_settings
+from qft.models import create_model, load_checkpoint, save_checkpoint
+from qft.models.zoo import write_delta
+
+
+def test_local_rate_change():
+    anchor = [(1.0, 30.0), (2.0, 33.0), (4.0, 36.0)]
+    assert local_rate_change(anchor, (2.0, 33.0)) == pytest.approx(0.0)
+    assert local_rate_change(anchor, (1.8, 33.0)) == pytest.approx(-10.0)
+    # log-rate interpolated: halfway in PSNR between 2 and 4 bpp is 2√2
+    assert local_rate_change(anchor, (2 * 2**0.5, 34.5)) == pytest.approx(0.0)
+    assert math.isnan(local_rate_change(anchor, (1.0, 37.0)))  # outside the anchor
+    assert math.isnan(local_rate_change([(1.0, 30.0), (2.0, 29.0)], (1.5, 29.5)))  # not monotone
+
+
+def test_pareto_front():
+    assert pareto_front([1, 2, 3, 4], [30, 32, 31, 33]) == [0, 1, 3]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    (root / "img").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):  # smooth images: the random decoders reproduce them better
+        a = np.cumsum(rng.integers(0, 9, (64, 96, 3)), axis=1) % 256
+        Image.fromarray(a.astype(np.uint8)).save(root / "img" / f"{i}.png")
+    ckpts = []
+    for k in range(2):
+        path = root / f"m{k}.pth"
+        save_checkpoint(path, create_model("mbt2018-mean", N=16, M=16, seed=k), "mbt2018-mean", {"N": 16, "M": 16})
+        ckpts.append(path)
+    return root, ckpts
+
+
+def test_settings_precedence_and_identity(setup, recwarn):
+    root, ckpts = setup
+    ck = load_checkpoint(ckpts[0])
+    assert read_settings(ck) == {}
+    c = resolve_quantizer("tcq8", {})
+    assert c.source == "default" and c.quantizer.step == 0.7 and c.weights is None
+    w = [1.0 + i / 16 for i in range(16)]
+    write_settings(ckpts[0], ck.sha256, {"weights": {"decoder": w},
+                                         "methods": {"tcq8": {"step": 0.8, "lambda_mult": 0.1, "weights": "decoder"}}})
+    s = read_settings(ck)
+    c = resolve_quantizer("tcq8", s)
+    assert c.source == "calibrated" and c.quantizer.step == 0.8 and np.array_equal(c.weights, w)
+    assert resolve_quantizer("tcq8", s, weights="none").weights is None
+    assert resolve_quantizer("tcq8", s, step=0.6).quantizer.step == 0.6  # explicit wins
+    assert resolve_quantizer("tcq8", s, step_scale=2).quantizer.lam == pytest.approx(
+        4 * resolve_quantizer("tcq8", s).quantizer.lam)
+    with pytest.raises(UserError, match="no decoder weights"):
+        resolve_quantizer("tcq8", {}, weights="decoder")
+    # a finetuned delta reads its base's settings
+    delta = root / "ft.pth"
+    write_delta(delta, ck.model, ckpts[0], ("g_s.",))
+    assert read_settings(load_checkpoint(delta))["methods"]["tcq8"]["step"] == 0.8
+    # another checkpoint's file is ignored with a warning
+    other = load_checkpoint(ckpts[1])
+    settings_path(ckpts[1]).write_text(settings_path(ckpts[0]).read_text())
+    with pytest.warns(UserWarning, match="another checkpoint"):
+        assert read_settings(other) == {}
+    settings_path(ckpts[1]).unlink()
+    settings_path(ckpts[0]).unlink()
+    delta.unlink()
+
+
+def test_weights_change_the_stream_not_the_decoder(setup, tmp_path, capsys):
+    root, ckpts = setup
+    w = np.geomspace(0.01, 100, 16)
+    np.save(tmp_path / "w.npy", w)
+    img = root / "img" / "0.png"
+    for name, extra in (("a", []), ("b", ["--weights", str(tmp_path / "w.npy")])):
+        assert main(["compress", "-m", str(ckpts[0]), "-q", "tcq8", "--step", "0.1", "--lambda-t", "1e-3", str(img),
+                     "-o", str(tmp_path / f"{name}.qft"), *extra]) == 0
+        assert main(["decompress", str(tmp_path / f"{name}.qft"), "-m", str(ckpts[0]),
+                     "-o", str(tmp_path / f"{name}.png")]) == 0
+    assert (tmp_path / "a.qft").read_bytes() != (tmp_path / "b.qft").read_bytes()
+    assert len((tmp_path / "a.qft").read_bytes()) > 100  # a latent with many nonzero indices
+    assert main(["compress", "-m", str(ckpts[0]), "--step", "0.01", str(img), "-o", str(tmp_path / "c.qft")]) == 2
+    assert "too small for the 16-bit coding tables" in capsys.readouterr().err
+
+
+def test_report_end_to_end_and_resume(setup, tmp_path, capsys):
+    root, ckpts = setup
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: tiny
+data: {root / 'img'}
+out: {tmp_path / 'out'}
+models:
+  - {{label: base, checkpoints: [{ckpts[0]}, {ckpts[1]}]}}
+extra_rows:
+  - {{label: other, checkpoints: [{ckpts[1]}, null], quantizers: [tcq8]}}
+quantizers: [usq, {{label: tcq8, method: tcq8, lambda_mult: 0.1}}]
+sweep: [0.9, 1.2]
+sweep_quantizers: [usq, tcq8]
+ms_ssim: false
+""")
+    assert main(["report", str(recipe), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    cells = sorted((out / "cells").iterdir())
+    # base: 2 quantizers x 3 scales per rate point; other's cell (m1, tcq8) is base's: shared
+    assert len(cells) == 2 * 2 * 3
+    summary = json.loads((out / "bdrate.json").read_text())
+    rows = {(r["row"], r["quantizer"]): r for r in summary["rows"]}
+    assert set(rows) == {("base", "tcq8"), ("other", "tcq8")}
+    assert rows[("other", "tcq8")]["vs_base_same_quantizer"]["rate_points"] == [0]
+    res = json.loads((out / "results" / "base-usq.json").read_text())
+    assert len(res["results"]["bpp"]) == 2 and res["qft"]["checkpoints"][0]["quantizer"]["method"] == "usq"
+    assert all(b > 0 for b in res["results"]["bpp"])
+    assert (out / "rd-psnr-rgb.png").stat().st_size > 0 and (out / "per_image.md").is_file()
+    mtimes = [c.stat().st_mtime_ns for c in cells]
+    assert main(["report", str(recipe), "--no-progress"]) == 0  # resumes: no cell rewritten
+    assert [c.stat().st_mtime_ns for c in sorted((out / "cells").iterdir())] == mtimes
+
+
+def test_report_recipe_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: x\nquantizers: [usq]\nmodels: [{label: a, checkpoints: [a.pth]}]\nfoo: 1\n")
+    with pytest.raises(UserError, match="unknown field"):
+        main(["report", str(bad)]) if False else __import__("qft.eval.report").eval.report.load_report_recipe(bad)
+
+
+def test_calibrate_writes_settings_and_refuses_test_sets(setup, tmp_path, capsys):
+    root, ckpts = setup
+    kodak = tmp_path / "kodak"
+    kodak.mkdir()
+    assert main(["calibrate", "-m", str(ckpts[1]), "--data", str(kodak)]) == 2
+    assert "looks like a test set" in capsys.readouterr().err
+    assert main(["calibrate", "-m", str(ckpts[1]), "--data", str(root / "img"), "--images", "1",
+                 "--methods", "tcq8", "--steps", "0.7", "--mults", "0.05", "--threads", "1"]) == 0
+    settings = json.loads(settings_path(ckpts[1]).read_text())
+    assert settings["checkpoint_sha256"] == load_checkpoint(ckpts[1]).sha256
+    grid = settings["calibration"]["grid"]
+    assert [g["method"] for g in grid].count("usq") == 7 and grid[-1]["method"] == "tcq8"
+    assert all(g["bpp"] > 0 for g in grid)
+    settings_path(ckpts[1]).unlink()
