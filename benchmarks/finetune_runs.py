@@ -10,9 +10,15 @@ For every shipped base model (``qft/assets/checkpoints/manifest.json``, entries 
 Runs go to ``runs/finetune-matrix/<lambda>/<arm>/`` (ignored by git) and are skipped
 when their ``model.pth`` exists, resumed when a ``checkpoint.pth`` exists. ``--workers``
 processes run side by side (one torch thread each); a control run waits for its USQ run's
-cache. Evaluation is ``qft report`` (recipes/report/), packaging ``qft.zoo.package``.
+cache. Evaluation is ``qft report`` (recipes/report/).
+
+``--package`` writes the finished USQ and TCQ-8 runs into the shipped checkpoints as
+fp16 delta checkpoints of their base (``qft.models.zoo.write_delta``: only ``g_s``, or
+``g_s`` and ``h_s``) named ``<base>-ft-<method>.pth``, with manifest entries carrying
+``finetuned_from``, ``quantizer`` and ``parts``.
 
     python benchmarks/finetune_runs.py --steps 1500 --workers 2
+    python benchmarks/finetune_runs.py --package
 """
 
 from __future__ import annotations
@@ -62,13 +68,54 @@ def _jobs(out: Path, steps: int, lambdas: list[float] | None) -> list[dict]:
     return jobs
 
 
+def package(out: Path) -> None:
+    import hashlib
+
+    from qft.models import load_checkpoint
+    from qft.models.zoo import write_delta
+
+    manifest_path = ASSETS / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    files = {e["file"] for e in manifest}
+    for entry in [e for e in manifest if not e.get("finetuned_from")]:
+        for arm in ("usq", "tcq8"):
+            model_path = out / str(entry["lambda"]) / arm / "model.pth"
+            name = f"{Path(entry['file']).stem}-ft-{arm}.pth"
+            if not model_path.is_file() or name in files:
+                continue
+            ck = load_checkpoint(model_path)
+            base = ASSETS / entry["file"]
+            if ck.extra["finetuned_from"] != hashlib.sha256(base.read_bytes()).hexdigest():
+                raise SystemExit(f"{model_path} was not finetuned from {base}")
+            parts = ck.extra["parts"]
+            prefixes = ("g_s.",) if parts == "decoder" else ("g_s.", "h_s.")
+            summary = json.loads((model_path.parent / "summary.json").read_text())
+            extra = {k: ck.extra[k] for k in ("quantizer", "parts", "lambda", "steps")}
+            sha = write_delta(ASSETS / name, ck.model, base, prefixes, {"finetuned_from": entry["file"], **extra})
+            manifest.append({
+                "file": name, "arch": entry["arch"], "lambda": entry["lambda"], "N": entry["N"], "M": entry["M"],
+                "finetuned_from": entry["file"], "quantizer": ck.extra["quantizer"], "parts": parts,
+                "sha256": sha, "bytes": (ASSETS / name).stat().st_size,
+                "dtype": "float16 delta of the base (" + ", ".join(prefixes) + ")",
+                "steps": ck.extra["steps"], "recipe": "recipes/finetune/cpu.yaml",
+                "wall_time_s": summary["wall_time_s"], "machine": summary["machine"],
+                "train_data": "BSDS500 train+test (400 images), latents cached with the inference quantizer",
+            })
+            print(f"packaged {name}: {(ASSETS / name).stat().st_size / 1e6:.2f} MB")
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "finetune-matrix")
     parser.add_argument("--lambdas", type=float, nargs="*")
+    parser.add_argument("--package", action="store_true", help="package the finished runs into the shipped checkpoints")
     args = parser.parse_args()
+    if args.package:
+        package(args.out)
+        return
     pending = [j for j in _jobs(args.out, args.steps, args.lambdas) if not j["done"].exists()]
     lock = threading.Lock()
 

@@ -70,6 +70,12 @@ def test_settings_precedence_and_identity(setup, recwarn):
     delta = root / "ft.pth"
     write_delta(delta, ck.model, ckpts[0], ("g_s.",))
     assert read_settings(load_checkpoint(delta))["methods"]["tcq8"]["step"] == 0.8
+    # a finetuned model defaults to the quantizer it was finetuned on (λ follows Δ²)
+    delta.unlink()
+    write_delta(delta, ck.model, ckpts[0], ("g_s.",),
+                {"quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5, "reset": "channel"}})
+    c = resolve_quantizer("tcq8", read_settings(load_checkpoint(delta)), step_scale=2)
+    assert (c.quantizer.step, c.quantizer.lam, c.weights) == (1.3, pytest.approx(0.04), None)
     # another checkpoint's file is ignored with a warning
     other = load_checkpoint(ckpts[1])
     settings_path(ckpts[1]).write_text(settings_path(ckpts[0]).read_text())

@@ -58,13 +58,26 @@ def settings_path(checkpoint: str | Path) -> Path:
 
 
 def read_settings(ck: LoadedCheckpoint) -> dict[str, Any]:
-    """The settings file of a loaded checkpoint, ``{}`` when there is none (or it belongs
-    to another file: a warning says so). A delta checkpoint reads its base's."""
+    """The settings of a loaded checkpoint: its settings file, ``{}`` when there is none
+    (or it belongs to another file: a warning says so). A delta checkpoint reads its
+    base's file; a finetuned checkpoint's own method defaults to the quantizer (step, λ)
+    it was finetuned on."""
     path, sha = resolve(ck.path), ck.sha256
     if "delta_of" in ck.extra:
         path = base_of(path, str(ck.extra["delta_of"]))
         sha = str(ck.extra.get("base_sha256"))
-    file = settings_path(path)
+    settings = _read_file(settings_path(path), sha)
+    rec = ck.extra.get("quantizer")
+    if isinstance(rec, dict) and {"method", "step", "lam"} <= set(rec):
+        # a finetuned model: by default its quantizer is the one it was finetuned on
+        methods = dict(settings.get("methods", {}))
+        methods[rec["method"]] = {"step": rec["step"], "lambda": rec["lam"],
+                                  "weights": "decoder" if "weights" in rec else "none", "finetuned": True}
+        settings = settings | {"methods": methods}
+    return settings
+
+
+def _read_file(file: Path, sha: str) -> dict[str, Any]:
     if not file.is_file():
         return {}
     try:
@@ -150,7 +163,12 @@ def resolve_quantizer(
     step = step if step is not None else cal.get("step", default_step(method))
     step *= step_scale
     mult = lambda_mult if lambda_mult is not None else cal.get("lambda_mult", DEFAULT_LAMBDA_MULT)
-    lam = lambda_t if lambda_t is not None else default_lambda(method, step, mult)
+    if lambda_t is not None:
+        lam = lambda_t
+    elif lambda_mult is None and "lambda" in cal:  # a finetuned model's recorded λ (∝ Δ²)
+        lam = cal["lambda"] * step_scale**2
+    else:
+        lam = default_lambda(method, step, mult)
     choice = cal.get("weights", "none") if weights == "auto" else weights
     w = None
     if method != "usq" and choice != "none":
