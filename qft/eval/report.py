@@ -188,7 +188,14 @@ def _cell_key(sha: str, choice, images: list[str], ms_ssim: bool) -> str:
 
 
 def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: bool) -> dict:
-    """All cells: (row, rate point, quantizer label, scale) -> cell dict (from disk when done)."""
+    """All cells: (row, rate point, quantizer label, scale) -> cell dict (from disk when done).
+
+    Besides the matrix itself, the base checkpoint of every rate point is evaluated — and
+    swept — with the quantizer each other row resolves to (a finetuned model's own, the one
+    it was finetuned on), under the label ``"<quantizer>|<row>"``: the anchor of that row's
+    comparison with "the same quantizer on the base model". Cells with the same checkpoint
+    file, resolved quantizer and images are computed once.
+    """
     import torch
 
     from qft.codec import Codec
@@ -198,39 +205,65 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
     torch.set_num_threads(recipe.threads)
     specs = {q.label: q for q in recipe.quantizers}
     names = [p.name for p in images]
+    base = recipe.rows[0]
+    loaded: dict[str, Any] = {}
+
+    def load(name: str):
+        if name not in loaded:
+            ck = load_checkpoint(name)
+            loaded[name] = (ck, read_settings(ck))
+        return loaded[name]
+
+    plan: dict[str, dict[tuple, Any]] = {}  # checkpoint -> cell id -> QuantizerChoice
+    sweep = (1.0, *recipe.sweep)
+    for row in recipe.rows:
+        for i, name in enumerate(row.checkpoints):
+            if name is None:
+                continue
+            _, settings = load(name)
+            for label in row.quantizers:
+                spec = specs[label]
+                choose = lambda s, st=settings, sp=spec: resolve_quantizer(  # noqa: E731
+                    sp.method, st, step=sp.step, lambda_t=sp.lambda_t, lambda_mult=sp.lambda_mult,
+                    weights=sp.weights, step_scale=s)
+                scales = sweep if row is base and label in recipe.sweep_quantizers else (1.0,)
+                for s in scales:
+                    plan.setdefault(name, {})[(row.label, i, label, s)] = choose(s)
+                if row is not base and base.checkpoints[i] is not None:
+                    for s in sweep:
+                        plan.setdefault(base.checkpoints[i], {})[(base.label, i, f"{label}|{row.label}", s)] = choose(s)
     cells: dict[tuple, dict] = {}
-    jobs = [(row, i, ck) for row in recipe.rows for i, ck in enumerate(row.checkpoints) if ck is not None]
-    bar = tqdm(jobs, desc=f"report {recipe.name}", unit="model", disable=not progress)
-    for row, i, ck_name in bar:
-        bar.set_postfix_str(f"{row.label} {Path(ck_name).name}")
-        ck = load_checkpoint(ck_name)
-        settings = read_settings(ck)
-        todo, paths = {}, {}
-        for label in row.quantizers:
-            scales = (1.0,) + (recipe.sweep if row is recipe.rows[0] and label in recipe.sweep_quantizers else ())
-            spec = specs[label]
-            for s in scales:
-                choice = resolve_quantizer(spec.method, settings, step=spec.step, lambda_t=spec.lambda_t,
-                                           lambda_mult=spec.lambda_mult, weights=spec.weights, step_scale=s)
-                path = out / "cells" / f"{_cell_key(ck.sha256, choice, names, recipe.ms_ssim)}.json"
-                if path.is_file():
-                    cells[(row.label, i, label, s)] = json.loads(path.read_text())
-                    continue
-                todo[(label, s)] = (choice.quantizer, choice.weights)
-                paths[(label, s)] = (path, choice)
+    bar = tqdm(plan.items(), desc=f"report {recipe.name}", unit="model", disable=not progress)
+    for name, ids in bar:
+        ck, _ = load(name)
+        by_key: dict[str, list[tuple]] = {}
+        choices = {}
+        for cid, choice in ids.items():
+            key = _cell_key(ck.sha256, choice, names, recipe.ms_ssim)
+            by_key.setdefault(key, []).append(cid)
+            choices[key] = choice
+        todo = {}
+        for key in by_key:
+            path = out / "cells" / f"{key}.json"
+            if path.is_file():
+                for cid in by_key[key]:
+                    cells[cid] = json.loads(path.read_text())
+            else:
+                todo[key] = (choices[key].quantizer, choices[key].weights)
         if not todo:
             continue
         codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
-        for (label, s), (q, _) in todo.items():
+        for q, _ in todo.values():
             codec.check_quantizer(q)
-        rows = evaluate_configs(codec, {json.dumps(k): v for k, v in todo.items()}, images,
-                                desc=f"{row.label} {Path(ck_name).name}", ms_ssim=recipe.ms_ssim)
-        for (label, s), (path, choice) in paths.items():
-            cell = {"checkpoint": ck_name, "sha256": ck.sha256, "arch": ck.arch, "params": ck.params,
-                    "quantizer": choice.describe(), "scale": s, "images": rows[json.dumps([label, s])]}
+        rows = evaluate_configs(codec, todo, images, desc=Path(name).name, ms_ssim=recipe.ms_ssim)
+        for key in todo:
+            cell = {"checkpoint": name, "sha256": ck.sha256, "arch": ck.arch, "params": ck.params,
+                    "quantizer": choices[key].describe(), "images": rows[key]}
+            path = out / "cells" / f"{key}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(cell, allow_nan=True))
-            cells[(row.label, i, label, s)] = cell
+            for cid in by_key[key]:
+                cells[cid] = cell
     return cells
 
 
@@ -291,6 +324,11 @@ def _fmt(x: float | None) -> str:
 
 def _tables(recipe: ReportRecipe, cells: dict) -> dict:
     curves = _curves(recipe, cells)
+    anchors: dict = {}  # the base model under another row's quantizer ("<quantizer>|<row>")
+    for (row, i, label, s), cell in cells.items():
+        if "|" in label and s == 1.0:
+            anchors.setdefault((row, label), []).append((i, cell))
+    every = curves | {k: sorted(v, key=lambda t: t[0]) for k, v in anchors.items()}
     base = recipe.rows[0].label
     rows = []
     for (row, label) in curves:
@@ -298,9 +336,9 @@ def _tables(recipe: ReportRecipe, cells: dict) -> dict:
             continue
         entry = {"row": row, "quantizer": label, "vs_base_usq": None, "vs_base_same_quantizer": None}
         if (base, "usq") in curves:
-            entry["vs_base_usq"] = _compare(recipe, cells, curves, (row, label), (base, "usq"))
-        if row != base and (base, label) in curves:
-            entry["vs_base_same_quantizer"] = _compare(recipe, cells, curves, (row, label), (base, label))
+            entry["vs_base_usq"] = _compare(recipe, cells, every, (row, label), (base, "usq"))
+        if row != base and (base, f"{label}|{row}") in every:
+            entry["vs_base_same_quantizer"] = _compare(recipe, cells, every, (row, label), (base, f"{label}|{row}"))
         rows.append(entry)
     return {"rows": rows, "curves": curves}
 
