@@ -61,6 +61,11 @@ def test_settings_precedence_and_identity(setup, recwarn):
     c = resolve_quantizer("tcq8", s)
     assert c.source == "calibrated" and c.quantizer.step == 0.8 and np.array_equal(c.weights, w)
     assert resolve_quantizer("tcq8", s, weights="none").weights is None
+    by = {"none": {"step": 0.63, "lambda_mult": 0.05, "weights": "none"},
+          "decoder": {"step": 0.9, "lambda_mult": 0.025, "weights": "decoder"}}
+    s2 = s | {"methods": {"tcq8": {**by["decoder"], "by_weights": by}}}
+    assert resolve_quantizer("tcq8", s2).quantizer.step == 0.9  # calibrated choice: weighted
+    assert resolve_quantizer("tcq8", s2, weights="none").quantizer.step == 0.63  # calibrated unweighted
     assert resolve_quantizer("tcq8", s, step=0.6).quantizer.step == 0.6  # explicit wins
     assert resolve_quantizer("tcq8", s, step_scale=2).quantizer.lam == pytest.approx(
         4 * resolve_quantizer("tcq8", s).quantizer.lam)

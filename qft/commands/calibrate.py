@@ -67,9 +67,14 @@ def run(args: argparse.Namespace) -> int:
         update = calibrate_checkpoint(ck, images, settings, methods=args.methods, steps=args.steps, mults=args.mults,
                                       weights=args.weights, desc=Path(str(spec)).name)
         path = write_settings(spec, ck.sha256, update)
-        for method, c in update["methods"].items():
-            if method in args.methods:
-                print(f"{spec} {method}: step {c['step']}, λ multiplier {c['lambda_mult']}, weights {c['weights']}: "
-                      f"{c['saving']:+.2f} % rate at equal PSNR vs USQ (best unweighted {c['best_saving_unweighted']:+.2f} %)")
+        for method in args.methods:
+            c = update["methods"].get(method)
+            if c is None or c.get("finetuned"):
+                print(f"{spec} {method}: no configuration within USQ's PSNR range; defaults kept")
+                continue
+            alt = "; ".join(f"weights {w}: Δ {p['step']}, m {p['lambda_mult']}, {p['saving']:+.2f} %"
+                            for w, p in c["by_weights"].items())
+            print(f"{spec} {method}: step {c['step']}, λ multiplier {c['lambda_mult']}, weights {c['weights']}: "
+                  f"{c['saving']:+.2f} % rate at equal PSNR vs USQ ({alt})")
         print(f"wrote {path}")
     return 0

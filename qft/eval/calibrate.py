@@ -13,8 +13,10 @@ A configuration's *saving* is its rate change at equal PSNR against the USQ curv
 (:func:`qft.eval.bdrate.local_rate_change`, over the image-mean RD point). Per method the
 choice is, among the configurations within ``TIE_PP`` percentage points of the best
 saving, the one whose rate stays closest to USQ's at step 1 (the saving is nearly flat in
-Δ, the model's operating point is not). The choice, its saving, the saving of the best
-unweighted configuration and the whole grid go to the checkpoint's settings file
+Δ, the model's operating point is not). This pick is made separately without and with
+weights; the better of the two is the method's default, both are kept (``by_weights``, so
+``--weights none`` still gets calibrated Δ and λ), and with the whole grid they go to the
+checkpoint's settings file
 (:mod:`qft.eval.settings`), which every command then uses by default.
 """
 
@@ -86,22 +88,29 @@ def calibrate_checkpoint(
         g["saving"] = None if g["method"] == "usq" else _finite(local_rate_change(usq, (g["bpp"], g["psnr"])))
     chosen = {}
     for method in methods:
-        cands = [g for g in grid if g["method"] == method and g["saving"] is not None]
-        if not cands:
+        picks = {w: _pick([g for g in grid if g["method"] == method and g["weights"] == w], usq1)
+                 for w in ("none", "decoder")}
+        picks = {w: p for w, p in picks.items() if p is not None}
+        if not picks:
             continue
-        best = min(g["saving"] for g in cands)
-        pick = min((g for g in cands if g["saving"] <= best + TIE_PP), key=lambda g: abs(g["bpp"] / usq1["bpp"] - 1))
-        unweighted = [g["saving"] for g in cands if g["weights"] == "none"]
-        chosen[method] = {
-            "step": pick["step"], "lambda_mult": pick["lambda_mult"], "weights": pick["weights"],
-            "saving": pick["saving"], "best_saving": best,
-            "best_saving_unweighted": min(unweighted) if unweighted else None,
-            "rate_vs_usq_step1": pick["bpp"] / usq1["bpp"],
-        }
+        best = min(picks.values(), key=lambda p: p["saving"])
+        chosen[method] = {**best, "by_weights": picks}
     calibration = {"data": str(Path(images[0]).parent) if images else "", "images": [p.name for p in images],
                    "metric": "rate change (%) at equal PSNR vs the USQ step sweep, real bitstreams",
                    "tie_pp": TIE_PP, "grid": grid}
     return {"methods": settings.get("methods", {}) | chosen, "calibration": calibration}
+
+
+def _pick(cands: list[dict[str, Any]], usq1: dict[str, Any]) -> dict[str, Any] | None:
+    """Among the configurations within ``TIE_PP`` of the best saving, the one whose rate
+    stays closest to USQ's at step 1; ``None`` when none has a saving."""
+    cands = [g for g in cands if g["saving"] is not None]
+    if not cands:
+        return None
+    best = min(g["saving"] for g in cands)
+    pick = min((g for g in cands if g["saving"] <= best + TIE_PP), key=lambda g: abs(g["bpp"] / usq1["bpp"] - 1))
+    return {"step": pick["step"], "lambda_mult": pick["lambda_mult"], "weights": pick["weights"],
+            "saving": pick["saving"], "best_saving": best, "rate_vs_usq_step1": pick["bpp"] / usq1["bpp"]}
 
 
 def _finite(x: float) -> float | None:

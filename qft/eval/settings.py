@@ -158,6 +158,8 @@ def resolve_quantizer(
             invalid values.
     """
     cal = settings.get("methods", {}).get(method, {})
+    choice = cal.get("weights", "none") if weights == "auto" else weights
+    cal = cal.get("by_weights", {}).get(choice, cal)  # calibrated for this weight choice
     explicit = step is not None or lambda_t is not None or lambda_mult is not None
     source = "explicit" if explicit else "calibrated" if cal else "default"
     step = step if step is not None else cal.get("step", default_step(method))
@@ -169,7 +171,6 @@ def resolve_quantizer(
         lam = cal["lambda"] * step_scale**2
     else:
         lam = default_lambda(method, step, mult)
-    choice = cal.get("weights", "none") if weights == "auto" else weights
     w = None
     if method != "usq" and choice != "none":
         if choice == "decoder":

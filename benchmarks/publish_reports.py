@@ -1,0 +1,91 @@
+"""Publish `qft report` outputs: results JSON + plot into the repo, README tables regenerated.
+
+For each report folder (default ``runs/report/kodak`` and ``runs/report/tecnick``):
+``bdrate.json`` → ``benchmarks/results/report_<name>.json``, ``per_image.json`` merged
+into it, ``rd-psnr-rgb.png`` → ``docs/figures/report_<name>.png``; then the README block
+between ``<!-- report:<name> -->`` and ``<!-- /report:<name> -->`` is rewritten from the
+committed JSON (never typed by hand).
+
+    python benchmarks/publish_reports.py                 # copy from runs/ and regenerate
+    python benchmarks/publish_reports.py --readme-only   # regenerate from the committed JSONs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FIGURES = ROOT / "docs" / "figures"
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:+.2f} %"
+
+
+def _cols(cmp: dict | None) -> list[str]:
+    if not cmp:
+        return ["", ""]
+    p = cmp["psnr-rgb"]
+    per_point = " / ".join("–" if v is None else f"{v:+.1f}" for v in p["local"])
+    return [f"**{_fmt(p['local_mean'])}** ({per_point})", _fmt(p["bd_pchip"])]
+
+
+def table(summary: dict) -> str:
+    """The README block of one report summary."""
+    lines = [
+        f"{summary['images']} images of `{summary['data']}`, real bitstreams, {summary['machine']}, "
+        f"{summary['date']} (`benchmarks/results/report_{summary['name']}.json`; regenerate with "
+        f"`qft report recipes/report/{summary['name']}.yaml && python benchmarks/publish_reports.py`).",
+        "Local: mean over the rate points (each value in brackets, λ ascending) of the rate change at equal "
+        "PSNR against the anchor swept over its quantizer step; BD: Bjøntegaard pchip over the anchor's "
+        "Pareto-optimal rate points. Negative = saving.",
+        "",
+        "| model | quantizer | vs base USQ: local | BD | vs base, same quantizer: local | BD |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        lines.append(f"| {r['row']} | {r['quantizer']} | " + " | ".join(
+            _cols(r["vs_base_usq"]) + _cols(r["vs_base_same_quantizer"])) + " |")
+    lines += ["", f"![{summary['name']} RD](docs/figures/report_{summary['name']}.png)"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("reports", nargs="*", default=["runs/report/kodak", "runs/report/tecnick"])
+    parser.add_argument("--readme-only", action="store_true")
+    args = parser.parse_args()
+    names = []
+    for folder in map(Path, args.reports):
+        name = folder.name
+        names.append(name)
+        if args.readme_only:
+            continue
+        summary = json.loads((folder / "bdrate.json").read_text())
+        summary["name"] = name
+        summary["per_image"] = json.loads((folder / "per_image.json").read_text())
+        summary.pop("markdown", None)
+        (RESULTS / f"report_{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        shutil.copy(folder / "rd-psnr-rgb.png", FIGURES / f"report_{name}.png")
+    readme = (ROOT / "README.md").read_text()
+    for name in names:
+        path = RESULTS / f"report_{name}.json"
+        if not path.is_file():
+            continue
+        block = table(json.loads(path.read_text()))
+        pattern = re.compile(rf"(<!-- report:{name} -->\n).*?(\n<!-- /report:{name} -->)", re.S)
+        if not pattern.search(readme):
+            raise SystemExit(f"README.md has no <!-- report:{name} --> block")
+        readme = pattern.sub(lambda m: m.group(1) + block + m.group(2), readme)
+    (ROOT / "README.md").write_text(readme)
+    print("README.md updated:", ", ".join(names))
+
+
+if __name__ == "__main__":
+    main()
