@@ -69,7 +69,7 @@ from qft.codec.image import pad, read_image
 from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder
 from qft.models import ARCHITECTURES
 
-__all__ = ["METHODS", "decoder_sensitivity", "normalise_weights"]
+__all__ = ["METHODS", "decoder_sensitivity", "normalise_weights", "channel_rates", "estimate_weights"]
 
 #: Estimators of :func:`decoder_sensitivity`.
 METHODS = ("vjp", "exact")
@@ -288,3 +288,47 @@ def normalise_weights(s, rates=None, *, floor: float = 1e-3) -> np.ndarray:
         raise ValueError("s is 0 on every channel that carries rate")
     w = np.maximum(s / mean(s), floor)
     return w / mean(w)
+
+
+@torch.no_grad()
+def channel_rates(model: torch.nn.Module, images: Sequence, *, crop: int | None = 256) -> tuple[np.ndarray, float]:
+    """Mean table bits per latent element of each channel's USQ indices, over ``images``
+    (cropped as in :func:`decoder_sensitivity`), and the ``y`` rate in bits per pixel."""
+    from trellis import Quantizer
+
+    coder = HyperpriorLatentCoder(model, _entropy_kind(model))
+    usq = Quantizer("usq")
+    total, bits_all, pixels = None, 0.0, 0
+    for img in images:
+        x = _center_crop(_as_tensor(img), crop)
+        y = model.g_a(x)
+        z = model.h_a(torch.abs(y) if coder.entropy == "scale-hyperprior" else y)
+        z_hat = model.entropy_bottleneck.decompress(model.entropy_bottleneck.compress(z), z.shape[-2:])
+        mu, sigma = coder.entropy_parameters(z_hat)
+        res = usq.quantize(y.numpy()[0], mu[0], sigma[0], backend="numpy")
+        per_channel = usq.table.index_bits(res.rows, res.indices).mean(axis=(1, 2))
+        total = per_channel if total is None else total + per_channel
+        bits_all += res.bits
+        pixels += x.shape[-2] * x.shape[-1]
+    return total / len(images), bits_all / pixels
+
+
+def estimate_weights(
+    model: torch.nn.Module, images: Sequence, *, probes: int = 8, crop: int | None = 256, seed: int = 0
+) -> dict:
+    """The decoder weights stored by ``qft calibrate --weights``: ``vjp`` sensitivities
+    normalised to a rate-weighted mean of 1 (:func:`normalise_weights` with
+    :func:`channel_rates`), so the calibrated λ keeps its meaning on the channels that
+    carry the bits.
+
+    Returns:
+        ``{"decoder": [w_c, …], "sensitivity": [s_c, …], "rates": [bits, …], "estimator": …}``
+    """
+    s = decoder_sensitivity(model, images, method="vjp", probes=probes, crop=crop, seed=seed, progress=False)
+    rates, _ = channel_rates(model, images, crop=crop)
+    return {
+        "decoder": normalise_weights(s, rates).tolist(),
+        "sensitivity": s.tolist(),
+        "rates": rates.tolist(),
+        "estimator": f"vjp, {probes} probes per image, {crop}-pixel centre crops, seed {seed}, {len(images)} images",
+    }

@@ -155,10 +155,13 @@ def test_calibrate_writes_settings_and_refuses_test_sets(setup, tmp_path, capsys
     assert main(["calibrate", "-m", str(ckpts[1]), "--data", str(kodak)]) == 2
     assert "looks like a test set" in capsys.readouterr().err
     assert main(["calibrate", "-m", str(ckpts[1]), "--data", str(root / "img"), "--images", "1",
-                 "--methods", "tcq8", "--steps", "0.7", "--mults", "0.05", "--threads", "1"]) == 0
+                 "--methods", "tcq8", "--steps", "0.7", "--mults", "0.05", "--threads", "1", "--weights"]) == 0
     settings = json.loads(settings_path(ckpts[1]).read_text())
+    w = np.asarray(settings["weights"]["decoder"])
+    assert w.shape == (16,) and (w > 0).all() and len(settings["weights"]["sensitivity"]) == 16
     assert settings["checkpoint_sha256"] == load_checkpoint(ckpts[1]).sha256
     grid = settings["calibration"]["grid"]
     assert [g["method"] for g in grid].count("usq") == 7 and grid[-1]["method"] == "tcq8"
+    assert {g["weights"] for g in grid if g["method"] == "tcq8"} == {"none", "decoder"}
     assert all(g["bpp"] > 0 for g in grid)
     settings_path(ckpts[1]).unlink()

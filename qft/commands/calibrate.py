@@ -40,11 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from qft.codec import list_images
     from qft.errors import UserError
     from qft.eval.calibrate import calibrate_checkpoint
+    from qft.eval.evaluate import set_threads
     from qft.eval.settings import read_settings, write_settings
     from qft.models import load_checkpoint
 
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     images = list_images(args.data)[: args.images]
     if not images:
         raise UserError(f"{args.data}: no images found")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     for spec in args.checkpoint:
         ck = load_checkpoint(spec, unsafe_load=args.unsafe_load)
         if "delta_of" in ck.extra:

@@ -196,13 +196,11 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
     comparison with "the same quantizer on the base model". Cells with the same checkpoint
     file, resolved quantizer and images are computed once.
     """
-    import torch
-
     from qft.codec import Codec
-    from qft.eval.evaluate import evaluate_configs
+    from qft.eval.evaluate import evaluate_configs, set_threads
     from qft.models import ARCHITECTURES, load_checkpoint
 
-    torch.set_num_threads(recipe.threads)
+    set_threads(recipe.threads)
     specs = {q.label: q for q in recipe.quantizers}
     names = [p.name for p in images]
     base = recipe.rows[0]
