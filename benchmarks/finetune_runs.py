@@ -12,7 +12,7 @@ when their ``model.pth`` exists, resumed when a ``checkpoint.pth`` exists. ``--w
 processes run side by side (one torch thread each); a control run waits for its USQ run's
 cache. Evaluation is ``qft report`` (recipes/report/).
 
-``--package`` writes the finished USQ and TCQ-8 runs into the shipped checkpoints as
+``--package`` writes the finished runs (USQ, TCQ-8 and the control arm) into the shipped checkpoints as
 fp16 delta checkpoints of their base (``qft.models.zoo.write_delta``: only ``g_s``, or
 ``g_s`` and ``h_s``) named ``<base>-ft-<method>.pth``, with manifest entries carrying
 ``finetuned_from``, ``quantizer`` and ``parts``.
@@ -78,7 +78,7 @@ def package(out: Path) -> None:
     manifest = json.loads(manifest_path.read_text())
     files = {e["file"] for e in manifest}
     for entry in [e for e in manifest if not e.get("finetuned_from")]:
-        for arm in ("usq", "tcq8"):
+        for arm in ARMS:
             model_path = out / str(entry["lambda"]) / arm / "model.pth"
             name = f"{Path(entry['file']).stem}-ft-{arm}.pth"
             if not model_path.is_file() or name in files:
@@ -90,11 +90,12 @@ def package(out: Path) -> None:
             parts = ck.extra["parts"]
             prefixes = ("g_s.",) if parts == "decoder" else ("g_s.", "h_s.")
             summary = json.loads((model_path.parent / "summary.json").read_text())
-            extra = {k: ck.extra[k] for k in ("quantizer", "parts", "lambda", "steps")}
+            extra = {k: ck.extra[k] for k in ("quantizer", "parts", "control", "lambda", "steps")}
             sha = write_delta(ASSETS / name, ck.model, base, prefixes, {"finetuned_from": entry["file"], **extra})
             manifest.append({
                 "file": name, "arch": entry["arch"], "lambda": entry["lambda"], "N": entry["N"], "M": entry["M"],
                 "finetuned_from": entry["file"], "quantizer": ck.extra["quantizer"], "parts": parts,
+                "control": ck.extra["control"],
                 "sha256": sha, "bytes": (ASSETS / name).stat().st_size,
                 "dtype": "float16 delta of the base (" + ", ".join(prefixes) + ")",
                 "steps": ck.extra["steps"], "recipe": "recipes/finetune/cpu.yaml",

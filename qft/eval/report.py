@@ -4,7 +4,8 @@ A report recipe (``recipes/report/*.yaml``) names a dataset, the quantizers, and
 *model rows*: each row is one checkpoint per rate point (aligned by position with the
 base row), e.g. the shipped base models, the models finetuned for TCQ-8, a control arm.
 ``models: shipped`` builds the rows from ``qft/assets/checkpoints/manifest.json``: the base
-models, and one row per finetuned quantizer (and part set) evaluated with that quantizer.
+models, one row per finetuned quantizer (and part set) evaluated with that quantizer, and
+the control arm (the same parts trained on with the noise proxy, ``control-<quantizer>``).
 
 Every *cell* — one checkpoint, one quantizer configuration, all images — is evaluated
 with real bitstreams by :func:`qft.eval.evaluate_configs` and stored as
@@ -107,15 +108,17 @@ def shipped_rows(labels: list[str]) -> list[ModelRow]:
     entries = shipped()
     bases = sorted((e for e in entries if "finetuned_from" not in e), key=lambda e: e["lambda"])
     rows = [ModelRow("base", tuple(e["name"] for e in bases), tuple(labels))]
-    groups: dict[tuple[str, str], dict[str, str]] = {}
+    groups: dict[tuple[str, str, bool], dict[str, str]] = {}
     for e in entries:
         if "finetuned_from" in e:
-            key = (e["quantizer"]["method"], e.get("parts", "decoder"))
+            key = (e["quantizer"]["method"], e.get("parts", "decoder"), bool(e.get("control")))
             groups.setdefault(key, {})[e["finetuned_from"]] = e["name"]
-    for (method, parts), by_base in sorted(groups.items()):
+    for (method, parts), control in sorted({(k[:2], k[2]) for k in groups}):
         if method not in labels:
             continue
-        label = f"ft-{method}" + ("" if parts == "decoder" else "-" + parts.replace("decoder+", ""))
+        by_base = groups[(method, parts, control)]
+        label = ("control-" if control else "ft-") + method
+        label += "" if parts == "decoder" else "-" + parts.replace("decoder+", "")
         rows.append(ModelRow(label, tuple(by_base.get(b["file"]) for b in bases), (method,)))
     return rows
 
