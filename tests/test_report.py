@@ -165,3 +165,16 @@ def test_calibrate_writes_settings_and_refuses_test_sets(setup, tmp_path, capsys
     assert {g["weights"] for g in grid if g["method"] == "tcq8"} == {"none", "decoder"}
     assert all(g["bpp"] > 0 for g in grid)
     settings_path(ckpts[1]).unlink()
+
+
+def test_quickstart_on_one_image(tmp_path, capsys):
+    """The README's main command on the shipped models and the first Kodak image."""
+    assert main(["quickstart", "--images", "1", "--out", str(tmp_path / "qs"), "--threads", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| base | tcq8 |" in out and "plots:" in out
+    folder = tmp_path / "qs-1"
+    summary = json.loads((folder / "bdrate.json").read_text())
+    assert summary["images"] == 1 and {r["quantizer"] for r in summary["rows"]} >= {"rdoq", "tcq4", "tcq8"}
+    base_tcq8 = next(r for r in summary["rows"] if (r["row"], r["quantizer"]) == ("base", "tcq8"))
+    assert len(base_tcq8["vs_base_usq"]["psnr-rgb"]["local"]) == 5  # one per shipped rate point
+    assert (folder / "rd-psnr-rgb.png").is_file()
