@@ -178,3 +178,14 @@ def test_quickstart_on_one_image(tmp_path, capsys):
     base_tcq8 = next(r for r in summary["rows"] if (r["row"], r["quantizer"]) == ("base", "tcq8"))
     assert len(base_tcq8["vs_base_usq"]["psnr-rgb"]["local"]) == 5  # one per shipped rate point
     assert (folder / "rd-psnr-rgb.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["kodak", "tecnick"])
+def test_shipped_recipes_load(name):
+    from pathlib import Path
+
+    from qft.eval.report import load_report_recipe
+
+    recipe = load_report_recipe(Path(__file__).parents[1] / "recipes" / "report" / f"{name}.yaml")
+    assert recipe.rows[0].label == "base" and len(recipe.rows[0].checkpoints) == 5
+    assert {"usq", "rdoq", "tcq4", "tcq8", "tcq8-vvc-w1"} <= {q.label for q in recipe.quantizers}
