@@ -1,7 +1,8 @@
 """Options shared by the commands that load a checkpoint and quantize with it.
 
-Quantizer defaults (docs/design.md, "Quantizer calibration"; chosen on BSDS500
-validation images by ``benchmarks/quantizer_rd.py calibrate``, never on a test set):
+Quantizer defaults when the checkpoint has no ``qft calibrate`` settings file
+(docs/design.md, "Quantizer calibration"; chosen on BSDS500 validation images across the
+shipped reference models, never on a test set):
 
 * USQ: step 1 (CompressAI's rounding).
 * RDOQ: step 1, ``λ = m · (ln 2 / 6) Δ²``.
