@@ -46,12 +46,12 @@ def table(summary: dict) -> str:
         "PSNR against the anchor swept over its quantizer step; BD: Bjøntegaard pchip over the anchor's "
         "Pareto-optimal rate points. Negative = saving.",
         "",
-        "| model | quantizer | vs base USQ: local | BD | vs base, same quantizer: local | BD |",
-        "|---|---|---|---|---|---|",
+        "| model | quantizer | vs base USQ: local | BD | vs base, same quantizer: local | BD | vs control: local | BD |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         lines.append(f"| {r['row']} | {r['quantizer']} | " + " | ".join(
-            _cols(r["vs_base_usq"]) + _cols(r["vs_base_same_quantizer"])) + " |")
+            _cols(r["vs_base_usq"]) + _cols(r["vs_base_same_quantizer"]) + _cols(r.get("vs_control"))) + " |")
     lines += ["", f"![{summary['name']} RD](docs/figures/report_{summary['name']}.png)"]
     return "\n".join(lines)
 

@@ -118,6 +118,8 @@ models:
   - {{label: base, checkpoints: [{ckpts[0]}, {ckpts[1]}]}}
 extra_rows:
   - {{label: other, checkpoints: [{ckpts[1]}, null], quantizers: [tcq8]}}
+  - {{label: ft-usq, checkpoints: [{ckpts[1]}, {ckpts[0]}], quantizers: [usq]}}
+  - {{label: control-usq, checkpoints: [{ckpts[0]}, {ckpts[1]}], quantizers: [usq]}}
 quantizers: [usq, {{label: tcq8, method: tcq8, lambda_mult: 0.1}}]
 sweep: [0.9, 1.2]
 sweep_quantizers: [usq, tcq8]
@@ -130,8 +132,10 @@ ms_ssim: false
     assert len(cells) == 2 * 2 * 3
     summary = json.loads((out / "bdrate.json").read_text())
     rows = {(r["row"], r["quantizer"]): r for r in summary["rows"]}
-    assert set(rows) == {("base", "tcq8"), ("other", "tcq8")}
+    assert set(rows) == {("base", "tcq8"), ("other", "tcq8"), ("ft-usq", "usq"), ("control-usq", "usq")}
     assert rows[("other", "tcq8")]["vs_base_same_quantizer"]["rate_points"] == [0]
+    assert rows[("ft-usq", "usq")]["vs_control"]["rate_points"] == [0, 1]
+    assert rows[("other", "tcq8")]["vs_control"] is None
     res = json.loads((out / "results" / "base-usq.json").read_text())
     assert len(res["results"]["bpp"]) == 2 and res["qft"]["checkpoints"][0]["quantizer"]["method"] == "usq"
     assert all(b > 0 for b in res["results"]["bpp"])

@@ -319,6 +319,25 @@ def _compare(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, s
     return out
 
 
+def _versus_control(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, str],
+                    control: tuple[str, str], entry: dict) -> dict:
+    """A finetuned row against the control arm: BD (pchip, control's Pareto points) and, per
+    rate point, the two rows' local rate changes against the same base anchor composed,
+    ``(1 + a) / (1 + b) − 1`` (the control is not swept itself)."""
+    base = recipe.rows[0].label
+    out = _compare(recipe, cells, curves, test, control)
+    ctrl = _compare(recipe, cells, curves, control, (base, f"{control[1]}|{control[0]}"))
+    mine = entry["vs_base_same_quantizer"]
+    for metric in METRICS:
+        a = dict(zip(mine["rate_points"], mine[metric]["local"]))
+        b = dict(zip(ctrl["rate_points"], ctrl[metric]["local"]))
+        local = [100 * ((1 + a[i] / 100) / (1 + b[i] / 100) - 1) if a.get(i) is not None and b.get(i) is not None
+                 else math.nan for i in out["rate_points"]]
+        out[metric]["local"] = [_finite(x) for x in local]
+        out[metric]["local_mean"] = _finite(_mean(local))
+    return out
+
+
 def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:+.2f}"
 
@@ -335,11 +354,15 @@ def _tables(recipe: ReportRecipe, cells: dict) -> dict:
     for (row, label) in curves:
         if (row, label) == (base, "usq"):
             continue
-        entry = {"row": row, "quantizer": label, "vs_base_usq": None, "vs_base_same_quantizer": None}
+        entry = {"row": row, "quantizer": label, "vs_base_usq": None, "vs_base_same_quantizer": None,
+                 "vs_control": None}
         if (base, "usq") in curves:
             entry["vs_base_usq"] = _compare(recipe, cells, every, (row, label), (base, "usq"))
         if row != base and (base, f"{label}|{row}") in every:
             entry["vs_base_same_quantizer"] = _compare(recipe, cells, every, (row, label), (base, f"{label}|{row}"))
+        control = "control-" + row.removeprefix("ft-")
+        if row.startswith("ft-") and (control, label) in curves and entry["vs_base_same_quantizer"]:
+            entry["vs_control"] = _versus_control(recipe, cells, every, (row, label), (control, label), entry)
         rows.append(entry)
     return {"rows": rows, "curves": curves}
 
@@ -353,13 +376,13 @@ def _markdown(recipe: ReportRecipe, table: list[dict], meta: dict) -> str:
         "PSNR against the anchor checkpoint swept over its quantizer step; **BD**: Bjøntegaard (pchip) over the",
         "anchor's Pareto-optimal rate points.",
         "",
-        "| model | quantizer | local vs base USQ (%) | BD vs base USQ (%) | local vs base, same quantizer (%) | BD vs base, same quantizer (%) |",
-        "|---|---|---|---|---|---|",
+        "| model | quantizer | local vs base USQ (%) | BD vs base USQ (%) | local vs base, same quantizer (%) "
+        "| BD vs base, same quantizer (%) | local vs control (%) | BD vs control (%) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
-        a, b = r["vs_base_usq"], r["vs_base_same_quantizer"]
-        cols = [_fmt(a and a["psnr-rgb"]["local_mean"]), _fmt(a and a["psnr-rgb"]["bd_pchip"]),
-                _fmt(b and b["psnr-rgb"]["local_mean"]), _fmt(b and b["psnr-rgb"]["bd_pchip"])]
+        cols = [_fmt(c and c["psnr-rgb"][k]) for c in (r["vs_base_usq"], r["vs_base_same_quantizer"], r["vs_control"])
+                for k in ("local_mean", "bd_pchip")]
         lines.append(f"| {r['row']} | {r['quantizer']} | " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 
