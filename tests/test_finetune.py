@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     (root / "data" / "train").mkdir(parents=True)
     for i in range(3):
-        img = rng.integers(0, 256, size=(70 + 16 * i, 100, 3), dtype=np.uint8)
+        img = rng.integers(0, 256, size=(200 + 16 * i, 210, 3), dtype=np.uint8)  # ≥ crop + context
         Image.fromarray(img).save(root / "data" / "train" / f"{i}.png")
     model = create_model("mbt2018-mean", N=16, M=24, seed=0)
     with torch.no_grad():
@@ -126,9 +126,9 @@ def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
     img = np.asarray(
         Image.open(setup["root"] / "data" / "train" / "1.png").convert("RGB")
     )
-    img = img[:80, :96]  # trimmed to multiples of 16
-    x = torch.zeros(1, 3, 128, 128)
-    x[0, :, :80, :96] = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255
+    img = img[:208, :208]  # trimmed to multiples of 16
+    x = torch.zeros(1, 3, 256, 256)
+    x[0, :, :208, :208] = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255
     lat = HyperpriorLatentCoder(base.model, "mean-scale-hyperprior").quantize(x, q)[0]
     assert meta["identity"]["quantizer"] == {
         "method": "tcq8",
@@ -145,7 +145,13 @@ def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
     )
     # latent crop (i, j) of size h <-> image crop (16 i, 16 j) of size 16 h
     np.testing.assert_array_equal(cache.crop("image", 1, 1, 2, 4), img[16:80, 32:96])
-    assert cache.latent_size(1) == (5, 6)
+    # a crop with its 2-latent context decodes its centre exactly as the whole image does
+    g_s = base.model.g_s
+    with torch.no_grad():
+        whole = g_s(torch.from_numpy(lat.result.y_hat)[None])
+        part = g_s(torch.from_numpy(cache.crop("y_hat", 1, 2, 2, 8))[None])
+    torch.testing.assert_close(part[..., 32:-32, 32:-32], whole[..., 64:128, 64:128], rtol=0, atol=1e-5)
+    assert cache.latent_size(1) == (13, 13)
     assert np.abs(lat.result.indices).max() >= 2  # the test latents are not all zero
 
 

@@ -43,7 +43,7 @@ from qft.commands._options import quantizer_from_args
 from qft.eval.settings import read_settings
 from qft.errors import UserError
 from qft.finetune.cache import LatentCache, cache_identity, images_digest, trim_images
-from qft.finetune.objective import FinetuneObjective, assemble_batch, sample_crops
+from qft.finetune.objective import FinetuneObjective, assemble_batch, context_margin, sample_crops
 from qft.finetune.recipe import FinetuneRecipe
 from qft.models import ARCHITECTURES, load_checkpoint, save_checkpoint
 from qft.train.checkpoint import (
@@ -184,11 +184,13 @@ def _finetune(
 
     # -- latent cache (rank 0 builds, the others wait) -------------------------------
     images = trim_images(load_images(recipe.data_root, recipe.train_splits))
-    small = [img.shape for img in images if min(img.shape[:2]) < recipe.crop]
+    context = recipe.crop + 32 * context_margin(recipe.parts)  # the crop and its context
+    small = [img.shape for img in images if min(img.shape[:2]) < context]
     if small:
         raise UserError(
             f"a training image of {small[0][1]}x{small[0][0]} pixels (after cropping to "
-            f"multiples of 16) is smaller than the {recipe.crop}-pixel crop"
+            f"multiples of 16) is smaller than the {recipe.crop}-pixel crop with its "
+            f"decoding context ({context} pixels)"
         )
     identity = cache_identity(
         model, base.arch, entropy, quantizer, images_digest(images), weights
@@ -301,7 +303,7 @@ def _finetune(
             ckpt_path,
         )
 
-    size = recipe.crop // 16
+    size = recipe.crop // 16 + 2 * context_margin(recipe.parts)  # loss on the centre crop // 16
     align = 4 if recipe.parts == "decoder+hyperdecoder" else 1
     window = _Window()
     bar = tqdm(

@@ -48,6 +48,12 @@ __all__ = [
 ]
 
 
+def context_margin(parts: str) -> int:
+    """Latents of decoding context around each training crop: 2 (the reach of ``g_s``),
+    4 when ``h_s`` is trained (the ``ẑ`` crop must stay aligned to 4 latents)."""
+    return 4 if parts == "decoder+hyperdecoder" else 2
+
+
 def sample_crops(
     cache: LatentCache, seed: int, step: int, batch_size: int, size: int, align: int
 ) -> list[tuple[int, int, int]]:
@@ -151,6 +157,14 @@ class FinetuneObjective(nn.Module):
         control: the noise-proxy control arm instead of the quantized latents.
         lmbda: λ of ``λ·255²·MSE``.
         amp: bf16 autocast on CUDA for ``g_s`` and ``h_s`` (losses in fp32).
+
+    The batch holds latent crops with a context margin of :func:`context_margin` latents on
+    every side; the losses cover only the centre. The cached latents were computed from
+    whole images, so a crop's border latents "expect" neighbours that a crop decoded alone
+    lacks: without the margin the decoder is trained to repair crop borders that never
+    occur at inference (measured: it then loses 0.1–0.2 dB inside images while gaining
+    2–5 dB on bare crops, and ends 15 % worse on Kodak). ``g_s`` of mbt2018-mean reaches 2
+    latents (32 pixels): beyond that a crop decodes bit-identically to the whole image.
     """
 
     def __init__(
@@ -171,6 +185,7 @@ class FinetuneObjective(nn.Module):
         self.control = control
         self.lmbda = lmbda
         self.amp = amp
+        self.margin = context_margin(parts)
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -216,8 +231,11 @@ class FinetuneObjective(nn.Module):
             mass = cell_mass(lo, hi, sigma)
             if gc.use_likelihood_bound:
                 mass = gc.likelihood_lower_bound(mass)
-            bpp = -torch.log2(mass).sum() / (x.shape[0] * x.shape[2] * x.shape[3])
+            m = self.margin
+            bits = -torch.log2(mass[..., m:-m, m:-m]).sum()
+            bpp = bits / (x.shape[0] * (x.shape[2] - 32 * m) * (x.shape[3] - 32 * m))
         with self._autocast():
             x_hat = self.g_s(y_hat)
-        mse = torch.mean((x_hat.float() - x) ** 2)
+        p = 16 * self.margin
+        mse = torch.mean((x_hat.float()[..., p:-p, p:-p] - x[..., p:-p, p:-p]) ** 2)
         return {"loss": self.lmbda * 255**2 * mse + bpp, "mse": mse, "bpp": bpp}
