@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         quantizers=quantizers,
         rows=tuple(shipped_rows([q.label for q in quantizers])),
         images=n,
-        sweep_quantizers=("usq", "tcq8"),
+        sweep_quantizers=("usq",),
         anchors=tuple(str(p) for p in sorted((assets / "anchors" / "kodak").glob("*.json"))),
         threads=args.threads or min(4, os.cpu_count() or 1),
     )
