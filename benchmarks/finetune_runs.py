@@ -4,7 +4,8 @@ For every shipped base model (``qft/assets/checkpoints/manifest.json``, entries 
 ``finetuned_from``) three ``qft finetune`` runs with ``recipes/finetune/cpu.yaml``:
 
 * ``usq``: decoder trained on USQ latents (builds the USQ latent cache),
-* ``tcq8``: decoder trained on TCQ-8 latents (default Δ and λ_T, its own cache),
+* ``tcq8``: decoder trained on TCQ-8 latents (the base's calibrated Δ, λ_T and weights; the
+  shipped ft-tcq8 models used Δ 0.7, m 0.025 unweighted, the settings before calibration),
 * ``control``: the noise-proxy control arm, reading ``y`` from the USQ cache.
 
 Runs go to ``runs/finetune-matrix/<lambda>/<arm>/`` (ignored by git) and are skipped
@@ -17,7 +18,7 @@ fp16 delta checkpoints of their base (``qft.models.zoo.write_delta``: only ``g_s
 ``g_s`` and ``h_s``) named ``<base>-ft-<method>.pth``, with manifest entries carrying
 ``finetuned_from``, ``quantizer`` and ``parts``.
 
-    python benchmarks/finetune_runs.py --steps 1500 --workers 2
+    python benchmarks/finetune_runs.py --steps 600 --workers 2
     python benchmarks/finetune_runs.py --package
 """
 
@@ -108,7 +109,7 @@ def package(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "finetune-matrix")
     parser.add_argument("--lambdas", type=float, nargs="*")
