@@ -79,10 +79,10 @@ def main() -> None:
         if not path.is_file():
             continue
         block = table(json.loads(path.read_text()))
-        pattern = re.compile(rf"(<!-- report:{name} -->\n).*?(\n<!-- /report:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- report:{name} -->\n)(?:.*?\n)?(<!-- /report:{name} -->)", re.S)
         if not pattern.search(readme):
             raise SystemExit(f"README.md has no <!-- report:{name} --> block")
-        readme = pattern.sub(lambda m: m.group(1) + block + m.group(2), readme)
+        readme = pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), readme)
     (ROOT / "README.md").write_text(readme)
     print("README.md updated:", ", ".join(names))
 
