@@ -111,22 +111,16 @@ def _as_tensor(image) -> torch.Tensor:
     return torch.from_numpy(a.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
 
-@torch.no_grad()
 def _usq_latent(coder: HyperpriorLatentCoder, x: torch.Tensor) -> np.ndarray:
     """The codec's USQ latent ``ŷ = μ + rint(y - μ)`` (float32, ``(1, M, h, w)``) of ``x``.
 
-    The z path and ``μ`` are :class:`~qft.codec.HyperpriorLatentCoder`'s; rounding is
+    The analysis is :meth:`~qft.codec.HyperpriorLatentCoder.analyse`; rounding is
     bit-identical to ``trellis.Quantizer("usq")`` (D1: residual and sum in float32, step 1)
     but done in NumPy: a Numba parallel kernel (OpenMP threading layer) resets the process'
     OpenMP thread count, and with it torch's, to Numba's, which slows the decoder passes
     that follow (and breaks a caller's ``torch.set_num_threads``).
     """
-    m = coder.model
-    y = m.g_a(x)
-    z = m.h_a(torch.abs(y) if coder.entropy == "scale-hyperprior" else y).cpu()
-    z_hat = m.entropy_bottleneck.decompress(m.entropy_bottleneck.compress(z), z.shape[-2:])
-    mu, _ = coder.entropy_parameters(z_hat)
-    y = y.float().cpu().numpy()
+    y, mu, _, _, _, _ = coder.analyse(x)
     return mu + np.rint(y - mu)
 
 
@@ -301,11 +295,8 @@ def channel_rates(model: torch.nn.Module, images: Sequence, *, crop: int | None 
     total, bits_all, pixels = None, 0.0, 0
     for img in images:
         x = _center_crop(_as_tensor(img), crop)
-        y = model.g_a(x)
-        z = model.h_a(torch.abs(y) if coder.entropy == "scale-hyperprior" else y)
-        z_hat = model.entropy_bottleneck.decompress(model.entropy_bottleneck.compress(z), z.shape[-2:])
-        mu, sigma = coder.entropy_parameters(z_hat)
-        res = usq.quantize(y.numpy()[0], mu[0], sigma[0], backend="numpy")
+        y, mu, sigma, _, _, _ = coder.analyse(x)
+        res = usq.quantize(y[0], mu[0], sigma[0], backend="numpy")
         per_channel = usq.table.index_bits(res.rows, res.indices).mean(axis=(1, 2))
         total = per_channel if total is None else total + per_channel
         bits_all += res.bits

@@ -96,14 +96,14 @@ class HyperpriorLatentCoder:
 
     # -- encoder ------------------------------------------------------------------------
     @torch.no_grad()
-    def quantize(
-        self, x: torch.Tensor, quantizer: Quantizer, weights: np.ndarray | None = None
-    ) -> list[QuantizedLatent]:
-        """Analysis, hyper-latent coding and latent quantization of a batch ``(N, 3, H, W)``.
+    def analyse(self, x: torch.Tensor):
+        """Analysis and hyper-latent coding of a batch ``(N, 3, H, W)`` (``H``, ``W``
+        multiples of 64), everything the quantizer needs and nothing it does.
 
-        ``H`` and ``W`` must be multiples of 64. The analysis transforms run on ``x``'s
-        device; everything after ``z`` runs on the CPU. ``weights``: per-channel distortion
-        weights ``(C,)`` of RDOQ/TCQ (encoder only; see :meth:`trellis.Quantizer.quantize`).
+        Returns:
+            ``(y, μ, σ, z_strings, z_shape, z_bits)``: float32 numpy ``(N, C, h, w)``
+            arrays (``σ >= 0.11``), the coded hyper-latents, their spatial size and
+            ``-Σ log2`` of their ``EntropyBottleneck`` likelihoods per image.
         """
         m = self.model
         y = m.g_a(x)
@@ -113,11 +113,23 @@ class HyperpriorLatentCoder:
         _, z_lik = m.entropy_bottleneck(z, training=False)
         z_bits = -torch.log2(z_lik).flatten(1).sum(1)
         mu, sigma = self.entropy_parameters(z_hat)
-        y = y.float().cpu().numpy()
+        return y.float().cpu().numpy(), mu, sigma, z_strings, tuple(z.shape[-2:]), z_bits
+
+    @torch.no_grad()
+    def quantize(
+        self, x: torch.Tensor, quantizer: Quantizer, weights: np.ndarray | None = None
+    ) -> list[QuantizedLatent]:
+        """:meth:`analyse` and latent quantization of a batch ``(N, 3, H, W)``.
+
+        ``H`` and ``W`` must be multiples of 64. The analysis transforms run on ``x``'s
+        device; everything after ``z`` runs on the CPU. ``weights``: per-channel distortion
+        weights ``(C,)`` of RDOQ/TCQ (encoder only; see :meth:`trellis.Quantizer.quantize`).
+        """
+        y, mu, sigma, z_strings, z_shape, z_bits = self.analyse(x)
         out = []
         for i in range(y.shape[0]):
             res = quantizer.quantize(y[i], mu[i], sigma[i], weights=_per_channel(weights))
-            out.append(QuantizedLatent(y[i], mu[i], sigma[i], res, z_strings[i], tuple(z.shape[-2:]), float(z_bits[i])))
+            out.append(QuantizedLatent(y[i], mu[i], sigma[i], res, z_strings[i], z_shape, float(z_bits[i])))
         return out
 
     @staticmethod
