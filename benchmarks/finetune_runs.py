@@ -4,14 +4,16 @@ For every shipped base model (``qft/assets/checkpoints/manifest.json``, entries 
 ``finetuned_from``) three ``qft finetune`` runs with ``recipes/finetune/cpu.yaml``:
 
 * ``usq``: decoder trained on USQ latents (builds the USQ latent cache),
-* ``tcq8``: decoder trained on TCQ-8 latents (the base's calibrated Δ, λ_T and weights; the
-  shipped ft-tcq8 models used Δ 0.7, m 0.025 unweighted, the settings before calibration),
+* ``tcq8``: decoder trained on TCQ-8 latents, Δ 0.7 and λ multiplier 0.025, unweighted
+  (the global rule, the same at every rate point; the finetuned model records it and is
+  evaluated with it),
 * ``control``: the noise-proxy control arm, reading ``y`` from the USQ cache.
 
 Runs go to ``runs/finetune-matrix/<lambda>/<arm>/`` (ignored by git) and are skipped
 when their ``model.pth`` exists, resumed when a ``checkpoint.pth`` exists. ``--workers``
 processes run side by side (one torch thread each); a control run waits for its USQ run's
-cache. Evaluation is ``qft report`` (recipes/report/).
+cache. ``--parts decoder decoder+hyperdecoder`` adds the runs that train ``h_s`` too, in
+``<arm>-dh/``, reading the decoder-only runs' caches (the cache does not depend on the part set). Evaluation is ``qft report`` (recipes/report/).
 
 ``--package`` writes the finished runs (USQ, TCQ-8 and the control arm) into the shipped checkpoints as
 fp16 delta checkpoints of their base (``qft.models.zoo.write_delta``: only ``g_s``, or
@@ -36,36 +38,49 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "qft" / "assets" / "checkpoints"
 ARMS = ("usq", "tcq8", "control")
+# TCQ-8 with the global rule, unweighted, at every rate point: the setting every shipped
+# ft-tcq8 model was trained with (docs/design.md, "Finetuning")
+QUANTIZERS = {
+    "usq": ["-q", "usq"],
+    "tcq8": ["-q", "tcq8", "--step", "0.7", "--lambda-mult", "0.025", "--weights", "none"],
+    "control": ["-q", "usq"],
+}
 
 
-def _jobs(out: Path, steps: int, lambdas: list[float] | None) -> list[dict]:
+def _jobs(out: Path, steps: int, lambdas: list[float] | None, part_sets: list[str]) -> list[dict]:
     manifest = json.loads((ASSETS / "manifest.json").read_text())
     jobs = []
-    for entry in manifest:
-        if entry.get("finetuned_from") or (lambdas and entry["lambda"] not in lambdas):
-            continue
-        base = out / str(entry["lambda"])
-        for arm in ARMS:
-            folder = base / arm
-            cmd = [
-                sys.executable, "-m", "qft", "finetune", "recipes/finetune/cpu.yaml",
-                "-m", str(ASSETS / entry["file"]), "--lambda", str(entry["lambda"]),
-                "--steps", str(steps), "--threads", "1", "--out", str(folder),
-                "--no-progress",
-            ]
-            if arm == "control":
-                cmd += ["--control", "-q", "usq", "--cache", str(base / "usq" / "cache")]
-            else:
-                cmd += ["-q", arm]
-            if (folder / "checkpoint.pth").exists():
-                cmd.append("--resume")
-            jobs.append({
-                "name": f"{entry['lambda']}/{arm}",
-                "cmd": cmd,
-                "done": folder / "model.pth",
-                "needs": base / "usq" / "cache" / "meta.json" if arm == "control" else None,
-                "log": folder.parent / f"{arm}.out",
-            })
+    for parts in part_sets:
+        for entry in manifest:
+            if entry.get("finetuned_from") or (lambdas and entry["lambda"] not in lambdas):
+                continue
+            base = out / str(entry["lambda"])
+            for arm in ARMS:
+                folder = base / (arm if parts == "decoder" else f"{arm}-dh")
+                cmd = [
+                    sys.executable, "-m", "qft", "finetune", "recipes/finetune/cpu.yaml",
+                    "-m", str(ASSETS / entry["file"]), "--lambda", str(entry["lambda"]),
+                    "--steps", str(steps), "--threads", "1", "--out", str(folder),
+                    "--parts", parts, "--no-progress",
+                    *QUANTIZERS[arm],
+                ]
+                # the cache does not depend on the part set: the control arm and the
+                # decoder+hyperdecoder arms read the decoder-only runs' caches
+                source = "usq" if arm == "control" else arm
+                shared = arm == "control" or parts != "decoder"
+                if arm == "control":
+                    cmd.append("--control")
+                if shared:
+                    cmd += ["--cache", str(base / source / "cache")]
+                if (folder / "checkpoint.pth").exists():
+                    cmd.append("--resume")
+                jobs.append({
+                    "name": f"{entry['lambda']}/{folder.name}",
+                    "cmd": cmd,
+                    "done": folder / "model.pth",
+                    "needs": base / source / "cache" / "meta.json" if shared else None,
+                    "log": folder.parent / f"{folder.name}.out",
+                })
     return jobs
 
 
@@ -113,12 +128,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "finetune-matrix")
     parser.add_argument("--lambdas", type=float, nargs="*")
+    parser.add_argument(
+        "--parts", nargs="+", default=["decoder"], choices=["decoder", "decoder+hyperdecoder"],
+        help="part sets to train, in this order (decoder+hyperdecoder runs go to <arm>-dh/)",
+    )
     parser.add_argument("--package", action="store_true", help="package the finished runs into the shipped checkpoints")
     args = parser.parse_args()
     if args.package:
         package(args.out)
         return
-    pending = [j for j in _jobs(args.out, args.steps, args.lambdas) if not j["done"].exists()]
+    pending = [j for j in _jobs(args.out, args.steps, args.lambdas, args.parts) if not j["done"].exists()]
     lock = threading.Lock()
 
     def take() -> dict | None:

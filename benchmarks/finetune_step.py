@@ -38,7 +38,7 @@ from qft.finetune import (
     trainable_parameters,
 )
 from qft.finetune.cache import images_digest
-from qft.finetune.objective import assemble_batch, sample_crops
+from qft.finetune.objective import assemble_batch, context_margin, sample_crops
 from qft.models import create_model
 from qft.train.data import sample_batch
 from qft.train.loop import machine_description, rd_forward
@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--M", type=int, default=96)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=128)
-    p.add_argument("--images", type=int, default=8, help="synthetic 256x384 images")
+    p.add_argument("--images", type=int, default=8, help="synthetic images of 2 x 3 crops")
     p.add_argument("--steps", type=int, default=20, help="timed steps per loop")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the result here")
@@ -59,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     images = [
-        rng.integers(0, 256, size=(256, 384, 3), dtype=np.uint8)
+        rng.integers(0, 256, size=(2 * args.crop, 3 * args.crop, 3), dtype=np.uint8)
         for _ in range(args.images)
     ]
     model = create_model("mbt2018-mean", N=args.N, M=args.M, seed=0)
@@ -103,10 +103,12 @@ def main() -> None:
         )
         criterion = RateDistortionLoss(lmbda=lmbda)
 
+        size = args.crop // 16 + 2 * context_margin("decoder")  # crop + decoding context
+
         def finetune_step(step: int) -> None:
-            picks = sample_crops(cache, 0, step, args.batch, args.crop // 16, 1)
+            picks = sample_crops(cache, 0, step, args.batch, size, 1)
             batch = assemble_batch(
-                cache, picks, range(args.batch), args.crop // 16, ft.fields, q, 0, step
+                cache, picks, range(args.batch), size, ft.fields, q, 0, step
             )
             ft_opt.zero_grad(set_to_none=True)
             ft(batch)["loss"].backward()

@@ -30,6 +30,7 @@ from qft.finetune import (
     index_cells,
     load_finetune_recipe,
 )
+from qft.finetune.objective import decode_centre
 from qft.models import ARCHITECTURES, create_model, load_checkpoint, save_checkpoint
 from qft.train import export_state_dict
 
@@ -153,6 +154,26 @@ def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
     torch.testing.assert_close(part[..., 32:-32, 32:-32], whole[..., 64:128, 64:128], rtol=0, atol=1e-5)
     assert cache.latent_size(1) == (13, 13)
     assert np.abs(lat.result.indices).max() >= 2  # the test latents are not all zero
+
+
+@pytest.mark.parametrize("arch", ["mbt2018-mean", "bmshj2018-hyperprior", "cheng2020-anchor"])
+def test_decode_centre_equals_the_cropped_whole_decode(arch):
+    """The trimmed synthesis (chains of transposed convolutions) and the fallback (any other
+    g_s) give the centre of g_s(y) and its gradient."""
+    model = create_model(arch, N=16, M=24, seed=0) if arch != "cheng2020-anchor" else create_model(arch, N=16, seed=0)
+    g_s = model.g_s
+    channels = next(m for m in g_s.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))).in_channels
+    y = torch.randn(2, channels, 12, 15, generator=torch.Generator().manual_seed(0)) * 3
+    x = torch.rand(2, 3, 128, 176, generator=torch.Generator().manual_seed(1))
+    part = decode_centre(g_s, y, 2)
+    whole = g_s(y)[..., 32:-32, 32:-32]
+    torch.testing.assert_close(part, whole, rtol=0, atol=1e-5)
+    params = list(g_s.parameters())
+    for a, b in zip(
+        torch.autograd.grad(((part - x) ** 2).mean(), params),
+        torch.autograd.grad(((whole - x) ** 2).mean(), params),
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("method", ["usq", "tcq8"])
