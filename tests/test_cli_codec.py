@@ -61,6 +61,8 @@ def test_eval_json(workdir):
     for key in ("psnr-rgb", "ms-ssim-rgb", "bpp", "encoding_time", "decoding_time"):
         assert len(r["results"][key]) == 2
     assert r["qft"]["quantizer"]["method"] == "tcq8" and len(r["qft"]["per_image"][0]) == 2
+    # the same checkpoint twice: one common quantizer, recorded whole at the top level
+    assert r["qft"]["quantizer"] == {k: v for k, v in r["qft"]["checkpoints"][0]["quantizer"].items() if k != "source"}
     assert r["results"]["bpp"] == r["qft"]["bpp_real"]
     assert r["results"]["ms-ssim-rgb"] == [None, None]  # too small for MS-SSIM: null, strict JSON
     assert all(0 < e < r_ for r_, e in zip(r["qft"]["bpp_real"], r["qft"]["bpp_estimated"]))  # header + rANS overhead

@@ -46,19 +46,19 @@ def run(args: argparse.Namespace) -> int:
     output_guard(args.output, args.force)
     images = list_images(args.data)
     device = device_from_args(args)
-    checkpoints, per_checkpoint, arch, quantizer = [], [], None, None
+    checkpoints, per_checkpoint, arch, method = [], [], None, None
     for path in args.checkpoint:
         ckpt = load_checkpoint(path, args.arch, unsafe_load=args.unsafe_load)
         arch = ckpt.arch
         choice = quantizer_from_args(args, read_settings(ckpt))
-        quantizer = choice.quantizer
+        method = choice.quantizer.method
         codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy, device=device)
-        codec.check_quantizer(quantizer)
-        per_checkpoint.append(evaluate_images(codec, quantizer, images, desc=str(path), weights=choice.weights))
+        codec.check_quantizer(choice.quantizer)
+        per_checkpoint.append(evaluate_images(codec, choice.quantizer, images, desc=str(path), weights=choice.weights))
         checkpoints.append({"path": str(path), "sha256": ckpt.sha256, "arch": ckpt.arch, "params": ckpt.params,
                             "quantizer": choice.describe()})
-    name = args.name or f"{arch}-{quantizer.method}"
-    out = results_json(name, quantizer, checkpoints, per_checkpoint, args.estimate, args.per_image, str(args.data))
+    name = args.name or f"{arch}-{method}"
+    out = results_json(name, checkpoints, per_checkpoint, args.estimate, args.per_image, str(args.data))
     with open(args.output, "w") as f:
         json.dump(out, f, indent=2, allow_nan=False)
     for c, bpp, p in zip(checkpoints, out["results"]["bpp"], out["results"]["psnr-rgb"]):

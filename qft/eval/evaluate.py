@@ -118,12 +118,15 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return m if math.isfinite(m) else None
 
 
-def results_json(name: str, quantizer: Quantizer, checkpoints: list[dict], per_checkpoint: list[list[dict]],
+def results_json(name: str, checkpoints: list[dict], per_checkpoint: list[list[dict]],
                  estimate: bool = False, per_image: bool = False, dataset: str = "") -> dict:
     """CompressAI-schema results: one list entry per checkpoint, means over images.
 
     Args:
-        checkpoints: one dict per checkpoint (``path``, ``sha256``, ``arch``, ``params``).
+        checkpoints: one dict per checkpoint (``path``, ``sha256``, ``arch``, ``params``,
+            ``quantizer``: :meth:`~qft.eval.settings.QuantizerChoice.describe`). The
+            top-level ``qft.quantizer`` is their common quantizer when all agree (without
+            where it came from), else only the method: calibrated settings are per checkpoint.
         per_checkpoint: :func:`evaluate_images` output per checkpoint.
         estimate: report the estimated bpp as ``bpp`` (the real one stays in ``qft``).
     """
@@ -135,10 +138,12 @@ def results_json(name: str, quantizer: Quantizer, checkpoints: list[dict], per_c
         real.append(_mean(rows, "bpp"))
         est.append(_mean(rows, "bpp_estimated"))
         results["bpp"].append(est[-1] if estimate else real[-1])
-    q = {"method": quantizer.method, "step": quantizer.step, "lambda": quantizer.lam, "reset": quantizer.reset}
+    described = [{k: v for k, v in c["quantizer"].items() if k != "source"} for c in checkpoints]
+    q = described[0] if all(d == described[0] for d in described) else {
+        "method": described[0]["method"], "per_checkpoint": True}
     out = {
         "name": name,
-        "description": f"qft {quantizer.method}, real bitstreams" + (" (bpp: estimated)" if estimate else ""),
+        "description": f"qft {q['method']}, real bitstreams" + (" (bpp: estimated)" if estimate else ""),
         "results": results,
         "qft": {
             "quantizer": q,

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from qft.errors import UserError
 from qft.eval.bdrate import bd_rate, local_rate_change, pareto_front
-from qft.eval.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer
+from qft.eval.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer, weights_digest
 
 __all__ = ["QuantizerSpec", "ModelRow", "ReportRecipe", "load_report_recipe", "run_report", "shipped_rows"]
 
@@ -184,9 +184,8 @@ def _parse_row(r: Any, labels: list[str], path: Path) -> ModelRow:
 # -- evaluation ---------------------------------------------------------------------------
 def _cell_key(sha: str, choice, images: list[str], ms_ssim: bool) -> str:
     """Identity of a cell: checkpoint file, resolved quantizer and weights, images."""
-    w = None if choice.weights is None else hashlib.sha256(choice.weights.tobytes()).hexdigest()
     q = dataclasses.asdict(choice.quantizer)
-    blob = json.dumps([sha, q, w, images, ms_ssim, REPORT_FORMAT])
+    blob = json.dumps([sha, q, weights_digest(choice.weights), images, ms_ssim, REPORT_FORMAT])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

@@ -20,6 +20,7 @@ checkpoint uses its base's settings (its encoder is the base's).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 
@@ -105,6 +106,14 @@ def write_settings(checkpoint: str | Path, sha256: str, update: dict[str, Any]) 
     tmp.write_text(json.dumps(settings, indent=1))
     tmp.replace(file)
     return file
+
+
+def weights_digest(weights: np.ndarray | None) -> str | None:
+    """SHA-256 of distortion weights as contiguous float64 (``None`` for no weights): what
+    identifies them in the finetuning cache and the report's cells."""
+    if weights is None:
+        return None
+    return hashlib.sha256(np.ascontiguousarray(weights, np.float64).tobytes()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from trellis import NUM_SCALES, Quantizer
 
 from qft.codec import HyperpriorLatentCoder, model_fingerprint
 from qft.errors import UserError
+from qft.eval.settings import weights_digest
 
 __all__ = [
     "CACHE_FORMAT",
@@ -107,8 +108,7 @@ def cache_identity(
         "data": data,
     }
     if weights is not None:
-        w = np.ascontiguousarray(weights, np.float64)
-        identity["weights"] = hashlib.sha256(w.tobytes()).hexdigest()
+        identity["weights"] = weights_digest(weights)
     return identity
 
 
