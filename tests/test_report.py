@@ -119,7 +119,8 @@ models:
 extra_rows:
   - {{label: other, checkpoints: [{ckpts[1]}, null], quantizers: [tcq8]}}
   - {{label: ft-usq, checkpoints: [{ckpts[1]}, {ckpts[0]}], quantizers: [usq]}}
-  - {{label: control-usq, checkpoints: [{ckpts[0]}, {ckpts[1]}], quantizers: [usq]}}
+  - {{label: control-usq, checkpoints: [{ckpts[0]}, {ckpts[1]}], quantizers: [usq],
+     settings_from: [{ckpts[1]}, {ckpts[0]}]}}
 quantizers: [usq, {{label: tcq8, method: tcq8, lambda_mult: 0.1}}]
 sweep: [0.9, 1.2]
 sweep_quantizers: [usq, tcq8]
@@ -143,6 +144,29 @@ ms_ssim: false
     mtimes = [c.stat().st_mtime_ns for c in cells]
     assert main(["report", str(recipe), "--no-progress"]) == 0  # resumes: no cell rewritten
     assert [c.stat().st_mtime_ns for c in sorted((out / "cells").iterdir())] == mtimes
+
+
+def test_shipped_rows_evaluate_the_control_arm_like_each_finetuned_row(monkeypatch):
+    from qft.eval import report
+    from qft.models import zoo
+
+    def entry(name, lmbda, **ft):
+        return {"name": name, "file": f"{name}.pth", "lambda": lmbda, **ft}
+
+    def ft(base, method, control=False):
+        return {"finetuned_from": f"{base}.pth", "quantizer": {"method": method}, "parts": "decoder",
+                "control": control}
+
+    entries = [entry("b2", 0.02), entry("b1", 0.01),
+               entry("b1-ft-usq", 0.01, **ft("b1", "usq")), entry("b1-ft-tcq8", 0.01, **ft("b1", "tcq8")),
+               entry("b2-ft-tcq8", 0.02, **ft("b2", "tcq8")), entry("b1-ft-control", 0.01, **ft("b1", "usq", True))]
+    monkeypatch.setattr(zoo, "shipped", lambda: entries)
+    rows = {r.label: r for r in report.shipped_rows(["usq", "tcq8"])}
+    assert rows["base"].checkpoints == ("b1", "b2")
+    assert rows["ft-tcq8"].checkpoints == ("b1-ft-tcq8", "b2-ft-tcq8")
+    assert rows["control-tcq8"].checkpoints == ("b1-ft-control", None)
+    assert rows["control-tcq8"].settings_from == ("b1-ft-tcq8", "b2-ft-tcq8")
+    assert rows["control-usq"].quantizers == ("usq",) and rows["control-usq"].settings_from == ("b1-ft-usq", None)
 
 
 def test_report_recipe_errors(tmp_path):

@@ -5,7 +5,8 @@ A report recipe (``recipes/report/*.yaml``) names a dataset, the quantizers, and
 base row), e.g. the shipped base models, the models finetuned for TCQ-8, a control arm.
 ``models: shipped`` builds the rows from ``qft/assets/checkpoints/manifest.json``: the base
 models, one row per finetuned quantizer (and part set) evaluated with that quantizer, and
-the control arm (the same parts trained on with the noise proxy, ``control-<quantizer>``).
+for each such row the control arm (the same parts trained on with the noise proxy,
+``control-<quantizer>``) evaluated with exactly that row's quantizer settings.
 
 Every *cell* — one checkpoint, one quantizer configuration, all images — is evaluated
 with real bitstreams by :func:`qft.eval.evaluate_configs` and stored as
@@ -85,6 +86,9 @@ class ModelRow:
     label: str
     checkpoints: tuple[str | None, ...]
     quantizers: tuple[str, ...]  # quantizer labels
+    # checkpoints whose settings resolve the quantizers (a control arm evaluated exactly as
+    # the finetuned models it controls); empty: each checkpoint's own
+    settings_from: tuple[str | None, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,13 +117,20 @@ def shipped_rows(labels: list[str]) -> list[ModelRow]:
         if "finetuned_from" in e:
             key = (e["quantizer"]["method"], e.get("parts", "decoder"), bool(e.get("control")))
             groups.setdefault(key, {})[e["finetuned_from"]] = e["name"]
-    for (method, parts), control in sorted({(k[:2], k[2]) for k in groups}):
-        if method not in labels:
+    def files(key: tuple[str, str, bool]) -> tuple[str | None, ...]:
+        return tuple(groups[key].get(b["file"]) for b in bases)
+
+    for method, parts, control in sorted(groups):
+        if control:
             continue
-        by_base = groups[(method, parts, control)]
-        label = ("control-" if control else "ft-") + method
-        label += "" if parts == "decoder" else "-" + parts.replace("decoder+", "")
-        rows.append(ModelRow(label, tuple(by_base.get(b["file"]) for b in bases), (method,)))
+        suffix = "" if parts == "decoder" else "-" + parts.replace("decoder+", "")
+        if method in labels:
+            rows.append(ModelRow(f"ft-{method}{suffix}", files((method, parts, False)), (method,)))
+        # the control arm of the same parts, evaluated with this row's quantizers
+        controls = [k for k in groups if k[1] == parts and k[2]]
+        if method in labels and controls:
+            rows.append(ModelRow(f"control-{method}{suffix}", files(controls[0]), (method,),
+                                 settings_from=files((method, parts, False))))
     return rows
 
 
@@ -178,7 +189,14 @@ def _parse_row(r: Any, labels: list[str], path: Path) -> ModelRow:
     bad = [q for q in qs if q not in labels]
     if bad:
         raise UserError(f"{path}: row {r['label']} names unknown quantizer(s) {bad}")
-    return ModelRow(str(r["label"]), tuple(None if c is None else str(c) for c in r["checkpoints"]), qs)
+    unknown = set(r) - {"label", "checkpoints", "quantizers", "settings_from"}
+    if unknown:
+        raise UserError(f"{path}: row {r['label']}: unknown field(s) {sorted(unknown)}")
+    settings_from = tuple(None if c is None else str(c) for c in r.get("settings_from") or ())
+    if settings_from and len(settings_from) != len(r["checkpoints"]):
+        raise UserError(f"{path}: row {r['label']}: settings_from needs one checkpoint (or null) per rate point")
+    return ModelRow(str(r["label"]), tuple(None if c is None else str(c) for c in r["checkpoints"]), qs,
+                    settings_from)
 
 
 # -- evaluation ---------------------------------------------------------------------------
@@ -220,7 +238,7 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
         for i, name in enumerate(row.checkpoints):
             if name is None:
                 continue
-            _, settings = load(name)
+            _, settings = load(row.settings_from[i] if row.settings_from and row.settings_from[i] else name)
             for label in row.quantizers:
                 spec = specs[label]
                 choose = lambda s, st=settings, sp=spec: resolve_quantizer(  # noqa: E731
