@@ -208,7 +208,7 @@ def test_quickstart_on_one_image(tmp_path, capsys):
     assert (folder / "rd-psnr-rgb.png").is_file()
 
 
-@pytest.mark.parametrize("name", ["kodak", "tecnick"])
+@pytest.mark.parametrize("name", ["kodak", "tecnick", "kodak-hyperdecoder", "tecnick-hyperdecoder"])
 def test_shipped_recipes_load(name):
     from pathlib import Path
 
@@ -216,4 +216,8 @@ def test_shipped_recipes_load(name):
 
     recipe = load_report_recipe(Path(__file__).parents[1] / "recipes" / "report" / f"{name}.yaml")
     assert recipe.rows[0].label == "base" and len(recipe.rows[0].checkpoints) == 5
-    assert {"usq", "rdoq", "tcq4", "tcq8", "tcq8-vvc-w1"} <= {q.label for q in recipe.quantizers}
+    if name.endswith("-hyperdecoder"):
+        rows = {r.label: r for r in recipe.rows}
+        assert rows["control-tcq8-hyperdecoder"].settings_from == rows["ft-tcq8-hyperdecoder"].checkpoints
+    else:
+        assert {"usq", "rdoq", "tcq4", "tcq8", "tcq8-vvc-w1"} <= {q.label for q in recipe.quantizers}
