@@ -56,6 +56,15 @@ def test_round_trip_is_exact(q, cls, entropy, image):
     assert torch.equal(dec2["x_hat"], dec["x_hat"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("q", QUANTIZERS, ids=lambda q: q.method)
+def test_stream_encoded_on_cuda_decodes_on_cpu(q, image):
+    """The entropy parameters do not depend on the device the transforms ran on."""
+    out = Codec(tiny(), "test-arch", "mean-scale-hyperprior", device="cuda").compress(image, q)
+    dec = Codec(tiny(), "test-arch", "mean-scale-hyperprior").decompress(out["bitstream"])
+    assert np.array_equal(dec["y_hat"], out["y_hat"])
+
+
 def test_usq_indices_are_compressai_rounding(image):
     m = tiny()
     codec = Codec(m, "a", "mean-scale-hyperprior")

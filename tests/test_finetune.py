@@ -156,6 +156,18 @@ def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
     assert np.abs(lat.result.indices).max() >= 2  # the test latents are not all zero
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("parts", ["decoder", "decoder+hyperdecoder"])
+def test_finetune_on_cuda(setup, tmp_path, parts):
+    """bf16 autocast and channels_last on the GPU; the output loads on the CPU."""
+    out = tmp_path / "cuda"
+    assert _run(setup, out, "--device", "cuda", "--parts", parts) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["device"].startswith("cuda") and all(np.isfinite(r["loss"]) for r in log if r["kind"] == "train")
+    ft = load_checkpoint(out / "model.pth")
+    assert ft.extra["parts"] == parts and next(ft.model.parameters()).device.type == "cpu"
+
+
 @pytest.mark.parametrize("arch", ["mbt2018-mean", "bmshj2018-hyperprior", "cheng2020-anchor"])
 def test_decode_centre_equals_the_cropped_whole_decode(arch):
     """The trimmed synthesis (chains of transposed convolutions) and the fallback (any other
