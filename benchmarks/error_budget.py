@@ -1,0 +1,103 @@
+"""Where the image error of the reference models comes from: synthesis vs quantization.
+
+Issue 9 asks why TCQ-8's latent-domain gain (≈ 1 dB at equal rate, synthetic) shrinks to a
+few percent of rate in the image domain. One reason is arithmetic: the image MSE of a
+learned codec is the synthesis error that remains without any quantization, MSE(x, g_s(y)),
+plus what the quantization error adds. Only the second part responds to a better quantizer.
+For every shipped base model, on the first BSDS500 *validation* images (centre crops, sides
+multiples of 64; never Kodak or Tecnick), this measures:
+
+* ``mse_unquantized``: MSE(x, g_s(y)), ``y`` unquantized;
+* per quantizer (USQ at step 1, the calibrated TCQ-8 with its weights): the latent MSE
+  ``mean((ŷ − y)²)``, the image MSE, PSNR, the table rate (bpp, y only), and the share of
+  the image MSE that the quantization adds, ``(MSE(x, g_s(ŷ)) − MSE(x, g_s(y))) / MSE(x, g_s(ŷ))``.
+
+    python benchmarks/error_budget.py --json benchmarks/results/error_budget.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trellis.bench import machine_info
+
+from qft.codec import HyperpriorLatentCoder, list_images, read_image
+from qft.eval.settings import read_settings, resolve_quantizer
+from qft.models import ARCHITECTURES, load_checkpoint
+from qft.models.zoo import shipped
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    h, w = x.shape[-2] // 64 * 64, x.shape[-1] // 64 * 64
+    t, l = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    return x[..., t : t + h, l : l + w]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "bsds500" / "val"))
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    images = [_centre(read_image(f)) for f in list_images(args.data)[: args.images]]
+
+    models = {}
+    for entry in sorted((e for e in shipped() if "finetuned_from" not in e), key=lambda e: e["lambda"]):
+        ck = load_checkpoint(entry["name"])
+        settings = read_settings(ck)
+        coder = HyperpriorLatentCoder(ck.model.eval(), ARCHITECTURES[ck.arch].entropy)
+        choices = {"usq": resolve_quantizer("usq", settings), "tcq8": resolve_quantizer("tcq8", settings)}
+        sums: dict = {"mse_unquantized": 0.0, "pixels": 0}
+        for x in images:
+            with torch.no_grad():
+                (lat,) = coder.quantize(x, choices["usq"].quantizer)
+                mse_y = torch.mean((ck.model.g_s(torch.from_numpy(lat.y)[None]).clamp(0, 1) - x) ** 2).item()
+                sums["mse_unquantized"] += mse_y
+                sums["pixels"] += x.shape[-2] * x.shape[-1]
+                for name, choice in choices.items():
+                    q = coder.requantize(lat, choice.quantizer, choice.weights).result
+                    x_hat = ck.model.g_s(torch.from_numpy(q.y_hat)[None]).clamp(0, 1)
+                    s = sums.setdefault(name, {"latent_mse": 0.0, "image_mse": 0.0, "bits": 0.0})
+                    s["latent_mse"] += float(np.mean((q.y_hat - lat.y) ** 2))
+                    s["image_mse"] += torch.mean((x_hat - x) ** 2).item()
+                    s["bits"] += float(q.bits)
+        n = len(images)
+        out = {"mse_unquantized": sums["mse_unquantized"] / n,
+               "psnr_unquantized": -10 * math.log10(sums["mse_unquantized"] / n)}
+        for name, choice in choices.items():
+            s = sums[name]
+            mse = s["image_mse"] / n
+            out[name] = {
+                "quantizer": choice.describe(),
+                "latent_mse": s["latent_mse"] / n,
+                "image_mse": mse,
+                "psnr": -10 * math.log10(mse),
+                "bpp_y": s["bits"] / sums["pixels"],
+                "quantization_share": (mse - out["mse_unquantized"]) / mse,
+            }
+        out["latent_mse_ratio_db"] = 10 * math.log10(out["usq"]["latent_mse"] / out["tcq8"]["latent_mse"])
+        models[entry["name"]] = out
+        print(f"{entry['name']}: unquantized {out['psnr_unquantized']:.2f} dB, USQ {out['usq']['psnr']:.2f} dB "
+              f"({100 * out['usq']['quantization_share']:.0f} % of the MSE from quantization), TCQ-8 "
+              f"{out['tcq8']['psnr']:.2f} dB; latent MSE TCQ-8 vs USQ {out['latent_mse_ratio_db']:+.2f} dB, "
+              f"bpp(y) {out['usq']['bpp_y']:.3f} → {out['tcq8']['bpp_y']:.3f}", flush=True)
+    if args.json:
+        result = {"benchmark": "error_budget", "data": args.data, "images": len(images), "models": models,
+                  "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
