@@ -64,7 +64,7 @@ def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc
 
 @torch.no_grad()
 def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarray | None]], images: list[Path],
-                     desc: str = "eval", ms_ssim: bool = True) -> dict[str, list[dict]]:
+                     desc: str = "eval", ms_ssim: bool = True, progress: bool = True) -> dict[str, list[dict]]:
     """Per-image metrics of many quantizers on one hyperprior codec, analysing each image once.
 
     Each image is analysed once (``g_a``, ``h_a``, ``ẑ``, ``h_s``) and re-quantized per
@@ -85,7 +85,7 @@ def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarra
         raise UserError(f"{codec.arch}: only hyperprior models can be re-quantized per image")
     out: dict[str, list[dict]] = {label: [] for label in configs}
     coder = codec.latent_coder
-    for i, path in enumerate(tqdm(images, desc=desc, unit="img", leave=False)):
+    for i, path in enumerate(tqdm(images, desc=desc, unit="img", leave=False, disable=not progress)):
         x = read_image(path)
         h, w = x.shape[-2:]
         xp, padding = pad(x.to(codec.device))

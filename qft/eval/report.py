@@ -273,7 +273,8 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
         codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
         for q, _ in todo.values():
             codec.check_quantizer(q)
-        rows = evaluate_configs(codec, todo, images, desc=Path(name).name, ms_ssim=recipe.ms_ssim)
+        rows = evaluate_configs(codec, todo, images, desc=Path(name).name, ms_ssim=recipe.ms_ssim,
+                                progress=progress)
         for key in todo:
             cell = {"checkpoint": name, "sha256": ck.sha256, "arch": ck.arch, "params": ck.params,
                     "quantizer": choices[key].describe(), "images": rows[key]}
