@@ -25,7 +25,9 @@ def test_local_rate_change():
     # log-rate interpolated: halfway in PSNR between 2 and 4 bpp is 2√2
     assert local_rate_change(anchor, (2 * 2**0.5, 34.5)) == pytest.approx(0.0)
     assert math.isnan(local_rate_change(anchor, (1.0, 37.0)))  # outside the anchor
-    assert math.isnan(local_rate_change([(1.0, 30.0), (2.0, 29.0)], (1.5, 29.5)))  # not monotone
+    assert math.isnan(local_rate_change([(1.0, 30.0), (2.0, 29.0)], (1.5, 29.5)))  # one point on the front
+    # a dominated sweep point (more rate, less quality: the decoder saturates) is not the anchor
+    assert local_rate_change([*anchor, (5.0, 35.0)], (1.8, 33.0)) == pytest.approx(-10.0)
 
 
 def test_pareto_front():

@@ -67,9 +67,11 @@ def pareto_front(rates: list[float], qualities: list[float]) -> list[int]:
 def local_rate_change(anchor: list[tuple[float, float]], point: tuple[float, float]) -> float:
     """Rate change in % of one RD point ``(rate, quality)`` against an anchor curve at equal
     quality, the anchor's log-rate interpolated linearly in quality (the anchor: one model
-    swept over its quantizer step). NaN when the point's quality lies outside the anchor's
-    range or the anchor is not monotone."""
-    pts = sorted(anchor, key=lambda p: p[1])
+    swept over its quantizer step). The anchor is its :func:`pareto_front` (a step that
+    costs more rate for no more quality is never the anchor's best), NaN when the point's
+    quality lies outside the front's range or fewer than two points remain."""
+    front = pareto_front([p[0] for p in anchor], [p[1] for p in anchor])
+    pts = sorted((anchor[i] for i in front), key=lambda p: p[1])
     q = [p[1] for p in pts]
     r = [p[0] for p in pts]
     if len(pts) < 2 or any(b <= a for a, b in zip(q, q[1:])) or any(b <= a for a, b in zip(r, r[1:])):

@@ -99,7 +99,7 @@ class ReportRecipe:
     quantizers: tuple[QuantizerSpec, ...]
     rows: tuple[ModelRow, ...]
     images: int | None = None
-    sweep: tuple[float, ...] = (0.7, 0.8, 0.9, 1.1, 1.25, 1.4, 1.6, 1.8)
+    sweep: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.1, 1.25, 1.4, 1.6, 1.8)
     sweep_quantizers: tuple[str, ...] = ("usq",)
     anchors: tuple[str, ...] = ()
     threads: int = 1
