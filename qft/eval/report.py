@@ -450,6 +450,7 @@ def _plot(recipe: ReportRecipe, curves: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     files = []
+    methods = {q.label: q.method for q in recipe.quantizers}
     anchors = []
     for a in recipe.anchors:
         try:
@@ -457,20 +458,25 @@ def _plot(recipe: ReportRecipe, curves: dict, out: Path) -> list[str]:
         except (OSError, ValueError):
             raise UserError(f"report recipe: anchor {a} is not a readable results JSON") from None
     for metric in METRICS:
-        fig, ax = plt.subplots(figsize=(7, 5))
+        # left: the rows with the published anchors; right: the rows alone, zoomed
+        fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5.2))
         for (row, label), pts in curves.items():
-            xy = sorted(_point(c, metric) for _, c in pts)
-            ax.plot([p[0] for p in xy], [p[1] for p in xy], "o-" if row == recipe.rows[0].label else "s--",
-                    label=f"{row} {label}", ms=4)
+            if row == recipe.rows[0].label and methods.get(label, label) != label:
+                continue  # the base row's variants (weights, VVC rule) are in the tables only
+            xy = [_point(c, metric) for _, c in sorted(pts, key=lambda t: t[0])]  # rate points in λ order
+            for ax in (full, zoom):
+                ax.plot([p[0] for p in xy], [p[1] for p in xy], "o-" if row == recipe.rows[0].label else "s--",
+                        label=f"{row} {label}", ms=4)
         for a in anchors:
             res = a["results"]
             if metric in res:
-                ax.plot(res["bpp"], res[metric], "k:", marker=".", label=a.get("name", "anchor"), alpha=0.6)
-        ax.set_xlabel("bpp")
-        ax.set_ylabel(f"{metric.upper()}" + (" (dB)" if metric == "psnr-rgb" else ""))
-        ax.set_title(f"{recipe.name}: {metric}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+                full.plot(res["bpp"], res[metric], "k:", marker=".", label=a.get("name", "anchor"), alpha=0.6)
+        for ax, title in ((full, "with published anchors"), (zoom, "models only")):
+            ax.set_xlabel("bpp")
+            ax.set_ylabel(f"{metric.upper()}" + (" (dB)" if metric == "psnr-rgb" else ""))
+            ax.set_title(f"{recipe.name}: {metric}, {title}", fontsize=10)
+            ax.grid(alpha=0.3)
+        full.legend(fontsize=6, loc="lower right")
         fig.tight_layout()
         path = out / f"rd-{metric}.png"
         fig.savefig(path, dpi=110)
