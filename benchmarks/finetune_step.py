@@ -38,7 +38,7 @@ from qft.finetune import (
     trainable_parameters,
 )
 from qft.finetune.cache import images_digest
-from qft.finetune.objective import assemble_batch, context_margin, sample_crops
+from qft.finetune.objective import G_S_REACH, assemble_batch, sample_crops
 from qft.models import create_model
 from qft.train.data import sample_batch
 from qft.train.loop import machine_description, rd_forward
@@ -103,7 +103,7 @@ def main() -> None:
         )
         criterion = RateDistortionLoss(lmbda=lmbda)
 
-        size = args.crop // 16 + 2 * context_margin("decoder")  # crop + decoding context
+        size = args.crop // 16 + 2 * G_S_REACH  # crop + decoding context
 
         def finetune_step(step: int) -> None:
             picks = sample_crops(cache, 0, step, args.batch, size, 1)

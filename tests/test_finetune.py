@@ -30,7 +30,7 @@ from qft.finetune import (
     index_cells,
     load_finetune_recipe,
 )
-from qft.finetune.objective import decode_centre
+from qft.finetune.objective import decode_centre, hyper_window
 from qft.models import ARCHITECTURES, create_model, load_checkpoint, save_checkpoint
 from qft.train import export_state_dict
 
@@ -154,6 +154,23 @@ def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
     torch.testing.assert_close(part[..., 32:-32, 32:-32], whole[..., 64:128, 64:128], rtol=0, atol=1e-5)
     assert cache.latent_size(1) == (13, 13)
     assert np.abs(lat.result.indices).max() >= 2  # the test latents are not all zero
+
+
+@pytest.mark.parametrize("top,left", [(0, 0), (4, 8), (12, 16)])
+def test_hyper_window_gives_the_whole_image_entropy_parameters(top, left):
+    """μ, σ of a training crop from its ẑ window equal those of the whole image (crops in
+    the interior and at the edges)."""
+    model = create_model("mbt2018-mean", N=16, M=24, seed=0)
+    z = torch.randn(1, 16, 6, 7, generator=torch.Generator().manual_seed(0))
+    size = 12
+    with torch.no_grad():
+        whole = model.h_s(z)[..., top : top + size, left : left + size]
+        rows, cols, dt, dl = hyper_window(z.shape[-2:], top, left, size)
+        part = model.h_s(z[..., rows, cols])[..., dt : dt + size, dl : dl + size]
+        torch.testing.assert_close(part, whole, rtol=0, atol=1e-5)
+        if top == 4:  # the crop's own ẑ alone is not enough: h_s reaches beyond it
+            own = model.h_s(z[..., top // 4 : (top + size) // 4, left // 4 : (left + size) // 4])
+            assert not torch.allclose(own, whole, atol=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

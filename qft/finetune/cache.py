@@ -159,6 +159,12 @@ class LatentCache:
         start = entry[f"{kind}_offset"]
         return self.arrays[name][start : start + int(np.prod(shape))].reshape(shape)
 
+    def hyper(self, name: str, i: int) -> np.ndarray:
+        """The whole ``z`` or ``ẑ`` of image ``i`` (``C×h×w``, over the padded image)."""
+        if name not in _HYPER:
+            raise ValueError(f"name must be one of {sorted(_HYPER)}, got {name!r}")
+        return self._field(name, i)
+
     def crop(self, name: str, i: int, top: int, left: int, size: int) -> np.ndarray:
         """The ``size×size`` latent crop of field ``name`` of image ``i`` at latent
         position ``(top, left)``; for ``image`` the matching ``16·size`` pixel crop

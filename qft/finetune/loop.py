@@ -43,7 +43,7 @@ from qft.commands._options import quantizer_from_args
 from qft.eval.settings import read_settings
 from qft.errors import UserError
 from qft.finetune.cache import LatentCache, cache_identity, images_digest, trim_images
-from qft.finetune.objective import FinetuneObjective, assemble_batch, context_margin, sample_crops
+from qft.finetune.objective import G_S_REACH, FinetuneObjective, assemble_batch, sample_crops
 from qft.finetune.recipe import FinetuneRecipe
 from qft.models import ARCHITECTURES, load_checkpoint, save_checkpoint
 from qft.train.checkpoint import (
@@ -139,6 +139,16 @@ def finetune(
             dist.destroy_process_group()
 
 
+def _to_device(v: torch.Tensor | list, device: torch.device, amp: bool):
+    """A batch field on the training device (image-like tensors channels_last under AMP);
+    lists (the per-element ``ẑ`` windows) element by element."""
+    if isinstance(v, list):
+        return [_to_device(t, device, amp) for t in v]
+    if amp and v.dim() == 4:
+        return v.to(device, memory_format=torch.channels_last)
+    return v.to(device)
+
+
 def _finetune(
     recipe: FinetuneRecipe,
     out: Path,
@@ -184,7 +194,7 @@ def _finetune(
 
     # -- latent cache (rank 0 builds, the others wait) -------------------------------
     images = trim_images(load_images(recipe.data_root, recipe.train_splits))
-    context = recipe.crop + 32 * context_margin(recipe.parts)  # the crop and its context
+    context = recipe.crop + 32 * G_S_REACH  # the crop and its context
     small = [img.shape for img in images if min(img.shape[:2]) < context]
     if small:
         raise UserError(
@@ -303,7 +313,7 @@ def _finetune(
             ckpt_path,
         )
 
-    size = recipe.crop // 16 + 2 * context_margin(recipe.parts)  # loss on the centre crop // 16
+    size = recipe.crop // 16 + 2 * G_S_REACH  # loss on the centre crop // 16
     align = 4 if recipe.parts == "decoder+hyperdecoder" else 1
     window = _Window()
     bar = tqdm(
@@ -327,10 +337,7 @@ def _finetune(
             recipe.seed,
             step,
         )
-        batch = {
-            k: v.to(device, memory_format=torch.channels_last) if amp else v.to(device)
-            for k, v in batch.items()
-        }
+        batch = {k: _to_device(v, device, amp) for k, v in batch.items()}
         opt.zero_grad(set_to_none=True)
         out_ = net(batch)
         out_["loss"].backward()
