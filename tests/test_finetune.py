@@ -30,7 +30,7 @@ from qft.finetune import (
     index_cells,
     load_finetune_recipe,
 )
-from qft.finetune.objective import decode_centre, hyper_window
+from qft.finetune.objective import decode_centre, forward_window, hyper_window
 from qft.models import ARCHITECTURES, create_model, load_checkpoint, save_checkpoint
 from qft.train import export_state_dict
 
@@ -154,6 +154,19 @@ def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
     torch.testing.assert_close(part[..., 32:-32, 32:-32], whole[..., 64:128, 64:128], rtol=0, atol=1e-5)
     assert cache.latent_size(1) == (13, 13)
     assert np.abs(lat.result.indices).max() >= 2  # the test latents are not all zero
+
+
+@pytest.mark.parametrize("rows,cols", [(slice(0, 12), slice(3, 20)), (slice(5, -1), slice(-9, None))])
+def test_forward_window_on_the_hyper_synthesis(rows, cols):
+    """h_s (transposed and stride-1 convolutions, LeakyReLU) computed on a window only."""
+    h_s = create_model("mbt2018-mean", N=16, M=24, seed=0).h_s
+    z = torch.randn(2, 16, 6, 7, generator=torch.Generator().manual_seed(0))
+    part = forward_window(h_s, z, rows, cols)
+    whole = h_s(z)[..., rows, cols]
+    torch.testing.assert_close(part, whole, rtol=0, atol=1e-5)
+    params = list(h_s.parameters())
+    for a, b in zip(torch.autograd.grad(part.square().mean(), params), torch.autograd.grad(whole.square().mean(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("top,left", [(0, 0), (4, 8), (12, 16)])

@@ -42,6 +42,7 @@ from qft.finetune.cache import LatentCache
 __all__ = [
     "FinetuneObjective",
     "decode_centre",
+    "forward_window",
     "hyper_window",
     "assemble_batch",
     "sample_crops",
@@ -69,66 +70,78 @@ def hyper_window(shape: tuple[int, int], top: int, left: int, size: int) -> tupl
 _POINTWISE = (nn.Identity, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.PReLU)
 
 
-def _trim_plan(
-    g_s: nn.Module, size: tuple[int, int], margin: int
-) -> list[tuple[int, int, int, int]] | None:
-    """The windows ``(top, bottom, left, right)`` that the centre of ``g_s``'s output
-    needs: one per layer input (in that input's coordinates), then the centre itself (in
-    output coordinates); ``None`` when ``g_s`` is not a plain chain of transposed
-    convolutions and spatially pointwise layers."""
+def _chain_sizes(chain: nn.Module, size: tuple[int, int]) -> list[tuple[int, int]] | None:
+    """Every layer's input size, then the output size, of a plain chain of (transposed)
+    convolutions and spatially pointwise layers (GDN, ReLU, …); ``None`` for anything else."""
     from compressai.layers import GDN
 
-    layers = list(g_s) if isinstance(g_s, nn.Sequential) else []
+    layers = list(chain) if isinstance(chain, nn.Sequential) else []
     if not layers or not all(
         isinstance(m, (GDN, *_POINTWISE))
         or (isinstance(m, nn.ConvTranspose2d) and m.dilation == (1, 1))
+        or (isinstance(m, nn.Conv2d) and m.dilation == (1, 1) and m.stride == (1, 1))
         for m in layers
     ):
         return None
-    sizes = [tuple(size)]  # every layer's input size, then the output size
+    sizes = [tuple(size)]
     for m in layers:
         if isinstance(m, nn.ConvTranspose2d):
             sizes.append(tuple(
                 (n - 1) * s - 2 * p + k + o
                 for n, k, s, p, o in zip(sizes[-1], m.kernel_size, m.stride, m.padding, m.output_padding)
             ))
+        elif isinstance(m, nn.Conv2d):
+            sizes.append(tuple(n + 2 * p - k + 1 for n, k, p in zip(sizes[-1], m.kernel_size, m.padding)))
         else:
             sizes.append(sizes[-1])
-    out = [(margin * n // m, n - margin * n // m) for n, m in zip(sizes[-1], size)]
-    need, plan = out, [out]
-    for m, n_in in zip(reversed(layers), reversed(sizes[:-1])):
-        if isinstance(m, nn.ConvTranspose2d):  # output o = i·s − p + j, 0 ≤ j < kernel
+    return sizes
+
+
+def forward_window(chain: nn.Module, x: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    """``chain(x)[..., rows, cols]``, computed only on the activations that window reads.
+
+    For a plain chain of transposed convolutions, stride-1 convolutions and spatially
+    pointwise layers (GDN, ReLU, …: the bmshj2018/mbt2018 ``g_s`` and ``h_s``) every
+    layer's input is cut to the window its part of the output reads (walking back through
+    ``o = i·s − p + j`` for transposed and ``i = o − p + j`` for plain convolutions), so a
+    context around a crop costs a few pixels per layer instead of its whole width through
+    the network. Equal to the full computation up to the order of floating-point sums.
+    Any other module runs whole and is cropped."""
+    sizes = _chain_sizes(chain, tuple(x.shape[-2:]))
+    if sizes is None:
+        return chain(x)[..., rows, cols]
+    need = [sl.indices(n)[:2] for sl, n in zip((rows, cols), sizes[-1])]
+    plan = [need]
+    for m, n_in in zip(reversed(list(chain)), reversed(sizes[:-1])):
+        if isinstance(m, nn.ConvTranspose2d):
             need = [
                 (max(0, -(-(a + p - k + 1) // s)), min(n, (b - 1 + p) // s + 1))
                 for (a, b), k, s, p, n in zip(need, m.kernel_size, m.stride, m.padding, n_in)
             ]
+        elif isinstance(m, nn.Conv2d):
+            need = [(max(0, a - p), min(n, b - 1 - p + k)) for (a, b), k, p, n in zip(need, m.kernel_size, m.padding, n_in)]
         plan.append(need)
-    return [(*h, *w) for h, w in reversed(plan)]
-
-
-def decode_centre(g_s: nn.Module, y: torch.Tensor, margin: int) -> torch.Tensor:
-    """``g_s(y)`` without the output pixels of the ``margin`` outer latents on each side,
-    computed only on the activations the centre depends on.
-
-    For ``g_s`` a chain of transposed convolutions and spatially pointwise layers (GDN,
-    ReLU, …: the bmshj2018/mbt2018 synthesis) every layer's input is cut to the window that
-    the centre reads, so the decoding context costs a few pixels per layer instead of
-    ``margin`` latents through the whole network. The result equals
-    ``g_s(y)[..., p:-p, p:-p]`` (``p`` = ``margin`` × the upsampling factor) up to the
-    order of floating-point sums. Any other ``g_s`` decodes whole and is cropped."""
-    plan = _trim_plan(g_s, tuple(y.shape[-2:]), margin)
-    if plan is None:
-        x = g_s(y)
-        p = margin * (x.shape[-2] // y.shape[-2])
-        return x[..., p:-p, p:-p]
-    t, top0, left0 = y, 0, 0  # (top0, left0): the layer coordinates of t[..., 0, 0]
-    for m, (top, bottom, left, right) in zip(g_s, plan):
+    plan.reverse()
+    t, top0, left0 = x, 0, 0  # (top0, left0): the layer coordinates of t[..., 0, 0]
+    for m, ((top, bottom), (left, right)) in zip(chain, plan):
         t = m(t[..., top - top0 : bottom - top0, left - left0 : right - left0])
         top0, left0 = top, left
         if isinstance(m, nn.ConvTranspose2d):  # input row i0 → output row i0·s
             top0, left0 = top0 * m.stride[0], left0 * m.stride[1]
-    top, bottom, left, right = plan[-1]
+    (top, bottom), (left, right) = plan[-1]
     return t[..., top - top0 : bottom - top0, left - left0 : right - left0]
+
+
+def decode_centre(g_s: nn.Module, y: torch.Tensor, margin: int) -> torch.Tensor:
+    """``g_s(y)`` without the output pixels of the ``margin`` outer latents on each side
+    (:func:`forward_window`: only the activations the centre reads are computed)."""
+    sizes = _chain_sizes(g_s, tuple(y.shape[-2:]))
+    if sizes is None:
+        x = g_s(y)
+        p = margin * (x.shape[-2] // y.shape[-2])
+        return x[..., p:-p, p:-p]
+    p = margin * (sizes[-1][0] // y.shape[-2])
+    return forward_window(g_s, y, slice(p, -p), slice(p, -p))
 
 
 def sample_crops(
@@ -302,7 +315,7 @@ class FinetuneObjective(nn.Module):
         h, w = size
         with self._autocast():
             p = torch.cat([
-                self.h_s(zb[None])[..., dt : dt + h, dl : dl + w]
+                forward_window(self.h_s, zb[None], slice(dt, dt + h), slice(dl, dl + w))
                 for zb, (dt, dl) in zip(z, offsets.tolist())
             ])
         p = p.float()
