@@ -25,8 +25,9 @@ import sys
 
 from pathlib import Path
 
+from finetune_runs import QUANTIZERS  # the fixed-index arm's TCQ-8 (a sibling script)
+
 ROOT = Path(__file__).resolve().parents[1]
-TCQ8 = ["-q", "tcq8", "--step", "0.7", "--lambda-mult", "0.025", "--weights", "none"]  # as finetune_runs
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
             if not (out / "model.pth").exists():
                 cmd = [sys.executable, "-m", "qft", "finetune", "recipes/finetune/cpu.yaml", "-m", model,
                        "--lambda", str(lmbda), "--steps", str(args.steps // args.stages),
-                       "--parts", "decoder+hyperdecoder", *TCQ8, "--threads", "1", "--out", str(out),
+                       "--parts", "decoder+hyperdecoder", *QUANTIZERS["tcq8"], "--threads", "1", "--out", str(out),
                        "--no-progress"]
                 if stage == 1:  # the base model's latents: the fixed-index arm's cache
                     cmd += ["--cache", str(args.matrix / str(lmbda) / "tcq8" / "cache")]

@@ -121,16 +121,15 @@ def shipped_rows(labels: list[str]) -> list[ModelRow]:
         return tuple(groups[key].get(b["file"]) for b in bases)
 
     for method, parts, control in sorted(groups):
-        if control:
+        if control or method not in labels:
             continue
         suffix = "" if parts == "decoder" else "-" + parts.replace("decoder+", "")
-        if method in labels:
-            rows.append(ModelRow(f"ft-{method}{suffix}", files((method, parts, False)), (method,)))
-        # the control arm of the same parts, evaluated with this row's quantizers
+        finetuned = files((method, parts, False))
+        rows.append(ModelRow(f"ft-{method}{suffix}", finetuned, (method,)))
+        # the control arm of the same parts, evaluated with this row's quantizer settings
         controls = [k for k in groups if k[1] == parts and k[2]]
-        if method in labels and controls:
-            rows.append(ModelRow(f"control-{method}{suffix}", files(controls[0]), (method,),
-                                 settings_from=files((method, parts, False))))
+        if controls:
+            rows.append(ModelRow(f"control-{method}{suffix}", files(controls[0]), (method,), finetuned))
     return rows
 
 

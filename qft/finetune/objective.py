@@ -210,15 +210,6 @@ def assemble_batch(
     def stack(name: str) -> np.ndarray:
         return np.stack([cache.crop(name, i, t, l, size) for i, t, l in picks])
 
-    out = {
-        "x": torch.from_numpy(stack("image")).permute(0, 3, 1, 2).float().div_(255.0)
-    }
-    if "y_hat" in fields:
-        out["y_hat"] = torch.from_numpy(stack("y_hat"))
-    if "t" in fields:
-        out["t"] = torch.from_numpy(stack("y_hat") - stack("mu"))
-        lo, hi = index_cells(stack("index"), stack("qclass"), quantizer)
-        out["lo"], out["hi"] = torch.from_numpy(lo), torch.from_numpy(hi)
     def windows(name: str) -> tuple[list[np.ndarray], torch.Tensor]:
         z, offsets = [], []
         for i, t, l in picks:
@@ -228,6 +219,15 @@ def assemble_batch(
             offsets.append((dt, dl))
         return z, torch.tensor(offsets)
 
+    out = {
+        "x": torch.from_numpy(stack("image")).permute(0, 3, 1, 2).float().div_(255.0)
+    }
+    if "y_hat" in fields:
+        out["y_hat"] = torch.from_numpy(stack("y_hat"))
+    if "t" in fields:
+        out["t"] = torch.from_numpy(stack("y_hat") - stack("mu"))
+        lo, hi = index_cells(stack("index"), stack("qclass"), quantizer)
+        out["lo"], out["hi"] = torch.from_numpy(lo), torch.from_numpy(hi)
     if "z_hat" in fields:
         z, out["z_offset"] = windows("z_hat")
         out["z_hat"] = [torch.from_numpy(np.ascontiguousarray(a)) for a in z]
@@ -293,7 +293,6 @@ class FinetuneObjective(nn.Module):
         self.control = control
         self.lmbda = lmbda
         self.amp = amp
-        self.margin = G_S_REACH
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -328,7 +327,7 @@ class FinetuneObjective(nn.Module):
         """``{"loss", "mse", "bpp"}`` (``bpp`` of ``y``; 0 for decoder-only variants,
         whose rate does not change)."""
         x = batch["x"]
-        bpp = x.new_zeros(())
+        bits = x.new_zeros(())  # of y on the loss centre; constant (0 here) without h_s
         if not self.hyper:
             y_hat = batch["y_noisy" if self.control else "y_hat"]
         else:
@@ -348,11 +347,12 @@ class FinetuneObjective(nn.Module):
             mass = cell_mass(lo, hi, sigma)
             if gc.use_likelihood_bound:
                 mass = gc.likelihood_lower_bound(mass)
-            m = self.margin
+            m = G_S_REACH
             bits = -torch.log2(mass[..., m:-m, m:-m]).sum()
-            bpp = bits / (x.shape[0] * (x.shape[2] - 32 * m) * (x.shape[3] - 32 * m))
         with self._autocast():
-            x_hat = decode_centre(self.g_s, y_hat, G_S_REACH)
-        p = 16 * self.margin
-        mse = torch.mean((x_hat.float() - x[..., p:-p, p:-p]) ** 2)
+            x_hat = decode_centre(self.g_s, y_hat, G_S_REACH).float()
+        p = (x.shape[-2] - x_hat.shape[-2]) // 2  # pixels of context on each side
+        x = x[..., p:-p, p:-p]
+        bpp = bits / (x.shape[0] * x.shape[2] * x.shape[3])
+        mse = torch.mean((x_hat - x) ** 2)
         return {"loss": self.lmbda * 255**2 * mse + bpp, "mse": mse, "bpp": bpp}
