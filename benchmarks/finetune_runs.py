@@ -1,21 +1,24 @@
 """Run issue 6's finetuning matrix on the shipped reference checkpoints.
 
 For every shipped base model (``qft/assets/checkpoints/manifest.json``, entries without
-``finetuned_from``) three ``qft finetune`` runs with ``recipes/finetune/cpu.yaml``:
+``finetuned_from``) four ``qft finetune`` runs with ``recipes/finetune/cpu.yaml``
+(``--arms`` picks some):
 
 * ``usq``: decoder trained on USQ latents (builds the USQ latent cache),
-* ``tcq8``: decoder trained on TCQ-8 latents, Δ 0.7 and λ multiplier 0.025, unweighted
-  (the global rule, the same at every rate point; the finetuned model records it and is
-  evaluated with it),
+* ``tcq4``, ``tcq8``: decoder trained on TCQ-4 / TCQ-8 latents, Δ 0.7 and λ multiplier
+  0.025, unweighted (the global rule, the same at every rate point; the finetuned model
+  records it and is evaluated with it),
 * ``control``: the noise-proxy control arm, reading ``y`` from the USQ cache.
 
 Runs go to ``runs/finetune-matrix/<lambda>/<arm>/`` (ignored by git) and are skipped
 when their ``model.pth`` exists, resumed when a ``checkpoint.pth`` exists. ``--workers``
 processes run side by side (one torch thread each); a control run waits for its USQ run's
 cache. ``--parts decoder decoder+hyperdecoder`` adds the runs that train ``h_s`` too, in
-``<arm>-dh/``, reading the decoder-only runs' caches (the cache does not depend on the part set). Evaluation is ``qft report`` (recipes/report/).
+``<arm>-dh/``, reading the decoder-only runs' caches (the cache does not depend on the part
+set); with ``--requantize-every K`` the quantized ones re-quantize the training set with
+their current ``h_s`` every K steps, in ``<arm>-dh-rqK/``. Evaluation is ``qft report`` (recipes/report/).
 
-``--package`` writes the finished runs (USQ, TCQ-8 and the control arm) into the shipped checkpoints as
+``--package`` writes the finished runs (USQ, TCQ-4, TCQ-8 and the control arm) into the shipped checkpoints as
 fp16 delta checkpoints of their base (``qft.models.zoo.write_delta``: only ``g_s``, or
 ``g_s`` and ``h_s``) named ``<base>-ft-<method>.pth``, with manifest entries carrying
 ``finetuned_from``, ``quantizer`` and ``parts``.
@@ -37,17 +40,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "qft" / "assets" / "checkpoints"
-ARMS = ("usq", "tcq8", "control")
-# TCQ-8 with the global rule, unweighted, at every rate point: the setting every shipped
-# ft-tcq8 model was trained with (docs/design.md, "Finetuning")
+ARMS = ("usq", "tcq4", "tcq8", "control")
+# TCQ with the global rule, unweighted, at every rate point: the setting every shipped
+# ft-tcq4/ft-tcq8 model was trained with (docs/design.md, "Finetuning")
 QUANTIZERS = {
     "usq": ["-q", "usq"],
+    "tcq4": ["-q", "tcq4", "--step", "0.7", "--lambda-mult", "0.025", "--weights", "none"],
     "tcq8": ["-q", "tcq8", "--step", "0.7", "--lambda-mult", "0.025", "--weights", "none"],
     "control": ["-q", "usq"],
 }
 
 
-def _jobs(out: Path, steps: int, lambdas: list[float] | None, part_sets: list[str]) -> list[dict]:
+def _jobs(
+    out: Path, steps: int, lambdas: list[float] | None, part_sets: list[str], arms: list[str], requantize: int
+) -> list[dict]:
     manifest = json.loads((ASSETS / "manifest.json").read_text())
     jobs = []
     for parts in part_sets:
@@ -55,8 +61,10 @@ def _jobs(out: Path, steps: int, lambdas: list[float] | None, part_sets: list[st
             if entry.get("finetuned_from") or (lambdas and entry["lambda"] not in lambdas):
                 continue
             base = out / str(entry["lambda"])
-            for arm in ARMS:
-                folder = base / (arm if parts == "decoder" else f"{arm}-dh")
+            for arm in arms:
+                folder = base / arm
+                if parts != "decoder":  # the control arm has no indices to re-quantize
+                    folder = base / (f"{arm}-dh-rq{requantize}" if requantize and arm != "control" else f"{arm}-dh")
                 cmd = [
                     sys.executable, "-m", "qft", "finetune", "recipes/finetune/cpu.yaml",
                     "-m", str(ASSETS / entry["file"]), "--lambda", str(entry["lambda"]),
@@ -64,6 +72,8 @@ def _jobs(out: Path, steps: int, lambdas: list[float] | None, part_sets: list[st
                     "--parts", parts, "--no-progress",
                     *QUANTIZERS[arm],
                 ]
+                if folder.name.endswith(f"-rq{requantize}"):
+                    cmd += ["--requantize-every", str(requantize)]
                 # the cache does not depend on the part set: the control arm and the
                 # decoder+hyperdecoder arms read the decoder-only runs' caches
                 source = "usq" if arm == "control" else arm
@@ -132,12 +142,17 @@ def main() -> None:
         "--parts", nargs="+", default=["decoder"], choices=["decoder", "decoder+hyperdecoder"],
         help="part sets to train, in this order (decoder+hyperdecoder runs go to <arm>-dh/)",
     )
+    parser.add_argument(
+        "--requantize-every", type=int, default=0, metavar="K",
+        help="decoder+hyperdecoder runs re-quantize every K steps (in <arm>-dh-rqK/; 0: fixed indices)",
+    )
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="arms to run (default: all)")
     parser.add_argument("--package", action="store_true", help="package the finished runs into the shipped checkpoints")
     args = parser.parse_args()
     if args.package:
         package(args.out)
         return
-    pending = [j for j in _jobs(args.out, args.steps, args.lambdas, args.parts) if not j["done"].exists()]
+    pending = [j for j in _jobs(args.out, args.steps, args.lambdas, args.parts, args.arms, args.requantize_every) if not j["done"].exists()]
     lock = threading.Lock()
 
     def take() -> dict | None:

@@ -60,6 +60,7 @@ def setup(tmp_path_factory):
         "arch": None,
         "lambda": None,
         "parts": "decoder",
+        "requantize_every": 0,
         "quantizer": {
             "method": "tcq8",
             "step": None,
@@ -282,6 +283,32 @@ def test_decoder_and_hyperdecoder(setup, tmp_path):
     assert all(e["bpp"] > 0 for e in log if e["kind"] == "train")
 
 
+def test_requantize_every(setup, tmp_path, capsys):
+    """decoder+hyperdecoder with ``--requantize-every 2``: the latents are quantized again
+    at step 2 with the current h_s (same y, new μ) into a cache of the run's own, the
+    shared base cache stays; a run stopped after the re-quantization resumes exactly."""
+    dh = ("--parts", "decoder+hyperdecoder", "--requantize-every", "2")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert _run(setup, full, *dh) == 0
+    log = [json.loads(ln) for ln in (full / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e["kind"] == "requantize"] == [2]
+    meta = json.loads((setup["cache"] / "meta.json").read_text())
+    base = LatentCache.open(setup["cache"], meta["identity"])
+    new_meta = json.loads((full / "cache-step2" / "meta.json").read_text())
+    new = LatentCache.open(full / "cache-step2", new_meta["identity"])
+    assert new_meta["identity"]["model"] != meta["identity"]["model"]
+    assert np.array_equal(new.arrays["y"], base.arrays["y"])
+    assert not np.array_equal(new.arrays["mu"], base.arrays["mu"])
+
+    assert _run(setup, resumed, *dh, "--stop-after", "3") == 0
+    assert _run(setup, resumed, *dh, "--resume") == 0
+    a, b = _weights(resumed / "model.pth"), _weights(full / "model.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    assert _run(setup, tmp_path / "c", *dh, "--control") == 2
+    assert "control arm" in capsys.readouterr().err
+
+
 def test_control_arm(setup, decoder_run, tmp_path):
     out = tmp_path / "control"
     assert _run(setup, out, "--control") == 0
@@ -400,6 +427,10 @@ def test_recipe_errors(setup, tmp_path):
     bad = dict(setup["raw"], extra_key=1)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(UserError, match="unknown key 'extra_key'"):
+        load_finetune_recipe(tmp_path / "r.yaml")
+    bad = dict(setup["raw"], requantize_every=5)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(UserError, match="requantize_every needs parts decoder"):
         load_finetune_recipe(tmp_path / "r.yaml")
     recipe = load_finetune_recipe(setup["recipe"]).replace(checkpoint=None)
     with pytest.raises(UserError, match="no checkpoint"):

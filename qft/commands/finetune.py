@@ -55,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--parts", choices=("decoder", "decoder+hyperdecoder"), help="trained parts"
     )
     parser.add_argument(
+        "--requantize-every",
+        type=int,
+        metavar="K",
+        help="decoder+hyperdecoder: re-quantize the training latents with the current "
+        "hyper-decoder every K steps (0: keep the base model's indices)",
+    )
+    parser.add_argument(
         "--lambda",
         dest="lmbda",
         type=float,
@@ -103,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             "checkpoint": "checkpoint",
             "arch": "arch",
             "parts": "parts",
+            "requantize_every": "requantize_every",
             "lmbda": "lmbda",
             "steps": "steps",
             "lr": "lr",

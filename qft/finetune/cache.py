@@ -159,6 +159,10 @@ class LatentCache:
         start = entry[f"{kind}_offset"]
         return self.arrays[name][start : start + int(np.prod(shape))].reshape(shape)
 
+    def image(self, i: int) -> np.ndarray:
+        """The (trimmed) training image ``i``, HxWx3 uint8."""
+        return self._field("image", i)
+
     def hyper(self, name: str, i: int) -> np.ndarray:
         """The whole ``z`` or ``ẑ`` of image ``i`` (``C×h×w``, over the padded image)."""
         if name not in _HYPER:
@@ -222,10 +226,12 @@ class LatentCache:
     ) -> "LatentCache":
         """Quantize every (trimmed) image once (with the quantizer's per-channel
         distortion ``weights``, if any) and write the cache atomically (a temporary folder
-        renamed into place, ``meta.json`` last)."""
+        renamed into place, ``meta.json`` last). Every image is computed with the
+        caller's torch thread count."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        threads = torch.get_num_threads()
         try:
             coder = HyperpriorLatentCoder(model, entropy)
             entries, offsets, files = [], {"image": 0, "latent": 0, "hyper": 0}, {}
@@ -250,6 +256,10 @@ class LatentCache:
                 )
                 with torch.no_grad():
                     q = coder.quantize(x.to(device), quantizer, weights)[0]
+                    # Numba's first parallel kernel resets the OpenMP thread count that
+                    # torch shares: keep the caller's, or g_a's float summation (hence
+                    # y) would differ between a process's first build and later ones
+                    torch.set_num_threads(threads)
                     y = torch.from_numpy(q.y)[None].to(device)
                     z = (
                         model.h_a(torch.abs(y) if entropy == "scale-hyperprior" else y)

@@ -5,7 +5,10 @@ parts see the latents of :class:`~qft.finetune.cache.LatentCache`, quantized onc
 exactly the inference quantizer. Conventions follow :mod:`qft.train.loop`: the crops of
 step ``s`` depend only on ``(seed, s)`` (and noise on ``(seed, s, element)``), so a
 training checkpoint — model, Adam state, step — resumes to the same weights as an
-uninterrupted run; JSON-lines log; tqdm; atomic checkpoints.
+uninterrupted run; JSON-lines log; tqdm; atomic checkpoints. With ``requantize_every``
+K (decoder+hyperdecoder) the training set is quantized again every K steps with the
+current ``h_s`` (its ``μ``, ``σ``), Adam's state kept; a training checkpoint records
+which cache it trains on, so a resumed run reads the same latents.
 
 Distributed: with ``WORLD_SIZE > 1`` (``torchrun --nproc_per_node=K -m qft finetune …``)
 each process joins a process group (NCCL on CUDA, gloo on CPU), rank 0 builds the cache
@@ -16,6 +19,8 @@ whole batch. Only rank 0 writes the log and the checkpoints.
 Output layout under ``out_dir``::
 
     cache/          latent cache (unless another folder is given)
+    cache-stepK/    the latents re-quantized at step K (``requantize_every``; the
+                    latest only)
     checkpoint.pth  training state (every checkpoint_every steps, atomic)
     log.jsonl       start, train, end records
     model.pth       the finetuned model, a qft checkpoint (save_checkpoint), when done
@@ -28,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 from pathlib import Path
@@ -40,7 +46,7 @@ from tqdm import tqdm
 
 from qft.codec import HYPERPRIOR_ENTROPY
 from qft.commands._options import quantizer_from_args
-from qft.eval.settings import read_settings
+from qft.eval.settings import read_settings, weights_digest
 from qft.errors import UserError
 from qft.finetune.cache import LatentCache, cache_identity, images_digest, trim_images
 from qft.finetune.objective import G_S_REACH, FinetuneObjective, assemble_batch, sample_crops
@@ -202,29 +208,36 @@ def _finetune(
             f"multiples of 16) is smaller than the {recipe.crop}-pixel crop with its "
             f"decoding context ({context} pixels)"
         )
-    identity = cache_identity(
-        model, base.arch, entropy, quantizer, images_digest(images), weights
-    )
-    cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
-    if main and not (cache_dir / "meta.json").exists():
-        LatentCache.build(
-            cache_dir,
-            identity,
-            model.to(device),
-            entropy,
-            quantizer,
-            images,
-            device,
-            progress,
-            weights=weights,
+    data = images_digest(images)
+    requantize = recipe.requantize_every
+    if requantize and control:
+        raise UserError(
+            "requantize_every re-quantizes the latents a quantized run trains on; the "
+            "control arm trains on the noise proxy: set it to 0"
         )
+
+    def open_cache(folder: Path, images) -> LatentCache:
+        """The cache in ``folder`` for the current weights, built by rank 0 from the
+        trimmed ``images`` if missing (the others wait)."""
+        identity = cache_identity(model, base.arch, entropy, quantizer, data, weights)
+        if main and not (folder / "meta.json").exists():
+            LatentCache.build(
+                folder,
+                identity,
+                model.to(device),
+                entropy,
+                quantizer,
+                images,
+                device,
+                progress,
+                weights=weights,
+            )
+        if world > 1:
+            dist.barrier()
+        return LatentCache.open(folder, identity)
+
+    cache = open_cache(Path(cache_dir) if cache_dir is not None else out / "cache", images)
     del images
-    if world > 1:
-        dist.barrier()
-    cache = LatentCache.open(cache_dir, identity)
-    # Numba's parallel kernels (the quantizer) reset the shared OpenMP thread count:
-    # restore torch's, or a run that built the cache would not match a resumed one.
-    torch.set_num_threads(recipe.threads)
 
     # -- model, optimizer, resume ---------------------------------------------------
     model.to(device)
@@ -242,8 +255,9 @@ def _finetune(
         "arch": base.arch,
         "params": base.params,
         "quantizer": dataclasses.asdict(quantizer)
-        | ({} if weights is None else {"weights": identity["weights"]}),
+        | ({} if weights is None else {"weights": weights_digest(weights)}),
         "parts": recipe.parts,
+        "requantize_every": requantize,
         "control": control,
         "lambda": float(lmbda),
         "seed": recipe.seed,
@@ -251,10 +265,10 @@ def _finetune(
         "crop": recipe.crop,
         "lr": recipe.lr,
         "clip_max_norm": recipe.clip_max_norm,
-        "data": identity["data"],
+        "data": data,
     }
     ckpt_path, log_path = out / "checkpoint.pth", out / "log.jsonl"
-    start, wall = 0, 0.0
+    start, wall, cache_step = 0, 0.0, 0  # cache_step: the step the latents were quantized at
     if ckpt_path.exists():
         if not resume:
             raise UserError(
@@ -269,6 +283,9 @@ def _finetune(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, wall = state["step"], state["wall_time_s"]
+        if state["cache_step"]:
+            cache_step = state["cache_step"]
+            cache = LatentCache.open(out / f"cache-step{cache_step}", state["cache_identity"])
     elif main:
         out.mkdir(parents=True, exist_ok=True)
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
@@ -302,6 +319,8 @@ def _finetune(
                 "config": config,
                 "step": done,
                 "steps": recipe.steps,
+                "cache_step": cache_step,
+                "cache_identity": cache.meta["identity"],
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "recipe": recipe.to_dict(),
@@ -324,6 +343,20 @@ def _finetune(
         mininterval=5,
     )
     for step in range(start, end):
+        if requantize and step % requantize == 0 and step > cache_step:
+            # the latents the current h_s's μ, σ give: TCQ (or USQ) over the whole
+            # training set again, from the images the old cache holds
+            tq = time.perf_counter()
+            old = cache
+            cache = open_cache(
+                out / f"cache-step{step}",
+                [old.image(i) for i in range(old.num_images)],
+            )
+            cache_step = step
+            if main:
+                if old.folder.parent == out and old.folder.name.startswith("cache-step"):
+                    shutil.rmtree(old.folder)
+                log.write(kind="requantize", step=step, seconds=time.perf_counter() - tq)
         ts = time.perf_counter()
         picks = sample_crops(cache, recipe.seed, step, recipe.batch_size, size, align)
         mine = range(rank, recipe.batch_size, world)

@@ -6,6 +6,8 @@ Layout, every key required (``null`` where allowed)::
     arch: null                  # null: detected from the checkpoint's keys
     lambda: null                # λ of λ·255²·MSE (+ bpp); null: the checkpoint's "lambda"
     parts: decoder              # decoder | decoder+hyperdecoder
+    requantize_every: 0         # decoder+hyperdecoder: re-quantize with the current h_s
+                                # every K steps; 0: the base model's indices throughout
     quantizer:                  # as `qft compress` (qft.commands._options)
       method: tcq8              # usq | rdoq | tcq4 | tcq8
       step: null                # null: the method's default step
@@ -55,6 +57,7 @@ _TOP = {
     "arch",
     "lambda",
     "parts",
+    "requantize_every",
     "quantizer",
     "seed",
     "threads",
@@ -81,6 +84,7 @@ class FinetuneRecipe:
     arch: str | None
     lmbda: float | None
     parts: str
+    requantize_every: int
     method: str
     step: float | None
     lambda_t: float | None
@@ -136,6 +140,7 @@ def _validate(r: FinetuneRecipe) -> None:
         ("batch_size", r.batch_size >= 1),
         ("crop", r.crop >= 64 and r.crop % 64 == 0),
         ("steps", r.steps >= 1),
+        ("requantize_every", r.requantize_every >= 0),
         ("optimizer.lr", r.lr > 0),
         ("optimizer.clip_max_norm", r.clip_max_norm > 0),
         ("checkpoint_every", r.checkpoint_every >= 1),
@@ -147,6 +152,11 @@ def _validate(r: FinetuneRecipe) -> None:
                 f"{where}: invalid value {key} (crop: a multiple of 64; "
                 "counts >= 1; λ, step, lr positive)"
             )
+    if r.requantize_every and r.parts != "decoder+hyperdecoder":
+        raise UserError(
+            f"{where}: requantize_every needs parts decoder+hyperdecoder (with the "
+            "decoder alone the indices never change); set it to 0"
+        )
     if not r.train_splits:
         raise UserError(f"{where}: data.train must name at least one split")
 
@@ -183,6 +193,7 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
             arch=None if top["arch"] is None else str(top["arch"]),
             lmbda=opt_float(top["lambda"]),
             parts=str(top["parts"]),
+            requantize_every=int(top["requantize_every"]),
             method=str(quant["method"]),
             step=opt_float(quant["step"]),
             lambda_t=opt_float(quant["lambda_t"]),
