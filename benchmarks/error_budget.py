@@ -66,8 +66,8 @@ def main() -> None:
                 mse_y = torch.mean((ck.model.g_s(torch.from_numpy(lat.y)[None]).clamp(0, 1) - x) ** 2).item()
                 sums["mse_unquantized"] += mse_y
                 sums["pixels"] += x.shape[-2] * x.shape[-1]
-                for name, choice in choices.items():
-                    q = coder.requantize(lat, choice.quantizer, choice.weights).result
+                for name, choice in choices.items():  # USQ is the analysis' own quantization
+                    q = lat.result if name == "usq" else coder.requantize(lat, choice.quantizer, choice.weights).result
                     x_hat = ck.model.g_s(torch.from_numpy(q.y_hat)[None]).clamp(0, 1)
                     s = sums.setdefault(name, {"latent_mse": 0.0, "image_mse": 0.0, "bits": 0.0})
                     s["latent_mse"] += float(np.mean((q.y_hat - lat.y) ** 2))
