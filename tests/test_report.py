@@ -123,6 +123,7 @@ extra_rows:
   - {{label: ft-usq, checkpoints: [{ckpts[1]}, {ckpts[0]}], quantizers: [usq]}}
   - {{label: control-usq, checkpoints: [{ckpts[0]}, {ckpts[1]}], quantizers: [usq],
      settings_from: [{ckpts[1]}, {ckpts[0]}]}}
+  - {{label: usq-again, checkpoints: [{ckpts[1]}, {ckpts[0]}], quantizers: [usq], control: control-usq}}
 quantizers: [usq, {{label: tcq8, method: tcq8, lambda_mult: 0.1}}]
 sweep: [0.9, 1.2]
 sweep_quantizers: [usq, tcq8]
@@ -135,7 +136,12 @@ ms_ssim: false
     assert len(cells) == 2 * 2 * 3
     summary = json.loads((out / "bdrate.json").read_text())
     rows = {(r["row"], r["quantizer"]): r for r in summary["rows"]}
-    assert set(rows) == {("base", "tcq8"), ("other", "tcq8"), ("ft-usq", "usq"), ("control-usq", "usq")}
+    assert set(rows) == {("base", "tcq8"), ("other", "tcq8"), ("ft-usq", "usq"), ("control-usq", "usq"),
+                         ("usq-again", "usq")}
+    # a row named otherwise, paired with its control by the row's `control` field
+    again, ft = rows[("usq-again", "usq")]["vs_control"], rows[("ft-usq", "usq")]["vs_control"]
+    assert again.pop("test") == "usq-again/usq" and ft.pop("test") == "ft-usq/usq"
+    assert again == ft
     assert rows[("other", "tcq8")]["vs_base_same_quantizer"]["rate_points"] == [0]
     assert rows[("ft-usq", "usq")]["vs_control"]["rate_points"] == [0, 1]
     assert rows[("other", "tcq8")]["vs_control"] is None
@@ -172,10 +178,15 @@ def test_shipped_rows_evaluate_the_control_arm_like_each_finetuned_row(monkeypat
 
 
 def test_report_recipe_errors(tmp_path):
+    from qft.eval.report import load_report_recipe
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: x\nquantizers: [usq]\nmodels: [{label: a, checkpoints: [a.pth]}]\nfoo: 1\n")
     with pytest.raises(UserError, match="unknown field"):
-        main(["report", str(bad)]) if False else __import__("qft.eval.report").eval.report.load_report_recipe(bad)
+        load_report_recipe(bad)
+    bad.write_text("data: x\nquantizers: [usq]\nmodels: [{label: a, checkpoints: [a.pth], control: c}]\n")
+    with pytest.raises(UserError, match="control row 'c' is not a row"):
+        load_report_recipe(bad)
 
 
 def test_calibrate_writes_settings_and_refuses_test_sets(setup, tmp_path, capsys):
@@ -221,5 +232,6 @@ def test_shipped_recipes_load(name):
     if name.endswith("-hyperdecoder"):
         rows = {r.label: r for r in recipe.rows}
         assert rows["control-tcq8-hyperdecoder"].settings_from == rows["ft-tcq8-hyperdecoder"].checkpoints
+        assert rows["ft-tcq8-hyperdecoder-rq200"].control == "control-tcq8-hyperdecoder"
     else:
         assert {"usq", "rdoq", "tcq4", "tcq8", "tcq8-vvc-w1"} <= {q.label for q in recipe.quantizers}

@@ -6,7 +6,9 @@ base row), e.g. the shipped base models, the models finetuned for TCQ-8, a contr
 ``models: shipped`` builds the rows from ``qft/assets/checkpoints/manifest.json``: the base
 models, one row per finetuned quantizer (and part set) evaluated with that quantizer, and
 for each such row the control arm (the same parts trained on with the noise proxy,
-``control-<quantizer>``) evaluated with exactly that row's quantizer settings.
+``control-<quantizer>``) evaluated with exactly that row's quantizer settings. A row of
+``ft-<x>`` is compared with the row ``control-<x>`` when there is one, or with the row its
+``control:`` field names.
 
 Every *cell* — one checkpoint, one quantizer configuration, all images — is evaluated
 with real bitstreams by :func:`qft.eval.evaluate_configs` and stored as
@@ -89,6 +91,8 @@ class ModelRow:
     # checkpoints whose settings resolve the quantizers (a control arm evaluated exactly as
     # the finetuned models it controls); empty: each checkpoint's own
     settings_from: tuple[str | None, ...] = ()
+    # the label of this row's control arm; None: "control-<label without ft->" if present
+    control: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +167,9 @@ def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
     else:
         rows = [_parse_row(r, labels, path) for r in raw["models"]]
     rows += [_parse_row(r, labels, path) for r in raw.get("extra_rows") or []]
+    missing = [r.control for r in rows if r.control is not None and r.control not in {x.label for x in rows}]
+    if missing:
+        raise UserError(f"{path}: control row {missing[0]!r} is not a row of this report")
     n = len(rows[0].checkpoints)
     if any(len(r.checkpoints) != n for r in rows):
         raise UserError(f"{path}: every model row needs one checkpoint (or null) per rate point ({n})")
@@ -188,14 +195,14 @@ def _parse_row(r: Any, labels: list[str], path: Path) -> ModelRow:
     bad = [q for q in qs if q not in labels]
     if bad:
         raise UserError(f"{path}: row {r['label']} names unknown quantizer(s) {bad}")
-    unknown = set(r) - {"label", "checkpoints", "quantizers", "settings_from"}
+    unknown = set(r) - {"label", "checkpoints", "quantizers", "settings_from", "control"}
     if unknown:
         raise UserError(f"{path}: row {r['label']}: unknown field(s) {sorted(unknown)}")
     settings_from = tuple(None if c is None else str(c) for c in r.get("settings_from") or ())
     if settings_from and len(settings_from) != len(r["checkpoints"]):
         raise UserError(f"{path}: row {r['label']}: settings_from needs one checkpoint (or null) per rate point")
     return ModelRow(str(r["label"]), tuple(None if c is None else str(c) for c in r["checkpoints"]), qs,
-                    settings_from)
+                    settings_from, None if r.get("control") is None else str(r["control"]))
 
 
 # -- evaluation ---------------------------------------------------------------------------
@@ -367,6 +374,7 @@ def _tables(recipe: ReportRecipe, cells: dict) -> dict:
             anchors.setdefault((row, label), []).append((i, cell))
     every = curves | {k: sorted(v, key=lambda t: t[0]) for k, v in anchors.items()}
     base = recipe.rows[0].label
+    named = {r.label: r.control for r in recipe.rows}
     rows = []
     for (row, label) in curves:
         if (row, label) == (base, "usq"):
@@ -377,8 +385,8 @@ def _tables(recipe: ReportRecipe, cells: dict) -> dict:
             entry["vs_base_usq"] = _compare(recipe, cells, every, (row, label), (base, "usq"))
         if row != base and (base, f"{label}|{row}") in every:
             entry["vs_base_same_quantizer"] = _compare(recipe, cells, every, (row, label), (base, f"{label}|{row}"))
-        control = "control-" + row.removeprefix("ft-")
-        if row.startswith("ft-") and (control, label) in curves and entry["vs_base_same_quantizer"]:
+        control = named[row] or ("control-" + row.removeprefix("ft-") if row.startswith("ft-") else None)
+        if (control, label) in curves and entry["vs_base_same_quantizer"]:
             entry["vs_control"] = _versus_control(recipe, cells, every, (row, label), (control, label), entry)
         rows.append(entry)
     return {"rows": rows, "curves": curves}
