@@ -62,9 +62,9 @@ def _jobs(
                 continue
             base = out / str(entry["lambda"])
             for arm in arms:
-                folder = base / arm
-                if parts != "decoder":  # the control arm has no indices to re-quantize
-                    folder = base / (f"{arm}-dh-rq{requantize}" if requantize and arm != "control" else f"{arm}-dh")
+                # the control arm has no indices to re-quantize
+                rq = requantize if parts != "decoder" and arm != "control" else 0
+                folder = base / (arm + ("" if parts == "decoder" else "-dh") + (f"-rq{rq}" if rq else ""))
                 cmd = [
                     sys.executable, "-m", "qft", "finetune", "recipes/finetune/cpu.yaml",
                     "-m", str(ASSETS / entry["file"]), "--lambda", str(entry["lambda"]),
@@ -72,8 +72,8 @@ def _jobs(
                     "--parts", parts, "--no-progress",
                     *QUANTIZERS[arm],
                 ]
-                if folder.name.endswith(f"-rq{requantize}"):
-                    cmd += ["--requantize-every", str(requantize)]
+                if rq:
+                    cmd += ["--requantize-every", str(rq)]
                 # the cache does not depend on the part set: the control arm and the
                 # decoder+hyperdecoder arms read the decoder-only runs' caches
                 source = "usq" if arm == "control" else arm
@@ -92,6 +92,21 @@ def _jobs(
                     "log": folder.parent / f"{folder.name}.out",
                 })
     return jobs
+
+
+def experiment_report(recipe: dict, out: Path, json_path: Path | None, settings: dict) -> None:
+    """Run ``qft report`` on ``recipe`` (written to ``out/report.yaml``) — the evaluation of
+    the design experiments beside this script — and, with ``json_path``, copy its
+    ``bdrate.json`` there with the experiment's ``settings``, the recipe and the command."""
+    path = out / "report.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recipe, indent=1))  # JSON is YAML
+    subprocess.run([sys.executable, "-m", "qft", "report", str(path), "--no-progress"], cwd=ROOT, check=True)
+    if json_path:
+        summary = json.loads((Path(recipe["out"]) / "bdrate.json").read_text())
+        summary["experiment"] = {**settings, "recipe": recipe, "command": " ".join(sys.argv)}
+        json_path.write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"wrote {json_path}")
 
 
 def package(out: Path) -> None:

@@ -19,13 +19,12 @@ under the same TCQ-8 (swept), real bitstreams.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 
 from pathlib import Path
 
-from finetune_runs import QUANTIZERS  # the fixed-index arm's TCQ-8 (a sibling script)
+from finetune_runs import QUANTIZERS, experiment_report  # the fixed-index arm's TCQ-8 (a sibling script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,16 +76,8 @@ def main() -> None:
         "quantizers": ["usq", "tcq8"],
         "ms_ssim": False,
     }
-    path = args.out / "report.yaml"
-    path.write_text(json.dumps(recipe, indent=1))  # JSON is YAML
-    subprocess.run([sys.executable, "-m", "qft", "report", str(path), "--no-progress"], cwd=ROOT, check=True)
-    if args.json:
-        summary = json.loads((args.out / "report" / "bdrate.json").read_text())
-        summary["experiment"] = {"lambdas": args.lambdas, "steps": args.steps, "stages": args.stages,
-                                 "recipe": recipe, "command": " ".join(sys.argv)}
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"wrote {args.json}")
-
+    experiment_report(recipe, args.out, args.json,
+                      {"lambdas": args.lambdas, "steps": args.steps, "stages": args.stages})
 
 if __name__ == "__main__":
     main()
