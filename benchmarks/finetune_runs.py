@@ -54,11 +54,10 @@ QUANTIZERS = {
 def _jobs(
     out: Path, steps: int, lambdas: list[float] | None, part_sets: list[str], arms: list[str], requantize: int
 ) -> list[dict]:
-    manifest = json.loads((ASSETS / "manifest.json").read_text())
     jobs = []
     for parts in part_sets:
-        for entry in manifest:
-            if entry.get("finetuned_from") or (lambdas and entry["lambda"] not in lambdas):
+        for entry in base_entries():
+            if lambdas and entry["lambda"] not in lambdas:
                 continue
             base = out / str(entry["lambda"])
             for arm in arms:
@@ -109,7 +108,12 @@ def experiment_report(recipe: dict, out: Path, json_path: Path | None, settings:
         print(f"wrote {json_path}")
 
 
-def package(out: Path) -> None:
+def package_run(model_path: Path, entry: dict, name: str, stages: list[Path] = ()) -> None:
+    """Ship the finished run ``model_path`` as the fp16 delta checkpoint ``name`` of the
+    shipped base ``entry`` (only ``g_s``, or ``g_s`` and ``h_s``) and add its manifest entry
+    (``finetuned_from``, ``quantizer``, ``parts``, …). ``stages``: the earlier runs it was
+    finetuned from, base side first (each checked by SHA-256 to start from the one before);
+    the entry then lists every stage and counts all their steps. Skipped if already shipped."""
     import hashlib
 
     from qft.models import load_checkpoint
@@ -117,34 +121,51 @@ def package(out: Path) -> None:
 
     manifest_path = ASSETS / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    files = {e["file"] for e in manifest}
-    for entry in [e for e in manifest if not e.get("finetuned_from")]:
-        for arm in ARMS:
-            model_path = out / str(entry["lambda"]) / arm / "model.pth"
-            name = f"{Path(entry['file']).stem}-ft-{arm}.pth"
-            if not model_path.is_file() or name in files:
-                continue
-            ck = load_checkpoint(model_path)
-            base = ASSETS / entry["file"]
-            if ck.extra["finetuned_from"] != hashlib.sha256(base.read_bytes()).hexdigest():
-                raise SystemExit(f"{model_path} was not finetuned from {base}")
-            parts = ck.extra["parts"]
-            prefixes = ("g_s.",) if parts == "decoder" else ("g_s.", "h_s.")
-            summary = json.loads((model_path.parent / "summary.json").read_text())
-            extra = {k: ck.extra[k] for k in ("quantizer", "parts", "control", "lambda", "steps")}
-            sha = write_delta(ASSETS / name, ck.model, base, prefixes, {"finetuned_from": entry["file"], **extra})
-            manifest.append({
-                "file": name, "arch": entry["arch"], "lambda": entry["lambda"], "N": entry["N"], "M": entry["M"],
-                "finetuned_from": entry["file"], "quantizer": ck.extra["quantizer"], "parts": parts,
-                "control": ck.extra["control"],
-                "sha256": sha, "bytes": (ASSETS / name).stat().st_size,
-                "dtype": "float16 delta of the base (" + ", ".join(prefixes) + ")",
-                "steps": ck.extra["steps"], "recipe": "recipes/finetune/cpu.yaml",
-                "wall_time_s": summary["wall_time_s"], "machine": summary["machine"],
-                "train_data": "BSDS500 train+test (400 images), latents cached with the inference quantizer",
-            })
-            print(f"packaged {name}: {(ASSETS / name).stat().st_size / 1e6:.2f} MB")
+    if not model_path.is_file() or name in {e["file"] for e in manifest}:
+        return
+    base = ASSETS / entry["file"]
+    chain = [base, *stages, model_path]
+    runs = [load_checkpoint(p) for p in chain[1:]]
+    for parent, run, path in zip(chain, runs, chain[1:]):
+        if run.extra["finetuned_from"] != hashlib.sha256(parent.read_bytes()).hexdigest():
+            raise SystemExit(f"{path} was not finetuned from {parent}")
+    ck = runs[-1]
+    parts = ck.extra["parts"]
+    prefixes = ("g_s.",) if parts == "decoder" else ("g_s.", "h_s.")
+    summaries = [json.loads((p.parent / "summary.json").read_text()) for p in chain[1:]]
+    keys = ("quantizer", "parts", "control", "lambda", "steps")
+    extra = {k: ck.extra[k] for k in keys}
+    if stages:
+        extra["steps"] = sum(r.extra["steps"] for r in runs)
+        extra["stages"] = [
+            {**{k: r.extra[k] for k in keys}, "requantize_every": r.extra["finetune_recipe"].get("requantize_every", 0)}
+            for r in runs
+        ]
+    sha = write_delta(ASSETS / name, ck.model, base, prefixes, {"finetuned_from": entry["file"], **extra})
+    manifest.append({
+        "file": name, "arch": entry["arch"], "lambda": entry["lambda"], "N": entry["N"], "M": entry["M"],
+        "finetuned_from": entry["file"], **extra,
+        "sha256": sha, "bytes": (ASSETS / name).stat().st_size,
+        "dtype": "float16 delta of the base (" + ", ".join(prefixes) + ")",
+        "recipe": "recipes/finetune/cpu.yaml",
+        "wall_time_s": sum(x["wall_time_s"] for x in summaries), "machine": summaries[-1]["machine"],
+        "train_data": "BSDS500 train+test (400 images), latents cached with the inference quantizer",
+    })
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"packaged {name}: {(ASSETS / name).stat().st_size / 1e6:.2f} MB")
+
+
+def base_entries() -> list[dict]:
+    """The shipped base models' manifest entries (no ``finetuned_from``), by rate point."""
+    manifest = json.loads((ASSETS / "manifest.json").read_text())
+    return sorted((e for e in manifest if not e.get("finetuned_from")), key=lambda e: e["lambda"])
+
+
+def package(out: Path) -> None:
+    """Ship the decoder-only runs of every arm as ``<base>-ft-<arm>.pth``."""
+    for entry in base_entries():
+        for arm in ARMS:
+            package_run(out / str(entry["lambda"]) / arm / "model.pth", entry, f"{Path(entry['file']).stem}-ft-{arm}.pth")
 
 
 def main() -> None:

@@ -4,18 +4,22 @@ The decoder + hyper-decoder control arm (``g_s`` and ``h_s`` trained 600 steps w
 noise proxy) beats the quantized finetuning on Kodak because the reference models are
 under-trained: part of any gain is just more training. The paper's setting is a converged
 model. This experiment takes the control arm's model as the new starting point and trains
-it 600 steps more, two ways, same parts, data, steps and lr:
+it 600 steps more, three ways, same parts, data, steps and lr:
 
 * ``tcq8-dh-rq200``: on TCQ-8 latents (Δ 0.7, m 0.025, unweighted), re-quantized every 200
   steps (``qft finetune --parts decoder+hyperdecoder --requantize-every 200``);
+* ``usq-dh-rq200``: the same on USQ latents;
 * ``control-dh``: the noise proxy again (``--control``).
 
-Both are compared on held-out BSDS500 validation images (a design question, so never on
-Kodak or Tecnick) with ``qft report``, under the same TCQ-8, real bitstreams: each against
-the original base model under that TCQ-8, and the quantized arm against the proxy arm.
+They are compared on held-out BSDS500 validation images (a design question, so never on
+Kodak or Tecnick) with ``qft report``, real bitstreams: each quantized arm against the
+original base model under its own quantizer, and against the proxy arm evaluated with the
+same quantizer settings. Runs go to ``runs/two-stage/<λ>/<arm>/`` (every shipped rate
+point unless ``--lambdas``); the Kodak and Tecnick rows are in
+``recipes/report/*-hyperdecoder.yaml``.
 
     python benchmarks/finetune_runs.py --parts decoder decoder+hyperdecoder   # the stage-1 control arms
-    python benchmarks/two_stage.py --lambdas 0.013 0.025 --json benchmarks/results/two_stage.json
+    python benchmarks/two_stage.py --json benchmarks/results/two_stage.json
 """
 
 from __future__ import annotations
@@ -24,16 +28,17 @@ import argparse
 import subprocess
 import sys
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from finetune_runs import QUANTIZERS, experiment_report  # the shipped TCQ-8 setting (a sibling script)
+from finetune_runs import QUANTIZERS, base_entries, experiment_report, package_run  # sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.013, 0.025])
+    p.add_argument("--lambdas", type=float, nargs="+", help="rate points (default: every shipped one)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--matrix", type=Path, default=ROOT / "runs" / "finetune-matrix",
                    help="finetune_runs.py output (the stage-1 control arms, <λ>/control-dh/)")
@@ -41,9 +46,20 @@ def main() -> None:
     p.add_argument("--data", default="../shared/data/bsds500/val")
     p.add_argument("--images", type=int, default=12)
     p.add_argument("--json", type=Path, help="copy the report's bdrate.json here")
+    p.add_argument("--package", action="store_true",
+                   help="ship the finished TCQ-8 runs as <base>-ft-tcq8-hyperdecoder (two stages: control, then TCQ-8)")
     args = p.parse_args()
+    if args.package:
+        for entry in base_entries():
+            lmbda = str(entry["lambda"])
+            package_run(args.out / lmbda / "tcq8-dh-rq200" / "model.pth", entry,
+                        f"{Path(entry['file']).stem}-ft-tcq8-hyperdecoder.pth",
+                        stages=[args.matrix / lmbda / "control-dh" / "model.pth"])
+        return
+    args.lambdas = args.lambdas or [e["lambda"] for e in base_entries()]
 
     arms = {"tcq8-dh-rq200": [*QUANTIZERS["tcq8"], "--requantize-every", "200"],
+            "usq-dh-rq200": [*QUANTIZERS["usq"], "--requantize-every", "200"],
             "control-dh": [*QUANTIZERS["control"], "--control"]}
     jobs = []
     for lmbda in args.lambdas:
@@ -58,9 +74,8 @@ def main() -> None:
             if (out / "checkpoint.pth").exists():
                 cmd.append("--resume")
             jobs.append(cmd)
-    for pair in (jobs[i : i + 2] for i in range(0, len(jobs), 2)):  # two runs side by side
-        running = [subprocess.Popen(cmd, cwd=ROOT) for cmd in pair]
-        if any(r.wait() for r in running):
+    with ThreadPoolExecutor(2) as pool:  # two runs side by side
+        if any(r.returncode for r in pool.map(lambda cmd: subprocess.run(cmd, cwd=ROOT), jobs)):
             raise SystemExit("a finetuning run failed")
 
     def models(arm: str) -> list[str]:
@@ -75,12 +90,16 @@ def main() -> None:
         "models": [
             {"label": "base", "checkpoints": [f"mbt2018-mean-{lmbda}" for lmbda in args.lambdas],
              "quantizers": ["usq"]},
-            {"label": "stage1-control-dh", "checkpoints": stage1, "quantizers": ["tcq8"],
-             "settings_from": models("tcq8-dh-rq200")},
-            {"label": "ft-tcq8-dh-rq200", "checkpoints": models("tcq8-dh-rq200"), "quantizers": ["tcq8"],
-             "control": "control-dh-continued"},
-            {"label": "control-dh-continued", "checkpoints": models("control-dh"), "quantizers": ["tcq8"],
-             "settings_from": models("tcq8-dh-rq200")},
+            *[row
+              for q in ("tcq8", "usq")
+              for row in (
+                  {"label": f"stage1-control-dh-{q}", "checkpoints": stage1, "quantizers": [q],
+                   "settings_from": models(f"{q}-dh-rq200")},
+                  {"label": f"ft-{q}-dh-rq200", "checkpoints": models(f"{q}-dh-rq200"), "quantizers": [q],
+                   "control": f"control-dh-continued-{q}"},
+                  {"label": f"control-dh-continued-{q}", "checkpoints": models("control-dh"), "quantizers": [q],
+                   "settings_from": models(f"{q}-dh-rq200")},
+              )],
         ],
         "quantizers": ["usq", "tcq8"],
         "ms_ssim": False,

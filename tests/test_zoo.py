@@ -22,6 +22,14 @@ def test_manifest_names_resolve_to_files():
             assert (ASSETS / e["finetuned_from"]).is_file()
 
 
+def test_shipped_checkpoints_fit_the_budget():
+    """The manifest's sizes are the files' and all together stay within 50 MB."""
+    entries = shipped()
+    for e in entries:
+        assert (ASSETS / e["file"]).stat().st_size == e["bytes"], e["file"]
+    assert sum(e["bytes"] for e in entries) <= 50e6
+
+
 def test_unknown_name_lists_shipped():
     with pytest.raises(UserError, match=r"does not exist .*shipped: mbt2018-mean-"):
         resolve("no-such-model")
