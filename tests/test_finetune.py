@@ -286,7 +286,8 @@ def test_decoder_and_hyperdecoder(setup, tmp_path):
 def test_requantize_every(setup, tmp_path, capsys):
     """decoder+hyperdecoder with ``--requantize-every 2``: the latents are quantized again
     at step 2 with the current h_s (same y, new μ) into a cache of the run's own, the
-    shared base cache stays; a run stopped after the re-quantization resumes exactly."""
+    shared base cache stays; a run stopped after the re-quantization resumes exactly,
+    without the base cache."""
     dh = ("--parts", "decoder+hyperdecoder", "--requantize-every", "2")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert _run(setup, full, *dh) == 0
@@ -301,7 +302,10 @@ def test_requantize_every(setup, tmp_path, capsys):
     assert not np.array_equal(new.arrays["mu"], base.arrays["mu"])
 
     assert _run(setup, resumed, *dh, "--stop-after", "3") == 0
-    assert _run(setup, resumed, *dh, "--resume") == 0
+    # the resumed run trains on its re-quantized cache: the base cache is not needed
+    absent = tmp_path / "absent-base-cache"
+    assert _run(setup, resumed, *dh, "--resume", "--cache", str(absent), cache=False) == 0
+    assert not absent.exists()
     a, b = _weights(resumed / "model.pth"), _weights(full / "model.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

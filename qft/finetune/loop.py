@@ -236,19 +236,6 @@ def _finetune(
             dist.barrier()
         return LatentCache.open(folder, identity)
 
-    cache = open_cache(Path(cache_dir) if cache_dir is not None else out / "cache", images)
-    del images
-
-    # -- model, optimizer, resume ---------------------------------------------------
-    model.to(device)
-    if amp:
-        model.to(memory_format=torch.channels_last)
-    params = trainable_parameters(model, recipe.parts)
-    objective = FinetuneObjective(
-        model, entropy, recipe.parts, control, float(lmbda), amp
-    )
-    objective.train()
-    opt = torch.optim.Adam(params, lr=recipe.lr)
     config = {
         "finetuned_from": base.sha256,
         "finetuned_from_path": str(base.path),
@@ -268,7 +255,7 @@ def _finetune(
         "data": data,
     }
     ckpt_path, log_path = out / "checkpoint.pth", out / "log.jsonl"
-    start, wall, cache_step = 0, 0.0, 0  # cache_step: the step the latents were quantized at
+    state = None
     if ckpt_path.exists():
         if not resume:
             raise UserError(
@@ -280,14 +267,32 @@ def _finetune(
                 f"{ckpt_path} was started with another checkpoint, quantizer, parts, λ or "
                 "recipe than this run; choose another --out"
             )
+    elif main:
+        out.mkdir(parents=True, exist_ok=True)
+    # cache_step: the step the latents were quantized at (0: the base model's cache,
+    # built from the base weights, so before a resumed state is loaded)
+    cache_step = state["cache_step"] if state else 0
+    if cache_step:
+        cache = LatentCache.open(out / f"cache-step{cache_step}", state["cache_identity"])
+    else:
+        cache = open_cache(Path(cache_dir) if cache_dir is not None else out / "cache", images)
+    del images
+
+    # -- model, optimizer, resumed state --------------------------------------------
+    model.to(device)
+    if amp:
+        model.to(memory_format=torch.channels_last)
+    params = trainable_parameters(model, recipe.parts)
+    objective = FinetuneObjective(
+        model, entropy, recipe.parts, control, float(lmbda), amp
+    )
+    objective.train()
+    opt = torch.optim.Adam(params, lr=recipe.lr)
+    start, wall = 0, 0.0
+    if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, wall = state["step"], state["wall_time_s"]
-        if state["cache_step"]:
-            cache_step = state["cache_step"]
-            cache = LatentCache.open(out / f"cache-step{cache_step}", state["cache_identity"])
-    elif main:
-        out.mkdir(parents=True, exist_ok=True)
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
     log = (
         _Log(log_path, keep_until_step=start if ckpt_path.exists() else None)
