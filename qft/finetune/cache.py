@@ -249,7 +249,7 @@ class LatentCache:
             ):
                 x = torch.zeros(1, 3, hp, wp)
                 x[0, :, : img.shape[0], : img.shape[1]] = (
-                    torch.from_numpy(np.ascontiguousarray(img))
+                    torch.from_numpy(np.array(img))  # a writable copy (img may be a read-only memmap)
                     .permute(2, 0, 1)
                     .float()
                     .div_(255.0)

@@ -230,7 +230,7 @@ def assemble_batch(
         out["lo"], out["hi"] = torch.from_numpy(lo), torch.from_numpy(hi)
     if "z_hat" in fields:
         z, out["z_offset"] = windows("z_hat")
-        out["z_hat"] = [torch.from_numpy(np.ascontiguousarray(a)) for a in z]
+        out["z_hat"] = [torch.from_numpy(np.array(a)) for a in z]  # writable copies
     if "y_noisy" in fields:
         y = stack("y")
         rngs = [np.random.default_rng([seed, step, b]) for b in elements]
