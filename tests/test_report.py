@@ -231,7 +231,10 @@ def test_shipped_recipes_load(name):
     assert recipe.rows[0].label == "base" and len(recipe.rows[0].checkpoints) == 5
     if name.endswith("-hyperdecoder"):
         rows = {r.label: r for r in recipe.rows}
-        assert rows["control-tcq8-hyperdecoder"].settings_from == rows["ft-tcq8-hyperdecoder"].checkpoints
+        assert rows["control-tcq8-hyperdecoder"].settings_from == rows["ft-tcq8-hyperdecoder-fixed"].checkpoints
         assert rows["ft-tcq8-hyperdecoder-rq200"].control == "control-tcq8-hyperdecoder"
+        continued = rows["control-tcq8-hyperdecoder-continued"]
+        assert continued.settings_from == rows["ft-tcq8-hyperdecoder-2stage"].checkpoints
+        assert rows["ft-tcq8-hyperdecoder-2stage"].control == continued.label
     else:
         assert {"usq", "rdoq", "tcq4", "tcq8", "tcq8-vvc-w1"} <= {q.label for q in recipe.quantizers}
