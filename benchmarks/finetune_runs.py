@@ -93,19 +93,23 @@ def _jobs(
     return jobs
 
 
-def experiment_report(recipe: dict, out: Path, json_path: Path | None, settings: dict) -> None:
-    """Run ``qft report`` on ``recipe`` (written to ``out/report.yaml``) — the evaluation of
-    the design experiments beside this script — and, with ``json_path``, copy its
-    ``bdrate.json`` there with the experiment's ``settings``, the recipe and the command."""
-    path = out / "report.yaml"
+def experiment_report(name: str, models: list[dict], args: argparse.Namespace, settings: dict) -> None:
+    """Evaluate a design experiment beside this script: ``qft report`` of the model rows
+    ``models`` on ``args.images`` images of ``args.data`` (held-out validation images),
+    USQ and TCQ-8 (each checkpoint's own settings), PSNR only, into ``args.out/report``
+    (recipe in ``args.out/report.yaml``); with ``args.json``, copy its ``bdrate.json``
+    there with the experiment's ``settings``, the recipe and the command."""
+    recipe = {"name": name, "data": args.data, "images": args.images, "out": str(args.out / "report"),
+              "models": models, "quantizers": ["usq", "tcq8"], "ms_ssim": False}
+    path = args.out / "report.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(recipe, indent=1))  # JSON is YAML
     subprocess.run([sys.executable, "-m", "qft", "report", str(path), "--no-progress"], cwd=ROOT, check=True)
-    if json_path:
-        summary = json.loads((Path(recipe["out"]) / "bdrate.json").read_text())
+    if args.json:
+        summary = json.loads((args.out / "report" / "bdrate.json").read_text())
         summary["experiment"] = {**settings, "recipe": recipe, "command": " ".join(sys.argv)}
-        json_path.write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"wrote {json_path}")
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 def package_run(model_path: Path, entry: dict, name: str, stages: list[Path] = ()) -> None:

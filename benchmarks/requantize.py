@@ -63,21 +63,12 @@ def main() -> None:
 
     bases = [f"mbt2018-mean-{lmbda}" for lmbda in args.lambdas]
     fixed = [str(args.matrix / str(lmbda) / "tcq8-dh" / "model.pth") for lmbda in args.lambdas]
-    recipe = {
-        "name": "requantize",
-        "data": args.data,
-        "images": args.images,
-        "out": str(args.out / "report"),
-        "models": [
-            {"label": "base", "checkpoints": bases, "quantizers": ["usq"]},
-            {"label": "ft-tcq8-fixed-indices", "checkpoints": fixed, "quantizers": ["tcq8"]},
-            {"label": f"ft-tcq8-requantized-{args.stages}x", "checkpoints": finals, "quantizers": ["tcq8"]},
-        ],
-        "quantizers": ["usq", "tcq8"],
-        "ms_ssim": False,
-    }
-    experiment_report(recipe, args.out, args.json,
-                      {"lambdas": args.lambdas, "steps": args.steps, "stages": args.stages})
+    experiment_report("requantize", [
+        {"label": "base", "checkpoints": bases, "quantizers": ["usq"]},
+        {"label": "ft-tcq8-fixed-indices", "checkpoints": fixed, "quantizers": ["tcq8"]},
+        {"label": f"ft-tcq8-requantized-{args.stages}x", "checkpoints": finals, "quantizers": ["tcq8"]},
+    ], args, {"lambdas": args.lambdas, "steps": args.steps, "stages": args.stages})
+
 
 if __name__ == "__main__":
     main()

@@ -49,12 +49,15 @@ def main() -> None:
     p.add_argument("--package", action="store_true",
                    help="ship the finished TCQ-8 runs as <base>-ft-tcq8-hyperdecoder (two stages: control, then TCQ-8)")
     args = p.parse_args()
+
+    def stage1(lmbda: float) -> Path:
+        """The stage-1 model: the decoder+hyperdecoder control arm of ``finetune_runs.py``."""
+        return args.matrix / str(lmbda) / "control-dh" / "model.pth"
+
     if args.package:
         for entry in base_entries():
-            lmbda = str(entry["lambda"])
-            package_run(args.out / lmbda / "tcq8-dh-rq200" / "model.pth", entry,
-                        f"{Path(entry['file']).stem}-ft-tcq8-hyperdecoder.pth",
-                        stages=[args.matrix / lmbda / "control-dh" / "model.pth"])
+            package_run(args.out / str(entry["lambda"]) / "tcq8-dh-rq200" / "model.pth", entry,
+                        f"{Path(entry['file']).stem}-ft-tcq8-hyperdecoder.pth", stages=[stage1(entry["lambda"])])
         return
     args.lambdas = args.lambdas or [e["lambda"] for e in base_entries()]
 
@@ -63,12 +66,11 @@ def main() -> None:
             "control-dh": [*QUANTIZERS["control"], "--control"]}
     jobs = []
     for lmbda in args.lambdas:
-        start = args.matrix / str(lmbda) / "control-dh" / "model.pth"
         for arm, extra in arms.items():
             out = args.out / str(lmbda) / arm
             if (out / "model.pth").exists():
                 continue
-            cmd = [sys.executable, "-m", "qft", "finetune", "recipes/finetune/cpu.yaml", "-m", str(start),
+            cmd = [sys.executable, "-m", "qft", "finetune", "recipes/finetune/cpu.yaml", "-m", str(stage1(lmbda)),
                    "--lambda", str(lmbda), "--steps", str(args.steps), "--parts", "decoder+hyperdecoder",
                    *extra, "--threads", "1", "--out", str(out), "--no-progress"]
             if (out / "checkpoint.pth").exists():
@@ -81,30 +83,21 @@ def main() -> None:
     def models(arm: str) -> list[str]:
         return [str(args.out / str(lmbda) / arm / "model.pth") for lmbda in args.lambdas]
 
-    stage1 = [str(args.matrix / str(lmbda) / "control-dh" / "model.pth") for lmbda in args.lambdas]
-    recipe = {
-        "name": "two-stage",
-        "data": args.data,
-        "images": args.images,
-        "out": str(args.out / "report"),
-        "models": [
-            {"label": "base", "checkpoints": [f"mbt2018-mean-{lmbda}" for lmbda in args.lambdas],
-             "quantizers": ["usq"]},
-            *[row
-              for q in ("tcq8", "usq")
-              for row in (
-                  {"label": f"stage1-control-dh-{q}", "checkpoints": stage1, "quantizers": [q],
-                   "settings_from": models(f"{q}-dh-rq200")},
-                  {"label": f"ft-{q}-dh-rq200", "checkpoints": models(f"{q}-dh-rq200"), "quantizers": [q],
-                   "control": f"control-dh-continued-{q}"},
-                  {"label": f"control-dh-continued-{q}", "checkpoints": models("control-dh"), "quantizers": [q],
-                   "settings_from": models(f"{q}-dh-rq200")},
-              )],
-        ],
-        "quantizers": ["usq", "tcq8"],
-        "ms_ssim": False,
-    }
-    experiment_report(recipe, args.out, args.json, {"lambdas": args.lambdas, "steps": args.steps})
+    first = [str(stage1(lmbda)) for lmbda in args.lambdas]
+    experiment_report("two-stage", [
+        {"label": "base", "checkpoints": [f"mbt2018-mean-{lmbda}" for lmbda in args.lambdas], "quantizers": ["usq"]},
+        *[row
+          for q in ("tcq8", "usq")
+          for row in (
+              {"label": f"stage1-control-dh-{q}", "checkpoints": first, "quantizers": [q],
+               "settings_from": models(f"{q}-dh-rq200")},
+              {"label": f"ft-{q}-dh-rq200", "checkpoints": models(f"{q}-dh-rq200"), "quantizers": [q],
+               "control": f"control-dh-continued-{q}"},
+              {"label": f"control-dh-continued-{q}", "checkpoints": models("control-dh"), "quantizers": [q],
+               "settings_from": models(f"{q}-dh-rq200")},
+          )],
+    ], args, {"lambdas": args.lambdas, "steps": args.steps})
+
 
 if __name__ == "__main__":
     main()
