@@ -5,7 +5,11 @@ Every subcommand lives in its own module under :mod:`qft.commands` and exposes
 subcommand runs, so ``qft --help`` stays fast (no torch import).
 
 Errors caused by the user's input are raised as :class:`qft.errors.UserError` and printed
-as one line (``qft <command>: error: ...``) with exit status 2.
+as one line (``qft <command>: error: ...``) with exit status 2. Warnings meant for the user
+(an image converted to RGB, a stale calibration file ignored, …) are printed as one line
+too (``qft <command>: warning: ...``); the deprecation notice that CompressAI's
+``torch.jit.script`` calls raise on import under recent torch is not shown: nothing a user
+can act on.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from typing import Sequence
 
@@ -45,12 +50,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parsers = {name: sub.add_parser(name, help=h, description=h) for name, (_, h) in COMMANDS.items()}
     name = argv[0] if argv else None
-    if name in COMMANDS:
+    if name not in COMMANDS:
+        parser.parse_args(argv)  # usage, --help or the error naming the commands
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+        )
+        warnings.showwarning = _one_line_warning(name)
         module = importlib.import_module(f"qft.commands.{COMMANDS[name][0]}")
         module.add_arguments(parsers[name])
-    args = parser.parse_args(argv)
-    try:
-        return int(module.run(args) or 0)
-    except UserError as exc:
-        print(f"qft {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        args = parser.parse_args(argv)
+        try:
+            return int(module.run(args) or 0)
+        except UserError as exc:
+            print(f"qft {name}: error: {exc}", file=sys.stderr)
+            return 2
+
+
+def _one_line_warning(command: str):
+    """A :func:`warnings.showwarning` that prints ``qft <command>: warning: <message>``."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"qft {command}: warning: {message}", file=file or sys.stderr)
+
+    return show

@@ -50,6 +50,15 @@ def test_errors_are_one_line(workdir, capsys):
         assert len(err) == 1, argv
 
 
+def test_warnings_are_one_line(workdir, capsys):
+    d = workdir
+    Image.fromarray(np.full((20, 30), 128, np.uint8), "L").save(d / "gray.png")
+    capsys.readouterr()
+    assert main(["compress", "-m", str(d / "m.pth"), str(d / "gray.png"), "-o", str(d / "gray.qft")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["qft compress: warning: gray.png: grayscale image replicated to RGB"]
+
+
 def test_eval_json(workdir):
     d = workdir
     out = d / "r.json"
