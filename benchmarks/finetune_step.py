@@ -7,7 +7,12 @@ Adam on ``g_s``. The reference is one step of conventional training as
 ``λ·255²·MSE + bpp`` backward, Adam on the main parameters and the aux step. Both use the
 same model, batch and crop; the images are synthetic (the timing does not depend on their
 content) and the cache is built once with TCQ-8 before timing. Steps alternate between
-the two loops in blocks so that a change of machine load affects both.
+the loops in blocks so that a change of machine load affects all of them.
+
+Two more loops show where the ratio's floor lies: ``g_s`` alone (forward and backward on
+the crops' latents without decoding context, no optimizer) and ``g_a`` alone (forward
+and backward on the image crops). The cached step cannot cost less than the first; the
+full step holds both.
 
 ::
 
@@ -125,13 +130,33 @@ def main() -> None:
             full_model.aux_loss().backward()
             aux_opt.step()
 
-        times = {"finetune": [], "full": []}
-        for f in (finetune_step, full_step):  # warm-up
+        def g_s_alone(step: int) -> None:
+            picks = sample_crops(cache, 0, step, args.batch, size, 1)
+            batch = assemble_batch(
+                cache, picks, range(args.batch), size, ft.fields, q, 0, step
+            )
+            y_hat = batch["y_hat"][..., G_S_REACH:-G_S_REACH, G_S_REACH:-G_S_REACH]
+            model.g_s.zero_grad(set_to_none=True)
+            model.g_s(y_hat).square().mean().backward()
+
+        def g_a_alone(step: int) -> None:
+            x = sample_batch(images, 0, step, args.batch, args.crop)
+            full_model.g_a.zero_grad(set_to_none=True)
+            full_model.g_a(x).square().mean().backward()
+
+        loops = {
+            "finetune": finetune_step,
+            "full": full_step,
+            "g_s_alone": g_s_alone,
+            "g_a_alone": g_a_alone,
+        }
+        times = {name: [] for name in loops}
+        for f in loops.values():  # warm-up
             for s in range(2):
                 f(s)
         load_before = os.getloadavg()
         for block in range(0, args.steps, 5):
-            for name, f in (("finetune", finetune_step), ("full", full_step)):
+            for name, f in loops.items():
                 for s in range(block, min(block + 5, args.steps)):
                     t = time.perf_counter()
                     f(s)
@@ -151,6 +176,8 @@ def main() -> None:
         "step_s_median": med,
         "step_s_all": times,
         "ratio_finetune_over_full": med["finetune"] / med["full"],
+        "ratio_g_s_alone_over_full": med["g_s_alone"] / med["full"],
+        "ratio_g_s_alone_over_g_a_alone": med["g_s_alone"] / med["g_a_alone"],
         "machine": machine_description(torch.device("cpu"), args.threads),
         "load_average_1_5_15": {"before": load_before, "after": load_after},
         "cpus": os.cpu_count(),
@@ -164,6 +191,8 @@ def main() -> None:
                 for k in (
                     "step_s_median",
                     "ratio_finetune_over_full",
+                    "ratio_g_s_alone_over_full",
+                    "ratio_g_s_alone_over_g_a_alone",
                     "load_average_1_5_15",
                 )
             }
