@@ -151,7 +151,7 @@ def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
     g_s = base.model.g_s
     with torch.no_grad():
         whole = g_s(torch.from_numpy(lat.result.y_hat)[None])
-        part = g_s(torch.from_numpy(cache.crop("y_hat", 1, 2, 2, 8))[None])
+        part = g_s(torch.from_numpy(np.array(cache.crop("y_hat", 1, 2, 2, 8)))[None])
     torch.testing.assert_close(part[..., 32:-32, 32:-32], whole[..., 64:128, 64:128], rtol=0, atol=1e-5)
     assert cache.latent_size(1) == (13, 13)
     assert np.abs(lat.result.indices).max() >= 2  # the test latents are not all zero

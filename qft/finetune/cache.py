@@ -172,7 +172,9 @@ class LatentCache:
     def crop(self, name: str, i: int, top: int, left: int, size: int) -> np.ndarray:
         """The ``size×size`` latent crop of field ``name`` of image ``i`` at latent
         position ``(top, left)``; for ``image`` the matching ``16·size`` pixel crop
-        (HxWx3), for ``z``/``z_hat`` the ``size/4`` crop at ``(top/4, left/4)``."""
+        (HxWx3), for ``z``/``z_hat`` the ``size/4`` crop at ``(top/4, left/4)``. A
+        read-only view of the memory-mapped cache: copy it (``np.array``) before
+        ``torch.from_numpy``."""
         a = self._field(name, i)
         if name == "image":
             return a[16 * top : 16 * (top + size), 16 * left : 16 * (left + size)]
