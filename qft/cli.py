@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -30,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("quickstart", "shipped models on the bundled Kodak: USQ vs RDOQ/TCQ, BD-rate table and plots"),
     "train": ("train", "train a reference model from a YAML recipe"),
     "finetune": ("finetune", "finetune the decoder on latents quantized as at inference"),
-    "models": ("models", "list the registered architectures and their parameters"),
+    "models": ("models", "list the registered architectures and their parameters, or the shipped checkpoints"),
     "init": ("init", "write a randomly initialised checkpoint of any architecture"),
     "compress": ("compress", "code an image into a .qft bitstream"),
     "decompress": ("decompress", "decode a .qft bitstream into a PNG"),
@@ -65,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UserError as exc:
             print(f"qft {name}: error: {exc}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # output piped into `head` & co., which stopped reading
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
 
 
 def _one_line_warning(command: str):

@@ -30,9 +30,27 @@ def test_shipped_checkpoints_fit_the_budget():
     assert sum(e["bytes"] for e in entries) <= 50e6
 
 
-def test_unknown_name_lists_shipped():
-    with pytest.raises(UserError, match=r"does not exist .*shipped: mbt2018-mean-"):
+def test_unknown_name_points_to_the_list():
+    with pytest.raises(UserError, match=r"does not exist .*mbt2018-mean-.*qft models --shipped"):
         resolve("no-such-model")
+
+
+def test_models_shipped_lists_every_entry(capsys):
+    from qft.cli import main
+
+    assert main(["models", "--shipped", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == [e["name"] for e in shipped()]
+    what = {r["name"]: r["trained"] for r in rows}
+    assert what["mbt2018-mean-0.013"] == "reference model"
+    assert what["mbt2018-mean-0.013-ft-control"].startswith("decoder finetuned: 600 steps noise proxy")
+    assert what["mbt2018-mean-0.013-ft-tcq8-hyperdecoder"] == (
+        "decoder+hyperdecoder finetuned: 600 steps noise proxy, then 600 steps on tcq8 latents"
+        " (from mbt2018-mean-0.013.pth)"
+    )
+    assert main(["models", "--shipped"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "arch", "λ", "MB", "what"] and len(lines) == len(rows) + 1
 
 
 def test_shipped_name_loads():

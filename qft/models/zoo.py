@@ -51,7 +51,7 @@ def resolve(spec: str | os.PathLike) -> Path:
     An existing path wins over a shipped name.
 
     Raises:
-        UserError: neither a file nor a shipped name (the message lists the names).
+        UserError: neither a file nor a shipped name (the message says where the names are).
     """
     path = Path(spec)
     if path.exists():
@@ -59,7 +59,7 @@ def resolve(spec: str | os.PathLike) -> Path:
     if str(spec) in shipped_names():
         return ASSETS / f"{spec}.pth"
     names = shipped_names()
-    hint = f" (shipped: {', '.join(names)})" if names else ""
+    hint = f" ({', '.join(names[:2])}, …: qft models --shipped lists them)" if names else ""
     raise UserError(f"{spec} does not exist and is not the name of a shipped model{hint}")
 
 
