@@ -6,7 +6,9 @@ Adam on ``g_s``. The reference is one step of conventional training as
 :mod:`qft.train.loop` runs it: all four transforms and both entropy models forward,
 ``λ·255²·MSE + bpp`` backward, Adam on the main parameters and the aux step. Both use the
 same model, batch and crop; the images are synthetic (the timing does not depend on their
-content) and the cache is built once with TCQ-8 before timing. Steps alternate between
+content) and the cache is built once with TCQ-8 before timing. With ``--device cuda`` all
+loops run as ``qft finetune`` and ``qft train`` run there: bf16 autocast on the
+transforms, channels_last, the GPU synchronised around each timed step. Steps alternate between
 the loops in blocks so that a change of machine load affects all of them.
 
 Two more loops show where the ratio's floor lies: ``g_s`` alone (forward and backward on
@@ -17,6 +19,7 @@ full step holds both.
 ::
 
     python benchmarks/finetune_step.py --N 64 --M 96 --batch 8 --crop 128 --json benchmarks/results/finetune_step.json
+    python benchmarks/finetune_step.py --device cuda --N 128 --M 192 --batch 16 --crop 256 --steps 50 --json benchmarks/results/finetune_step_cuda.json
 """
 
 from __future__ import annotations
@@ -43,10 +46,15 @@ from qft.finetune import (
     trainable_parameters,
 )
 from qft.finetune.cache import images_digest
-from qft.finetune.objective import G_S_REACH, assemble_batch, sample_crops
+from qft.finetune.objective import (
+    G_S_REACH,
+    assemble_batch,
+    batch_to_device,
+    sample_crops,
+)
 from qft.models import create_model
 from qft.train.data import sample_batch
-from qft.train.loop import machine_description, rd_forward
+from qft.train.loop import machine_description, rd_forward, resolve_device
 
 
 def main() -> None:
@@ -58,10 +66,14 @@ def main() -> None:
     p.add_argument("--images", type=int, default=8, help="synthetic images of 2 x 3 crops")
     p.add_argument("--steps", type=int, default=20, help="timed steps per loop")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--json", help="write the result here")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    amp = device.type == "cuda"
+    layout = torch.channels_last if amp else torch.contiguous_format
     rng = np.random.default_rng(0)
     images = [
         rng.integers(0, 256, size=(2 * args.crop, 3 * args.crop, 3), dtype=np.uint8)
@@ -94,9 +106,14 @@ def main() -> None:
         build_s = time.perf_counter() - t
         torch.set_num_threads(args.threads)
 
-        ft = FinetuneObjective(model, entropy, "decoder", False, lmbda)
+        model.to(device, memory_format=layout)
+        ft = FinetuneObjective(model, entropy, "decoder", False, lmbda, amp)
         ft_opt = torch.optim.Adam(trainable_parameters(model, "decoder"), lr=5e-5)
-        full_model = create_model("mbt2018-mean", N=args.N, M=args.M, seed=0).train()
+        full_model = (
+            create_model("mbt2018-mean", N=args.N, M=args.M, seed=0)
+            .train()
+            .to(device, memory_format=layout)
+        )
         main_p = [
             p for n, p in full_model.named_parameters() if not n.endswith(".quantiles")
         ]
@@ -112,19 +129,30 @@ def main() -> None:
 
         def finetune_step(step: int) -> None:
             picks = sample_crops(cache, 0, step, args.batch, size, 1)
-            batch = assemble_batch(
-                cache, picks, range(args.batch), size, ft.fields, q, 0, step
+            batch = batch_to_device(
+                assemble_batch(
+                    cache, picks, range(args.batch), size, ft.fields, q, 0, step
+                ),
+                device,
+                amp,
             )
             ft_opt.zero_grad(set_to_none=True)
             ft(batch)["loss"].backward()
             torch.nn.utils.clip_grad_norm_(ft_opt.param_groups[0]["params"], 1.0)
             ft_opt.step()
 
-        def full_step(step: int) -> None:
+        def image_batch(step: int) -> torch.Tensor:
             x = sample_batch(images, 0, step, args.batch, args.crop)
+            return x.to(device, memory_format=layout)
+
+        def autocast():
+            return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
+
+        def full_step(step: int) -> None:
+            x = image_batch(step)
             opt.zero_grad(set_to_none=True)
             aux_opt.zero_grad(set_to_none=True)
-            criterion(rd_forward(full_model, x), x)["loss"].backward()
+            criterion(rd_forward(full_model, x, amp), x)["loss"].backward()
             torch.nn.utils.clip_grad_norm_(main_p, 1.0)
             opt.step()
             full_model.aux_loss().backward()
@@ -136,13 +164,18 @@ def main() -> None:
                 cache, picks, range(args.batch), size, ft.fields, q, 0, step
             )
             y_hat = batch["y_hat"][..., G_S_REACH:-G_S_REACH, G_S_REACH:-G_S_REACH]
+            y_hat = y_hat.to(device, memory_format=layout)
             model.g_s.zero_grad(set_to_none=True)
-            model.g_s(y_hat).square().mean().backward()
+            with autocast():
+                x_hat = model.g_s(y_hat)
+            x_hat.float().square().mean().backward()
 
         def g_a_alone(step: int) -> None:
-            x = sample_batch(images, 0, step, args.batch, args.crop)
+            x = image_batch(step)
             full_model.g_a.zero_grad(set_to_none=True)
-            full_model.g_a(x).square().mean().backward()
+            with autocast():
+                y = full_model.g_a(x)
+            y.float().square().mean().backward()
 
         loops = {
             "finetune": finetune_step,
@@ -151,6 +184,11 @@ def main() -> None:
             "g_a_alone": g_a_alone,
         }
         times = {name: [] for name in loops}
+
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
         for f in loops.values():  # warm-up
             for s in range(2):
                 f(s)
@@ -158,8 +196,10 @@ def main() -> None:
         for block in range(0, args.steps, 5):
             for name, f in loops.items():
                 for s in range(block, min(block + 5, args.steps)):
+                    sync()
                     t = time.perf_counter()
                     f(s)
+                    sync()
                     times[name].append(time.perf_counter() - t)
         load_after = os.getloadavg()
 
@@ -171,14 +211,17 @@ def main() -> None:
         "crop": args.crop,
         "quantizer": "tcq8",
         "threads": args.threads,
+        "device": str(device),
+        "amp_bf16_channels_last": amp,
         "cache_build_s": build_s,
         "cache_images": args.images,
         "step_s_median": med,
         "step_s_all": times,
+        "images_per_s": {k: args.batch / v for k, v in med.items()},
         "ratio_finetune_over_full": med["finetune"] / med["full"],
         "ratio_g_s_alone_over_full": med["g_s_alone"] / med["full"],
         "ratio_g_s_alone_over_g_a_alone": med["g_s_alone"] / med["g_a_alone"],
-        "machine": machine_description(torch.device("cpu"), args.threads),
+        "machine": machine_description(device, args.threads, amp),
         "load_average_1_5_15": {"before": load_before, "after": load_after},
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
@@ -190,6 +233,7 @@ def main() -> None:
                 k: result[k]
                 for k in (
                     "step_s_median",
+                    "images_per_s",
                     "ratio_finetune_over_full",
                     "ratio_g_s_alone_over_full",
                     "ratio_g_s_alone_over_g_a_alone",

@@ -210,3 +210,31 @@ def test_cli_trains_one_point(recipe_file, tmp_path, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["init"] == "scratch" and line["steps"] == 2 and line["finished"]
     assert main(["train", str(path), "--lambda", "0.02", "--out", str(out)]) == 2
+
+
+def test_init_continues_a_model_checkpoint(recipe_file, tmp_path):
+    """--init starts one point from a model file (fp16 export here) for warm_steps."""
+    recipe = load_recipe(recipe_file())
+    train(recipe, tmp_path / "base", lmbda=0.05, progress=False)
+    init = tmp_path / "base" / lambda_tag(0.05) / "model.pth"
+    frozen = recipe.replace(lr=1e-12)  # Adam moves each weight by about lr: none here
+    (s,) = train(frozen, tmp_path / "cont", lmbda=0.01, init_from=init, progress=False)
+    assert s["finished"] and s["steps"] == recipe.warm_steps
+    assert s["init"].startswith("model.pth (sha256 ")
+    start = torch.load(init, weights_only=True)
+    end = _weights(tmp_path / "cont" / lambda_tag(0.01) / "checkpoint.pth")
+    for k, v in start.items():
+        if k.endswith(".weight"):
+            torch.testing.assert_close(end[k], v.float(), rtol=0, atol=1e-6)
+    with pytest.raises(UserError, match="--init needs --lambda"):
+        train(recipe, tmp_path / "x", init_from=init, progress=False)
+    wider = recipe.replace(N=16)
+    with pytest.raises(UserError, match="N=8, M=8 but the recipe trains N=16"):
+        train(wider, tmp_path / "y", lmbda=0.01, init_from=init, progress=False)
+
+
+def test_amp_key(recipe_file):
+    assert load_recipe(recipe_file()).amp is True
+    assert load_recipe(recipe_file(amp=False)).amp is False
+    with pytest.raises(UserError, match="amp must be true or false"):
+        load_recipe(recipe_file(amp="yes"))

@@ -5,6 +5,7 @@
     qft train recipes/reference/mbt2018-mean-cpu.yaml                 # whole schedule
     qft train RECIPE --lambda 0.0130 --out runs/ref --resume          # one point, continue
     qft train RECIPE --device cuda --threads 8 --steps 20000          # overrides
+    qft train RECIPE --lambda 0.013 --init mbt2018-mean-0.013 --warm-steps 5000  # continue
 
 The schedule trains the highest λ first and warm-starts each lower λ from the previous
 one. Outputs go to ``runs/reference/<recipe name>/`` unless ``--out`` is given; see
@@ -36,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue existing checkpoints, skip finished points",
+    )
+    parser.add_argument(
+        "--init",
+        metavar="CKPT",
+        help="start the --lambda point from this model checkpoint (file or shipped name) "
+        "and train it for the warm-start step count (--warm-steps)",
     )
     parser.add_argument(
         "--out", type=Path, help="output folder (default: runs/reference/<recipe name>)"
@@ -88,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         resume=args.resume,
         stop_after=args.stop_after,
+        init_from=args.init,
         progress=not args.no_progress,
     )
     for s in summaries:

@@ -49,7 +49,13 @@ from qft.commands._options import quantizer_from_args
 from qft.eval.settings import read_settings, weights_digest
 from qft.errors import UserError
 from qft.finetune.cache import LatentCache, cache_identity, images_digest, trim_images
-from qft.finetune.objective import G_S_REACH, FinetuneObjective, assemble_batch, sample_crops
+from qft.finetune.objective import (
+    G_S_REACH,
+    FinetuneObjective,
+    assemble_batch,
+    batch_to_device,
+    sample_crops,
+)
 from qft.finetune.recipe import FinetuneRecipe
 from qft.models import ARCHITECTURES, load_checkpoint, save_checkpoint
 from qft.train.checkpoint import (
@@ -143,16 +149,6 @@ def finetune(
     finally:
         if world > 1:
             dist.destroy_process_group()
-
-
-def _to_device(v: torch.Tensor | list, device: torch.device, amp: bool):
-    """A batch field on the training device (image-like tensors channels_last under AMP);
-    lists (the per-element ``ẑ`` windows) element by element."""
-    if isinstance(v, list):
-        return [_to_device(t, device, amp) for t in v]
-    if amp and v.dim() == 4:
-        return v.to(device, memory_format=torch.channels_last)
-    return v.to(device)
 
 
 def _finetune(
@@ -375,7 +371,7 @@ def _finetune(
             recipe.seed,
             step,
         )
-        batch = {k: _to_device(v, device, amp) for k, v in batch.items()}
+        batch = batch_to_device(batch, device, amp)
         opt.zero_grad(set_to_none=True)
         out_ = net(batch)
         out_["loss"].backward()

@@ -45,6 +45,7 @@ __all__ = [
     "forward_window",
     "hyper_window",
     "assemble_batch",
+    "batch_to_device",
     "sample_crops",
     "index_cells",
     "cell_mass",
@@ -245,6 +246,22 @@ def assemble_batch(
                 for a, r in zip(z, rngs)
             ]
     return out
+
+
+def batch_to_device(
+    batch: dict[str, torch.Tensor | list], device: torch.device, amp: bool
+) -> dict[str, torch.Tensor | list]:
+    """An :func:`assemble_batch` batch on the training device: 4-D tensors channels_last
+    under AMP, the per-element ``ẑ`` window lists element by element."""
+
+    def move(v):
+        if isinstance(v, list):
+            return [move(t) for t in v]
+        if amp and v.dim() == 4:
+            return v.to(device, memory_format=torch.channels_last)
+        return v.to(device)
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 class FinetuneObjective(nn.Module):

@@ -73,10 +73,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def machine_description(device: torch.device, threads: int) -> str:
-    """One line naming the hardware a run used, for checkpoints and the manifest."""
+def machine_description(device: torch.device, threads: int, amp: bool = True) -> str:
+    """One line naming the hardware a run used, for checkpoints and the manifest
+    (``amp``: whether the transforms ran under bf16 autocast on CUDA)."""
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA, bf16 autocast)"
+        precision = "bf16 autocast" if amp else "fp32"
+        return f"{torch.cuda.get_device_name(device)} (CUDA, {precision})"
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -211,6 +213,7 @@ def train_point(
     device: torch.device,
     resume: bool = False,
     stop_after: int | None = None,
+    init_from: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train one rate point; returns its summary (also written to ``summary.json``).
@@ -221,14 +224,17 @@ def train_point(
         out_dir: root output folder (one sub-folder per rate point).
         images: preloaded training images (uint8 HxWx3).
         val_batch: fixed validation crops, or None.
-        device: CPU or CUDA (bf16 autocast on CUDA).
+        device: CPU or CUDA (bf16 autocast there unless ``recipe.amp`` is false).
         resume: continue from an existing checkpoint instead of refusing to overwrite it.
         stop_after: stop (with a checkpoint) once this many steps are done.
+        init_from: start from this model checkpoint (any file or shipped name
+            :func:`qft.models.load_checkpoint` reads, of the recipe's architecture and
+            width) instead of ``point.parent``; ignored when resuming.
         progress: show a tqdm bar.
     """
     folder = Path(out_dir) / lambda_tag(point.lmbda)
     ckpt_path, log_path = folder / "checkpoint.pth", folder / "log.jsonl"
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" and recipe.amp
     model = build_model(recipe).to(device)
     opt, aux_opt, main_params = _optimizers(model, recipe)
     criterion = RateDistortionLoss(lmbda=point.lmbda)
@@ -259,8 +265,10 @@ def train_point(
         )
         log = _Log(log_path, keep_until_step=start)
     else:
+        if init_from is not None:
+            init = _load_init(model, recipe, init_from)
         folder.mkdir(parents=True, exist_ok=True)
-        if point.parent is not None:
+        if init_from is None and point.parent is not None:
             parent = _point_done(
                 Path(out_dir) / lambda_tag(point.parent) / "checkpoint.pth"
             )
@@ -298,7 +306,7 @@ def train_point(
                 "recipe": recipe.to_dict(),
                 "wall_time_s": wall + time.perf_counter() - t0,
                 "cpu_time_s": cpu + time.process_time() - c0,
-                "machine": machine_description(device, recipe.threads),
+                "machine": machine_description(device, recipe.threads, amp),
                 "torch": str(torch.__version__),
             },
             ckpt_path,
@@ -381,7 +389,7 @@ def train_point(
         "finished": finished is not None,
         "wall_time_s": wall + time.perf_counter() - t0 if start < end else wall,
         "cpu_time_s": cpu + time.process_time() - c0 if start < end else cpu,
-        "machine": machine_description(device, recipe.threads),
+        "machine": machine_description(device, recipe.threads, amp),
         "val": val,
         "checkpoint": str(ckpt_path),
         "model": str(folder / "model.pth"),
@@ -405,6 +413,23 @@ def train_point(
     return summary
 
 
+def _load_init(model: MeanScaleHyperprior, recipe: Recipe, path: str | Path) -> str:
+    """Load the weights of checkpoint ``path`` into ``model``; returns the ``init`` label
+    (file name and SHA-256 prefix). The checkpoint must be of the recipe's architecture
+    and width."""
+    from qft.models import load_checkpoint as load_model
+
+    loaded = load_model(path, recipe.arch)
+    width = (loaded.params.get("N"), loaded.params.get("M"))
+    if width != (recipe.N, recipe.M):
+        raise UserError(
+            f"--init {path}: N={width[0]}, M={width[1]} but the recipe trains "
+            f"N={recipe.N}, M={recipe.M}"
+        )
+    model.load_state_dict(loaded.model.state_dict())
+    return f"{Path(loaded.path).name} (sha256 {loaded.sha256[:12]})"
+
+
 def train(
     recipe: Recipe,
     out_dir: str | Path,
@@ -413,6 +438,7 @@ def train(
     device: str | None = None,
     resume: bool = False,
     stop_after: int | None = None,
+    init_from: str | Path | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train a recipe's schedule (highest λ first, then each lower λ warm-started from
@@ -420,12 +446,18 @@ def train(
 
     With ``lmbda`` set, the point warm-starts from its parent when the parent is finished
     in ``out_dir``; otherwise it is trained from scratch for ``first_steps``. With
+    ``init_from`` (needs ``lmbda``), it starts from that model checkpoint and trains for
+    ``warm_steps`` (continued training, e.g. of a shipped model on a GPU). With
     ``resume``, finished points are skipped and an interrupted one continues.
     """
     torch.set_num_threads(recipe.threads)
     dev = resolve_device(device or recipe.device)
+    if init_from is not None and lmbda is None:
+        raise UserError("--init needs --lambda: it starts one rate point from a checkpoint")
     if lmbda is None:
         points = recipe.points
+    elif init_from is not None:
+        points = [RatePoint(recipe.point(lmbda).lmbda, recipe.warm_steps, None)]
     else:
         p = recipe.point(lmbda)
         parent_ckpt = (
@@ -457,6 +489,7 @@ def train(
             device=dev,
             resume=resume,
             stop_after=stop_after,
+            init_from=init_from,
             progress=progress,
         )
         summaries.append(s)

@@ -9,6 +9,8 @@ rate points). Layout, with every key required unless a default is shown::
     seed: 0
     threads: 1                  # torch.set_num_threads
     device: auto                # auto | cpu | cuda
+    amp: true                   # optional (default true): bf16 autocast of the four
+                                # transforms on CUDA; false trains in fp32 there
     batch_size: 8
     crop: 128
     optimizer:
@@ -115,6 +117,7 @@ class Recipe:
     lambdas: tuple[float, ...]
     first_steps: int
     warm_steps: int
+    amp: bool = True
 
     @property
     def points(self) -> list[RatePoint]:
@@ -242,6 +245,11 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     where = f"recipe {path}"
     raw = read_yaml(path, where)
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        amp = raw.pop("amp", True)
+        if not isinstance(amp, bool):
+            raise UserError(f"{where}: amp must be true or false, not {amp!r}")
     top = _section(raw, "the recipe", _TOP, where)
     opt = _section(top["optimizer"], "optimizer", _OPTIMIZER, where)
     data = _section(top["data"], "data", _DATA, where)
@@ -279,6 +287,7 @@ def load_recipe(path: str | Path) -> Recipe:
             lambdas=tuple(float(x) for x in sched["lambdas"]),
             first_steps=int(sched["first_steps"]),
             warm_steps=int(sched["warm_steps"]),
+            amp=amp,
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: wrong value type ({exc})") from None
