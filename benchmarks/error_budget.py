@@ -13,6 +13,7 @@ multiples of 64; never Kodak or Tecnick), this measures:
   the image MSE that the quantization adds, ``(MSE(x, g_s(ŷ)) − MSE(x, g_s(y))) / MSE(x, g_s(ŷ))``.
 
     python benchmarks/error_budget.py --json benchmarks/results/error_budget.json
+    python benchmarks/error_budget.py -m runs/x/model.pth --json out.json   # any checkpoints
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--checkpoint", nargs="+", help="checkpoints (default: the shipped base models)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "bsds500" / "val"))
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
@@ -53,9 +55,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     images = [_centre(read_image(f)) for f in list_images(args.data)[: args.images]]
 
+    specs = args.checkpoint or [
+        e["name"] for e in sorted((e for e in shipped() if "finetuned_from" not in e), key=lambda e: e["lambda"])
+    ]
     models = {}
-    for entry in sorted((e for e in shipped() if "finetuned_from" not in e), key=lambda e: e["lambda"]):
-        ck = load_checkpoint(entry["name"])
+    for spec in specs:
+        ck = load_checkpoint(spec)
         settings = read_settings(ck)
         coder = HyperpriorLatentCoder(ck.model.eval(), ARCHITECTURES[ck.arch].entropy)
         choices = {"usq": resolve_quantizer("usq", settings), "tcq8": resolve_quantizer("tcq8", settings)}
@@ -89,8 +94,8 @@ def main() -> None:
             }
         # positive: TCQ-8 leaves more latent error (at its own, lower, rate)
         out["latent_mse_tcq8_over_usq_db"] = 10 * math.log10(out["tcq8"]["latent_mse"] / out["usq"]["latent_mse"])
-        models[entry["name"]] = out
-        print(f"{entry['name']}: unquantized {out['psnr_unquantized']:.2f} dB, USQ {out['usq']['psnr']:.2f} dB "
+        models[spec] = out
+        print(f"{spec}: unquantized {out['psnr_unquantized']:.2f} dB, USQ {out['usq']['psnr']:.2f} dB "
               f"({100 * out['usq']['quantization_share']:.0f} % of the MSE from quantization), TCQ-8 "
               f"{out['tcq8']['psnr']:.2f} dB; latent MSE TCQ-8 / USQ {out['latent_mse_tcq8_over_usq_db']:+.2f} dB, "
               f"bpp(y) {out['usq']['bpp_y']:.3f} → {out['tcq8']['bpp_y']:.3f}", flush=True)
