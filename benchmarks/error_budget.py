@@ -8,6 +8,7 @@ For every shipped base model, on the first BSDS500 *validation* images (centre c
 multiples of 64; never Kodak or Tecnick), this measures:
 
 * ``mse_unquantized``: MSE(x, g_s(y)), ``y`` unquantized;
+* the saving ``qft calibrate`` recorded for TCQ-8 (rate at equal PSNR vs USQ), when there is one;
 * per quantizer (USQ at step 1, the calibrated TCQ-8 with its weights): the latent MSE
   ``mean((ŷ − y)²)``, the image MSE, PSNR, the table rate (bpp, y only), and the share of
   the image MSE that the quantization adds, ``(MSE(x, g_s(ŷ)) − MSE(x, g_s(y))) / MSE(x, g_s(ŷ))``.
@@ -91,6 +92,12 @@ def main() -> None:
                 "psnr": -10 * math.log10(mse),
                 "bpp_y": s["bits"] / sums["pixels"],
                 "quantization_share": (mse - out["mse_unquantized"]) / mse,
+            }
+        calibrated = settings.get("methods", {}).get("tcq8", {})
+        if "saving" in calibrated:  # what qft calibrate measured (rate at equal PSNR vs USQ, %)
+            out["calibrated_tcq8"] = {
+                **{k: calibrated[k] for k in ("step", "lambda_mult", "weights", "saving", "best_saving")},
+                "saving_by_weights": {w: v["saving"] for w, v in calibrated.get("by_weights", {}).items()},
             }
         # positive: TCQ-8 leaves more latent error (at its own, lower, rate)
         out["latent_mse_tcq8_over_usq_db"] = 10 * math.log10(out["tcq8"]["latent_mse"] / out["usq"]["latent_mse"])
