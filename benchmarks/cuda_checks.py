@@ -8,7 +8,9 @@
    (N=128, M=192), batch 16, 256x256 crops.
 3. ``torchrun`` (NCCL, DDP, DistributedSampler, rank 0 writing): ``qft finetune
    recipes/finetune/gpu.yaml`` on a shipped model, TCQ-8, decoder, ``--steps`` steps;
-   images/s from its JSON-lines log.
+   images/s from its JSON-lines log. Its training set is ``--data`` (a BSDS500 root), or by
+   default 32 synthetic 384x512 images (the step time does not depend on the content), so the
+   checks need no dataset on the GPU machine.
 
 Each part is a subprocess with its own time limit, so one that fails or hangs costs only
 its own minutes; the JSON records each part's command, exit status, time and figures.
@@ -31,7 +33,10 @@ import time
 
 from pathlib import Path
 
+import numpy as np
 import yaml
+
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,10 +55,20 @@ def _run(cmd: list[str], limit: float, log: Path) -> dict:
     return {"cmd": cmd, "rc": rc, "wall_s": time.perf_counter() - t, "tail": tail}
 
 
+def _synthetic(root: Path, splits: list[str], n: int = 32) -> Path:
+    """``n`` seeded random 384x512 RGB PNGs spread over the recipe's training splits."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / splits[i % len(splits)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (384, 512, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return root.resolve()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "cuda-checks")
-    p.add_argument("--data", help="BSDS500 root for the torchrun part (default: the recipe's)")
+    p.add_argument("--data", help="BSDS500 root for the torchrun part (default: synthetic images)")
     p.add_argument("--model", default="mbt2018-mean-0.013", help="base model of the torchrun part")
     p.add_argument("--steps", type=int, default=400, help="finetuning steps of the torchrun part")
     p.add_argument("--nproc", type=int, default=1, help="torchrun processes (one per GPU)")
@@ -85,7 +100,7 @@ def main() -> None:
     if args.data:
         recipe["data"]["root"] = str(Path(args.data).resolve())
     else:
-        recipe["data"]["root"] = str((ROOT / recipe["data"]["root"]).resolve())
+        recipe["data"]["root"] = str(_synthetic(args.out / "data", recipe["data"]["train"]))
     recipe_path = args.out / "gpu.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
     ft = args.out / "finetune-ddp"
@@ -102,6 +117,7 @@ def main() -> None:
         start = next((r for r in rows if r["kind"] == "start"), {})
         parts["torchrun"].update(
             {
+                "data": args.data or "synthetic: 32 random 384x512 images",
                 "start": start,
                 "batch": recipe["batch_size"],
                 "step_s_median": statistics.median(steps) if steps else None,

@@ -54,9 +54,18 @@ def test_models_shipped_lists_every_entry(capsys):
 
 
 def test_shipped_name_loads():
-    name = shipped()[0]["name"]
-    ck = load_checkpoint(name)
-    assert ck.arch == "mbt2018-mean" and ck.path == name
+    entry = next(e for e in shipped() if "finetuned_from" not in e)
+    ck = load_checkpoint(entry["name"])
+    assert ck.arch == "mbt2018-mean" and ck.path == entry["name"]
+    # a shipped base is a bare state_dict: its λ comes from the manifest (finetune needs it)
+    assert ck.extra["lambda"] == entry["lambda"]
+
+
+def test_copied_shipped_file_gets_no_manifest_lambda(tmp_path):
+    entry = next(e for e in shipped() if "finetuned_from" not in e)
+    copy = tmp_path / entry["file"]
+    copy.write_bytes((ASSETS / entry["file"]).read_bytes())
+    assert "lambda" not in load_checkpoint(copy).extra
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from qft.errors import UserError
 
 from .registry import ARCHITECTURES, Architecture, forked_rng, get_architecture
-from .zoo import base_of, resolve
+from .zoo import base_of, resolve, shipped_entry
 
 __all__ = [
     "LoadedCheckpoint",
@@ -429,7 +429,8 @@ def load_checkpoint(
 
     Returns:
         the model (eval, CPU, float32, ``update(force=True)`` done), its id and parameters,
-        the file's SHA-256 and the plain metadata beside the state_dict.
+        the file's SHA-256 and the plain metadata beside the state_dict (a shipped base
+        model, a bare state_dict, gets its manifest ``lambda`` there).
 
     Raises:
         UserError: missing, empty, truncated or non-checkpoint file; pickle payload refused;
@@ -443,6 +444,9 @@ def load_checkpoint(
     path = resolve(path)
     obj, sha256 = _read(path, unsafe_load)
     raw, extra = _unwrap(obj, name)
+    entry = shipped_entry(path)
+    if entry is not None and "lambda" not in extra:  # shipped bases are plain state_dicts
+        extra["lambda"] = entry["lambda"]
     state_dict = _normalize(raw, name)
     if "delta_of" in extra:
         state_dict = _complete_delta(path, state_dict, extra, unsafe_load)

@@ -26,7 +26,7 @@ import torch
 
 from qft.errors import UserError
 
-__all__ = ["ASSETS", "shipped", "shipped_names", "resolve", "write_delta"]
+__all__ = ["ASSETS", "shipped", "shipped_names", "shipped_entry", "resolve", "write_delta"]
 
 #: folder of the shipped checkpoints and their manifest
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
@@ -43,6 +43,15 @@ def shipped() -> list[dict[str, Any]]:
 
 def shipped_names() -> list[str]:
     return [e["name"] for e in shipped()]
+
+
+def shipped_entry(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest entry of a shipped checkpoint file (given by any path to it), else None."""
+    target = Path(path).resolve()
+    for entry in shipped():
+        if (ASSETS / entry["file"]).resolve() == target:
+            return entry
+    return None
 
 
 def resolve(spec: str | os.PathLike) -> Path:
