@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from qft.models.zoo import shipped
 from qft.train.checkpoint import export_state_dict, save_atomic
 from qft.train.loop import build_model
 from qft.train.recipe import lambda_tag, load_recipe
+
+from finetune_runs import base_entries  # sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "reference" / "mbt2018-mean-continue-gpu.yaml"
@@ -58,13 +59,13 @@ def main() -> None:
     raw["data"]["root"] = str(root.resolve())
     recipe_path = args.out / args.recipe.name
     recipe_path.write_text(yaml.safe_dump(raw))
-    bases = {e["lambda"]: e["file"].removesuffix(".pth") for e in shipped() if "finetuned_from" not in e}
+    bases = {e["lambda"]: Path(e["file"]).stem for e in base_entries()}
 
     def launch(lmbda: float, name: str, *extra: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "qft", "train", str(recipe_path), "--lambda", f"{lmbda:g}",
                "--init", name, "--out", str(args.out), "--device", args.device, "--no-progress", *extra]
-        log = open(args.out / f"{lambda_tag(lmbda)}.out", "a")
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        with open(args.out / f"{lambda_tag(lmbda)}.out", "a") as log:  # the child keeps its copy
+            return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     probe = [launch(l, n, "--warm-steps", "1000000", "--stop-after", str(PROBE)) for l, n in bases.items()]
     for proc in probe:

@@ -34,7 +34,8 @@ from trellis.bench import machine_info
 from qft.codec import HyperpriorLatentCoder, list_images, read_image
 from qft.eval.settings import read_settings, resolve_quantizer
 from qft.models import ARCHITECTURES, load_checkpoint
-from qft.models.zoo import shipped
+
+from finetune_runs import base_entries  # sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,9 +57,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     images = [_centre(read_image(f)) for f in list_images(args.data)[: args.images]]
 
-    specs = args.checkpoint or [
-        e["name"] for e in sorted((e for e in shipped() if "finetuned_from" not in e), key=lambda e: e["lambda"])
-    ]
+    specs = args.checkpoint or [Path(e["file"]).stem for e in base_entries()]
     models = {}
     for spec in specs:
         ck = load_checkpoint(spec)

@@ -48,6 +48,8 @@ def shipped_names() -> list[str]:
 def shipped_entry(path: str | os.PathLike) -> dict[str, Any] | None:
     """The manifest entry of a shipped checkpoint file (given by any path to it), else None."""
     target = Path(path).resolve()
+    if target.parent != ASSETS.resolve():  # not in the assets folder: no manifest to read
+        return None
     for entry in shipped():
         if (ASSETS / entry["file"]).resolve() == target:
             return entry
