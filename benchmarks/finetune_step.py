@@ -54,7 +54,7 @@ from qft.finetune.objective import (
 )
 from qft.models import create_model
 from qft.train.data import sample_batch
-from qft.train.loop import machine_description, rd_forward, resolve_device
+from qft.train.loop import machine_description, rd_forward, resolve_device, transforms_autocast
 
 
 def main() -> None:
@@ -145,9 +145,6 @@ def main() -> None:
             x = sample_batch(images, 0, step, args.batch, args.crop)
             return x.to(device, memory_format=layout)
 
-        def autocast():
-            return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
-
         def full_step(step: int) -> None:
             x = image_batch(step)
             opt.zero_grad(set_to_none=True)
@@ -166,14 +163,14 @@ def main() -> None:
             y_hat = batch["y_hat"][..., G_S_REACH:-G_S_REACH, G_S_REACH:-G_S_REACH]
             y_hat = y_hat.to(device, memory_format=layout)
             model.g_s.zero_grad(set_to_none=True)
-            with autocast():
+            with transforms_autocast(amp):
                 x_hat = model.g_s(y_hat)
             x_hat.float().square().mean().backward()
 
         def g_a_alone(step: int) -> None:
             x = image_batch(step)
             full_model.g_a.zero_grad(set_to_none=True)
-            with autocast():
+            with transforms_autocast(amp):
                 y = full_model.g_a(x)
             y.float().square().mean().backward()
 

@@ -25,8 +25,6 @@ batch element), so runs are reproducible and independent of the number of proces
 
 from __future__ import annotations
 
-import contextlib
-
 from typing import Sequence
 
 import numpy as np
@@ -38,6 +36,7 @@ from trellis import Quantizer
 from trellis.tables import cell_bounds
 
 from qft.finetune.cache import LatentCache
+from qft.train.loop import transforms_autocast
 
 __all__ = [
     "FinetuneObjective",
@@ -318,18 +317,13 @@ class FinetuneObjective(nn.Module):
             return ("y_noisy", "z_noisy") if self.hyper else ("y_noisy",)
         return ("t", "z_hat") if self.hyper else ("y_hat",)
 
-    def _autocast(self):
-        if self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _entropy_parameters(
         self, z: list[torch.Tensor], offsets: torch.Tensor, size: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``μ, σ`` of the latent crops: ``h_s`` of each element's ``ẑ`` window, cut to
         the crop (exact: the window holds all the ``ẑ`` context ``h_s`` reaches)."""
         h, w = size
-        with self._autocast():
+        with transforms_autocast(self.amp):
             p = torch.cat([
                 forward_window(self.h_s, zb[None], slice(dt, dt + h), slice(dl, dl + w))
                 for zb, (dt, dl) in zip(z, offsets.tolist())
@@ -366,7 +360,7 @@ class FinetuneObjective(nn.Module):
                 mass = gc.likelihood_lower_bound(mass)
             m = G_S_REACH
             bits = -torch.log2(mass[..., m:-m, m:-m]).sum()
-        with self._autocast():
+        with transforms_autocast(self.amp):
             x_hat = decode_centre(self.g_s, y_hat, G_S_REACH).float()
         p = (x.shape[-2] - x_hat.shape[-2]) // 2  # pixels of context on each side
         x = x[..., p:-p, p:-p]

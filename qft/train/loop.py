@@ -20,7 +20,6 @@ Output layout, one folder per rate point under ``out_dir``::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import platform
@@ -90,6 +89,12 @@ def machine_description(device: torch.device, threads: int, amp: bool = True) ->
     return f"CPU {cpu}, {threads} thread(s)"
 
 
+def transforms_autocast(amp: bool) -> torch.autocast:
+    """The precision of the transforms: bf16 autocast on CUDA with ``amp``, else a no-op
+    (entropy models and losses stay in fp32 outside it)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
+
+
 def rd_forward(
     model: MeanScaleHyperprior, x: torch.Tensor, amp: bool = False
 ) -> dict[str, Any]:
@@ -99,22 +104,17 @@ def rd_forward(
     With ``amp=False`` this is exactly ``model(x)``.
     """
 
-    def transforms():
-        if amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    with transforms():
+    with transforms_autocast(amp):
         y = model.g_a(x)
     y = y.float()
-    with transforms():
+    with transforms_autocast(amp):
         z = model.h_a(y)
     z_hat, z_likelihoods = model.entropy_bottleneck(z.float())
-    with transforms():
+    with transforms_autocast(amp):
         gaussian_params = model.h_s(z_hat)
     scales_hat, means_hat = gaussian_params.float().chunk(2, 1)
     y_hat, y_likelihoods = model.gaussian_conditional(y, scales_hat, means=means_hat)
-    with transforms():
+    with transforms_autocast(amp):
         x_hat = model.g_s(y_hat)
     return {
         "x_hat": x_hat.float(),
