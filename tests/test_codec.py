@@ -202,3 +202,40 @@ class TestImages:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             read_image(tmp_path / "c.png")
+
+
+def test_decoder_target_changes_the_stream_not_the_decoder(image):
+    codec = Codec(tiny(), "a", "mean-scale-hyperprior")
+    q = Quantizer("tcq8", step=0.5, lam=0.03)
+    plain, shifted = codec.compress(image, q), codec.compress(image, q, target=0.25)
+    assert not np.array_equal(plain["y_hat"], shifted["y_hat"])
+    dec = Codec(tiny(), "a", "mean-scale-hyperprior").decompress(shifted["bitstream"])  # nothing but the stream
+    assert np.array_equal(dec["y_hat"], shifted["y_hat"])
+    (lat,) = codec.latent_coder.quantize(pad(image)[0], Quantizer("usq"))
+    with pytest.raises(ValueError, match="without the decoder target"):
+        codec.latent_coder.requantize(lat, q, target=0.25)
+    with pytest.raises(ValueError, match="target"):
+        codec.compress(image, q, target=-1.0)
+
+
+def test_target_direction_descends_the_image_error():
+    """``s = D⁻¹Jᵀ(x − g_s(y))`` with ``D > 0`` diagonal: a small step along it lowers the
+    image error of the unquantized latent; the padded border is outside the residual."""
+    from qft.codec.latent import target_direction
+
+    m = tiny(gain=1.0)
+    torch.manual_seed(2)
+    x = torch.rand(1, 3, 64, 128)
+    with torch.no_grad():
+        y = m.g_a(x)
+        s = torch.from_numpy(target_direction(m.g_s, x, y))
+
+        def err(t):
+            return torch.sum((x - m.g_s(y + t * s)) ** 2).item()
+
+        t = 1e-3 / s.abs().max().item()
+        assert err(t) < err(0.0)
+    x2 = x.clone()
+    x2[..., -16:] = 1 - x2[..., -16:]  # the right 16 columns: padding
+    assert np.array_equal(target_direction(m.g_s, x, y, (0, 16, 0, 0)), target_direction(m.g_s, x2, y, (0, 16, 0, 0)))
+    assert not np.array_equal(target_direction(m.g_s, x, y), target_direction(m.g_s, x2, y))

@@ -352,6 +352,29 @@ def test_cache_of_another_quantizer_or_checkpoint(setup, tmp_path, capsys):
     save_checkpoint(other, model, "mbt2018-mean", {"N": 16, "M": 24})
     assert _run(setup, tmp_path / "b", "-m", str(other), "--lambda", "0.01") == 2
     assert "belongs to another checkpoint" in capsys.readouterr().err
+    assert _run(setup, tmp_path / "c", "--target", "0.25") == 2
+    assert "belongs to another quantizer" in capsys.readouterr().err
+
+
+def test_finetune_on_decoder_target_latents(setup, tmp_path):
+    """With a decoder target the cache holds what the encoder sends with that target (the
+    padding outside the target's residual), and the model records the target."""
+    out, cache_dir = tmp_path / "run", tmp_path / "cache"
+    assert main(["finetune", str(setup["recipe"]), "--out", str(out), "--no-progress", "--cache", str(cache_dir),
+                 "--target", "0.25", "--steps", "1"]) == 0
+    base = load_checkpoint(setup["base"])
+    q = Quantizer("tcq8", step=default_step("tcq8"), lam=default_lambda("tcq8", default_step("tcq8")))
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    assert meta["identity"]["target"] == 0.25
+    cache = LatentCache.open(cache_dir, meta["identity"])
+    img = np.asarray(Image.open(setup["root"] / "data" / "train" / "1.png").convert("RGB"))[:208, :208]
+    x = torch.zeros(1, 3, 256, 256)
+    x[0, :, :208, :208] = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255
+    coder = HyperpriorLatentCoder(base.model, "mean-scale-hyperprior")
+    lat = coder.quantize(x, q, target=0.25, padding=(0, 48, 0, 48))[0]
+    np.testing.assert_array_equal(cache.crop("index", 1, 0, 0, 13), lat.result.indices[:, :13, :13])
+    assert not np.array_equal(lat.result.indices, coder.quantize(x, q)[0].result.indices)
+    assert load_checkpoint(out / "model.pth").extra["quantizer"]["target"] == 0.25
 
 
 def test_scale_hyperprior_and_codec_round_trip(setup, tmp_path):

@@ -73,6 +73,14 @@ def test_settings_precedence_and_identity(setup, recwarn):
         4 * resolve_quantizer("tcq8", s).quantizer.lam)
     with pytest.raises(UserError, match="no decoder weights"):
         resolve_quantizer("tcq8", {}, weights="decoder")
+    # the decoder target: calibrated per pick, explicit values win, USQ's default stays 0
+    by_t = {w: p | {"target": 0.25 if w == "decoder" else 0.0} for w, p in by.items()}
+    s3 = s | {"methods": {"tcq8": {**by_t["decoder"], "by_weights": by_t}}}
+    assert resolve_quantizer("tcq8", s3).target == 0.25 and resolve_quantizer("tcq8", s3, weights="none").target == 0
+    assert resolve_quantizer("tcq8", s3, target=0.0).target == 0 and resolve_quantizer("usq", s3).target == 0
+    assert resolve_quantizer("usq", s3, target=0.125).describe()["target"] == 0.125
+    with pytest.raises(UserError, match="--target"):
+        resolve_quantizer("tcq8", s3, target=-0.5)
     # a finetuned delta reads its base's settings
     delta = root / "ft.pth"
     write_delta(delta, ck.model, ckpts[0], ("g_s.",))
@@ -82,7 +90,12 @@ def test_settings_precedence_and_identity(setup, recwarn):
     write_delta(delta, ck.model, ckpts[0], ("g_s.",),
                 {"quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5, "reset": "channel"}})
     c = resolve_quantizer("tcq8", read_settings(load_checkpoint(delta)), step_scale=2)
-    assert (c.quantizer.step, c.quantizer.lam, c.weights) == (1.3, pytest.approx(0.04), None)
+    assert (c.quantizer.step, c.quantizer.lam, c.weights, c.target) == (1.3, pytest.approx(0.04), None, 0.0)
+    delta.unlink()
+    write_delta(delta, ck.model, ckpts[0], ("g_s.",),
+                {"quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5, "reset": "channel",
+                               "target": 0.125}})
+    assert resolve_quantizer("tcq8", read_settings(load_checkpoint(delta))).target == 0.125
     # another checkpoint's file is ignored with a warning
     other = load_checkpoint(ckpts[1])
     settings_path(ckpts[1]).write_text(settings_path(ckpts[0]).read_text())
@@ -107,6 +120,13 @@ def test_weights_change_the_stream_not_the_decoder(setup, tmp_path, capsys):
     assert len((tmp_path / "a.qft").read_bytes()) > 100  # a latent with many nonzero indices
     assert main(["compress", "-m", str(ckpts[0]), "--step", "0.01", str(img), "-o", str(tmp_path / "c.qft")]) == 2
     assert "too small for the 16-bit coding tables" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compress", "-m", str(ckpts[0]), "--target", "-1", str(img), "-o", str(tmp_path / "d.qft")])
+    assert "expected auto or a number >= 0" in capsys.readouterr().err
+    assert main(["compress", "-m", str(ckpts[0]), "-q", "tcq8", "--step", "0.1", "--lambda-t", "1e-3", "--target",
+                 "0.25", str(img), "-o", str(tmp_path / "t.qft")]) == 0
+    assert main(["decompress", str(tmp_path / "t.qft"), "-m", str(ckpts[0]), "-o", str(tmp_path / "t.png")]) == 0
+    assert (tmp_path / "t.qft").read_bytes() != (tmp_path / "a.qft").read_bytes()
 
 
 def test_report_end_to_end_and_resume(setup, tmp_path, capsys):
@@ -196,16 +216,47 @@ def test_calibrate_writes_settings_and_refuses_test_sets(setup, tmp_path, capsys
     assert main(["calibrate", "-m", str(ckpts[1]), "--data", str(kodak)]) == 2
     assert "looks like a test set" in capsys.readouterr().err
     assert main(["calibrate", "-m", str(ckpts[1]), "--data", str(root / "img"), "--images", "1",
-                 "--methods", "tcq8", "--steps", "0.7", "--mults", "0.05", "--threads", "1", "--weights"]) == 0
+                 "--methods", "tcq8", "--steps", "0.7", "--mults", "0.05", "--threads", "1", "--weights",
+                 "--targets", "0.25"]) == 0
     settings = json.loads(settings_path(ckpts[1]).read_text())
     w = np.asarray(settings["weights"]["decoder"])
     assert w.shape == (16,) and (w > 0).all() and len(settings["weights"]["sensitivity"]) == 16
     assert settings["checkpoint_sha256"] == load_checkpoint(ckpts[1]).sha256
     grid = settings["calibration"]["grid"]
-    assert [g["method"] for g in grid].count("usq") == 7 and grid[-1]["method"] == "tcq8"
+    first = [g for g in grid if g["target"] == 0]
+    assert [g["method"] for g in first].count("usq") == 7 and first[-1]["method"] == "tcq8"
     assert {g["weights"] for g in grid if g["method"] == "tcq8"} == {"none", "decoder"}
     assert all(g["bpp"] > 0 for g in grid)
+    # the target pass: USQ at step 1, then every pick (none may exist for a random model) at η = 0.25
+    picks = settings["methods"].get("tcq8", {}).get("by_weights", {})
+    assert [(g["method"], g["weights"]) for g in grid if g["target"] == 0.25] == [
+        ("usq", "none"), *(("tcq8", w) for w in picks)]
+    assert set(settings["calibration"]["usq_target"]) == {"0.25"}
     settings_path(ckpts[1]).unlink()
+
+
+def test_calibrate_keeps_the_best_target(monkeypatch):
+    """The target pass on synthetic RD points: a pick keeps the η with the best saving."""
+    from qft.eval import calibrate as cal
+
+    def fake_evaluate(ck, grid, images, settings, desc):
+        for g in grid:
+            if g["method"] == "usq":  # PSNR = 30 + 3 log2(bpp); the target buys 0.5 dB
+                g["bpp"] = 1.0 / g["step"]
+                g["psnr"] = 30 + 3 * math.log2(g["bpp"]) + (0.5 if g["target"] else 0.0)
+            else:  # 3 % below USQ at 30 dB; 8 % with η = 0.25, no better with 0.125
+                g["bpp"], g["psnr"] = (0.92 if g["target"] == 0.25 else 0.97), 30.0
+
+    monkeypatch.setattr(cal, "_evaluate", fake_evaluate)
+    out = cal.calibrate_checkpoint(None, [], {}, methods=("tcq8",), steps=(0.7,), mults=(0.05,),
+                                   targets=(0.25, 0.125, 0.0))
+    pick = out["methods"]["tcq8"]
+    assert pick["target"] == 0.25 and pick["saving"] == pytest.approx(-8.0)
+    assert pick["by_weights"]["none"]["target"] == 0.25
+    assert out["calibration"]["usq_target"]["0.125"] == pytest.approx(100 * (2 ** (-0.5 / 3) - 1))
+    no_gain = cal.calibrate_checkpoint(None, [], {}, methods=("tcq8",), steps=(0.7,), mults=(0.05,),
+                                       targets=(0.125,))
+    assert no_gain["methods"]["tcq8"]["target"] == 0.0 and no_gain["methods"]["tcq8"]["saving"] == pytest.approx(-3.0)
 
 
 def test_quickstart_on_one_image(tmp_path, capsys):

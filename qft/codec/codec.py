@@ -108,11 +108,14 @@ class Codec:
         return zlib.crc32(struct.pack("<II", y, self.z_tables))
 
     @torch.no_grad()
-    def compress(self, x: torch.Tensor, quantizer: Quantizer, weights: np.ndarray | None = None) -> dict:
+    def compress(
+        self, x: torch.Tensor, quantizer: Quantizer, weights: np.ndarray | None = None, target: float = 0.0
+    ) -> dict:
         """Codes one image ``(1, 3, H, W)`` in ``[0, 1]`` with the given latent quantizer.
 
-        ``weights``: per-channel distortion weights ``(C,)`` of RDOQ/TCQ (hyperprior
-        models; the decoder needs none).
+        ``weights``: per-channel distortion weights ``(C,)`` of RDOQ/TCQ; ``target``: ``η``
+        of the decoder target (:mod:`qft.codec.latent`; 0: none). Both are encoder-side
+        choices of hyperprior models; the decoder needs neither.
 
         Returns:
             dict with ``bitstream`` (bytes), ``bits_estimated`` (for hyperprior models the
@@ -123,11 +126,13 @@ class Codec:
         if x.ndim != 4 or x.shape[:2] != (1, 3):
             raise ValueError(f"expected one RGB image (1, 3, H, W), got {tuple(x.shape)}")
         self.check_quantizer(quantizer)
+        if target and self.latent_coder is None:
+            raise UserError(f"{self.arch}: the decoder target needs a hyperprior model; use --target 0")
         t0 = time.perf_counter()
         h, w = x.shape[-2:]
-        xp, _ = pad(x.to(self.device))
+        xp, padding = pad(x.to(self.device))
         if self.latent_coder is not None:
-            (lat,) = self.latent_coder.quantize(xp, quantizer, weights)
+            (lat,) = self.latent_coder.quantize(xp, quantizer, weights, target, padding)
             out = self.encode_latent(lat, quantizer, h, w)
             out["time_s"] = time.perf_counter() - t0
             return out

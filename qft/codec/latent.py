@@ -14,6 +14,13 @@ entropy-parameter path — ``ẑ`` from the decoded z symbols, ``h_s`` in float6
 ``μ`` and ``σ`` rounded to float32, ``σ`` lower-bounded at 0.11 — is run identically by
 encoder and decoder, so the decoder reproduces the encoder's table rows and ``ŷ`` bit for
 bit even when the encoder ran the analysis transforms on a GPU.
+
+**Decoder target** (encoder only, ``target = η > 0``): the quantizer is given
+``y + η·s`` instead of ``y``, with ``s`` the damped diagonal Gauss–Newton step towards a
+latent that ``g_s`` decodes closer to the image (:func:`target_direction`). It folds the
+linear term of the linearised image error, ``−2 (Jᵀ(x − g_s(y)))ᵀ e``, which the
+per-channel distortion weights (the quadratic term) leave out, into the quantizer's
+target. The decoder needs nothing (docs/design.md, "Decoder target").
 """
 
 from __future__ import annotations
@@ -28,10 +35,59 @@ import torch
 
 from trellis import NUM_SCALES, SCALE_TABLE, Quantizer, QuantizeResult, rans, scale_rows
 
-__all__ = ["HYPERPRIOR_ENTROPY", "QuantizedLatent", "HyperpriorLatentCoder"]
+__all__ = ["HYPERPRIOR_ENTROPY", "QuantizedLatent", "HyperpriorLatentCoder", "target_direction"]
 
 #: Entropy-model kinds (see :class:`qft.models.Architecture`) this coder handles.
 HYPERPRIOR_ENTROPY = ("scale-hyperprior", "mean-scale-hyperprior")
+
+
+#: Levenberg–Marquardt damping of :func:`target_direction`, × the median over channels of ``d``.
+TARGET_DAMPING = 1.0
+#: Gaussian pixel-space probes per image for ``d`` in :func:`target_direction`.
+TARGET_PROBES = 4
+
+
+def target_direction(
+    g_s: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    seed: int = 0,
+) -> np.ndarray:
+    """The decoder-target step ``s = g / (d + ρ·median(d))`` of a batch of latents.
+
+    ``g = Jᵀ(x − g_s(y))`` (``J`` the Jacobian of ``g_s`` at ``y``; the residual is zero
+    on the ``padding`` ``(left, right, top, bottom)`` that :func:`qft.codec.image.pad`
+    added), ``d_c`` the mean over channel ``c`` of ``diag(JᵀJ)`` estimated per image from
+    :data:`TARGET_PROBES` seeded Gaussian probes (Hutchinson), ``ρ`` =
+    :data:`TARGET_DAMPING`. Minimising ``Σ d e² − 2 g e`` (the linearised image error of a
+    latent error ``e``) per element gives ``e = g / d``: ``y + s`` is one diagonal
+    Gauss–Newton step towards a latent ``g_s`` decodes closer to ``x``, damped because the
+    diagonal model overshoots in channels the decoder barely reads.
+
+    Args:
+        g_s: the synthesis transform.
+        x: images ``(N, 3, H, W)`` on ``g_s``'s device, ``y``: their latents ``(N, C, h, w)``.
+
+    Returns:
+        ``s`` as float32 numpy ``(N, C, h, w)``.
+    """
+    left, right, top, bottom = padding
+    gen = torch.Generator().manual_seed(seed)
+    yt = y.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        x_hat = g_s(yt)
+        residual = (x - x_hat).detach()
+        mask = torch.zeros_like(residual)
+        mask[..., top : residual.shape[-2] - bottom, left : residual.shape[-1] - right] = 1
+        (g,) = torch.autograd.grad(x_hat, yt, residual * mask, retain_graph=True)
+        d = torch.zeros(y.shape[:2], dtype=torch.float64)
+        for k in range(TARGET_PROBES):
+            u = torch.randn(x_hat.shape, generator=gen).to(x_hat)
+            (v,) = torch.autograd.grad(x_hat, yt, u, retain_graph=k < TARGET_PROBES - 1)
+            d += v.double().pow(2).mean((2, 3)).cpu() / TARGET_PROBES
+    d = d + TARGET_DAMPING * d.median(dim=1, keepdim=True).values
+    return (g.double().cpu() / d[:, :, None, None]).float().numpy()
 
 
 def _per_channel(weights: np.ndarray | None) -> np.ndarray | None:
@@ -50,6 +106,9 @@ class QuantizedLatent:
         z_string: the coded hyper-latent.
         z_shape: spatial size of ``z``.
         z_bits_estimated: ``-Σ log2`` of the ``EntropyBottleneck`` likelihoods of ``ẑ``.
+        direction: the decoder-target step :func:`target_direction` (``None`` when the
+            latent was analysed without a target); the quantizer saw ``y + target·direction``.
+        target: the ``η`` of that quantization.
     """
 
     y: np.ndarray
@@ -59,6 +118,8 @@ class QuantizedLatent:
     z_string: bytes
     z_shape: tuple[int, int]
     z_bits_estimated: float
+    direction: np.ndarray | None = None
+    target: float = 0.0
 
 
 class HyperpriorLatentCoder:
@@ -117,28 +178,48 @@ class HyperpriorLatentCoder:
 
     @torch.no_grad()
     def quantize(
-        self, x: torch.Tensor, quantizer: Quantizer, weights: np.ndarray | None = None
+        self,
+        x: torch.Tensor,
+        quantizer: Quantizer,
+        weights: np.ndarray | None = None,
+        target: float = 0.0,
+        padding: tuple[int, int, int, int] = (0, 0, 0, 0),
     ) -> list[QuantizedLatent]:
         """:meth:`analyse` and latent quantization of a batch ``(N, 3, H, W)``.
 
         ``H`` and ``W`` must be multiples of 64. The analysis transforms run on ``x``'s
         device; everything after ``z`` runs on the CPU. ``weights``: per-channel distortion
         weights ``(C,)`` of RDOQ/TCQ (encoder only; see :meth:`trellis.Quantizer.quantize`).
+        ``target``: ``η`` of the decoder target (module docstring; 0: none); ``padding``:
+        the zero padding of ``x``, outside the target's residual.
         """
+        if not (np.isfinite(target) and target >= 0):
+            raise ValueError(f"target must be a non-negative finite number, got {target!r}")
         y, mu, sigma, z_strings, z_shape, z_bits = self.analyse(x)
+        direction = None
+        if target > 0:
+            direction = target_direction(self.model.g_s, x, torch.from_numpy(y).to(x.device), padding)
         out = []
         for i in range(y.shape[0]):
-            res = quantizer.quantize(y[i], mu[i], sigma[i], weights=_per_channel(weights))
-            out.append(QuantizedLatent(y[i], mu[i], sigma[i], res, z_strings[i], z_shape, float(z_bits[i])))
+            lat = QuantizedLatent(y[i], mu[i], sigma[i], None, z_strings[i], z_shape, float(z_bits[i]),
+                                  None if direction is None else direction[i])
+            out.append(self.requantize(lat, quantizer, weights, target))
         return out
 
     @staticmethod
     def requantize(
-        lat: QuantizedLatent, quantizer: Quantizer, weights: np.ndarray | None = None
+        lat: QuantizedLatent, quantizer: Quantizer, weights: np.ndarray | None = None, target: float = 0.0
     ) -> QuantizedLatent:
-        """The same analysis (y, μ, σ, z) quantized with another quantizer (and weights)."""
-        res = quantizer.quantize(lat.y, lat.mu, lat.sigma, weights=_per_channel(weights))
-        return dataclasses.replace(lat, result=res)
+        """The same analysis (y, μ, σ, z) quantized with another quantizer (weights, target).
+
+        Raises:
+            ValueError: ``target > 0`` for a latent analysed without the decoder target.
+        """
+        if target > 0 and lat.direction is None:
+            raise ValueError("this latent was analysed without the decoder target; quantize it with target > 0 first")
+        y = lat.y if target == 0 else lat.y + np.float32(target) * lat.direction
+        res = quantizer.quantize(y, lat.mu, lat.sigma, weights=_per_channel(weights))
+        return dataclasses.replace(lat, result=res, target=target)
 
     @staticmethod
     def encode(q: QuantizedLatent, quantizer: Quantizer) -> bytes:

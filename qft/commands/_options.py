@@ -70,6 +70,22 @@ def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default="auto", metavar="auto|none|decoder|FILE",
                    help="RDOQ/TCQ distortion weights per latent channel: the calibrated choice (auto, default), "
                         "none, the checkpoint's decoder-sensitivity weights, or a .npy/.json file")
+    g.add_argument("--target", default="auto", type=_target, metavar="auto|ETA",
+                   help="decoder target: quantize y + ETA·(damped Gauss-Newton step towards a latent the decoder "
+                        "renders closer to the image); auto (default): the calibrated ETA, else 0 (off)")
+
+
+def _target(value: str) -> str | float:
+    """``--target``: ``auto`` or a number ≥ 0."""
+    if value == "auto":
+        return value
+    try:
+        eta = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number >= 0, got {value!r}") from None
+    if not (math.isfinite(eta) and eta >= 0):
+        raise argparse.ArgumentTypeError(f"expected auto or a number >= 0, got {value!r}")
+    return eta
 
 
 def quantizer_from_args(args: argparse.Namespace, settings: dict | None = None):
@@ -78,7 +94,8 @@ def quantizer_from_args(args: argparse.Namespace, settings: dict | None = None):
     from qft.eval.settings import resolve_quantizer
 
     return resolve_quantizer(args.quantizer, settings or {}, step=args.step, lambda_t=args.lambda_t,
-                             lambda_mult=args.lambda_mult, reset=args.reset, weights=getattr(args, "weights", "auto"))
+                             lambda_mult=args.lambda_mult, reset=args.reset, weights=getattr(args, "weights", "auto"),
+                             target=getattr(args, "target", "auto"))
 
 
 def device_from_args(args: argparse.Namespace) -> str:

@@ -4,6 +4,7 @@
 
     qft calibrate -m mbt2018-mean-0.013 --data ../shared/data/bsds500/val
     qft calibrate -m model.pth --data val/ --weights      # also estimate and try decoder weights
+    qft calibrate -m model.pth --data val/ --weights --targets   # and the decoder target (η 0.125, 0.25)
 
 Writes ``<checkpoint>.qft.json`` beside the checkpoint (:mod:`qft.eval.settings`); eval,
 compress, finetune, report and quickstart then use its choices by default. Use images of
@@ -21,7 +22,7 @@ _TEST_SETS = ("kodak", "tecnick", "clic")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from qft.eval.calibrate import MULTS, STEPS
+    from qft.eval.calibrate import MULTS, STEPS, TARGETS
 
     parser.add_argument("-m", "--checkpoint", required=True, nargs="+", metavar="CKPT",
                         help="checkpoint file(s) or shipped model name(s)")
@@ -34,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mults", type=float, nargs="+", default=list(MULTS), help="λ multipliers of the grid")
     parser.add_argument("--weights", action="store_true",
                         help="estimate the decoder-sensitivity weights (if not stored yet) and search with and without them")
+    parser.add_argument("--targets", type=float, nargs="*", metavar="ETA",
+                        help=f"also try the decoder target at these η on every pick (no values: {' '.join(map(str, TARGETS))})")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
 
 
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from qft.codec import list_images
     from qft.errors import UserError
-    from qft.eval.calibrate import calibrate_checkpoint
+    from qft.eval.calibrate import TARGETS, calibrate_checkpoint
     from qft.eval.evaluate import set_threads
     from qft.eval.settings import read_settings, write_settings
     from qft.models import load_checkpoint
@@ -63,17 +66,21 @@ def run(args: argparse.Namespace) -> int:
 
             settings["weights"] = estimate_weights(ck.model, images)
             write_settings(spec, ck.sha256, {"weights": settings["weights"]})
+        targets = () if args.targets is None else args.targets or TARGETS
         update = calibrate_checkpoint(ck, images, settings, methods=args.methods, steps=args.steps, mults=args.mults,
-                                      weights=args.weights, desc=Path(str(spec)).name)
+                                      weights=args.weights, targets=targets, desc=Path(str(spec)).name)
         path = write_settings(spec, ck.sha256, update)
         for method in args.methods:
             c = update["methods"].get(method)
             if c is None or c.get("finetuned"):
                 print(f"{spec} {method}: no configuration within USQ's PSNR range; defaults kept")
                 continue
-            alt = "; ".join(f"weights {w}: Δ {p['step']}, m {p['lambda_mult']}, {p['saving']:+.2f} %"
-                            for w, p in c["by_weights"].items())
-            print(f"{spec} {method}: step {c['step']}, λ multiplier {c['lambda_mult']}, weights {c['weights']}: "
-                  f"{c['saving']:+.2f} % rate at equal PSNR vs USQ ({alt})")
+            alt = "; ".join(f"weights {w}: Δ {p['step']}, m {p['lambda_mult']}, η {p.get('target', 0)}, "
+                            f"{p['saving']:+.2f} %" for w, p in c["by_weights"].items())
+            print(f"{spec} {method}: step {c['step']}, λ multiplier {c['lambda_mult']}, weights {c['weights']}, "
+                  f"target {c.get('target', 0)}: {c['saving']:+.2f} % rate at equal PSNR vs USQ ({alt})")
+        for eta, s in update["calibration"]["usq_target"].items():
+            saving = "outside USQ's PSNR range" if s is None else f"{s:+.2f} % rate at equal PSNR vs USQ"
+            print(f"{spec} usq with target {eta} (a reference, not a default): {saving}")
         print(f"wrote {path}")
     return 0

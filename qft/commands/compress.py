@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     choice = quantizer_from_args(args, read_settings(ckpt))
     quantizer = choice.quantizer
     codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy, device=device_from_args(args))
-    out = codec.compress(x, quantizer, choice.weights)
+    out = codec.compress(x, quantizer, choice.weights, choice.target)
     with open(args.output, "wb") as f:
         f.write(out["bitstream"])
     h, w = x.shape[-2:]

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         method = choice.quantizer.method
         codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy, device=device)
         codec.check_quantizer(choice.quantizer)
-        per_checkpoint.append(evaluate_images(codec, choice.quantizer, images, desc=str(path), weights=choice.weights))
+        per_checkpoint.append(evaluate_images(codec, choice.quantizer, images, desc=str(path), weights=choice.weights,
+                                              target=choice.target))
         checkpoints.append({"path": str(path), "sha256": ckpt.sha256, "arch": ckpt.arch, "params": ckpt.params,
                             "quantizer": choice.describe()})
     name = args.name or f"{arch}-{method}"

@@ -33,6 +33,7 @@ _QUANTIZER_OPTIONS = {
     "lambda_mult": "lambda_mult",
     "reset": "reset",
     "weights": "weights",
+    "target": "target",
 }
 
 

@@ -9,6 +9,9 @@ per configuration):
 * RDOQ × λ multiplier ``m``; TCQ-4/TCQ-8 × union step Δ × ``m``; each with and without
   the decoder-sensitivity weights when they are estimated (``--weights``).
 
+With ``--targets``, a second pass tries the decoder target (:mod:`qft.codec.latent`) at
+each ``η`` on every pick; a pick keeps the best ``η`` (0 if none helps).
+
 A configuration's *saving* is its rate change at equal PSNR against the USQ curve
 (:func:`qft.eval.bdrate.local_rate_change`, over the image-mean RD point). Per method the
 choice is, among the configurations within ``TIE_PP`` percentage points of the best
@@ -33,21 +36,41 @@ import numpy as np
 from qft.eval.bdrate import local_rate_change
 from qft.eval.settings import resolve_quantizer
 
-__all__ = ["USQ_SCALES", "STEPS", "MULTS", "TIE_PP", "calibrate_checkpoint"]
+__all__ = ["USQ_SCALES", "STEPS", "MULTS", "TARGETS", "TIE_PP", "calibrate_checkpoint"]
 
 USQ_SCALES = (0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
 STEPS = (0.63, 0.7, 0.8, 0.9, 1.0)
 MULTS = (0.025, 0.05, 0.1, 0.25)
 TIE_PP = 0.5
+#: Decoder-target ``η`` values of ``qft calibrate --targets`` without values.
+TARGETS = (0.125, 0.25)
 
 
 def _grid(methods, steps, mults, weight_modes) -> list[dict[str, Any]]:
-    grid = [{"method": "usq", "step": s, "lambda_mult": 0.0, "weights": "none"} for s in USQ_SCALES]
+    grid = [{"method": "usq", "step": s, "lambda_mult": 0.0, "weights": "none", "target": 0.0} for s in USQ_SCALES]
     for method, w in itertools.product(methods, weight_modes):
         method_steps = (1.0,) if method == "rdoq" else steps
-        grid += [{"method": method, "step": d, "lambda_mult": m, "weights": w}
+        grid += [{"method": method, "step": d, "lambda_mult": m, "weights": w, "target": 0.0}
                  for d, m in itertools.product(method_steps, mults)]
     return grid
+
+
+def _evaluate(ck, grid: list[dict[str, Any]], images: list[Path], settings: dict[str, Any], desc: str) -> None:
+    """Mean bpp and PSNR of every grid entry (added in place), real bitstreams."""
+    from qft.codec import Codec
+    from qft.eval.evaluate import evaluate_configs
+    from qft.models import ARCHITECTURES
+
+    configs = {}
+    for i, g in enumerate(grid):
+        c = resolve_quantizer(g["method"], settings, step=g["step"], lambda_mult=g["lambda_mult"] or None,
+                              weights=g["weights"], target=g["target"])
+        configs[str(i)] = (c.quantizer, c.weights, c.target)
+    codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
+    rows = evaluate_configs(codec, configs, images, desc=desc, ms_ssim=False)
+    for i, g in enumerate(grid):
+        g["bpp"] = float(np.mean([r["bpp"] for r in rows[str(i)]]))
+        g["psnr"] = float(np.mean([r["psnr-rgb"] for r in rows[str(i)]]))
 
 
 def calibrate_checkpoint(
@@ -59,46 +82,57 @@ def calibrate_checkpoint(
     steps=STEPS,
     mults=MULTS,
     weights: bool = False,
+    targets=(),
     desc: str = "calibrate",
 ) -> dict[str, Any]:
     """Grid search of one loaded checkpoint; returns the settings update
     ``{"methods": {...}, "calibration": {...}}``.
 
     ``settings`` are the checkpoint's current settings; with ``weights`` they must hold
-    the decoder weights (``settings["weights"]["decoder"]``).
+    the decoder weights (``settings["weights"]["decoder"]``). ``targets``: decoder-target
+    ``η`` values (> 0) tried, in a second pass, on every pick of the first; a pick keeps
+    the ``η`` (0: none) with the best saving. USQ at step 1 with each ``η`` is measured too
+    (``calibration["usq_target"]``: what the target alone buys) but USQ stays the plain
+    reference: its default target is 0.
     """
-    from qft.codec import Codec
-    from qft.eval.evaluate import evaluate_configs
-    from qft.models import ARCHITECTURES
-
     grid = _grid(methods, steps, mults, ("none", "decoder") if weights else ("none",))
-    configs = {}
-    for i, g in enumerate(grid):
-        c = resolve_quantizer(g["method"], settings, step=g["step"], lambda_mult=g["lambda_mult"] or None,
-                              weights=g["weights"])
-        configs[str(i)] = (c.quantizer, c.weights)
-    codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
-    rows = evaluate_configs(codec, configs, images, desc=desc, ms_ssim=False)
-    for i, g in enumerate(grid):
-        g["bpp"] = float(np.mean([r["bpp"] for r in rows[str(i)]]))
-        g["psnr"] = float(np.mean([r["psnr-rgb"] for r in rows[str(i)]]))
+    _evaluate(ck, grid, images, settings, desc)
     usq = [(g["bpp"], g["psnr"]) for g in grid if g["method"] == "usq"]
     usq1 = next(g for g in grid if g["method"] == "usq" and g["step"] == 1.0)
+
+    def saving(g: dict[str, Any]) -> float | None:
+        return _finite(local_rate_change(usq, (g["bpp"], g["psnr"])))
+
     for g in grid:
-        g["saving"] = None if g["method"] == "usq" else _finite(local_rate_change(usq, (g["bpp"], g["psnr"])))
+        g["saving"] = None if g["method"] == "usq" else saving(g)
     chosen = {}
     for method in methods:
         picks = {w: _pick([g for g in grid if g["method"] == method and g["weights"] == w], usq1)
                  for w in ("none", "decoder")}
-        picks = {w: p for w, p in picks.items() if p is not None}
-        if not picks:
-            continue
-        best = min(picks.values(), key=lambda p: p["saving"])
-        chosen[method] = {**best, "by_weights": picks}
+        chosen[method] = {w: p | {"target": 0.0} for w, p in picks.items() if p is not None}
+    targets = sorted({float(t) for t in targets if t > 0})
+    second = [{"method": "usq", "step": 1.0, "lambda_mult": 0.0, "weights": "none", "target": t} for t in targets]
+    second += [{"method": m, "step": p["step"], "lambda_mult": p["lambda_mult"], "weights": w, "target": t}
+               for m, picks in chosen.items() for w, p in picks.items() for t in targets]
+    if second:
+        _evaluate(ck, second, images, settings, f"{desc} (targets)")
+        for g in second:
+            g["saving"] = saving(g)
+            if g["method"] == "usq":
+                continue
+            p = chosen[g["method"]][g["weights"]]
+            if g["saving"] is not None and g["saving"] < p["saving"]:
+                p.update(target=g["target"], saving=g["saving"], rate_vs_usq_step1=g["bpp"] / usq1["bpp"])
+    methods_out = {}
+    for method, picks in chosen.items():
+        if picks:
+            best = min(picks.values(), key=lambda p: p["saving"])
+            methods_out[method] = {**best, "by_weights": picks}
     calibration = {"data": str(Path(images[0]).parent) if images else "", "images": [p.name for p in images],
                    "metric": "rate change (%) at equal PSNR vs the USQ step sweep, real bitstreams",
-                   "tie_pp": TIE_PP, "grid": grid}
-    return {"methods": settings.get("methods", {}) | chosen, "calibration": calibration}
+                   "tie_pp": TIE_PP, "grid": grid + second,
+                   "usq_target": {str(g["target"]): g["saving"] for g in second if g["method"] == "usq"}}
+    return {"methods": settings.get("methods", {}) | methods_out, "calibration": calibration}
 
 
 def _pick(cands: list[dict[str, Any]], usq1: dict[str, Any]) -> dict[str, Any] | None:

@@ -40,13 +40,13 @@ def set_threads(n: int) -> None:
 
 
 def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc: str = "eval",
-                    weights: np.ndarray | None = None) -> list[dict]:
-    """Per-image metrics of one codec/quantizer over a list of image files."""
+                    weights: np.ndarray | None = None, target: float = 0.0) -> list[dict]:
+    """Per-image metrics of one codec/quantizer (weights, decoder target) over image files."""
     rows = []
     for path in tqdm(images, desc=desc, unit="img", leave=False):
         x = read_image(path)
         pixels = x.shape[-2] * x.shape[-1]
-        enc = codec.compress(x, quantizer, weights)
+        enc = codec.compress(x, quantizer, weights, target)
         dec = codec.decompress(enc["bitstream"], name=path.name)
         rows.append(
             {
@@ -63,7 +63,7 @@ def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc
 
 
 @torch.no_grad()
-def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarray | None]], images: list[Path],
+def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarray | None, float]], images: list[Path],
                      desc: str = "eval", ms_ssim: bool = True, progress: bool = True) -> dict[str, list[dict]]:
     """Per-image metrics of many quantizers on one hyperprior codec, analysing each image once.
 
@@ -75,7 +75,7 @@ def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarra
     RuntimeError); the others are decoded from the encoder's ``ŷ``. No timings.
 
     Args:
-        configs: label -> (quantizer, per-channel weights or None).
+        configs: label -> (quantizer, per-channel weights or None, decoder target η).
 
     Returns:
         label -> one row per image (``image``, ``bpp``, ``bpp_estimated``, ``psnr-rgb``,
@@ -84,14 +84,15 @@ def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarra
     if codec.latent_coder is None:
         raise UserError(f"{codec.arch}: only hyperprior models can be re-quantized per image")
     out: dict[str, list[dict]] = {label: [] for label in configs}
+    max_target = max((c[2] for c in configs.values()), default=0.0)  # the step is computed once per image
     coder = codec.latent_coder
     for i, path in enumerate(tqdm(images, desc=desc, unit="img", leave=False, disable=not progress)):
         x = read_image(path)
         h, w = x.shape[-2:]
         xp, padding = pad(x.to(codec.device))
-        (lat0,) = coder.quantize(xp, Quantizer("usq"))
-        for label, (q, weights) in configs.items():
-            lat = coder.requantize(lat0, q, weights)
+        (lat0,) = coder.quantize(xp, Quantizer("usq"), target=max_target, padding=padding)
+        for label, (q, weights, target) in configs.items():
+            lat = coder.requantize(lat0, q, weights, target)
             enc = codec.encode_latent(lat, q, h, w)
             if i == 0:  # the first stream goes through the real decoder
                 dec = codec.decompress(enc["bitstream"])

@@ -65,6 +65,7 @@ class QuantizerSpec:
     lambda_mult: float | None = None
     lambda_t: float | None = None
     weights: str = "auto"
+    target: str | float = "auto"
 
     @classmethod
     def parse(cls, item: Any) -> "QuantizerSpec":
@@ -78,6 +79,9 @@ class QuantizerSpec:
         item = {"label": item["method"], **item}
         if item.get("weights", "auto") not in WEIGHT_CHOICES and not Path(str(item["weights"])).is_file():
             raise UserError(f"report recipe: weights must be one of {WEIGHT_CHOICES} or a file, got {item['weights']!r}")
+        t = item.get("target", "auto")
+        if t != "auto" and not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+            raise UserError(f"report recipe: target must be auto or a number >= 0, got {t!r}")
         return cls(**item)
 
 
@@ -207,9 +211,11 @@ def _parse_row(r: Any, labels: list[str], path: Path) -> ModelRow:
 
 # -- evaluation ---------------------------------------------------------------------------
 def _cell_key(sha: str, choice, images: list[str], ms_ssim: bool) -> str:
-    """Identity of a cell: checkpoint file, resolved quantizer and weights, images."""
+    """Identity of a cell: checkpoint file, resolved quantizer, weights and decoder target
+    (when used), images."""
     q = dataclasses.asdict(choice.quantizer)
-    blob = json.dumps([sha, q, weights_digest(choice.weights), images, ms_ssim, REPORT_FORMAT])
+    target = [choice.target] if choice.target else []
+    blob = json.dumps([sha, q, weights_digest(choice.weights), images, ms_ssim, REPORT_FORMAT, *target])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -249,7 +255,7 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
                 spec = specs[label]
                 choose = lambda s, st=settings, sp=spec: resolve_quantizer(  # noqa: E731
                     sp.method, st, step=sp.step, lambda_t=sp.lambda_t, lambda_mult=sp.lambda_mult,
-                    weights=sp.weights, step_scale=s)
+                    weights=sp.weights, step_scale=s, target=sp.target)
                 scales = sweep if row is base and label in recipe.sweep_quantizers else (1.0,)
                 for s in scales:
                     plan.setdefault(name, {})[(row.label, i, label, s)] = choose(s)
@@ -273,11 +279,11 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
                 for cid in by_key[key]:
                     cells[cid] = json.loads(path.read_text())
             else:
-                todo[key] = (choices[key].quantizer, choices[key].weights)
+                todo[key] = (choices[key].quantizer, choices[key].weights, choices[key].target)
         if not todo:
             continue
         codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
-        for q, _ in todo.values():
+        for q, *_ in todo.values():
             codec.check_quantizer(q)
         rows = evaluate_configs(codec, todo, images, desc=Path(name).name, ms_ssim=recipe.ms_ssim,
                                 progress=progress)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 
 from dataclasses import dataclass
@@ -61,8 +62,8 @@ def settings_path(checkpoint: str | Path) -> Path:
 def read_settings(ck: LoadedCheckpoint) -> dict[str, Any]:
     """The settings of a loaded checkpoint: its settings file, ``{}`` when there is none
     (or it belongs to another file: a warning says so). A delta checkpoint reads its
-    base's file; a finetuned checkpoint's own method defaults to the quantizer (step, λ)
-    it was finetuned on."""
+    base's file; a finetuned checkpoint's own method defaults to the quantizer (step, λ,
+    weights, decoder target) it was finetuned on."""
     path, sha = resolve(ck.path), ck.sha256
     if "delta_of" in ck.extra:
         path = base_of(path, str(ck.extra["delta_of"]))
@@ -73,7 +74,8 @@ def read_settings(ck: LoadedCheckpoint) -> dict[str, Any]:
         # a finetuned model: by default its quantizer is the one it was finetuned on
         methods = dict(settings.get("methods", {}))
         methods[rec["method"]] = {"step": rec["step"], "lambda": rec["lam"],
-                                  "weights": "decoder" if "weights" in rec else "none", "finetuned": True}
+                                  "weights": "decoder" if "weights" in rec else "none",
+                                  "target": float(rec.get("target", 0.0)), "finetuned": True}
         settings = settings | {"methods": methods}
     return settings
 
@@ -118,16 +120,18 @@ def weights_digest(weights: np.ndarray | None) -> str | None:
 
 @dataclass(frozen=True)
 class QuantizerChoice:
-    """A quantizer with its encoder-side distortion weights and where they came from."""
+    """A quantizer with its encoder-side distortion weights and decoder target, and where
+    they came from."""
 
     quantizer: Quantizer
     weights: np.ndarray | None
     source: str  # "explicit", "calibrated" or "default"
+    target: float = 0.0  # η of the decoder target (qft.codec.latent); 0: none
 
     def describe(self) -> dict[str, Any]:
         q = self.quantizer
         return {"method": q.method, "step": q.step, "lambda": q.lam, "reset": q.reset,
-                "weights": self.weights is not None, "source": self.source}
+                "weights": self.weights is not None, "target": self.target, "source": self.source}
 
 
 def _weights_file(path: str) -> np.ndarray:
@@ -151,6 +155,7 @@ def resolve_quantizer(
     reset: str = "channel",
     weights: str = "auto",
     step_scale: float = 1.0,
+    target: str | float = "auto",
 ) -> QuantizerChoice:
     """The quantizer of ``method`` for a checkpoint with ``settings`` (:func:`read_settings`).
 
@@ -161,6 +166,8 @@ def resolve_quantizer(
             (``.npy`` or a settings/JSON file) holding one weight per latent channel.
         step_scale: multiplies the resolved step (λ follows the step through the rule,
             unless ``lambda_t`` is explicit); sweeps the rate around the operating point.
+        target: ``η`` of the decoder target (a number ≥ 0), or ``"auto"``: the calibrated
+            one (``qft calibrate --targets``), else 0.
 
     Raises:
         UserError: decoder weights asked for but not estimated; unreadable weights file;
@@ -190,6 +197,9 @@ def resolve_quantizer(
             w = _weights_file(choice)
         if w.ndim != 1 or not np.all(np.isfinite(w)) or not np.all(w > 0):
             raise UserError("distortion weights must be one finite positive value per latent channel")
+    eta = cal.get("target", 0.0) if target == "auto" else target
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+        raise UserError(f"--target must be auto or a number >= 0, got {target!r}")
     try:
         q = Quantizer(method, step=step, lam=lam, reset=reset)
     except ValueError as exc:
@@ -198,4 +208,4 @@ def resolve_quantizer(
         q.table  # built (and cached) here, so a step too fine for 16-bit tables fails clearly
     except ValueError:
         raise UserError(f"step {step:g} is too small for the 16-bit coding tables; use a step of at least 0.05") from None
-    return QuantizerChoice(q, w, source)
+    return QuantizerChoice(q, w, source, float(eta))

@@ -96,9 +96,10 @@ def cache_identity(
     quantizer: Quantizer,
     data: str,
     weights: np.ndarray | None = None,
+    target: float = 0.0,
 ) -> dict[str, Any]:
     """What a cache's content depends on: model weights, architecture, quantizer (and its
-    distortion weights, by SHA-256), images."""
+    distortion weights, by SHA-256, and decoder target), images."""
     identity = {
         "format": CACHE_FORMAT,
         "model": model_fingerprint(model),
@@ -109,6 +110,8 @@ def cache_identity(
     }
     if weights is not None:
         identity["weights"] = weights_digest(weights)
+    if target:
+        identity["target"] = target
     return identity
 
 
@@ -124,7 +127,7 @@ def _describe_mismatch(found: dict, want: dict) -> str:
             f"another checkpoint (weights {str(found.get('model'))[:12]}…, "
             f"this run {want['model'][:12]}…)"
         )
-    if found.get("quantizer") != want["quantizer"] or found.get("weights") != want.get("weights"):
+    if any(found.get(k) != want.get(k) for k in ("quantizer", "weights", "target")):
         return f"another quantizer ({found.get('quantizer')}, this run {want['quantizer']})"
     return "other training images"
 
@@ -225,9 +228,11 @@ class LatentCache:
         device: torch.device,
         progress: bool = True,
         weights: np.ndarray | None = None,
+        target: float = 0.0,
     ) -> "LatentCache":
         """Quantize every (trimmed) image once (with the quantizer's per-channel
-        distortion ``weights``, if any) and write the cache atomically (a temporary folder
+        distortion ``weights``, if any, and decoder ``target``) and write the cache
+        atomically (a temporary folder
         renamed into place, ``meta.json`` last). Every image is computed with the
         caller's torch thread count."""
         folder = Path(folder)
@@ -257,7 +262,8 @@ class LatentCache:
                     .div_(255.0)
                 )
                 with torch.no_grad():
-                    q = coder.quantize(x.to(device), quantizer, weights)[0]
+                    padding = (0, wp - img.shape[1], 0, hp - img.shape[0])
+                    q = coder.quantize(x.to(device), quantizer, weights, target, padding)[0]
                     # Numba's first parallel kernel resets the OpenMP thread count that
                     # torch shares: keep the caller's, or g_a's float summation (hence
                     # y) would differ between a process's first build and later ones

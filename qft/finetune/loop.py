@@ -187,10 +187,11 @@ def _finetune(
             lambda_mult=recipe.lambda_mult,
             reset=recipe.reset,
             weights=recipe.weights,
+            target=recipe.target,
         ),
         read_settings(base),
     )
-    quantizer, weights = choice.quantizer, choice.weights
+    quantizer, weights, target = choice.quantizer, choice.weights, choice.target
     model = base.model
     amp = device.type == "cuda"
 
@@ -215,7 +216,7 @@ def _finetune(
     def open_cache(folder: Path, images) -> LatentCache:
         """The cache in ``folder`` for the current weights, built by rank 0 from the
         trimmed ``images`` if missing (the others wait)."""
-        identity = cache_identity(model, base.arch, entropy, quantizer, data, weights)
+        identity = cache_identity(model, base.arch, entropy, quantizer, data, weights, target)
         if main and not (folder / "meta.json").exists():
             LatentCache.build(
                 folder,
@@ -227,6 +228,7 @@ def _finetune(
                 device,
                 progress,
                 weights=weights,
+                target=target,
             )
         if world > 1:
             dist.barrier()
@@ -238,7 +240,8 @@ def _finetune(
         "arch": base.arch,
         "params": base.params,
         "quantizer": dataclasses.asdict(quantizer)
-        | ({} if weights is None else {"weights": weights_digest(weights)}),
+        | ({} if weights is None else {"weights": weights_digest(weights)})
+        | ({"target": target} if target else {}),
         "parts": recipe.parts,
         "requantize_every": requantize,
         "control": control,

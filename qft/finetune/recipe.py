@@ -15,6 +15,7 @@ Layout, every key required (``null`` where allowed)::
       lambda_mult: null         # null: calibrated (qft calibrate), else 0.025
       reset: channel
       weights: auto             # auto | none | decoder | FILE (as --weights)
+      target: auto              # optional (default auto): decoder target η (as --target)
     seed: 0
     threads: 1
     device: auto                # auto | cpu | cuda
@@ -37,6 +38,7 @@ in :mod:`qft.train.recipe`.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,7 @@ class FinetuneRecipe:
     lambda_mult: float | None
     reset: str
     weights: str
+    target: str | float
     seed: int
     threads: int
     device: str
@@ -168,7 +171,12 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
     where = f"recipe {path}"
     raw = read_yaml(path, where)
     top = _section(raw, "the recipe", _TOP, where)
-    quant = _section(top["quantizer"], "quantizer", _QUANTIZER, where)
+    quant = dict(top["quantizer"]) if isinstance(top["quantizer"], dict) else top["quantizer"]
+    target = quant.pop("target", "auto") if isinstance(quant, dict) else "auto"
+    if target != "auto" and not (isinstance(target, (int, float)) and not isinstance(target, bool)
+                                 and math.isfinite(target) and target >= 0):
+        raise UserError(f"{where}: quantizer.target must be auto or a number >= 0, not {target!r}")
+    quant = _section(quant, "quantizer", _QUANTIZER, where)
     opt = _section(top["optimizer"], "optimizer", _OPTIMIZER, where)
     data = _section(top["data"], "data", _DATA, where)
 
@@ -200,6 +208,7 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
             lambda_mult=opt_float(quant["lambda_mult"]),
             reset=str(quant["reset"]),
             weights=str(quant["weights"]),
+            target=target if target == "auto" else float(target),
             seed=int(top["seed"]),
             threads=int(top["threads"]),
             device=str(top["device"]),

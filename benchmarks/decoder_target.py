@@ -1,0 +1,129 @@
+"""The image-domain cross term in the quantizer's cost: a decoder-aware target.
+
+The per-channel weights make the trellis minimise the *quadratic* term of the linearised
+image error, ``‖x − g_s(y) − J e‖² = ‖x − g_s(y)‖² − 2 gᵀe + eᵀJᵀJ e`` (``e = ŷ − y``,
+``J`` the Jacobian of ``g_s`` at ``y``, ``g = Jᵀ(x − g_s(y))``). ``latent_gain.py`` finds
+the linear term is not negligible: the error a trellis leaves is aligned with the synthesis
+error (positive cross term), more so as λ_T grows. With ``d_c`` the diagonal of ``JᵀJ``
+averaged over channel ``c``, the linear term folds into the target: minimising
+``Σ d e² − 2 g e`` per element is minimising ``Σ d (y + s − ŷ)²`` with the shift
+``s = g / d`` — one diagonal Gauss–Newton step of "decode better" on the latent. Damped
+(Levenberg–Marquardt) and scaled: ``η g / (d + ρ·median(d))``; the quantizer (any:
+USQ rounds it, the trellis weighs it) then quantizes ``y + η·s``. The decoder needs
+nothing. This is :func:`qft.codec.latent.target_direction` (``ρ = 1``, 4 probes), what
+``--target η`` does in every qft command; this script sweeps ``η`` on fixed analyses.
+
+``g`` costs one backward pass of ``g_s`` per image, ``d`` four more (Hutchinson,
+pixel-space Gaussian probes, seeded). Rates are table bits of y plus the likelihood bits
+of ẑ (real streams are within 0.2 %); quality is PSNR of ``g_s(ŷ)`` rounded to 8 bits;
+savings are rate changes at equal PSNR against the *plain* USQ step sweep (``vs_usq``)
+and against the USQ sweep of the same shifted target (``vs_usq_shifted``: what the trellis
+adds on top of the target). TCQ-8 at the checkpoint's calibrated Δ and weights, λ_T ×
+``--mults``. Images: top-left crops with sides multiples of 64.
+
+    python benchmarks/decoder_target.py --json benchmarks/results/decoder_target_val.json
+    python benchmarks/decoder_target.py --data qft/assets/kodak --images 24 --etas 0.25 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trellis import Quantizer
+from trellis.bench import machine_info
+
+from qft.codec import HyperpriorLatentCoder, list_images, read_image
+from qft.codec.latent import TARGET_DAMPING, TARGET_PROBES, target_direction
+from qft.eval.bdrate import local_rate_change
+from qft.eval.settings import read_settings, resolve_quantizer
+from qft.models import ARCHITECTURES, load_checkpoint
+
+from finetune_runs import base_entries  # sibling script
+
+ROOT = Path(__file__).resolve().parents[1]
+USQ_STEPS = (0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--checkpoint", nargs="+", help="checkpoints (default: the shipped base models)")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "bsds500" / "val"))
+    p.add_argument("--images", type=int, default=12)
+    p.add_argument("--etas", type=float, nargs="+", default=(0.125, 0.25, 0.375))
+    p.add_argument("--mults", type=float, nargs="+", default=(1.0, 4.0), help="× the calibrated λ_T")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    images = [read_image(f) for f in list_images(args.data)[: args.images]]
+    images = [x[..., : x.shape[-2] // 64 * 64, : x.shape[-1] // 64 * 64] for x in images]
+
+    specs = args.checkpoint or [Path(e["file"]).stem for e in base_entries()]
+    models = {}
+    for spec in specs:
+        ck = load_checkpoint(spec)
+        g_s = ck.model.eval().g_s
+        coder = HyperpriorLatentCoder(ck.model, ARCHITECTURES[ck.arch].entropy)
+        t0 = time.perf_counter()
+        lats = []
+        for x in images:
+            y, mu, sigma, _, _, z_bits = coder.analyse(x)
+            lats.append((x, y[0], mu[0], sigma[0], float(z_bits[0])))
+        analyse_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        shifts = [target_direction(g_s, x, torch.from_numpy(y)[None])[0] for x, y, *_ in lats]
+        target_s = time.perf_counter() - t0
+        torch.set_num_threads(args.threads)  # Numba's first parallel kernel may reset it
+
+        def rd(q: Quantizer, eta: float, w=None) -> tuple[float, float]:
+            bpp, psnr = [], []
+            for (x, y, mu, sigma, z_bits), s in zip(lats, shifts):
+                r = q.quantize(y + eta * s, mu, sigma, weights=None if w is None else w.reshape(-1, 1, 1))
+                with torch.no_grad():
+                    x_hat = g_s(torch.from_numpy(r.y_hat)[None]).clamp(0, 1).mul(255).round().div(255)
+                bpp.append((r.bits + z_bits) / (x.shape[-2] * x.shape[-1]))
+                psnr.append(-10 * math.log10(torch.mean((x_hat - x) ** 2).item()))
+            return float(np.mean(bpp)), float(np.mean(psnr))
+
+        usq = [rd(Quantizer("usq", step=s), 0.0) for s in USQ_STEPS]
+        cal = resolve_quantizer("tcq8", read_settings(ck))
+        w, base = cal.weights, cal.quantizer
+        plain = {str(m): _finite(local_rate_change(usq, rd(Quantizer("tcq8", step=base.step, lam=base.lam * m), 0.0, w)))
+                 for m in args.mults}
+        by_eta = {}
+        for eta in args.etas:
+            usq_shifted = [rd(Quantizer("usq", step=s), eta) for s in USQ_STEPS]
+            out = {"usq_step1": {"vs_usq": _finite(local_rate_change(usq, usq_shifted[USQ_STEPS.index(1.0)]))}}
+            for m in args.mults:
+                pt = rd(Quantizer("tcq8", step=base.step, lam=base.lam * m), eta, w)
+                out[f"tcq8_x{m:g}"] = {"vs_usq": _finite(local_rate_change(usq, pt)),
+                                       "vs_usq_shifted": _finite(local_rate_change(usq_shifted, pt))}
+            by_eta[str(eta)] = out
+        models[spec] = {"calibrated_tcq8": cal.describe(), "usq_sweep": usq,
+                        "tcq8_plain_vs_usq": plain, "by_eta": by_eta,
+                        "seconds": {"analyse": analyse_s, "target": target_s}}
+        print(f"{spec}: TCQ-8 plain {plain}; " + "; ".join(
+            f"η {e}: USQ {v['usq_step1']['vs_usq']}, TCQ-8 " + ", ".join(
+                f"{k} {v[k]['vs_usq']} ({v[k]['vs_usq_shifted']})" for k in v if k != "usq_step1")
+            for e, v in by_eta.items()), flush=True)
+    if args.json:
+        result = {"benchmark": "decoder_target", "data": args.data, "images": len(images), "rho": TARGET_DAMPING,
+                  "probes": TARGET_PROBES, "models": models, "machine": machine_info(),
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
