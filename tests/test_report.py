@@ -224,7 +224,7 @@ def test_calibrate_writes_settings_and_refuses_test_sets(setup, tmp_path, capsys
     assert settings["checkpoint_sha256"] == load_checkpoint(ckpts[1]).sha256
     grid = settings["calibration"]["grid"]
     first = [g for g in grid if g["target"] == 0]
-    assert [g["method"] for g in first].count("usq") == 7 and first[-1]["method"] == "tcq8"
+    assert [g["method"] for g in first].count("usq") == 9 and first[-1]["method"] == "tcq8"
     assert {g["weights"] for g in grid if g["method"] == "tcq8"} == {"none", "decoder"}
     assert all(g["bpp"] > 0 for g in grid)
     # the target pass: USQ at step 1, then every pick (none may exist for a random model) at η = 0.25
@@ -272,7 +272,8 @@ def test_quickstart_on_one_image(tmp_path, capsys):
     assert (folder / "rd-psnr-rgb.png").is_file()
 
 
-@pytest.mark.parametrize("name", ["kodak", "tecnick", "kodak-hyperdecoder", "tecnick-hyperdecoder"])
+@pytest.mark.parametrize("name", ["kodak", "tecnick", "kodak-hyperdecoder", "tecnick-hyperdecoder", "kodak-target",
+                                  "tecnick-target"])
 def test_shipped_recipes_load(name):
     from pathlib import Path
 

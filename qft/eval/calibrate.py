@@ -38,7 +38,7 @@ from qft.eval.settings import resolve_quantizer
 
 __all__ = ["USQ_SCALES", "STEPS", "MULTS", "TARGETS", "TIE_PP", "calibrate_checkpoint"]
 
-USQ_SCALES = (0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
+USQ_SCALES = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
 STEPS = (0.63, 0.7, 0.8, 0.9, 1.0)
 MULTS = (0.025, 0.05, 0.1, 0.25)
 TIE_PP = 0.5
