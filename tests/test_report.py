@@ -288,5 +288,8 @@ def test_shipped_recipes_load(name):
         continued = rows["control-tcq8-hyperdecoder-continued"]
         assert continued.settings_from == rows["ft-tcq8-hyperdecoder-2stage"].checkpoints
         assert rows["ft-tcq8-hyperdecoder-2stage"].control == continued.label
+    elif name.endswith("-target"):
+        targets = {q.label: q.target for q in recipe.quantizers}
+        assert targets["tcq8"] == "auto" and targets["tcq8-t0"] == 0 and targets["usq-t0.125"] == 0.125
     else:
         assert {"usq", "rdoq", "tcq4", "tcq8", "tcq8-vvc-w1"} <= {q.label for q in recipe.quantizers}
