@@ -257,6 +257,18 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
     no_gain = cal.calibrate_checkpoint(None, [], {}, methods=("tcq8",), steps=(0.7,), mults=(0.05,),
                                        targets=(0.125,))
     assert no_gain["methods"]["tcq8"]["target"] == 0.0 and no_gain["methods"]["tcq8"]["saving"] == pytest.approx(-3.0)
+    # with the model's λ the RD cost decides, also beyond USQ's PSNR range (no saving there)
+
+    def beyond(ck, grid, images, settings, desc):
+        fake_evaluate(ck, grid, images, settings, desc)
+        for g in grid:
+            if g["method"] == "tcq8" and g["target"] == 0.125:
+                g["bpp"], g["psnr"] = 1.3, 34.0  # above the USQ curve's 30.97 dB
+    monkeypatch.setattr(cal, "_evaluate", beyond)
+    kw = dict(methods=("tcq8",), steps=(0.7,), mults=(0.05,), targets=(0.125,))
+    assert cal.calibrate_checkpoint(None, [], {}, **kw)["methods"]["tcq8"]["target"] == 0.0
+    out = cal.calibrate_checkpoint(None, [], {}, lmbda=0.01, **kw)
+    assert out["methods"]["tcq8"]["target"] == 0.125 and out["methods"]["tcq8"]["saving"] is None
 
 
 def test_quickstart_on_one_image(tmp_path, capsys):

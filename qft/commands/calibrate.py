@@ -68,17 +68,21 @@ def run(args: argparse.Namespace) -> int:
             write_settings(spec, ck.sha256, {"weights": settings["weights"]})
         targets = () if args.targets is None else args.targets or TARGETS
         update = calibrate_checkpoint(ck, images, settings, methods=args.methods, steps=args.steps, mults=args.mults,
-                                      weights=args.weights, targets=targets, desc=Path(str(spec)).name)
+                                      weights=args.weights, targets=targets, lmbda=ck.extra.get("lambda"),
+                                      desc=Path(str(spec)).name)
         path = write_settings(spec, ck.sha256, update)
         for method in args.methods:
             c = update["methods"].get(method)
             if c is None or c.get("finetuned"):
                 print(f"{spec} {method}: no configuration within USQ's PSNR range; defaults kept")
                 continue
+            def pct(x):
+                return "beyond USQ's PSNR range" if x is None else f"{x:+.2f} %"
+
             alt = "; ".join(f"weights {w}: Δ {p['step']}, m {p['lambda_mult']}, η {p.get('target', 0)}, "
-                            f"{p['saving']:+.2f} %" for w, p in c["by_weights"].items())
+                            f"{pct(p['saving'])}" for w, p in c["by_weights"].items())
             print(f"{spec} {method}: step {c['step']}, λ multiplier {c['lambda_mult']}, weights {c['weights']}, "
-                  f"target {c.get('target', 0)}: {c['saving']:+.2f} % rate at equal PSNR vs USQ ({alt})")
+                  f"target {c.get('target', 0)}: {pct(c['saving'])} rate at equal PSNR vs USQ ({alt})")
         for eta, s in update["calibration"]["usq_target"].items():
             saving = "outside USQ's PSNR range" if s is None else f"{s:+.2f} % rate at equal PSNR vs USQ"
             print(f"{spec} usq with target {eta} (a reference, not a default): {saving}")

@@ -10,7 +10,8 @@ per configuration):
   the decoder-sensitivity weights when they are estimated (``--weights``).
 
 With ``--targets``, a second pass tries the decoder target (:mod:`qft.codec.latent`) at
-each ``η`` on every pick; a pick keeps the best ``η`` (0 if none helps).
+each ``η`` on every pick; a pick keeps the ``η`` (0 if none helps) of lowest RD cost
+``λ·255²·MSE + bpp`` at the model's training λ (the saving where λ is unknown).
 
 A configuration's *saving* is its rate change at equal PSNR against the USQ curve
 (:func:`qft.eval.bdrate.local_rate_change`, over the image-mean RD point). Per method the
@@ -83,6 +84,7 @@ def calibrate_checkpoint(
     mults=MULTS,
     weights: bool = False,
     targets=(),
+    lmbda: float | None = None,
     desc: str = "calibrate",
 ) -> dict[str, Any]:
     """Grid search of one loaded checkpoint; returns the settings update
@@ -91,7 +93,10 @@ def calibrate_checkpoint(
     ``settings`` are the checkpoint's current settings; with ``weights`` they must hold
     the decoder weights (``settings["weights"]["decoder"]``). ``targets``: decoder-target
     ``η`` values (> 0) tried, in a second pass, on every pick of the first; a pick keeps
-    the ``η`` (0: none) with the best saving. USQ at step 1 with each ``η`` is measured too
+    the ``η`` (0: none) with the lowest RD cost ``λ·255²·MSE + bpp`` of the model's own
+    ``lmbda`` (defined even where a point's PSNR lies beyond USQ's curve, as the target's
+    often do), or without ``lmbda`` the best saving; the method's choice between the weight
+    picks follows the same score. USQ at step 1 with each ``η`` is measured too
     (``calibration["usq_target"]``: what the target alone buys) but USQ stays the plain
     reference: its default target is 0.
     """
@@ -114,6 +119,13 @@ def calibrate_checkpoint(
     second = [{"method": "usq", "step": 1.0, "lambda_mult": 0.0, "weights": "none", "target": t} for t in targets]
     second += [{"method": m, "step": p["step"], "lambda_mult": p["lambda_mult"], "weights": w, "target": t}
                for m, picks in chosen.items() for w, p in picks.items() for t in targets]
+
+    def score(g: dict[str, Any]) -> float:
+        """Lower is better: the model's own RD cost with its λ (always defined), else the saving."""
+        if lmbda:
+            return lmbda * 255**2 * 10 ** (-g["psnr"] / 10) + g["bpp"]
+        return math.inf if g["saving"] is None else g["saving"]
+
     if second:
         _evaluate(ck, second, images, settings, f"{desc} (targets)")
         for g in second:
@@ -121,12 +133,13 @@ def calibrate_checkpoint(
             if g["method"] == "usq":
                 continue
             p = chosen[g["method"]][g["weights"]]
-            if g["saving"] is not None and g["saving"] < p["saving"]:
-                p.update(target=g["target"], saving=g["saving"], rate_vs_usq_step1=g["bpp"] / usq1["bpp"])
+            if score(g) < score(p):
+                p.update(target=g["target"], saving=g["saving"], bpp=g["bpp"], psnr=g["psnr"],
+                         rate_vs_usq_step1=g["bpp"] / usq1["bpp"])
     methods_out = {}
     for method, picks in chosen.items():
         if picks:
-            best = min(picks.values(), key=lambda p: p["saving"])
+            best = min(picks.values(), key=score)
             methods_out[method] = {**best, "by_weights": picks}
     calibration = {"data": str(Path(images[0]).parent) if images else "", "images": [p.name for p in images],
                    "metric": "rate change (%) at equal PSNR vs the USQ step sweep, real bitstreams",
@@ -144,7 +157,8 @@ def _pick(cands: list[dict[str, Any]], usq1: dict[str, Any]) -> dict[str, Any] |
     best = min(g["saving"] for g in cands)
     pick = min((g for g in cands if g["saving"] <= best + TIE_PP), key=lambda g: abs(g["bpp"] / usq1["bpp"] - 1))
     return {"step": pick["step"], "lambda_mult": pick["lambda_mult"], "weights": pick["weights"],
-            "saving": pick["saving"], "best_saving": best, "rate_vs_usq_step1": pick["bpp"] / usq1["bpp"]}
+            "saving": pick["saving"], "best_saving": best, "rate_vs_usq_step1": pick["bpp"] / usq1["bpp"],
+            "bpp": pick["bpp"], "psnr": pick["psnr"]}
 
 
 def _finite(x: float) -> float | None:
