@@ -49,7 +49,8 @@ from qft.eval.bdrate import local_rate_change
 from qft.eval.settings import read_settings, resolve_quantizer
 from qft.models import ARCHITECTURES, load_checkpoint
 
-from finetune_runs import base_entries  # sibling script
+from _latents import analyse, finite, top_left  # sibling scripts
+from finetune_runs import base_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bsds500"
@@ -67,17 +68,8 @@ class TableQuantizer(Quantizer):
         return self.rates
 
 
-def _finite(x: float) -> float | None:
-    """``None`` for NaN (a point outside the USQ sweep's quality range): JSON has no NaN."""
-    return None if np.isnan(x) else x
-
-
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.2f} %"
-
-
-def _top_left(x: torch.Tensor) -> torch.Tensor:
-    return x[..., : x.shape[-2] // 64 * 64, : x.shape[-1] // 64 * 64]
 
 
 def adapted_bits(q: Quantizer, results, weights, alpha: float, by_state: bool) -> np.ndarray:
@@ -119,8 +111,8 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    train = [_top_left(read_image(f)) for f in list_images(DATA / "train")[: args.train_images]]
-    val = [_top_left(read_image(f)) for f in list_images(DATA / "val")[: args.val_images]]
+    train = [top_left(read_image(f)) for f in list_images(DATA / "train")[: args.train_images]]
+    val = [top_left(read_image(f)) for f in list_images(DATA / "val")[: args.val_images]]
 
     specs = args.checkpoint or [Path(e["file"]).stem for e in base_entries()]
     models = {}
@@ -129,14 +121,7 @@ def main() -> None:
         model = ck.model.eval()
         coder = HyperpriorLatentCoder(model, ARCHITECTURES[ck.arch].entropy)
 
-        def analyse(images):
-            out = []
-            for x in images:
-                y, mu, sigma, _, _, z_bits = coder.analyse(x)
-                out.append((x, y[0], mu[0], sigma[0], float(z_bits[0])))
-            return out
-
-        lat_train, lat_val = analyse(train), analyse(val)
+        lat_train, lat_val = analyse(coder, train), analyse(coder, val)
 
         def quantize(q, w, lats):
             return [q.quantize(y, mu, sigma, weights=w) for _, y, mu, sigma, _ in lats]
@@ -179,7 +164,7 @@ def main() -> None:
                 "adapted_trellis": (rd(qa, quantize(qa, w, lat_val), qa.rates.bits), "adapted"),
             }
             tcq[str(mult)] = {
-                v: {"bpp": pt[0], "psnr": pt[1], "saving_vs_usq": _finite(local_rate_change(anchor[a], pt))}
+                v: {"bpp": pt[0], "psnr": pt[1], "saving_vs_usq": finite(local_rate_change(anchor[a], pt))}
                 for v, (pt, a) in points.items()
             }
         u1 = usq[1.0]

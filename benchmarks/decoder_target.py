@@ -46,14 +46,11 @@ from qft.eval.bdrate import local_rate_change
 from qft.eval.settings import read_settings, resolve_quantizer
 from qft.models import ARCHITECTURES, load_checkpoint
 
-from finetune_runs import base_entries  # sibling script
+from _latents import analyse, finite, top_left  # sibling scripts
+from finetune_runs import base_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 USQ_STEPS = (0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
-
-
-def _finite(x: float) -> float | None:
-    return None if math.isnan(x) else x
 
 
 def main() -> None:
@@ -67,8 +64,7 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    images = [read_image(f) for f in list_images(args.data)[: args.images]]
-    images = [x[..., : x.shape[-2] // 64 * 64, : x.shape[-1] // 64 * 64] for x in images]
+    images = [top_left(read_image(f)) for f in list_images(args.data)[: args.images]]
 
     specs = args.checkpoint or [Path(e["file"]).stem for e in base_entries()]
     models = {}
@@ -77,10 +73,7 @@ def main() -> None:
         g_s = ck.model.eval().g_s
         coder = HyperpriorLatentCoder(ck.model, ARCHITECTURES[ck.arch].entropy)
         t0 = time.perf_counter()
-        lats = []
-        for x in images:
-            y, mu, sigma, _, _, z_bits = coder.analyse(x)
-            lats.append((x, y[0], mu[0], sigma[0], float(z_bits[0])))
+        lats = analyse(coder, images)
         analyse_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         shifts = [target_direction(g_s, x, torch.from_numpy(y)[None])[0] for x, y, *_ in lats]
@@ -100,16 +93,16 @@ def main() -> None:
         usq = [rd(Quantizer("usq", step=s), 0.0) for s in USQ_STEPS]
         cal = resolve_quantizer("tcq8", read_settings(ck))
         w, base = cal.weights, cal.quantizer
-        plain = {str(m): _finite(local_rate_change(usq, rd(Quantizer("tcq8", step=base.step, lam=base.lam * m), 0.0, w)))
+        plain = {str(m): finite(local_rate_change(usq, rd(Quantizer("tcq8", step=base.step, lam=base.lam * m), 0.0, w)))
                  for m in args.mults}
         by_eta = {}
         for eta in args.etas:
             usq_shifted = [rd(Quantizer("usq", step=s), eta) for s in USQ_STEPS]
-            out = {"usq_step1": {"vs_usq": _finite(local_rate_change(usq, usq_shifted[USQ_STEPS.index(1.0)]))}}
+            out = {"usq_step1": {"vs_usq": finite(local_rate_change(usq, usq_shifted[USQ_STEPS.index(1.0)]))}}
             for m in args.mults:
                 pt = rd(Quantizer("tcq8", step=base.step, lam=base.lam * m), eta, w)
-                out[f"tcq8_x{m:g}"] = {"vs_usq": _finite(local_rate_change(usq, pt)),
-                                       "vs_usq_shifted": _finite(local_rate_change(usq_shifted, pt))}
+                out[f"tcq8_x{m:g}"] = {"vs_usq": finite(local_rate_change(usq, pt)),
+                                       "vs_usq_shifted": finite(local_rate_change(usq_shifted, pt))}
             by_eta[str(eta)] = out
         models[spec] = {"calibrated_tcq8": cal.describe(), "usq_sweep": usq,
                         "tcq8_plain_vs_usq": plain, "by_eta": by_eta,

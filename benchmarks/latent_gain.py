@@ -44,14 +44,11 @@ from qft.eval.bdrate import local_rate_change
 from qft.eval.settings import read_settings, resolve_quantizer
 from qft.models import ARCHITECTURES, load_checkpoint
 
-from finetune_runs import base_entries  # sibling script
+from _latents import analyse, finite, top_left  # sibling scripts
+from finetune_runs import base_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 USQ_STEPS = (0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
-
-
-def _finite(x: float) -> float | None:
-    return None if math.isnan(x) else x
 
 
 def main() -> None:
@@ -64,8 +61,7 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    images = [read_image(f) for f in list_images(args.data)[: args.images]]
-    images = [x[..., : x.shape[-2] // 64 * 64, : x.shape[-1] // 64 * 64] for x in images]
+    images = [top_left(read_image(f)) for f in list_images(args.data)[: args.images]]
 
     specs = args.checkpoint or [Path(e["file"]).stem for e in base_entries()]
     models = {}
@@ -73,10 +69,7 @@ def main() -> None:
         ck = load_checkpoint(spec)
         model = ck.model.eval()
         coder = HyperpriorLatentCoder(model, ARCHITECTURES[ck.arch].entropy)
-        lats = []
-        for x in images:
-            y, mu, sigma, _, _, z_bits = coder.analyse(x)
-            lats.append((x, y[0], mu[0], sigma[0], float(z_bits[0])))
+        lats = analyse(coder, images)
         cal = resolve_quantizer("tcq8", read_settings(ck))
         w = cal.weights
         wc = np.ones(lats[0][1].shape[0]) if w is None else w
@@ -134,10 +127,10 @@ def main() -> None:
             q = Quantizer("tcq8", step=cal.quantizer.step, lam=cal.quantizer.lam * mult)
             t = measure(q, w)
             t["saving"] = {
-                "latent": _finite(local_rate_change(curves["latent"], (t["bits_per_latent"], t["latent_snr_db"]))),
-                "weighted_latent": _finite(local_rate_change(
+                "latent": finite(local_rate_change(curves["latent"], (t["bits_per_latent"], t["latent_snr_db"]))),
+                "weighted_latent": finite(local_rate_change(
                     curves["weighted_latent"], (t["bits_per_latent"], t["weighted_latent_snr_db"]))),
-                "image": _finite(local_rate_change(curves["image"], (t["bpp"], t["psnr"]))),
+                "image": finite(local_rate_change(curves["image"], (t["bpp"], t["psnr"]))),
             }
             tcq[str(mult)] = t
         # how the USQ (step 1) bits are spread over latents by their row's entropy
