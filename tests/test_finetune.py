@@ -459,6 +459,15 @@ def test_recipe_errors(setup, tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(UserError, match="requantize_every needs parts decoder"):
         load_finetune_recipe(tmp_path / "r.yaml")
+    for target in (-0.5, "yes", True):
+        bad = dict(setup["raw"], quantizer=dict(setup["raw"]["quantizer"], target=target))
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(bad))
+        with pytest.raises(UserError, match="quantizer.target must be auto or a number"):
+            load_finetune_recipe(tmp_path / "r.yaml")
+    good = dict(setup["raw"], quantizer=dict(setup["raw"]["quantizer"], target=0.25))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(good))
+    assert load_finetune_recipe(tmp_path / "r.yaml").target == 0.25
+    assert load_finetune_recipe(setup["recipe"]).target == "auto"  # the key is optional
     recipe = load_finetune_recipe(setup["recipe"]).replace(checkpoint=None)
     with pytest.raises(UserError, match="no checkpoint"):
         finetune(recipe, tmp_path / "o", progress=False)

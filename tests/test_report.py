@@ -207,6 +207,9 @@ def test_report_recipe_errors(tmp_path):
     bad.write_text("data: x\nquantizers: [usq]\nmodels: [{label: a, checkpoints: [a.pth], control: c}]\n")
     with pytest.raises(UserError, match="control row 'c' is not a row"):
         load_report_recipe(bad)
+    bad.write_text("data: x\nquantizers: [{method: tcq8, target: -1}]\nmodels: [{label: a, checkpoints: [a.pth]}]\n")
+    with pytest.raises(UserError, match="target must be auto or a number >= 0"):
+        load_report_recipe(bad)
 
 
 def test_calibrate_writes_settings_and_refuses_test_sets(setup, tmp_path, capsys):

@@ -193,8 +193,6 @@ class HyperpriorLatentCoder:
         ``target``: ``η`` of the decoder target (module docstring; 0: none); ``padding``:
         the zero padding of ``x``, outside the target's residual.
         """
-        if not (np.isfinite(target) and target >= 0):
-            raise ValueError(f"target must be a non-negative finite number, got {target!r}")
         y, mu, sigma, z_strings, z_shape, z_bits = self.analyse(x)
         direction = None
         if target > 0:
@@ -213,8 +211,11 @@ class HyperpriorLatentCoder:
         """The same analysis (y, μ, σ, z) quantized with another quantizer (weights, target).
 
         Raises:
-            ValueError: ``target > 0`` for a latent analysed without the decoder target.
+            ValueError: ``target`` negative or not finite; ``target > 0`` for a latent
+                analysed without the decoder target.
         """
+        if not (np.isfinite(target) and target >= 0):
+            raise ValueError(f"target must be a non-negative finite number, got {target!r}")
         if target > 0 and lat.direction is None:
             raise ValueError("this latent was analysed without the decoder target; quantize it with target > 0 first")
         y = lat.y if target == 0 else lat.y + np.float32(target) * lat.direction

@@ -45,6 +45,7 @@ import yaml
 
 from tqdm import tqdm
 
+from qft.commands._options import target_value
 from qft.errors import UserError
 from qft.eval.bdrate import bd_rate, local_rate_change, pareto_front
 from qft.eval.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer, weights_digest
@@ -79,9 +80,10 @@ class QuantizerSpec:
         item = {"label": item["method"], **item}
         if item.get("weights", "auto") not in WEIGHT_CHOICES and not Path(str(item["weights"])).is_file():
             raise UserError(f"report recipe: weights must be one of {WEIGHT_CHOICES} or a file, got {item['weights']!r}")
-        t = item.get("target", "auto")
-        if t != "auto" and not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
-            raise UserError(f"report recipe: target must be auto or a number >= 0, got {t!r}")
+        try:
+            target_value(item.get("target", "auto"))
+        except ValueError:
+            raise UserError(f"report recipe: target must be auto or a number >= 0, got {item['target']!r}") from None
         return cls(**item)
 
 

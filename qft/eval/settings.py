@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import warnings
 
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import numpy as np
 
 from trellis import Quantizer
 
-from qft.commands._options import DEFAULT_LAMBDA_MULT, default_lambda, default_step
+from qft.commands._options import DEFAULT_LAMBDA_MULT, default_lambda, default_step, target_value
 from qft.errors import UserError
 from qft.models import LoadedCheckpoint
 from qft.models.zoo import base_of, resolve
@@ -197,9 +196,10 @@ def resolve_quantizer(
             w = _weights_file(choice)
         if w.ndim != 1 or not np.all(np.isfinite(w)) or not np.all(w > 0):
             raise UserError("distortion weights must be one finite positive value per latent channel")
-    eta = cal.get("target", 0.0) if target == "auto" else target
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-        raise UserError(f"--target must be auto or a number >= 0, got {target!r}")
+    try:
+        eta = target_value(cal.get("target", 0.0) if target == "auto" else target, allow_auto=False)
+    except ValueError:
+        raise UserError(f"--target must be auto or a number >= 0, got {target!r}") from None
     try:
         q = Quantizer(method, step=step, lam=lam, reset=reset)
     except ValueError as exc:
@@ -208,4 +208,4 @@ def resolve_quantizer(
         q.table  # built (and cached) here, so a step too fine for 16-bit tables fails clearly
     except ValueError:
         raise UserError(f"step {step:g} is too small for the 16-bit coding tables; use a step of at least 0.05") from None
-    return QuantizerChoice(q, w, source, float(eta))
+    return QuantizerChoice(q, w, source, eta)

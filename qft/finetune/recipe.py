@@ -38,7 +38,6 @@ in :mod:`qft.train.recipe`.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from typing import Any
 
 from trellis import METHODS, RESETS
 
+from qft.commands._options import target_value
 from qft.errors import UserError
 from qft.train.recipe import _project_root, _section, read_yaml
 
@@ -173,9 +173,10 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
     top = _section(raw, "the recipe", _TOP, where)
     quant = dict(top["quantizer"]) if isinstance(top["quantizer"], dict) else top["quantizer"]
     target = quant.pop("target", "auto") if isinstance(quant, dict) else "auto"
-    if target != "auto" and not (isinstance(target, (int, float)) and not isinstance(target, bool)
-                                 and math.isfinite(target) and target >= 0):
-        raise UserError(f"{where}: quantizer.target must be auto or a number >= 0, not {target!r}")
+    try:
+        target = target_value(target)
+    except ValueError:
+        raise UserError(f"{where}: quantizer.target must be auto or a number >= 0, not {target!r}") from None
     quant = _section(quant, "quantizer", _QUANTIZER, where)
     opt = _section(top["optimizer"], "optimizer", _OPTIMIZER, where)
     data = _section(top["data"], "data", _DATA, where)
@@ -208,7 +209,7 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
             lambda_mult=opt_float(quant["lambda_mult"]),
             reset=str(quant["reset"]),
             weights=str(quant["weights"]),
-            target=target if target == "auto" else float(target),
+            target=target,
             seed=int(top["seed"]),
             threads=int(top["threads"]),
             device=str(top["device"]),
