@@ -44,13 +44,10 @@ import torch
 from trellis import Quantizer, RateTable
 from trellis.bench import machine_info
 
-from qft.codec import HyperpriorLatentCoder, list_images, read_image
 from qft.eval.bdrate import local_rate_change
 from qft.eval.settings import read_settings, resolve_quantizer
-from qft.models import ARCHITECTURES, load_checkpoint
 
-from _latents import analyse, finite, top_left  # sibling scripts
-from finetune_runs import base_entries
+from _latents import analyse, checkpoints, finite, read_images  # sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bsds500"
@@ -111,15 +108,10 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    train = [top_left(read_image(f)) for f in list_images(DATA / "train")[: args.train_images]]
-    val = [top_left(read_image(f)) for f in list_images(DATA / "val")[: args.val_images]]
-
-    specs = args.checkpoint or [Path(e["file"]).stem for e in base_entries()]
+    train, val = read_images(DATA / "train", args.train_images), read_images(DATA / "val", args.val_images)
     models = {}
-    for spec in specs:
-        ck = load_checkpoint(spec)
-        model = ck.model.eval()
-        coder = HyperpriorLatentCoder(model, ARCHITECTURES[ck.arch].entropy)
+    for spec, ck, coder in checkpoints(args.checkpoint):
+        model = ck.model
 
         lat_train, lat_val = analyse(coder, train), analyse(coder, val)
 

@@ -40,17 +40,13 @@ import torch
 from trellis import Quantizer
 from trellis.bench import machine_info
 
-from qft.codec import HyperpriorLatentCoder, list_images, read_image
 from qft.codec.latent import TARGET_DAMPING, TARGET_PROBES, target_direction
 from qft.eval.bdrate import local_rate_change
 from qft.eval.settings import read_settings, resolve_quantizer
-from qft.models import ARCHITECTURES, load_checkpoint
 
-from _latents import analyse, finite, top_left  # sibling scripts
-from finetune_runs import base_entries
+from _latents import USQ_STEPS, analyse, checkpoints, finite, read_images  # sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
-USQ_STEPS = (0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
 
 
 def main() -> None:
@@ -64,14 +60,10 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    images = [top_left(read_image(f)) for f in list_images(args.data)[: args.images]]
-
-    specs = args.checkpoint or [Path(e["file"]).stem for e in base_entries()]
+    images = read_images(args.data, args.images)
     models = {}
-    for spec in specs:
-        ck = load_checkpoint(spec)
-        g_s = ck.model.eval().g_s
-        coder = HyperpriorLatentCoder(ck.model, ARCHITECTURES[ck.arch].entropy)
+    for spec, ck, coder in checkpoints(args.checkpoint):
+        g_s = ck.model.g_s
         t0 = time.perf_counter()
         lats = analyse(coder, images)
         analyse_s = time.perf_counter() - t0
