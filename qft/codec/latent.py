@@ -168,11 +168,11 @@ class HyperpriorLatentCoder:
         """
         m = self.model
         y = m.g_a(x)
-        z = m.h_a(torch.abs(y) if self.entropy == "scale-hyperprior" else y).cpu()
+        z = m.h_a(torch.abs(y) if self.entropy == "scale-hyperprior" else y)
         z_strings = m.entropy_bottleneck.compress(z)
         z_hat = m.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         _, z_lik = m.entropy_bottleneck(z, training=False)
-        z_bits = -torch.log2(z_lik).flatten(1).sum(1)
+        z_bits = -torch.log2(z_lik).flatten(1).sum(1).cpu()
         mu, sigma = self.entropy_parameters(z_hat)
         return y.float().cpu().numpy(), mu, sigma, z_strings, tuple(z.shape[-2:]), z_bits
 
@@ -187,8 +187,9 @@ class HyperpriorLatentCoder:
     ) -> list[QuantizedLatent]:
         """:meth:`analyse` and latent quantization of a batch ``(N, 3, H, W)``.
 
-        ``H`` and ``W`` must be multiples of 64. The analysis transforms run on ``x``'s
-        device; everything after ``z`` runs on the CPU. ``weights``: per-channel distortion
+        ``H`` and ``W`` must be multiples of 64. The analysis transforms and the coding of
+        ``z`` run on ``x``'s (the model's) device; the entropy parameters and the quantizer
+        on the CPU. ``weights``: per-channel distortion
         weights ``(C,)`` of RDOQ/TCQ (encoder only; see :meth:`trellis.Quantizer.quantize`).
         ``target``: ``η`` of the decoder target (module docstring; 0: none); ``padding``:
         the zero padding of ``x``, outside the target's residual.

@@ -274,7 +274,7 @@ class LatentCache:
                         .float()
                         .cpu()
                     )
-                    z_hat = model.entropy_bottleneck.decompress([q.z_string], q.z_shape)
+                    z_hat = model.entropy_bottleneck.decompress([q.z_string], q.z_shape).cpu()
                 values = {
                     "image": img,
                     "y": q.y,
