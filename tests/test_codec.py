@@ -1,5 +1,6 @@
 """The codec: exact decoding for every quantizer, the container, damaged streams, images."""
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -216,6 +217,39 @@ def test_decoder_target_changes_the_stream_not_the_decoder(image):
         codec.latent_coder.requantize(lat, q, target=0.25)
     with pytest.raises(ValueError, match="target"):
         codec.compress(image, q, target=-1.0)
+
+
+def test_rd_target_codes_the_cheapest_candidate(image):
+    """``RDTarget``: the η coded is the candidate of least λ·255²·MSE + bits/pixel (each
+    candidate's cost recomputed here), the stream decodes exactly, and one candidate is
+    that fixed η."""
+    from qft.codec import RDTarget
+
+    codec = Codec(tiny(), "a", "mean-scale-hyperprior")
+    q = Quantizer("tcq8", step=0.5, lam=0.03)
+    rd = RDTarget(0.01, etas=(0.0, 1.0, 4.0, 16.0))  # 4 wins here: neither the first nor the last
+    out = codec.compress(image, q, target=rd)
+    dec = Codec(tiny(), "a", "mean-scale-hyperprior").decompress(out["bitstream"])
+    assert np.array_equal(dec["y_hat"], out["y_hat"])
+    xp, padding = pad(image)
+    coder = codec.latent_coder
+    (lat,) = coder.latents(xp, True, padding)
+    h, w = image.shape[-2:]
+    costs = {}
+    for eta in rd.etas:
+        c = coder.requantize(lat, q, target=eta)
+        x_hat = crop(codec.model.g_s(torch.from_numpy(c.result.y_hat)[None]).clamp(0, 1), padding)
+        costs[eta] = 0.01 * 255**2 * torch.mean((x_hat.double() - image.double()) ** 2).item() + c.result.bits / (h * w)
+    assert out["target"] == min(costs, key=costs.get) == 4.0 and len(set(costs.values())) == len(costs)
+    assert np.array_equal(out["y_hat"], coder.requantize(lat, q, target=out["target"]).result.y_hat)
+    only = codec.compress(image, q, target=RDTarget(0.01, etas=(0.25,)))
+    assert only["bitstream"] == codec.compress(image, q, target=0.25)["bitstream"] and only["target"] == 0.25
+    (plain,) = coder.latents(xp, False, padding)
+    with pytest.raises(ValueError, match="without the decoder target"):
+        coder.requantize(plain, q, target=rd)
+    for bad in ({"lmbda": 0.0}, {"lmbda": math.nan}, {"lmbda": 0.01, "etas": ()}, {"lmbda": 0.01, "etas": (-1.0,)}):
+        with pytest.raises(ValueError):
+            RDTarget(**bad)
 
 
 def test_target_direction_descends_the_image_error():

@@ -21,8 +21,9 @@ from trellis import SCALE_TABLE, Quantizer
 
 from qft.commands._options import DEFAULT_LAMBDA_MULT, default_lambda, default_step
 from qft.cli import main
-from qft.codec import Codec, HyperpriorLatentCoder
+from qft.codec import Codec, HyperpriorLatentCoder, RDTarget
 from qft.errors import UserError
+from qft.eval.settings import read_settings, resolve_quantizer
 from qft.finetune import (
     LatentCache,
     cell_mass,
@@ -375,6 +376,14 @@ def test_finetune_on_decoder_target_latents(setup, tmp_path):
     np.testing.assert_array_equal(cache.crop("index", 1, 0, 0, 13), lat.result.indices[:, :13, :13])
     assert not np.array_equal(lat.result.indices, coder.quantize(x, q)[0].result.indices)
     assert load_checkpoint(out / "model.pth").extra["quantizer"]["target"] == 0.25
+    # per-image η (--target rd) at the run's λ: recorded as rd, resolved again from the model
+    out = tmp_path / "rd"
+    assert main(["finetune", str(setup["recipe"]), "--out", str(out), "--no-progress", "--cache",
+                 str(tmp_path / "rd-cache"), "--target", "rd", "--steps", "1"]) == 0
+    assert json.loads((tmp_path / "rd-cache" / "meta.json").read_text())["identity"]["target"] == "rd"
+    ft = load_checkpoint(out / "model.pth")
+    assert ft.extra["quantizer"]["target"] == "rd"
+    assert resolve_quantizer("tcq8", read_settings(ft)).target == RDTarget(LAMBDA)
 
 
 def test_scale_hyperprior_and_codec_round_trip(setup, tmp_path):
@@ -462,7 +471,7 @@ def test_recipe_errors(setup, tmp_path):
     for target in (-0.5, "yes", True):
         bad = dict(setup["raw"], quantizer=dict(setup["raw"]["quantizer"], target=target))
         (tmp_path / "r.yaml").write_text(yaml.safe_dump(bad))
-        with pytest.raises(UserError, match="quantizer.target must be auto or a number"):
+        with pytest.raises(UserError, match="quantizer.target must be auto, rd or a number"):
             load_finetune_recipe(tmp_path / "r.yaml")
     good = dict(setup["raw"], quantizer=dict(setup["raw"]["quantizer"], target=0.25))
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(good))

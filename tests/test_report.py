@@ -10,6 +10,7 @@ import pytest
 
 from PIL import Image
 
+from qft.codec import RDTarget
 from qft.cli import main
 from qft.errors import UserError
 from qft.eval.bdrate import local_rate_change, pareto_front
@@ -81,6 +82,14 @@ def test_settings_precedence_and_identity(setup, recwarn):
     assert resolve_quantizer("usq", s3, target=0.125).describe()["target"] == 0.125
     with pytest.raises(UserError, match="--target"):
         resolve_quantizer("tcq8", s3, target=-0.5)
+    # rd: the per-image choice at the model's training λ, which the settings must know
+    assert "model_lambda" not in s
+    with pytest.raises(UserError, match="does not record"):
+        resolve_quantizer("tcq8", s, target="rd")
+    rd = resolve_quantizer("tcq8", s | {"model_lambda": 0.013}, target="rd")
+    assert rd.target == RDTarget(0.013) and rd.describe()["target"] == "rd"
+    s4 = s | {"model_lambda": 0.013, "methods": {"tcq8": {**by["none"], "target": "rd"}}}
+    assert resolve_quantizer("tcq8", s4).target == RDTarget(0.013)  # a calibrated (or recorded) rd
     # a finetuned delta reads its base's settings
     delta = root / "ft.pth"
     write_delta(delta, ck.model, ckpts[0], ("g_s.",))
@@ -96,6 +105,11 @@ def test_settings_precedence_and_identity(setup, recwarn):
                 {"quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5, "reset": "channel",
                                "target": 0.125}})
     assert resolve_quantizer("tcq8", read_settings(load_checkpoint(delta))).target == 0.125
+    delta.unlink()
+    write_delta(delta, ck.model, ckpts[0], ("g_s.",),
+                {"lambda": 0.02, "quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5,
+                                               "reset": "channel", "target": "rd"}})
+    assert resolve_quantizer("tcq8", read_settings(load_checkpoint(delta))).target == RDTarget(0.02)
     # another checkpoint's file is ignored with a warning
     other = load_checkpoint(ckpts[1])
     settings_path(ckpts[1]).write_text(settings_path(ckpts[0]).read_text())
@@ -122,7 +136,7 @@ def test_weights_change_the_stream_not_the_decoder(setup, tmp_path, capsys):
     assert "too small for the 16-bit coding tables" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compress", "-m", str(ckpts[0]), "--target", "-1", str(img), "-o", str(tmp_path / "d.qft")])
-    assert "expected auto or a number >= 0" in capsys.readouterr().err
+    assert "expected auto, rd or a number >= 0" in capsys.readouterr().err
     assert main(["compress", "-m", str(ckpts[0]), "-q", "tcq8", "--step", "0.1", "--lambda-t", "1e-3", "--target",
                  "0.25", str(img), "-o", str(tmp_path / "t.qft")]) == 0
     assert main(["decompress", str(tmp_path / "t.qft"), "-m", str(ckpts[0]), "-o", str(tmp_path / "t.png")]) == 0
@@ -208,7 +222,7 @@ def test_report_recipe_errors(tmp_path):
     with pytest.raises(UserError, match="control row 'c' is not a row"):
         load_report_recipe(bad)
     bad.write_text("data: x\nquantizers: [{method: tcq8, target: -1}]\nmodels: [{label: a, checkpoints: [a.pth]}]\n")
-    with pytest.raises(UserError, match="target must be auto or a number >= 0"):
+    with pytest.raises(UserError, match="target must be auto, rd or a number >= 0"):
         load_report_recipe(bad)
 
 
@@ -221,6 +235,9 @@ def test_calibrate_writes_settings_and_refuses_test_sets(setup, tmp_path, capsys
     assert main(["calibrate", "-m", str(ckpts[1]), "--data", str(root / "img"), "--images", "1",
                  "--methods", "tcq8", "--steps", "0.7", "--mults", "0.05", "--threads", "1", "--weights",
                  "--targets", "0.25"]) == 0
+    with pytest.raises(SystemExit):
+        main(["calibrate", "-m", str(ckpts[1]), "--data", str(root / "img"), "--targets", "0"])
+    assert "expected rd or a number > 0" in capsys.readouterr().err
     settings = json.loads(settings_path(ckpts[1]).read_text())
     w = np.asarray(settings["weights"]["decoder"])
     assert w.shape == (16,) and (w > 0).all() and len(settings["weights"]["sensitivity"]) == 16
@@ -272,6 +289,18 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
     assert cal.calibrate_checkpoint(None, [], {}, **kw)["methods"]["tcq8"]["target"] == 0.0
     out = cal.calibrate_checkpoint(None, [], {}, lmbda=0.01, **kw)
     assert out["methods"]["tcq8"]["target"] == 0.125 and out["methods"]["tcq8"]["saving"] is None
+    # rd (η per image) joins the second pass after the fixed values and competes like them
+
+    def with_rd(ck, grid, images, settings, desc):
+        fake_evaluate(ck, grid, images, settings, desc)
+        for g in grid:
+            if g["method"] == "tcq8" and g["target"] == "rd":
+                g["bpp"], g["psnr"] = 0.9, 30.0
+    monkeypatch.setattr(cal, "_evaluate", with_rd)
+    out = cal.calibrate_checkpoint(None, [], {}, methods=("tcq8",), steps=(0.7,), mults=(0.05,), targets=("rd", 0.25))
+    assert [g["target"] for g in out["calibration"]["grid"] if g["method"] == "tcq8"] == [0.0, 0.25, "rd"]
+    assert out["methods"]["tcq8"]["target"] == "rd" and out["methods"]["tcq8"]["saving"] == pytest.approx(-10.0)
+    assert set(out["calibration"]["usq_target"]) == {"0.25", "rd"}
 
 
 def test_quickstart_on_one_image(tmp_path, capsys):

@@ -3,7 +3,7 @@
 from qft.codec.codec import Codec, model_fingerprint
 from qft.codec.container import Container
 from qft.codec.image import crop, list_images, pad, read_image, write_image
-from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent
+from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent, RDTarget, target_record
 
 __all__ = [
     "Codec",
@@ -11,10 +11,12 @@ __all__ = [
     "HYPERPRIOR_ENTROPY",
     "HyperpriorLatentCoder",
     "QuantizedLatent",
+    "RDTarget",
     "crop",
     "list_images",
     "model_fingerprint",
     "pad",
     "read_image",
+    "target_record",
     "write_image",
 ]

@@ -31,7 +31,7 @@ from trellis.rans import CorruptStreamError
 
 from qft.codec.container import Container, Header
 from qft.codec.image import crop, pad, padding_for
-from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent
+from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent, RDTarget
 from qft.errors import UserError
 
 __all__ = ["Codec", "model_fingerprint"]
@@ -109,19 +109,22 @@ class Codec:
 
     @torch.no_grad()
     def compress(
-        self, x: torch.Tensor, quantizer: Quantizer, weights: np.ndarray | None = None, target: float = 0.0
+        self, x: torch.Tensor, quantizer: Quantizer, weights: np.ndarray | None = None,
+        target: float | RDTarget = 0.0,
     ) -> dict:
         """Codes one image ``(1, 3, H, W)`` in ``[0, 1]`` with the given latent quantizer.
 
         ``weights``: per-channel distortion weights ``(C,)`` of RDOQ/TCQ; ``target``: ``η``
-        of the decoder target (:mod:`qft.codec.latent`; 0: none). Both are encoder-side
-        choices of hyperprior models; the decoder needs neither.
+        of the decoder target (:mod:`qft.codec.latent`; 0: none), or an :class:`RDTarget`
+        that chooses it for this image. Both are encoder-side choices of hyperprior models;
+        the decoder needs neither.
 
         Returns:
             dict with ``bitstream`` (bytes), ``bits_estimated`` (for hyperprior models the
             table rate of the y indices plus the likelihood bits of ``ẑ``; otherwise the
             model's likelihood bits), ``time_s``, and for hyperprior models ``y_hat`` (the
-            decoder's latent, numpy), ``y_table_bits``, ``y_bytes``, ``z_bytes``.
+            decoder's latent, numpy), ``y_table_bits``, ``y_bytes``, ``z_bytes``, ``target``
+            (the ``η`` coded).
         """
         if x.ndim != 4 or x.shape[:2] != (1, 3):
             raise ValueError(f"expected one RGB image (1, 3, H, W), got {tuple(x.shape)}")
@@ -165,6 +168,7 @@ class Codec:
             "z_bytes": len(lat.z_string),
             "y_bytes": len(y_stream),
             "bits_estimated": lat.result.bits + lat.z_bits_estimated,
+            "target": lat.target,
         }
 
     def _header(self, quantizer: Quantizer, height: int, width: int) -> Header:

@@ -20,13 +20,17 @@ bit even when the encoder ran the analysis transforms on a GPU.
 latent that ``g_s`` decodes closer to the image (:func:`target_direction`). It folds the
 linear term of the linearised image error, ``−2 (Jᵀ(x − g_s(y)))ᵀ e``, which the
 per-channel distortion weights (the quadratic term) leave out, into the quantizer's
-target. The decoder needs nothing (docs/design.md, "Decoder target").
+target. The decoder needs nothing (docs/design.md, "Decoder target"). ``η`` is a fixed
+number, or chosen per image (:class:`RDTarget`, ``--target rd``): every candidate is
+quantized and decoded, and the one of least ``λ·255²·MSE + bits per pixel`` (the model's
+own RD cost) is coded.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 from dataclasses import dataclass
 
@@ -35,7 +39,15 @@ import torch
 
 from trellis import NUM_SCALES, SCALE_TABLE, Quantizer, QuantizeResult, rans, scale_rows
 
-__all__ = ["HYPERPRIOR_ENTROPY", "QuantizedLatent", "HyperpriorLatentCoder", "target_direction"]
+__all__ = [
+    "HYPERPRIOR_ENTROPY",
+    "RD_ETAS",
+    "QuantizedLatent",
+    "HyperpriorLatentCoder",
+    "RDTarget",
+    "target_direction",
+    "target_record",
+]
 
 #: Entropy-model kinds (see :class:`qft.models.Architecture`) this coder handles.
 HYPERPRIOR_ENTROPY = ("scale-hyperprior", "mean-scale-hyperprior")
@@ -45,6 +57,34 @@ HYPERPRIOR_ENTROPY = ("scale-hyperprior", "mean-scale-hyperprior")
 TARGET_DAMPING = 1.0
 #: Gaussian pixel-space probes per image for ``d`` in :func:`target_direction`.
 TARGET_PROBES = 4
+#: ``η`` candidates of the per-image choice (:class:`RDTarget`).
+RD_ETAS = (0.0, 0.125, 0.25, 0.375)
+
+
+@dataclass(frozen=True)
+class RDTarget:
+    """The decoder target chosen per image by the model's RD cost.
+
+    Each ``η`` of ``etas`` is quantized and decoded (``g_s``), and the one of least
+    ``lmbda·255²·MSE(x, g_s(ŷ)) + y bits / pixels`` is kept (``ẑ``'s bits are the same for
+    all). ``η = 0`` among the candidates means the choice never costs more than no target
+    in that measure. ``lmbda``: the model's training λ (the weight of its RD loss).
+    """
+
+    lmbda: float
+    etas: tuple[float, ...] = RD_ETAS
+
+    def __post_init__(self):
+        if not (math.isfinite(self.lmbda) and self.lmbda > 0):
+            raise ValueError(f"lmbda must be a positive finite number, got {self.lmbda!r}")
+        if not self.etas or not all(math.isfinite(e) and e >= 0 for e in self.etas):
+            raise ValueError(f"etas must be non-negative finite numbers, got {self.etas!r}")
+
+
+def target_record(target: float | RDTarget) -> float | str:
+    """A decoder target as settings files, recipes and records write it: ``η``, or ``"rd"``
+    for the per-image choice (whose λ is the model's own)."""
+    return "rd" if isinstance(target, RDTarget) else float(target)
 
 
 def target_direction(
@@ -108,7 +148,9 @@ class QuantizedLatent:
         z_bits_estimated: ``-Σ log2`` of the ``EntropyBottleneck`` likelihoods of ``ẑ``.
         direction: the decoder-target step :func:`target_direction` (``None`` when the
             latent was analysed without a target); the quantizer saw ``y + target·direction``.
-        target: the ``η`` of that quantization.
+        target: the ``η`` of that quantization (for an :class:`RDTarget`, the one chosen).
+        image: the padded image ``(1, 3, H, W)`` on the model's device and its
+            ``padding``, kept with ``direction`` for the per-image choice of ``η``.
     """
 
     y: np.ndarray
@@ -120,6 +162,8 @@ class QuantizedLatent:
     z_bits_estimated: float
     direction: np.ndarray | None = None
     target: float = 0.0
+    image: torch.Tensor | None = None
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 class HyperpriorLatentCoder:
@@ -177,51 +221,85 @@ class HyperpriorLatentCoder:
         return y.float().cpu().numpy(), mu, sigma, z_strings, tuple(z.shape[-2:]), z_bits
 
     @torch.no_grad()
+    def latents(
+        self, x: torch.Tensor, direction: bool = False, padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    ) -> list[QuantizedLatent]:
+        """:meth:`analyse` of a batch ``(N, 3, H, W)`` as latents to quantize (``result``
+        ``None``), with the decoder-target step when ``direction`` (``padding``: the zero
+        padding of ``x``, outside the target's residual)."""
+        y, mu, sigma, z_strings, z_shape, z_bits = self.analyse(x)
+        step = None
+        if direction:
+            step = target_direction(self.model.g_s, x, torch.from_numpy(y).to(x.device), padding)
+        return [
+            QuantizedLatent(y[i], mu[i], sigma[i], None, z_strings[i], z_shape, float(z_bits[i]),
+                            None if step is None else step[i], 0.0,
+                            None if step is None else x[i : i + 1], tuple(padding))
+            for i in range(y.shape[0])
+        ]
+
+    @torch.no_grad()
     def quantize(
         self,
         x: torch.Tensor,
         quantizer: Quantizer,
         weights: np.ndarray | None = None,
-        target: float = 0.0,
+        target: float | RDTarget = 0.0,
         padding: tuple[int, int, int, int] = (0, 0, 0, 0),
     ) -> list[QuantizedLatent]:
-        """:meth:`analyse` and latent quantization of a batch ``(N, 3, H, W)``.
+        """:meth:`latents` and their quantization (:meth:`requantize`), for a batch
+        ``(N, 3, H, W)``.
 
         ``H`` and ``W`` must be multiples of 64. The analysis transforms and the coding of
         ``z`` run on ``x``'s (the model's) device; the entropy parameters and the quantizer
-        on the CPU. ``weights``: per-channel distortion
-        weights ``(C,)`` of RDOQ/TCQ (encoder only; see :meth:`trellis.Quantizer.quantize`).
-        ``target``: ``η`` of the decoder target (module docstring; 0: none); ``padding``:
-        the zero padding of ``x``, outside the target's residual.
+        on the CPU. ``weights``: per-channel distortion weights ``(C,)`` of RDOQ/TCQ
+        (encoder only; see :meth:`trellis.Quantizer.quantize`). ``target``: ``η`` of the
+        decoder target (module docstring; 0: none) or an :class:`RDTarget`; ``padding``:
+        the zero padding of ``x``, outside the target's residual and the choice's MSE.
         """
-        y, mu, sigma, z_strings, z_shape, z_bits = self.analyse(x)
-        direction = None
-        if target > 0:
-            direction = target_direction(self.model.g_s, x, torch.from_numpy(y).to(x.device), padding)
-        out = []
-        for i in range(y.shape[0]):
-            lat = QuantizedLatent(y[i], mu[i], sigma[i], None, z_strings[i], z_shape, float(z_bits[i]),
-                                  None if direction is None else direction[i])
-            out.append(self.requantize(lat, quantizer, weights, target))
-        return out
+        return [self.requantize(lat, quantizer, weights, target)
+                for lat in self.latents(x, bool(target), padding)]
 
-    @staticmethod
+    @torch.no_grad()
     def requantize(
-        lat: QuantizedLatent, quantizer: Quantizer, weights: np.ndarray | None = None, target: float = 0.0
+        self,
+        lat: QuantizedLatent,
+        quantizer: Quantizer,
+        weights: np.ndarray | None = None,
+        target: float | RDTarget = 0.0,
     ) -> QuantizedLatent:
         """The same analysis (y, μ, σ, z) quantized with another quantizer (weights, target).
 
         Raises:
-            ValueError: ``target`` negative or not finite; ``target > 0`` for a latent
-                analysed without the decoder target.
+            ValueError: ``target`` negative or not finite; a target for a latent analysed
+                without the decoder target.
         """
+        if isinstance(target, RDTarget):
+            return min((self._quantize_rd(lat, quantizer, weights, eta, target.lmbda) for eta in target.etas),
+                       key=lambda c: c[0])[1]
         if not (np.isfinite(target) and target >= 0):
             raise ValueError(f"target must be a non-negative finite number, got {target!r}")
         if target > 0 and lat.direction is None:
-            raise ValueError("this latent was analysed without the decoder target; quantize it with target > 0 first")
+            raise ValueError("this latent was analysed without the decoder target; quantize it with a target first")
         y = lat.y if target == 0 else lat.y + np.float32(target) * lat.direction
         res = quantizer.quantize(y, lat.mu, lat.sigma, weights=_per_channel(weights))
         return dataclasses.replace(lat, result=res, target=target)
+
+    def _quantize_rd(
+        self, lat: QuantizedLatent, quantizer: Quantizer, weights: np.ndarray | None, eta: float, lmbda: float
+    ) -> tuple[float, QuantizedLatent]:
+        """``(λ·255²·MSE + y bits / pixels, latent)`` of one candidate ``η`` (MSE of
+        ``g_s(ŷ)`` in ``[0, 1]`` on the unpadded image)."""
+        if lat.image is None:
+            raise ValueError("this latent was analysed without the decoder target; quantize it with a target first")
+        q = self.requantize(lat, quantizer, weights, eta)
+        x = lat.image
+        left, right, top, bottom = lat.padding
+        rows, cols = slice(top, x.shape[-2] - bottom), slice(left, x.shape[-1] - right)
+        x_hat = self.model.g_s(torch.from_numpy(q.result.y_hat)[None].to(x.device)).clamp(0, 1)
+        mse = (x_hat - x)[..., rows, cols].double().pow(2).mean().item()
+        pixels = (x.shape[-2] - top - bottom) * (x.shape[-1] - left - right)
+        return lmbda * 255**2 * mse + q.result.bits / pixels, q
 
     @staticmethod
     def encode(q: QuantizedLatent, quantizer: Quantizer) -> bytes:

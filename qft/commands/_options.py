@@ -73,31 +73,33 @@ def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default="auto", metavar="auto|none|decoder|FILE",
                    help="RDOQ/TCQ distortion weights per latent channel: the calibrated choice (auto, default), "
                         "none, the checkpoint's decoder-sensitivity weights, or a .npy/.json file")
-    g.add_argument("--target", default="auto", type=_target_option, metavar="auto|ETA",
+    g.add_argument("--target", default="auto", type=_target_option, metavar="auto|rd|ETA",
                    help="decoder target: quantize y + ETA·(damped Gauss-Newton step towards a latent the decoder "
-                        "renders closer to the image); auto (default): the calibrated ETA, else 0 (off)")
+                        "renders closer to the image); rd: ETA chosen per image by the model's RD cost "
+                        "(needs its training λ); auto (default): the calibrated choice, else 0 (off)")
 
 
 def target_value(value: Any, allow_auto: bool = True) -> str | float:
     """A decoder-target setting (``--target``, recipes, settings files): ``"auto"`` (when
-    ``allow_auto``) or a finite number ≥ 0, returned as float.
+    ``allow_auto``), ``"rd"`` (``η`` chosen per image) or a finite number ≥ 0, returned as
+    float.
 
     Raises:
-        ValueError: anything else (a bool, a string other than ``auto``, NaN, a negative).
+        ValueError: anything else (a bool, another string, NaN, a negative).
     """
-    if allow_auto and value == "auto":
+    if value == "rd" or (allow_auto and value == "auto"):
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"expected {'auto or ' if allow_auto else ''}a number >= 0, got {value!r}")
+        raise ValueError(f"expected {'auto, ' if allow_auto else ''}rd or a number >= 0, got {value!r}")
     return float(value)
 
 
 def _target_option(text: str) -> str | float:
-    """``--target`` on the command line: :func:`target_value` of ``auto`` or a number."""
+    """``--target`` on the command line: :func:`target_value` of ``auto``, ``rd`` or a number."""
     try:
-        return target_value(text if text == "auto" else float(text))
+        return target_value(text if text in ("auto", "rd") else float(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or a number >= 0, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected auto, rd or a number >= 0, got {text!r}") from None
 
 
 def quantizer_from_args(args: argparse.Namespace, settings: dict | None = None):

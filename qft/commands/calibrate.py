@@ -4,7 +4,7 @@
 
     qft calibrate -m mbt2018-mean-0.013 --data ../shared/data/bsds500/val
     qft calibrate -m model.pth --data val/ --weights      # also estimate and try decoder weights
-    qft calibrate -m model.pth --data val/ --weights --targets   # and the decoder target (η 0.125, 0.25)
+    qft calibrate -m model.pth --data val/ --weights --targets   # and the decoder target (η per image)
 
 Writes ``<checkpoint>.qft.json`` beside the checkpoint (:mod:`qft.eval.settings`); eval,
 compress, finetune, report and quickstart then use its choices by default. Use images of
@@ -15,6 +15,7 @@ named like Kodak, Tecnick or CLIC). See :mod:`qft.eval.calibrate` for the search
 from __future__ import annotations
 
 import argparse
+import math
 
 __all__ = ["add_arguments", "run"]
 
@@ -35,9 +36,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mults", type=float, nargs="+", default=list(MULTS), help="λ multipliers of the grid")
     parser.add_argument("--weights", action="store_true",
                         help="estimate the decoder-sensitivity weights (if not stored yet) and search with and without them")
-    parser.add_argument("--targets", type=float, nargs="*", metavar="ETA",
-                        help=f"also try the decoder target at these η on every pick (no values: {' '.join(map(str, TARGETS))})")
+    parser.add_argument("--targets", type=_target, nargs="*", metavar="rd|ETA",
+                        help="also try the decoder target on every pick: rd (η chosen per image by the model's RD "
+                             f"cost) or fixed η values (no values: {' '.join(map(str, TARGETS))})")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+
+
+def _target(text: str) -> str | float:
+    """``--targets`` values: ``rd`` or a number > 0."""
+    if text == "rd":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected rd or a number > 0, got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:

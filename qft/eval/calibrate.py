@@ -43,8 +43,8 @@ USQ_SCALES = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
 STEPS = (0.63, 0.7, 0.8, 0.9, 1.0)
 MULTS = (0.025, 0.05, 0.1, 0.25)
 TIE_PP = 0.5
-#: Decoder-target ``η`` values of ``qft calibrate --targets`` without values.
-TARGETS = (0.125, 0.25)
+#: Decoder targets of ``qft calibrate --targets`` without values: ``η`` chosen per image.
+TARGETS = ("rd",)
 
 
 def _grid(methods, steps, mults, weight_modes) -> list[dict[str, Any]]:
@@ -91,9 +91,10 @@ def calibrate_checkpoint(
     ``{"methods": {...}, "calibration": {...}}``.
 
     ``settings`` are the checkpoint's current settings; with ``weights`` they must hold
-    the decoder weights (``settings["weights"]["decoder"]``). ``targets``: decoder-target
-    ``η`` values (> 0) tried, in a second pass, on every pick of the first; a pick keeps
-    the ``η`` (0: none) with the lowest RD cost ``λ·255²·MSE + bpp`` of the model's own
+    the decoder weights (``settings["weights"]["decoder"]``). ``targets``: decoder targets
+    (``η`` > 0, or ``"rd"``: chosen per image, which needs ``settings["model_lambda"]``)
+    tried, in a second pass, on every pick of the first; a pick keeps the target (0: none)
+    with the lowest RD cost ``λ·255²·MSE + bpp`` of the model's own
     ``lmbda`` (defined even where a point's PSNR lies beyond USQ's curve, as the target's
     often do), or without ``lmbda`` the best saving; the method's choice between the weight
     picks follows the same score. USQ at step 1 with each ``η`` is measured too
@@ -115,7 +116,7 @@ def calibrate_checkpoint(
         picks = {w: _pick([g for g in grid if g["method"] == method and g["weights"] == w], usq1)
                  for w in ("none", "decoder")}
         chosen[method] = {w: p | {"target": 0.0} for w, p in picks.items() if p is not None}
-    targets = sorted({float(t) for t in targets if t > 0})
+    targets = sorted({float(t) for t in targets if t != "rd" and t > 0}) + (["rd"] if "rd" in targets else [])
     second = [{"method": "usq", "step": 1.0, "lambda_mult": 0.0, "weights": "none", "target": t} for t in targets]
     second += [{"method": m, "step": p["step"], "lambda_mult": p["lambda_mult"], "weights": w, "target": t}
                for m, picks in chosen.items() for w, p in picks.items() for t in targets]

@@ -22,7 +22,7 @@ import numpy as np
 
 from trellis import Quantizer
 
-from qft.codec import Codec, crop, pad, read_image
+from qft.codec import Codec, RDTarget, crop, pad, read_image
 from qft.errors import UserError
 from qft.eval.metrics import ms_ssim_rgb, psnr
 
@@ -40,8 +40,9 @@ def set_threads(n: int) -> None:
 
 
 def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc: str = "eval",
-                    weights: np.ndarray | None = None, target: float = 0.0) -> list[dict]:
-    """Per-image metrics of one codec/quantizer (weights, decoder target) over image files."""
+                    weights: np.ndarray | None = None, target: float | RDTarget = 0.0) -> list[dict]:
+    """Per-image metrics of one codec/quantizer (weights, decoder target) over image files;
+    ``target`` of each row: the ``η`` coded."""
     rows = []
     for path in tqdm(images, desc=desc, unit="img", leave=False):
         x = read_image(path)
@@ -57,6 +58,7 @@ def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc
                 "ms-ssim-rgb": ms_ssim_rgb(x, dec["x_hat"]),
                 "encoding_time": enc["time_s"],
                 "decoding_time": dec["time_s"],
+                "target": enc.get("target", 0.0),
             }
         )
     return rows
@@ -75,22 +77,23 @@ def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarra
     RuntimeError); the others are decoded from the encoder's ``ŷ``. No timings.
 
     Args:
-        configs: label -> (quantizer, per-channel weights or None, decoder target η).
+        configs: label -> (quantizer, per-channel weights or None, decoder target: ``η``
+            or an :class:`~qft.codec.RDTarget`).
 
     Returns:
         label -> one row per image (``image``, ``bpp``, ``bpp_estimated``, ``psnr-rgb``,
-        ``ms-ssim-rgb``).
+        ``ms-ssim-rgb``, ``target``: the ``η`` coded).
     """
     if codec.latent_coder is None:
         raise UserError(f"{codec.arch}: only hyperprior models can be re-quantized per image")
     out: dict[str, list[dict]] = {label: [] for label in configs}
-    max_target = max((c[2] for c in configs.values()), default=0.0)  # the step is computed once per image
+    direction = any(c[2] for c in configs.values())  # the target's step is computed once per image
     coder = codec.latent_coder
     for i, path in enumerate(tqdm(images, desc=desc, unit="img", leave=False, disable=not progress)):
         x = read_image(path)
         h, w = x.shape[-2:]
         xp, padding = pad(x.to(codec.device))
-        (lat0,) = coder.quantize(xp, Quantizer("usq"), target=max_target, padding=padding)
+        (lat0,) = coder.latents(xp, direction, padding)
         for label, (q, weights, target) in configs.items():
             lat = coder.requantize(lat0, q, weights, target)
             enc = codec.encode_latent(lat, q, h, w)
@@ -108,6 +111,7 @@ def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarra
                 "bpp_estimated": enc["bits_estimated"] / (h * w),
                 "psnr-rgb": psnr(x, x_hat),
                 "ms-ssim-rgb": ms_ssim_rgb(x, x_hat) if ms_ssim else float("nan"),
+                "target": lat.target,
             })
     return out
 

@@ -45,6 +45,7 @@ import yaml
 
 from tqdm import tqdm
 
+from qft.codec import target_record
 from qft.commands._options import target_value
 from qft.errors import UserError
 from qft.eval.bdrate import bd_rate, local_rate_change, pareto_front
@@ -83,7 +84,7 @@ class QuantizerSpec:
         try:
             target_value(item.get("target", "auto"))
         except ValueError:
-            raise UserError(f"report recipe: target must be auto or a number >= 0, got {item['target']!r}") from None
+            raise UserError(f"report recipe: target must be auto, rd or a number >= 0, got {item['target']!r}") from None
         return cls(**item)
 
 
@@ -216,7 +217,7 @@ def _cell_key(sha: str, choice, images: list[str], ms_ssim: bool) -> str:
     """Identity of a cell: checkpoint file, resolved quantizer, weights and decoder target
     (when used), images."""
     q = dataclasses.asdict(choice.quantizer)
-    target = [choice.target] if choice.target else []
+    target = [target_record(choice.target)] if choice.target else []
     blob = json.dumps([sha, q, weights_digest(choice.weights), images, ms_ssim, REPORT_FORMAT, *target])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from trellis import Quantizer
 
+from qft.codec import RDTarget, target_record
 from qft.commands._options import DEFAULT_LAMBDA_MULT, default_lambda, default_step, target_value
 from qft.errors import UserError
 from qft.models import LoadedCheckpoint
@@ -68,13 +69,15 @@ def read_settings(ck: LoadedCheckpoint) -> dict[str, Any]:
         path = base_of(path, str(ck.extra["delta_of"]))
         sha = str(ck.extra.get("base_sha256"))
     settings = _read_file(settings_path(path), sha)
+    if isinstance(ck.extra.get("lambda"), (int, float)):  # the model's training λ, for --target rd
+        settings = settings | {"model_lambda": float(ck.extra["lambda"])}
     rec = ck.extra.get("quantizer")
     if isinstance(rec, dict) and {"method", "step", "lam"} <= set(rec):
         # a finetuned model: by default its quantizer is the one it was finetuned on
         methods = dict(settings.get("methods", {}))
         methods[rec["method"]] = {"step": rec["step"], "lambda": rec["lam"],
                                   "weights": "decoder" if "weights" in rec else "none",
-                                  "target": float(rec.get("target", 0.0)), "finetuned": True}
+                                  "target": rec.get("target", 0.0), "finetuned": True}
         settings = settings | {"methods": methods}
     return settings
 
@@ -125,12 +128,12 @@ class QuantizerChoice:
     quantizer: Quantizer
     weights: np.ndarray | None
     source: str  # "explicit", "calibrated" or "default"
-    target: float = 0.0  # η of the decoder target (qft.codec.latent); 0: none
+    target: float | RDTarget = 0.0  # η of the decoder target (qft.codec.latent), or its per-image choice; 0: none
 
     def describe(self) -> dict[str, Any]:
         q = self.quantizer
         return {"method": q.method, "step": q.step, "lambda": q.lam, "reset": q.reset,
-                "weights": self.weights is not None, "target": self.target, "source": self.source}
+                "weights": self.weights is not None, "target": target_record(self.target), "source": self.source}
 
 
 def _weights_file(path: str) -> np.ndarray:
@@ -165,8 +168,9 @@ def resolve_quantizer(
             (``.npy`` or a settings/JSON file) holding one weight per latent channel.
         step_scale: multiplies the resolved step (λ follows the step through the rule,
             unless ``lambda_t`` is explicit); sweeps the rate around the operating point.
-        target: ``η`` of the decoder target (a number ≥ 0), or ``"auto"``: the calibrated
-            one (``qft calibrate --targets``), else 0.
+        target: ``η`` of the decoder target (a number ≥ 0), ``"rd"`` (an
+            :class:`~qft.codec.RDTarget` at the model's training λ, ``settings["model_lambda"]``),
+            or ``"auto"``: the calibrated one (``qft calibrate --targets``), else 0.
 
     Raises:
         UserError: decoder weights asked for but not estimated; unreadable weights file;
@@ -199,7 +203,12 @@ def resolve_quantizer(
     try:
         eta = target_value(cal.get("target", 0.0) if target == "auto" else target, allow_auto=False)
     except ValueError:
-        raise UserError(f"--target must be auto or a number >= 0, got {target!r}") from None
+        raise UserError(f"--target must be auto, rd or a number >= 0, got {target!r}") from None
+    if eta == "rd":
+        if "model_lambda" not in settings:
+            raise UserError("--target rd weighs rate against distortion at the model's training λ, which this "
+                            "checkpoint does not record; give a number instead (e.g. --target 0.125)")
+        eta = RDTarget(settings["model_lambda"])
     try:
         q = Quantizer(method, step=step, lam=lam, reset=reset)
     except ValueError as exc:

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from trellis import NUM_SCALES, Quantizer
 
-from qft.codec import HyperpriorLatentCoder, model_fingerprint
+from qft.codec import HyperpriorLatentCoder, RDTarget, model_fingerprint, target_record
 from qft.errors import UserError
 from qft.eval.settings import weights_digest
 
@@ -96,7 +96,7 @@ def cache_identity(
     quantizer: Quantizer,
     data: str,
     weights: np.ndarray | None = None,
-    target: float = 0.0,
+    target: float | RDTarget = 0.0,
 ) -> dict[str, Any]:
     """What a cache's content depends on: model weights, architecture, quantizer (and its
     distortion weights, by SHA-256, and decoder target), images."""
@@ -111,7 +111,7 @@ def cache_identity(
     if weights is not None:
         identity["weights"] = weights_digest(weights)
     if target:
-        identity["target"] = target
+        identity["target"] = target_record(target)
     return identity
 
 
@@ -228,7 +228,7 @@ class LatentCache:
         device: torch.device,
         progress: bool = True,
         weights: np.ndarray | None = None,
-        target: float = 0.0,
+        target: float | RDTarget = 0.0,
     ) -> "LatentCache":
         """Quantize every (trimmed) image once (with the quantizer's per-channel
         distortion ``weights``, if any, and decoder ``target``) and write the cache

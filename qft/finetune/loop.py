@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from tqdm import tqdm
 
-from qft.codec import HYPERPRIOR_ENTROPY
+from qft.codec import HYPERPRIOR_ENTROPY, target_record
 from qft.commands._options import quantizer_from_args
 from qft.eval.settings import read_settings, weights_digest
 from qft.errors import UserError
@@ -189,7 +189,7 @@ def _finetune(
             weights=recipe.weights,
             target=recipe.target,
         ),
-        read_settings(base),
+        read_settings(base) | {"model_lambda": float(lmbda)},  # --target rd weighs by this run's λ
     )
     quantizer, weights, target = choice.quantizer, choice.weights, choice.target
     model = base.model
@@ -241,7 +241,7 @@ def _finetune(
         "params": base.params,
         "quantizer": dataclasses.asdict(quantizer)
         | ({} if weights is None else {"weights": weights_digest(weights)})
-        | ({"target": target} if target else {}),
+        | ({"target": target_record(target)} if target else {}),
         "parts": recipe.parts,
         "requantize_every": requantize,
         "control": control,

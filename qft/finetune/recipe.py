@@ -176,7 +176,7 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
     try:
         target = target_value(target)
     except ValueError:
-        raise UserError(f"{where}: quantizer.target must be auto or a number >= 0, not {target!r}") from None
+        raise UserError(f"{where}: quantizer.target must be auto, rd or a number >= 0, not {target!r}") from None
     quant = _section(quant, "quantizer", _QUANTIZER, where)
     opt = _section(top["optimizer"], "optimizer", _OPTIMIZER, where)
     data = _section(top["data"], "data", _DATA, where)
