@@ -4,10 +4,11 @@ For one checkpoint, every image of a folder is coded with USQ, TCQ-4 and TCQ-8 (
 parameters of the CLI) through :class:`qft.codec.Codec` — real bitstreams, decoded and
 checked. Reported per method: mean compress and decompress time (and their ratio to USQ),
 mean real bpp (whole ``.qft`` file), mean estimated bpp (table rate of the y indices plus
-the likelihood of ``ẑ``) and their relative gap.
+the likelihood of ``ẑ``) and their relative gap. ``--target`` gives every method the decoder
+target (``η``, or ``rd``: chosen per image at the checkpoint's training λ).
 
     python benchmarks/codec_speed.py --checkpoint CKPT [--data qft/assets/kodak] [--images 24]
-                                     [--json benchmarks/results/codec_speed.json]
+                                     [--target 0|ETA|rd] [--json benchmarks/results/codec_speed.json]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from trellis import Quantizer
 from trellis.bench import machine_info
 
-from qft.codec import Codec, list_images, read_image
+from qft.codec import Codec, RDTarget, list_images, read_image, target_record
 from qft.commands._options import default_lambda, default_step
 from qft.models import ARCHITECTURES, load_checkpoint
 
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default="qft/assets/kodak")
     parser.add_argument("--images", type=int, default=0, help="first N images only (0: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--target", default="0", help="decoder target of every method: ETA or rd (default: 0, none)")
     parser.add_argument("--json", default="benchmarks/results/codec_speed.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -45,14 +47,15 @@ def main(argv=None) -> int:
     codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy)
     images = list_images(args.data)[: args.images or None]
     quantizers = {m: Quantizer(m, step=default_step(m), lam=default_lambda(m, default_step(m))) for m in METHODS}
-    codec.compress(read_image(images[0]), quantizers["tcq8"])  # JIT warm-up / cache load
+    target = RDTarget(float(ckpt.extra["lambda"])) if args.target == "rd" else float(args.target)
+    codec.compress(read_image(images[0]), quantizers["tcq8"], target=target)  # JIT warm-up / cache load
     rows = {m: [] for m in METHODS}
     for path in images:
         x = read_image(path)
         pixels = x.shape[-2] * x.shape[-1]
         for m, q in quantizers.items():
             t0 = time.perf_counter()
-            enc = codec.compress(x, q)
+            enc = codec.compress(x, q, target=target)
             t1 = time.perf_counter()
             dec = codec.decompress(enc["bitstream"])
             t2 = time.perf_counter()
@@ -73,6 +76,7 @@ def main(argv=None) -> int:
         "data": args.data,
         "images": len(images),
         "quantizers": {m: {"step": q.step, "lambda": q.lam} for m, q in quantizers.items()},
+        "target": target_record(target),
         "summary": summary,
         "per_image": rows,
     }

@@ -19,7 +19,9 @@ of ẑ (real streams are within 0.2 %); quality is PSNR of ``g_s(ŷ)`` rounded t
 savings are rate changes at equal PSNR against the *plain* USQ step sweep (``vs_usq``)
 and against the USQ sweep of the same shifted target (``vs_usq_shifted``: what the trellis
 adds on top of the target). TCQ-8 at the checkpoint's calibrated Δ and weights, λ_T ×
-``--mults``. Images: top-left crops with sides multiples of 64.
+``--mults``. Images: top-left crops with sides multiples of 64. ``rd_choice``: ``η`` chosen
+per image among :data:`~qft.codec.latent.RD_ETAS` by the model's RD cost (what ``--target
+rd`` does), for USQ at step 1 and the calibrated TCQ-8, beside each fixed ``η`` of the set.
 
     python benchmarks/decoder_target.py --json benchmarks/results/decoder_target_val.json
     python benchmarks/decoder_target.py --data qft/assets/kodak --images 24 --etas 0.25 --json out.json
@@ -40,7 +42,7 @@ import torch
 from trellis import Quantizer
 from trellis.bench import machine_info
 
-from qft.codec.latent import TARGET_DAMPING, TARGET_PROBES, target_direction
+from qft.codec.latent import RD_ETAS, TARGET_DAMPING, TARGET_PROBES, target_direction
 from qft.eval.bdrate import local_rate_change
 from qft.eval.settings import read_settings, resolve_quantizer
 
@@ -72,15 +74,30 @@ def main() -> None:
         target_s = time.perf_counter() - t0
         torch.set_num_threads(args.threads)  # Numba's first parallel kernel may reset it
 
-        def rd(q: Quantizer, eta: float, w=None) -> tuple[float, float]:
-            bpp, psnr = [], []
+        def per_image(q: Quantizer, eta: float, w=None) -> list[tuple[float, float]]:
+            """``(bpp, MSE)`` of every image."""
+            out = []
             for (x, y, mu, sigma, z_bits), s in zip(lats, shifts):
                 r = q.quantize(y + eta * s, mu, sigma, weights=None if w is None else w.reshape(-1, 1, 1))
                 with torch.no_grad():
                     x_hat = g_s(torch.from_numpy(r.y_hat)[None]).clamp(0, 1).mul(255).round().div(255)
-                bpp.append((r.bits + z_bits) / (x.shape[-2] * x.shape[-1]))
-                psnr.append(-10 * math.log10(torch.mean((x_hat - x) ** 2).item()))
-            return float(np.mean(bpp)), float(np.mean(psnr))
+                out.append(((r.bits + z_bits) / (x.shape[-2] * x.shape[-1]), torch.mean((x_hat - x) ** 2).item()))
+            return out
+
+        def mean_point(rows: list[tuple[float, float]]) -> tuple[float, float]:
+            return float(np.mean([b for b, _ in rows])), float(np.mean([-10 * math.log10(m) for _, m in rows]))
+
+        def rd(q: Quantizer, eta: float, w=None) -> tuple[float, float]:
+            return mean_point(per_image(q, eta, w))
+
+        def rd_choice(q: Quantizer, w=None) -> dict:
+            """``--target rd``: per image the η of RD_ETAS of least λ·255²·MSE + bpp."""
+            by = {eta: per_image(q, eta, w) for eta in RD_ETAS}
+            picks = [min(RD_ETAS, key=lambda e: lmbda * 255**2 * by[e][i][1] + by[e][i][0]) for i in range(len(lats))]
+            point = mean_point([by[e][i] for i, e in enumerate(picks)])
+            return {"vs_usq": finite(local_rate_change(usq, point)),
+                    "fixed_vs_usq": {str(e): finite(local_rate_change(usq, mean_point(by[e]))) for e in RD_ETAS},
+                    "picks": {str(e): picks.count(e) for e in RD_ETAS}}
 
         usq = [rd(Quantizer("usq", step=s), 0.0) for s in USQ_STEPS]
         cal = resolve_quantizer("tcq8", read_settings(ck))
@@ -96,13 +113,18 @@ def main() -> None:
                 out[f"tcq8_x{m:g}"] = {"vs_usq": finite(local_rate_change(usq, pt)),
                                        "vs_usq_shifted": finite(local_rate_change(usq_shifted, pt))}
             by_eta[str(eta)] = out
+        lmbda = float(ck.extra["lambda"])
+        per_image_choice = {"usq_step1": rd_choice(Quantizer("usq", step=1.0)),
+                            "tcq8_x1": rd_choice(base, w), "calibrated_eta": cal.target}
         models[spec] = {"calibrated_tcq8": cal.describe(), "usq_sweep": usq,
-                        "tcq8_plain_vs_usq": plain, "by_eta": by_eta,
+                        "tcq8_plain_vs_usq": plain, "by_eta": by_eta, "rd_choice": per_image_choice,
                         "seconds": {"analyse": analyse_s, "target": target_s}}
         print(f"{spec}: TCQ-8 plain {plain}; " + "; ".join(
             f"η {e}: USQ {v['usq_step1']['vs_usq']}, TCQ-8 " + ", ".join(
                 f"{k} {v[k]['vs_usq']} ({v[k]['vs_usq_shifted']})" for k in v if k != "usq_step1")
-            for e, v in by_eta.items()), flush=True)
+            for e, v in by_eta.items())
+              + f"; per-image η: USQ {per_image_choice['usq_step1']['vs_usq']}, TCQ-8 {per_image_choice['tcq8_x1']['vs_usq']}",
+              flush=True)
     if args.json:
         result = {"benchmark": "decoder_target", "data": args.data, "images": len(images), "rho": TARGET_DAMPING,
                   "probes": TARGET_PROBES, "models": models, "machine": machine_info(),
