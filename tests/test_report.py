@@ -100,6 +100,11 @@ def test_settings_precedence_and_identity(setup, recwarn):
                 {"quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5, "reset": "channel"}})
     c = resolve_quantizer("tcq8", read_settings(load_checkpoint(delta)), step_scale=2)
     assert (c.quantizer.step, c.quantizer.lam, c.weights, c.target) == (1.3, pytest.approx(0.04), None, 0.0)
+    # finetuned on plain latents: the encoder-side target is the base's calibrated one
+    write_settings(ckpts[0], ck.sha256, {"methods": {"tcq8": {"step": 0.8, "lambda_mult": 0.1, "weights": "decoder",
+                                                              "target": 0.25}}})
+    c = resolve_quantizer("tcq8", read_settings(load_checkpoint(delta)))
+    assert (c.quantizer.step, c.weights, c.target) == (0.65, None, 0.25)
     delta.unlink()
     write_delta(delta, ck.model, ckpts[0], ("g_s.",),
                 {"quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5, "reset": "channel",

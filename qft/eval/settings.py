@@ -63,7 +63,9 @@ def read_settings(ck: LoadedCheckpoint) -> dict[str, Any]:
     """The settings of a loaded checkpoint: its settings file, ``{}`` when there is none
     (or it belongs to another file: a warning says so). A delta checkpoint reads its
     base's file; a finetuned checkpoint's own method defaults to the quantizer (step, λ,
-    weights, decoder target) it was finetuned on."""
+    weights) it was finetuned on, and to the decoder target it was finetuned with or, when
+    it was finetuned on plainly quantized latents, the base's calibrated target (an
+    encoder-side choice that the finetuning did not see: docs/design.md, "Decoder target")."""
     path, sha = resolve(ck.path), ck.sha256
     if "delta_of" in ck.extra:
         path = base_of(path, str(ck.extra["delta_of"]))
@@ -75,9 +77,10 @@ def read_settings(ck: LoadedCheckpoint) -> dict[str, Any]:
     if isinstance(rec, dict) and {"method", "step", "lam"} <= set(rec):
         # a finetuned model: by default its quantizer is the one it was finetuned on
         methods = dict(settings.get("methods", {}))
+        target = rec.get("target", methods.get(rec["method"], {}).get("target", 0.0))
         methods[rec["method"]] = {"step": rec["step"], "lambda": rec["lam"],
                                   "weights": "decoder" if "weights" in rec else "none",
-                                  "target": rec.get("target", 0.0), "finetuned": True}
+                                  "target": target, "finetuned": True}
         settings = settings | {"methods": methods}
     return settings
 
