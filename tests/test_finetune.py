@@ -476,7 +476,7 @@ def test_recipe_errors(setup, tmp_path):
     good = dict(setup["raw"], quantizer=dict(setup["raw"]["quantizer"], target=0.25))
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(good))
     assert load_finetune_recipe(tmp_path / "r.yaml").target == 0.25
-    assert load_finetune_recipe(setup["recipe"]).target == "auto"  # the key is optional
+    assert load_finetune_recipe(setup["recipe"]).target == 0.0  # optional: plain latents
     recipe = load_finetune_recipe(setup["recipe"]).replace(checkpoint=None)
     with pytest.raises(UserError, match="no checkpoint"):
         finetune(recipe, tmp_path / "o", progress=False)

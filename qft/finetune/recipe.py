@@ -15,7 +15,8 @@ Layout, every key required (``null`` where allowed)::
       lambda_mult: null         # null: calibrated (qft calibrate), else 0.025
       reset: channel
       weights: auto             # auto | none | decoder | FILE (as --weights)
-      target: auto              # optional (default auto): decoder target η (as --target)
+      target: 0                 # optional (default 0: plain latents, which train the better
+                                # decoder, docs/design.md): decoder target (as --target)
     seed: 0
     threads: 1
     device: auto                # auto | cpu | cuda
@@ -172,7 +173,7 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
     raw = read_yaml(path, where)
     top = _section(raw, "the recipe", _TOP, where)
     quant = dict(top["quantizer"]) if isinstance(top["quantizer"], dict) else top["quantizer"]
-    target = quant.pop("target", "auto") if isinstance(quant, dict) else "auto"
+    target = quant.pop("target", 0.0) if isinstance(quant, dict) else 0.0
     try:
         target = target_value(target)
     except ValueError:
