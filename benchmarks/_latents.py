@@ -1,13 +1,19 @@
-"""Helpers of the latent-domain benchmarks (``adapted_tables``, ``latent_gain``, ``decoder_target``)."""
+"""Helpers of the latent-domain benchmarks (``adapted_tables``, ``latent_gain``,
+``decoder_target``, ``error_budget``)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import time
 
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from trellis.bench import machine_info
 
 from qft.codec import HyperpriorLatentCoder, list_images, read_image
 from qft.models import ARCHITECTURES, LoadedCheckpoint, load_checkpoint
@@ -16,6 +22,32 @@ from finetune_runs import base_entries  # sibling script
 
 #: USQ steps of the reference sweep the rate changes are measured against.
 USQ_STEPS = (0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
+#: The held-out images the benchmarks measure on by default (never Kodak or Tecnick).
+BSDS500_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "val"
+
+
+def arguments(doc: str, images: int | None = None) -> argparse.ArgumentParser:
+    """The options every latent-domain benchmark takes: ``-m`` (default: the shipped base
+    models), ``--threads``, ``--json``, and with ``images`` the ``--data`` folder (BSDS500
+    val) and how many of its images (default ``images``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("-m", "--checkpoint", nargs="+", help="checkpoints (default: the shipped base models)")
+    if images is not None:
+        p.add_argument("--data", default=str(BSDS500_VAL))
+        p.add_argument("--images", type=int, default=images)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path)
+    return p
+
+
+def write_result(path: Path | None, benchmark: str, fields: dict) -> None:
+    """Write ``fields`` as the benchmark's JSON at ``path`` (nothing when ``None``), with the
+    benchmark's name, the machine and the date."""
+    if path is None:
+        return
+    result = {"benchmark": benchmark, **fields, "machine": machine_info(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def finite(x: float) -> float | None:

@@ -31,26 +31,19 @@ weights and λ_T times ``--mults``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import time
-
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from trellis import Quantizer, RateTable
-from trellis.bench import machine_info
 
 from qft.eval.bdrate import local_rate_change
 from qft.eval.settings import read_settings, resolve_quantizer
 
-from _latents import analyse, checkpoints, finite, read_images  # sibling script
+from _latents import BSDS500_VAL, analyse, arguments, checkpoints, finite, read_images, write_result  # sibling script
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "bsds500"
+DATA = BSDS500_VAL.parent
 USQ_STEPS = (0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
 
 
@@ -98,14 +91,11 @@ def coded_bits(q: Quantizer, r, bits: np.ndarray | None, by_state: bool = False)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--checkpoint", nargs="+", help="checkpoints (default: the shipped base models)")
+    p = arguments(__doc__)
     p.add_argument("--train-images", type=int, default=40)
     p.add_argument("--val-images", type=int, default=16)
     p.add_argument("--alpha", type=float, default=20.0, help="pseudo-counts of the Gaussian row")
     p.add_argument("--mults", type=float, nargs="+", default=(1.0, 4.0), help="× the calibrated λ_T")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     train, val = read_images(DATA / "train", args.train_images), read_images(DATA / "val", args.val_images)
@@ -168,11 +158,8 @@ def main() -> None:
         t1 = tcq[str(args.mults[0])]
         print(f"{spec}: adapted tables USQ {models[spec]['usq1_rate_change_adapted']:+.2f} % rate; TCQ-8 vs USQ "
               + ", ".join(f"{v} {_pct(t1[v]['saving_vs_usq'])}" for v in t1), flush=True)
-    if args.json:
-        result = {"benchmark": "adapted_tables", "train_images": len(train), "val_images": len(val),
-                  "alpha": args.alpha, "models": models, "machine": machine_info(),
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.json, "adapted_tables", {"train_images": len(train), "val_images": len(val),
+                                               "alpha": args.alpha, "models": models})
 
 
 if __name__ == "__main__":

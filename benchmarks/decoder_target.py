@@ -29,37 +29,25 @@ rd`` does), for USQ at step 1 and the calibrated TCQ-8, beside each fixed ``η``
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
-
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from trellis import Quantizer
-from trellis.bench import machine_info
 
-from qft.codec.latent import RD_ETAS, TARGET_DAMPING, TARGET_PROBES, target_direction
+from qft.codec.latent import RD_ETAS, TARGET_DAMPING, TARGET_PROBES, target_direction, target_record
 from qft.eval.bdrate import local_rate_change
 from qft.eval.settings import read_settings, resolve_quantizer
 
-from _latents import USQ_STEPS, analyse, checkpoints, finite, read_images  # sibling script
-
-ROOT = Path(__file__).resolve().parents[1]
+from _latents import USQ_STEPS, analyse, arguments, checkpoints, finite, read_images, write_result  # sibling script
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--checkpoint", nargs="+", help="checkpoints (default: the shipped base models)")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "bsds500" / "val"))
-    p.add_argument("--images", type=int, default=12)
+    p = arguments(__doc__, images=12)
     p.add_argument("--etas", type=float, nargs="+", default=(0.125, 0.25, 0.375))
     p.add_argument("--mults", type=float, nargs="+", default=(1.0, 4.0), help="× the calibrated λ_T")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     images = read_images(args.data, args.images)
@@ -115,7 +103,7 @@ def main() -> None:
             by_eta[str(eta)] = out
         lmbda = float(ck.extra["lambda"])
         per_image_choice = {"usq_step1": rd_choice(Quantizer("usq", step=1.0)),
-                            "tcq8_x1": rd_choice(base, w), "calibrated_eta": cal.target}
+                            "tcq8_x1": rd_choice(base, w), "calibrated_eta": target_record(cal.target)}
         models[spec] = {"calibrated_tcq8": cal.describe(), "usq_sweep": usq,
                         "tcq8_plain_vs_usq": plain, "by_eta": by_eta, "rd_choice": per_image_choice,
                         "seconds": {"analyse": analyse_s, "target": target_s}}
@@ -125,11 +113,8 @@ def main() -> None:
             for e, v in by_eta.items())
               + f"; per-image η: USQ {per_image_choice['usq_step1']['vs_usq']}, TCQ-8 {per_image_choice['tcq8_x1']['vs_usq']}",
               flush=True)
-    if args.json:
-        result = {"benchmark": "decoder_target", "data": args.data, "images": len(images), "rho": TARGET_DAMPING,
-                  "probes": TARGET_PROBES, "models": models, "machine": machine_info(),
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.json, "decoder_target", {"data": args.data, "images": len(images), "rho": TARGET_DAMPING,
+                                               "probes": TARGET_PROBES, "models": models})
 
 
 if __name__ == "__main__":

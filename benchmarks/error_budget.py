@@ -19,25 +19,19 @@ multiples of 64; never Kodak or Tecnick), this measures:
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import time
 
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trellis.bench import machine_info
-
 from qft.codec import HyperpriorLatentCoder, list_images, read_image
 from qft.eval.settings import read_settings, resolve_quantizer
 from qft.models import ARCHITECTURES, load_checkpoint
 
+from _latents import arguments, write_result  # sibling script
 from finetune_runs import base_entries  # sibling script
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
@@ -47,13 +41,7 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--checkpoint", nargs="+", help="checkpoints (default: the shipped base models)")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "bsds500" / "val"))
-    p.add_argument("--images", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", type=Path)
-    args = p.parse_args()
+    args = arguments(__doc__, images=8).parse_args()
     torch.set_num_threads(args.threads)
     images = [_centre(read_image(f)) for f in list_images(args.data)[: args.images]]
 
@@ -105,10 +93,7 @@ def main() -> None:
               f"({100 * out['usq']['quantization_share']:.0f} % of the MSE from quantization), TCQ-8 "
               f"{out['tcq8']['psnr']:.2f} dB; latent MSE TCQ-8 / USQ {out['latent_mse_tcq8_over_usq_db']:+.2f} dB, "
               f"bpp(y) {out['usq']['bpp_y']:.3f} → {out['tcq8']['bpp_y']:.3f}", flush=True)
-    if args.json:
-        result = {"benchmark": "error_budget", "data": args.data, "images": len(images), "models": models,
-                  "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.json, "error_budget", {"data": args.data, "images": len(images), "models": models})
 
 
 if __name__ == "__main__":

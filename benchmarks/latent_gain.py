@@ -26,35 +26,22 @@ latents whose USQ table rate is below ½ bit.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import time
-
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from trellis import Quantizer
-from trellis.bench import machine_info
 
 from qft.eval.bdrate import local_rate_change
 from qft.eval.settings import read_settings, resolve_quantizer
 
-from _latents import USQ_STEPS, analyse, checkpoints, finite, read_images  # sibling script
-
-ROOT = Path(__file__).resolve().parents[1]
+from _latents import USQ_STEPS, analyse, arguments, checkpoints, finite, read_images, write_result  # sibling script
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--checkpoint", nargs="+", help="checkpoints (default: the shipped base models)")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "bsds500" / "val"))
-    p.add_argument("--images", type=int, default=16)
+    p = arguments(__doc__, images=16)
     p.add_argument("--mults", type=float, nargs="+", default=(1.0, 4.0, 16.0, 40.0), help="× the calibrated λ_T")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     images = read_images(args.data, args.images)
@@ -143,10 +130,7 @@ def main() -> None:
         t1 = tcq[str(args.mults[0])]["saving"]
         print(f"{spec}: {per.mean():.3f} bits/latent (USQ), TCQ-8 saving latent {t1['latent']}, weighted "
               f"{t1['weighted_latent']}, image {t1['image']} %", flush=True)
-    if args.json:
-        result = {"benchmark": "latent_gain", "data": args.data, "images": len(images), "models": models,
-                  "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.json, "latent_gain", {"data": args.data, "images": len(images), "models": models})
 
 
 if __name__ == "__main__":

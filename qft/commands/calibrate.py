@@ -15,7 +15,8 @@ named like Kodak, Tecnick or CLIC). See :mod:`qft.eval.calibrate` for the search
 from __future__ import annotations
 
 import argparse
-import math
+
+from qft.commands._options import target_value
 
 __all__ = ["add_arguments", "run"]
 
@@ -43,14 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _target(text: str) -> str | float:
-    """``--targets`` values: ``rd`` or a number > 0."""
-    if text == "rd":
-        return text
+    """``--targets`` values: :func:`~qft.commands._options.target_value` of ``rd`` or a
+    number, less 0 (no target is always tried)."""
     try:
-        value = float(text)
+        value = target_value(text if text == "rd" else float(text), allow_auto=False)
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
+        value = 0.0
+    if value == 0.0:
         raise argparse.ArgumentTypeError(f"expected rd or a number > 0, got {text!r}")
     return value
 

@@ -9,9 +9,10 @@ per configuration):
 * RDOQ × λ multiplier ``m``; TCQ-4/TCQ-8 × union step Δ × ``m``; each with and without
   the decoder-sensitivity weights when they are estimated (``--weights``).
 
-With ``--targets``, a second pass tries the decoder target (:mod:`qft.codec.latent`) at
-each ``η`` on every pick; a pick keeps the ``η`` (0 if none helps) of lowest RD cost
-``λ·255²·MSE + bpp`` at the model's training λ (the saving where λ is unknown).
+With ``--targets``, a second pass tries the decoder target (:mod:`qft.codec.latent`) on
+every pick: ``η`` chosen per image (``rd``, the default) and any fixed ``η`` named; a pick
+keeps the target (0 if none helps) of lowest RD cost ``λ·255²·MSE + bpp`` at the model's
+training λ (the saving where λ is unknown).
 
 A configuration's *saving* is its rate change at equal PSNR against the USQ curve
 (:func:`qft.eval.bdrate.local_rate_change`, over the image-mean RD point). Per method the
