@@ -193,6 +193,32 @@ ms_ssim: false
     assert [c.stat().st_mtime_ns for c in sorted((out / "cells").iterdir())] == mtimes
 
 
+def test_report_without_row_sweeps(setup, tmp_path):
+    """sweep_rows: false evaluates the base under another row's quantizer at step scale 1
+    only: no sweep cells for it, and that row's same-quantizer column has no local value."""
+    root, ckpts = setup
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+data: {root / 'img'}
+out: {tmp_path / 'out'}
+models:
+  - {{label: base, checkpoints: [{ckpts[0]}, {ckpts[1]}], quantizers: [usq]}}
+  - {{label: other, checkpoints: [{ckpts[1]}, null], quantizers: [tcq8]}}
+quantizers: [usq, {{label: tcq8, method: tcq8, lambda_mult: 0.1}}]
+sweep: [0.9, 1.2]
+sweep_rows: false
+ms_ssim: false
+""")
+    assert main(["report", str(recipe), "--no-progress"]) == 0
+    # base USQ swept (2 points x 3 scales), the base under other's TCQ-8 at scale 1 (point 0),
+    # other's own cell; with the row sweeps there would be two more
+    assert len(list((tmp_path / "out" / "cells").iterdir())) == 2 * 3 + 1 + 1
+    summary = json.loads((tmp_path / "out" / "bdrate.json").read_text())
+    other = next(r for r in summary["rows"] if r["row"] == "other")
+    assert other["vs_base_same_quantizer"]["psnr-rgb"]["local"] == [None]
+    assert other["vs_base_usq"]["rate_points"] == [0]
+
+
 def test_shipped_rows_evaluate_the_control_arm_like_each_finetuned_row(monkeypatch):
     from qft.eval import report
     from qft.models import zoo
@@ -306,6 +332,20 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
     assert [g["target"] for g in out["calibration"]["grid"] if g["method"] == "tcq8"] == [0.0, 0.25, "rd"]
     assert out["methods"]["tcq8"]["target"] == "rd" and out["methods"]["tcq8"]["saving"] == pytest.approx(-10.0)
     assert set(out["calibration"]["usq_target"]) == {"0.25", "rd"}
+
+
+def test_calibrate_default_weights_by_saving():
+    """The default between the weight picks is the better saving even where the RD cost
+    prefers the other (a lower-rate point), and the RD cost only where a saving is missing."""
+    from qft.eval.calibrate import default_pick
+
+    def cost(p):
+        return 0.01 * 255**2 * 10 ** (-p["psnr"] / 10) + p["bpp"]
+
+    picks = {"none": {"saving": -13.8, "bpp": 0.83, "psnr": 28.6}, "decoder": {"saving": -9.7, "bpp": 0.77, "psnr": 28.4}}
+    assert cost(picks["decoder"]) < cost(picks["none"]) and default_pick(picks, cost) is picks["none"]
+    picks["none"]["saving"] = None  # beyond USQ's curve
+    assert default_pick(picks, cost) is picks["decoder"]
 
 
 def test_quickstart_on_one_image(tmp_path, capsys):

@@ -19,7 +19,7 @@ A configuration's *saving* is its rate change at equal PSNR against the USQ curv
 choice is, among the configurations within ``TIE_PP`` percentage points of the best
 saving, the one whose rate stays closest to USQ's at step 1 (the saving is nearly flat in
 Δ, the model's operating point is not). This pick is made separately without and with
-weights; the better of the two is the method's default, both are kept (``by_weights``, so
+weights; the one of better saving (after the target pass) is the method's default, both are kept (``by_weights``, so
 ``--weights none`` still gets calibrated Δ and λ), and with the whole grid they go to the
 checkpoint's settings file
 (:mod:`qft.eval.settings`), which every command then uses by default.
@@ -38,7 +38,7 @@ import numpy as np
 from qft.eval.bdrate import local_rate_change
 from qft.eval.settings import resolve_quantizer
 
-__all__ = ["USQ_SCALES", "STEPS", "MULTS", "TARGETS", "TIE_PP", "calibrate_checkpoint"]
+__all__ = ["USQ_SCALES", "STEPS", "MULTS", "TARGETS", "TIE_PP", "calibrate_checkpoint", "default_pick"]
 
 USQ_SCALES = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
 STEPS = (0.63, 0.7, 0.8, 0.9, 1.0)
@@ -97,8 +97,8 @@ def calibrate_checkpoint(
     tried, in a second pass, on every pick of the first; a pick keeps the target (0: none)
     with the lowest RD cost ``λ·255²·MSE + bpp`` of the model's own
     ``lmbda`` (defined even where a point's PSNR lies beyond USQ's curve, as the target's
-    often do), or without ``lmbda`` the best saving; the method's choice between the weight
-    picks follows the same score. USQ at step 1 with each ``η`` is measured too
+    often do), or without ``lmbda`` the best saving; the method's default between the weight
+    picks is the better saving (:func:`default_pick`). USQ at step 1 with each ``η`` is measured too
     (``calibration["usq_target"]``: what the target alone buys) but USQ stays the plain
     reference: its default target is 0.
     """
@@ -138,16 +138,22 @@ def calibrate_checkpoint(
             if score(g) < score(p):
                 p.update(target=g["target"], saving=g["saving"], bpp=g["bpp"], psnr=g["psnr"],
                          rate_vs_usq_step1=g["bpp"] / usq1["bpp"])
-    methods_out = {}
-    for method, picks in chosen.items():
-        if picks:
-            best = min(picks.values(), key=score)
-            methods_out[method] = {**best, "by_weights": picks}
+    methods_out = {method: {**default_pick(picks, score), "by_weights": picks}
+                   for method, picks in chosen.items() if picks}
     calibration = {"data": str(Path(images[0]).parent) if images else "", "images": [p.name for p in images],
                    "metric": "rate change (%) at equal PSNR vs the USQ step sweep, real bitstreams",
                    "tie_pp": TIE_PP, "grid": grid + second,
                    "usq_target": {str(g["target"]): g["saving"] for g in second if g["method"] == "usq"}}
     return {"methods": settings.get("methods", {}) | methods_out, "calibration": calibration}
+
+
+def default_pick(picks: dict[str, dict[str, Any]], score) -> dict[str, Any]:
+    """The method's default among its weight picks (``{"none": …, "decoder": …}``): the
+    best saving when every pick has one — the measure the reports use —, else the lowest
+    ``score`` (a target's point can lie beyond USQ's curve, where no saving is defined)."""
+    if all(p["saving"] is not None for p in picks.values()):
+        return min(picks.values(), key=lambda p: p["saving"])
+    return min(picks.values(), key=score)
 
 
 def _pick(cands: list[dict[str, Any]], usq1: dict[str, Any]) -> dict[str, Any] | None:

@@ -28,6 +28,9 @@ a monotone curve (a model at a larger λ can be worse in both rate and PSNR):
   swept over its quantizer step (``sweep`` scales of the step, λ following the rule);
   the table gives the mean over rate points and each value. This is a BD-rate taken
   locally around each operating point, well-defined whatever the family looks like.
+  Against the base under a finetuned row's own quantizer (and hence against the control
+  arm) it needs that quantizer swept on the base too; ``sweep_rows: false`` skips those
+  sweeps, the costliest part of a report, and leaves those columns the BD.
 """
 
 from __future__ import annotations
@@ -112,6 +115,10 @@ class ReportRecipe:
     images: int | None = None
     sweep: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.1, 1.25, 1.4, 1.6, 1.8)
     sweep_quantizers: tuple[str, ...] = ("usq",)
+    # sweep the base under every other row's quantizer too: the local measure of the "same
+    # quantizer" and "control" columns, and the costliest part of a report (False: those
+    # columns give the BD only, from the base under that quantizer at step scale 1)
+    sweep_rows: bool = True
     anchors: tuple[str, ...] = ()
     threads: int = 1
     ms_ssim: bool = True
@@ -189,6 +196,7 @@ def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
         images=raw.get("images"),
         sweep=tuple(float(s) for s in raw.get("sweep", ReportRecipe.sweep)),
         sweep_quantizers=tuple(raw.get("sweep_quantizers", ReportRecipe.sweep_quantizers)),
+        sweep_rows=bool(raw.get("sweep_rows", True)),
         anchors=tuple(raw.get("anchors", ())),
         threads=int(raw.get("threads", 1)),
         ms_ssim=bool(raw.get("ms_ssim", True)),
@@ -225,9 +233,9 @@ def _cell_key(sha: str, choice, images: list[str], ms_ssim: bool) -> str:
 def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: bool) -> dict:
     """All cells: (row, rate point, quantizer label, scale) -> cell dict (from disk when done).
 
-    Besides the matrix itself, the base checkpoint of every rate point is evaluated — and
-    swept — with the quantizer each other row resolves to (a finetuned model's own, the one
-    it was finetuned on), under the label ``"<quantizer>|<row>"``: the anchor of that row's
+    Besides the matrix itself, the base checkpoint of every rate point is evaluated — and,
+    with ``recipe.sweep_rows``, swept — with the quantizer each other row resolves to (a
+    finetuned model's own, the one it was finetuned on), under the label ``"<quantizer>|<row>"``: the anchor of that row's
     comparison with "the same quantizer on the base model". Cells with the same checkpoint
     file, resolved quantizer and images are computed once.
     """
@@ -263,7 +271,7 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
                 for s in scales:
                     plan.setdefault(name, {})[(row.label, i, label, s)] = choose(s)
                 if row is not base and base.checkpoints[i] is not None:
-                    for s in sweep:
+                    for s in sweep if recipe.sweep_rows else (1.0,):
                         plan.setdefault(base.checkpoints[i], {})[(base.label, i, f"{label}|{row.label}", s)] = choose(s)
     cells: dict[tuple, dict] = {}
     bar = tqdm(plan.items(), desc=f"report {recipe.name}", unit="model", disable=not progress)
