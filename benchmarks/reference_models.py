@@ -11,7 +11,9 @@ over the unpadded pixels, means over images, one thread.
 Writes:
 
 - ``qft/assets/checkpoints/manifest.json``: one entry per checkpoint (file, arch, λ, N, M,
-  sha256, steps, init, train_data, wall_time_s, machine, kodak metrics, BD-rate of the set);
+  sha256, steps, init, train_data, wall_time_s, machine, kodak metrics, BD-rate of the set;
+  for a model continued from a shipped one with ``qft train --init``, the ``history`` of
+  the files it replaces and its ``total_steps``);
 - ``--json`` (CompressAI results schema plus ``lambda``, ``per_image`` and ``bd_rate``);
 - ``--plot``: the Kodak RD curves (PSNR and MS-SSIM) next to CompressAI's published
   mbt2018-mean curve, whose BD-rate (``bjontegaard``, pchip; cubic and akima printed too)
@@ -28,6 +30,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import shutil
 import sys
 import time
@@ -60,8 +63,24 @@ TRAINING_KEYS = (
 )
 
 
-def ship(runs: Path, dest: Path) -> list[dict]:
-    """Copy every finished point's ``model.pth``; returns the training summaries."""
+HISTORY_KEYS = ("file", "sha256", "steps", "init", "wall_time_s", "cpu_time_s", "machine", "recipe", "kodak")
+
+
+def history(init: str, previous: list[dict]) -> list[dict]:
+    """The training stages before a run that started (``qft train --init``) from a shipped
+    file of the manifest ``previous`` (``init`` names it by its SHA-256 prefix): that
+    entry's own history, then the entry itself (``HISTORY_KEYS``); ``[]`` otherwise."""
+    match = re.search(r"\(sha256 ([0-9a-f]+)\)", init)
+    for e in previous if match else ():
+        if e["sha256"].startswith(match.group(1)) and "finetuned_from" not in e:
+            return [*e.get("history", []), {k: e[k] for k in HISTORY_KEYS if k in e}]
+    return []
+
+
+def ship(runs: Path, dest: Path, previous: list[dict]) -> list[dict]:
+    """Copy every finished point's ``model.pth``; returns the training summaries, each
+    with its ``history`` and ``total_steps`` when it continued a file of the manifest
+    ``previous`` it replaces."""
     summaries = []
     for summary_path in sorted(runs.glob("lambda-*/summary.json")):
         s = json.loads(summary_path.read_text())
@@ -69,7 +88,9 @@ def ship(runs: Path, dest: Path) -> list[dict]:
             continue
         s["file"] = f"{s['arch']}-{s['lambda']:g}.pth"
         dest.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(summary_path.parent / "model.pth", dest / s["file"])
+        source, target = summary_path.parent / "model.pth", dest / s["file"]
+        if not target.is_file() or target.read_bytes() != source.read_bytes():  # rewrites nothing it need not
+            shutil.copyfile(source, target)
         recipe = torch.load(
             summary_path.parent / "checkpoint.pth",
             map_location="cpu",
@@ -77,6 +98,8 @@ def ship(runs: Path, dest: Path) -> list[dict]:
         )["recipe"]
         s["recipe"] = recipe["path"]
         s["training"] = {k: recipe[k] for k in TRAINING_KEYS}
+        s["history"] = history(s["init"], previous)
+        s["total_steps"] = s["steps"] + sum(h["steps"] for h in s["history"])
         summaries.append(s)
     return sorted(summaries, key=lambda s: s["lambda"])
 
@@ -209,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     manifest_path = args.checkpoints / "manifest.json"
     if args.ship:
-        entries = ship(args.runs, args.checkpoints)
+        previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else []
+        entries = ship(args.runs, args.checkpoints, previous)
     else:
         entries = json.loads(manifest_path.read_text())
     if not entries:
@@ -302,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 "dtype": "float16 parameters, int32 CDF tables",
                 "steps": e["steps"],
                 "init": e["init"],
+                **({"history": e["history"], "total_steps": e["total_steps"]} if e.get("history") else {}),
                 "train_data": TRAIN_DATA,
                 "wall_time_s": round(e["wall_time_s"], 1),
                 "cpu_time_s": round(e["cpu_time_s"], 1),

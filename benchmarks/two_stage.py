@@ -20,6 +20,7 @@ point unless ``--lambdas``); the Kodak and Tecnick rows are in
 
     python benchmarks/finetune_runs.py --parts decoder decoder+hyperdecoder   # the stage-1 control arms
     python benchmarks/two_stage.py --json benchmarks/results/two_stage.json
+    python benchmarks/two_stage.py --arms tcq8-dh-rq200 && python benchmarks/two_stage.py --package   # only what ships
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from pathlib import Path
 from finetune_runs import QUANTIZERS, base_entries, experiment_report, package_run  # sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the three ways of training on from the stage-1 model (only the TCQ-8 one is shipped)
+ARMS = {"tcq8-dh-rq200": [*QUANTIZERS["tcq8"], "--requantize-every", "200"],
+        "usq-dh-rq200": [*QUANTIZERS["usq"], "--requantize-every", "200"],
+        "control-dh": [*QUANTIZERS["control"], "--control"]}
 
 
 def main() -> None:
@@ -45,6 +50,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "two-stage")
     p.add_argument("--data", default="../shared/data/bsds500/val")
     p.add_argument("--images", type=int, default=12)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                   help="arms to train (default: all three, then the validation report)")
     p.add_argument("--json", type=Path, help="copy the report's bdrate.json here")
     p.add_argument("--package", action="store_true",
                    help="ship the finished TCQ-8 runs as <base>-ft-tcq8-hyperdecoder (two stages: control, then TCQ-8)")
@@ -61,12 +68,10 @@ def main() -> None:
         return
     args.lambdas = args.lambdas or [e["lambda"] for e in base_entries()]
 
-    arms = {"tcq8-dh-rq200": [*QUANTIZERS["tcq8"], "--requantize-every", "200"],
-            "usq-dh-rq200": [*QUANTIZERS["usq"], "--requantize-every", "200"],
-            "control-dh": [*QUANTIZERS["control"], "--control"]}
     jobs = []
     for lmbda in args.lambdas:
-        for arm, extra in arms.items():
+        for arm in args.arms:
+            extra = ARMS[arm]
             out = args.out / str(lmbda) / arm
             if (out / "model.pth").exists():
                 continue
@@ -79,6 +84,9 @@ def main() -> None:
     with ThreadPoolExecutor(2) as pool:  # two runs side by side
         if any(r.returncode for r in pool.map(lambda cmd: subprocess.run(cmd, cwd=ROOT), jobs)):
             raise SystemExit("a finetuning run failed")
+    if set(args.arms) != set(ARMS):
+        print("the validation report compares all three arms: run them all to get it")
+        return
 
     def models(arm: str) -> list[str]:
         return [str(args.out / str(lmbda) / arm / "model.pth") for lmbda in args.lambdas]
