@@ -42,7 +42,8 @@ def test_models_shipped_lists_every_entry(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == [e["name"] for e in shipped()]
     what = {r["name"]: r["trained"] for r in rows}
-    assert what["mbt2018-mean-0.013"] == "reference model"
+    # continued from the first shipped file by 6,000 steps (manifest "history")
+    assert what["mbt2018-mean-0.013"] == "reference model, 7,500 training steps"
     assert what["mbt2018-mean-0.013-ft-control"].startswith("decoder finetuned: 600 steps noise proxy")
     assert what["mbt2018-mean-0.013-ft-tcq8-hyperdecoder"] == (
         "decoder+hyperdecoder finetuned: 600 steps noise proxy, then 600 steps on tcq8 latents"
