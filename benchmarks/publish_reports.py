@@ -32,6 +32,8 @@ def _cols(cmp: dict | None) -> list[str]:
     if not cmp:
         return ["", ""]
     p = cmp["psnr-rgb"]
+    if all(v is None for v in p["local"]):  # no local measure (a report without row sweeps)
+        return ["–", _fmt(p["bd_pchip"])]
     per_point = " / ".join("–" if v is None else f"{v:+.1f}" for v in p["local"])
     return [f"**{_fmt(p['local_mean'])}** ({per_point})", _fmt(p["bd_pchip"])]
 
@@ -43,8 +45,8 @@ def table(summary: dict) -> str:
         f"{summary['date']} (`benchmarks/results/report_{summary['name']}.json`; regenerate with "
         f"`qft report recipes/report/{summary['name']}.yaml && python benchmarks/publish_reports.py`).",
         "Local: mean over the rate points (each value in brackets, λ ascending) of the rate change at equal "
-        "PSNR against the anchor swept over its quantizer step; BD: Bjøntegaard pchip over the anchor's "
-        "Pareto-optimal rate points. Negative = saving.",
+        "PSNR against the anchor swept over its quantizer step; BD: Bjøntegaard pchip over the "
+        "rate points on both curves' Pareto fronts. Negative = saving.",
         "",
         "| model | quantizer | vs base USQ: local | BD | vs base, same quantizer: local | BD | vs control: local | BD |",
         "|---|---|---|---|---|---|---|---|",

@@ -193,6 +193,27 @@ ms_ssim: false
     assert [c.stat().st_mtime_ns for c in sorted((out / "cells").iterdir())] == mtimes
 
 
+def test_bd_over_the_rate_points_on_both_fronts():
+    """A test curve that turns down at its last point (a larger-λ model no better than the
+    one below) drops that point from both curves; the BD is the one over the rest."""
+    from qft.eval import report
+    from qft.eval.bdrate import bd_rate
+
+    def cell(bpp, psnr):
+        return {"images": [{"bpp": bpp, "psnr-rgb": psnr, "ms-ssim-rgb": 0.9}]}
+
+    anchor = [(0.3, 28.0), (0.45, 29.5), (0.6, 30.5), (0.8, 31.0), (0.95, 31.1)]
+    test = [(0.28, 28.1), (0.4, 29.4), (0.55, 30.5), (0.75, 31.1), (0.9, 31.05)]
+    curves = {("base", "usq"): [(i, cell(*p)) for i, p in enumerate(anchor)],
+              ("base", "tcq8"): [(i, cell(*p)) for i, p in enumerate(test)]}
+    recipe = report.ReportRecipe(name="t", data="", out="", quantizers=(), rows=(), sweep=())
+    out = report._compare(recipe, {}, curves, ("base", "tcq8"), ("base", "usq"))["psnr-rgb"]
+    assert out["pareto_points"] == [0, 1, 2, 3]
+    expected = bd_rate({"bpp": [p[0] for p in anchor[:4]], "psnr-rgb": [p[1] for p in anchor[:4]]},
+                       {"bpp": [p[0] for p in test[:4]], "psnr-rgb": [p[1] for p in test[:4]]}, "psnr-rgb")["pchip"]
+    assert out["bd_pchip"] == pytest.approx(expected) and out["bd_pchip"] < 0
+
+
 def test_report_without_row_sweeps(setup, tmp_path):
     """sweep_rows: false evaluates the base under another row's quantizer at step scale 1
     only: no sweep cells for it, and that row's same-quantizer column has no local value."""

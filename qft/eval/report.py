@@ -23,7 +23,9 @@ Two BD measures, because the rate points of an under-trained model family need n
 a monotone curve (a model at a larger λ can be worse in both rate and PSNR):
 
 * ``bd_pchip``: Bjøntegaard delta rate (``bjontegaard``, pchip) over the rate points, both
-  curves restricted to the anchor's Pareto-optimal rate points (listed in the table).
+  curves restricted to the rate points on *both* curves' Pareto fronts (listed in the
+  table): a point where either curve turns down (a larger-λ model no better than the one
+  below it) leaves both, so the two curves always share their rate points.
 * ``local``: per rate point, the rate change at equal PSNR against the anchor checkpoint
   swept over its quantizer step (``sweep`` scales of the step, λ following the rule);
   the table gives the mean over rate points and each value. This is a BD-rate taken
@@ -335,14 +337,17 @@ def _curves(recipe: ReportRecipe, cells: dict) -> dict[tuple[str, str], list[tup
 
 
 def _compare(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, str], anchor: tuple[str, str]) -> dict:
-    """BD-rate (pchip, anchor's Pareto rate points) and local savings of ``test`` vs ``anchor``."""
+    """BD-rate (pchip, the rate points on both curves' Pareto fronts) and local savings of
+    ``test`` vs ``anchor``."""
     a_pts, t_pts = dict(curves[anchor]), dict(curves[test])
     common = sorted(set(a_pts) & set(t_pts))
     out: dict[str, Any] = {"test": "/".join(test), "anchor": "/".join(anchor), "rate_points": common}
     for metric in METRICS:
         a = [_point(a_pts[i], metric) for i in common]
         t = [_point(t_pts[i], metric) for i in common]
-        front = [common[j] for j in pareto_front([p[0] for p in a], [p[1] for p in a])]
+        on_both = set(pareto_front([p[0] for p in a], [p[1] for p in a])) & set(
+            pareto_front([p[0] for p in t], [p[1] for p in t]))
+        front = [common[j] for j in sorted(on_both)]
         bd = math.nan
         if len(front) >= 2 and all(math.isfinite(p[1]) for p in a + t):
             sel = [common.index(i) for i in front]
@@ -362,7 +367,7 @@ def _compare(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, s
 
 def _versus_control(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, str],
                     control: tuple[str, str], entry: dict) -> dict:
-    """A finetuned row against the control arm: BD (pchip, control's Pareto points) and, per
+    """A finetuned row against the control arm: BD (pchip, both rows' Pareto points) and, per
     rate point, the two rows' local rate changes against the same base anchor composed,
     ``(1 + a) / (1 + b) − 1`` (the control is not swept itself)."""
     base = recipe.rows[0].label
@@ -416,7 +421,7 @@ def _markdown(recipe: ReportRecipe, table: list[dict], meta: dict) -> str:
         f"{meta['images']} images of `{recipe.data}`, real bitstreams; {meta['machine']}; {meta['date']}.",
         "Negative = fewer bits at equal quality. **local**: mean over rate points of the rate change at equal",
         "PSNR against the anchor checkpoint swept over its quantizer step; **BD**: Bjøntegaard (pchip) over the",
-        "anchor's Pareto-optimal rate points.",
+        "rate points on both curves' Pareto fronts.",
         "",
         "| model | quantizer | local vs base USQ (%) | BD vs base USQ (%) | local vs base, same quantizer (%) "
         "| BD vs base, same quantizer (%) | local vs control (%) | BD vs control (%) |",
