@@ -13,7 +13,8 @@ Writes:
 - ``qft/assets/checkpoints/manifest.json``: one entry per checkpoint (file, arch, λ, N, M,
   sha256, steps, init, train_data, wall_time_s, machine, kodak metrics, BD-rate of the set;
   for a model continued from a shipped one with ``qft train --init``, the ``history`` of
-  the files it replaces and its ``total_steps``);
+  the files it replaces and its ``total_steps``); the finetuned entries are kept while
+  their base is unchanged;
 - ``--json`` (CompressAI results schema plus ``lambda``, ``per_image`` and ``bd_rate``);
 - ``--plot``: the Kodak RD curves (PSNR and MS-SSIM) next to CompressAI's published
   mbt2018-mean curve, whose BD-rate (``bjontegaard``, pchip; cubic and akima printed too)
@@ -75,6 +76,25 @@ def history(init: str, previous: list[dict]) -> list[dict]:
         if e["sha256"].startswith(match.group(1)) and "finetuned_from" not in e:
             return [*e.get("history", []), {k: e[k] for k in HISTORY_KEYS if k in e}]
     return []
+
+
+def finetuned_kept(previous: list[dict], bases: list[dict], folder: Path) -> list[dict]:
+    """The finetuned entries of the manifest ``previous`` whose base is among ``bases``
+    with the SHA-256 their delta file was made from; a delta of a replaced base can no
+    longer load, so its entry is dropped with a line saying how to rebuild it."""
+    shas = {b["file"]: b["sha256"] for b in bases}
+    kept = []
+    for e in previous:
+        if "finetuned_from" not in e:
+            continue
+        path = folder / e["file"]
+        made_from = torch.load(path, map_location="cpu", weights_only=True).get("base_sha256") if path.is_file() else None
+        if made_from is not None and made_from == shas.get(e["finetuned_from"]):
+            kept.append(e)
+        else:
+            print(f"{e['file']}: its base {e['finetuned_from']} was replaced; entry dropped "
+                  "(rebuild: benchmarks/finetune_runs.py, two_stage.py)", file=sys.stderr)
+    return kept
 
 
 def ship(runs: Path, dest: Path, previous: list[dict]) -> list[dict]:
@@ -231,11 +251,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     manifest_path = args.checkpoints / "manifest.json"
+    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else []
     if args.ship:
-        previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else []
         entries = ship(args.runs, args.checkpoints, previous)
     else:
-        entries = json.loads(manifest_path.read_text())
+        entries = [e for e in previous if "finetuned_from" not in e]
     if not entries:
         print(f"no finished rate points under {args.runs}", file=sys.stderr)
         return 1
@@ -346,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
             }
         )
+    manifest += finetuned_kept(previous, manifest, args.checkpoints)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(ours, indent=2) + "\n")
