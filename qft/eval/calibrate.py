@@ -19,10 +19,10 @@ A configuration's *saving* is its rate change at equal PSNR against the USQ curv
 choice is, among the configurations within ``TIE_PP`` percentage points of the best
 saving, the one whose rate stays closest to USQ's at step 1 (the saving is nearly flat in
 Δ, the model's operating point is not). This pick is made separately without and with
-weights; the one of better saving (after the target pass) is the method's default, both are kept (``by_weights``, so
-``--weights none`` still gets calibrated Δ and λ), and with the whole grid they go to the
-checkpoint's settings file
-(:mod:`qft.eval.settings`), which every command then uses by default.
+weights; the one of better saving (after the target pass) is the method's default, both
+are kept (``by_weights``, so ``--weights none`` still gets calibrated Δ and λ), and with
+the whole grid they go to the checkpoint's settings file (:mod:`qft.eval.settings`),
+which every command then uses by default.
 """
 
 from __future__ import annotations
@@ -97,10 +97,10 @@ def calibrate_checkpoint(
     tried, in a second pass, on every pick of the first; a pick keeps the target (0: none)
     with the lowest RD cost ``λ·255²·MSE + bpp`` of the model's own
     ``lmbda`` (defined even where a point's PSNR lies beyond USQ's curve, as the target's
-    often do), or without ``lmbda`` the best saving; the method's default between the weight
-    picks is the better saving (:func:`default_pick`). USQ at step 1 with each ``η`` is measured too
-    (``calibration["usq_target"]``: what the target alone buys) but USQ stays the plain
-    reference: its default target is 0.
+    often do), or without ``lmbda`` the best saving; the method's default between the
+    weight picks is the better saving (:func:`default_pick`). USQ at step 1 with each ``η``
+    is measured too (``calibration["usq_target"]``: what the target alone buys) but USQ
+    stays the plain reference: its default target is 0.
     """
     grid = _grid(methods, steps, mults, ("none", "decoder") if weights else ("none",))
     _evaluate(ck, grid, images, settings, desc)

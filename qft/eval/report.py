@@ -237,8 +237,9 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
 
     Besides the matrix itself, the base checkpoint of every rate point is evaluated — and,
     with ``recipe.sweep_rows``, swept — with the quantizer each other row resolves to (a
-    finetuned model's own, the one it was finetuned on), under the label ``"<quantizer>|<row>"``: the anchor of that row's
-    comparison with "the same quantizer on the base model". Cells with the same checkpoint
+    finetuned model's own, the one it was finetuned on), under the label
+    ``"<quantizer>|<row>"``: the anchor of that row's comparison with "the same quantizer
+    on the base model". Cells with the same checkpoint
     file, resolved quantizer and images are computed once.
     """
     from qft.codec import Codec
@@ -345,12 +346,11 @@ def _compare(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, s
     for metric in METRICS:
         a = [_point(a_pts[i], metric) for i in common]
         t = [_point(t_pts[i], metric) for i in common]
-        on_both = set(pareto_front([p[0] for p in a], [p[1] for p in a])) & set(
-            pareto_front([p[0] for p in t], [p[1] for p in t]))
-        front = [common[j] for j in sorted(on_both)]
+        sel = sorted(set(pareto_front([p[0] for p in a], [p[1] for p in a]))
+                     & set(pareto_front([p[0] for p in t], [p[1] for p in t])))  # on both fronts
+        front = [common[j] for j in sel]
         bd = math.nan
-        if len(front) >= 2 and all(math.isfinite(p[1]) for p in a + t):
-            sel = [common.index(i) for i in front]
+        if len(sel) >= 2 and all(math.isfinite(p[1]) for p in a + t):
             bd = bd_rate({"bpp": [a[j][0] for j in sel], metric: [a[j][1] for j in sel]},
                          {"bpp": [t[j][0] for j in sel], metric: [t[j][1] for j in sel]}, metric)["pchip"]
         local = []
