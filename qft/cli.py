@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("quickstart", "shipped models on the bundled Kodak: USQ vs RDOQ/TCQ, BD-rate table and plots"),
     "train": ("train", "train a reference model from a YAML recipe"),
     "finetune": ("finetune", "finetune the decoder on latents quantized as at inference"),
+    "ship": ("ship", "ship a finished finetuning run as a delta checkpoint of its base with a manifest entry"),
     "models": ("models", "list the registered architectures and their parameters, or the shipped checkpoints"),
     "init": ("init", "write a randomly initialised checkpoint of any architecture"),
     "compress": ("compress", "code an image into a .qft bitstream"),

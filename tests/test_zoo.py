@@ -9,7 +9,16 @@ import torch
 
 from qft.errors import UserError
 from qft.models import create_model, load_checkpoint, save_checkpoint
-from qft.models.zoo import ASSETS, resolve, shipped, write_delta
+from qft.models.zoo import (
+    ASSETS,
+    MANIFEST,
+    add_manifest_entry,
+    base_entries,
+    read_manifest,
+    resolve,
+    shipped,
+    write_delta,
+)
 
 
 def test_manifest_names_resolve_to_files():
@@ -107,3 +116,21 @@ def test_delta_with_other_base_refused(base, tmp_path):
     path.unlink()
     with pytest.raises(UserError, match="neither beside it nor shipped"):
         load_checkpoint(delta)
+
+
+def test_manifest_of_any_folder(tmp_path):
+    """read_manifest / base_entries / add_manifest_entry: the shipped manifest or any
+    folder's; an entry is appended atomically and a listed file name is refused."""
+    assert read_manifest(tmp_path) == [] and base_entries(tmp_path) == []
+    assert [e["file"] for e in base_entries()] == [
+        e["file"] for e in sorted(shipped(), key=lambda e: e["lambda"]) if "finetuned_from" not in e
+    ]
+    add_manifest_entry({"file": "b.pth", "lambda": 0.02}, tmp_path)
+    add_manifest_entry({"file": "a.pth", "lambda": 0.01}, tmp_path)
+    add_manifest_entry({"file": "a-ft.pth", "lambda": 0.01, "finetuned_from": "a.pth"}, tmp_path)
+    assert [e["file"] for e in read_manifest(tmp_path)] == ["b.pth", "a.pth", "a-ft.pth"]
+    assert [e["file"] for e in base_entries(tmp_path)] == ["a.pth", "b.pth"]
+    before = (tmp_path / MANIFEST).read_bytes()
+    with pytest.raises(UserError, match="already lists a.pth"):
+        add_manifest_entry({"file": "a.pth", "lambda": 0.5}, tmp_path)
+    assert (tmp_path / MANIFEST).read_bytes() == before and not list(tmp_path.glob(".*.tmp"))

@@ -6,12 +6,14 @@
 - :mod:`qft.finetune.objective`: the losses (decoder / decoder+hyperdecoder, quantized
   or the noise-proxy control arm) and their batches.
 - :mod:`qft.finetune.loop`: the training loop, single process or DDP under torchrun.
+- :mod:`qft.finetune.ship`: a finished run as a delta checkpoint + manifest entry (``qft ship``).
 """
 
 from qft.finetune.cache import LatentCache, cache_identity
 from qft.finetune.loop import finetune, trainable_parameters
 from qft.finetune.objective import FinetuneObjective, cell_mass, index_cells
 from qft.finetune.recipe import PARTS, FinetuneRecipe, load_finetune_recipe
+from qft.finetune.ship import ship_finetune
 
 __all__ = [
     "PARTS",
@@ -24,4 +26,5 @@ __all__ = [
     "index_cells",
     "finetune",
     "trainable_parameters",
+    "ship_finetune",
 ]

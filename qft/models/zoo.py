@@ -10,6 +10,11 @@ shipped as a *delta checkpoint*: ``{"state_dict": <only those tensors, fp16>, "d
 <base file name>, "base_sha256": …, …}``. :func:`~qft.models.load_checkpoint` completes a
 delta from its base, found beside the delta file (or among the shipped checkpoints), and
 refuses a base whose SHA-256 differs.
+
+This module is the one home of the manifest: :func:`read_manifest` and
+:func:`base_entries` read it (the shipped one, or the ``manifest.json`` of any checkpoint
+folder), :func:`add_manifest_entry` appends to it; ``qft ship``
+(:func:`qft.finetune.ship.ship_finetune`) writes a delta and its entry.
 """
 
 from __future__ import annotations
@@ -25,20 +30,58 @@ from typing import Any
 import torch
 
 from qft.errors import UserError
+from qft.files import atomic_write
 
-__all__ = ["ASSETS", "shipped", "shipped_names", "shipped_entry", "resolve", "write_delta"]
+__all__ = [
+    "ASSETS",
+    "MANIFEST",
+    "read_manifest",
+    "base_entries",
+    "add_manifest_entry",
+    "shipped",
+    "shipped_names",
+    "shipped_entry",
+    "resolve",
+    "write_delta",
+]
 
 #: folder of the shipped checkpoints and their manifest
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
+#: file name of the manifest in a checkpoint folder
+MANIFEST = "manifest.json"
+
+
+def read_manifest(folder: str | os.PathLike = ASSETS) -> list[dict[str, Any]]:
+    """The entries of ``folder/manifest.json`` as stored (``[]`` when the folder has none)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text())
+    except FileNotFoundError:
+        return []
+
+
+def base_entries(folder: str | os.PathLike = ASSETS) -> list[dict[str, Any]]:
+    """The entries of the base models of ``folder``'s manifest (no ``finetuned_from``),
+    by rate point (``lambda`` ascending)."""
+    return sorted((e for e in read_manifest(folder) if "finetuned_from" not in e), key=lambda e: e["lambda"])
+
+
+def add_manifest_entry(entry: dict[str, Any], folder: str | os.PathLike = ASSETS) -> Path:
+    """Append ``entry`` to ``folder/manifest.json`` (created if missing), written
+    atomically; returns the manifest's path.
+
+    Raises:
+        UserError: the manifest already lists ``entry["file"]`` (nothing is replaced).
+    """
+    path = Path(folder) / MANIFEST
+    entries = read_manifest(folder)
+    if any(e["file"] == entry["file"] for e in entries):
+        raise UserError(f"{path} already lists {entry['file']}; remove its entry and file first, or use another name")
+    return atomic_write(path, json.dumps([*entries, entry], indent=2) + "\n")
 
 
 def shipped() -> list[dict[str, Any]]:
     """The manifest entries, each with its ``name`` (file name without ``.pth``)."""
-    try:
-        entries = json.loads((ASSETS / "manifest.json").read_text())
-    except FileNotFoundError:
-        return []
-    return [{"name": Path(e["file"]).stem, **e} for e in entries]
+    return [{"name": Path(e["file"]).stem, **e} for e in read_manifest(ASSETS)]
 
 
 def shipped_names() -> list[str]:
@@ -85,7 +128,8 @@ def write_delta(
     delta checkpoint of the file ``base``; returns the SHA-256 of the written file.
 
     The base is named by its file name: the delta must be kept beside it (or ``base`` must
-    be a shipped checkpoint). An existing ``path`` is not overwritten.
+    be a shipped checkpoint). An existing ``path`` is not overwritten; the file is written
+    atomically (:func:`qft.files.atomic_write`).
     """
     path, base = Path(path), Path(base)
     if path.exists():
@@ -105,8 +149,7 @@ def write_delta(
     }
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
