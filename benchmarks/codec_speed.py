@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     for m, s in summary.items():
-        print(f"{m:5s} compress {s['compress_s']:.3f} s ({s['compress_vs_usq']:.2f}x USQ)  decompress {s['decompress_s']:.3f} s "
+        print(f"{m:5s} compress {s['compress_s']:.3f} s ({s['compress_vs_usq']:.2f}x USQ)  "
+              f"decompress {s['decompress_s']:.3f} s "
               f"({s['decompress_vs_usq']:.2f}x)  bpp {s['bpp']:.4f} real / {s['bpp_estimated']:.4f} est "
               f"({100 * s['real_vs_estimated']:+.2f} %)")
     print(f"wrote {args.json}")

@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from qft.models.zoo import base_entries
 from qft.train.checkpoint import export_state_dict, save_atomic
 from qft.train.loop import build_model
 from qft.train.recipe import lambda_tag, load_recipe
-
-from finetune_runs import base_entries  # sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "reference" / "mbt2018-mean-continue-gpu.yaml"
@@ -67,7 +66,7 @@ def main() -> None:
         with open(args.out / f"{lambda_tag(lmbda)}.out", "a") as log:  # the child keeps its copy
             return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
-    probe = [launch(l, n, "--warm-steps", "1000000", "--stop-after", str(PROBE)) for l, n in bases.items()]
+    probe = [launch(lam, n, "--warm-steps", "1000000", "--stop-after", str(PROBE)) for lam, n in bases.items()]
     for proc in probe:
         proc.wait()
     step_s = {}
@@ -81,7 +80,7 @@ def main() -> None:
     steps = PROBE + max(0, int(0.9 * left / max(step_s.values())))
     procs = {}
     if steps > PROBE:  # else the budget ended with the probe: export the probe's weights
-        procs = {l: launch(l, n, "--resume", "--warm-steps", str(steps)) for l, n in bases.items()}
+        procs = {lam: launch(lam, n, "--resume", "--warm-steps", str(steps)) for lam, n in bases.items()}
     while time.monotonic() < deadline - 15 and any(p.poll() is None for p in procs.values()):
         time.sleep(2)
     for proc in procs.values():

@@ -135,7 +135,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "parts": parts,
     }
-    print(json.dumps({k: {kk: v.get(kk) for kk in ("rc", "wall_s", "images_per_s", "ratio_finetune_over_full")} for k, v in parts.items()}))
+    keys = ("rc", "wall_s", "images_per_s", "ratio_finetune_over_full")
+    print(json.dumps({k: {kk: v.get(kk) for kk in keys} for k, v in parts.items()}))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -18,10 +18,10 @@ cache. ``--parts decoder decoder+hyperdecoder`` adds the runs that train ``h_s``
 set); with ``--requantize-every K`` the quantized ones re-quantize the training set with
 their current ``h_s`` every K steps, in ``<arm>-dh-rqK/``. Evaluation is ``qft report`` (recipes/report/).
 
-``--package`` writes the finished runs (USQ, TCQ-4, TCQ-8 and the control arm) into the shipped checkpoints as
-fp16 delta checkpoints of their base (``qft.models.zoo.write_delta``: only ``g_s``, or
-``g_s`` and ``h_s``) named ``<base>-ft-<method>.pth``, with manifest entries carrying
-``finetuned_from``, ``quantizer`` and ``parts``.
+``--package`` ships the finished decoder-only runs (USQ, TCQ-4, TCQ-8 and the control arm)
+as ``qft ship`` does (:func:`qft.finetune.ship.ship_finetune`): fp16 delta checkpoints of
+their base (only ``g_s``) named ``<base>-ft-<arm>.pth`` in ``qft/assets/checkpoints``, with
+manifest entries carrying ``finetuned_from``, ``quantizer`` and ``parts``.
 
     python benchmarks/finetune_runs.py --steps 600 --workers 2
     python benchmarks/finetune_runs.py --package
@@ -30,7 +30,6 @@ fp16 delta checkpoints of their base (``qft.models.zoo.write_delta``: only ``g_s
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import threading
@@ -38,8 +37,11 @@ import time
 
 from pathlib import Path
 
+from qft.models.zoo import ASSETS, base_entries, read_manifest
+
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "qft" / "assets" / "checkpoints"
+#: the manifest's description of the training data of every shipped finetune
+TRAIN_DATA = "BSDS500 train+test (400 images), latents cached with the inference quantizer"
 ARMS = ("usq", "tcq4", "tcq8", "control")
 # TCQ with the global rule, unweighted, at every rate point: the setting every shipped
 # ft-tcq4/ft-tcq8 model was trained with (docs/design.md, "Finetuning")
@@ -93,83 +95,18 @@ def _jobs(
     return jobs
 
 
-def experiment_report(name: str, models: list[dict], args: argparse.Namespace, settings: dict) -> None:
-    """Evaluate a design experiment beside this script: ``qft report`` of the model rows
-    ``models`` on ``args.images`` images of ``args.data`` (held-out validation images),
-    USQ and TCQ-8 (each checkpoint's own settings), PSNR only, into ``args.out/report``
-    (recipe in ``args.out/report.yaml``); with ``args.json``, copy its ``bdrate.json``
-    there with the experiment's ``settings``, the recipe and the command."""
-    recipe = {"name": name, "data": args.data, "images": args.images, "out": str(args.out / "report"),
-              "models": models, "quantizers": ["usq", "tcq8"], "ms_ssim": False}
-    path = args.out / "report.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(recipe, indent=1))  # JSON is YAML
-    subprocess.run([sys.executable, "-m", "qft", "report", str(path), "--no-progress"], cwd=ROOT, check=True)
-    if args.json:
-        summary = json.loads((args.out / "report" / "bdrate.json").read_text())
-        summary["experiment"] = {**settings, "recipe": recipe, "command": " ".join(sys.argv)}
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"wrote {args.json}")
-
-
-def package_run(model_path: Path, entry: dict, name: str, stages: list[Path] = ()) -> None:
-    """Ship the finished run ``model_path`` as the fp16 delta checkpoint ``name`` of the
-    shipped base ``entry`` (only ``g_s``, or ``g_s`` and ``h_s``) and add its manifest entry
-    (``finetuned_from``, ``quantizer``, ``parts``, …). ``stages``: the earlier runs it was
-    finetuned from, base side first (each checked by SHA-256 to start from the one before);
-    the entry then lists every stage and counts all their steps. Skipped if already shipped."""
-    import hashlib
-
-    from qft.models import load_checkpoint
-    from qft.models.zoo import write_delta
-
-    manifest_path = ASSETS / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    if not model_path.is_file() or name in {e["file"] for e in manifest}:
-        return
-    base = ASSETS / entry["file"]
-    chain = [base, *stages, model_path]
-    runs = [load_checkpoint(p) for p in chain[1:]]
-    for parent, run, path in zip(chain, runs, chain[1:]):
-        if run.extra["finetuned_from"] != hashlib.sha256(parent.read_bytes()).hexdigest():
-            raise SystemExit(f"{path} was not finetuned from {parent}")
-    ck = runs[-1]
-    parts = ck.extra["parts"]
-    prefixes = ("g_s.",) if parts == "decoder" else ("g_s.", "h_s.")
-    summaries = [json.loads((p.parent / "summary.json").read_text()) for p in chain[1:]]
-    keys = ("quantizer", "parts", "control", "lambda", "steps")
-    extra = {k: ck.extra[k] for k in keys}
-    if stages:
-        extra["steps"] = sum(r.extra["steps"] for r in runs)
-        extra["stages"] = [
-            {**{k: r.extra[k] for k in keys}, "requantize_every": r.extra["finetune_recipe"].get("requantize_every", 0)}
-            for r in runs
-        ]
-    sha = write_delta(ASSETS / name, ck.model, base, prefixes, {"finetuned_from": entry["file"], **extra})
-    manifest.append({
-        "file": name, "arch": entry["arch"], "lambda": entry["lambda"], "N": entry["N"], "M": entry["M"],
-        "finetuned_from": entry["file"], **extra,
-        "sha256": sha, "bytes": (ASSETS / name).stat().st_size,
-        "dtype": "float16 delta of the base (" + ", ".join(prefixes) + ")",
-        "recipe": "recipes/finetune/cpu.yaml",
-        "wall_time_s": sum(x["wall_time_s"] for x in summaries), "machine": summaries[-1]["machine"],
-        "train_data": "BSDS500 train+test (400 images), latents cached with the inference quantizer",
-    })
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"packaged {name}: {(ASSETS / name).stat().st_size / 1e6:.2f} MB")
-
-
-def base_entries() -> list[dict]:
-    """The shipped base models' manifest entries (no ``finetuned_from``), by rate point."""
-    manifest = json.loads((ASSETS / "manifest.json").read_text())
-    return sorted((e for e in manifest if not e.get("finetuned_from")), key=lambda e: e["lambda"])
-
-
 def package(out: Path) -> None:
-    """Ship the decoder-only runs of every arm as ``<base>-ft-<arm>.pth``."""
+    """Ship the finished decoder-only run of every arm as ``<base>-ft-<arm>.pth``
+    (:func:`qft.finetune.ship.ship_finetune`); a name already shipped is skipped."""
+    from qft.finetune.ship import ship_finetune
+
+    shipped = {e["file"] for e in read_manifest()}
     for entry in base_entries():
         for arm in ARMS:
-            package_run(out / str(entry["lambda"]) / arm / "model.pth", entry, f"{Path(entry['file']).stem}-ft-{arm}.pth")
+            run, name = out / str(entry["lambda"]) / arm, f"{Path(entry['file']).stem}-ft-{arm}"
+            if (run / "model.pth").is_file() and f"{name}.pth" not in shipped:
+                shipped_entry = ship_finetune([run], ASSETS / entry["file"], name, train_data=TRAIN_DATA)
+                print(f"packaged {shipped_entry['file']}: {shipped_entry['bytes'] / 1e6:.2f} MB")
 
 
 def main() -> None:
@@ -192,7 +129,8 @@ def main() -> None:
     if args.package:
         package(args.out)
         return
-    pending = [j for j in _jobs(args.out, args.steps, args.lambdas, args.parts, args.arms, args.requantize_every) if not j["done"].exists()]
+    jobs = _jobs(args.out, args.steps, args.lambdas, args.parts, args.arms, args.requantize_every)
+    pending = [j for j in jobs if not j["done"].exists()]
     lock = threading.Lock()
 
     def take() -> dict | None:

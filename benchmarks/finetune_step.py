@@ -19,7 +19,8 @@ full step holds both.
 ::
 
     python benchmarks/finetune_step.py --N 64 --M 96 --batch 8 --crop 128 --json benchmarks/results/finetune_step.json
-    python benchmarks/finetune_step.py --device cuda --N 128 --M 192 --batch 16 --crop 256 --steps 50 --json benchmarks/results/finetune_step_cuda.json
+    python benchmarks/finetune_step.py --device cuda --N 128 --M 192 --batch 16 --crop 256 --steps 50 \\
+        --json benchmarks/results/finetune_step_cuda.json
 """
 
 from __future__ import annotations

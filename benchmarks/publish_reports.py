@@ -48,7 +48,8 @@ def table(summary: dict) -> str:
         "PSNR against the anchor swept over its quantizer step; BD: Bjøntegaard pchip over the "
         "rate points on both curves' Pareto fronts. Negative = saving.",
         "",
-        "| model | quantizer | vs base USQ: local | BD | vs base, same quantizer: local | BD | vs control: local | BD |",
+        "| model | quantizer | vs base USQ: local | BD | vs base, same quantizer: local | BD "
+        "| vs control: local | BD |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
@@ -84,7 +85,7 @@ def main() -> None:
         pattern = re.compile(rf"(<!-- report:{name} -->\n)(?:.*?\n)?(<!-- /report:{name} -->)", re.S)
         if not pattern.search(readme):
             raise SystemExit(f"README.md has no <!-- report:{name} --> block")
-        readme = pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), readme)
+        readme = pattern.sub(lambda m, block=block: m.group(1) + block + "\n" + m.group(2), readme)
     (ROOT / "README.md").write_text(readme)
     print("README.md updated:", ", ".join(names))
 

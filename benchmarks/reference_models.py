@@ -88,7 +88,8 @@ def finetuned_kept(previous: list[dict], bases: list[dict], folder: Path) -> lis
         if "finetuned_from" not in e:
             continue
         path = folder / e["file"]
-        made_from = torch.load(path, map_location="cpu", weights_only=True).get("base_sha256") if path.is_file() else None
+        delta = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
+        made_from = delta.get("base_sha256")
         if made_from is not None and made_from == shas.get(e["finetuned_from"]):
             kept.append(e)
         else:
@@ -206,9 +207,7 @@ def plot(path: Path, ours: dict, anchor: dict, bd: dict) -> None:
     )
     axes[1].set_title("Kodak, 24 images")
     axes[0].legend(loc="upper left", fontsize=8)
-    for x, y, lam in zip(
-        ours["results"]["bpp"], ours["results"]["psnr-rgb"], ours["lambda"]
-    ):
+    for x, y, lam in zip(ours["results"]["bpp"], ours["results"]["psnr-rgb"], ours["lambda"], strict=True):
         axes[0].annotate(
             f"λ={lam:g}",
             (x, y),
@@ -247,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
+    from qft.files import atomic_write
     from qft.train import sha256_file
 
     torch.set_num_threads(args.threads)
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     manifest = []
-    for e, r in zip(entries, evals):
+    for e, r in zip(entries, evals, strict=True):
         path = args.checkpoints / e["file"]
         manifest.append(
             {
@@ -367,9 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     manifest += finetuned_kept(previous, manifest, args.checkpoints)
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(ours, indent=2) + "\n")
+    atomic_write(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    atomic_write(args.json, json.dumps(ours, indent=2) + "\n")
     plot(args.plot, ours, anchor, bd)
     print(f"wrote {manifest_path}, {args.json}, {args.plot}")
     return 0

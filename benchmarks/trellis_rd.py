@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     print(f"wrote {args.json}")
     for kind, gains in result["gain_db"].items():
         for m, g in gains.items():
-            print(f"{kind:9s} {m:5s} SNR gain over USQ at 1/2/3 bits: " + " / ".join(f"{v:+.2f} dB" for v in g.values()))
+            gain = " / ".join(f"{v:+.2f} dB" for v in g.values())
+            print(f"{kind:9s} {m:5s} SNR gain over USQ at 1/2/3 bits: {gain}")
 
     import matplotlib
 
@@ -114,10 +115,11 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (kind, curves) in zip(axes, result["sources"].items()):
+    for ax, (kind, curves) in zip(axes, result["sources"].items(), strict=True):
         for m in METHODS:
             ax.plot(curves[m]["rate"], curves[m]["snr_db"], marker=".", label=m.upper())
-        ax.set(title=f"i.i.d. {kind} source, Gaussian table model", xlabel="table rate [bits/latent]", ylabel="SNR [dB]")
+        ax.set(title=f"i.i.d. {kind} source, Gaussian table model", xlabel="table rate [bits/latent]",
+               ylabel="SNR [dB]")
         ax.set_xlim(0, 4.5)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -26,19 +26,56 @@ point unless ``--lambdas``); the Kodak and Tecnick rows are in
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from finetune_runs import QUANTIZERS, base_entries, experiment_report, package_run  # sibling script
+from qft.files import atomic_write
+from qft.models.zoo import ASSETS, base_entries, read_manifest
+
+from finetune_runs import QUANTIZERS, TRAIN_DATA  # sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the three ways of training on from the stage-1 model (only the TCQ-8 one is shipped)
 ARMS = {"tcq8-dh-rq200": [*QUANTIZERS["tcq8"], "--requantize-every", "200"],
         "usq-dh-rq200": [*QUANTIZERS["usq"], "--requantize-every", "200"],
         "control-dh": [*QUANTIZERS["control"], "--control"]}
+
+
+def experiment_report(name: str, models: list[dict], args: argparse.Namespace, settings: dict) -> None:
+    """Evaluate the experiment: ``qft report`` of the model rows ``models`` on
+    ``args.images`` images of ``args.data`` (held-out validation images), USQ and TCQ-8
+    (each checkpoint's own settings), PSNR only, into ``args.out/report`` (recipe in
+    ``args.out/report.yaml``); with ``args.json``, copy its ``bdrate.json`` there with the
+    experiment's ``settings``, the recipe and the command."""
+    recipe = {"name": name, "data": args.data, "images": args.images, "out": str(args.out / "report"),
+              "models": models, "quantizers": ["usq", "tcq8"], "ms_ssim": False}
+    path = args.out / "report.yaml"
+    atomic_write(path, json.dumps(recipe, indent=1))  # JSON is YAML
+    subprocess.run([sys.executable, "-m", "qft", "report", str(path), "--no-progress"], cwd=ROOT, check=True)
+    if args.json:
+        summary = json.loads((args.out / "report" / "bdrate.json").read_text())
+        summary["experiment"] = {**settings, "recipe": recipe, "command": " ".join(sys.argv)}
+        atomic_write(args.json, json.dumps(summary, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+def package(out: Path, stage1) -> None:
+    """Ship every finished TCQ-8 run as ``<base>-ft-tcq8-hyperdecoder.pth``, two stages
+    (the stage-1 control arm, then TCQ-8; :func:`qft.finetune.ship.ship_finetune`); a name
+    already shipped is skipped."""
+    from qft.finetune.ship import ship_finetune
+
+    shipped = {e["file"] for e in read_manifest()}
+    for entry in base_entries():
+        run, name = out / str(entry["lambda"]) / "tcq8-dh-rq200", f"{Path(entry['file']).stem}-ft-tcq8-hyperdecoder"
+        if (run / "model.pth").is_file() and f"{name}.pth" not in shipped:
+            stages = [stage1(entry["lambda"]).parent, run]
+            new = ship_finetune(stages, ASSETS / entry["file"], name, train_data=TRAIN_DATA)
+            print(f"packaged {new['file']}: {new['bytes'] / 1e6:.2f} MB")
 
 
 def main() -> None:
@@ -62,9 +99,7 @@ def main() -> None:
         return args.matrix / str(lmbda) / "control-dh" / "model.pth"
 
     if args.package:
-        for entry in base_entries():
-            package_run(args.out / str(entry["lambda"]) / "tcq8-dh-rq200" / "model.pth", entry,
-                        f"{Path(entry['file']).stem}-ft-tcq8-hyperdecoder.pth", stages=[stage1(entry["lambda"])])
+        package(args.out, stage1)
         return
     args.lambdas = args.lambdas or [e["lambda"] for e in base_entries()]
 

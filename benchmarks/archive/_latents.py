@@ -17,13 +17,12 @@ from trellis.bench import machine_info
 
 from qft.codec import HyperpriorLatentCoder, list_images, read_image
 from qft.models import ARCHITECTURES, LoadedCheckpoint, load_checkpoint
-
-from finetune_runs import base_entries  # sibling script
+from qft.models.zoo import base_entries
 
 #: USQ steps of the reference sweep the rate changes are measured against.
 USQ_STEPS = (0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
 #: The held-out images the benchmarks measure on by default (never Kodak or Tecnick).
-BSDS500_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "val"
+BSDS500_VAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "bsds500" / "val"
 
 
 def arguments(doc: str, images: int | None = None) -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ images, ``exact`` on one image (scaled to all). One torch thread; the NumPy back
 quantizer, so no Numba kernel resets torch's thread count (Numba's OpenMP layer does). The
 JSON records the load average: on a busy machine timings are inflated.
 
-    python benchmarks/sensitivity.py --json benchmarks/results/sensitivity.json \\
+    python benchmarks/archive/sensitivity.py --json benchmarks/results/sensitivity.json \\
         --plot docs/figures/sensitivity.png
 """
 
@@ -45,25 +45,24 @@ import torch
 
 from scipy.stats import spearmanr
 
-from trellis import Quantizer
 from trellis.bench import machine_info
 
-from qft.codec import HyperpriorLatentCoder, list_images
-from qft.models import ARCHITECTURES, create_model, load_checkpoint
+from qft.codec import list_images
+from qft.models import create_model, load_checkpoint
+from qft.models.zoo import ASSETS, base_entries
 from qft.sensitivity import channel_rates, decoder_sensitivity, normalise_weights
 
-REPO = Path(__file__).resolve().parents[1]
-MANIFEST = REPO / "qft" / "assets" / "checkpoints" / "manifest.json"
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "bsds500" / "val"
 PROBES = (4, 8, 16)
 CROP = 256
 
 
 def reference_checkpoints(lambdas=None) -> list[tuple[Path, float]]:
-    entries = [e for e in json.loads(MANIFEST.read_text()) if "finetuned_from" not in e]
+    entries = base_entries()
     if lambdas:
         entries = [e for e in entries if any(abs(e["lambda"] - lam) < 1e-9 for lam in lambdas)]
-    return [(MANIFEST.parent / e["file"], e["lambda"]) for e in sorted(entries, key=lambda e: e["lambda"])]
+    return [(ASSETS / e["file"], e["lambda"]) for e in entries]
 
 
 def timed(fn, *args, **kw):
@@ -90,7 +89,9 @@ def measure_checkpoint(path: Path, lam: float, images) -> dict:
     print(f"{path.name}: exact", flush=True)
     halves, t_exact = [], []
     for seed in (0, 1):
-        s, dt = timed(decoder_sensitivity, model, images, method="exact", probes=1, seed=seed, crop=CROP, progress=False)
+        s, dt = timed(
+            decoder_sensitivity, model, images, method="exact", probes=1, seed=seed, crop=CROP, progress=False
+        )
         halves.append(s)
         t_exact.append(dt)
     ref = (halves[0] + halves[1]) / 2
@@ -132,7 +133,9 @@ def measure_checkpoint(path: Path, lam: float, images) -> dict:
                 "channels_with_rate_gt_0.01": int(live.sum()),
                 "max_over_min_rate_gt_0.01": float(w[live].max() / w[live].min()) if live.any() else None,
                 "spearman_s_vs_rate": float(spearmanr(ref, rates)[0]),
-                "spearman_s_vs_rate_rate_gt_0.01": float(spearmanr(ref[live], rates[live])[0]) if live.sum() > 2 else None,
+                "spearman_s_vs_rate_rate_gt_0.01": (
+                    float(spearmanr(ref[live], rates[live])[0]) if live.sum() > 2 else None
+                ),
                 "share_of_rate_in_top_quarter_of_s": float(rates[np.argsort(ref)[-m // 4 :]].sum() / rates.sum()),
             },
         }
@@ -166,7 +169,8 @@ def plot(results: list[dict], path: Path) -> None:
         col = cmap(i / max(1, len(results) - 1))
         label = f"λ={r['lambda']}"
         ax.scatter(r["rate_bits_per_latent"], r["s_exact"], s=10, color=col, label=label)
-        bx.scatter(r["s_exact"], r["vjp"]["8"]["s"], s=8, color=col, label=f"{label}: ρ={r['vjp']['8']['spearman']:.3f}")
+        rho = r["vjp"]["8"]["spearman"]
+        bx.scatter(r["s_exact"], r["vjp"]["8"]["s"], s=8, color=col, label=f"{label}: ρ={rho:.3f}")
     ax.set(xscale="symlog", xlim=(0, None), yscale="log", xlabel="channel rate, USQ (bits / latent element)",
            ylabel="sensitivity $s_c$ (exact)", title="decoder sensitivity vs channel rate")
     ax.set_xscale("symlog", linthresh=0.01)
@@ -219,7 +223,8 @@ def main(argv=None) -> int:
     for r in results:
         v = r["vjp"]
         print(
-            f"λ={r['lambda']}: exact {r['exact']['time_s']:.1f} s (split-half ρ {r['exact']['split_half_spearman']:.3f}); "
+            f"λ={r['lambda']}: exact {r['exact']['time_s']:.1f} s "
+            f"(split-half ρ {r['exact']['split_half_spearman']:.3f}); "
             + ", ".join(f"vjp K={k} {v[k]['time_s']:.1f} s ρ={v[k]['spearman']:.3f}" for k in v)
             + f"; w max/min {r['weights']['max_over_min']:.0f}, ρ(s, rate) {r['weights']['spearman_s_vs_rate']:.2f}"
             + f"; implied λ_T {r['implied_lambda_T']:.3f}"

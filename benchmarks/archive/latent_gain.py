@@ -21,7 +21,7 @@ saving is already small, what limits TCQ is the latents (most carry a fraction o
 not the decoder. Also recorded: the rate distribution, the share of y bits carried by
 latents whose USQ table rate is below ½ bit.
 
-    python benchmarks/latent_gain.py --json benchmarks/results/latent_gain.json
+    python benchmarks/archive/latent_gain.py --json benchmarks/results/latent_gain.json
 """
 
 from __future__ import annotations

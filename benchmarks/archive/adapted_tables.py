@@ -26,7 +26,7 @@ Savings are rate changes at equal PSNR against the USQ step sweep coded the same
 (:func:`qft.eval.bdrate.local_rate_change`), TCQ-8 at the checkpoint's calibrated Δ,
 weights and λ_T times ``--mults``.
 
-    python benchmarks/adapted_tables.py --json benchmarks/results/adapted_tables.json
+    python benchmarks/archive/adapted_tables.py --json benchmarks/results/adapted_tables.json
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main() -> None:
         def rd(q, results, bits=None, by_state=False):
             """(bpp, PSNR) over the validation images."""
             bpp, psnr = [], []
-            for (x, *_, z_bits), r in zip(lat_val, results):
+            for (x, *_, z_bits), r in zip(lat_val, results, strict=True):
                 with torch.no_grad():
                     x_hat = model.g_s(torch.from_numpy(r.y_hat)[None]).clamp(0, 1).mul(255).round().div(255)
                 bpp.append((coded_bits(q, r, bits, by_state) + z_bits) / (x.shape[-2] * x.shape[-1]))
@@ -136,9 +136,8 @@ def main() -> None:
             fitted_state = adapted_bits(q, res_train, w, args.alpha, True)
             # the trellis deciding with adapted rates: fit, quantize with them, refit
             qa = TableQuantizer("tcq8", q.step, q.lam, rates=dataclasses.replace(q.table, bits=fitted))
-            qa = dataclasses.replace(
-                qa, rates=dataclasses.replace(q.table, bits=adapted_bits(qa, quantize(qa, w, lat_train), w, args.alpha, False))
-            )
+            refitted = adapted_bits(qa, quantize(qa, w, lat_train), w, args.alpha, False)
+            qa = dataclasses.replace(qa, rates=dataclasses.replace(q.table, bits=refitted))
             points = {
                 "gauss": (rd(q, res), "gauss"),
                 "adapted": (rd(q, res, fitted), "adapted"),

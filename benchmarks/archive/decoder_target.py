@@ -23,8 +23,8 @@ adds on top of the target). TCQ-8 at the checkpoint's calibrated Δ and weights,
 per image among :data:`~qft.codec.latent.RD_ETAS` by the model's RD cost (what ``--target
 rd`` does), for USQ at step 1 and the calibrated TCQ-8, beside each fixed ``η`` of the set.
 
-    python benchmarks/decoder_target.py --json benchmarks/results/decoder_target_val.json
-    python benchmarks/decoder_target.py --data qft/assets/kodak --images 24 --etas 0.25 --json out.json
+    python benchmarks/archive/decoder_target.py --json benchmarks/results/decoder_target_val.json
+    python benchmarks/archive/decoder_target.py --data qft/assets/kodak --images 24 --etas 0.25 --json out.json
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main() -> None:
         def per_image(q: Quantizer, eta: float, w=None) -> list[tuple[float, float]]:
             """``(bpp, MSE)`` of every image."""
             out = []
-            for (x, y, mu, sigma, z_bits), s in zip(lats, shifts):
+            for (x, y, mu, sigma, z_bits), s in zip(lats, shifts, strict=True):
                 r = q.quantize(y + eta * s, mu, sigma, weights=None if w is None else w.reshape(-1, 1, 1))
                 with torch.no_grad():
                     x_hat = g_s(torch.from_numpy(r.y_hat)[None]).clamp(0, 1).mul(255).round().div(255)
@@ -111,7 +111,8 @@ def main() -> None:
             f"η {e}: USQ {v['usq_step1']['vs_usq']}, TCQ-8 " + ", ".join(
                 f"{k} {v[k]['vs_usq']} ({v[k]['vs_usq_shifted']})" for k in v if k != "usq_step1")
             for e, v in by_eta.items())
-              + f"; per-image η: USQ {per_image_choice['usq_step1']['vs_usq']}, TCQ-8 {per_image_choice['tcq8_x1']['vs_usq']}",
+              + f"; per-image η: USQ {per_image_choice['usq_step1']['vs_usq']}, "
+              f"TCQ-8 {per_image_choice['tcq8_x1']['vs_usq']}",
               flush=True)
     write_result(args.json, "decoder_target", {"data": args.data, "images": len(images), "rho": TARGET_DAMPING,
                                                "probes": TARGET_PROBES, "models": models})

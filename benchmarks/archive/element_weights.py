@@ -13,7 +13,7 @@ shipped checkpoints, TCQ-8 at each checkpoint's calibrated Δ and λ multiplier 
 Score: rate change at equal PSNR against the USQ step sweep of the same checkpoint (real
 bitstreams, as calibrate). Writes ``benchmarks/results/element_weights.json``.
 
-    python benchmarks/element_weights.py --checkpoints mbt2018-mean-0.013 mbt2018-mean-0.025
+    python benchmarks/archive/element_weights.py --checkpoints mbt2018-mean-0.013 mbt2018-mean-0.025
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from qft.eval.metrics import psnr
 from qft.eval.settings import read_settings, resolve_quantizer
 from qft.models import ARCHITECTURES, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def element_sensitivity(g_s, y_hat: torch.Tensor, probes: int, seed: int) -> np.ndarray:

@@ -13,8 +13,8 @@ multiples of 64; never Kodak or Tecnick), this measures:
   ``mean((ŷ − y)²)``, the image MSE, PSNR, the table rate (bpp, y only), and the share of
   the image MSE that the quantization adds, ``(MSE(x, g_s(ŷ)) − MSE(x, g_s(y))) / MSE(x, g_s(ŷ))``.
 
-    python benchmarks/error_budget.py --json benchmarks/results/error_budget.json
-    python benchmarks/error_budget.py -m runs/x/model.pth --json out.json   # any checkpoints
+    python benchmarks/archive/error_budget.py --json benchmarks/results/error_budget.json
+    python benchmarks/archive/error_budget.py -m runs/x/model.pth --json out.json   # any checkpoints
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ import torch
 from qft.codec import HyperpriorLatentCoder, list_images, read_image
 from qft.eval.settings import read_settings, resolve_quantizer
 from qft.models import ARCHITECTURES, load_checkpoint
+from qft.models.zoo import base_entries
 
 from _latents import arguments, write_result  # sibling script
-from finetune_runs import base_entries  # sibling script
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
     h, w = x.shape[-2] // 64 * 64, x.shape[-1] // 64 * 64
-    t, l = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-    return x[..., t : t + h, l : l + w]
+    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    return x[..., top : top + h, left : left + w]
 
 
 def main() -> None:

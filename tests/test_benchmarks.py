@@ -1,0 +1,59 @@
+"""Every benchmark script (``benchmarks/``, ``benchmarks/archive/``) imports and shows its
+``--help``: the scripts are not run by the suite, so this catches an import of moved or
+renamed code. One subprocess runs them all (torch is imported once)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the scripts (helper modules, ``_*.py``, have no command line)
+SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("benchmarks/**/*.py") if not p.name.startswith("_"))
+
+_RUNNER = """
+import contextlib, io, json, runpy, sys
+results = {}
+for script in sys.argv[1:]:
+    folder = script.rsplit("/", 1)[0]
+    sys.path.insert(0, folder)  # sibling imports, as when the script is run
+    sys.argv = [script, "--help"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            runpy.run_path(script, run_name="__main__")
+        code = "no exit"
+    except SystemExit as e:
+        code = e.code or 0
+    except BaseException as e:
+        code = f"{type(e).__name__}: {e}"
+    finally:
+        sys.path.remove(folder)
+    results[script] = {"code": code, "output": out.getvalue()[-2000:]}
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def helps() -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, *SCRIPTS], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_benchmarks_are_found():
+    assert "benchmarks/finetune_runs.py" in SCRIPTS and "benchmarks/archive/latent_gain.py" in SCRIPTS
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_shows_help(helps, script):
+    result = helps[script]
+    assert result["code"] == 0, result["output"]
+    assert "usage:" in result["output"], result["output"]
