@@ -1,6 +1,6 @@
 """TCQ-8's saving on the real latents, in the latent domain and in the image, per model.
 
-The synthetic benchmark (``trellis_rd.py``) finds TCQ-8 ≈ 1 dB better than USQ at 1–3 bits
+The synthetic benchmark (``benchmarks/trellis_rd.py``) finds TCQ-8 ≈ 1 dB better than USQ at 1–3 bits
 per latent; in the image the shipped models save 0–4 % of rate. This separates the two
 steps in between, on the reference models' own latents (first ``--images`` BSDS500
 *validation* images, top-left crops with sides multiples of 64; never Kodak or Tecnick):
