@@ -38,20 +38,50 @@ def runs(tmp_path_factory):
     save_checkpoint(base, model, "mbt2018-mean", {"N": 16, "M": 24}, extra={"lambda": LAMBDA})
     (root / "models" / "manifest.json").write_text(json.dumps([{"file": "base.pth", "lambda": LAMBDA}]) + "\n")
     recipe = {
-        "checkpoint": str(base), "arch": None, "lambda": None, "parts": "decoder", "requantize_every": 0,
-        "quantizer": {"method": "usq", "step": None, "lambda_t": None, "lambda_mult": None, "reset": "channel",
-                      "weights": "none"},
-        "seed": 1, "threads": 1, "device": "cpu", "batch_size": 2, "crop": 64, "steps": 2,
+        "checkpoint": str(base),
+        "arch": None,
+        "lambda": None,
+        "parts": "decoder",
+        "requantize_every": 0,
+        "quantizer": {
+            "method": "usq",
+            "step": None,
+            "lambda_t": None,
+            "lambda_mult": None,
+            "reset": "channel",
+            "weights": "none",
+        },
+        "seed": 1,
+        "threads": 1,
+        "device": "cpu",
+        "batch_size": 2,
+        "crop": 64,
+        "steps": 2,
         "optimizer": {"lr": 1e-3, "clip_max_norm": 1.0},
         "data": {"root": str(root / "data"), "train": ["train"]},
-        "checkpoint_every": 2, "log_every": 1,
+        "checkpoint_every": 2,
+        "log_every": 1,
     }
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     one, two = root / "runs" / "one", root / "runs" / "two"
     assert main(["finetune", str(path), "--out", str(one), "--no-progress"]) == 0
-    assert main(["finetune", str(path), "-m", str(one / "model.pth"), "--parts", "decoder+hyperdecoder",
-                 "--out", str(two), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(path),
+                "-m",
+                str(one / "model.pth"),
+                "--parts",
+                "decoder+hyperdecoder",
+                "--out",
+                str(two),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return {"root": root, "base": base, "one": one, "two": two}
 
 

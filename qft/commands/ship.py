@@ -37,9 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base", help="base checkpoint, path or shipped name (default: the one the first run started from)"
     )
-    parser.add_argument(
-        "--name", help="file name without .pth (default: <base>-ft-<method|control>[-hyperdecoder])"
-    )
+    parser.add_argument("--name", help="file name without .pth (default: <base>-ft-<method|control>[-hyperdecoder])")
     parser.add_argument(
         "--train-data", help="the manifest's description of the training data (default: from the recipe)"
     )
