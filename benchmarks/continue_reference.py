@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from qft.files import atomic_write
+from qft.models import create_model
 from qft.models.zoo import base_entries
-from qft.train.checkpoint import export_state_dict, save_atomic
-from qft.train.loop import build_model
+from qft.train.checkpoint import export_state_dict
 from qft.train.recipe import lambda_tag, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,9 +93,10 @@ def main() -> None:
     points = {}
     for lmbda in bases:
         ckpt = torch.load(args.out / lambda_tag(lmbda) / "checkpoint.pth", map_location="cpu", weights_only=True)
-        model = build_model(recipe)
+        model = create_model("mbt2018-mean", N=recipe.N, M=recipe.M)  # the weights come from the checkpoint
         model.load_state_dict(ckpt["model"])
-        save_atomic(export_state_dict(model), args.out / f"mbt2018-mean-{lmbda:g}-continued.pth")
+        state = export_state_dict(model)
+        atomic_write(args.out / f"mbt2018-mean-{lmbda:g}-continued.pth", lambda f, state=state: torch.save(state, f))
         val = [e for e in _log(args.out, lmbda) if e["kind"] == "val"]
         points[f"{lmbda:g}"] = {
             "init": ckpt["init"],
@@ -107,7 +109,7 @@ def main() -> None:
         }
     summary = {"benchmark": "continue_reference", "seconds": args.seconds, "recipe": str(args.recipe),
                "concurrent_points": len(bases), "points": points}
-    (args.out / "continue.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(args.out / "continue.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: (v["step"], v["steps"]) for k, v in points.items()}))
 
 
