@@ -33,6 +33,8 @@ from qft.models import (
     state_dict_of,
 )
 
+from test_dcae_cca import TINY as TINY_SLICE_MODELS  # sibling test module
+
 #: tiny parameters per architecture
 TINY = {
     "bmshj2018-hyperprior": {"N": 8, "M": 12},
@@ -42,6 +44,7 @@ TINY = {
     "cheng2020-attn": {"N": 8},
     "elic2022-official": {"N": 8, "M": 16, "groups": [4, 4, 8]},
     "elic2022-chandelier": {"N": 8, "M": 16, "groups": [2, 6, 8]},
+    **TINY_SLICE_MODELS,
 }
 
 ENTROPY = {
@@ -52,6 +55,8 @@ ENTROPY = {
     "cheng2020-attn": "autoregressive",
     "elic2022-official": "channel-checkerboard",
     "elic2022-chandelier": "channel-checkerboard",
+    "dcae": "channel-slices",
+    "cca": "channel-slices",
 }
 
 
