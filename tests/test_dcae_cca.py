@@ -10,18 +10,17 @@ from __future__ import annotations
 import json
 import os
 import re
-
 from pathlib import Path
 
 import pytest
 import torch
 
-from trellis import Quantizer
 from qft.cli import main
 from qft.codec import Codec
 from qft.errors import UserError
 from qft.models import ARCHITECTURES, create_model, load_checkpoint, state_dict_of
 from qft.models.cca import TRAINING_ONLY_KEYS, release_slices
+from trellis import Quantizer
 
 SHARED = Path(os.environ.get("QFT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 LAYOUTS = SHARED / "layouts"

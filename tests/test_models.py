@@ -18,6 +18,7 @@ import re
 
 import pytest
 import torch
+from test_dcae_cca import TINY as TINY_SLICE_MODELS  # sibling test module
 
 from qft.cli import main
 from qft.errors import UserError
@@ -32,8 +33,6 @@ from qft.models import (
     save_checkpoint,
     state_dict_of,
 )
-
-from test_dcae_cca import TINY as TINY_SLICE_MODELS  # sibling test module
 
 #: tiny parameters per architecture
 TINY = {

@@ -45,11 +45,10 @@ em_dim=8, em_layers=1, z_dim=8, cc_dim=8,8``.
 from __future__ import annotations
 
 import math
-
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.models.sensetime import ResidualBottleneckBlock
 from compressai.models.utils import conv, deconv
@@ -60,7 +59,7 @@ from qft.errors import UserError
 from .registry import Architecture, register_architecture
 from .slices import ChannelSliceModel
 
-__all__ = ["CCA", "TRAINING_ONLY_KEYS", "release_slices", "infer_cca_params", "complete_cca_params"]
+__all__ = ["CCA", "TRAINING_ONLY_KEYS", "complete_cca_params", "infer_cca_params", "release_slices"]
 
 #: Key prefixes of the official training checkpoints that inference never reads (the
 #: auxiliary entropy model of the CCA loss); a loader drops them, then loads strictly.
@@ -307,10 +306,9 @@ def complete_cca_params(params: dict) -> dict:
     if slices is None:
         slices = release_slices(out["M"])
     if not isinstance(slices, (list, tuple)) or not slices or not all(map(_positive, slices)):
-        raise UserError(
-            f"cca: slices must be positive integers summing to M={out['M']}, got {slices!r}"
-            + (" (at this M the release's proportions leave a slice empty; give slices)" if out["slices"] is None else "")
-        )
+        empty = " (at this M the release's proportions leave a slice empty; give slices)"
+        hint = empty if out["slices"] is None else ""
+        raise UserError(f"cca: slices must be positive integers summing to M={out['M']}, got {slices!r}{hint}")
     if sum(slices) != out["M"]:
         raise UserError(f"cca: slices {list(slices)} sum to {sum(slices)}, not M={out['M']}")
     out["slices"] = list(slices)

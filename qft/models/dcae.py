@@ -43,11 +43,11 @@ convolution. On every input the official code accepts, the two compute the same.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.models.sensetime import ResidualBottleneckBlock
 from compressai.models.utils import conv, deconv
@@ -58,7 +58,7 @@ from qft.errors import UserError
 from .registry import Architecture, register_architecture
 from .slices import ChannelSliceModel
 
-__all__ = ["DCAE", "infer_dcae_params", "complete_dcae_params"]
+__all__ = ["DCAE", "complete_dcae_params", "infer_dcae_params"]
 
 #: width of one dictionary head (``dict_dim = 32 * dict_head_num``, as officially)
 DICT_HEAD_DIM = 32

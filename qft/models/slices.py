@@ -25,10 +25,10 @@ padded to a multiple of 64 (:func:`qft.codec.pad` does).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-
 from compressai.ans import BufferedRansEncoder, RansDecoder
 from compressai.models import CompressionModel
 from compressai.ops import quantize_ste
