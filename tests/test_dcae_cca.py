@@ -1,14 +1,13 @@
 """DCAE and CCA: official layouts (full size, on the meta device), tiny-width forward and
 USQ coding round trips.
 
-The layout fixtures are ``<repo>/../shared/layouts/{dcae,cca}.json`` (``$QFT_SHARED``
-overrides the folder, e.g. from a worktree); those tests are skipped without them.
+The layout fixtures are ``shared/layouts/{dcae,cca}.json`` beside the repository (as in CI)
+or beside a folder above it (a git worktree); those tests are skipped without them.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -20,10 +19,14 @@ from qft.codec import Codec
 from qft.errors import UserError
 from qft.models import ARCHITECTURES, create_model, load_checkpoint, state_dict_of
 from qft.models.cca import TRAINING_ONLY_KEYS, release_slices
+from qft.models.dcae import WindowAttention
 from trellis import Quantizer
 
-SHARED = Path(os.environ.get("QFT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-LAYOUTS = SHARED / "layouts"
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = next(
+    (f.parent / "shared" / "layouts" for f in [ROOT, *ROOT.parents] if (f.parent / "shared" / "layouts").is_dir()),
+    ROOT.parent / "shared" / "layouts",
+)
 
 #: tiny widths, every parameter explicit (what infer_params reads back)
 TINY = {
@@ -55,7 +58,7 @@ TINY = {
 def fixture(arch: str) -> dict:
     path = LAYOUTS / f"{arch}.json"
     if not path.is_file():
-        pytest.skip(f"layout fixture {path} absent (shared/ is not beside the repository; set QFT_SHARED)")
+        pytest.skip(f"layout fixture {path} absent (no shared/layouts beside the repository or a folder above it)")
     return json.loads(path.read_text())
 
 
@@ -163,6 +166,23 @@ def test_codec_usq(arch, models):
     assert codec.decompress(out["bitstream"])["x_hat"].shape == x.shape
     with pytest.raises(UserError, match="use -q usq"):
         codec.compress(x, Quantizer("tcq8"))
+
+
+def test_window_attention_on_a_map_smaller_than_its_window():
+    """A 3×5 map in one 8×8 window (where the official code fails): plain attention over
+    the 15 real positions with the relative position bias, the padding never attended."""
+    torch.manual_seed(0)
+    attention = WindowAttention(dim=16, head_dim=8, window=8, shifted=False)
+    x = torch.randn(1, 3, 5, 16)
+    with torch.no_grad():
+        got = attention(x)
+        rows, cols = torch.meshgrid(torch.arange(3), torch.arange(5), indexing="ij")
+        rows, cols = rows.reshape(-1), cols.reshape(-1)
+        bias = attention.relative_position_params[:, rows[:, None] - rows[None] + 7, cols[:, None] - cols[None] + 7]
+        q, k, v = attention.embedding_layer(x.reshape(15, 16)).reshape(15, 6, 8).permute(1, 0, 2).chunk(3)
+        probs = torch.softmax(q @ k.transpose(1, 2) / 8**0.5 + bias, dim=-1)
+        expected = attention.linear((probs @ v).permute(1, 0, 2).reshape(15, 16)).reshape(1, 3, 5, 16)
+    torch.testing.assert_close(got, expected)
 
 
 def test_coding_guards(image):

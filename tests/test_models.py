@@ -54,8 +54,8 @@ ENTROPY = {
     "cheng2020-attn": "autoregressive",
     "elic2022-official": "channel-checkerboard",
     "elic2022-chandelier": "channel-checkerboard",
-    "dcae": "channel-slices",
-    "cca": "channel-slices",
+    "dcae": "channel-conditional",
+    "cca": "channel-conditional",
 }
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
@@ -57,7 +56,7 @@ from torch import Tensor, nn
 from qft.errors import UserError
 
 from .registry import Architecture, register_architecture
-from .slices import ChannelSliceModel
+from .slices import ChannelSliceModel, count_indices, is_positive_int, slice_transform
 
 __all__ = ["CCA", "TRAINING_ONLY_KEYS", "complete_cca_params", "infer_cca_params", "release_slices"]
 
@@ -181,16 +180,6 @@ class Decoder(nn.Module):
         return self.up[-1](x)
 
 
-def _slice_transform(in_ch: int, hidden: Sequence[int], out_ch: int) -> nn.Sequential:
-    """3×3 conv, GELU, 3×3 conv, GELU, 3×3 conv (μ, σ and LRP transforms)."""
-    return nn.Sequential(
-        conv(in_ch, hidden[0], kernel_size=3, stride=1),
-        nn.GELU(),
-        conv(hidden[0], hidden[1], kernel_size=3, stride=1),
-        nn.GELU(),
-        conv(hidden[1], out_ch, kernel_size=3, stride=1),
-    )
-
 
 def _hyper_synthesis(z_dim: int, width: int, M: int) -> nn.Sequential:
     return nn.Sequential(
@@ -236,9 +225,9 @@ class CCA(ChannelSliceModel):
         support = [M + sum(s[:i]) for i in range(len(s))]
         self.mean_NAF_transforms = nn.ModuleList(NAFTransform(c, c, em_layers, em_dim) for c in support)
         self.scale_NAF_transforms = nn.ModuleList(NAFTransform(c, c, em_layers, em_dim) for c in support)
-        self.mean_cc_transforms = nn.ModuleList(_slice_transform(c, cc_dim, n) for c, n in zip(support, s))
-        self.scale_cc_transforms = nn.ModuleList(_slice_transform(c, cc_dim, n) for c, n in zip(support, s))
-        self.lrp_transforms = nn.ModuleList(_slice_transform(c + n, cc_dim, n) for c, n in zip(support, s))
+        self.mean_cc_transforms = nn.ModuleList(slice_transform(c, cc_dim, n) for c, n in zip(support, s))
+        self.scale_cc_transforms = nn.ModuleList(slice_transform(c, cc_dim, n) for c, n in zip(support, s))
+        self.lrp_transforms = nn.ModuleList(slice_transform(c + n, cc_dim, n) for c, n in zip(support, s))
         self.z_entropy_bottleneck = EntropyBottleneck(z_dim)
         self.gaussian_conditional = GaussianConditional(None)
 
@@ -261,13 +250,6 @@ class CCA(ChannelSliceModel):
 _LISTS = {"ae_dim": 3, "ae_layers": 3, "cc_dim": 2}
 
 
-def _count(state_dict: Mapping[str, Tensor], pattern: str) -> int:
-    """How many consecutive indices ``k`` have ``pattern.format(k)`` in ``state_dict``."""
-    k = 0
-    while pattern.format(k) in state_dict:
-        k += 1
-    return k
-
 
 def infer_cca_params(state_dict: Mapping[str, Tensor]) -> dict:
     """All CCA parameters, read from the shapes of a state_dict (slices explicit)."""
@@ -276,36 +258,33 @@ def infer_cca_params(state_dict: Mapping[str, Tensor]) -> dict:
         "M": state_dict["g_a.down.3.weight"].shape[0],
         "slices": [
             state_dict[f"mean_cc_transforms.{i}.4.weight"].shape[0]
-            for i in range(_count(state_dict, "mean_cc_transforms.{}.4.weight"))
+            for i in range(count_indices(state_dict, "mean_cc_transforms.{}.4.weight"))
         ],
         "ae_dim": [state_dict[f"g_a.down.{i}.weight"].shape[0] for i in range(3)],
-        "ae_layers": [_count(state_dict, f"g_a.blocks.{i}.{{}}.conv1.weight") - 3 for i in range(3)],
+        "ae_layers": [count_indices(state_dict, f"g_a.blocks.{i}.{{}}.conv1.weight") - 3 for i in range(3)],
         "em_dim": state_dict["mean_NAF_transforms.0.in_conv.weight"].shape[0],
-        "em_layers": _count(state_dict, "mean_NAF_transforms.0.blocks.{}.beta"),
+        "em_layers": count_indices(state_dict, "mean_NAF_transforms.0.blocks.{}.beta"),
         "z_dim": state_dict["z_entropy_bottleneck.quantiles"].shape[0],
         "cc_dim": [state_dict[cc.format(0)].shape[0], state_dict[cc.format(2)].shape[0]],
     }
 
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def complete_cca_params(params: dict) -> dict:
     """Fill ``slices = None`` with the release's proportions; check types and sums."""
     out = dict(params)
     for key in ("em_dim", "em_layers", "z_dim"):
-        if not _positive(out[key]):
+        if not is_positive_int(out[key]):
             raise UserError(f"cca: {key} must be a positive integer, got {out[key]!r}")
     for key, length in _LISTS.items():
         value = out[key]
-        if not isinstance(value, (list, tuple)) or len(value) != length or not all(map(_positive, value)):
+        if not isinstance(value, (list, tuple)) or len(value) != length or not all(map(is_positive_int, value)):
             raise UserError(f"cca: {key} must be {length} positive integers, got {value!r}")
         out[key] = list(value)
     slices = out["slices"]
     if slices is None:
         slices = release_slices(out["M"])
-    if not isinstance(slices, (list, tuple)) or not slices or not all(map(_positive, slices)):
+    if not isinstance(slices, (list, tuple)) or not slices or not all(map(is_positive_int, slices)):
         empty = " (at this M the release's proportions leave a slice empty; give slices)"
         hint = empty if out["slices"] is None else ""
         raise UserError(f"cca: slices must be positive integers summing to M={out['M']}, got {slices!r}{hint}")
@@ -319,7 +298,7 @@ register_architecture(
     Architecture(
         name="cca",
         cls=CCA,
-        entropy="channel-slices",
+        entropy="channel-conditional",
         defaults={
             "M": 320,
             "slices": None,

@@ -34,17 +34,16 @@ a multiple of its heads' widths. A tiny model for tests: ``N=32, M=40, z_dim=16,
 feature_dim=16,16,16, block_num=1,1,2, head_dim=8,8,8,8,8,8, dict_num=8,
 dict_head_num=1, cc_dim=16,16``.
 
-Where the official code fails, this one does not: a Swin block whose input is not larger
-than its window and a multiple of it (the official pads such inputs by one row/column and
-then fails, e.g. a 64×64 image, or 128×128 at the hyper transforms) pads the
-bottom/right with zeros to a multiple of the window, and crops back before its
-convolution. On every input the official code accepts, the two compute the same.
+Where the official code fails, this one does not: window attention on a map that is not
+larger than its window and a multiple of it (the official Swin block pads such inputs by
+one row/column and then fails, e.g. on a 64×64 image, or 128×128 at the hyper transforms)
+pads the map bottom/right, masks the padded keys and crops back (as qft's TCM). On every
+input the official code accepts, the two compute the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +55,7 @@ from torch import Tensor, nn
 from qft.errors import UserError
 
 from .registry import Architecture, register_architecture
-from .slices import ChannelSliceModel
+from .slices import ChannelSliceModel, count_indices, is_positive_int, slice_transform
 
 __all__ = ["DCAE", "complete_dcae_params", "infer_dcae_params"]
 
@@ -99,8 +98,9 @@ class ResidualBottleneckBlockWithUpsample(nn.Module):
 class WindowAttention(nn.Module):
     """Multi-head self-attention within ``window × window`` windows, with a learned
     relative position bias; ``shifted``: windows shifted by half a window (cyclic roll,
-    masked across the wrap). Input and output ``(B, H, W, C)``, ``H``, ``W`` multiples of
-    the window."""
+    masked across the wrap). Input and output ``(B, H, W, C)``. Sides that are not
+    multiples of the window are zero-padded bottom/right; real positions never attend to
+    padded ones, and the output is cropped back."""
 
     def __init__(self, dim: int, head_dim: int, window: int, shifted: bool):
         super().__init__()
@@ -119,41 +119,65 @@ class WindowAttention(nn.Module):
         """``(heads, window², window²)``."""
         return self.relative_position_params[:, self.relative_index[..., 0], self.relative_index[..., 1]]
 
-    def shift_mask(self, rows: int, cols: int) -> Tensor:
-        """``(1, 1, windows, window², window²)``, true where the shifted windows of the last
-        window row/column pair positions that are not neighbours in the image."""
+    def windows(self, x: Tensor) -> Tensor:
+        """``(B, H, W, C)`` -> ``(B, windows, window², C)``, windows row-major."""
+        b, height, width, c = x.shape
         p = self.window
-        s = p - p // 2
-        mask = torch.zeros(rows, cols, p, p, p, p, dtype=torch.bool, device=self.relative_position_params.device)
-        mask[-1, :, :s, :, s:, :] = True
-        mask[-1, :, s:, :, :s, :] = True
-        mask[:, -1, :, :s, :, s:] = True
-        mask[:, -1, :, s:, :, :s] = True
-        return mask.reshape(1, 1, rows * cols, p * p, p * p)
+        x = x.reshape(b, height // p, p, width // p, p, c).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, (height // p) * (width // p), p * p, c)
+
+    def mask(self, height: int, width: int, device: torch.device) -> Tensor | None:
+        """``(windows, window², window²)``, true where a query may not attend to a key:
+        across the wrap of a shifted window (positions that are not neighbours in the
+        image), and from a real position to a padded one; ``None`` when nothing is masked."""
+        p = self.window
+        padded_h, padded_w = height + -height % p, width + -width % p
+        rows, cols = padded_h // p, padded_w // p
+        mask = None
+        if self.shifted:
+            s = p - p // 2
+            wrap = torch.zeros(rows, cols, p, p, p, p, dtype=torch.bool, device=device)
+            wrap[-1, :, :s, :, s:, :] = True
+            wrap[-1, :, s:, :, :s, :] = True
+            wrap[:, -1, :, :s, :, s:] = True
+            wrap[:, -1, :, s:, :, :s] = True
+            mask = wrap.reshape(rows * cols, p * p, p * p)
+        if (padded_h, padded_w) != (height, width):
+            real = torch.zeros(1, padded_h, padded_w, 1, dtype=torch.bool, device=device)
+            real[:, :height, :width] = True
+            if self.shifted:
+                real = torch.roll(real, shifts=(-(p // 2), -(p // 2)), dims=(1, 2))
+            real = self.windows(real)[0, :, :, 0]
+            padded_key = real[:, :, None] & ~real[:, None, :]
+            mask = padded_key if mask is None else mask | padded_key
+        return mask
 
     def forward(self, x: Tensor) -> Tensor:
         p, shift = self.window, self.window // 2
+        b, height, width, c = x.shape
+        pad_h, pad_w = -height % p, -width % p
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         if self.shifted:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-        b, height, width, c = x.shape
-        rows, cols = height // p, width // p
-        x = x.reshape(b, rows, p, cols, p, c).permute(0, 1, 3, 2, 4, 5)
-        x = x.reshape(b, rows * cols, p * p, c)
+        rows, cols = (height + pad_h) // p, (width + pad_w) // p
+        x = self.windows(x)
         qkv = self.embedding_layer(x)
         qkv = qkv.reshape(b, rows * cols, p * p, 3 * self.heads, self.head_dim).permute(3, 0, 1, 2, 4)
         q, k, v = qkv.chunk(3, dim=0)
         sim = torch.einsum("hbwpc,hbwqc->hbwpq", q, k) * self.scale
         sim = sim + self.relative_bias()[:, None, None]
-        if self.shifted:
-            sim = sim.masked_fill_(self.shift_mask(rows, cols), float("-inf"))
+        mask = self.mask(height, width, x.device)
+        if mask is not None:
+            sim = sim.masked_fill_(mask, float("-inf"))
         probs = F.softmax(sim, dim=-1)
         out = torch.einsum("hbwij,hbwjc->hbwic", probs, v)
         out = out.permute(1, 2, 3, 0, 4).reshape(b, rows * cols, p * p, self.heads * self.head_dim)
         out = self.linear(out)
-        out = out.reshape(b, rows, cols, p, p, c).permute(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
+        out = out.reshape(b, rows, cols, p, p, c).permute(0, 1, 3, 2, 4, 5).reshape(b, rows * p, cols * p, c)
         if self.shifted:
             out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
-        return out
+        return out[:, :height, :width] if pad_h or pad_w else out
 
 
 class DWConv(nn.Module):
@@ -215,24 +239,18 @@ class SwinGLUBlock(nn.Module):
 
 class SwinStage(nn.Module):
     """``x + conv3×3(blocks(x))``, blocks alternating plain and shifted windows (the
-    official ``SwinBlockWithConvMulti``). Inputs whose sides are not multiples of the
-    window are zero-padded bottom/right for the blocks and cropped back."""
+    official ``SwinBlockWithConvMulti``)."""
 
     def __init__(self, dim: int, head_dim: int, window: int, blocks: int):
         super().__init__()
-        self.window = window
         self.layers = nn.ModuleList(SwinGLUBlock(dim, head_dim, window, i % 2 == 1) for i in range(blocks))
         self.conv = conv(dim, dim, kernel_size=3, stride=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        height, width = x.shape[-2:]
-        pad_h, pad_w = -height % self.window, -width % self.window
-        t = F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
-        t = t.permute(0, 2, 3, 1)
+        t = x.permute(0, 2, 3, 1)
         for layer in self.layers:
             t = layer(t)
-        t = t.permute(0, 3, 1, 2)[..., :height, :width]
-        return self.conv(t) + x
+        return self.conv(t.permute(0, 3, 1, 2)) + x
 
 
 class SpatialAttention(nn.Module):
@@ -339,16 +357,6 @@ class DictionaryCrossAttention(nn.Module):
         return self.output_trans(out).permute(0, 3, 1, 2)
 
 
-def _slice_transform(in_ch: int, hidden: Sequence[int], out_ch: int) -> nn.Sequential:
-    """3×3 conv, GELU, 3×3 conv, GELU, 3×3 conv (μ, σ and LRP transforms)."""
-    return nn.Sequential(
-        conv(in_ch, hidden[0], kernel_size=3, stride=1),
-        nn.GELU(),
-        conv(hidden[0], hidden[1], kernel_size=3, stride=1),
-        nn.GELU(),
-        conv(hidden[1], out_ch, kernel_size=3, stride=1),
-    )
-
 
 class DCAE(ChannelSliceModel):
     """DCAE (see the module docstring for the parameters)."""
@@ -402,9 +410,9 @@ class DCAE(ChannelSliceModel):
         self.h_z_s1 = self._hyper_synthesis(N, M, z_dim)
         self.h_z_s2 = self._hyper_synthesis(N, M, z_dim)
         support = [3 * M + size * i for i in range(num_slices)]
-        self.cc_mean_transforms = nn.ModuleList(_slice_transform(c, cc_dim, size) for c in support)
-        self.cc_scale_transforms = nn.ModuleList(_slice_transform(c, cc_dim, size) for c in support)
-        self.lrp_transforms = nn.ModuleList(_slice_transform(c + size, cc_dim, size) for c in support)
+        self.cc_mean_transforms = nn.ModuleList(slice_transform(c, cc_dim, size) for c in support)
+        self.cc_scale_transforms = nn.ModuleList(slice_transform(c, cc_dim, size) for c in support)
+        self.lrp_transforms = nn.ModuleList(slice_transform(c + size, cc_dim, size) for c in support)
         self.entropy_bottleneck = EntropyBottleneck(z_dim)
         self.gaussian_conditional = GaussianConditional(None)
 
@@ -434,18 +442,11 @@ class DCAE(ChannelSliceModel):
 _LISTS = {"feature_dim": 3, "block_num": 3, "head_dim": 6, "cc_dim": 2}
 
 
-def _count(state_dict: Mapping[str, Tensor], pattern: str) -> int:
-    """How many consecutive indices ``k`` have ``pattern.format(k)`` in ``state_dict``."""
-    k = 0
-    while pattern.format(k) in state_dict:
-        k += 1
-    return k
-
 
 def infer_dcae_params(state_dict: Mapping[str, Tensor]) -> dict:
     """All DCAE parameters, read from the shapes of a state_dict."""
     feature_dim = [state_dict[f"g_a.{i}.conv.weight"].shape[0] for i in (0, 2, 4)]
-    block_num = [_count(state_dict, f"g_a.{i}.layers.{{}}.ln1.weight") for i in (1, 3, 5)]
+    block_num = [count_indices(state_dict, f"g_a.{i}.layers.{{}}.ln1.weight") for i in (1, 3, 5)]
     stages = [("g_a", 1, 0), ("g_a", 3, 1), ("g_a", 5, 2), ("g_s", 1, 2), ("g_s", 3, 1), ("g_s", 5, 0)]
     head_dim = [
         feature_dim[d] // state_dict[f"{t}.{i}.layers.0.msa.relative_position_params"].shape[0]
@@ -456,7 +457,7 @@ def infer_dcae_params(state_dict: Mapping[str, Tensor]) -> dict:
     return {
         "N": state_dict["h_a.0.conv.weight"].shape[0],
         "M": state_dict["g_a.6.weight"].shape[0],
-        "num_slices": _count(state_dict, "cc_mean_transforms.{}.0.weight"),
+        "num_slices": count_indices(state_dict, "cc_mean_transforms.{}.0.weight"),
         "z_dim": state_dict["entropy_bottleneck.quantiles"].shape[0],
         "feature_dim": feature_dim,
         "block_num": block_num,
@@ -467,19 +468,16 @@ def infer_dcae_params(state_dict: Mapping[str, Tensor]) -> dict:
     }
 
 
-def _positive(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
 
 def complete_dcae_params(params: dict) -> dict:
     """Check the DCAE parameters (types, list lengths, divisibility); lists as lists."""
     out = dict(params)
     for key in ("num_slices", "z_dim", "dict_num", "dict_head_num"):
-        if not _positive(out[key]):
+        if not is_positive_int(out[key]):
             raise UserError(f"dcae: {key} must be a positive integer, got {out[key]!r}")
     for key, length in _LISTS.items():
         value = out[key]
-        if not isinstance(value, (list, tuple)) or len(value) != length or not all(map(_positive, value)):
+        if not isinstance(value, (list, tuple)) or len(value) != length or not all(map(is_positive_int, value)):
             raise UserError(f"dcae: {key} must be {length} positive integers, got {value!r}")
         out[key] = list(value)
     if out["M"] % out["num_slices"]:
@@ -497,7 +495,7 @@ register_architecture(
     Architecture(
         name="dcae",
         cls=DCAE,
-        entropy="channel-slices",
+        entropy="channel-conditional",
         defaults={
             "N": 192,
             "M": 320,

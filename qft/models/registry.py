@@ -40,15 +40,15 @@ __all__ = [
 #:   cheng2020-*);
 #: - ``channel-checkerboard``: uneven channel groups, each with a checkerboard spatial
 #:   context (elic2022-*);
-#: - ``channel-slices``: channel slices coded in order, each conditioned on the hyperprior
-#:   and the earlier slices, with latent residual prediction (dcae, cca;
+#: - ``channel-conditional``: hyperprior plus channel slices coded in order, each
+#:   conditioned on the earlier slices, with latent residual prediction (dcae, cca;
 #:   :mod:`qft.models.slices`).
 ENTROPY_KINDS = (
     "scale-hyperprior",
     "mean-scale-hyperprior",
     "autoregressive",
     "channel-checkerboard",
-    "channel-slices",
+    "channel-conditional",
 )
 
 

@@ -25,16 +25,43 @@ padded to a multiple of 64 (:func:`qft.codec.pad` does).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from compressai.ans import BufferedRansEncoder, RansDecoder
 from compressai.models import CompressionModel
+from compressai.models.utils import conv
 from compressai.ops import quantize_ste
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["ChannelSliceModel"]
+__all__ = ["ChannelSliceModel", "count_indices", "is_positive_int", "slice_transform"]
+
+
+def slice_transform(in_ch: int, hidden: Sequence[int], out_ch: int) -> nn.Sequential:
+    """3×3 conv, GELU, 3×3 conv, GELU, 3×3 conv: the μ, σ and LRP transforms of a slice
+    (``hidden``: the two hidden widths, 224 and 128 in the releases)."""
+    return nn.Sequential(
+        conv(in_ch, hidden[0], kernel_size=3, stride=1),
+        nn.GELU(),
+        conv(hidden[0], hidden[1], kernel_size=3, stride=1),
+        nn.GELU(),
+        conv(hidden[1], out_ch, kernel_size=3, stride=1),
+    )
+
+
+def count_indices(state_dict: Mapping[str, Tensor], pattern: str) -> int:
+    """How many consecutive indices ``k = 0, 1, …`` have ``pattern.format(k)`` in
+    ``state_dict`` (a count of blocks or slices, for reading parameters from shapes)."""
+    k = 0
+    while pattern.format(k) in state_dict:
+        k += 1
+    return k
+
+
+def is_positive_int(value: Any) -> bool:
+    """A positive ``int`` (``bool`` excluded), as architecture parameters must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 class ChannelSliceModel(CompressionModel):
