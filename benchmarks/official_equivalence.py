@@ -3,7 +3,7 @@
 For each family, the official model (imported from a checkout of its repository, at its
 release settings, random weights with a gain on ``g_a``'s last layer so that ``y`` needs
 many symbols) is copied into qft's model through :func:`qft.models.load_weights`, then on
-one BSDS500 validation image crop:
+a centre crop of one BSDS500 validation image:
 
 - ``forward`` (eval mode): ``x_hat`` and the likelihoods, bitwise and max abs difference;
 - ``compress``: the y and z strings, byte for byte;
@@ -93,7 +93,8 @@ def main() -> None:
     p.add_argument("--dcae", type=Path, required=True, help="checkout of LabShuHangGU/DCAE")
     p.add_argument("--cca", type=Path, required=True, help="checkout of LabShuHangGU/CCA")
     p.add_argument("--image", type=Path, default=BSDS500_VAL / "101085.jpg")
-    p.add_argument("--size", type=int, default=256, help="side of the centre crop (a multiple of 128)")
+    p.add_argument("--size", type=int, default=256, help="height of the centre crop (a multiple of 128, >= 256)")
+    p.add_argument("--width", type=int, help="width of the centre crop (default: --size)")
     p.add_argument("--gain", type=float, default=20.0, help="factor on g_a's last layer")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path)
@@ -101,8 +102,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     image = read_image(args.image)
     h, w = image.shape[-2:]
-    top, left = (h - args.size) // 2, (w - args.size) // 2
-    x = image[..., top : top + args.size, left : left + args.size].contiguous()
+    width = args.width or args.size
+    if args.size > h or width > w:
+        p.error(f"{args.image} is {h}x{w} (HxW), smaller than the crop {args.size}x{width}")
+    top, left = (h - args.size) // 2, (w - width) // 2
+    x = image[..., top : top + args.size, left : left + width].contiguous()
 
     _stub_timm()
     dcae_module = importlib.import_module(_official_package("official_dcae", args.dcae) + ".dcae")
@@ -139,7 +143,7 @@ def main() -> None:
     results["cca"]["strict_load_without_drop"] = strict_without_drop
 
     if args.json:
-        info = {"image": str(args.image), "crop": args.size, "gain": args.gain, "threads": args.threads}
+        info = {"image": str(args.image), "crop": [args.size, width], "gain": args.gain, "threads": args.threads}
         payload = {"machine": machine_info(), "torch": torch.__version__, "settings": info, "results": results}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
 
