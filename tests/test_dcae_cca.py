@@ -17,7 +17,13 @@ import torch
 from qft.cli import main
 from qft.codec import Codec
 from qft.errors import UserError
-from qft.models import ARCHITECTURES, create_model, load_checkpoint, state_dict_of
+from qft.models import (
+    ARCHITECTURES,
+    create_model,
+    load_checkpoint,
+    save_checkpoint,
+    state_dict_of,
+)
 from qft.models.cca import TRAINING_ONLY_KEYS, release_slices
 from qft.models.dcae import WindowAttention
 from trellis import Quantizer
@@ -121,6 +127,16 @@ def test_cca_training_only_keys():
 @pytest.mark.parametrize("arch", TINY)
 def test_params_read_back(arch, models):
     assert ARCHITECTURES[arch].infer_params(models[arch].state_dict()) == TINY[arch]
+
+
+@pytest.mark.parametrize("arch", TINY)
+def test_from_state_dict(arch, models, image, tmp_path):
+    """CompressAI's constructor from a qft checkpoint's complete state_dict."""
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, models[arch], arch, TINY[arch])
+    plain = ARCHITECTURES[arch].cls.from_state_dict(torch.load(path, weights_only=True)["state_dict"]).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(image)["x_hat"], models[arch](image)["x_hat"])
 
 
 @pytest.mark.parametrize("arch", TINY)

@@ -231,6 +231,15 @@ class CCA(ChannelSliceModel):
         self.z_entropy_bottleneck = EntropyBottleneck(z_dim)
         self.gaussian_conditional = GaussianConditional(None)
 
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> CCA:
+        """A model at the parameters read from the shapes, loaded with CompressAI's
+        ``load_state_dict`` (a complete inference state_dict; legacy EntropyBottleneck
+        names; training-only keys must be dropped first)."""
+        model = cls(**infer_cca_params(state_dict))
+        model.load_state_dict(state_dict)
+        return model
+
     def hyper_context(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
         """``(latent_means, latent_scales)``."""
         return self.h_mean_s(z_hat), self.h_scale_s(z_hat)

@@ -416,6 +416,14 @@ class DCAE(ChannelSliceModel):
         self.entropy_bottleneck = EntropyBottleneck(z_dim)
         self.gaussian_conditional = GaussianConditional(None)
 
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> DCAE:
+        """A model at the parameters read from the shapes, loaded with CompressAI's
+        ``load_state_dict`` (a complete state_dict; legacy EntropyBottleneck names)."""
+        model = cls(**infer_dcae_params(state_dict))
+        model.load_state_dict(state_dict)
+        return model
+
     @staticmethod
     def _hyper_synthesis(N: int, M: int, z_dim: int) -> nn.Sequential:
         return nn.Sequential(
