@@ -18,6 +18,7 @@ import re
 
 import pytest
 import torch
+from test_dcae_cca import TINY as TINY_SLICE_MODELS  # sibling test module
 
 from qft.cli import main
 from qft.errors import UserError
@@ -42,6 +43,7 @@ TINY = {
     "cheng2020-attn": {"N": 8},
     "elic2022-official": {"N": 8, "M": 16, "groups": [4, 4, 8]},
     "elic2022-chandelier": {"N": 8, "M": 16, "groups": [2, 6, 8]},
+    **TINY_SLICE_MODELS,
 }
 
 ENTROPY = {
@@ -52,6 +54,8 @@ ENTROPY = {
     "cheng2020-attn": "autoregressive",
     "elic2022-official": "channel-checkerboard",
     "elic2022-chandelier": "channel-checkerboard",
+    "dcae": "channel-conditional",
+    "cca": "channel-conditional",
 }
 
 

@@ -1,0 +1,204 @@
+"""Channel-slice entropy models with latent residual prediction (DCAE, CCA).
+
+The latent ``y`` is split along its channels into slices ``y_0 … y_{S-1}``, coded in this
+order, one coding step per slice. Step ``i``::
+
+    context             = hyper_context(ẑ)                       (once, before step 0)
+    μ_i, σ_i, support_i = slice_parameters(i, context, [ŷ_0 … ŷ_{i-1}])
+    q_i                 = round(y_i − μ_i)                        (int32 symbols, coded)
+    ŷ_i                 = q_i + μ_i + 0.5·tanh(lrp_transforms[i](cat[support_i, q_i + μ_i]))
+
+``μ_i, σ_i`` depend only on ``ẑ`` and the *final* (LRP-corrected) earlier slices, never on
+``y_i``; the LRP reads the dequantized slice. The decoder repeats the same computation
+from the decoded symbols, so encoder and decoder see bit-identical ``μ, σ`` as long as
+both run the entropy path on the same device type with the same weights.
+
+Streams are those of the official implementations (one ``BufferedRansEncoder`` per image
+for all slices, symbols appended slice by slice in ``(C, H, W)`` order)::
+
+    compress(x)  -> {"strings": [[y_string per image], z_strings], "shape": (zh, zw)}
+    decompress(strings, shape) -> {"x_hat": x̂ clamped to [0, 1]}
+
+``y`` is ``4×`` the size of ``z``; the decoder derives it from ``shape``, so images must be
+padded to a multiple of 64 (:func:`qft.codec.pad` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from compressai.ans import BufferedRansEncoder, RansDecoder
+from compressai.models import CompressionModel
+from compressai.models.utils import conv
+from compressai.ops import quantize_ste
+from torch import Tensor, nn
+
+__all__ = ["ChannelSliceModel", "count_indices", "is_positive_int", "slice_transform"]
+
+
+def slice_transform(in_ch: int, hidden: Sequence[int], out_ch: int) -> nn.Sequential:
+    """3×3 conv, GELU, 3×3 conv, GELU, 3×3 conv: the μ, σ and LRP transforms of a slice
+    (``hidden``: the two hidden widths, 224 and 128 in the releases)."""
+    return nn.Sequential(
+        conv(in_ch, hidden[0], kernel_size=3, stride=1),
+        nn.GELU(),
+        conv(hidden[0], hidden[1], kernel_size=3, stride=1),
+        nn.GELU(),
+        conv(hidden[1], out_ch, kernel_size=3, stride=1),
+    )
+
+
+def count_indices(state_dict: Mapping[str, Tensor], pattern: str) -> int:
+    """How many consecutive indices ``k = 0, 1, …`` have ``pattern.format(k)`` in
+    ``state_dict`` (a count of blocks or slices, for reading parameters from shapes)."""
+    k = 0
+    while pattern.format(k) in state_dict:
+        k += 1
+    return k
+
+
+def is_positive_int(value: Any) -> bool:
+    """A positive ``int`` (``bool`` excluded), as architecture parameters must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+class ChannelSliceModel(CompressionModel):
+    """Base of the channel-slice models: ``forward``, ``compress`` and ``decompress``.
+
+    A subclass builds ``g_a``, ``g_s``, ``h_a``, the z ``EntropyBottleneck`` (attribute
+    named by :attr:`z_bottleneck_name`), ``gaussian_conditional``, ``lrp_transforms``, sets
+    :attr:`slice_sizes`, and implements :meth:`hyper_context` and :meth:`slice_parameters`.
+    """
+
+    #: attribute name of the EntropyBottleneck of ``z`` (as in the official state_dict)
+    z_bottleneck_name = "entropy_bottleneck"
+
+    #: channels of each slice of ``y``, in coding order
+    slice_sizes: list[int]
+
+    @property
+    def z_bottleneck(self):
+        return getattr(self, self.z_bottleneck_name)
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.slice_sizes)
+
+    def hyper_context(self, z_hat: Tensor) -> Any:
+        """What every slice step reads from ``ẑ`` (the hyper-synthesis outputs)."""
+        raise NotImplementedError
+
+    def slice_parameters(
+        self, index: int, context: Any, y_hat_slices: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(μ, σ, support)`` of slice ``index`` from the hyper context and the final
+        values of the earlier slices; ``support`` is what the slice's LRP reads besides
+        the dequantized slice."""
+        raise NotImplementedError
+
+    def slice_reconstruction(self, index: int, support: Tensor, y_hat_slice: Tensor) -> Tensor:
+        """The final slice: dequantized values plus the latent residual prediction
+        ``0.5·tanh(lrp_transforms[index](cat[support, ŷ]))``."""
+        lrp = self.lrp_transforms[index](torch.cat([support, y_hat_slice], dim=1))
+        return y_hat_slice + 0.5 * torch.tanh(lrp)
+
+    # ------------------------------------------------------------------ training / estimate
+
+    def forward(self, x: Tensor) -> dict:
+        """``{"x_hat", "likelihoods": {"y", "z"}}``; ``ŷ`` by straight-through rounding
+        around ``μ`` (the coding path's values), likelihoods with uniform noise in
+        training mode (CompressAI's ``GaussianConditional``/``EntropyBottleneck``)."""
+        y = self.g_a(x)
+        z = self.h_a(y)
+        _, z_likelihoods = self.z_bottleneck(z)
+        medians = self.z_bottleneck.quantiles[:, :, 1:2]
+        z_hat = quantize_ste(z - medians) + medians
+        context = self.hyper_context(z_hat)
+        y_hat_slices: list[Tensor] = []
+        likelihoods = []
+        for i, y_slice in enumerate(y.split(self.slice_sizes, dim=1)):
+            mu, scale, support = self.slice_parameters(i, context, y_hat_slices)
+            _, slice_likelihoods = self.gaussian_conditional(y_slice, scale, mu)
+            likelihoods.append(slice_likelihoods)
+            y_hat_slice = quantize_ste(y_slice - mu) + mu
+            y_hat_slices.append(self.slice_reconstruction(i, support, y_hat_slice))
+        x_hat = self.g_s(torch.cat(y_hat_slices, dim=1))
+        return {
+            "x_hat": x_hat,
+            "likelihoods": {"y": torch.cat(likelihoods, dim=1), "z": z_likelihoods},
+        }
+
+    # ------------------------------------------------------------------ coding (USQ)
+
+    def _tables(self) -> tuple[list, list, list]:
+        """The Gaussian CDF tables as the rANS coder takes them."""
+        gc = self.gaussian_conditional
+        if gc.quantized_cdf.numel() == 0 or self.z_bottleneck.quantized_cdf.numel() == 0:
+            raise ValueError(f"{type(self).__name__}: CDF tables not built; run update(force=True) first")
+        return (
+            gc.quantized_cdf.tolist(),
+            gc.cdf_length.reshape(-1).int().tolist(),
+            gc.offset.reshape(-1).int().tolist(),
+        )
+
+    def compress(self, x: Tensor) -> dict:
+        """Code images ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 64, with rounding
+        around ``μ`` (USQ); one y string and one z string per image."""
+        if x.shape[-2] % 64 or x.shape[-1] % 64:
+            raise ValueError(
+                f"{type(self).__name__}.compress needs H and W multiples of 64 "
+                f"(the decoder derives y's size from z's), got {tuple(x.shape[-2:])}; pad the image"
+            )
+        cdf, cdf_lengths, offsets = self._tables()
+        gc = self.gaussian_conditional
+        y = self.g_a(x)
+        z = self.h_a(y)
+        z_strings = self.z_bottleneck.compress(z)
+        z_hat = self.z_bottleneck.decompress(z_strings, z.shape[-2:])
+        context = self.hyper_context(z_hat)
+        encoders = [BufferedRansEncoder() for _ in range(y.shape[0])]
+        y_hat_slices: list[Tensor] = []
+        for i, y_slice in enumerate(y.split(self.slice_sizes, dim=1)):
+            mu, scale, support = self.slice_parameters(i, context, y_hat_slices)
+            indexes = gc.build_indexes(scale)
+            symbols = gc.quantize(y_slice, "symbols", mu)
+            for b, encoder in enumerate(encoders):
+                encoder.encode_with_indexes(
+                    symbols[b].reshape(-1).tolist(), indexes[b].reshape(-1).tolist(), cdf, cdf_lengths, offsets
+                )
+            y_hat_slices.append(self.slice_reconstruction(i, support, gc.dequantize(symbols, mu)))
+        y_strings = [encoder.flush() for encoder in encoders]
+        return {"strings": [y_strings, z_strings], "shape": z.shape[-2:]}
+
+    def decompress(self, strings: Sequence[Sequence[bytes]], shape: Sequence[int]) -> dict:
+        """Decode :meth:`compress`'s ``strings`` given ``z``'s spatial ``shape``."""
+        if len(strings) != 2 or len(strings[0]) != len(strings[1]):
+            raise ValueError("expected strings [[y_string per image], [z_string per image]]")
+        cdf, cdf_lengths, offsets = self._tables()
+        gc = self.gaussian_conditional
+        z_hat = self.z_bottleneck.decompress(strings[1], shape)
+        context = self.hyper_context(z_hat)
+        height, width = 4 * z_hat.shape[2], 4 * z_hat.shape[3]
+        decoders = []
+        for y_string in strings[0]:
+            decoder = RansDecoder()
+            decoder.set_stream(y_string)
+            decoders.append(decoder)
+        y_hat_slices: list[Tensor] = []
+        for i, channels in enumerate(self.slice_sizes):
+            mu, scale, support = self.slice_parameters(i, context, y_hat_slices)
+            indexes = gc.build_indexes(scale)
+            symbols = torch.stack(
+                [
+                    torch.tensor(
+                        decoder.decode_stream(indexes[b].reshape(-1).tolist(), cdf, cdf_lengths, offsets),
+                        dtype=torch.int32,
+                    ).reshape(channels, height, width)
+                    for b, decoder in enumerate(decoders)
+                ]
+            ).to(mu.device)
+            y_hat_slices.append(self.slice_reconstruction(i, support, gc.dequantize(symbols, mu)))
+        x_hat = self.g_s(torch.cat(y_hat_slices, dim=1)).clamp_(0, 1)
+        return {"x_hat": x_hat}
