@@ -39,12 +39,15 @@ __all__ = [
 #: - ``autoregressive``: hyperprior plus a masked-convolution spatial context (mbt2018,
 #:   cheng2020-*);
 #: - ``channel-checkerboard``: uneven channel groups, each with a checkerboard spatial
-#:   context (elic2022-*).
+#:   context (elic2022-*);
+#: - ``channel-conditional``: hyperprior plus channel slices coded in order, each
+#:   conditioned on the earlier slices, with latent residual prediction (tcm).
 ENTROPY_KINDS = (
     "scale-hyperprior",
     "mean-scale-hyperprior",
     "autoregressive",
     "channel-checkerboard",
+    "channel-conditional",
 )
 
 
