@@ -19,7 +19,7 @@ from qft.cli import main
 from qft.codec import Codec
 from qft.errors import UserError
 from qft.models import ARCHITECTURES, create_model, load_checkpoint
-from qft.models.tcm import NUM_SLICES, WindowAttention
+from qft.models.tcm import NUM_SLICES, TCM, WindowAttention
 
 TINY = {"N": 32, "M": 20, "Z": 8, "attn_dim": 16, "cc_dims": [16, 8]}
 
@@ -155,3 +155,13 @@ def test_init_small(tmp_path, capsys):
     assert ckpt.params == {"N": 32, "M": 40, "Z": 24, "attn_dim": 16, "cc_dims": [28, 16]}
     weights = sum(p.numel() for p in ckpt.model.parameters())
     assert math.isclose(weights, 2.87e6, rel_tol=0.01)
+
+
+def test_from_state_dict(model):
+    """CompressAI's way: a complete state_dict (CDF tables included) makes the model."""
+    again = TCM.from_state_dict(model.state_dict()).eval()
+    x = image(seed=2)
+    with torch.no_grad():
+        assert torch.equal(again(x)["x_hat"], model(x)["x_hat"])
+        enc = model.compress(x)
+        assert again.compress(x)["strings"] == enc["strings"]
