@@ -387,7 +387,7 @@ class TCM(CompressionModel):
         y = self.g_a(x)
         z = self.h_a(y)
         _, z_likelihoods = self.entropy_bottleneck(z)
-        z_offset = self.entropy_bottleneck._get_medians()
+        z_offset = self.entropy_bottleneck.quantiles[:, :, 1:2]  # the medians, (Z, 1, 1)
         z_hat = quantize_ste(z - z_offset) + z_offset
         hyper = self.hyper(z_hat)
         y_hat_slices, y_likelihoods = [], []
