@@ -43,6 +43,7 @@ TINY = {
     "cheng2020-attn": {"N": 8},
     "elic2022-official": {"N": 8, "M": 16, "groups": [4, 4, 8]},
     "elic2022-chandelier": {"N": 8, "M": 16, "groups": [2, 6, 8]},
+    "tcm": {"N": 32, "M": 20, "Z": 8, "attn_dim": 16, "cc_dims": [16, 8]},
     **TINY_SLICE_MODELS,
 }
 
@@ -54,6 +55,7 @@ ENTROPY = {
     "cheng2020-attn": "autoregressive",
     "elic2022-official": "channel-checkerboard",
     "elic2022-chandelier": "channel-checkerboard",
+    "tcm": "channel-conditional",
     "dcae": "channel-conditional",
     "cca": "channel-conditional",
 }
@@ -443,10 +445,13 @@ class TestErrors:
             match=r"unknown architecture 'mbt2018_mean' \(registered: .*mbt2018-mean",
         ):
             load_checkpoint(path, "mbt2018_mean")
-        with pytest.raises(
-            UserError, match=r"no registered architecture has keys like 'a.weight'"
-        ):
+        with pytest.raises(UserError) as info:
             load_checkpoint(save({"a.weight": torch.zeros(1)}, tmp_path / "other.pth"))
+        assert re.fullmatch(
+            r"\S+other.pth matches no registered architecture; the closest is [\w-]+: "
+            r"missing key '[\w.]+' \(and \d+ more\), unexpected key 'a.weight' \(`qft models` .*",
+            str(info.value),
+        )
 
     def test_ambiguous(self, models, tmp_path):
         sd = {**models["mbt2018-mean"].state_dict(), "adapter.weight": torch.zeros(1)}

@@ -11,13 +11,14 @@
 One module per model family registers its architectures in :data:`ARCHITECTURES`:
 :mod:`.google` (bmshj2018-hyperprior, mbt2018-mean, mbt2018), :mod:`.waseda`
 (cheng2020-anchor, cheng2020-attn), :mod:`.sensetime` (elic2022-official,
-elic2022-chandelier), :mod:`.dcae` (dcae), :mod:`.cca` (cca).
+elic2022-chandelier), :mod:`.tcm` (tcm), :mod:`.dcae` (dcae), :mod:`.cca` (cca).
 """
 
 from . import (
     google,
     waseda,
     sensetime,
+    tcm,
     dcae,
     cca,
 )  # noqa: F401  # isort: skip  (registration = listing order)

@@ -336,5 +336,6 @@ register_architecture(
         infer_params=infer_cca_params,
         description="CCA (LabShuHangGU): NAF transforms, uneven channel slices + LRP, aux. entropy model in training",
         complete_params=complete_cca_params,
+        training_only=TRAINING_ONLY_KEYS,
     )
 )

@@ -9,6 +9,16 @@
       drop CDF tables  ·  floats → float32                                 ▼
                         LoadedCheckpoint ◀─ update(force=True) ◀─ build, check, load
 
+Training-only modules (an auxiliary model of the loss, e.g. CCA's ``aux_entropymodel.*``)
+are dropped by the explicit per-architecture list
+:attr:`~qft.models.Architecture.training_only`, for the architecture tried; everything else
+is checked strictly (``strict=False`` is never how a key goes missing).
+
+Errors name what differs, in one line: a file that matches no architecture's key
+signature names the closest architecture (fewest missing + unexpected key names) and its
+first missing and unexpected keys; a tensor of the wrong shape names the key and both
+shapes.
+
 The CDF tables (``_quantized_cdf``, ``_offset``, ``_cdf_length``) and the
 ``GaussianConditional.scale_table`` are *derived* state: whatever the file holds (any
 shape, stale after finetuning, or nothing) is dropped and rebuilt by
@@ -25,6 +35,7 @@ plain CompressAI loads it with ``cls.from_state_dict``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -213,58 +224,89 @@ def _first(keys: list[str]) -> str:
     return repr(keys[0]) + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
 
 
-def _differences(
-    model: nn.Module, state_dict: Mapping[str, Tensor], *, shapes: bool = True
-) -> tuple[int, str]:
-    """How ``state_dict`` fails to fit ``model``: the number of differing keys and, in a
-    few words, the first missing and unexpected keys and the first shape mismatch
-    (``(0, "")`` if it fits; shapes are not compared when ``shapes`` is false).
+def _layout(model: nn.Module) -> tuple[dict[str, torch.Size], frozenset[str]]:
+    """The shapes of ``model``'s state_dict (derived buffers left out) and which of its
+    keys are buffers."""
+    expected = {
+        k: v.shape
+        for k, v in model.state_dict().items()
+        if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS
+    }
+    return expected, frozenset(k for k, _ in model.named_buffers())
+
+
+@functools.lru_cache(maxsize=None)
+def _default_layout(arch: str) -> tuple[dict[str, torch.Size], frozenset[str]]:
+    """:func:`_layout` of architecture ``arch`` at its default parameters (built once)."""
+    with forked_rng():
+        return _layout(get_architecture(arch).build())
+
+
+def _key_problems(
+    expected: Mapping[str, torch.Size], buffers: frozenset[str], state_dict: Mapping[str, Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """Missing, unexpected, and present-with-another-shape keys of ``state_dict``.
 
     Parameters must all be present; buffers other than the derived ones are constants of
     the constructor (GDN bounds, context masks, lower bounds) and may be absent, in which
     case the model keeps its own values.
     """
-    expected = {
-        k: v
-        for k, v in model.state_dict().items()
-        if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS
-    }
-    buffers = {k for k, _ in model.named_buffers()}
     missing = [k for k in expected if k not in state_dict and k not in buffers]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        k
-        for k in expected
-        if shapes and k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
+    mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k]]
+    return missing, unexpected, mismatched
+
+
+def _describe(missing: list[str], unexpected: list[str]) -> list[str]:
     problems = []
     if missing:
         problems.append(f"missing key {_first(missing)}")
     if unexpected:
         problems.append(f"unexpected key {_first(unexpected)}")
+    return problems
+
+
+def _differences(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, shapes: bool = True
+) -> tuple[int, str]:
+    """How ``state_dict`` fails to fit ``model``: the number of differing keys and, in a
+    few words, the first missing and unexpected keys and the first shape mismatch, naming
+    the key and both shapes (``(0, "")`` if it fits; shapes are not compared when
+    ``shapes`` is false). Buffers may be absent (:func:`_key_problems`).
+    """
+    expected, buffers = _layout(model)
+    missing, unexpected, mismatched = _key_problems(expected, buffers, state_dict)
+    if not shapes:
+        mismatched = []
+    problems = _describe(missing, unexpected)
     if mismatched:
         k = mismatched[0]
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
         problems.append(
             f"{k!r} has shape {tuple(state_dict[k].shape)}, "
-            f"the model {tuple(expected[k].shape)}{more}"
+            f"the model {tuple(expected[k])}{more}"
         )
     return len(missing) + len(unexpected) + len(mismatched), ", ".join(problems)
 
 
-def load_weights(model: nn.Module, obj: Any, *, name: str = "checkpoint") -> nn.Module:
+def load_weights(
+    model: nn.Module, obj: Any, *, name: str = "checkpoint", arch: str | None = None
+) -> nn.Module:
     """Load the state_dict held by ``obj`` into ``model`` and rebuild its CDF tables.
 
     ``obj`` is anything :func:`state_dict_of` accepts (a loaded checkpoint, a state_dict of
-    any layout, or its output). Every parameter of ``model`` must be present with its
-    shape and no key may be left over; absent constant buffers keep the model's values.
-    Then ``update(force=True)``.
+    any layout, or its output). With ``arch``, the keys of that architecture's
+    :attr:`~qft.models.Architecture.training_only` modules are dropped first. Every
+    parameter of ``model`` must be present with its shape and no key may be left over;
+    absent constant buffers keep the model's values. Then ``update(force=True)``.
 
     Raises:
         UserError: the state_dict does not fit the model; the message names the first
             missing and unexpected keys and the first shape mismatch.
     """
     state_dict = state_dict_of(obj, name=name)
+    if arch is not None:
+        state_dict = get_architecture(arch).drop_training_only(state_dict)
     count, problems = _differences(model, state_dict)
     if count:
         raise UserError(f"{name} does not fit the model: {problems}")
@@ -288,22 +330,25 @@ class _Fit:
     params: dict
     count: int  # differing keys, 0 if it fits
     problems: str  # what differs, in a few words
+    state_dict: dict[str, Tensor]  # what is loaded: training-only keys dropped
 
 
 def _fit(arch: Architecture, state_dict: Mapping[str, Tensor]) -> _Fit:
-    """Build ``arch`` at the parameters read from ``state_dict`` and compare."""
+    """Build ``arch`` at the parameters read from ``state_dict`` and compare (after
+    dropping the architecture's training-only keys)."""
+    state_dict = arch.drop_training_only(state_dict)
     try:
         params = arch.resolve_params(arch.infer_params(state_dict))
     except (KeyError, IndexError):
         # Parameters unreadable: compare the key names with those of the default model.
-        with forked_rng():
-            count, problems = _differences(arch.build(), state_dict, shapes=False)
+        count, problems = _name_differences(arch, state_dict)
         return _Fit(
             arch.name,
             None,
             {},
             max(count, 1),
             problems or "parameters cannot be read from the shapes",
+            state_dict,
         )
     except UserError as exc:
         return _Fit(
@@ -312,11 +357,21 @@ def _fit(arch: Architecture, state_dict: Mapping[str, Tensor]) -> _Fit:
             {},
             len(state_dict),
             f"parameters read from the shapes are invalid ({exc})",
+            state_dict,
         )
     with forked_rng():
         model = arch.build(params)
     count, problems = _differences(model, state_dict)
-    return _Fit(arch.name, model if count == 0 else None, params, count, problems)
+    return _Fit(arch.name, model if count == 0 else None, params, count, problems, state_dict)
+
+
+def _name_differences(arch: Architecture, state_dict: Mapping[str, Tensor]) -> tuple[int, str]:
+    """How the key names of ``state_dict`` (training-only keys dropped) differ from those
+    of ``arch`` at its default parameters: the number of missing and unexpected keys and
+    the first of each, in a few words."""
+    expected, buffers = _default_layout(arch.name)
+    missing, unexpected, _ = _key_problems(expected, buffers, arch.drop_training_only(state_dict))
+    return len(missing) + len(unexpected), ", ".join(_describe(missing, unexpected))
 
 
 def _select(state_dict: Mapping[str, Tensor], arch: str | None, name: str) -> _Fit:
@@ -335,11 +390,11 @@ def _select(state_dict: Mapping[str, Tensor], arch: str | None, name: str) -> _F
     keys = set(state_dict)
     candidates = [a for a in ARCHITECTURES.values() if a.is_candidate(keys)]
     if not candidates:
-        first = ", ".join(repr(k) for k in list(state_dict)[:3])
+        scores = [(_name_differences(a, state_dict), a.name) for a in ARCHITECTURES.values()]
+        (_, problems), closest = min(scores, key=lambda s: s[0][0])
         raise UserError(
-            f"{name}: no registered architecture has keys like {first}, ... "
-            f"(registered: {', '.join(ARCHITECTURES)}; "
-            "pass --arch to see the differences)"
+            f"{name} matches no registered architecture; the closest is {closest}: {problems} "
+            "(`qft models` lists the architectures; --arch ID compares with another)"
         )
     fits = sorted((_fit(a, state_dict) for a in candidates), key=lambda f: f.count)
     exact = [f for f in fits if f.model is not None]
@@ -451,7 +506,7 @@ def load_checkpoint(
     if "delta_of" in extra:
         state_dict = _complete_delta(path, state_dict, extra, unsafe_load)
     fit = _select(state_dict, arch, name)
-    _load(fit.model, state_dict)
+    _load(fit.model, fit.state_dict)
     return LoadedCheckpoint(
         model=fit.model.eval(),
         arch=fit.arch,

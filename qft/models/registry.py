@@ -41,7 +41,7 @@ __all__ = [
 #: - ``channel-checkerboard``: uneven channel groups, each with a checkerboard spatial
 #:   context (elic2022-*);
 #: - ``channel-conditional``: hyperprior plus channel slices coded in order, each
-#:   conditioned on the earlier slices, with latent residual prediction (dcae, cca;
+#:   conditioned on the earlier slices, with latent residual prediction (tcm, dcae, cca;
 #:   :mod:`qft.models.slices`).
 ENTROPY_KINDS = (
     "scale-hyperprior",
@@ -72,6 +72,10 @@ class Architecture:
             and checks constraints between parameters, raising :class:`UserError`.
         excludes: keys no checkpoint of this architecture holds (those of a sibling
             architecture that extends it); a file holding one is not a candidate.
+        training_only: key prefixes (each ending in ``"."``) of modules that only
+            training checkpoints hold, e.g. an auxiliary model of the loss. Loading drops
+            the keys under them, and only those: every other key is still checked
+            strictly. Empty for most architectures.
     """
 
     name: str
@@ -83,10 +87,19 @@ class Architecture:
     description: str
     complete_params: Callable[[dict], dict] | None = None
     excludes: frozenset[str] = frozenset()
+    training_only: tuple[str, ...] = ()
 
     def is_candidate(self, keys: set[str] | frozenset[str]) -> bool:
-        """Whether state_dict keys ``keys`` match the key signature."""
+        """Whether state_dict keys ``keys`` (training-only ones aside) match the key
+        signature."""
+        keys = {k for k in keys if not k.startswith(self.training_only)} if self.training_only else keys
         return self.signature <= keys and not self.excludes & keys
+
+    def drop_training_only(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``state_dict`` without the keys under the :attr:`training_only` prefixes."""
+        if not self.training_only:
+            return dict(state_dict)
+        return {k: v for k, v in state_dict.items() if not k.startswith(self.training_only)}
 
     def resolve_params(self, params: Mapping[str, Any] | None = None) -> dict:
         """``defaults`` updated with ``params``, checked and completed.
@@ -153,6 +166,10 @@ def register_architecture(arch: Architecture) -> Architecture:
     if arch.entropy not in ENTROPY_KINDS:
         raise ValueError(
             f'architecture "{arch.name}": unknown entropy kind "{arch.entropy}"'
+        )
+    if not all(p.endswith(".") for p in arch.training_only):
+        raise ValueError(
+            f'architecture "{arch.name}": training_only prefixes must end in "." (whole modules)'
         )
     ARCHITECTURES[arch.name] = arch
     return arch
