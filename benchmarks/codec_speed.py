@@ -27,7 +27,7 @@ from trellis import Quantizer
 from trellis.bench import machine_info
 
 from qft.codec import Codec, RDTarget, list_images, read_image, target_record
-from qft.commands._options import default_lambda, default_step
+from qft.settings import default_lambda, default_step
 from qft.models import ARCHITECTURES, load_checkpoint
 
 METHODS = ("usq", "tcq4", "tcq8")

@@ -36,7 +36,7 @@ from qft.eval.bdrate import local_rate_change
 from qft.eval.calibrate import USQ_SCALES
 from qft.eval.evaluate import set_threads
 from qft.eval.metrics import psnr
-from qft.eval.settings import read_settings, resolve_quantizer
+from qft.settings import read_settings, resolve_quantizer
 from qft.models import ARCHITECTURES, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,7 +38,7 @@ from compressai.losses import RateDistortionLoss
 
 from trellis import Quantizer
 
-from qft.commands._options import default_lambda, default_step
+from qft.settings import default_lambda, default_step
 from qft.finetune import (
     FinetuneObjective,
     LatentCache,

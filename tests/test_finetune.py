@@ -19,11 +19,10 @@ from PIL import Image
 
 from trellis import SCALE_TABLE, Quantizer
 
-from qft.commands._options import DEFAULT_LAMBDA_MULT, default_lambda, default_step
 from qft.cli import main
 from qft.codec import Codec, HyperpriorLatentCoder, RDTarget
 from qft.errors import UserError
-from qft.eval.settings import read_settings, resolve_quantizer
+from qft.settings import DEFAULT_LAMBDA_MULT, default_lambda, default_step, read_settings, resolve_quantizer
 from qft.finetune import (
     LatentCache,
     cell_mass,

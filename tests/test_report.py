@@ -14,7 +14,7 @@ from qft.codec import RDTarget
 from qft.cli import main
 from qft.errors import UserError
 from qft.eval.bdrate import local_rate_change, pareto_front
-from qft.eval.settings import read_settings, resolve_quantizer, settings_path, write_settings
+from qft.settings import read_settings, resolve_quantizer, settings_path, write_settings
 from qft.models import create_model, load_checkpoint, save_checkpoint
 from qft.models.zoo import write_delta
 

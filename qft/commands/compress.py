@@ -39,7 +39,7 @@ def output_guard(path: str, force: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qft.codec import Codec, read_image
-    from qft.eval.settings import read_settings
+    from qft.settings import read_settings
     from qft.models import ARCHITECTURES, load_checkpoint
 
     output_guard(args.output, args.force)

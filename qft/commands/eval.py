@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from qft.codec import Codec, list_images
     from qft.commands.compress import output_guard
     from qft.eval import evaluate_images, results_json
-    from qft.eval.settings import read_settings
+    from qft.settings import read_settings
     from qft.models import ARCHITECTURES, load_checkpoint
 
     output_guard(args.output, args.force)

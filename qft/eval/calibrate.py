@@ -21,7 +21,7 @@ saving, the one whose rate stays closest to USQ's at step 1 (the saving is nearl
 Δ, the model's operating point is not). This pick is made separately without and with
 weights; the one of better saving (after the target pass) is the method's default, both
 are kept (``by_weights``, so ``--weights none`` still gets calibrated Δ and λ), and with
-the whole grid they go to the checkpoint's settings file (:mod:`qft.eval.settings`),
+the whole grid they go to the checkpoint's settings file (:mod:`qft.settings`),
 which every command then uses by default.
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from qft.eval.bdrate import local_rate_change
-from qft.eval.settings import resolve_quantizer
+from qft.settings import resolve_quantizer
 
 __all__ = ["USQ_SCALES", "STEPS", "MULTS", "TARGETS", "TIE_PP", "calibrate_checkpoint", "default_pick"]
 

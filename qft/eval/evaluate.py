@@ -129,7 +129,7 @@ def results_json(name: str, checkpoints: list[dict], per_checkpoint: list[list[d
 
     Args:
         checkpoints: one dict per checkpoint (``path``, ``sha256``, ``arch``, ``params``,
-            ``quantizer``: :meth:`~qft.eval.settings.QuantizerChoice.describe`). The
+            ``quantizer``: :meth:`~qft.settings.QuantizerChoice.describe`). The
             top-level ``qft.quantizer`` is their common quantizer when all agree (without
             where it came from), else only the method: calibrated settings are per checkpoint.
         per_checkpoint: :func:`evaluate_images` output per checkpoint.

@@ -51,10 +51,9 @@ import yaml
 from tqdm import tqdm
 
 from qft.codec import target_record
-from qft.commands._options import target_value
 from qft.errors import UserError
 from qft.eval.bdrate import bd_rate, local_rate_change, pareto_front
-from qft.eval.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer, weights_digest
+from qft.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer, target_value, weights_digest
 
 __all__ = ["QuantizerSpec", "ModelRow", "ReportRecipe", "load_report_recipe", "run_report", "shipped_rows"]
 

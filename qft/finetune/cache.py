@@ -51,7 +51,7 @@ from trellis import NUM_SCALES, Quantizer
 
 from qft.codec import HyperpriorLatentCoder, RDTarget, model_fingerprint, target_record
 from qft.errors import UserError
-from qft.eval.settings import weights_digest
+from qft.settings import weights_digest
 
 __all__ = [
     "CACHE_FORMAT",

@@ -29,7 +29,6 @@ Output layout under ``out_dir``::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -45,8 +44,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from qft.codec import HYPERPRIOR_ENTROPY, target_record
-from qft.commands._options import quantizer_from_args
-from qft.eval.settings import read_settings, weights_digest
+from qft.settings import read_settings, resolve_quantizer, weights_digest
 from qft.errors import UserError
 from qft.finetune.cache import LatentCache, cache_identity, images_digest, trim_images
 from qft.finetune.objective import (
@@ -179,17 +177,15 @@ def _finetune(
         raise UserError(
             f"{recipe.checkpoint} records no λ: give --lambda (the base model's rate point)"
         )
-    choice = quantizer_from_args(
-        argparse.Namespace(
-            quantizer=recipe.method,
-            step=recipe.step,
-            lambda_t=recipe.lambda_t,
-            lambda_mult=recipe.lambda_mult,
-            reset=recipe.reset,
-            weights=recipe.weights,
-            target=recipe.target,
-        ),
+    choice = resolve_quantizer(
+        recipe.method,
         read_settings(base) | {"model_lambda": float(lmbda)},  # --target rd weighs by this run's λ
+        step=recipe.step,
+        lambda_t=recipe.lambda_t,
+        lambda_mult=recipe.lambda_mult,
+        reset=recipe.reset,
+        weights=recipe.weights,
+        target=recipe.target,
     )
     quantizer, weights, target = choice.quantizer, choice.weights, choice.target
     model = base.model

@@ -8,7 +8,7 @@ Layout, every key required (``null`` where allowed)::
     parts: decoder              # decoder | decoder+hyperdecoder
     requantize_every: 0         # decoder+hyperdecoder: re-quantize with the current h_s
                                 # every K steps; 0: the base model's indices throughout
-    quantizer:                  # as `qft compress` (qft.commands._options)
+    quantizer:                  # as `qft compress` (qft.settings.resolve_quantizer)
       method: tcq8              # usq | rdoq | tcq4 | tcq8
       step: null                # null: the method's default step
       lambda_t: null            # null: lambda_mult × the default λ_T
@@ -46,8 +46,8 @@ from typing import Any
 
 from trellis import METHODS, RESETS
 
-from qft.commands._options import target_value
 from qft.errors import UserError
+from qft.settings import target_value
 from qft.train.recipe import _project_root, _section, read_yaml
 
 __all__ = ["PARTS", "FinetuneRecipe", "load_finetune_recipe"]
