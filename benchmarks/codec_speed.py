@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from trellis import Quantizer
-from trellis.bench import machine_info
+from trellis.hardware import machine_info
 
 from qft.codec import Codec, RDTarget, list_images, read_image, target_record
 from qft.settings import default_lambda, default_step

@@ -46,7 +46,7 @@ import torch
 from scipy.stats import spearmanr
 
 from trellis import Quantizer
-from trellis.bench import machine_info
+from trellis.hardware import machine_info
 
 from qft.codec import HyperpriorLatentCoder, list_images
 from qft.models import ARCHITECTURES, create_model, load_checkpoint

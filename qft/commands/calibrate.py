@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from qft.codec import list_images
     from qft.errors import UserError
     from qft.eval.calibrate import TARGETS, calibrate_checkpoint
-    from qft.eval.evaluate import set_threads
-    from qft.settings import read_settings, write_settings
     from qft.models import load_checkpoint
+    from qft.settings import read_settings, write_settings
+    from qft.threads import set_threads
 
     if any(t in part.lower() for part in Path(args.data).resolve().parts for t in _TEST_SETS):
         raise UserError(f"{args.data} looks like a test set; calibrate on held-out training images (e.g. BSDS500 val)")

@@ -26,17 +26,7 @@ from qft.codec import Codec, RDTarget, crop, pad, read_image
 from qft.errors import UserError
 from qft.eval.metrics import ms_ssim_rgb, psnr
 
-__all__ = ["evaluate_images", "evaluate_configs", "results_json", "set_threads"]
-
-
-def set_threads(n: int) -> None:
-    """Use ``n`` CPU threads in torch *and* in the Numba kernels: a parallel Numba call
-    resets the process-wide OpenMP thread count that torch's CPU kernels share, so
-    setting torch alone does not hold once the trellis has run."""
-    import numba
-
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
-    torch.set_num_threads(n)
+__all__ = ["evaluate_images", "evaluate_configs", "results_json"]
 
 
 def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc: str = "eval",

@@ -242,7 +242,8 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
     file, resolved quantizer and images are computed once.
     """
     from qft.codec import Codec
-    from qft.eval.evaluate import evaluate_configs, set_threads
+    from qft.eval.evaluate import evaluate_configs
+    from qft.threads import set_threads
     from qft.models import ARCHITECTURES, load_checkpoint
 
     set_threads(recipe.threads)
@@ -518,7 +519,7 @@ def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
     import datetime
 
     from qft.codec import list_images
-    from trellis.bench import machine_info
+    from trellis.hardware import machine_info
 
     images = list_images(recipe.data)
     if not images:

@@ -52,6 +52,7 @@ from trellis import NUM_SCALES, Quantizer
 from qft.codec import HyperpriorLatentCoder, RDTarget, model_fingerprint, target_record
 from qft.errors import UserError
 from qft.settings import weights_digest
+from qft.threads import set_threads
 
 __all__ = [
     "CACHE_FORMAT",
@@ -267,7 +268,7 @@ class LatentCache:
                     # Numba's first parallel kernel resets the OpenMP thread count that
                     # torch shares: keep the caller's, or g_a's float summation (hence
                     # y) would differ between a process's first build and later ones
-                    torch.set_num_threads(threads)
+                    set_threads(threads, numba=False)
                     y = torch.from_numpy(q.y)[None].to(device)
                     z = (
                         model.h_a(torch.abs(y) if entropy == "scale-hyperprior" else y)
