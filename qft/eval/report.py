@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from qft.codec import target_record
 from qft.errors import UserError
+from qft.files import atomic_write
 from qft.eval.bdrate import bd_rate, local_rate_change, pareto_front
 from qft.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer, target_value, weights_digest
 
@@ -291,7 +292,7 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
             path = out / "cells" / f"{key}.json"
             if path.is_file():
                 for cid in by_key[key]:
-                    cells[cid] = json.loads(path.read_text())
+                    cells[cid] = _read_cell(path)
             else:
                 todo[key] = (choices[key].quantizer, choices[key].weights, choices[key].target)
         if not todo:
@@ -304,12 +305,18 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
         for key in todo:
             cell = {"checkpoint": name, "sha256": ck.sha256, "arch": ck.arch, "params": ck.params,
                     "quantizer": choices[key].describe(), "images": rows[key]}
-            path = out / "cells" / f"{key}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cell, allow_nan=True))
+            atomic_write(out / "cells" / f"{key}.json", json.dumps(cell, allow_nan=True))
             for cid in by_key[key]:
                 cells[cid] = cell
     return cells
+
+
+def _read_cell(path: Path) -> dict:
+    """A finished cell from disk; the λ_T of a cell written before the two λs had distinct
+    names (``"lambda"``) is read as ``"lambda_t"``, in its place."""
+    cell = json.loads(path.read_text())
+    cell["quantizer"] = {("lambda_t" if k == "lambda" else k): v for k, v in cell["quantizer"].items()}
+    return cell
 
 
 def _mean(values: list[float]) -> float:
@@ -537,20 +544,20 @@ def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
     result_files = []
     for key, pts in tables["curves"].items():
         path = out / "results" / f"{key[0]}-{key[1]}.json"
-        path.write_text(json.dumps(_results_json(recipe, key, pts), indent=1))
+        atomic_write(path, json.dumps(_results_json(recipe, key, pts), indent=1))
         result_files.append(str(path))
     summary = {**meta, "machine_info": machine, "rows": tables["rows"], "results": result_files,
                "quantizers": [dataclasses.asdict(q) for q in recipe.quantizers],
                "models": [dataclasses.asdict(r) for r in recipe.rows], "sweep": list(recipe.sweep)}
-    (out / "bdrate.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out / "bdrate.json", json.dumps(summary, indent=1))
     md = _markdown(recipe, tables["rows"], meta)
-    (out / "bdrate.md").write_text(md)
+    atomic_write(out / "bdrate.md", md)
     per_image = _per_image(recipe, cells, tables["curves"])
-    (out / "per_image.json").write_text(json.dumps(per_image, indent=1))
+    atomic_write(out / "per_image.json", json.dumps(per_image, indent=1))
     cols = sorted({k for d in per_image.values() for k in d})
     lines = ["| image | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {img} | " + " | ".join(_fmt(d.get(c)) for c in cols) + " |" for img, d in sorted(per_image.items())]
-    (out / "per_image.md").write_text("Rate change (%) at equal PSNR vs the base model's USQ sweep, per image, "
+    atomic_write(out / "per_image.md", "Rate change (%) at equal PSNR vs the base model's USQ sweep, per image, "
                                       "mean over rate points.\n\n" + "\n".join(lines) + "\n")
     summary["plots"] = _plot(recipe, tables["curves"], out)
     summary["markdown"] = md

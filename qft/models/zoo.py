@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from qft.errors import UserError
+from qft.files import atomic_write
 
 __all__ = ["ASSETS", "shipped", "shipped_names", "shipped_entry", "resolve", "write_delta"]
 
@@ -85,7 +86,8 @@ def write_delta(
     delta checkpoint of the file ``base``; returns the SHA-256 of the written file.
 
     The base is named by its file name: the delta must be kept beside it (or ``base`` must
-    be a shipped checkpoint). An existing ``path`` is not overwritten.
+    be a shipped checkpoint). An existing ``path`` is not overwritten; the file is written
+    atomically (:func:`qft.files.atomic_write`).
     """
     path, base = Path(path), Path(base)
     if path.exists():
@@ -105,8 +107,7 @@ def write_delta(
     }
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 

@@ -104,12 +104,12 @@ class RunLog:
     def __init__(self, path: Path, keep_until_step: int | None):
         self.path = path
         if keep_until_step is None:
-            path.write_text("")
+            atomic_write(path, "")
         elif path.exists():
             kept = [
                 ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= keep_until_step
             ]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            atomic_write(path, "".join(ln + "\n" for ln in kept))
 
     def write(self, **entry: Any) -> None:
         with open(self.path, "a") as f:
