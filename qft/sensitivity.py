@@ -65,7 +65,7 @@ import torch
 
 from tqdm import tqdm
 
-from qft.codec.image import pad, read_image
+from qft.codec.image import pad, read_image, to_tensor
 from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder
 from qft.models import ARCHITECTURES
 
@@ -108,7 +108,7 @@ def _as_tensor(image) -> torch.Tensor:
     a = np.asarray(image)
     if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(f"images must be paths or uint8 arrays of shape (H, W, 3), got {a.dtype} {a.shape}")
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    return to_tensor(a)
 
 
 def _usq_latent(coder: HyperpriorLatentCoder, x: torch.Tensor) -> np.ndarray:

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from trellis import NUM_SCALES, Quantizer
 
-from qft.codec import HyperpriorLatentCoder, RDTarget, model_fingerprint, target_record
+from qft.codec import HyperpriorLatentCoder, RDTarget, model_fingerprint, target_record, to_tensor
 from qft.errors import UserError
 from qft.settings import weights_digest
 from qft.threads import set_threads
@@ -256,12 +256,7 @@ class LatentCache:
                 tqdm(images, desc="latent cache", disable=not progress), shapes
             ):
                 x = torch.zeros(1, 3, hp, wp)
-                x[0, :, : img.shape[0], : img.shape[1]] = (
-                    torch.from_numpy(np.array(img))  # a writable copy (img may be a read-only memmap)
-                    .permute(2, 0, 1)
-                    .float()
-                    .div_(255.0)
-                )
+                x[0, :, : img.shape[0], : img.shape[1]] = to_tensor(img)[0]  # img may be a read-only memmap
                 with torch.no_grad():
                     padding = (0, wp - img.shape[1], 0, hp - img.shape[0])
                     q = coder.quantize(x.to(device), quantizer, weights, target, padding)[0]
