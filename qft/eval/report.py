@@ -127,16 +127,14 @@ class ReportRecipe:
 
 
 def shipped_rows(labels: list[str]) -> list[ModelRow]:
-    from qft.models.zoo import shipped
+    from qft.models.zoo import shipped_bases, shipped_finetunes
 
-    entries = shipped()
-    bases = sorted((e for e in entries if "finetuned_from" not in e), key=lambda e: e["lambda"])
+    bases = shipped_bases()
     rows = [ModelRow("base", tuple(e["name"] for e in bases), tuple(labels))]
     groups: dict[tuple[str, str, bool], dict[str, str]] = {}
-    for e in entries:
-        if "finetuned_from" in e:
-            key = (e["quantizer"]["method"], e.get("parts", "decoder"), bool(e.get("control")))
-            groups.setdefault(key, {})[e["finetuned_from"]] = e["name"]
+    for e in shipped_finetunes():
+        key = (e["quantizer"]["method"], e.get("parts", "decoder"), bool(e.get("control")))
+        groups.setdefault(key, {})[e["finetuned_from"]] = e["name"]
     def files(key: tuple[str, str, bool]) -> tuple[str | None, ...]:
         return tuple(groups[key].get(b["file"]) for b in bases)
 

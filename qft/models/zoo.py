@@ -1,6 +1,8 @@
 """The checkpoints shipped with qft, by name, and compact finetuned checkpoints.
 
-``qft/assets/checkpoints/manifest.json`` lists the shipped files. Every command that takes
+``qft/assets/checkpoints/manifest.json`` lists the shipped files; this module is the one
+reader of it (:func:`shipped`, the base models :func:`shipped_bases` and the finetuned ones
+:func:`shipped_finetunes`). Every command that takes
 ``-m CKPT`` also takes the name of a shipped model — the file name without ``.pth``::
 
     qft eval -m mbt2018-mean-0.013 mbt2018-mean-0.013-ft-tcq8 -q tcq8 --data …
@@ -27,7 +29,18 @@ import torch
 from qft.errors import UserError
 from qft.files import atomic_write
 
-__all__ = ["ASSETS", "shipped", "shipped_names", "shipped_entry", "resolve", "write_delta"]
+__all__ = [
+    "ASSETS",
+    "shipped",
+    "shipped_bases",
+    "shipped_finetunes",
+    "is_finetuned",
+    "shipped_names",
+    "shipped_entry",
+    "resolve",
+    "write_delta",
+    "base_of",
+]
 
 #: folder of the shipped checkpoints and their manifest
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
@@ -40,6 +53,21 @@ def shipped() -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     return [{"name": Path(e["file"]).stem, **e} for e in entries]
+
+
+def is_finetuned(entry: dict[str, Any]) -> bool:
+    """Whether a manifest entry is a finetuned model (a delta of a base, ``finetuned_from``)."""
+    return "finetuned_from" in entry
+
+
+def shipped_bases() -> list[dict[str, Any]]:
+    """The manifest entries of the reference (base) models, by increasing training λ."""
+    return sorted((e for e in shipped() if not is_finetuned(e)), key=lambda e: e["lambda"])
+
+
+def shipped_finetunes() -> list[dict[str, Any]]:
+    """The manifest entries of the finetuned models, in manifest order."""
+    return [e for e in shipped() if is_finetuned(e)]
 
 
 def shipped_names() -> list[str]:
