@@ -31,7 +31,7 @@ from qft.finetune import (
     load_finetune_recipe,
 )
 from qft.finetune.objective import decode_centre, forward_window, hyper_window
-from qft.models import ARCHITECTURES, create_model, load_checkpoint, save_checkpoint
+from qft.models import create_model, load_checkpoint, save_checkpoint
 from qft.train import export_state_dict
 
 LAMBDA = 0.01
@@ -411,7 +411,7 @@ def test_scale_hyperprior_and_codec_round_trip(setup, tmp_path):
         ckpt.arch == "bmshj2018-hyperprior"
         and ckpt.extra["quantizer"]["method"] == "usq"
     )
-    codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy)
+    codec = Codec.from_checkpoint(ckpt)
     x = torch.rand(1, 3, 64, 64)
     q = Quantizer("usq")
     x_hat = codec.decompress(codec.compress(x, q)["bitstream"])["x_hat"]

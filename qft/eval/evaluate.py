@@ -106,7 +106,7 @@ def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarra
     return out
 
 
-def _mean(rows: list[dict], key: str) -> float | None:
+def _column_mean(rows: list[dict], key: str) -> float | None:
     """Mean over images; ``None`` (JSON null) when not finite (MS-SSIM of images too small
     for its five scales, PSNR of a lossless image), so the file stays strict JSON."""
     m = statistics.fmean(r[key] for r in rows)
@@ -129,9 +129,9 @@ def results_json(name: str, checkpoints: list[dict], per_checkpoint: list[list[d
     real, est = [], []
     for rows in per_checkpoint:
         for key in ("psnr-rgb", "ms-ssim-rgb", "encoding_time", "decoding_time"):
-            results[key].append(_mean(rows, key))
-        real.append(_mean(rows, "bpp"))
-        est.append(_mean(rows, "bpp_estimated"))
+            results[key].append(_column_mean(rows, key))
+        real.append(_column_mean(rows, "bpp"))
+        est.append(_column_mean(rows, "bpp_estimated"))
         results["bpp"].append(est[-1] if estimate else real[-1])
     described = [{k: v for k, v in c["quantizer"].items() if k != "source"} for c in checkpoints]
     q = described[0] if all(d == described[0] for d in described) else {

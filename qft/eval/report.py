@@ -230,7 +230,7 @@ def _cell_key(sha: str, choice, images: list[str], ms_ssim: bool) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: bool) -> dict:
+def _evaluate_cells(recipe: ReportRecipe, images: list[Path], out: Path, progress: bool) -> dict:
     """All cells: (row, rate point, quantizer label, scale) -> cell dict (from disk when done).
 
     Besides the matrix itself, the base checkpoint of every rate point is evaluated — and,
@@ -243,7 +243,7 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
     from qft.codec import Codec
     from qft.eval.evaluate import evaluate_configs
     from qft.threads import set_threads
-    from qft.models import ARCHITECTURES, load_checkpoint
+    from qft.models import load_checkpoint
 
     set_threads(recipe.threads)
     specs = {q.label: q for q in recipe.quantizers}
@@ -295,7 +295,7 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
                 todo[key] = (choices[key].quantizer, choices[key].weights, choices[key].target)
         if not todo:
             continue
-        codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
+        codec = Codec.from_checkpoint(ck)
         for q, *_ in todo.values():
             codec.check_quantizer(q)
         rows = evaluate_configs(codec, todo, images, desc=Path(name).name, ms_ssim=recipe.ms_ssim,
@@ -317,13 +317,14 @@ def _read_cell(path: Path) -> dict:
     return cell
 
 
-def _mean(values: list[float]) -> float:
+def _mean_if_all_finite(values: list[float]) -> float:
+    """The mean of ``values``, NaN when one is missing or not finite (or there are none)."""
     v = [x for x in values if x is not None and math.isfinite(x)]
     return statistics.fmean(v) if len(v) == len(values) and v else math.nan
 
 
 def _point(cell: dict, metric: str = "psnr-rgb") -> tuple[float, float]:
-    return _mean([r["bpp"] for r in cell["images"]]), _mean([r[metric] for r in cell["images"]])
+    return _mean_if_all_finite([r["bpp"] for r in cell["images"]]), _mean_if_all_finite([r[metric] for r in cell["images"]])
 
 
 def _finite(x: float) -> float | None:
@@ -366,7 +367,7 @@ def _compare(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, s
                 continue
             local.append(local_rate_change([_point(c, metric) for c in sweep], _point(t_pts[i], metric)))
         out[metric] = {"bd_pchip": _finite(bd), "pareto_points": front,
-                       "local": [_finite(x) for x in local], "local_mean": _finite(_mean(local))}
+                       "local": [_finite(x) for x in local], "local_mean": _finite(_mean_if_all_finite(local))}
     return out
 
 
@@ -385,7 +386,7 @@ def _versus_control(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple
         local = [100 * ((1 + a[i] / 100) / (1 + b[i] / 100) - 1) if a.get(i) is not None and b.get(i) is not None
                  else math.nan for i in out["rate_points"]]
         out[metric]["local"] = [_finite(x) for x in local]
-        out[metric]["local_mean"] = _finite(_mean(local))
+        out[metric]["local_mean"] = _finite(_mean_if_all_finite(local))
     return out
 
 
@@ -443,15 +444,15 @@ def _results_json(recipe: ReportRecipe, key: tuple[str, str], pts: list[tuple[in
     res = {m: [] for m in (*METRICS, "bpp")}
     for _, cell in pts:
         for m in METRICS:
-            res[m].append(_finite(_mean([r[m] for r in cell["images"]])))
-        res["bpp"].append(_mean([r["bpp"] for r in cell["images"]]))
+            res[m].append(_finite(_mean_if_all_finite([r[m] for r in cell["images"]])))
+        res["bpp"].append(_mean_if_all_finite([r["bpp"] for r in cell["images"]]))
     return {
         "name": f"{key[0]}-{key[1]}",
         "description": f"qft report {recipe.name}: {key[0]} models, {key[1]}, real bitstreams",
         "results": res,
         "qft": {
             "checkpoints": [{k: c[k] for k in ("checkpoint", "sha256", "arch", "params", "quantizer")} for _, c in pts],
-            "bpp_estimated": [_mean([r["bpp_estimated"] for r in c["images"]]) for _, c in pts],
+            "bpp_estimated": [_mean_if_all_finite([r["bpp_estimated"] for r in c["images"]]) for _, c in pts],
             "dataset": recipe.data,
             "images": len(pts[0][1]["images"]),
         },
@@ -474,7 +475,7 @@ def _per_image(recipe: ReportRecipe, cells: dict, curves: dict) -> dict:
                 anchor = [(c["images"][j]["bpp"], c["images"][j]["psnr-rgb"]) for c in sweep]
                 change = local_rate_change(anchor, (img["bpp"], img["psnr-rgb"]))
                 out.setdefault(img["image"], {}).setdefault(f"{row}/{label}", []).append(change)
-    return {img: {k: _finite(_mean(v)) for k, v in d.items()} for img, d in out.items()}
+    return {img: {k: _finite(_mean_if_all_finite(v)) for k, v in d.items()} for img, d in out.items()}
 
 
 def _plot(recipe: ReportRecipe, curves: dict, out: Path) -> list[str]:
@@ -532,7 +533,7 @@ def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
     images = images[: recipe.images] if recipe.images else images
     out = Path(recipe.out)
     out.mkdir(parents=True, exist_ok=True)
-    cells = _evaluate(recipe, images, out, progress)
+    cells = _evaluate_cells(recipe, images, out, progress)
     tables = _tables(recipe, cells)
     machine = machine_info()
     meta = {"format": REPORT_FORMAT, "recipe": recipe.name, "data": recipe.data, "images": len(images),
