@@ -2,13 +2,13 @@
 
 The analysis side (``g_a``, ``h_a``, the ``EntropyBottleneck``) is frozen; the trained
 parts see the latents of :class:`~qft.finetune.cache.LatentCache`, quantized once with
-exactly the inference quantizer. Conventions follow :mod:`qft.train.loop`: the crops of
-step ``s`` depend only on ``(seed, s)`` (and noise on ``(seed, s, element)``), so a
-training checkpoint — model, Adam state, step — resumes to the same weights as an
-uninterrupted run; JSON-lines log; tqdm; atomic checkpoints. With ``requantize_every``
-K (decoder+hyperdecoder) the training set is quantized again every K steps with the
-current ``h_s`` (its ``μ``, ``σ``), Adam's state kept; a training checkpoint records
-which cache it trains on, so a resumed run reads the same latents.
+exactly the inference quantizer. Conventions and scaffolding are those of
+:mod:`qft.train.scaffold`: the crops of step ``s`` depend only on ``(seed, s)`` (and noise
+on ``(seed, s, element)``), so a training checkpoint — model, Adam state, step — resumes
+to the same weights as an uninterrupted run; JSON-lines log; tqdm; atomic checkpoints.
+With ``requantize_every`` K (decoder+hyperdecoder) the training set is quantized again
+every K steps with the current ``h_s`` (its ``μ``, ``σ``), Adam's state kept; a training
+checkpoint records which cache it trains on, so a resumed run reads the same latents.
 
 Distributed: with ``WORLD_SIZE > 1`` (``torchrun --nproc_per_node=K -m qft finetune …``)
 each process joins a process group (NCCL on CUDA, gloo on CPU), rank 0 builds the cache
@@ -30,8 +30,8 @@ Output layout under ``out_dir``::
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import os
+import shutil
 import time
 
 from dataclasses import dataclass
