@@ -28,7 +28,17 @@ from PIL import Image, UnidentifiedImageError
 
 from qft.errors import UserError
 
-__all__ = ["IMAGE_SUFFIXES", "read_rgb", "read_image", "to_tensor", "write_image", "pad", "padding_for", "crop", "list_images"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "read_rgb",
+    "read_image",
+    "to_tensor",
+    "write_image",
+    "pad",
+    "padding_for",
+    "crop",
+    "list_images",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -71,7 +81,9 @@ def read_rgb(path: str | Path) -> np.ndarray:
             img.load()
             rgb = _to_rgb(img, path.name)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise UserError(f"{path}: not a readable image ({exc.__class__.__name__}); give a PNG, JPEG, BMP, PPM, TIFF or WebP file") from None
+        raise UserError(
+            f"{path}: not a readable image ({exc.__class__.__name__}); give a PNG, JPEG, BMP, PPM, TIFF or WebP file"
+        ) from None
     return np.asarray(rgb, dtype=np.uint8)
 
 
