@@ -107,3 +107,14 @@ def test_delta_with_other_base_refused(base, tmp_path):
     path.unlink()
     with pytest.raises(UserError, match="neither beside it nor shipped"):
         load_checkpoint(delta)
+
+
+def test_manifest_split_into_bases_and_finetunes():
+    from qft.models.zoo import is_finetuned, shipped_bases, shipped_finetunes
+
+    bases, finetunes = shipped_bases(), shipped_finetunes()
+    assert bases and not any(is_finetuned(e) for e in bases)
+    assert [e["lambda"] for e in bases] == sorted(e["lambda"] for e in bases)
+    assert all(is_finetuned(e) for e in finetunes)
+    assert sorted(e["name"] for e in bases + finetunes) == sorted(e["name"] for e in shipped())
+
