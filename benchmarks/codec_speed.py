@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from trellis import Quantizer
-from trellis.bench import machine_info
+from trellis.hardware import machine_info
 
 from qft.codec import Codec, RDTarget, list_images, read_image, target_record
-from qft.commands._options import default_lambda, default_step
-from qft.models import ARCHITECTURES, load_checkpoint
+from qft.settings import default_lambda, default_step
+from qft.models import load_checkpoint
 
 METHODS = ("usq", "tcq4", "tcq8")
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint)
-    codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy)
+    codec = Codec.from_checkpoint(ckpt)
     images = list_images(args.data)[: args.images or None]
     quantizers = {m: Quantizer(m, step=default_step(m), lam=default_lambda(m, default_step(m))) for m in METHODS}
     target = RDTarget(float(ckpt.extra["lambda"])) if args.target == "rd" else float(args.target)

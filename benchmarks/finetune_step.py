@@ -39,7 +39,7 @@ from compressai.losses import RateDistortionLoss
 
 from trellis import Quantizer
 
-from qft.commands._options import default_lambda, default_step
+from qft.settings import default_lambda, default_step
 from qft.finetune import (
     FinetuneObjective,
     LatentCache,
@@ -55,7 +55,8 @@ from qft.finetune.objective import (
 )
 from qft.models import create_model
 from qft.train.data import sample_batch
-from qft.train.loop import machine_description, rd_forward, resolve_device, transforms_autocast
+from qft.train.loop import rd_forward, transforms_autocast
+from qft.train.scaffold import machine_description, resolve_device
 
 
 def main() -> None:

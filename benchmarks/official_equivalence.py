@@ -39,7 +39,7 @@ from qft.codec import read_image
 from qft.errors import UserError
 from qft.models import create_model, load_weights
 from qft.models.cca import TRAINING_ONLY_KEYS
-from trellis.bench import machine_info
+from trellis.hardware import machine_info
 
 BSDS500_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "val"
 

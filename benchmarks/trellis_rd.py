@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from trellis import SCALE_TABLE, Quantizer
-from trellis.bench import machine_info
+from trellis.hardware import machine_info
 
 SIGMA = float(SCALE_TABLE[40])  # ≈ 2.0, a table scale: the Gaussian model is exact
 SHAPE = (16, 64, 64)

@@ -65,8 +65,8 @@ import torch
 
 from tqdm import tqdm
 
-from qft.codec.image import pad, read_image
-from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder
+from qft.codec.image import pad, read_image, to_tensor
+from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, diag_jtj_probes
 from qft.models import ARCHITECTURES
 
 __all__ = ["METHODS", "decoder_sensitivity", "normalise_weights", "channel_rates", "estimate_weights"]
@@ -108,7 +108,7 @@ def _as_tensor(image) -> torch.Tensor:
     a = np.asarray(image)
     if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(f"images must be paths or uint8 arrays of shape (H, W, 3), got {a.dtype} {a.shape}")
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    return to_tensor(a)
 
 
 def _usq_latent(coder: HyperpriorLatentCoder, x: torch.Tensor) -> np.ndarray:
@@ -149,9 +149,7 @@ def _vjp(g_s, y_hat: torch.Tensor, probes: int, gen: torch.Generator) -> np.ndar
     with torch.enable_grad():
         x_hat = g_s(y)
         out = np.zeros(y.shape[1])
-        for k in range(probes):
-            u = torch.randn(x_hat.shape, generator=gen, dtype=torch.float32).to(x_hat)
-            (g,) = torch.autograd.grad(x_hat, y, u, retain_graph=k < probes - 1)
+        for g in diag_jtj_probes(x_hat, y, probes, gen):
             out += g.double().pow(2).sum((0, 2, 3)).cpu().numpy() / x_hat.numel()
     return out
 

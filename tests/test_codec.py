@@ -273,3 +273,22 @@ def test_target_direction_descends_the_image_error():
     x2[..., -16:] = 1 - x2[..., -16:]  # the right 16 columns: padding
     assert np.array_equal(target_direction(m.g_s, x, y, (0, 16, 0, 0)), target_direction(m.g_s, x2, y, (0, 16, 0, 0)))
     assert not np.array_equal(target_direction(m.g_s, x, y), target_direction(m.g_s, x2, y))
+
+
+def test_codec_takes_the_entropy_model_from_the_registry():
+    model = create_model("mbt2018-mean", seed=0, N=16, M=24)
+    assert Codec(model, "mbt2018-mean").entropy == "mean-scale-hyperprior"
+    assert Codec(model, "mbt2018-mean", "mean-scale-hyperprior").latent_coder is not None  # the old call
+    with pytest.raises(ValueError, match="mean-scale-hyperprior entropy model"):
+        Codec(model, "mbt2018-mean", "scale-hyperprior")
+    with pytest.raises(UserError, match="unknown architecture"):
+        Codec(model, "not-registered")
+
+
+def test_codec_from_a_loaded_checkpoint(tmp_path):
+    from qft.models import load_checkpoint, save_checkpoint
+
+    model = create_model("bmshj2018-hyperprior", seed=0, N=16, M=24)
+    save_checkpoint(tmp_path / "m.pth", model, "bmshj2018-hyperprior", {"N": 16, "M": 24})
+    codec = Codec.from_checkpoint(load_checkpoint(tmp_path / "m.pth"))
+    assert (codec.arch, codec.entropy) == ("bmshj2018-hyperprior", "scale-hyperprior")

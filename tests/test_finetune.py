@@ -19,11 +19,10 @@ from PIL import Image
 
 from trellis import SCALE_TABLE, Quantizer
 
-from qft.commands._options import DEFAULT_LAMBDA_MULT, default_lambda, default_step
 from qft.cli import main
 from qft.codec import Codec, HyperpriorLatentCoder, RDTarget
 from qft.errors import UserError
-from qft.eval.settings import read_settings, resolve_quantizer
+from qft.settings import DEFAULT_LAMBDA_MULT, default_lambda, default_step, read_settings, resolve_quantizer
 from qft.finetune import (
     LatentCache,
     cell_mass,
@@ -32,7 +31,7 @@ from qft.finetune import (
     load_finetune_recipe,
 )
 from qft.finetune.objective import decode_centre, forward_window, hyper_window
-from qft.models import ARCHITECTURES, create_model, load_checkpoint, save_checkpoint
+from qft.models import create_model, load_checkpoint, save_checkpoint
 from qft.train import export_state_dict
 
 LAMBDA = 0.01
@@ -412,7 +411,7 @@ def test_scale_hyperprior_and_codec_round_trip(setup, tmp_path):
         ckpt.arch == "bmshj2018-hyperprior"
         and ckpt.extra["quantizer"]["method"] == "usq"
     )
-    codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy)
+    codec = Codec.from_checkpoint(ckpt)
     x = torch.rand(1, 3, 64, 64)
     q = Quantizer("usq")
     x_hat = codec.decompress(codec.compress(x, q)["bitstream"])["x_hat"]

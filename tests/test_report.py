@@ -14,7 +14,7 @@ from qft.codec import RDTarget
 from qft.cli import main
 from qft.errors import UserError
 from qft.eval.bdrate import local_rate_change, pareto_front
-from qft.eval.settings import read_settings, resolve_quantizer, settings_path, write_settings
+from qft.settings import read_settings, resolve_quantizer, settings_path, write_settings
 from qft.models import create_model, load_checkpoint, save_checkpoint
 from qft.models.zoo import write_delta
 
@@ -319,7 +319,7 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
             else:  # 3 % below USQ at 30 dB; 8 % with η = 0.25, no better with 0.125
                 g["bpp"], g["psnr"] = (0.92 if g["target"] == 0.25 else 0.97), 30.0
 
-    monkeypatch.setattr(cal, "_evaluate", fake_evaluate)
+    monkeypatch.setattr(cal, "_evaluate_grid", fake_evaluate)
     out = cal.calibrate_checkpoint(None, [], {}, methods=("tcq8",), steps=(0.7,), mults=(0.05,),
                                    targets=(0.25, 0.125, 0.0))
     pick = out["methods"]["tcq8"]
@@ -336,7 +336,7 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
         for g in grid:
             if g["method"] == "tcq8" and g["target"] == 0.125:
                 g["bpp"], g["psnr"] = 1.3, 34.0  # above the USQ curve's 30.97 dB
-    monkeypatch.setattr(cal, "_evaluate", beyond)
+    monkeypatch.setattr(cal, "_evaluate_grid", beyond)
     kw = dict(methods=("tcq8",), steps=(0.7,), mults=(0.05,), targets=(0.125,))
     assert cal.calibrate_checkpoint(None, [], {}, **kw)["methods"]["tcq8"]["target"] == 0.0
     out = cal.calibrate_checkpoint(None, [], {}, lmbda=0.01, **kw)
@@ -348,7 +348,7 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
         for g in grid:
             if g["method"] == "tcq8" and g["target"] == "rd":
                 g["bpp"], g["psnr"] = 0.9, 30.0
-    monkeypatch.setattr(cal, "_evaluate", with_rd)
+    monkeypatch.setattr(cal, "_evaluate_grid", with_rd)
     out = cal.calibrate_checkpoint(None, [], {}, methods=("tcq8",), steps=(0.7,), mults=(0.05,), targets=("rd", 0.25))
     assert [g["target"] for g in out["calibration"]["grid"] if g["method"] == "tcq8"] == [0.0, 0.25, "rd"]
     assert out["methods"]["tcq8"]["target"] == "rd" and out["methods"]["tcq8"]["saving"] == pytest.approx(-10.0)

@@ -238,3 +238,11 @@ def test_amp_key(recipe_file):
     assert load_recipe(recipe_file(amp=False)).amp is False
     with pytest.raises(UserError, match="amp must be true or false"):
         load_recipe(recipe_file(amp="yes"))
+
+
+def test_training_images_convert_as_the_codec_reads_them(tmp_path):
+    (tmp_path / "train").mkdir()
+    Image.fromarray(np.full((8, 8), 200, np.uint8), "L").save(tmp_path / "train" / "grey.png")
+    with pytest.warns(UserWarning, match="grayscale image replicated to RGB"):
+        (img,) = load_images(tmp_path, ["train"])
+    assert img.shape == (8, 8, 3) and img.dtype == np.uint8 and (img == 200).all()

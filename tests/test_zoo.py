@@ -134,3 +134,14 @@ def test_manifest_of_any_folder(tmp_path):
     with pytest.raises(UserError, match="already lists a.pth"):
         add_manifest_entry({"file": "a.pth", "lambda": 0.5}, tmp_path)
     assert (tmp_path / MANIFEST).read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_manifest_split_into_bases_and_finetunes():
+    from qft.models.zoo import is_finetuned, shipped_bases, shipped_finetunes
+
+    bases, finetunes = shipped_bases(), shipped_finetunes()
+    assert bases and not any(is_finetuned(e) for e in bases)
+    assert [e["lambda"] for e in bases] == sorted(e["lambda"] for e in bases)
+    assert all(is_finetuned(e) for e in finetunes)
+    assert sorted(e["name"] for e in bases + finetunes) == sorted(e["name"] for e in shipped())
+

@@ -6,6 +6,7 @@
 * :mod:`trellis.quantize` — the :class:`Quantizer` API (USQ, RDOQ, TCQ-4, TCQ-8).
 * :mod:`trellis.rans` — rANS coder (CompressAI-compatible streams) with a state-driven
   row selector, so TCQ indices decode at Numba speed.
+* :mod:`trellis.hardware` — the machine a measurement ran on.
 * ``python -m trellis.bench`` — throughput benchmark (JSON).
 """
 

@@ -18,15 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 import numba
 import numpy as np
 
+from trellis.hardware import machine_info
 from trellis.quantize import Quantizer
 
-__all__ = ["machine_info", "synthetic_latent", "run", "main"]
+__all__ = ["synthetic_latent", "run", "main"]
 
 SHAPES = ((192, 32, 48), (320, 32, 48))
 #: method -> quantizer (TCQ at VVC's union step 2^(1/6)/2 and λ = 2^(1/12) ln2/6)
@@ -36,25 +36,6 @@ QUANTIZERS = {
     "tcq4": Quantizer("tcq4", step=0.5612, lam=0.1224),
     "tcq8": Quantizer("tcq8", step=0.5612, lam=0.1224),
 }
-
-
-def machine_info() -> dict:
-    """CPU model, core count, Numba threads, load average and software versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "numba_threads": numba.config.NUMBA_NUM_THREADS,
-        "loadavg_1min": os.getloadavg()[0],
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-    }
 
 
 def synthetic_latent(shape, seed: int = 0):

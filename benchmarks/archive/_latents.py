@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from trellis.bench import machine_info
+from trellis.hardware import machine_info
 
 from qft.codec import HyperpriorLatentCoder, list_images, read_image
 from qft.models import ARCHITECTURES, LoadedCheckpoint, load_checkpoint

@@ -39,7 +39,7 @@ import torch
 from trellis import Quantizer, RateTable
 
 from qft.eval.bdrate import local_rate_change
-from qft.eval.settings import read_settings, resolve_quantizer
+from qft.settings import read_settings, resolve_quantizer
 
 from _latents import BSDS500_VAL, analyse, arguments, checkpoints, finite, read_images, write_result  # sibling script
 

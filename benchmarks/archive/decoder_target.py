@@ -39,7 +39,7 @@ from trellis import Quantizer
 
 from qft.codec.latent import RD_ETAS, TARGET_DAMPING, TARGET_PROBES, target_direction, target_record
 from qft.eval.bdrate import local_rate_change
-from qft.eval.settings import read_settings, resolve_quantizer
+from qft.settings import read_settings, resolve_quantizer
 
 from _latents import USQ_STEPS, analyse, arguments, checkpoints, finite, read_images, write_result  # sibling script
 

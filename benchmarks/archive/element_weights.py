@@ -29,15 +29,15 @@ import numpy as np
 import torch
 
 from trellis import Quantizer
-from trellis.bench import machine_info
+from trellis.hardware import machine_info
 
 from qft.codec import Codec, crop, list_images, pad, read_image
 from qft.eval.bdrate import local_rate_change
 from qft.eval.calibrate import USQ_SCALES
-from qft.eval.evaluate import set_threads
 from qft.eval.metrics import psnr
-from qft.eval.settings import read_settings, resolve_quantizer
-from qft.models import ARCHITECTURES, load_checkpoint
+from qft.models import load_checkpoint
+from qft.settings import read_settings, resolve_quantizer
+from qft.threads import set_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,7 +65,7 @@ def normalise(w: np.ndarray, rates: np.ndarray) -> np.ndarray:
 def run(ckpt: str, images: list[Path], probes: int) -> dict:
     ck = load_checkpoint(ckpt)
     settings = read_settings(ck)
-    codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
+    codec = Codec.from_checkpoint(ck)
     coder = codec.latent_coder
     base = resolve_quantizer("tcq8", settings, weights="none")
     weighted = resolve_quantizer("tcq8", settings, weights="decoder")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from qft.codec import HyperpriorLatentCoder, list_images, read_image
-from qft.eval.settings import read_settings, resolve_quantizer
+from qft.settings import read_settings, resolve_quantizer
 from qft.models import ARCHITECTURES, load_checkpoint
 from qft.models.zoo import base_entries
 

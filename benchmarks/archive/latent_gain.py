@@ -34,7 +34,7 @@ import torch
 from trellis import Quantizer
 
 from qft.eval.bdrate import local_rate_change
-from qft.eval.settings import read_settings, resolve_quantizer
+from qft.settings import read_settings, resolve_quantizer
 
 from _latents import USQ_STEPS, analyse, arguments, checkpoints, finite, read_images, write_result  # sibling script
 

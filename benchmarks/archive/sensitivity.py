@@ -45,7 +45,8 @@ import torch
 
 from scipy.stats import spearmanr
 
-from trellis.bench import machine_info
+from trellis import Quantizer
+from trellis.hardware import machine_info
 
 from qft.codec import list_images
 from qft.models import create_model, load_checkpoint

@@ -2,7 +2,7 @@
 
 from qft.codec.codec import Codec, model_fingerprint
 from qft.codec.container import Container
-from qft.codec.image import crop, list_images, pad, read_image, write_image
+from qft.codec.image import crop, list_images, pad, read_image, read_rgb, to_tensor, write_image
 from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent, RDTarget, target_record
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "model_fingerprint",
     "pad",
     "read_image",
+    "read_rgb",
     "target_record",
+    "to_tensor",
     "write_image",
 ]

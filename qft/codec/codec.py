@@ -2,7 +2,7 @@
 
 :class:`Codec` is the one place where images become bitstreams and back::
 
-    codec = Codec(model, "mbt2018-mean", "mean-scale-hyperprior")
+    codec = Codec.from_checkpoint(load_checkpoint("mbt2018-mean-0.013"))  # or Codec(model, "mbt2018-mean")
     out = codec.compress(x, Quantizer("tcq8", step=0.6, lam=0.02))  # x: (1, 3, H, W) in [0, 1]
     x_hat = codec.decompress(out["bitstream"])["x_hat"]   # the quantizer comes from the stream
 
@@ -23,6 +23,8 @@ import struct
 import time
 import zlib
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -33,6 +35,9 @@ from qft.codec.container import Container, Header
 from qft.codec.image import crop, pad, padding_for
 from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent, RDTarget
 from qft.errors import UserError
+
+if TYPE_CHECKING:
+    from qft.models import LoadedCheckpoint
 
 __all__ = ["Codec", "model_fingerprint"]
 
@@ -64,6 +69,7 @@ def _plain(obj):
 
 
 def _eb_checksum(model: torch.nn.Module) -> int:
+    """CRC-32 of the EntropyBottleneck CDF tables (those of ``ẑ``) a stream depends on."""
     crc = 0
     for name, module in sorted(model.named_modules()):
         cdf = getattr(module, "_quantized_cdf", None)
@@ -77,21 +83,39 @@ class Codec:
 
     Args:
         model: the compression model (CDFs up to date: ``update(force=True)``).
-        arch: registry id of the architecture (written into the stream).
-        entropy: the architecture's entropy-model kind (:class:`qft.models.Architecture`).
+        arch: registry id of the architecture (named in messages).
+        entropy: its entropy-model kind (:data:`qft.models.ENTROPY_KINDS`); ``None``: the
+            registered architecture's. Given, it must agree with the registry; a model of an
+            unregistered architecture (a test's) needs it.
         device: where the analysis/synthesis transforms run; the entropy-parameter path
             always runs on the CPU.
+
+    Raises:
+        UserError: ``arch`` not registered and no ``entropy`` given.
+        ValueError: ``entropy`` contradicts the registered architecture's.
     """
 
-    def __init__(self, model: torch.nn.Module, arch: str, entropy: str, device: str = "cpu"):
+    def __init__(self, model: torch.nn.Module, arch: str, entropy: str | None = None, device: str = "cpu"):
+        from qft.models import ARCHITECTURES, get_architecture
+
+        if entropy is None:
+            entropy = get_architecture(arch).entropy
+        elif arch in ARCHITECTURES and ARCHITECTURES[arch].entropy != entropy:
+            raise ValueError(f"{arch} has a {ARCHITECTURES[arch].entropy} entropy model, not {entropy}")
         self.model = model.to(device).eval()
         self.arch = arch
         self.entropy = entropy
         self.device = device
         self.fingerprint = model_fingerprint(model)
-        self.z_tables = _eb_checksum(model)
+        self.z_cdf_crc = _eb_checksum(model)
         hyper = entropy in HYPERPRIOR_ENTROPY
         self.latent_coder = HyperpriorLatentCoder(model, entropy) if hyper else None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: LoadedCheckpoint, device: str = "cpu") -> "Codec":
+        """The codec of a loaded checkpoint (:func:`qft.models.load_checkpoint`): its model
+        and architecture, the entropy model the registry records for it."""
+        return cls(ckpt.model, ckpt.arch, device=device)
 
     def check_quantizer(self, quantizer: Quantizer) -> None:
         """Raises :class:`UserError` when the model cannot use this quantizer."""
@@ -105,7 +129,7 @@ class Codec:
     def _tables(self, q: Quantizer) -> int:
         """CRC-32 of the coding tables a stream depends on (y rows for this quantizer, z)."""
         y = q.table.checksum if self.latent_coder else 0
-        return zlib.crc32(struct.pack("<II", y, self.z_tables))
+        return zlib.crc32(struct.pack("<II", y, self.z_cdf_crc))
 
     @torch.no_grad()
     def compress(

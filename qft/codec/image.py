@@ -28,7 +28,17 @@ from PIL import Image, UnidentifiedImageError
 
 from qft.errors import UserError
 
-__all__ = ["IMAGE_SUFFIXES", "read_image", "write_image", "pad", "padding_for", "crop", "list_images"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "read_rgb",
+    "read_image",
+    "to_tensor",
+    "write_image",
+    "pad",
+    "padding_for",
+    "crop",
+    "list_images",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -55,8 +65,10 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """Reads an image file as a float tensor ``(1, 3, H, W)`` in ``[0, 1]``.
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Reads an image file as RGB ``uint8`` ``(H, W, 3)``, converting as the module
+    docstring says (with a warning for every lossy conversion): the one image reader of
+    qft (codec, evaluation, training data, finetuning cache).
 
     Raises:
         UserError: the file does not exist or is not an image Pillow can read.
@@ -69,9 +81,25 @@ def read_image(path: str | Path) -> torch.Tensor:
             img.load()
             rgb = _to_rgb(img, path.name)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise UserError(f"{path}: not a readable image ({exc.__class__.__name__}); give a PNG, JPEG, BMP, PPM, TIFF or WebP file") from None
-    a = np.asarray(rgb, dtype=np.uint8)
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        raise UserError(
+            f"{path}: not a readable image ({exc.__class__.__name__}); give a PNG, JPEG, BMP, PPM, TIFF or WebP file"
+        ) from None
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """An RGB ``uint8`` array ``(H, W, 3)`` as a float tensor ``(1, 3, H, W)`` in ``[0, 1]``
+    (a copy: the array may be read-only, e.g. a memory map)."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Reads an image file as a float tensor ``(1, 3, H, W)`` in ``[0, 1]`` (:func:`read_rgb`).
+
+    Raises:
+        UserError: the file does not exist or is not an image Pillow can read.
+    """
+    return to_tensor(read_rgb(path))
 
 
 def write_image(x: torch.Tensor, path: str | Path) -> None:

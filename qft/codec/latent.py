@@ -32,6 +32,7 @@ import copy
 import dataclasses
 import math
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,7 @@ __all__ = [
     "QuantizedLatent",
     "HyperpriorLatentCoder",
     "RDTarget",
+    "diag_jtj_probes",
     "target_direction",
     "target_record",
 ]
@@ -87,6 +89,22 @@ def target_record(target: float | RDTarget) -> float | str:
     return "rd" if isinstance(target, RDTarget) else float(target)
 
 
+def diag_jtj_probes(
+    x_hat: torch.Tensor, y: torch.Tensor, probes: int, gen: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Hutchinson's probes of ``diag(JᵀJ)``, ``J`` the Jacobian of ``x_hat`` (a decoder's
+    output, its graph kept) with respect to ``y``: yields ``v_k = Jᵀu_k`` for ``probes``
+    Gaussian pixel-space probes ``u_k ~ N(0, I)`` (float32, drawn from ``gen`` on the CPU),
+    one backward pass each, so that ``E[v_k²] = diag(JᵀJ)`` element by element. The graph
+    is freed after the last probe. The one home of the estimate: the decoder target
+    (:func:`target_direction`) and the per-channel sensitivity
+    (:func:`qft.sensitivity.decoder_sensitivity`) reduce the ``v_k`` each their way."""
+    for k in range(probes):
+        u = torch.randn(x_hat.shape, generator=gen, dtype=torch.float32).to(x_hat)
+        (v,) = torch.autograd.grad(x_hat, y, u, retain_graph=k < probes - 1)
+        yield v
+
+
 def target_direction(
     g_s: torch.nn.Module,
     x: torch.Tensor,
@@ -122,9 +140,7 @@ def target_direction(
         mask[..., top : residual.shape[-2] - bottom, left : residual.shape[-1] - right] = 1
         (g,) = torch.autograd.grad(x_hat, yt, residual * mask, retain_graph=True)
         d = torch.zeros(y.shape[:2], dtype=torch.float64)
-        for k in range(TARGET_PROBES):
-            u = torch.randn(x_hat.shape, generator=gen).to(x_hat)
-            (v,) = torch.autograd.grad(x_hat, yt, u, retain_graph=k < TARGET_PROBES - 1)
+        for v in diag_jtj_probes(x_hat, yt, TARGET_PROBES, gen):
             d += v.double().pow(2).mean((2, 3)).cpu() / TARGET_PROBES
     d = d + TARGET_DAMPING * d.median(dim=1, keepdim=True).values
     return (g.double().cpu() / d[:, :, None, None]).float().numpy()

@@ -1,56 +1,24 @@
 """Options shared by the commands that load a checkpoint and quantize with it.
 
-Quantizer defaults when the checkpoint has no ``qft calibrate`` settings file
-(docs/design.md, "Quantizer calibration"; chosen on BSDS500 validation images across the
-shipped reference models, never on a test set):
-
-* USQ: step 1 (CompressAI's rounding).
-* RDOQ: step 1, ``λ = m · (ln 2 / 6) Δ²``.
-* TCQ-4/8: union step ``Δ = 0.7``, ``λ_T = m · 2^(1/12) (ln 2 / 6) (2Δ / 2^(1/6))²`` — VVC's
-  rule (the high-rate slope of a scalar quantizer with TCQ's per-quantizer step, times
-  2^(1/12)) scaled by ``m``.
-
-``m`` is ``--lambda-mult``, default 0.025: the plain VVC rule (``m = 1``) makes TCQ lose to
-USQ in the image domain of these noise-trained models. ``--lambda-t`` sets λ directly.
+The command-line face of :mod:`qft.settings`: the quantizer options map one to one onto
+:func:`qft.settings.resolve_quantizer`'s arguments, whose docstring (and the module's) gives
+the defaults and their precedence.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 
-from typing import Any
+from trellis import METHODS, RESETS
 
-from trellis import METHODS, RESETS, Quantizer
+from qft.settings import DEFAULT_LAMBDA_MULT, DEFAULT_TCQ_STEP, QuantizerChoice, resolve_quantizer, target_value
 
 __all__ = [
-    "DEFAULT_LAMBDA_MULT",
     "add_checkpoint_arguments",
     "add_quantizer_arguments",
-    "default_step",
-    "default_lambda",
     "quantizer_from_args",
-    "target_value",
     "device_from_args",
 ]
-
-DEFAULT_LAMBDA_MULT = 0.025
-DEFAULT_TCQ_STEP = 0.7
-_SLOPE = math.log(2) / 6  # dD/dR of an entropy-coded uniform quantizer of step 1, per bit
-
-
-def default_step(method: str) -> float:
-    """The default step of a method: 1 for USQ/RDOQ, the calibrated union step for TCQ."""
-    return DEFAULT_TCQ_STEP if method.startswith("tcq") else 1.0
-
-
-def default_lambda(method: str, step: float, mult: float = DEFAULT_LAMBDA_MULT) -> float:
-    """The default Lagrange multiplier of a method at a step (0 for USQ)."""
-    if method == "usq":
-        return 0.0
-    if method == "rdoq":
-        return mult * _SLOPE * step**2
-    return mult * 2 ** (1 / 12) * _SLOPE * (2 * step / 2 ** (1 / 6)) ** 2
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, many: bool = False) -> None:
@@ -66,7 +34,7 @@ def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("quantizer (defaults: the checkpoint's qft calibrate file, else the global rule)")
     g.add_argument("-q", "--quantizer", choices=METHODS, default="usq", help="latent quantizer (default: usq)")
     g.add_argument("--step", type=float, help=f"USQ/RDOQ step, or TCQ union step (default: 1, TCQ {DEFAULT_TCQ_STEP})")
-    g.add_argument("--lambda-t", type=float, help="λ of J = SSE + λ·bits (overrides --lambda-mult)")
+    g.add_argument("--lambda-t", type=float, help="trellis λ_T of J = SSE + λ_T·bits (overrides --lambda-mult)")
     g.add_argument("--lambda-mult", type=float,
                    help=f"multiplier of the VVC-style λ rule (default: {DEFAULT_LAMBDA_MULT}, calibrated)")
     g.add_argument("--reset", choices=RESETS, default="channel", help="trellis chains (default: one per channel)")
@@ -79,21 +47,6 @@ def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
                         "(needs its training λ); auto (default): the calibrated choice, else 0 (off)")
 
 
-def target_value(value: Any, allow_auto: bool = True) -> str | float:
-    """A decoder-target setting (``--target``, recipes, settings files): ``"auto"`` (when
-    ``allow_auto``), ``"rd"`` (``η`` chosen per image) or a finite number ≥ 0, returned as
-    float.
-
-    Raises:
-        ValueError: anything else (a bool, another string, NaN, a negative).
-    """
-    if value == "rd" or (allow_auto and value == "auto"):
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"expected {'auto, ' if allow_auto else ''}rd or a number >= 0, got {value!r}")
-    return float(value)
-
-
 def _target_option(text: str) -> str | float:
     """``--target`` on the command line: :func:`target_value` of ``auto``, ``rd`` or a number."""
     try:
@@ -102,11 +55,9 @@ def _target_option(text: str) -> str | float:
         raise argparse.ArgumentTypeError(f"expected auto, rd or a number >= 0, got {text!r}") from None
 
 
-def quantizer_from_args(args: argparse.Namespace, settings: dict | None = None):
-    """The :class:`qft.eval.settings.QuantizerChoice` of the options and a checkpoint's
-    settings (:func:`qft.eval.settings.read_settings`); raises UserError for bad values."""
-    from qft.eval.settings import resolve_quantizer
-
+def quantizer_from_args(args: argparse.Namespace, settings: dict | None = None) -> QuantizerChoice:
+    """The :class:`qft.settings.QuantizerChoice` of the options and a checkpoint's
+    settings (:func:`qft.settings.read_settings`); raises UserError for bad values."""
     return resolve_quantizer(args.quantizer, settings or {}, step=args.step, lambda_t=args.lambda_t,
                              lambda_mult=args.lambda_mult, reset=args.reset, weights=getattr(args, "weights", "auto"),
                              target=getattr(args, "target", "auto"))

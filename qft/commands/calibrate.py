@@ -6,7 +6,7 @@
     qft calibrate -m model.pth --data val/ --weights      # also estimate and try decoder weights
     qft calibrate -m model.pth --data val/ --weights --targets   # and the decoder target (η per image)
 
-Writes ``<checkpoint>.qft.json`` beside the checkpoint (:mod:`qft.eval.settings`); eval,
+Writes ``<checkpoint>.qft.json`` beside the checkpoint (:mod:`qft.settings`); eval,
 compress, finetune, report and quickstart then use its choices by default. Use images of
 the training distribution's held-out split, never a test set (the command refuses folders
 named like Kodak, Tecnick or CLIC). See :mod:`qft.eval.calibrate` for the search.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from qft.commands._options import target_value
+from qft.settings import target_value
 
 __all__ = ["add_arguments", "run"]
 
@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from qft.codec import list_images
     from qft.errors import UserError
     from qft.eval.calibrate import TARGETS, calibrate_checkpoint
-    from qft.eval.evaluate import set_threads
-    from qft.eval.settings import read_settings, write_settings
     from qft.models import load_checkpoint
+    from qft.settings import read_settings, write_settings
+    from qft.threads import set_threads
 
     if any(t in part.lower() for part in Path(args.data).resolve().parts for t in _TEST_SETS):
         raise UserError(f"{args.data} looks like a test set; calibrate on held-out training images (e.g. BSDS500 val)")

@@ -39,15 +39,15 @@ def output_guard(path: str, force: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qft.codec import Codec, read_image
-    from qft.eval.settings import read_settings
-    from qft.models import ARCHITECTURES, load_checkpoint
+    from qft.settings import read_settings
+    from qft.models import load_checkpoint
 
     output_guard(args.output, args.force)
     x = read_image(args.image)
     ckpt = load_checkpoint(args.checkpoint, args.arch, unsafe_load=args.unsafe_load)
     choice = quantizer_from_args(args, read_settings(ckpt))
     quantizer = choice.quantizer
-    codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy, device=device_from_args(args))
+    codec = Codec.from_checkpoint(ckpt, device=device_from_args(args))
     out = codec.compress(x, quantizer, choice.weights, choice.target)
     with open(args.output, "wb") as f:
         f.write(out["bitstream"])

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from qft.codec import Codec, write_image
     from qft.commands.compress import output_guard
     from qft.errors import UserError
-    from qft.models import ARCHITECTURES, load_checkpoint
+    from qft.models import load_checkpoint
 
     output_guard(args.output, args.force)
     path = Path(args.stream)
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{path}: no such file")
     data = path.read_bytes()
     ckpt = load_checkpoint(args.checkpoint, args.arch, unsafe_load=args.unsafe_load)
-    codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy, device=device_from_args(args))
+    codec = Codec.from_checkpoint(ckpt, device=device_from_args(args))
     out = codec.decompress(data, name=str(path))
     write_image(out["x_hat"], args.output)
     print(f"{args.output}: {tuple(out['x_hat'].shape[-2:])} ({out['time_s']:.2f} s)")

@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from qft.codec import Codec, list_images
     from qft.commands.compress import output_guard
     from qft.eval import evaluate_images, results_json
-    from qft.eval.settings import read_settings
-    from qft.models import ARCHITECTURES, load_checkpoint
+    from qft.settings import read_settings
+    from qft.models import load_checkpoint
 
     output_guard(args.output, args.force)
     images = list_images(args.data)
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         arch = ckpt.arch
         choice = quantizer_from_args(args, read_settings(ckpt))
         method = choice.quantizer.method
-        codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy, device=device)
+        codec = Codec.from_checkpoint(ckpt, device=device)
         codec.check_quantizer(choice.quantizer)
         per_checkpoint.append(evaluate_images(codec, choice.quantizer, images, desc=str(path), weights=choice.weights,
                                               target=choice.target))

@@ -39,7 +39,9 @@ def _print_table(table: list[tuple[str, ...]]) -> None:
 
 def _trained(entry: dict) -> str:
     """What a manifest entry is: a reference model, or its finetuning (stage by stage)."""
-    if "finetuned_from" not in entry:  # a continued model counts the steps of the files it replaced
+    from qft.models.zoo import is_finetuned
+
+    if not is_finetuned(entry):  # a continued model counts the steps of the files it replaced
         return f"reference model, {entry.get('total_steps', entry['steps']):,} training steps"
     stages = entry.get("stages", [entry])
     done = ", then ".join(

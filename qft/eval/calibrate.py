@@ -21,7 +21,7 @@ saving, the one whose rate stays closest to USQ's at step 1 (the saving is nearl
 Δ, the model's operating point is not). This pick is made separately without and with
 weights; the one of better saving (after the target pass) is the method's default, both
 are kept (``by_weights``, so ``--weights none`` still gets calibrated Δ and λ), and with
-the whole grid they go to the checkpoint's settings file (:mod:`qft.eval.settings`),
+the whole grid they go to the checkpoint's settings file (:mod:`qft.settings`),
 which every command then uses by default.
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from qft.eval.bdrate import local_rate_change
-from qft.eval.settings import resolve_quantizer
+from qft.settings import resolve_quantizer
 
 __all__ = ["USQ_SCALES", "STEPS", "MULTS", "TARGETS", "TIE_PP", "calibrate_checkpoint", "default_pick"]
 
@@ -57,18 +57,17 @@ def _grid(methods, steps, mults, weight_modes) -> list[dict[str, Any]]:
     return grid
 
 
-def _evaluate(ck, grid: list[dict[str, Any]], images: list[Path], settings: dict[str, Any], desc: str) -> None:
+def _evaluate_grid(ck, grid: list[dict[str, Any]], images: list[Path], settings: dict[str, Any], desc: str) -> None:
     """Mean bpp and PSNR of every grid entry (added in place), real bitstreams."""
     from qft.codec import Codec
     from qft.eval.evaluate import evaluate_configs
-    from qft.models import ARCHITECTURES
 
     configs = {}
     for i, g in enumerate(grid):
         c = resolve_quantizer(g["method"], settings, step=g["step"], lambda_mult=g["lambda_mult"] or None,
                               weights=g["weights"], target=g["target"])
         configs[str(i)] = (c.quantizer, c.weights, c.target)
-    codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
+    codec = Codec.from_checkpoint(ck)
     rows = evaluate_configs(codec, configs, images, desc=desc, ms_ssim=False)
     for i, g in enumerate(grid):
         g["bpp"] = float(np.mean([r["bpp"] for r in rows[str(i)]]))
@@ -103,7 +102,7 @@ def calibrate_checkpoint(
     stays the plain reference: its default target is 0.
     """
     grid = _grid(methods, steps, mults, ("none", "decoder") if weights else ("none",))
-    _evaluate(ck, grid, images, settings, desc)
+    _evaluate_grid(ck, grid, images, settings, desc)
     usq = [(g["bpp"], g["psnr"]) for g in grid if g["method"] == "usq"]
     usq1 = next(g for g in grid if g["method"] == "usq" and g["step"] == 1.0)
 
@@ -129,7 +128,7 @@ def calibrate_checkpoint(
         return math.inf if g["saving"] is None else g["saving"]
 
     if second:
-        _evaluate(ck, second, images, settings, f"{desc} (targets)")
+        _evaluate_grid(ck, second, images, settings, f"{desc} (targets)")
         for g in second:
             g["saving"] = saving(g)
             if g["method"] == "usq":

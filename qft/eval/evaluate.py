@@ -26,17 +26,7 @@ from qft.codec import Codec, RDTarget, crop, pad, read_image
 from qft.errors import UserError
 from qft.eval.metrics import ms_ssim_rgb, psnr
 
-__all__ = ["evaluate_images", "evaluate_configs", "results_json", "set_threads"]
-
-
-def set_threads(n: int) -> None:
-    """Use ``n`` CPU threads in torch *and* in the Numba kernels: a parallel Numba call
-    resets the process-wide OpenMP thread count that torch's CPU kernels share, so
-    setting torch alone does not hold once the trellis has run."""
-    import numba
-
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
-    torch.set_num_threads(n)
+__all__ = ["evaluate_images", "evaluate_configs", "results_json"]
 
 
 def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc: str = "eval",
@@ -116,7 +106,7 @@ def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarra
     return out
 
 
-def _mean(rows: list[dict], key: str) -> float | None:
+def _column_mean(rows: list[dict], key: str) -> float | None:
     """Mean over images; ``None`` (JSON null) when not finite (MS-SSIM of images too small
     for its five scales, PSNR of a lossless image), so the file stays strict JSON."""
     m = statistics.fmean(r[key] for r in rows)
@@ -129,7 +119,7 @@ def results_json(name: str, checkpoints: list[dict], per_checkpoint: list[list[d
 
     Args:
         checkpoints: one dict per checkpoint (``path``, ``sha256``, ``arch``, ``params``,
-            ``quantizer``: :meth:`~qft.eval.settings.QuantizerChoice.describe`). The
+            ``quantizer``: :meth:`~qft.settings.QuantizerChoice.describe`). The
             top-level ``qft.quantizer`` is their common quantizer when all agree (without
             where it came from), else only the method: calibrated settings are per checkpoint.
         per_checkpoint: :func:`evaluate_images` output per checkpoint.
@@ -139,9 +129,9 @@ def results_json(name: str, checkpoints: list[dict], per_checkpoint: list[list[d
     real, est = [], []
     for rows in per_checkpoint:
         for key in ("psnr-rgb", "ms-ssim-rgb", "encoding_time", "decoding_time"):
-            results[key].append(_mean(rows, key))
-        real.append(_mean(rows, "bpp"))
-        est.append(_mean(rows, "bpp_estimated"))
+            results[key].append(_column_mean(rows, key))
+        real.append(_column_mean(rows, "bpp"))
+        est.append(_column_mean(rows, "bpp_estimated"))
         results["bpp"].append(est[-1] if estimate else real[-1])
     described = [{k: v for k, v in c["quantizer"].items() if k != "source"} for c in checkpoints]
     q = described[0] if all(d == described[0] for d in described) else {

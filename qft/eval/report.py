@@ -51,10 +51,10 @@ import yaml
 from tqdm import tqdm
 
 from qft.codec import target_record
-from qft.commands._options import target_value
 from qft.errors import UserError
+from qft.files import atomic_write
 from qft.eval.bdrate import bd_rate, local_rate_change, pareto_front
-from qft.eval.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer, weights_digest
+from qft.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer, target_value, weights_digest
 
 __all__ = ["QuantizerSpec", "ModelRow", "ReportRecipe", "load_report_recipe", "run_report", "shipped_rows"]
 
@@ -127,16 +127,14 @@ class ReportRecipe:
 
 
 def shipped_rows(labels: list[str]) -> list[ModelRow]:
-    from qft.models.zoo import shipped
+    from qft.models.zoo import shipped_bases, shipped_finetunes
 
-    entries = shipped()
-    bases = sorted((e for e in entries if "finetuned_from" not in e), key=lambda e: e["lambda"])
+    bases = shipped_bases()
     rows = [ModelRow("base", tuple(e["name"] for e in bases), tuple(labels))]
     groups: dict[tuple[str, str, bool], dict[str, str]] = {}
-    for e in entries:
-        if "finetuned_from" in e:
-            key = (e["quantizer"]["method"], e.get("parts", "decoder"), bool(e.get("control")))
-            groups.setdefault(key, {})[e["finetuned_from"]] = e["name"]
+    for e in shipped_finetunes():
+        key = (e["quantizer"]["method"], e.get("parts", "decoder"), bool(e.get("control")))
+        groups.setdefault(key, {})[e["finetuned_from"]] = e["name"]
     def files(key: tuple[str, str, bool]) -> tuple[str | None, ...]:
         return tuple(groups[key].get(b["file"]) for b in bases)
 
@@ -232,7 +230,7 @@ def _cell_key(sha: str, choice, images: list[str], ms_ssim: bool) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: bool) -> dict:
+def _evaluate_cells(recipe: ReportRecipe, images: list[Path], out: Path, progress: bool) -> dict:
     """All cells: (row, rate point, quantizer label, scale) -> cell dict (from disk when done).
 
     Besides the matrix itself, the base checkpoint of every rate point is evaluated — and,
@@ -243,8 +241,9 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
     file, resolved quantizer and images are computed once.
     """
     from qft.codec import Codec
-    from qft.eval.evaluate import evaluate_configs, set_threads
-    from qft.models import ARCHITECTURES, load_checkpoint
+    from qft.eval.evaluate import evaluate_configs
+    from qft.threads import set_threads
+    from qft.models import load_checkpoint
 
     set_threads(recipe.threads)
     specs = {q.label: q for q in recipe.quantizers}
@@ -291,12 +290,12 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
             path = out / "cells" / f"{key}.json"
             if path.is_file():
                 for cid in by_key[key]:
-                    cells[cid] = json.loads(path.read_text())
+                    cells[cid] = _read_cell(path)
             else:
                 todo[key] = (choices[key].quantizer, choices[key].weights, choices[key].target)
         if not todo:
             continue
-        codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
+        codec = Codec.from_checkpoint(ck)
         for q, *_ in todo.values():
             codec.check_quantizer(q)
         rows = evaluate_configs(codec, todo, images, desc=Path(name).name, ms_ssim=recipe.ms_ssim,
@@ -304,21 +303,28 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
         for key in todo:
             cell = {"checkpoint": name, "sha256": ck.sha256, "arch": ck.arch, "params": ck.params,
                     "quantizer": choices[key].describe(), "images": rows[key]}
-            path = out / "cells" / f"{key}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cell, allow_nan=True))
+            atomic_write(out / "cells" / f"{key}.json", json.dumps(cell, allow_nan=True))
             for cid in by_key[key]:
                 cells[cid] = cell
     return cells
 
 
-def _mean(values: list[float]) -> float:
+def _read_cell(path: Path) -> dict:
+    """A finished cell from disk; the λ_T of a cell written before the two λs had distinct
+    names (``"lambda"``) is read as ``"lambda_t"``, in its place."""
+    cell = json.loads(path.read_text())
+    cell["quantizer"] = {("lambda_t" if k == "lambda" else k): v for k, v in cell["quantizer"].items()}
+    return cell
+
+
+def _mean_if_all_finite(values: list[float]) -> float:
+    """The mean of ``values``, NaN when one is missing or not finite (or there are none)."""
     v = [x for x in values if x is not None and math.isfinite(x)]
     return statistics.fmean(v) if len(v) == len(values) and v else math.nan
 
 
 def _point(cell: dict, metric: str = "psnr-rgb") -> tuple[float, float]:
-    return _mean([r["bpp"] for r in cell["images"]]), _mean([r[metric] for r in cell["images"]])
+    return _mean_if_all_finite([r["bpp"] for r in cell["images"]]), _mean_if_all_finite([r[metric] for r in cell["images"]])
 
 
 def _finite(x: float) -> float | None:
@@ -361,7 +367,7 @@ def _compare(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, s
                 continue
             local.append(local_rate_change([_point(c, metric) for c in sweep], _point(t_pts[i], metric)))
         out[metric] = {"bd_pchip": _finite(bd), "pareto_points": front,
-                       "local": [_finite(x) for x in local], "local_mean": _finite(_mean(local))}
+                       "local": [_finite(x) for x in local], "local_mean": _finite(_mean_if_all_finite(local))}
     return out
 
 
@@ -380,7 +386,7 @@ def _versus_control(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple
         local = [100 * ((1 + a[i] / 100) / (1 + b[i] / 100) - 1) if a.get(i) is not None and b.get(i) is not None
                  else math.nan for i in out["rate_points"]]
         out[metric]["local"] = [_finite(x) for x in local]
-        out[metric]["local_mean"] = _finite(_mean(local))
+        out[metric]["local_mean"] = _finite(_mean_if_all_finite(local))
     return out
 
 
@@ -438,15 +444,15 @@ def _results_json(recipe: ReportRecipe, key: tuple[str, str], pts: list[tuple[in
     res = {m: [] for m in (*METRICS, "bpp")}
     for _, cell in pts:
         for m in METRICS:
-            res[m].append(_finite(_mean([r[m] for r in cell["images"]])))
-        res["bpp"].append(_mean([r["bpp"] for r in cell["images"]]))
+            res[m].append(_finite(_mean_if_all_finite([r[m] for r in cell["images"]])))
+        res["bpp"].append(_mean_if_all_finite([r["bpp"] for r in cell["images"]]))
     return {
         "name": f"{key[0]}-{key[1]}",
         "description": f"qft report {recipe.name}: {key[0]} models, {key[1]}, real bitstreams",
         "results": res,
         "qft": {
             "checkpoints": [{k: c[k] for k in ("checkpoint", "sha256", "arch", "params", "quantizer")} for _, c in pts],
-            "bpp_estimated": [_mean([r["bpp_estimated"] for r in c["images"]]) for _, c in pts],
+            "bpp_estimated": [_mean_if_all_finite([r["bpp_estimated"] for r in c["images"]]) for _, c in pts],
             "dataset": recipe.data,
             "images": len(pts[0][1]["images"]),
         },
@@ -469,7 +475,7 @@ def _per_image(recipe: ReportRecipe, cells: dict, curves: dict) -> dict:
                 anchor = [(c["images"][j]["bpp"], c["images"][j]["psnr-rgb"]) for c in sweep]
                 change = local_rate_change(anchor, (img["bpp"], img["psnr-rgb"]))
                 out.setdefault(img["image"], {}).setdefault(f"{row}/{label}", []).append(change)
-    return {img: {k: _finite(_mean(v)) for k, v in d.items()} for img, d in out.items()}
+    return {img: {k: _finite(_mean_if_all_finite(v)) for k, v in d.items()} for img, d in out.items()}
 
 
 def _plot(recipe: ReportRecipe, curves: dict, out: Path) -> list[str]:
@@ -519,7 +525,7 @@ def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
     import datetime
 
     from qft.codec import list_images
-    from trellis.bench import machine_info
+    from trellis.hardware import machine_info
 
     images = list_images(recipe.data)
     if not images:
@@ -527,7 +533,7 @@ def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
     images = images[: recipe.images] if recipe.images else images
     out = Path(recipe.out)
     out.mkdir(parents=True, exist_ok=True)
-    cells = _evaluate(recipe, images, out, progress)
+    cells = _evaluate_cells(recipe, images, out, progress)
     tables = _tables(recipe, cells)
     machine = machine_info()
     meta = {"format": REPORT_FORMAT, "recipe": recipe.name, "data": recipe.data, "images": len(images),
@@ -537,20 +543,20 @@ def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
     result_files = []
     for key, pts in tables["curves"].items():
         path = out / "results" / f"{key[0]}-{key[1]}.json"
-        path.write_text(json.dumps(_results_json(recipe, key, pts), indent=1))
+        atomic_write(path, json.dumps(_results_json(recipe, key, pts), indent=1))
         result_files.append(str(path))
     summary = {**meta, "machine_info": machine, "rows": tables["rows"], "results": result_files,
                "quantizers": [dataclasses.asdict(q) for q in recipe.quantizers],
                "models": [dataclasses.asdict(r) for r in recipe.rows], "sweep": list(recipe.sweep)}
-    (out / "bdrate.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out / "bdrate.json", json.dumps(summary, indent=1))
     md = _markdown(recipe, tables["rows"], meta)
-    (out / "bdrate.md").write_text(md)
+    atomic_write(out / "bdrate.md", md)
     per_image = _per_image(recipe, cells, tables["curves"])
-    (out / "per_image.json").write_text(json.dumps(per_image, indent=1))
+    atomic_write(out / "per_image.json", json.dumps(per_image, indent=1))
     cols = sorted({k for d in per_image.values() for k in d})
     lines = ["| image | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {img} | " + " | ".join(_fmt(d.get(c)) for c in cols) + " |" for img, d in sorted(per_image.items())]
-    (out / "per_image.md").write_text("Rate change (%) at equal PSNR vs the base model's USQ sweep, per image, "
+    atomic_write(out / "per_image.md", "Rate change (%) at equal PSNR vs the base model's USQ sweep, per image, "
                                       "mean over rate points.\n\n" + "\n".join(lines) + "\n")
     summary["plots"] = _plot(recipe, tables["curves"], out)
     summary["markdown"] = md

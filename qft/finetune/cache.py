@@ -49,9 +49,10 @@ from tqdm import tqdm
 
 from trellis import NUM_SCALES, Quantizer
 
-from qft.codec import HyperpriorLatentCoder, RDTarget, model_fingerprint, target_record
+from qft.codec import HyperpriorLatentCoder, RDTarget, model_fingerprint, target_record, to_tensor
 from qft.errors import UserError
-from qft.eval.settings import weights_digest
+from qft.settings import weights_digest
+from qft.threads import set_threads
 
 __all__ = [
     "CACHE_FORMAT",
@@ -255,19 +256,14 @@ class LatentCache:
                 tqdm(images, desc="latent cache", disable=not progress), shapes
             ):
                 x = torch.zeros(1, 3, hp, wp)
-                x[0, :, : img.shape[0], : img.shape[1]] = (
-                    torch.from_numpy(np.array(img))  # a writable copy (img may be a read-only memmap)
-                    .permute(2, 0, 1)
-                    .float()
-                    .div_(255.0)
-                )
+                x[0, :, : img.shape[0], : img.shape[1]] = to_tensor(img)[0]  # img may be a read-only memmap
                 with torch.no_grad():
                     padding = (0, wp - img.shape[1], 0, hp - img.shape[0])
                     q = coder.quantize(x.to(device), quantizer, weights, target, padding)[0]
                     # Numba's first parallel kernel resets the OpenMP thread count that
                     # torch shares: keep the caller's, or g_a's float summation (hence
                     # y) would differ between a process's first build and later ones
-                    torch.set_num_threads(threads)
+                    set_threads(threads, numba=False)
                     y = torch.from_numpy(q.y)[None].to(device)
                     z = (
                         model.h_a(torch.abs(y) if entropy == "scale-hyperprior" else y)

@@ -2,13 +2,13 @@
 
 The analysis side (``g_a``, ``h_a``, the ``EntropyBottleneck``) is frozen; the trained
 parts see the latents of :class:`~qft.finetune.cache.LatentCache`, quantized once with
-exactly the inference quantizer. Conventions follow :mod:`qft.train.loop`: the crops of
-step ``s`` depend only on ``(seed, s)`` (and noise on ``(seed, s, element)``), so a
-training checkpoint — model, Adam state, step — resumes to the same weights as an
-uninterrupted run; JSON-lines log; tqdm; atomic checkpoints. With ``requantize_every``
-K (decoder+hyperdecoder) the training set is quantized again every K steps with the
-current ``h_s`` (its ``μ``, ``σ``), Adam's state kept; a training checkpoint records
-which cache it trains on, so a resumed run reads the same latents.
+exactly the inference quantizer. Conventions and scaffolding are those of
+:mod:`qft.train.scaffold`: the crops of step ``s`` depend only on ``(seed, s)`` (and noise
+on ``(seed, s, element)``), so a training checkpoint — model, Adam state, step — resumes
+to the same weights as an uninterrupted run; JSON-lines log; tqdm; atomic checkpoints.
+With ``requantize_every`` K (decoder+hyperdecoder) the training set is quantized again
+every K steps with the current ``h_s`` (its ``μ``, ``σ``), Adam's state kept; a training
+checkpoint records which cache it trains on, so a resumed run reads the same latents.
 
 Distributed: with ``WORLD_SIZE > 1`` (``torchrun --nproc_per_node=K -m qft finetune …``)
 each process joins a process group (NCCL on CUDA, gloo on CPU), rank 0 builds the cache
@@ -29,24 +29,21 @@ Output layout under ``out_dir``::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import shutil
 import time
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from tqdm import tqdm
+from trellis import Quantizer
 
-from qft.codec import HYPERPRIOR_ENTROPY, target_record
-from qft.commands._options import quantizer_from_args
-from qft.eval.settings import read_settings, weights_digest
+from qft.codec import HYPERPRIOR_ENTROPY, RDTarget, target_record
 from qft.errors import UserError
 from qft.finetune.cache import LatentCache, cache_identity, images_digest, trim_images
 from qft.finetune.objective import (
@@ -57,14 +54,20 @@ from qft.finetune.objective import (
     sample_crops,
 )
 from qft.finetune.recipe import FinetuneRecipe
-from qft.models import ARCHITECTURES, load_checkpoint, save_checkpoint
-from qft.train.checkpoint import (
-    CHECKPOINT_FORMAT,
-    load_checkpoint as load_training_state,
-    save_atomic,
-)
+from qft.models import ARCHITECTURES, LoadedCheckpoint, load_checkpoint, save_checkpoint
+from qft.settings import read_settings, resolve_quantizer, weights_digest
+from qft.threads import set_threads
+from qft.train.checkpoint import CHECKPOINT_FORMAT
 from qft.train.data import load_images
-from qft.train.loop import _Log, _psnr, _Window, machine_description, resolve_device
+from qft.train.scaffold import (
+    RunLog,
+    TrainMonitor,
+    machine_description,
+    resolve_device,
+    resume_state,
+    save_state,
+    write_summary,
+)
 
 __all__ = ["finetune", "trainable_parameters"]
 
@@ -125,7 +128,7 @@ def finetune(
         raise UserError(
             f"batch_size {recipe.batch_size} is not a multiple of the {world} processes"
         )
-    torch.set_num_threads(recipe.threads)
+    set_threads(recipe.threads, numba=False)
     device = resolve_device(recipe.device)
     if world > 1:
         if device.type == "cuda":
@@ -151,6 +154,278 @@ def finetune(
             dist.destroy_process_group()
 
 
+@dataclass
+class _Setup:
+    """What a finetuning run trains, fixed before its first step."""
+
+    base: LoadedCheckpoint
+    entropy: str
+    lmbda: float
+    quantizer: Quantizer
+    weights: Any  # np.ndarray | None: the encoder's distortion weights
+    target: float | RDTarget
+    images: list  # trimmed training images (uint8 HxWx3)
+    config: dict[str, Any]  # what a resumed run must match
+
+
+def _setup(recipe: FinetuneRecipe, control: bool, unsafe_load: bool) -> _Setup:
+    """The base model, its λ, the inference quantizer and the training images; checks them."""
+    base = load_checkpoint(recipe.checkpoint, recipe.arch, unsafe_load=unsafe_load)
+    entropy = ARCHITECTURES[base.arch].entropy
+    if entropy not in HYPERPRIOR_ENTROPY:
+        raise UserError(
+            f"finetuning needs a hyperprior model ({', '.join(HYPERPRIOR_ENTROPY)}); "
+            f"{base.arch} has a {entropy} entropy model"
+        )
+    lmbda = recipe.lmbda if recipe.lmbda is not None else base.extra.get("lambda")
+    if not isinstance(lmbda, (int, float)) or lmbda <= 0:
+        raise UserError(f"{recipe.checkpoint} records no λ: give --lambda (the base model's rate point)")
+    choice = resolve_quantizer(
+        recipe.method,
+        read_settings(base) | {"model_lambda": float(lmbda)},  # --target rd weighs by this run's λ
+        step=recipe.step,
+        lambda_t=recipe.lambda_t,
+        lambda_mult=recipe.lambda_mult,
+        reset=recipe.reset,
+        weights=recipe.weights,
+        target=recipe.target,
+    )
+    quantizer, weights, target = choice.quantizer, choice.weights, choice.target
+    images = trim_images(load_images(recipe.data_root, recipe.train_splits))
+    context = recipe.crop + 32 * G_S_REACH  # the crop and its context
+    small = [img.shape for img in images if min(img.shape[:2]) < context]
+    if small:
+        raise UserError(
+            f"a training image of {small[0][1]}x{small[0][0]} pixels (after cropping to "
+            f"multiples of 16) is smaller than the {recipe.crop}-pixel crop with its "
+            f"decoding context ({context} pixels)"
+        )
+    if recipe.requantize_every and control:
+        raise UserError(
+            "requantize_every re-quantizes the latents a quantized run trains on; the "
+            "control arm trains on the noise proxy: set it to 0"
+        )
+    config = {
+        "finetuned_from": base.sha256,
+        "finetuned_from_path": str(base.path),
+        "arch": base.arch,
+        "params": base.params,
+        "quantizer": dataclasses.asdict(quantizer)
+        | ({} if weights is None else {"weights": weights_digest(weights)})
+        | ({"target": target_record(target)} if target else {}),
+        "parts": recipe.parts,
+        "requantize_every": recipe.requantize_every,
+        "control": control,
+        "lambda": float(lmbda),
+        "seed": recipe.seed,
+        "batch_size": recipe.batch_size,
+        "crop": recipe.crop,
+        "lr": recipe.lr,
+        "clip_max_norm": recipe.clip_max_norm,
+        "data": images_digest(images),
+    }
+    return _Setup(base, entropy, float(lmbda), quantizer, weights, target, images, config)
+
+
+@dataclass
+class _Run:
+    """A finetuning run in its process group: setup, device, model and optimizer state."""
+
+    recipe: FinetuneRecipe
+    setup: _Setup
+    out: Path
+    device: torch.device
+    world: int
+    rank: int
+    progress: bool
+    cache: LatentCache | None = None
+    cache_step: int = 0  # the step the latents were quantized at (0: the base model's cache)
+    params: list | None = None
+    objective: FinetuneObjective | None = None
+    net: torch.nn.Module | None = None
+    opt: torch.optim.Optimizer | None = None
+    start: int = 0
+    wall: float = 0.0  # time of the earlier sessions of a resumed run
+    t0: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.setup.base.model
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pth"
+
+    def wall_time(self) -> float:
+        return self.wall + time.perf_counter() - self.t0
+
+    def open_cache(self, folder: Path, images) -> LatentCache:
+        """The cache in ``folder`` for the current weights, built by rank 0 from the
+        trimmed ``images`` if missing (the others wait)."""
+        su = self.setup
+        identity = cache_identity(
+            self.model, su.base.arch, su.entropy, su.quantizer, su.config["data"], su.weights, su.target
+        )
+        if self.main and not (folder / "meta.json").exists():
+            LatentCache.build(
+                folder,
+                identity,
+                self.model.to(self.device),
+                su.entropy,
+                su.quantizer,
+                images,
+                self.device,
+                self.progress,
+                weights=su.weights,
+                target=su.target,
+            )
+        if self.world > 1:
+            dist.barrier()
+        return LatentCache.open(folder, identity)
+
+    def save(self, done: int) -> None:
+        save_state(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "kind": "finetune",
+                "config": self.setup.config,
+                "step": done,
+                "steps": self.recipe.steps,
+                "cache_step": self.cache_step,
+                "cache_identity": self.cache.meta["identity"],
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "recipe": self.recipe.to_dict(),
+                "wall_time_s": self.wall_time(),
+                "machine": machine_description(self.device, self.recipe.threads),
+                "world_size": self.world,
+                "torch": str(torch.__version__),
+            },
+            self.ckpt_path,
+        )
+
+
+def _resume(run: _Run, cache_dir: str | Path | None, resume: bool, control: bool) -> RunLog | None:
+    """Open the latent cache (the base model's, or the re-quantized one a resumed run
+    trained on), build the model, objective and optimizer, and load a resumed state;
+    returns the log (rank 0; ``None`` on the others)."""
+    recipe, out = run.recipe, run.out
+    state = resume_state(run.ckpt_path, resume)
+    if state is not None and (state.get("kind") != "finetune" or state["config"] != run.setup.config):
+        raise UserError(
+            f"{run.ckpt_path} was started with another checkpoint, quantizer, parts, λ or "
+            "recipe than this run; choose another --out"
+        )
+    if state is None and run.main:
+        out.mkdir(parents=True, exist_ok=True)
+    # the base model's cache is built from the base weights, so before a resumed state is loaded
+    run.cache_step = state["cache_step"] if state else 0
+    if run.cache_step:
+        run.cache = LatentCache.open(out / f"cache-step{run.cache_step}", state["cache_identity"])
+    else:
+        folder = Path(cache_dir) if cache_dir is not None else out / "cache"
+        run.cache = run.open_cache(folder, run.setup.images)
+    run.setup.images = []
+
+    model, device, amp = run.model, run.device, run.device.type == "cuda"
+    model.to(device)
+    if amp:
+        model.to(memory_format=torch.channels_last)
+    run.params = trainable_parameters(model, recipe.parts)
+    run.objective = FinetuneObjective(model, run.setup.entropy, recipe.parts, control, run.setup.lmbda, amp)
+    run.objective.train()
+    run.opt = torch.optim.Adam(run.params, lr=recipe.lr)
+    if state:
+        model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["optimizer"])
+        run.start, run.wall = state["step"], state["wall_time_s"]
+    run.net = run.objective
+    if run.world > 1:
+        run.net = torch.nn.parallel.DistributedDataParallel(
+            run.objective, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if not run.main:
+        return None
+    return RunLog(out / "log.jsonl", keep_until_step=run.start if state is not None else None)
+
+
+def _requantize(run: _Run, step: int, log: RunLog | None) -> None:
+    """Quantize the training set again with the current ``h_s``'s ``μ``, ``σ`` (TCQ or
+    USQ over all of it, from the images the old cache holds); drop the previous
+    re-quantized cache."""
+    tq = time.perf_counter()
+    old = run.cache
+    run.cache = run.open_cache(run.out / f"cache-step{step}", [old.image(i) for i in range(old.num_images)])
+    run.cache_step = step
+    if run.main:
+        if old.folder.parent == run.out and old.folder.name.startswith("cache-step"):
+            shutil.rmtree(old.folder)
+        log.write(kind="requantize", step=step, seconds=time.perf_counter() - tq)
+
+
+def _step(run: _Run, step: int, size: int, align: int) -> dict[str, float]:
+    """One optimisation step on this process's share of the global batch; returns its
+    statistics (read on rank 0 only)."""
+    recipe, ts = run.recipe, time.perf_counter()
+    picks = sample_crops(run.cache, recipe.seed, step, recipe.batch_size, size, align)
+    mine = range(run.rank, recipe.batch_size, run.world)
+    batch = assemble_batch(
+        run.cache,
+        [picks[b] for b in mine],
+        mine,
+        size,
+        run.objective.fields,
+        run.setup.quantizer,
+        recipe.seed,
+        step,
+    )
+    batch = batch_to_device(batch, run.device, run.device.type == "cuda")
+    run.opt.zero_grad(set_to_none=True)
+    out = run.net(batch)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(run.params, recipe.clip_max_norm)
+    run.opt.step()
+    if not run.main:
+        return {}
+    stats = {k: out[k].item() for k in ("loss", "mse", "bpp")}
+    stats["step_time_s"] = time.perf_counter() - ts
+    return stats
+
+
+def _finalize(run: _Run, log: RunLog | None, end: int) -> dict[str, Any]:
+    """The run's summary; when its last step is done, rank 0 also writes ``model.pth`` (a
+    qft checkpoint), ``summary.json`` and the log's ``end`` record."""
+    recipe, ran = run.recipe, run.start < end
+    done = max(run.start, end)
+    config = run.setup.config
+    summary = {
+        **config,
+        "step": done,
+        "steps": recipe.steps,
+        "finished": done >= recipe.steps,
+        "wall_time_s": run.wall + (time.perf_counter() - run.t0 if ran else 0.0),
+        "machine": machine_description(run.device, recipe.threads),
+        "world_size": run.world,
+        "checkpoint": str(run.ckpt_path),
+        "model": str(run.out / "model.pth") if done >= recipe.steps else None,
+    }
+    if not (run.main and summary["finished"]):
+        return summary
+    model, base = run.model, run.setup.base
+    model.to("cpu", memory_format=torch.contiguous_format)
+    extra = {k: config[k] for k in ("finetuned_from", "quantizer", "parts", "control", "lambda")}
+    extra.update(steps=recipe.steps, finetune_recipe=recipe.to_dict())
+    summary["sha256"] = save_checkpoint(run.out / "model.pth", model, base.arch, base.params, extra=extra, force=True)
+    write_summary(run.out / "summary.json", summary)
+    if ran:
+        log.write(kind="end", step=done, wall_time_s=summary["wall_time_s"], sha256=summary["sha256"])
+    return summary
+
+
 def _finetune(
     recipe: FinetuneRecipe,
     out: Path,
@@ -166,272 +441,27 @@ def _finetune(
     rank: int,
 ) -> dict[str, Any]:
     """:func:`finetune` inside its process group (``world`` processes, this one ``rank``)."""
-    main = rank == 0
-    base = load_checkpoint(recipe.checkpoint, recipe.arch, unsafe_load=unsafe_load)
-    entropy = ARCHITECTURES[base.arch].entropy
-    if entropy not in HYPERPRIOR_ENTROPY:
-        raise UserError(
-            f"finetuning needs a hyperprior model ({', '.join(HYPERPRIOR_ENTROPY)}); "
-            f"{base.arch} has a {entropy} entropy model"
-        )
-    lmbda = recipe.lmbda if recipe.lmbda is not None else base.extra.get("lambda")
-    if not isinstance(lmbda, (int, float)) or lmbda <= 0:
-        raise UserError(
-            f"{recipe.checkpoint} records no λ: give --lambda (the base model's rate point)"
-        )
-    choice = quantizer_from_args(
-        argparse.Namespace(
-            quantizer=recipe.method,
-            step=recipe.step,
-            lambda_t=recipe.lambda_t,
-            lambda_mult=recipe.lambda_mult,
-            reset=recipe.reset,
-            weights=recipe.weights,
-            target=recipe.target,
-        ),
-        read_settings(base) | {"model_lambda": float(lmbda)},  # --target rd weighs by this run's λ
-    )
-    quantizer, weights, target = choice.quantizer, choice.weights, choice.target
-    model = base.model
-    amp = device.type == "cuda"
-
-    # -- latent cache (rank 0 builds, the others wait) -------------------------------
-    images = trim_images(load_images(recipe.data_root, recipe.train_splits))
-    context = recipe.crop + 32 * G_S_REACH  # the crop and its context
-    small = [img.shape for img in images if min(img.shape[:2]) < context]
-    if small:
-        raise UserError(
-            f"a training image of {small[0][1]}x{small[0][0]} pixels (after cropping to "
-            f"multiples of 16) is smaller than the {recipe.crop}-pixel crop with its "
-            f"decoding context ({context} pixels)"
-        )
-    data = images_digest(images)
-    requantize = recipe.requantize_every
-    if requantize and control:
-        raise UserError(
-            "requantize_every re-quantizes the latents a quantized run trains on; the "
-            "control arm trains on the noise proxy: set it to 0"
-        )
-
-    def open_cache(folder: Path, images) -> LatentCache:
-        """The cache in ``folder`` for the current weights, built by rank 0 from the
-        trimmed ``images`` if missing (the others wait)."""
-        identity = cache_identity(model, base.arch, entropy, quantizer, data, weights, target)
-        if main and not (folder / "meta.json").exists():
-            LatentCache.build(
-                folder,
-                identity,
-                model.to(device),
-                entropy,
-                quantizer,
-                images,
-                device,
-                progress,
-                weights=weights,
-                target=target,
-            )
-        if world > 1:
-            dist.barrier()
-        return LatentCache.open(folder, identity)
-
-    config = {
-        "finetuned_from": base.sha256,
-        "finetuned_from_path": str(base.path),
-        "arch": base.arch,
-        "params": base.params,
-        "quantizer": dataclasses.asdict(quantizer)
-        | ({} if weights is None else {"weights": weights_digest(weights)})
-        | ({"target": target_record(target)} if target else {}),
-        "parts": recipe.parts,
-        "requantize_every": requantize,
-        "control": control,
-        "lambda": float(lmbda),
-        "seed": recipe.seed,
-        "batch_size": recipe.batch_size,
-        "crop": recipe.crop,
-        "lr": recipe.lr,
-        "clip_max_norm": recipe.clip_max_norm,
-        "data": data,
-    }
-    ckpt_path, log_path = out / "checkpoint.pth", out / "log.jsonl"
-    state = None
-    if ckpt_path.exists():
-        if not resume:
-            raise UserError(
-                f"{ckpt_path} exists; pass --resume to continue it or choose another --out"
-            )
-        state = load_training_state(ckpt_path)
-        if state.get("kind") != "finetune" or state["config"] != config:
-            raise UserError(
-                f"{ckpt_path} was started with another checkpoint, quantizer, parts, λ or "
-                "recipe than this run; choose another --out"
-            )
-    elif main:
-        out.mkdir(parents=True, exist_ok=True)
-    # cache_step: the step the latents were quantized at (0: the base model's cache,
-    # built from the base weights, so before a resumed state is loaded)
-    cache_step = state["cache_step"] if state else 0
-    if cache_step:
-        cache = LatentCache.open(out / f"cache-step{cache_step}", state["cache_identity"])
-    else:
-        cache = open_cache(Path(cache_dir) if cache_dir is not None else out / "cache", images)
-    del images
-
-    # -- model, optimizer, resumed state --------------------------------------------
-    model.to(device)
-    if amp:
-        model.to(memory_format=torch.channels_last)
-    params = trainable_parameters(model, recipe.parts)
-    objective = FinetuneObjective(
-        model, entropy, recipe.parts, control, float(lmbda), amp
-    )
-    objective.train()
-    opt = torch.optim.Adam(params, lr=recipe.lr)
-    start, wall = 0, 0.0
-    if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, wall = state["step"], state["wall_time_s"]
+    run = _Run(recipe, _setup(recipe, control, unsafe_load), out, device, world, rank, progress)
+    log = _resume(run, cache_dir, resume, control)
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
-    log = (
-        _Log(log_path, keep_until_step=start if ckpt_path.exists() else None)
-        if main
-        else None
-    )
-    net = objective
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if main and start < end:
-        log.write(
-            kind="start",
-            step=start,
-            steps=recipe.steps,
-            device=str(device),
-            world_size=world,
-            **config,
-        )
-
-    t0 = time.perf_counter()
-
-    def save(done: int) -> None:
-        save_atomic(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "kind": "finetune",
-                "config": config,
-                "step": done,
-                "steps": recipe.steps,
-                "cache_step": cache_step,
-                "cache_identity": cache.meta["identity"],
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "recipe": recipe.to_dict(),
-                "wall_time_s": wall + time.perf_counter() - t0,
-                "machine": machine_description(device, recipe.threads),
-                "world_size": world,
-                "torch": str(torch.__version__),
-            },
-            ckpt_path,
-        )
-
+    if run.main and run.start < end:
+        log.write(kind="start", step=run.start, steps=recipe.steps, device=str(device), world_size=world,
+                  **run.setup.config)
+    run.t0 = time.perf_counter()
     size = recipe.crop // 16 + 2 * G_S_REACH  # loss on the centre crop // 16
     align = 4 if recipe.parts == "decoder+hyperdecoder" else 1
-    window = _Window()
-    bar = tqdm(
-        total=recipe.steps,
-        initial=start,
-        desc="finetune",
-        disable=not progress,
-        mininterval=5,
-    )
-    for step in range(start, end):
-        if requantize and step % requantize == 0 and step > cache_step:
-            # the latents the current h_s's μ, σ give: TCQ (or USQ) over the whole
-            # training set again, from the images the old cache holds
-            tq = time.perf_counter()
-            old = cache
-            cache = open_cache(
-                out / f"cache-step{step}",
-                [old.image(i) for i in range(old.num_images)],
-            )
-            cache_step = step
-            if main:
-                if old.folder.parent == out and old.folder.name.startswith("cache-step"):
-                    shutil.rmtree(old.folder)
-                log.write(kind="requantize", step=step, seconds=time.perf_counter() - tq)
-        ts = time.perf_counter()
-        picks = sample_crops(cache, recipe.seed, step, recipe.batch_size, size, align)
-        mine = range(rank, recipe.batch_size, world)
-        batch = assemble_batch(
-            cache,
-            [picks[b] for b in mine],
-            mine,
-            size,
-            objective.fields,
-            quantizer,
-            recipe.seed,
-            step,
-        )
-        batch = batch_to_device(batch, device, amp)
-        opt.zero_grad(set_to_none=True)
-        out_ = net(batch)
-        out_["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.clip_max_norm)
-        opt.step()
+    requantize = recipe.requantize_every
+    monitor = TrainMonitor(log, total=recipe.steps, initial=run.start, desc="finetune", log_every=recipe.log_every,
+                           postfix={"loss": ".4f", "psnr": ".2f"}, enabled=progress)
+    for step in range(run.start, end):
+        if requantize and step % requantize == 0 and step > run.cache_step:
+            _requantize(run, step, log)
+        stats = _step(run, step, size, align)
         done = step + 1
-        if not main:
+        if not run.main:
             continue
-        stats = {k: out_[k].item() for k in ("loss", "mse", "bpp")}
-        stats["step_time_s"] = time.perf_counter() - ts
-        window.add(stats)
-        bar.update(1)
-        if done % recipe.log_every == 0 or done == end:
-            mean = window.take()
-            log.write(
-                kind="train",
-                step=done,
-                **mean,
-                psnr=_psnr(mean["mse"]),
-                lr=recipe.lr,
-                wall_time_s=wall + time.perf_counter() - t0,
-            )
-            bar.set_postfix(
-                loss=f"{mean['loss']:.4f}", psnr=f"{_psnr(mean['mse']):.2f}"
-            )
+        monitor.step(done, end, stats, {}, {"lr": recipe.lr, "wall_time_s": run.wall_time()})
         if done % recipe.checkpoint_every == 0 or done == end:
-            save(done)
-    bar.close()
-
-    done = max(start, end)
-    summary = {
-        **config,
-        "step": done,
-        "steps": recipe.steps,
-        "finished": done >= recipe.steps,
-        "wall_time_s": wall + (time.perf_counter() - t0 if start < end else 0.0),
-        "machine": machine_description(device, recipe.threads),
-        "world_size": world,
-        "checkpoint": str(ckpt_path),
-        "model": str(out / "model.pth") if done >= recipe.steps else None,
-    }
-    if main and summary["finished"]:
-        model.to("cpu", memory_format=torch.contiguous_format)
-        extra = {
-            k: config[k]
-            for k in ("finetuned_from", "quantizer", "parts", "control", "lambda")
-        }
-        extra.update(steps=recipe.steps, finetune_recipe=recipe.to_dict())
-        summary["sha256"] = save_checkpoint(
-            out / "model.pth", model, base.arch, base.params, extra=extra, force=True
-        )
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if start < end:
-            log.write(
-                kind="end",
-                step=done,
-                wall_time_s=summary["wall_time_s"],
-                sha256=summary["sha256"],
-            )
-    return summary
+            run.save(done)
+    monitor.close()
+    return _finalize(run, log, end)

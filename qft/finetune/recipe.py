@@ -8,7 +8,7 @@ Layout, every key required (``null`` where allowed)::
     parts: decoder              # decoder | decoder+hyperdecoder
     requantize_every: 0         # decoder+hyperdecoder: re-quantize with the current h_s
                                 # every K steps; 0: the base model's indices throughout
-    quantizer:                  # as `qft compress` (qft.commands._options)
+    quantizer:                  # as `qft compress` (qft.settings.resolve_quantizer)
       method: tcq8              # usq | rdoq | tcq4 | tcq8
       step: null                # null: the method's default step
       lambda_t: null            # null: lambda_mult × the default λ_T
@@ -46,9 +46,9 @@ from typing import Any
 
 from trellis import METHODS, RESETS
 
-from qft.commands._options import target_value
 from qft.errors import UserError
-from qft.train.recipe import _project_root, _section, read_yaml
+from qft.settings import target_value
+from qft.train.recipe import check_section, project_root, read_yaml
 
 __all__ = ["PARTS", "FinetuneRecipe", "load_finetune_recipe"]
 
@@ -171,18 +171,18 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
     path = Path(path)
     where = f"recipe {path}"
     raw = read_yaml(path, where)
-    top = _section(raw, "the recipe", _TOP, where)
+    top = check_section(raw, "the recipe", _TOP, where)
     quant = dict(top["quantizer"]) if isinstance(top["quantizer"], dict) else top["quantizer"]
     target = quant.pop("target", 0.0) if isinstance(quant, dict) else 0.0
     try:
         target = target_value(target)
     except ValueError:
         raise UserError(f"{where}: quantizer.target must be auto, rd or a number >= 0, not {target!r}") from None
-    quant = _section(quant, "quantizer", _QUANTIZER, where)
-    opt = _section(top["optimizer"], "optimizer", _OPTIMIZER, where)
-    data = _section(top["data"], "data", _DATA, where)
+    quant = check_section(quant, "quantizer", _QUANTIZER, where)
+    opt = check_section(top["optimizer"], "optimizer", _OPTIMIZER, where)
+    data = check_section(top["data"], "data", _DATA, where)
 
-    root = _project_root(path)
+    root = project_root(path)
 
     def resolve(p: Any) -> str | None:
         if p is None:

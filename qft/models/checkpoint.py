@@ -41,7 +41,6 @@ import io
 import os
 import pickle
 import re
-import tempfile
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from qft.errors import UserError
+from qft.files import atomic_write
 
 from .registry import ARCHITECTURES, Architecture, forked_rng, get_architecture
 from .zoo import base_of, resolve, shipped_entry
@@ -550,14 +550,5 @@ def save_checkpoint(
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
     return hashlib.sha256(data).hexdigest()

@@ -1,6 +1,8 @@
 """The checkpoints shipped with qft, by name, and compact finetuned checkpoints.
 
-``qft/assets/checkpoints/manifest.json`` lists the shipped files. Every command that takes
+``qft/assets/checkpoints/manifest.json`` lists the shipped files; this module is the one
+reader of it (:func:`shipped`, the base models :func:`shipped_bases` and the finetuned ones
+:func:`shipped_finetunes`). Every command that takes
 ``-m CKPT`` also takes the name of a shipped model — the file name without ``.pth``::
 
     qft eval -m mbt2018-mean-0.013 mbt2018-mean-0.013-ft-tcq8 -q tcq8 --data …
@@ -39,10 +41,14 @@ __all__ = [
     "base_entries",
     "add_manifest_entry",
     "shipped",
+    "shipped_bases",
+    "shipped_finetunes",
+    "is_finetuned",
     "shipped_names",
     "shipped_entry",
     "resolve",
     "write_delta",
+    "base_of",
 ]
 
 #: folder of the shipped checkpoints and their manifest
@@ -62,7 +68,7 @@ def read_manifest(folder: str | os.PathLike = ASSETS) -> list[dict[str, Any]]:
 def base_entries(folder: str | os.PathLike = ASSETS) -> list[dict[str, Any]]:
     """The entries of the base models of ``folder``'s manifest (no ``finetuned_from``),
     by rate point (``lambda`` ascending)."""
-    return sorted((e for e in read_manifest(folder) if "finetuned_from" not in e), key=lambda e: e["lambda"])
+    return sorted((e for e in read_manifest(folder) if not is_finetuned(e)), key=lambda e: e["lambda"])
 
 
 def add_manifest_entry(entry: dict[str, Any], folder: str | os.PathLike = ASSETS) -> Path:
@@ -79,9 +85,28 @@ def add_manifest_entry(entry: dict[str, Any], folder: str | os.PathLike = ASSETS
     return atomic_write(path, json.dumps([*entries, entry], indent=2) + "\n")
 
 
+def _named(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"name": Path(entry["file"]).stem, **entry}
+
+
 def shipped() -> list[dict[str, Any]]:
     """The manifest entries, each with its ``name`` (file name without ``.pth``)."""
-    return [{"name": Path(e["file"]).stem, **e} for e in read_manifest(ASSETS)]
+    return [_named(e) for e in read_manifest(ASSETS)]
+
+
+def is_finetuned(entry: dict[str, Any]) -> bool:
+    """Whether a manifest entry is a finetuned model (a delta of a base, ``finetuned_from``)."""
+    return "finetuned_from" in entry
+
+
+def shipped_bases() -> list[dict[str, Any]]:
+    """The manifest entries of the reference (base) models, by increasing training λ."""
+    return [_named(e) for e in base_entries(ASSETS)]
+
+
+def shipped_finetunes() -> list[dict[str, Any]]:
+    """The manifest entries of the finetuned models, in manifest order."""
+    return [e for e in shipped() if is_finetuned(e)]
 
 
 def shipped_names() -> list[str]:

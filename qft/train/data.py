@@ -13,9 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from PIL import Image
-
-from qft.codec.image import list_images
+from qft.codec.image import list_images, read_rgb
 from qft.errors import UserError
 
 __all__ = [
@@ -28,7 +26,8 @@ __all__ = [
 def load_images(
     root: str | Path, splits: Sequence[str], limit: int | None = None
 ) -> list[np.ndarray]:
-    """Decode the images of ``root/<split>/`` for each split into RGB uint8 HxWx3 arrays.
+    """Decode the images of ``root/<split>/`` for each split into RGB uint8 HxWx3 arrays
+    (:func:`qft.codec.read_rgb`: a conversion to RGB is announced with a warning).
 
     Args:
         root: dataset folder (e.g. ``../shared/data/bsds500``).
@@ -38,14 +37,7 @@ def load_images(
     files = [f for s in splits for f in list_images(Path(root) / s, recursive=False)]
     if limit is not None:
         files = files[:limit]
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-        except OSError as exc:
-            raise UserError(f"cannot decode image {f} ({exc})") from None
-    return images
+    return [read_rgb(f) for f in files]
 
 
 def _to_tensor(patches: list[np.ndarray]) -> torch.Tensor:

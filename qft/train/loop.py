@@ -20,11 +20,9 @@ Output layout, one folder per rate point under ``out_dir``::
 
 from __future__ import annotations
 
-import json
-import math
-import platform
 import time
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,61 +30,39 @@ import numpy as np
 import torch
 
 from compressai.losses import RateDistortionLoss
-from compressai.models import MeanScaleHyperprior
-from tqdm import tqdm
 
 from qft.errors import UserError
-from qft.train.checkpoint import (
-    CHECKPOINT_FORMAT,
-    export_state_dict,
-    load_checkpoint,
-    save_atomic,
-)
+from qft.models import get_architecture
+from qft.threads import set_threads
+from qft.train.checkpoint import CHECKPOINT_FORMAT, export_state_dict, load_training_state, save_atomic
 from qft.train.data import center_crops, load_images, sample_batch
-from qft.train.recipe import Recipe, RatePoint, lambda_tag
+from qft.train.recipe import RatePoint, Recipe, lambda_tag
+from qft.train.scaffold import (
+    RunLog,
+    TrainMonitor,
+    machine_description,
+    psnr_from_mse,
+    resolve_device,
+    resume_state,
+    save_state,
+    write_summary,
+)
 
 __all__ = [
     "build_model",
     "rd_forward",
-    "resolve_device",
-    "machine_description",
+    "transforms_autocast",
     "train",
     "train_point",
 ]
 
 
-def build_model(recipe: Recipe) -> MeanScaleHyperprior:
-    """A freshly initialised model of the recipe's architecture, seeded by ``recipe.seed``."""
-    torch.manual_seed(recipe.seed)
-    return MeanScaleHyperprior(N=recipe.N, M=recipe.M)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is a UserError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"device must be auto, cpu or cuda, not '{name}'")
-    return torch.device(name)
-
-
-def machine_description(device: torch.device, threads: int, amp: bool = True) -> str:
-    """One line naming the hardware a run used, for checkpoints and the manifest
-    (``amp``: whether the transforms ran under bf16 autocast on CUDA)."""
-    if device.type == "cuda":
-        precision = "bf16 autocast" if amp else "fp32"
-        return f"{torch.cuda.get_device_name(device)} (CUDA, {precision})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {threads} thread(s)"
+def build_model(recipe: Recipe) -> torch.nn.Module:
+    """A freshly initialised model of the recipe's architecture and width, seeded by
+    ``recipe.seed``, built by the registry (:meth:`qft.models.Architecture.build`, as
+    :func:`qft.models.create_model` does, but without its coding tables: a training model
+    has none, so its checkpoints load into one another whatever their tables)."""
+    return get_architecture(recipe.arch).build({"N": recipe.N, "M": recipe.M}, seed=recipe.seed)
 
 
 def transforms_autocast(amp: bool) -> torch.autocast:
@@ -95,9 +71,7 @@ def transforms_autocast(amp: bool) -> torch.autocast:
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
 
 
-def rd_forward(
-    model: MeanScaleHyperprior, x: torch.Tensor, amp: bool = False
-) -> dict[str, Any]:
+def rd_forward(model: torch.nn.Module, x: torch.Tensor, amp: bool = False) -> dict[str, Any]:
     """``MeanScaleHyperprior.forward``, with the four transforms optionally under CUDA
     bf16 autocast while the entropy models (likelihoods down to 1e-9) stay in fp32.
 
@@ -126,59 +100,6 @@ def _noise_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step, 1]).generate_state(1, np.uint32)[0])
 
 
-def _psnr(mse: float) -> float:
-    return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
-
-
-def _optimizers(model: MeanScaleHyperprior, recipe: Recipe):
-    main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
-    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
-    return (
-        torch.optim.Adam(main, lr=recipe.lr),
-        torch.optim.Adam(aux, lr=recipe.aux_lr),
-        main,
-    )
-
-
-class _Log:
-    """Append-only JSON-lines log; on resume, lines past the checkpoint's step are cut."""
-
-    def __init__(self, path: Path, keep_until_step: int | None):
-        self.path = path
-        if keep_until_step is None:
-            path.write_text("")
-        elif path.exists():
-            kept = [
-                ln
-                for ln in path.read_text().splitlines()
-                if ln and json.loads(ln).get("step", 0) <= keep_until_step
-            ]
-            path.write_text("".join(ln + "\n" for ln in kept))
-
-    def write(self, **entry: Any) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-
-
-class _Window:
-    """Running sums of per-step statistics between two log lines."""
-
-    def __init__(self) -> None:
-        self._sums: dict[str, float] = {}
-        self._n = 0
-
-    def add(self, stats: dict[str, float]) -> None:
-        for k, v in stats.items():
-            self._sums[k] = self._sums.get(k, 0.0) + v
-        self._n += 1
-
-    def take(self) -> dict[str, float]:
-        """The means since the last call, and a fresh window."""
-        mean = {k: v / self._n for k, v in self._sums.items()}
-        self._sums, self._n = {}, 0
-        return mean
-
-
 @torch.no_grad()
 def _validate(model, criterion, batch, amp) -> dict[str, float]:
     model.eval()
@@ -191,7 +112,7 @@ def _validate(model, criterion, batch, amp) -> dict[str, float]:
         "loss": out["loss"].item(),
         "bpp": out["bpp_loss"].item(),
         "mse": mse,
-        "psnr": _psnr(mse),
+        "psnr": psnr_from_mse(mse),
     }
 
 
@@ -199,8 +120,170 @@ def _point_done(path: Path) -> dict[str, Any] | None:
     """The training checkpoint at ``path`` if it exists and reached its last step."""
     if not path.exists():
         return None
-    ckpt = load_checkpoint(path)
+    ckpt = load_training_state(path)
     return ckpt if ckpt["step"] >= ckpt["steps"] else None
+
+
+@dataclass
+class _PointRun:
+    """One rate point being trained: its model, optimizers and clocks."""
+
+    recipe: Recipe
+    point: RatePoint
+    folder: Path
+    device: torch.device
+    amp: bool
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    aux_opt: torch.optim.Optimizer
+    main_params: list[torch.nn.Parameter]
+    criterion: RateDistortionLoss
+    init: str
+    start: int = 0
+    wall: float = 0.0  # time of the earlier sessions of a resumed run
+    cpu: float = 0.0
+    t0: float = 0.0  # this session's clocks
+    c0: float = 0.0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.folder / "checkpoint.pth"
+
+    def wall_time(self) -> float:
+        return self.wall + time.perf_counter() - self.t0
+
+    def cpu_time(self) -> float:
+        return self.cpu + time.process_time() - self.c0
+
+    def save(self, done: int) -> None:
+        r = self.recipe
+        save_state(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "arch": r.arch,
+                "N": r.N,
+                "M": r.M,
+                "lambda": self.point.lmbda,
+                "step": done,
+                "steps": self.point.steps,
+                "init": self.init,
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "aux_optimizer": self.aux_opt.state_dict(),
+                "recipe": r.to_dict(),
+                "wall_time_s": self.wall_time(),
+                "cpu_time_s": self.cpu_time(),
+                "machine": machine_description(self.device, r.threads, self.amp),
+                "torch": str(torch.__version__),
+            },
+            self.ckpt_path,
+        )
+
+
+def _setup_point(recipe: Recipe, point: RatePoint, out_dir: Path, device: torch.device) -> _PointRun:
+    """The model, optimizers and loss of a rate point, freshly initialised."""
+    model = build_model(recipe).to(device)
+    main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
+    return _PointRun(
+        recipe=recipe,
+        point=point,
+        folder=out_dir / lambda_tag(point.lmbda),
+        device=device,
+        amp=device.type == "cuda" and recipe.amp,
+        model=model,
+        opt=torch.optim.Adam(main, lr=recipe.lr),
+        aux_opt=torch.optim.Adam(aux, lr=recipe.aux_lr),
+        main_params=main,
+        criterion=RateDistortionLoss(lmbda=point.lmbda),
+        init="scratch" if point.parent is None else lambda_tag(point.parent),
+    )
+
+
+def _resume_point(run: _PointRun, out_dir: Path, resume: bool, init_from: str | Path | None) -> RunLog:
+    """Load the point's training checkpoint (``resume``), else its starting weights
+    (``init_from``, or the finished parent point); returns the point's log."""
+    log_path = run.folder / "log.jsonl"
+    ckpt = resume_state(run.ckpt_path, resume)
+    if ckpt is not None:
+        r = run.recipe
+        if abs(ckpt["lambda"] - run.point.lmbda) > 1e-12 or (ckpt["N"], ckpt["M"]) != (r.N, r.M):
+            raise UserError(f"{run.ckpt_path} was trained with another lambda or width than the recipe asks for")
+        run.model.load_state_dict(ckpt["model"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.aux_opt.load_state_dict(ckpt["aux_optimizer"])
+        run.start, run.wall, run.cpu, run.init = ckpt["step"], ckpt["wall_time_s"], ckpt["cpu_time_s"], ckpt["init"]
+        return RunLog(log_path, keep_until_step=run.start)
+    if init_from is not None:
+        run.init = _load_init(run.model, run.recipe, init_from)
+    run.folder.mkdir(parents=True, exist_ok=True)
+    if init_from is None and run.point.parent is not None:
+        parent = _point_done(out_dir / lambda_tag(run.point.parent) / "checkpoint.pth")
+        if parent is None:
+            raise UserError(f"parent rate point {run.point.parent:g} is not finished in {out_dir}")
+        run.model.load_state_dict(parent["model"])
+    return RunLog(log_path, keep_until_step=None)
+
+
+def _train_step(run: _PointRun, images: Sequence[np.ndarray], step: int) -> tuple[dict[str, float], float]:
+    """One optimisation step (main and aux); returns its statistics and learning rate."""
+    r, model = run.recipe, run.model
+    ts = time.perf_counter()
+    x = sample_batch(images, r.seed, step, r.batch_size, r.crop).to(run.device)
+    lr = r.lr_at(step, run.point.steps)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    torch.manual_seed(_noise_seed(r.seed, step))
+    run.opt.zero_grad(set_to_none=True)
+    run.aux_opt.zero_grad(set_to_none=True)
+    out = run.criterion(rd_forward(model, x, run.amp), x)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(run.main_params, r.clip_max_norm)
+    run.opt.step()
+    aux_loss = model.aux_loss()
+    aux_loss.backward()
+    run.aux_opt.step()
+    stats = {
+        "loss": out["loss"].item(),
+        "bpp": out["bpp_loss"].item(),
+        "mse": out["mse_loss"].item(),
+        "aux_loss": aux_loss.item(),
+        "step_time_s": time.perf_counter() - ts,
+    }
+    return stats, lr
+
+
+def _finish_point(run: _PointRun, log: RunLog, end: int, val: dict[str, float] | None) -> dict[str, Any]:
+    """The point's summary; when its last step is done, also ``model.pth`` (fp16 export),
+    ``summary.json`` and the log's ``end`` record."""
+    r, ran = run.recipe, run.start < end
+    finished = _point_done(run.ckpt_path)
+    summary = {
+        "lambda": run.point.lmbda,
+        "arch": r.arch,
+        "N": r.N,
+        "M": r.M,
+        "init": run.init,
+        "steps": run.point.steps,
+        "step": end if ran else run.start,
+        "finished": finished is not None,
+        "wall_time_s": run.wall_time() if ran else run.wall,
+        "cpu_time_s": run.cpu_time() if ran else run.cpu,
+        "machine": machine_description(run.device, r.threads, run.amp),
+        "val": val,
+        "checkpoint": str(run.ckpt_path),
+        "model": str(run.folder / "model.pth"),
+    }
+    if finished is None:
+        return summary
+    summary["wall_time_s"], summary["cpu_time_s"] = finished["wall_time_s"], finished["cpu_time_s"]
+    summary["machine"] = finished["machine"]
+    run.model.load_state_dict(finished["model"])
+    save_atomic(export_state_dict(run.model), run.folder / "model.pth")
+    write_summary(run.folder / "summary.json", summary)
+    if ran:
+        log.write(kind="end", step=end, **{"lambda": run.point.lmbda}, wall_time_s=summary["wall_time_s"])
+    return summary
 
 
 def train_point(
@@ -232,194 +315,39 @@ def train_point(
             width) instead of ``point.parent``; ignored when resuming.
         progress: show a tqdm bar.
     """
-    folder = Path(out_dir) / lambda_tag(point.lmbda)
-    ckpt_path, log_path = folder / "checkpoint.pth", folder / "log.jsonl"
-    amp = device.type == "cuda" and recipe.amp
-    model = build_model(recipe).to(device)
-    opt, aux_opt, main_params = _optimizers(model, recipe)
-    criterion = RateDistortionLoss(lmbda=point.lmbda)
-    init = "scratch" if point.parent is None else lambda_tag(point.parent)
-    start, wall, cpu = 0, 0.0, 0.0
-
-    if ckpt_path.exists():
-        if not resume:
-            raise UserError(
-                f"{ckpt_path} exists; pass --resume to continue it or choose another --out"
-            )
-        ckpt = load_checkpoint(ckpt_path)
-        if abs(ckpt["lambda"] - point.lmbda) > 1e-12 or (ckpt["N"], ckpt["M"]) != (
-            recipe.N,
-            recipe.M,
-        ):
-            raise UserError(
-                f"{ckpt_path} was trained with another lambda or width than the recipe asks for"
-            )
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        aux_opt.load_state_dict(ckpt["aux_optimizer"])
-        start, wall, cpu, init = (
-            ckpt["step"],
-            ckpt["wall_time_s"],
-            ckpt["cpu_time_s"],
-            ckpt["init"],
-        )
-        log = _Log(log_path, keep_until_step=start)
-    else:
-        if init_from is not None:
-            init = _load_init(model, recipe, init_from)
-        folder.mkdir(parents=True, exist_ok=True)
-        if init_from is None and point.parent is not None:
-            parent = _point_done(
-                Path(out_dir) / lambda_tag(point.parent) / "checkpoint.pth"
-            )
-            if parent is None:
-                raise UserError(
-                    f"parent rate point {point.parent:g} is not finished in {out_dir}"
-                )
-            model.load_state_dict(parent["model"])
-        log = _Log(log_path, keep_until_step=None)
+    out_dir = Path(out_dir)
+    run = _setup_point(recipe, point, out_dir, device)
+    log = _resume_point(run, out_dir, resume, init_from)
     end = point.steps if stop_after is None else min(point.steps, stop_after)
-    if start < end:
-        log.write(
-            kind="start",
-            step=start,
-            **{"lambda": point.lmbda},
-            steps=point.steps,
-            init=init,
-            device=str(device),
-        )
-
-    def save(done: int) -> None:
-        save_atomic(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "arch": recipe.arch,
-                "N": recipe.N,
-                "M": recipe.M,
-                "lambda": point.lmbda,
-                "step": done,
-                "steps": point.steps,
-                "init": init,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "aux_optimizer": aux_opt.state_dict(),
-                "recipe": recipe.to_dict(),
-                "wall_time_s": wall + time.perf_counter() - t0,
-                "cpu_time_s": cpu + time.process_time() - c0,
-                "machine": machine_description(device, recipe.threads, amp),
-                "torch": str(torch.__version__),
-            },
-            ckpt_path,
-        )
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    window = _Window()
+    head = {"lambda": point.lmbda}
+    if run.start < end:
+        log.write(kind="start", step=run.start, **head, steps=point.steps, init=run.init, device=str(device))
+    run.t0, run.c0 = time.perf_counter(), time.process_time()
     val = None
-    model.train()
-    bar = tqdm(
-        total=point.steps,
-        initial=start,
-        desc=lambda_tag(point.lmbda),
-        disable=not progress,
-        mininterval=5,
-    )
-    for step in range(start, end):
-        ts = time.perf_counter()
-        x = sample_batch(images, recipe.seed, step, recipe.batch_size, recipe.crop).to(
-            device
-        )
-        lr = recipe.lr_at(step, point.steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        torch.manual_seed(_noise_seed(recipe.seed, step))
-        opt.zero_grad(set_to_none=True)
-        aux_opt.zero_grad(set_to_none=True)
-        out = criterion(rd_forward(model, x, amp), x)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(main_params, recipe.clip_max_norm)
-        opt.step()
-        aux_loss = model.aux_loss()
-        aux_loss.backward()
-        aux_opt.step()
-
+    run.model.train()
+    monitor = TrainMonitor(log, total=point.steps, initial=run.start, desc=lambda_tag(point.lmbda),
+                           log_every=recipe.log_every, postfix={"loss": ".3f", "bpp": ".3f", "psnr": ".2f"},
+                           enabled=progress)
+    for step in range(run.start, end):
+        stats, lr = _train_step(run, images, step)
         done = step + 1
-        stats = {
-            "loss": out["loss"].item(),
-            "bpp": out["bpp_loss"].item(),
-            "mse": out["mse_loss"].item(),
-            "aux_loss": aux_loss.item(),
-            "step_time_s": time.perf_counter() - ts,
-        }
-        window.add(stats)
-        bar.update(1)
-        if done % recipe.log_every == 0 or done == end:
-            mean = window.take()
-            log.write(
-                kind="train",
-                step=done,
-                **{"lambda": point.lmbda},
-                **mean,
-                psnr=_psnr(mean["mse"]),
-                lr=lr,
-                wall_time_s=wall + time.perf_counter() - t0,
-            )
-            bar.set_postfix(
-                loss=f"{mean['loss']:.3f}",
-                bpp=f"{mean['bpp']:.3f}",
-                psnr=f"{_psnr(mean['mse']):.2f}",
-            )
-        if val_batch is not None and (
-            done % recipe.validate_every == 0 or done == point.steps
-        ):
-            val = _validate(model, criterion, val_batch.to(device), amp)
-            log.write(kind="val", step=done, **{"lambda": point.lmbda}, **val)
+        monitor.step(done, end, stats, head, {"lr": lr, "wall_time_s": run.wall_time()})
+        if val_batch is not None and (done % recipe.validate_every == 0 or done == point.steps):
+            val = _validate(run.model, run.criterion, val_batch.to(device), run.amp)
+            log.write(kind="val", step=done, **head, **val)
         if done % recipe.checkpoint_every == 0 or done == end:
-            save(done)
-    bar.close()
-
-    finished = _point_done(ckpt_path) if ckpt_path.exists() else None
-    summary = {
-        "lambda": point.lmbda,
-        "arch": recipe.arch,
-        "N": recipe.N,
-        "M": recipe.M,
-        "init": init,
-        "steps": point.steps,
-        "step": end if start < end else start,
-        "finished": finished is not None,
-        "wall_time_s": wall + time.perf_counter() - t0 if start < end else wall,
-        "cpu_time_s": cpu + time.process_time() - c0 if start < end else cpu,
-        "machine": machine_description(device, recipe.threads, amp),
-        "val": val,
-        "checkpoint": str(ckpt_path),
-        "model": str(folder / "model.pth"),
-    }
-    if finished is not None:
-        summary["wall_time_s"], summary["cpu_time_s"] = (
-            finished["wall_time_s"],
-            finished["cpu_time_s"],
-        )
-        summary["machine"] = finished["machine"]
-        model.load_state_dict(finished["model"])
-        save_atomic(export_state_dict(model), folder / "model.pth")
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if start < end:
-            log.write(
-                kind="end",
-                step=end,
-                **{"lambda": point.lmbda},
-                wall_time_s=summary["wall_time_s"],
-            )
-    return summary
+            run.save(done)
+    monitor.close()
+    return _finish_point(run, log, end, val)
 
 
-def _load_init(model: MeanScaleHyperprior, recipe: Recipe, path: str | Path) -> str:
+def _load_init(model: torch.nn.Module, recipe: Recipe, path: str | Path) -> str:
     """Load the weights of checkpoint ``path`` into ``model``; returns the ``init`` label
     (file name and SHA-256 prefix). The checkpoint must be of the recipe's architecture
     and width."""
-    from qft.models import load_checkpoint as load_model
+    from qft.models import load_checkpoint
 
-    loaded = load_model(path, recipe.arch)
+    loaded = load_checkpoint(path, recipe.arch)
     width = (loaded.params.get("N"), loaded.params.get("M"))
     if width != (recipe.N, recipe.M):
         raise UserError(
@@ -450,7 +378,7 @@ def train(
     ``warm_steps`` (continued training, e.g. of a shipped model on a GPU). With
     ``resume``, finished points are skipped and an interrupted one continues.
     """
-    torch.set_num_threads(recipe.threads)
+    set_threads(recipe.threads, numba=False)
     dev = resolve_device(device or recipe.device)
     if init_from is not None and lmbda is None:
         raise UserError("--init needs --lambda: it starts one rate point from a checkpoint")

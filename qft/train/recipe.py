@@ -3,7 +3,8 @@
 A recipe describes one family of reference models (one architecture and width, several
 rate points). Layout, with every key required unless a default is shown::
 
-    arch: mbt2018-mean          # CompressAI MeanScaleHyperprior
+    arch: mbt2018-mean          # a registered architecture (qft.models) with a mean-scale
+                                # hyperprior: the loop's rd_forward runs its transforms
     N: 64
     M: 96
     seed: 0
@@ -48,10 +49,20 @@ import yaml
 
 from qft.errors import UserError
 
-__all__ = ["Recipe", "RatePoint", "load_recipe", "lambda_tag", "ARCHITECTURES"]
+__all__ = [
+    "TRAINABLE_ENTROPY",
+    "Recipe",
+    "RatePoint",
+    "load_recipe",
+    "lambda_tag",
+    "check_section",
+    "project_root",
+    "read_yaml",
+]
 
-#: architectures ``qft train`` can build (zoo key -> CompressAI class name)
-ARCHITECTURES = {"mbt2018-mean": "MeanScaleHyperprior"}
+#: entropy-model kinds ``qft train`` trains (its forward pass is the mean-scale hyperprior's);
+#: the architectures come from the registry, :data:`qft.models.ARCHITECTURES`
+TRAINABLE_ENTROPY = ("mean-scale-hyperprior",)
 
 _TOP = {
     "arch",
@@ -159,7 +170,9 @@ class Recipe:
         return new
 
 
-def _section(raw: Any, name: str, allowed: set[str], where: str) -> dict[str, Any]:
+def check_section(raw: Any, name: str, allowed: set[str], where: str) -> dict[str, Any]:
+    """``raw`` if it is a mapping with exactly the keys ``allowed``; else a one-line
+    :class:`UserError` naming the recipe (``where``), the section and the key."""
     if not isinstance(raw, dict):
         raise UserError(f"{where}: '{name}' must be a mapping")
     unknown = sorted(set(raw) - allowed)
@@ -174,7 +187,9 @@ def _section(raw: Any, name: str, allowed: set[str], where: str) -> dict[str, An
     return raw
 
 
-def _project_root(recipe_path: Path) -> Path:
+def project_root(recipe_path: Path) -> Path:
+    """The folder relative recipe paths start from: the nearest ancestor of the recipe
+    file holding a ``pyproject.toml``, else the recipe's own folder."""
     for d in recipe_path.resolve().parents:
         if (d / "pyproject.toml").is_file():
             return d
@@ -183,10 +198,11 @@ def _project_root(recipe_path: Path) -> Path:
 
 def _validate(r: Recipe) -> None:
     where = f"recipe {r.path}"
-    if r.arch not in ARCHITECTURES:
-        raise UserError(
-            f"{where}: arch '{r.arch}' not supported (use one of {sorted(ARCHITECTURES)})"
-        )
+    from qft.models import ARCHITECTURES
+
+    trainable = sorted(a.name for a in ARCHITECTURES.values() if a.entropy in TRAINABLE_ENTROPY)
+    if r.arch not in trainable:
+        raise UserError(f"{where}: arch '{r.arch}' not supported (use one of {trainable})")
     checks = [
         ("N", r.N >= 1),
         ("M", r.M >= 1),
@@ -250,14 +266,14 @@ def load_recipe(path: str | Path) -> Recipe:
         amp = raw.pop("amp", True)
         if not isinstance(amp, bool):
             raise UserError(f"{where}: amp must be true or false, not {amp!r}")
-    top = _section(raw, "the recipe", _TOP, where)
-    opt = _section(top["optimizer"], "optimizer", _OPTIMIZER, where)
-    data = _section(top["data"], "data", _DATA, where)
-    sched = _section(top["schedule"], "schedule", _SCHEDULE, where)
+    top = check_section(raw, "the recipe", _TOP, where)
+    opt = check_section(top["optimizer"], "optimizer", _OPTIMIZER, where)
+    data = check_section(top["data"], "data", _DATA, where)
+    sched = check_section(top["schedule"], "schedule", _SCHEDULE, where)
 
     root = Path(str(data["root"]))
     if not root.is_absolute():
-        root = _project_root(path) / root
+        root = project_root(path) / root
     train = data["train"]
     train = [train] if isinstance(train, str) else train
     try:

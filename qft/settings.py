@@ -1,7 +1,31 @@
-"""Per-checkpoint quantizer settings: the calibration file beside a checkpoint.
+"""Quantizer settings: the defaults, the per-checkpoint calibration file and the rule that
+turns a method and the user's options into the quantizer every command uses.
 
-``qft calibrate`` writes ``<checkpoint>.qft.json`` next to the checkpoint (for a shipped
-model, next to the shipped file)::
+This module sits between the codec and its users (eval, train, finetune, commands); it
+knows nothing of the command line (the commands map their options onto
+:func:`resolve_quantizer`'s arguments).
+
+**Defaults** when the checkpoint has no ``qft calibrate`` settings file (docs/design.md,
+"Quantizer calibration"; chosen on BSDS500 validation images across the shipped reference
+models, never on a test set):
+
+* USQ: step 1 (CompressAI's rounding).
+* RDOQ: step 1, ``λ_T = m · (ln 2 / 6) Δ²``.
+* TCQ-4/8: union step ``Δ = 0.7``, ``λ_T = m · 2^(1/12) (ln 2 / 6) (2Δ / 2^(1/6))²`` — VVC's
+  rule (the high-rate slope of a scalar quantizer with TCQ's per-quantizer step, times
+  2^(1/12)) scaled by ``m``.
+
+``m`` is ``lambda_mult`` (``--lambda-mult``), default 0.025: the plain VVC rule (``m = 1``)
+makes TCQ lose to USQ in the image domain of these noise-trained models. ``lambda_t``
+(``--lambda-t``) sets λ_T directly.
+
+**Names of the two λs.** ``lambda_t`` is the trellis Lagrangian λ_T of
+``J = SSE + λ_T·bits`` (the engine's ``trellis.Quantizer.lam``); ``lmbda`` (CompressAI's
+name) is the model's training λ of ``λ·255²·MSE + bpp``, recorded in checkpoints as
+``"lambda"`` and read here as ``model_lambda`` (for ``--target rd``).
+
+**Settings file.** ``qft calibrate`` writes ``<checkpoint>.qft.json`` next to the
+checkpoint (for a shipped model, next to the shipped file)::
 
     {"format": "qft-settings/1",
      "checkpoint_sha256": "…",            # the file it belongs to
@@ -11,34 +35,41 @@ model, next to the shipped file)::
      "calibration": {"data": …, "images": […], "grid": …}}
 
 :func:`resolve_quantizer` turns a method and the user's explicit options into the
-quantizer and distortion weights every command uses, in this order of precedence:
-explicit option > the checkpoint's settings file > the global defaults of
-:mod:`qft.commands._options`. A settings file whose ``checkpoint_sha256`` differs from the
-checkpoint is ignored with a warning (it belongs to another file); a finetuned delta
-checkpoint uses its base's settings (its encoder is the base's).
+quantizer and distortion weights, in this order of precedence: explicit option > the
+checkpoint's settings file > the global defaults above. A settings file whose
+``checkpoint_sha256`` differs from the checkpoint is ignored with a warning (it belongs to
+another file); a finetuned delta checkpoint uses its base's settings (its encoder is the
+base's).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from trellis import Quantizer
 
-from qft.codec import RDTarget, target_record
-from qft.commands._options import DEFAULT_LAMBDA_MULT, default_lambda, default_step, target_value
 from qft.errors import UserError
-from qft.models import LoadedCheckpoint
-from qft.models.zoo import base_of, resolve
+from qft.files import atomic_write
+
+if TYPE_CHECKING:  # torch is imported when a checkpoint is read, not by `qft <command> --help`
+    from qft.codec import RDTarget
+    from qft.models import LoadedCheckpoint
 
 __all__ = [
+    "DEFAULT_LAMBDA_MULT",
+    "DEFAULT_TCQ_STEP",
+    "default_step",
+    "default_lambda",
+    "target_value",
     "SETTINGS_FORMAT",
     "WEIGHT_CHOICES",
     "QuantizerChoice",
@@ -46,15 +77,51 @@ __all__ = [
     "read_settings",
     "write_settings",
     "resolve_quantizer",
+    "weights_digest",
 ]
+
+DEFAULT_LAMBDA_MULT = 0.025
+DEFAULT_TCQ_STEP = 0.7
+_SLOPE = math.log(2) / 6  # dD/dR of an entropy-coded uniform quantizer of step 1, per bit
 
 SETTINGS_FORMAT = "qft-settings/1"
 #: ``--weights``: the settings' choice, none, the checkpoint's decoder weights, or a file
 WEIGHT_CHOICES = ("auto", "none", "decoder")
 
 
+def default_step(method: str) -> float:
+    """The default step of a method: 1 for USQ/RDOQ, the calibrated union step for TCQ."""
+    return DEFAULT_TCQ_STEP if method.startswith("tcq") else 1.0
+
+
+def default_lambda(method: str, step: float, mult: float = DEFAULT_LAMBDA_MULT) -> float:
+    """The default trellis λ_T of a method at a step (0 for USQ)."""
+    if method == "usq":
+        return 0.0
+    if method == "rdoq":
+        return mult * _SLOPE * step**2
+    return mult * 2 ** (1 / 12) * _SLOPE * (2 * step / 2 ** (1 / 6)) ** 2
+
+
+def target_value(value: Any, allow_auto: bool = True) -> str | float:
+    """A decoder-target setting (``--target``, recipes, settings files): ``"auto"`` (when
+    ``allow_auto``), ``"rd"`` (``η`` chosen per image) or a finite number ≥ 0, returned as
+    float.
+
+    Raises:
+        ValueError: anything else (a bool, another string, NaN, a negative).
+    """
+    if value == "rd" or (allow_auto and value == "auto"):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"expected {'auto, ' if allow_auto else ''}rd or a number >= 0, got {value!r}")
+    return float(value)
+
+
 def settings_path(checkpoint: str | Path) -> Path:
     """``<checkpoint without .pth>.qft.json`` beside the (resolved) checkpoint file."""
+    from qft.models.zoo import resolve
+
     path = resolve(checkpoint)
     return path.with_name(path.name.removesuffix(".pth") + ".qft.json")
 
@@ -66,6 +133,8 @@ def read_settings(ck: LoadedCheckpoint) -> dict[str, Any]:
     weights) it was finetuned on, and to the decoder target it was finetuned with or, when
     it was finetuned on plainly quantized latents, the base's calibrated target (an
     encoder-side choice that the finetuning did not see: docs/design.md, "Decoder target")."""
+    from qft.models.zoo import base_of, resolve
+
     path, sha = resolve(ck.path), ck.sha256
     if "delta_of" in ck.extra:
         path = base_of(path, str(ck.extra["delta_of"]))
@@ -78,7 +147,7 @@ def read_settings(ck: LoadedCheckpoint) -> dict[str, Any]:
         # a finetuned model: by default its quantizer is the one it was finetuned on
         methods = dict(settings.get("methods", {}))
         target = rec.get("target", methods.get(rec["method"], {}).get("target", 0.0))
-        methods[rec["method"]] = {"step": rec["step"], "lambda": rec["lam"],
+        methods[rec["method"]] = {"step": rec["step"], "lambda_t": rec["lam"],
                                   "weights": "decoder" if "weights" in rec else "none",
                                   "target": target, "finetuned": True}
         settings = settings | {"methods": methods}
@@ -109,10 +178,7 @@ def write_settings(checkpoint: str | Path, sha256: str, update: dict[str, Any]) 
         if settings.get("checkpoint_sha256") != sha256:
             settings = {}
     settings |= {"format": SETTINGS_FORMAT, "checkpoint_sha256": sha256} | update
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=1))
-    tmp.replace(file)
-    return file
+    return atomic_write(file, json.dumps(settings, indent=1))
 
 
 def weights_digest(weights: np.ndarray | None) -> str | None:
@@ -134,9 +200,17 @@ class QuantizerChoice:
     target: float | RDTarget = 0.0  # η of the decoder target (qft.codec.latent), or its per-image choice; 0: none
 
     def describe(self) -> dict[str, Any]:
+        from qft.codec import target_record
+
         q = self.quantizer
-        return {"method": q.method, "step": q.step, "lambda": q.lam, "reset": q.reset,
+        return {"method": q.method, "step": q.step, "lambda_t": q.lam, "reset": q.reset,
                 "weights": self.weights is not None, "target": target_record(self.target), "source": self.source}
+
+
+def _recorded_lambda_t(method_settings: dict[str, Any]) -> float | None:
+    """The λ_T a method's settings record: ``"lambda_t"``, or ``"lambda"`` as settings
+    written before the two λs had distinct names called it."""
+    return method_settings.get("lambda_t", method_settings.get("lambda"))
 
 
 def _weights_file(path: str) -> np.ndarray:
@@ -179,6 +253,8 @@ def resolve_quantizer(
         UserError: decoder weights asked for but not estimated; unreadable weights file;
             invalid values.
     """
+    from qft.codec import RDTarget
+
     cal = settings.get("methods", {}).get(method, {})
     choice = cal.get("weights", "none") if weights == "auto" else weights
     cal = cal.get("by_weights", {}).get(choice, cal)  # calibrated for this weight choice
@@ -189,8 +265,8 @@ def resolve_quantizer(
     mult = lambda_mult if lambda_mult is not None else cal.get("lambda_mult", DEFAULT_LAMBDA_MULT)
     if lambda_t is not None:
         lam = lambda_t
-    elif lambda_mult is None and "lambda" in cal:  # a finetuned model's recorded λ (∝ Δ²)
-        lam = cal["lambda"] * step_scale**2
+    elif lambda_mult is None and _recorded_lambda_t(cal) is not None:  # a finetuned model's λ_T (∝ Δ²)
+        lam = _recorded_lambda_t(cal) * step_scale**2
     else:
         lam = default_lambda(method, step, mult)
     w = None
