@@ -25,7 +25,7 @@ from qft.models import (
     state_dict_of,
 )
 from qft.models.cca import TRAINING_ONLY_KEYS, release_slices
-from qft.models.dcae import WindowAttention
+from qft.models.layers import WindowAttention
 from trellis import Quantizer
 
 ROOT = Path(__file__).resolve().parents[1]
