@@ -139,6 +139,17 @@ def test_from_state_dict(arch, models, image, tmp_path):
         assert torch.equal(plain(image)["x_hat"], models[arch](image)["x_hat"])
 
 
+def test_from_state_dict_needs_a_registered_architecture(models):
+    """The shared constructor reads the parameters through the registry: a subclass that
+    is not registered is told so, not built at wrong sizes."""
+
+    class Unregistered(type(models["cca"])):
+        pass
+
+    with pytest.raises(TypeError, match="not a registered architecture"):
+        Unregistered.from_state_dict(models["cca"].state_dict())
+
+
 @pytest.mark.parametrize("arch", TINY)
 def test_forward_shapes_and_gradients(arch, image):
     model = create_model(arch, seed=1, **TINY[arch]).train()

@@ -141,7 +141,7 @@ def test_params():
         ({"M": 322}, "M must be a multiple of 5"),
         ({"M": 50}, "Z follows from M only when M is a multiple of 40"),
         ({"M": 40, "attn_dim": 20}, "attn_dim must be a positive multiple of 16"),
-        ({"M": 40, "cc_dims": [8]}, "cc_dims must be two positive integers"),
+        ({"M": 40, "cc_dims": [8]}, "cc_dims must be 2 positive integers"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
             arch.resolve_params(params)

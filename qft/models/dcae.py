@@ -57,7 +57,7 @@ from qft.errors import UserError
 
 from .layers import WindowAttention
 from .registry import Architecture, register_architecture
-from .slices import ChannelSliceModel, count_indices, is_positive_int, slice_transform
+from .slices import ChannelSliceModel, check_positive_ints, count_indices, slice_transform
 
 __all__ = ["DCAE", "complete_dcae_params", "infer_dcae_params"]
 
@@ -333,14 +333,6 @@ class DCAE(ChannelSliceModel):
         self.entropy_bottleneck = EntropyBottleneck(z_dim)
         self.gaussian_conditional = GaussianConditional(None)
 
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> DCAE:
-        """A model at the parameters read from the shapes, loaded with CompressAI's
-        ``load_state_dict`` (a complete state_dict; legacy EntropyBottleneck names)."""
-        model = cls(**infer_dcae_params(state_dict))
-        model.load_state_dict(state_dict)
-        return model
-
     @staticmethod
     def _hyper_synthesis(N: int, M: int, z_dim: int) -> nn.Sequential:
         return nn.Sequential(
@@ -396,15 +388,7 @@ def infer_dcae_params(state_dict: Mapping[str, Tensor]) -> dict:
 
 def complete_dcae_params(params: dict) -> dict:
     """Check the DCAE parameters (types, list lengths, divisibility); lists as lists."""
-    out = dict(params)
-    for key in ("num_slices", "z_dim", "dict_num", "dict_head_num"):
-        if not is_positive_int(out[key]):
-            raise UserError(f"dcae: {key} must be a positive integer, got {out[key]!r}")
-    for key, length in _LISTS.items():
-        value = out[key]
-        if not isinstance(value, (list, tuple)) or len(value) != length or not all(map(is_positive_int, value)):
-            raise UserError(f"dcae: {key} must be {length} positive integers, got {value!r}")
-        out[key] = list(value)
+    out = check_positive_ints("dcae", params, ("num_slices", "z_dim", "dict_num", "dict_head_num"), _LISTS)
     if out["M"] % out["num_slices"]:
         raise UserError(f"dcae: M={out['M']} is not a multiple of num_slices={out['num_slices']}")
     if out["N"] % HYPER_HEAD_DIM:

@@ -68,7 +68,7 @@ from qft.errors import UserError
 
 from .layers import WindowAttention
 from .registry import Architecture, register_architecture
-from .slices import ChannelSliceModel, is_positive_int, slice_transform
+from .slices import ChannelSliceModel, check_positive_ints, is_positive_int, slice_transform
 
 __all__ = [
     "SwinBlock",
@@ -235,13 +235,6 @@ class TCM(ChannelSliceModel):
         self.lrp_transforms = nn.ModuleList(slice_transform(ch + size, cc_dims, size) for ch in support)
         self.gaussian_conditional = GaussianConditional(None)
 
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> TCM:
-        """A model with the parameters read from ``state_dict``'s shapes, loaded from it."""
-        net = cls(**infer_tcm_params(state_dict))
-        net.load_state_dict(state_dict)
-        return net
-
     # ------------------------------------------------------------------ slice steps
 
     def hyper_context(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
@@ -312,14 +305,9 @@ def complete_tcm_params(params: dict) -> dict:
                     f"give {key} explicitly at M={M}"
                 )
             out[key] = value
-    if not is_positive_int(out["Z"]):
-        raise UserError(f"TCM: Z must be a positive integer, got {out['Z']!r}")
+    out = check_positive_ints("TCM", out, ("Z",), {"cc_dims": 2})
     if not (is_positive_int(out["attn_dim"]) and out["attn_dim"] % _ATTN_HEAD_DIM == 0):
         raise UserError(f"TCM: attn_dim must be a positive multiple of {_ATTN_HEAD_DIM}, got {out['attn_dim']!r}")
-    cc = out["cc_dims"]
-    if not (isinstance(cc, (list, tuple)) and len(cc) == 2 and all(is_positive_int(v) for v in cc)):
-        raise UserError(f"TCM: cc_dims must be two positive integers, got {cc!r}")
-    out["cc_dims"] = list(cc)
     return out
 
 
