@@ -25,7 +25,7 @@ from qft.models import (
     state_dict_of,
 )
 from qft.models.cca import TRAINING_ONLY_KEYS, release_slices
-from qft.models.dcae import WindowAttention
+from qft.models.layers import WindowAttention
 from trellis import Quantizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +137,17 @@ def test_from_state_dict(arch, models, image, tmp_path):
     plain = ARCHITECTURES[arch].cls.from_state_dict(torch.load(path, weights_only=True)["state_dict"]).eval()
     with torch.no_grad():
         assert torch.equal(plain(image)["x_hat"], models[arch](image)["x_hat"])
+
+
+def test_from_state_dict_needs_a_registered_architecture(models):
+    """The shared constructor reads the parameters through the registry: a subclass that
+    is not registered is told so, not built at wrong sizes."""
+
+    class Unregistered(type(models["cca"])):
+        pass
+
+    with pytest.raises(TypeError, match="not a registered architecture"):
+        Unregistered.from_state_dict(models["cca"].state_dict())
 
 
 @pytest.mark.parametrize("arch", TINY)

@@ -19,7 +19,8 @@ from qft.cli import main
 from qft.codec import Codec
 from qft.errors import UserError
 from qft.models import ARCHITECTURES, create_model, load_checkpoint
-from qft.models.tcm import NUM_SLICES, TCM, WindowAttention
+from qft.models.layers import WindowAttention
+from qft.models.tcm import NUM_SLICES, TCM
 
 TINY = {"N": 32, "M": 20, "Z": 8, "attn_dim": 16, "cc_dims": [16, 8]}
 
@@ -41,11 +42,11 @@ def reference_decode(model, x):
     y = model.g_a(x)
     z = model.h_a(y)
     z_hat = model.entropy_bottleneck.decompress(model.entropy_bottleneck.compress(z), z.shape[-2:])
-    hyper = model.hyper(z_hat)
+    context = model.hyper_context(z_hat)
     slices = []
     for i, y_slice in enumerate(y.chunk(NUM_SLICES, 1)):
-        mu, _, support = model.slice_params(i, hyper, slices)
-        slices.append(model.refine(i, support, torch.round(y_slice - mu) + mu))
+        mu, _, support = model.slice_parameters(i, context, slices)
+        slices.append(model.slice_reconstruction(i, support, torch.round(y_slice - mu) + mu))
     return model.g_s(torch.cat(slices, 1)).clamp_(0, 1)
 
 
@@ -140,7 +141,7 @@ def test_params():
         ({"M": 322}, "M must be a multiple of 5"),
         ({"M": 50}, "Z follows from M only when M is a multiple of 40"),
         ({"M": 40, "attn_dim": 20}, "attn_dim must be a positive multiple of 16"),
-        ({"M": 40, "cc_dims": [8]}, "cc_dims must be two positive integers"),
+        ({"M": 40, "cc_dims": [8]}, "cc_dims must be 2 positive integers"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
             arch.resolve_params(params)

@@ -45,9 +45,11 @@ em_dim=8, em_layers=1, z_dim=8, cc_dim=8,8``.
 from __future__ import annotations
 
 import math
+
 from collections.abc import Mapping, Sequence
 
 import torch
+
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.models.sensetime import ResidualBottleneckBlock
 from compressai.models.utils import conv, deconv
@@ -56,7 +58,7 @@ from torch import Tensor, nn
 from qft.errors import UserError
 
 from .registry import Architecture, register_architecture
-from .slices import ChannelSliceModel, count_indices, is_positive_int, slice_transform
+from .slices import ChannelSliceModel, check_positive_ints, count_indices, is_positive_int, slice_transform
 
 __all__ = ["CCA", "TRAINING_ONLY_KEYS", "complete_cca_params", "infer_cca_params", "release_slices"]
 
@@ -231,15 +233,6 @@ class CCA(ChannelSliceModel):
         self.z_entropy_bottleneck = EntropyBottleneck(z_dim)
         self.gaussian_conditional = GaussianConditional(None)
 
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> CCA:
-        """A model at the parameters read from the shapes, loaded with CompressAI's
-        ``load_state_dict`` (a complete inference state_dict; legacy EntropyBottleneck
-        names; training-only keys must be dropped first)."""
-        model = cls(**infer_cca_params(state_dict))
-        model.load_state_dict(state_dict)
-        return model
-
     def hyper_context(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
         """``(latent_means, latent_scales)``."""
         return self.h_mean_s(z_hat), self.h_scale_s(z_hat)
@@ -281,15 +274,7 @@ def infer_cca_params(state_dict: Mapping[str, Tensor]) -> dict:
 
 def complete_cca_params(params: dict) -> dict:
     """Fill ``slices = None`` with the release's proportions; check types and sums."""
-    out = dict(params)
-    for key in ("em_dim", "em_layers", "z_dim"):
-        if not is_positive_int(out[key]):
-            raise UserError(f"cca: {key} must be a positive integer, got {out[key]!r}")
-    for key, length in _LISTS.items():
-        value = out[key]
-        if not isinstance(value, (list, tuple)) or len(value) != length or not all(map(is_positive_int, value)):
-            raise UserError(f"cca: {key} must be {length} positive integers, got {value!r}")
-        out[key] = list(value)
+    out = check_positive_ints("cca", params, ("em_dim", "em_layers", "z_dim"), _LISTS)
     slices = out["slices"]
     if slices is None:
         slices = release_slices(out["M"])

@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.models.sensetime import ResidualBottleneckBlock
 from compressai.models.utils import conv, deconv
@@ -54,8 +55,9 @@ from torch import Tensor, nn
 
 from qft.errors import UserError
 
+from .layers import WindowAttention
 from .registry import Architecture, register_architecture
-from .slices import ChannelSliceModel, count_indices, is_positive_int, slice_transform
+from .slices import ChannelSliceModel, check_positive_ints, count_indices, slice_transform
 
 __all__ = ["DCAE", "complete_dcae_params", "infer_dcae_params"]
 
@@ -93,91 +95,6 @@ class ResidualBottleneckBlockWithUpsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(self.res3(self.res2(self.res1(x))))
-
-
-class WindowAttention(nn.Module):
-    """Multi-head self-attention within ``window × window`` windows, with a learned
-    relative position bias; ``shifted``: windows shifted by half a window (cyclic roll,
-    masked across the wrap). Input and output ``(B, H, W, C)``. Sides that are not
-    multiples of the window are zero-padded bottom/right; real positions never attend to
-    padded ones, and the output is cropped back."""
-
-    def __init__(self, dim: int, head_dim: int, window: int, shifted: bool):
-        super().__init__()
-        self.head_dim, self.window, self.shifted = head_dim, window, shifted
-        self.heads = dim // head_dim
-        self.scale = head_dim**-0.5
-        self.embedding_layer = nn.Linear(dim, 3 * dim)
-        self.relative_position_params = nn.Parameter(torch.empty(self.heads, 2 * window - 1, 2 * window - 1))
-        nn.init.trunc_normal_(self.relative_position_params, std=0.02)
-        self.linear = nn.Linear(dim, dim)
-        cells = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"), -1)
-        cells = cells.reshape(-1, 2)
-        self.register_buffer("relative_index", cells[:, None] - cells[None, :] + window - 1, persistent=False)
-
-    def relative_bias(self) -> Tensor:
-        """``(heads, window², window²)``."""
-        return self.relative_position_params[:, self.relative_index[..., 0], self.relative_index[..., 1]]
-
-    def windows(self, x: Tensor) -> Tensor:
-        """``(B, H, W, C)`` -> ``(B, windows, window², C)``, windows row-major."""
-        b, height, width, c = x.shape
-        p = self.window
-        x = x.reshape(b, height // p, p, width // p, p, c).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, (height // p) * (width // p), p * p, c)
-
-    def mask(self, height: int, width: int, device: torch.device) -> Tensor | None:
-        """``(windows, window², window²)``, true where a query may not attend to a key:
-        across the wrap of a shifted window (positions that are not neighbours in the
-        image), and from a real position to a padded one; ``None`` when nothing is masked."""
-        p = self.window
-        padded_h, padded_w = height + -height % p, width + -width % p
-        rows, cols = padded_h // p, padded_w // p
-        mask = None
-        if self.shifted:
-            s = p - p // 2
-            wrap = torch.zeros(rows, cols, p, p, p, p, dtype=torch.bool, device=device)
-            wrap[-1, :, :s, :, s:, :] = True
-            wrap[-1, :, s:, :, :s, :] = True
-            wrap[:, -1, :, :s, :, s:] = True
-            wrap[:, -1, :, s:, :, :s] = True
-            mask = wrap.reshape(rows * cols, p * p, p * p)
-        if (padded_h, padded_w) != (height, width):
-            real = torch.zeros(1, padded_h, padded_w, 1, dtype=torch.bool, device=device)
-            real[:, :height, :width] = True
-            if self.shifted:
-                real = torch.roll(real, shifts=(-(p // 2), -(p // 2)), dims=(1, 2))
-            real = self.windows(real)[0, :, :, 0]
-            padded_key = real[:, :, None] & ~real[:, None, :]
-            mask = padded_key if mask is None else mask | padded_key
-        return mask
-
-    def forward(self, x: Tensor) -> Tensor:
-        p, shift = self.window, self.window // 2
-        b, height, width, c = x.shape
-        pad_h, pad_w = -height % p, -width % p
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        if self.shifted:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-        rows, cols = (height + pad_h) // p, (width + pad_w) // p
-        x = self.windows(x)
-        qkv = self.embedding_layer(x)
-        qkv = qkv.reshape(b, rows * cols, p * p, 3 * self.heads, self.head_dim).permute(3, 0, 1, 2, 4)
-        q, k, v = qkv.chunk(3, dim=0)
-        sim = torch.einsum("hbwpc,hbwqc->hbwpq", q, k) * self.scale
-        sim = sim + self.relative_bias()[:, None, None]
-        mask = self.mask(height, width, x.device)
-        if mask is not None:
-            sim = sim.masked_fill_(mask, float("-inf"))
-        probs = F.softmax(sim, dim=-1)
-        out = torch.einsum("hbwij,hbwjc->hbwic", probs, v)
-        out = out.permute(1, 2, 3, 0, 4).reshape(b, rows * cols, p * p, self.heads * self.head_dim)
-        out = self.linear(out)
-        out = out.reshape(b, rows, cols, p, p, c).permute(0, 1, 3, 2, 4, 5).reshape(b, rows * p, cols * p, c)
-        if self.shifted:
-            out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
-        return out[:, :height, :width] if pad_h or pad_w else out
 
 
 class DWConv(nn.Module):
@@ -416,14 +333,6 @@ class DCAE(ChannelSliceModel):
         self.entropy_bottleneck = EntropyBottleneck(z_dim)
         self.gaussian_conditional = GaussianConditional(None)
 
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> DCAE:
-        """A model at the parameters read from the shapes, loaded with CompressAI's
-        ``load_state_dict`` (a complete state_dict; legacy EntropyBottleneck names)."""
-        model = cls(**infer_dcae_params(state_dict))
-        model.load_state_dict(state_dict)
-        return model
-
     @staticmethod
     def _hyper_synthesis(N: int, M: int, z_dim: int) -> nn.Sequential:
         return nn.Sequential(
@@ -479,15 +388,7 @@ def infer_dcae_params(state_dict: Mapping[str, Tensor]) -> dict:
 
 def complete_dcae_params(params: dict) -> dict:
     """Check the DCAE parameters (types, list lengths, divisibility); lists as lists."""
-    out = dict(params)
-    for key in ("num_slices", "z_dim", "dict_num", "dict_head_num"):
-        if not is_positive_int(out[key]):
-            raise UserError(f"dcae: {key} must be a positive integer, got {out[key]!r}")
-    for key, length in _LISTS.items():
-        value = out[key]
-        if not isinstance(value, (list, tuple)) or len(value) != length or not all(map(is_positive_int, value)):
-            raise UserError(f"dcae: {key} must be {length} positive integers, got {value!r}")
-        out[key] = list(value)
+    out = check_positive_ints("dcae", params, ("num_slices", "z_dim", "dict_num", "dict_head_num"), _LISTS)
     if out["M"] % out["num_slices"]:
         raise UserError(f"dcae: M={out['M']} is not a multiple of num_slices={out['num_slices']}")
     if out["N"] % HYPER_HEAD_DIM:

@@ -1,4 +1,4 @@
-"""Channel-slice entropy models with latent residual prediction (DCAE, CCA).
+"""Channel-slice entropy models with latent residual prediction (TCM, DCAE, CCA).
 
 The latent ``y`` is split along its channels into slices ``y_0 … y_{S-1}``, coded in this
 order, one coding step per slice. Step ``i``::
@@ -29,13 +29,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
 from compressai.ans import BufferedRansEncoder, RansDecoder
 from compressai.models import CompressionModel
 from compressai.models.utils import conv
 from compressai.ops import quantize_ste
 from torch import Tensor, nn
 
-__all__ = ["ChannelSliceModel", "count_indices", "is_positive_int", "slice_transform"]
+from qft.errors import UserError
+
+from .registry import ARCHITECTURES
+
+__all__ = ["ChannelSliceModel", "check_positive_ints", "count_indices", "is_positive_int", "slice_transform"]
 
 
 def slice_transform(in_ch: int, hidden: Sequence[int], out_ch: int) -> nn.Sequential:
@@ -64,6 +69,29 @@ def is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def check_positive_ints(
+    arch: str, params: Mapping[str, Any], ints: Sequence[str] = (), lists: Mapping[str, int] | None = None
+) -> dict:
+    """A copy of ``params`` in which each key of ``ints`` is checked to be a positive
+    ``int``, and each key of ``lists`` a list or tuple of that many positive ``int``s
+    (returned as a list).
+
+    Raises:
+        UserError: ``"{arch}: {key} must be a positive integer, got …"`` or
+            ``"{arch}: {key} must be {length} positive integers, got …"``.
+    """
+    out = dict(params)
+    for key in ints:
+        if not is_positive_int(out[key]):
+            raise UserError(f"{arch}: {key} must be a positive integer, got {out[key]!r}")
+    for key, length in (lists or {}).items():
+        value = out[key]
+        if not isinstance(value, (list, tuple)) or len(value) != length or not all(map(is_positive_int, value)):
+            raise UserError(f"{arch}: {key} must be {length} positive integers, got {value!r}")
+        out[key] = list(value)
+    return out
+
+
 class ChannelSliceModel(CompressionModel):
     """Base of the channel-slice models: ``forward``, ``compress`` and ``decompress``.
 
@@ -77,6 +105,19 @@ class ChannelSliceModel(CompressionModel):
 
     #: channels of each slice of ``y``, in coding order
     slice_sizes: list[int]
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> ChannelSliceModel:
+        """CompressAI's constructor from a complete state_dict: a model at the parameters
+        its registered architecture's ``infer_params`` reads from the shapes, loaded with
+        CompressAI's ``load_state_dict`` (legacy EntropyBottleneck names accepted;
+        training-only keys must be dropped first)."""
+        arch = next((a for a in ARCHITECTURES.values() if a.cls is cls), None)
+        if arch is None:
+            raise TypeError(f"{cls.__name__} is not a registered architecture; build it from its parameters")
+        model = cls(**arch.infer_params(state_dict))
+        model.load_state_dict(state_dict)
+        return model
 
     @property
     def z_bottleneck(self):

@@ -48,12 +48,10 @@ in the official order.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from compressai.ans import BufferedRansEncoder, RansDecoder
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import (
     AttentionBlock,
@@ -64,16 +62,15 @@ from compressai.layers import (
     conv3x3,
     subpel_conv3x3,
 )
-from compressai.models import CompressionModel
-from compressai.ops import quantize_ste
 from torch import Tensor, nn
 
 from qft.errors import UserError
 
+from .layers import WindowAttention
 from .registry import Architecture, register_architecture
+from .slices import ChannelSliceModel, check_positive_ints, is_positive_int, slice_transform
 
 __all__ = [
-    "WindowAttention",
     "SwinBlock",
     "ConvTransBlock",
     "SWAtten",
@@ -91,101 +88,6 @@ _HYPER_WINDOW = 4
 _HYPER_HEAD_DIM = 32
 _ATTN_HEAD_DIM = 16
 NUM_SLICES = 5
-
-
-class WindowAttention(nn.Module):
-    """Multi-head self-attention within ``window × window`` windows, shifted by half a
-    window when ``shifted`` (Swin), with a learned relative-position bias per head.
-
-    Input and output ``(B, H, W, C)``. Sides that are not multiples of the window are
-    padded (zeros, bottom/right); padded positions are never attended to by real ones, and
-    the output is cropped back.
-    """
-
-    def __init__(self, dim: int, head_dim: int, window: int, shifted: bool):
-        super().__init__()
-        if dim % head_dim:
-            raise ValueError(f"dim {dim} is not a multiple of the head width {head_dim}")
-        self.heads = dim // head_dim
-        self.head_dim = head_dim
-        self.window = window
-        self.shifted = shifted
-        self.scale = head_dim**-0.5
-        self.embedding_layer = nn.Linear(dim, 3 * dim)
-        self.relative_position_params = nn.Parameter(
-            torch.empty(self.heads, 2 * window - 1, 2 * window - 1)
-        )
-        nn.init.trunc_normal_(self.relative_position_params, std=0.02)
-        self.linear = nn.Linear(dim, dim)
-        pos = torch.arange(window)
-        rows = pos.repeat_interleave(window)  # row of each position in a window, row-major
-        cols = pos.repeat(window)
-        self.register_buffer("_rel_rows", rows[:, None] - rows[None, :] + window - 1, persistent=False)
-        self.register_buffer("_rel_cols", cols[:, None] - cols[None, :] + window - 1, persistent=False)
-
-    def _windows(self, x: Tensor) -> Tensor:
-        """``(B, Hp, Wp, C)`` -> ``(B, windows, window², C)``, windows row-major."""
-        B, H, W, C = x.shape
-        w = self.window
-        x = x.reshape(B, H // w, w, W // w, w, C).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(B, (H // w) * (W // w), w * w, C)
-
-    def _mask(self, height: int, width: int, device: torch.device) -> Tensor | None:
-        """``(windows, window², window²)``: True where a query may not attend to a key.
-
-        A shifted window that wraps around the map's edge holds two or four regions that
-        are not neighbours: they do not attend to each other. Padded keys are not attended
-        to by real queries.
-        """
-        w = self.window
-        hp, wp = height + (-height % w), width + (-width % w)
-        nh, nw = hp // w, wp // w
-        mask = None
-        if self.shifted:
-            s = w - w // 2
-            m = torch.zeros(nh, nw, w, w, w, w, dtype=torch.bool, device=device)
-            m[-1, :, :s, :, s:, :] = True
-            m[-1, :, s:, :, :s, :] = True
-            m[:, -1, :, :s, :, s:] = True
-            m[:, -1, :, s:, :, :s] = True
-            mask = m.reshape(nh * nw, w * w, w * w)
-        if (hp, wp) != (height, width):
-            valid = torch.zeros(1, hp, wp, 1, dtype=torch.bool, device=device)
-            valid[:, :height, :width] = True
-            if self.shifted:
-                valid = torch.roll(valid, shifts=(-(w // 2), -(w // 2)), dims=(1, 2))
-            valid = self._windows(valid)[0, :, :, 0]  # (windows, window²)
-            padded_key = valid[:, :, None] & ~valid[:, None, :]
-            mask = padded_key if mask is None else mask | padded_key
-        return mask
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, H, W, C = x.shape
-        w = self.window
-        ph, pw = -H % w, -W % w
-        if ph or pw:
-            x = F.pad(x, (0, 0, 0, pw, 0, ph))
-        hp, wp = H + ph, W + pw
-        if self.shifted:
-            x = torch.roll(x, shifts=(-(w // 2), -(w // 2)), dims=(1, 2))
-        x = self._windows(x)
-        n = x.shape[1]
-        qkv = self.embedding_layer(x)
-        q, k, v = qkv.view(B, n, w * w, 3 * self.heads, self.head_dim).permute(3, 0, 1, 2, 4).chunk(3, dim=0)
-        sim = torch.einsum("hbwpc,hbwqc->hbwpq", q, k) * self.scale
-        bias = self.relative_position_params[:, self._rel_rows, self._rel_cols]
-        sim = sim + bias[:, None, None]
-        mask = self._mask(H, W, x.device)
-        if mask is not None:
-            sim = sim.masked_fill_(mask, float("-inf"))
-        probs = F.softmax(sim, dim=-1)
-        out = torch.einsum("hbwij,hbwjc->hbwic", probs, v)
-        out = out.permute(1, 2, 3, 0, 4).reshape(B, n, w * w, C)
-        out = self.linear(out)
-        out = out.reshape(B, hp // w, wp // w, w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, hp, wp, C)
-        if self.shifted:
-            out = torch.roll(out, shifts=(w // 2, w // 2), dims=(1, 2))
-        return out[:, :H, :W] if ph or pw else out
 
 
 class TransformerBlock(nn.Module):
@@ -261,26 +163,14 @@ def _stage(N: int, head_dim: int, window: int) -> list[nn.Module]:
     return [ConvTransBlock(N, head_dim, window, shifted=bool(i % 2)) for i in range(_DEPTH)]
 
 
-def _slice_transform(in_ch: int, hidden: Sequence[int], out_ch: int) -> nn.Sequential:
-    """3×3 convs ``in -> hidden[0] -> hidden[1] -> out`` with GELUs between."""
-    return nn.Sequential(
-        conv3x3(in_ch, hidden[0]),
-        nn.GELU(),
-        conv3x3(hidden[0], hidden[1]),
-        nn.GELU(),
-        conv3x3(hidden[1], out_ch),
-    )
-
-
-class TCM(CompressionModel):
+class TCM(ChannelSliceModel):
     """TCM (Liu et al. 2023) with the official state_dict layout; see the module doc.
 
-    ``forward(x)`` returns ``{"x_hat", "likelihoods": {"y", "z"}}`` (training: additive
-    noise for the likelihoods, straight-through rounding for ``ŷ`` and ``ẑ``, as the
-    official model); ``compress(x)`` returns ``{"strings": [y_strings, z_strings],
-    "shape": (zh, zw)}`` with one rANS string per image holding the five slices in order;
-    ``decompress(strings, shape)`` returns ``{"x_hat"}``. The slice-wise steps are public
-    (:meth:`hyper`, :meth:`slice_params`, :meth:`refine`), so other coders reuse them.
+    A :class:`~qft.models.slices.ChannelSliceModel` of five equal slices: ``forward``,
+    ``compress`` and ``decompress`` are the base's (the official streams: one rANS string
+    per image holding the five slices in order); the slice-wise steps are the public
+    :meth:`hyper_context` and :meth:`slice_parameters` and the base's
+    :meth:`slice_reconstruction` (LRP), so other coders reuse them.
     """
 
     def __init__(
@@ -295,7 +185,8 @@ class TCM(CompressionModel):
         if M % NUM_SLICES:
             raise ValueError(f"M={M} is not a multiple of {NUM_SLICES}")
         self.N, self.M, self.Z = N, M, Z
-        self.slice_channels = M // NUM_SLICES
+        self.slice_sizes = [M // NUM_SLICES] * NUM_SLICES
+        size = M // NUM_SLICES
         # (the official model creates it first: the state_dict order follows)
         self.entropy_bottleneck = EntropyBottleneck(Z)
         c = 2 * N
@@ -332,139 +223,36 @@ class TCM(CompressionModel):
             *_stage(N, _HYPER_HEAD_DIM, _HYPER_WINDOW),
             subpel_conv3x3(c, M, 2),
         )
-        support = [M + self.slice_channels * i for i in range(NUM_SLICES)]
+        support = [M + size * i for i in range(NUM_SLICES)]
         self.atten_mean = nn.ModuleList(
             nn.Sequential(SWAtten(ch, attn_dim, _ATTN_HEAD_DIM, _WINDOW)) for ch in support
         )
         self.atten_scale = nn.ModuleList(
             nn.Sequential(SWAtten(ch, attn_dim, _ATTN_HEAD_DIM, _WINDOW)) for ch in support
         )
-        self.cc_mean_transforms = nn.ModuleList(
-            _slice_transform(ch, cc_dims, self.slice_channels) for ch in support
-        )
-        self.cc_scale_transforms = nn.ModuleList(
-            _slice_transform(ch, cc_dims, self.slice_channels) for ch in support
-        )
-        self.lrp_transforms = nn.ModuleList(
-            _slice_transform(ch + self.slice_channels, cc_dims, self.slice_channels) for ch in support
-        )
+        self.cc_mean_transforms = nn.ModuleList(slice_transform(ch, cc_dims, size) for ch in support)
+        self.cc_scale_transforms = nn.ModuleList(slice_transform(ch, cc_dims, size) for ch in support)
+        self.lrp_transforms = nn.ModuleList(slice_transform(ch + size, cc_dims, size) for ch in support)
         self.gaussian_conditional = GaussianConditional(None)
 
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> "TCM":
-        """A model with the parameters read from ``state_dict``'s shapes, loaded from it."""
-        net = cls(**infer_tcm_params(state_dict))
-        net.load_state_dict(state_dict)
-        return net
+    # ------------------------------------------------------------------ slice steps
 
-    # ------------------------------------------------------------------ coding steps
-
-    def hyper(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
+    def hyper_context(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
         """``(means, scales)`` of the hyper-synthesis, ``M`` channels each."""
         return self.h_mean_s(z_hat), self.h_scale_s(z_hat)
 
-    def slice_params(
-        self, index: int, hyper: tuple[Tensor, Tensor], y_hat_slices: Sequence[Tensor]
+    def slice_parameters(
+        self, index: int, context: tuple[Tensor, Tensor], y_hat_slices: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(μ, σ, support)`` of slice ``index`` from the hyper output and the final
-        (LRP-corrected) earlier slices; ``support`` is what :meth:`refine` reads."""
-        means, scales = hyper
+        """``(μ, σ, support)`` of slice ``index``: ``support = atten_mean[index](cat[means,
+        ŷ_<index])`` (what the LRP reads), ``μ`` its ``cc_mean_transforms``; ``σ`` through
+        ``atten_scale`` and ``cc_scale_transforms`` from the scales."""
+        means, scales = context
         support = self.atten_mean[index](torch.cat([means, *y_hat_slices], dim=1))
         mu = self.cc_mean_transforms[index](support)
         scale_support = self.atten_scale[index](torch.cat([scales, *y_hat_slices], dim=1))
         scale = self.cc_scale_transforms[index](scale_support)
         return mu, scale, support
-
-    def refine(self, index: int, support: Tensor, y_hat_slice: Tensor) -> Tensor:
-        """Slice ``index`` after latent residual prediction: ``ŷ + 0.5·tanh(lrp(support, ŷ))``
-        (a new tensor)."""
-        lrp = self.lrp_transforms[index](torch.cat([support, y_hat_slice], dim=1))
-        return y_hat_slice + 0.5 * torch.tanh(lrp)
-
-    # ------------------------------------------------------------------ CompressAI API
-
-    def forward(self, x: Tensor) -> dict:
-        y = self.g_a(x)
-        z = self.h_a(y)
-        _, z_likelihoods = self.entropy_bottleneck(z)
-        z_offset = self.entropy_bottleneck.quantiles[:, :, 1:2]  # the medians, (Z, 1, 1)
-        z_hat = quantize_ste(z - z_offset) + z_offset
-        hyper = self.hyper(z_hat)
-        y_hat_slices, y_likelihoods = [], []
-        for index, y_slice in enumerate(y.chunk(NUM_SLICES, 1)):
-            mu, scale, support = self.slice_params(index, hyper, y_hat_slices)
-            _, likelihoods = self.gaussian_conditional(y_slice, scale, mu)
-            y_likelihoods.append(likelihoods)
-            y_hat_slices.append(self.refine(index, support, quantize_ste(y_slice - mu) + mu))
-        x_hat = self.g_s(torch.cat(y_hat_slices, dim=1))
-        return {
-            "x_hat": x_hat,
-            "likelihoods": {"y": torch.cat(y_likelihoods, dim=1), "z": z_likelihoods},
-        }
-
-    def _tables(self) -> tuple[list, list, list]:
-        gc = self.gaussian_conditional
-        if gc.quantized_cdf.numel() == 0:
-            raise RuntimeError("TCM: the CDF tables are not built; call update() first")
-        return (
-            gc.quantized_cdf.tolist(),
-            gc.cdf_length.reshape(-1).int().tolist(),
-            gc.offset.reshape(-1).int().tolist(),
-        )
-
-    def compress(self, x: Tensor) -> dict:
-        """``{"strings": [y_strings, z_strings], "shape": z's (h, w)}``, one string per
-        image in each list; the y string holds slices 0…4 in order, each flattened
-        ``(C, H, W)``, as the official model's."""
-        tables = self._tables()
-        y = self.g_a(x)
-        z = self.h_a(y)
-        z_strings = self.entropy_bottleneck.compress(z)
-        z_hat = self.entropy_bottleneck.decompress(z_strings, z.size()[-2:])
-        hyper = self.hyper(z_hat)
-        y_hat_slices, symbols, indexes = [], [], []
-        for index, y_slice in enumerate(y.chunk(NUM_SLICES, 1)):
-            mu, scale, support = self.slice_params(index, hyper, y_hat_slices)
-            q = self.gaussian_conditional.quantize(y_slice, "symbols", mu)
-            symbols.append(q)
-            indexes.append(self.gaussian_conditional.build_indexes(scale))
-            y_hat_slices.append(self.refine(index, support, q + mu))
-        y_strings = []
-        for b in range(x.shape[0]):
-            encoder = BufferedRansEncoder()
-            encoder.encode_with_indexes(
-                torch.cat([s[b].reshape(-1) for s in symbols]).tolist(),
-                torch.cat([i[b].reshape(-1) for i in indexes]).tolist(),
-                *tables,
-            )
-            y_strings.append(encoder.flush())
-        return {"strings": [y_strings, z_strings], "shape": z.size()[-2:]}
-
-    def decompress(self, strings: Sequence[Sequence[bytes]], shape: Sequence[int]) -> dict:
-        """``{"x_hat"}`` in ``[0, 1]`` from :meth:`compress`'s strings and shape."""
-        if len(strings) != 2 or len(strings[0]) != len(strings[1]):
-            raise ValueError("TCM streams are [y_strings, z_strings], one string per image in each")
-        tables = self._tables()
-        z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
-        hyper = self.hyper(z_hat)
-        height, width = 4 * z_hat.shape[2], 4 * z_hat.shape[3]
-        decoders = []
-        for y_string in strings[0]:
-            decoder = RansDecoder()
-            decoder.set_stream(y_string)
-            decoders.append(decoder)
-        y_hat_slices = []
-        for index in range(NUM_SLICES):
-            mu, scale, support = self.slice_params(index, hyper, y_hat_slices)
-            idx = self.gaussian_conditional.build_indexes(scale)
-            rv = [
-                torch.tensor(d.decode_stream(idx[b].reshape(-1).tolist(), *tables), dtype=torch.int32)
-                for b, d in enumerate(decoders)
-            ]
-            rv = torch.stack(rv).reshape(len(decoders), self.slice_channels, height, width).to(mu.device)
-            y_hat_slices.append(self.refine(index, support, self.gaussian_conditional.dequantize(rv, mu)))
-        x_hat = self.g_s(torch.cat(y_hat_slices, dim=1)).clamp_(0, 1)
-        return {"x_hat": x_hat}
 
 
 # ---------------------------------------------------------------------------- registry
@@ -499,10 +287,6 @@ def infer_tcm_params(state_dict: Mapping[str, Tensor]) -> dict:
     }
 
 
-def _positive(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def complete_tcm_params(params: dict) -> dict:
     """Derive ``Z``, ``attn_dim``, ``cc_dims`` left ``None`` from ``M`` and check the
     constraints of the blocks (head widths, five slices)."""
@@ -521,14 +305,9 @@ def complete_tcm_params(params: dict) -> dict:
                     f"give {key} explicitly at M={M}"
                 )
             out[key] = value
-    if not _positive(out["Z"]):
-        raise UserError(f"TCM: Z must be a positive integer, got {out['Z']!r}")
-    if not (_positive(out["attn_dim"]) and out["attn_dim"] % _ATTN_HEAD_DIM == 0):
+    out = check_positive_ints("TCM", out, ("Z",), {"cc_dims": 2})
+    if not (is_positive_int(out["attn_dim"]) and out["attn_dim"] % _ATTN_HEAD_DIM == 0):
         raise UserError(f"TCM: attn_dim must be a positive multiple of {_ATTN_HEAD_DIM}, got {out['attn_dim']!r}")
-    cc = out["cc_dims"]
-    if not (isinstance(cc, (list, tuple)) and len(cc) == 2 and all(_positive(v) for v in cc)):
-        raise UserError(f"TCM: cc_dims must be two positive integers, got {cc!r}")
-    out["cc_dims"] = list(cc)
     return out
 
 
