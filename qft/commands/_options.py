@@ -12,6 +12,10 @@ shipped reference models, never on a test set):
 
 ``m`` is ``--lambda-mult``, default 0.025: the plain VVC rule (``m = 1``) makes TCQ lose to
 USQ in the image domain of these noise-trained models. ``--lambda-t`` sets λ directly.
+
+Decoder target of RDOQ/TCQ without a calibrated choice (:func:`default_target`): ``rd``
+(``η`` per image) when the model's training λ is known, else the fixed ``η = 0.125``
+(docs/design.md, "A user's checkpoint"). USQ stays plain rounding (target 0).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ __all__ = [
     "add_quantizer_arguments",
     "default_step",
     "default_lambda",
+    "default_target",
     "quantizer_from_args",
     "target_value",
     "device_from_args",
@@ -36,6 +41,8 @@ __all__ = [
 
 DEFAULT_LAMBDA_MULT = 0.025
 DEFAULT_TCQ_STEP = 0.7
+#: η of the decoder target of RDOQ/TCQ for a checkpoint with neither calibration nor a known λ
+DEFAULT_TARGET_ETA = 0.125
 _SLOPE = math.log(2) / 6  # dD/dR of an entropy-coded uniform quantizer of step 1, per bit
 
 
@@ -51,6 +58,15 @@ def default_lambda(method: str, step: float, mult: float = DEFAULT_LAMBDA_MULT) 
     if method == "rdoq":
         return mult * _SLOPE * step**2
     return mult * 2 ** (1 / 12) * _SLOPE * (2 * step / 2 ** (1 / 6)) ** 2
+
+
+def default_target(method: str, model_lambda: float | None) -> str | float:
+    """The decoder target of a method without a calibrated choice: 0 for USQ (plain
+    rounding, the reference); for RDOQ/TCQ ``"rd"`` when the model's training λ is known,
+    else :data:`DEFAULT_TARGET_ETA`."""
+    if method == "usq":
+        return 0.0
+    return "rd" if model_lambda else DEFAULT_TARGET_ETA
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, many: bool = False) -> None:
@@ -76,7 +92,8 @@ def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--target", default="auto", type=_target_option, metavar="auto|rd|ETA",
                    help="decoder target: quantize y + ETA·(damped Gauss-Newton step towards a latent the decoder "
                         "renders closer to the image); rd: ETA chosen per image by the model's RD cost "
-                        "(needs its training λ); auto (default): the calibrated choice, else 0 (off)")
+                        "(needs its training λ); auto (default): the calibrated choice, else for RDOQ/TCQ rd when the "
+                        f"model's λ is known or {DEFAULT_TARGET_ETA} (USQ: 0, off)")
 
 
 def target_value(value: Any, allow_auto: bool = True) -> str | float:

@@ -55,6 +55,7 @@ from qft.commands._options import target_value
 from qft.errors import UserError
 from qft.eval.bdrate import bd_rate, local_rate_change, pareto_front
 from qft.eval.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer, weights_digest
+from qft.train.recipe import recipe_path
 
 __all__ = ["QuantizerSpec", "ModelRow", "ReportRecipe", "load_report_recipe", "run_report", "shipped_rows"]
 
@@ -156,8 +157,10 @@ def shipped_rows(labels: list[str]) -> list[ModelRow]:
 def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
     """Read a report recipe; ``overrides`` (non-None) replace its top-level fields.
 
-    Relative paths in the recipe are relative to the current directory (run from the
-    project root, as the shipped recipes expect).
+    Relative paths in the recipe (``data``, ``out``, ``anchors``, checkpoints) follow the
+    rule of every recipe (:func:`qft.train.recipe.recipe_path`): against the recipe's
+    project root, else its folder; checkpoints may be shipped model names. Paths given as
+    ``overrides`` (the command line's) are relative to the current directory.
     """
     path = Path(path)
     try:
@@ -166,6 +169,19 @@ def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
         raise UserError(f"{path}: not a readable YAML recipe ({exc.__class__.__name__})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a report recipe is a mapping")
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        for key in ("data", "out"):
+            if raw.get(key) is not None:
+                raw[key] = recipe_path(path, raw[key])
+        raw["anchors"] = [recipe_path(path, a) for a in raw.get("anchors") or ()]
+        if isinstance(raw.get("quantizers"), list):  # a weights file
+            raw["quantizers"] = [q | {"weights": recipe_path(path, q["weights"])}
+                                 if isinstance(q, dict) and q.get("weights", "auto") not in WEIGHT_CHOICES else q
+                                 for q in raw["quantizers"]]
+        for key in ("models", "extra_rows"):
+            if isinstance(raw.get(key), list):
+                raw[key] = [_row_paths(r, path) for r in raw[key]]
     raw |= {k: v for k, v in overrides.items() if v is not None}
     known = {f.name for f in dataclasses.fields(ReportRecipe)} | {"models", "extra_rows"}
     unknown = set(raw) - known
@@ -203,6 +219,17 @@ def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
         threads=int(raw.get("threads", 1)),
         ms_ssim=bool(raw.get("ms_ssim", True)),
     )
+
+
+def _row_paths(r: Any, path: Path) -> Any:
+    """A model row with its checkpoints (and ``settings_from``) resolved by the recipe rule."""
+    if not isinstance(r, dict):
+        return r
+    r = dict(r)
+    for key in ("checkpoints", "settings_from"):
+        if isinstance(r.get(key), list):
+            r[key] = [recipe_path(path, c, checkpoint=True) for c in r[key]]
+    return r
 
 
 def _parse_row(r: Any, labels: list[str], path: Path) -> ModelRow:

@@ -33,7 +33,7 @@ import numpy as np
 from trellis import Quantizer
 
 from qft.codec import RDTarget, target_record
-from qft.commands._options import DEFAULT_LAMBDA_MULT, default_lambda, default_step, target_value
+from qft.commands._options import DEFAULT_LAMBDA_MULT, default_lambda, default_step, default_target, target_value
 from qft.errors import UserError
 from qft.models import LoadedCheckpoint
 from qft.models.zoo import base_of, resolve
@@ -173,7 +173,8 @@ def resolve_quantizer(
             unless ``lambda_t`` is explicit); sweeps the rate around the operating point.
         target: ``η`` of the decoder target (a number ≥ 0), ``"rd"`` (an
             :class:`~qft.codec.RDTarget` at the model's training λ, ``settings["model_lambda"]``),
-            or ``"auto"``: the calibrated one (``qft calibrate --targets``), else 0.
+            or ``"auto"``: the calibrated one (``qft calibrate --targets``; 0 if the
+            calibration tried none), else :func:`~qft.commands._options.default_target`.
 
     Raises:
         UserError: decoder weights asked for but not estimated; unreadable weights file;
@@ -204,13 +205,15 @@ def resolve_quantizer(
         if w.ndim != 1 or not np.all(np.isfinite(w)) or not np.all(w > 0):
             raise UserError("distortion weights must be one finite positive value per latent channel")
     try:
-        eta = target_value(cal.get("target", 0.0) if target == "auto" else target, allow_auto=False)
+        auto = cal.get("target", 0.0) if cal else default_target(method, settings.get("model_lambda"))
+        eta = target_value(auto if target == "auto" else target, allow_auto=False)
     except ValueError:
         raise UserError(f"--target must be auto, rd or a number >= 0, got {target!r}") from None
     if eta == "rd":
         if "model_lambda" not in settings:
             raise UserError("--target rd weighs rate against distortion at the model's training λ, which this "
-                            "checkpoint does not record; give a number instead (e.g. --target 0.125)")
+                            "checkpoint does not record; record it with qft calibrate -m CKPT --lambda L, "
+                            "or give a fixed η instead (e.g. --target 0.125)")
         eta = RDTarget(settings["model_lambda"])
     try:
         q = Quantizer(method, step=step, lam=lam, reset=reset)

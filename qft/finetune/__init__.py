@@ -6,17 +6,25 @@
 - :mod:`qft.finetune.objective`: the losses (decoder / decoder+hyperdecoder, quantized
   or the noise-proxy control arm) and their batches.
 - :mod:`qft.finetune.loop`: the training loop, single process or DDP under torchrun.
+
+The package itself is callable: ``from qft import finetune; finetune(checkpoint, out,
+data=…)`` is :func:`qft.api.finetune` (``qft finetune`` as a function).
 """
+
+import sys
+import types
 
 from qft.finetune.cache import LatentCache, cache_identity
 from qft.finetune.loop import finetune, trainable_parameters
 from qft.finetune.objective import FinetuneObjective, cell_mass, index_cells
-from qft.finetune.recipe import PARTS, FinetuneRecipe, load_finetune_recipe
+from qft.finetune.recipe import PARTS, FinetuneRecipe, default_recipe, load_finetune_recipe, override_recipe
 
 __all__ = [
     "PARTS",
     "FinetuneRecipe",
+    "default_recipe",
     "load_finetune_recipe",
+    "override_recipe",
     "LatentCache",
     "cache_identity",
     "FinetuneObjective",
@@ -25,3 +33,14 @@ __all__ = [
     "finetune",
     "trainable_parameters",
 ]
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        """:func:`qft.api.finetune`."""
+        from qft.api import finetune as api_finetune
+
+        return api_finetune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
