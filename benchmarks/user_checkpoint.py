@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="first N Kodak images (default: all 24)")
     parser.add_argument("--out", default="runs/user_checkpoint", help="work folder (outside the package)")
     parser.add_argument("--rows", nargs="+", default=["usq", "tcq8", "tcq8-t0"])
+    parser.add_argument("--workers", type=int, default=1, help="qft eval --workers")
     parser.add_argument("--result", default=str(ROOT / "benchmarks/results/user_checkpoint.json"))
     args = parser.parse_args()
 
@@ -71,7 +72,7 @@ def main() -> None:
         result = out / f"{row}.json"
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "qft", "eval", "-m", *files, "-q", method, *extra, "--data", str(data),
-                        "-o", str(result), "--force"], check=True, cwd=ROOT)
+                        "-o", str(result), "--force", "--workers", str(args.workers)], check=True, cwd=ROOT)
         runs[row] = {"wall_s": time.perf_counter() - t0, "load_after": os.getloadavg(),
                      "results": json.loads(result.read_text())}
     bd = {}
@@ -94,6 +95,7 @@ def main() -> None:
         "note": "machine shared with other jobs while measured: wall times are not speed figures",
         "machine": machine_info(),
         "torch_threads": torch.get_num_threads(),
+        "workers": args.workers,
     }
     Path(args.result).write_text(json.dumps(record, indent=1))
     print(json.dumps(bd, indent=1))

@@ -53,6 +53,7 @@ from tqdm import tqdm
 from qft.codec import target_record
 from qft.commands._options import target_value
 from qft.errors import UserError
+from qft.files import atomic_write
 from qft.eval.bdrate import bd_rate, local_rate_change, pareto_front
 from qft.eval.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer, weights_digest
 from qft.train.recipe import recipe_path
@@ -125,6 +126,11 @@ class ReportRecipe:
     anchors: tuple[str, ...] = ()
     threads: int = 1
     ms_ssim: bool = True
+    # evaluate in this many processes of one thread each (qft.eval.evaluate.evaluate_in_processes)
+    workers: int = 1
+    # evaluate the base under every other row's quantizer (the "same quantizer" and "control"
+    # columns); False: those columns stay empty
+    same_quantizer: bool = True
 
 
 def shipped_rows(labels: list[str]) -> list[ModelRow]:
@@ -218,6 +224,8 @@ def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
         anchors=tuple(raw.get("anchors", ())),
         threads=int(raw.get("threads", 1)),
         ms_ssim=bool(raw.get("ms_ssim", True)),
+        workers=int(raw.get("workers", 1)),
+        same_quantizer=bool(raw.get("same_quantizer", True)),
     )
 
 
@@ -270,7 +278,7 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
     file, resolved quantizer and images are computed once.
     """
     from qft.codec import Codec
-    from qft.eval.evaluate import evaluate_configs, set_threads
+    from qft.eval.evaluate import evaluate_configs, evaluate_in_processes, set_threads
     from qft.models import ARCHITECTURES, load_checkpoint
 
     set_threads(recipe.threads)
@@ -300,12 +308,13 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
                 scales = sweep if row is base and label in recipe.sweep_quantizers else (1.0,)
                 for s in scales:
                     plan.setdefault(name, {})[(row.label, i, label, s)] = choose(s)
-                if row is not base and base.checkpoints[i] is not None:
+                if row is not base and base.checkpoints[i] is not None and recipe.same_quantizer:
                     for s in sweep if recipe.sweep_rows else (1.0,):
                         plan.setdefault(base.checkpoints[i], {})[(base.label, i, f"{label}|{row.label}", s)] = choose(s)
     cells: dict[tuple, dict] = {}
-    bar = tqdm(plan.items(), desc=f"report {recipe.name}", unit="model", disable=not progress)
-    for name, ids in bar:
+    work: list[tuple[str, Any, dict, dict]] = []  # (checkpoint, loaded, todo, choices) of the cells to compute
+    owners: dict[str, list[tuple]] = {}  # cell key -> cell ids
+    for name, ids in plan.items():
         ck, _ = load(name)
         by_key: dict[str, list[tuple]] = {}
         choices = {}
@@ -313,30 +322,60 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
             key = _cell_key(ck.sha256, choice, names, recipe.ms_ssim)
             by_key.setdefault(key, []).append(cid)
             choices[key] = choice
+        owners |= by_key
         todo = {}
         for key in by_key:
             path = out / "cells" / f"{key}.json"
-            if path.is_file():
-                for cid in by_key[key]:
-                    cells[cid] = json.loads(path.read_text())
-            else:
+            if not path.is_file():
                 todo[key] = (choices[key].quantizer, choices[key].weights, choices[key].target)
-        if not todo:
-            continue
-        codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
-        for q, *_ in todo.values():
-            codec.check_quantizer(q)
-        rows = evaluate_configs(codec, todo, images, desc=Path(name).name, ms_ssim=recipe.ms_ssim,
-                                progress=progress)
+        if todo:
+            work.append((name, ck, todo, choices))
+    rank, world = _rank()
+    if world > 1:  # torchrun: every rank computes every world-th cell; all read them back from disk
+        keys = sorted(k for _, _, todo, _ in work for k in todo)
+        mine = set(keys[rank::world])
+        work = [(n, ck, {k: v for k, v in todo.items() if k in mine}, ch) for n, ck, todo, ch in work]
+        work = [w for w in work if w[2]]
+    if recipe.workers > 1 and work:
+        results = evaluate_in_processes([(name, todo) for name, _, todo, _ in work], images, recipe.workers,
+                                        ms_ssim=recipe.ms_ssim, progress=progress)
+    else:
+        results = []
+        for name, ck, todo, _ in tqdm(work, desc=f"report {recipe.name}", unit="model", disable=not progress):
+            codec = Codec(ck.model, ck.arch, ARCHITECTURES[ck.arch].entropy)
+            for q, *_ in todo.values():
+                codec.check_quantizer(q)
+            results.append(evaluate_configs(codec, todo, images, desc=Path(name).name, ms_ssim=recipe.ms_ssim,
+                                            progress=progress))
+    for (name, ck, todo, choices), rows in zip(work, results):
         for key in todo:
             cell = {"checkpoint": name, "sha256": ck.sha256, "arch": ck.arch, "params": ck.params,
                     "quantizer": choices[key].describe(), "images": rows[key]}
-            path = out / "cells" / f"{key}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cell, allow_nan=True))
-            for cid in by_key[key]:
-                cells[cid] = cell
+            atomic_write(out / "cells" / f"{key}.json", json.dumps(cell, allow_nan=True))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    for key, cids in owners.items():
+        cell = json.loads((out / "cells" / f"{key}.json").read_text())
+        for cid in cids:
+            cells[cid] = cell
     return cells
+
+
+def _rank() -> tuple[int, int]:
+    """(rank, world size) of a torchrun launch (joining its gloo process group on first
+    use), else (0, 1)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world
 
 
 def _mean(values: list[float]) -> float:
@@ -542,7 +581,12 @@ def _plot(recipe: ReportRecipe, curves: dict, out: Path) -> list[str]:
 
 
 def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
-    """Evaluate the matrix (resuming), write tables, JSONs and plots; return the summary."""
+    """Evaluate the matrix (resuming), write tables, JSONs and plots; return the summary.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the cells to compute are shared out among the
+    ranks (a gloo process group; ``out`` must be one folder all ranks see), each rank
+    writes its cells, and after a barrier rank 0 writes the tables; the other ranks return
+    ``{"rank": r, "markdown": "", "plots": []}``."""
     import datetime
 
     from qft.codec import list_images
@@ -555,6 +599,8 @@ def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
     out = Path(recipe.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = _evaluate(recipe, images, out, progress)
+    if _rank()[0] != 0:  # under torchrun rank 0 writes the tables
+        return {"rank": _rank()[0], "markdown": "", "plots": []}
     tables = _tables(recipe, cells)
     machine = machine_info()
     meta = {"format": REPORT_FORMAT, "recipe": recipe.name, "data": recipe.data, "images": len(images),

@@ -174,10 +174,12 @@ def _finetune(
             f"finetuning needs a hyperprior model ({', '.join(HYPERPRIOR_ENTROPY)}); "
             f"{base.arch} has a {entropy} entropy model"
         )
-    lmbda = recipe.lmbda if recipe.lmbda is not None else base.extra.get("lambda")
+    # the checkpoint's λ, or the one its settings file records (qft calibrate --lambda)
+    lmbda = recipe.lmbda if recipe.lmbda is not None else read_settings(base).get("model_lambda")
     if not isinstance(lmbda, (int, float)) or lmbda <= 0:
         raise UserError(
-            f"{recipe.checkpoint} records no λ: give --lambda (the base model's rate point)"
+            f"{recipe.checkpoint} records no λ: give --lambda (the base model's rate point), "
+            "or record it once with qft calibrate -m CKPT --lambda L"
         )
     choice = quantizer_from_args(
         argparse.Namespace(
