@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTE = ("cpu_s (all processes, user + sys) bounds the wall time on an idle machine from above (the run barely waits "
+        "on disk), cpu_s / cores from below; on a shared machine (see the load) the wall time is inflated by the "
+        "other jobs and CPU time somewhat too")
 
 
 def main() -> None:
@@ -55,8 +58,7 @@ def main() -> None:
         "load_after": load_after,
         "numba_cache_warm": numba_warm,
         "machine": machine_info(),
-        "note": "the machine was shared with other jobs (see the load): the wall time is inflated by them; "
-                "cpu_s / 2 is what the run needs of an idle 2-core machine at perfect use of both threads",
+        "note": NOTE,
         "stdout": proc.stdout,
     }
     Path(args.result).write_text(json.dumps(record, indent=1))
