@@ -332,6 +332,9 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
             work.append((name, ck, todo, choices))
     rank, world = _rank()
     if world > 1:  # torchrun: every rank computes every world-th cell; all read them back from disk
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has listed the same missing cells before any is written
         keys = sorted(k for _, _, todo, _ in work for k in todo)
         mine = set(keys[rank::world])
         work = [(n, ck, {k: v for k, v in todo.items() if k in mine}, ch) for n, ck, todo, ch in work]
@@ -353,8 +356,6 @@ def _evaluate(recipe: ReportRecipe, images: list[Path], out: Path, progress: boo
                     "quantizer": choices[key].describe(), "images": rows[key]}
             atomic_write(out / "cells" / f"{key}.json", json.dumps(cell, allow_nan=True))
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
     for key, cids in owners.items():
         cell = json.loads((out / "cells" / f"{key}.json").read_text())
