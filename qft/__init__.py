@@ -25,7 +25,7 @@ _API = {
 
 # ``from qft import finetune`` imports the package qft.finetune, which is callable: the
 # function qft.api.finetune (a package and a function cannot share the name otherwise)
-__all__ = ["__version__", "finetune", *_API]
+__all__ = ["__version__", "Codec", "Quantizer", "bd_rate", "finetune", "load_checkpoint", "read_image", "write_image"]
 
 
 def __getattr__(name: str):

@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="held-out images of the training distribution (e.g. BSDS500 val); "
                                        "without it, only --lambda is recorded")
     parser.add_argument("--lambda", dest="lmbda", type=_positive, metavar="L",
-                        help="the model's training λ (of λ·255²·MSE + bpp), recorded in the settings file; needed by "
-                             "--targets rd when the checkpoint does not record it")
+                        help="the model's training λ (of λ·255²·MSE + bpp), recorded in the settings file; "
+                             "needed by --targets rd when the checkpoint does not record it")
     parser.add_argument("--allow-test-set", action="store_true",
                         help="calibrate on a folder named like a test set (Kodak, Tecnick, CLIC) anyway")
     parser.add_argument("--images", type=int, default=8, help="first N images (default: 8)")
