@@ -64,10 +64,12 @@ def main() -> None:
     speedup = {m: next(r["wall_s"] for r in runs if r["method"] == m and r["workers"] == 1)
                / next(r["wall_s"] for r in runs if r["method"] == m and r["workers"] == args.workers)
                for m in args.methods}
-    same = all(a["bpp"] == b["bpp"] and a["psnr-rgb"] == b["psnr-rgb"]
-               for a, b in zip(runs[::2], runs[1::2]))
+    # bitstreams are identical; the decoded images differ by the float rounding of g_s under
+    # another torch thread count
+    same = all(a["bpp"] == b["bpp"] for a, b in zip(runs[::2], runs[1::2]))
+    psnr = max(abs(x - y) for a, b in zip(runs[::2], runs[1::2]) for x, y in zip(a["psnr-rgb"], b["psnr-rgb"]))
     record = {"images": args.images, "models": models, "workers": args.workers, "speedup": speedup,
-              "identical_results": same, "runs": runs, "machine": machine_info(),
+              "identical_bitstreams": same, "max_psnr_difference_db": psnr, "runs": runs, "machine": machine_info(),
               "note": "shared machine: see the load; wall-time speed-ups on a loaded machine are not idle figures"}
     Path(args.result).write_text(json.dumps(record, indent=1))
     print(json.dumps(speedup))
