@@ -1,13 +1,14 @@
-"""Publish `qft report` outputs: results JSON + plot into the repo, README tables regenerated.
+"""Publish `qft report` outputs: results JSON + plot into the repo, docs/results.md tables regenerated.
 
 For each report folder (default ``runs/report/kodak`` and ``runs/report/tecnick``):
 ``bdrate.json`` → ``benchmarks/results/report_<name>.json``, ``per_image.json`` merged
-into it, ``rd-psnr-rgb.png`` → ``docs/figures/report_<name>.png``; then the README block
-between ``<!-- report:<name> -->`` and ``<!-- /report:<name> -->`` is rewritten from the
-committed JSON (never typed by hand).
+into it, ``rd-psnr-rgb.png`` → ``docs/figures/report_<name>.png``; then the block of
+``docs/results.md`` between ``<!-- report:<name> -->`` and ``<!-- /report:<name> -->`` is
+rewritten from the committed JSON (never typed by hand). The README's headline table is
+written by hand from these (≤ 6 rows, linking here).
 
     python benchmarks/publish_reports.py                 # copy from runs/ and regenerate
-    python benchmarks/publish_reports.py --readme-only   # regenerate from the committed JSONs
+    python benchmarks/publish_reports.py --tables-only   # regenerate from the committed JSONs
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = ROOT / "docs" / "figures"
+#: the document whose report blocks are generated
+RESULTS_DOC = ROOT / "docs" / "results.md"
 
 
 def _fmt(x) -> str:
@@ -39,7 +42,7 @@ def _cols(cmp: dict | None) -> list[str]:
 
 
 def table(summary: dict) -> str:
-    """The README block of one report summary."""
+    """The docs/results.md block of one report summary."""
     lines = [
         f"{summary['images']} images of `{summary['data']}`, real bitstreams, {summary['machine']}, "
         f"{summary['date']} (`benchmarks/results/report_{summary['name']}.json`; regenerate with "
@@ -55,20 +58,20 @@ def table(summary: dict) -> str:
     for r in summary["rows"]:
         lines.append(f"| {r['row']} | {r['quantizer']} | " + " | ".join(
             _cols(r["vs_base_usq"]) + _cols(r["vs_base_same_quantizer"]) + _cols(r.get("vs_control"))) + " |")
-    lines += ["", f"![{summary['name']} RD](docs/figures/report_{summary['name']}.png)"]
+    lines += ["", f"![{summary['name']} RD](figures/report_{summary['name']}.png)"]  # relative to docs/
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="*", default=["runs/report/kodak", "runs/report/tecnick"])
-    parser.add_argument("--readme-only", action="store_true")
+    parser.add_argument("--tables-only", action="store_true", help="regenerate the tables from the committed JSONs")
     args = parser.parse_args()
     names = []
     for folder in map(Path, args.reports):
         name = folder.name
         names.append(name)
-        if args.readme_only:
+        if args.tables_only:
             continue
         summary = json.loads((folder / "bdrate.json").read_text())
         summary["name"] = name
@@ -76,7 +79,7 @@ def main() -> None:
         summary.pop("markdown", None)
         (RESULTS / f"report_{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
         shutil.copy(folder / "rd-psnr-rgb.png", FIGURES / f"report_{name}.png")
-    readme = (ROOT / "README.md").read_text()
+    readme = RESULTS_DOC.read_text()
     for name in names:
         path = RESULTS / f"report_{name}.json"
         if not path.is_file():
@@ -84,10 +87,10 @@ def main() -> None:
         block = table(json.loads(path.read_text()))
         pattern = re.compile(rf"(<!-- report:{name} -->\n)(?:.*?\n)?(<!-- /report:{name} -->)", re.S)
         if not pattern.search(readme):
-            raise SystemExit(f"README.md has no <!-- report:{name} --> block")
+            raise SystemExit(f"{RESULTS_DOC} has no <!-- report:{name} --> block")
         readme = pattern.sub(lambda m, block=block: m.group(1) + block + "\n" + m.group(2), readme)
-    (ROOT / "README.md").write_text(readme)
-    print("README.md updated:", ", ".join(names))
+    RESULTS_DOC.write_text(readme)
+    print(f"{RESULTS_DOC.relative_to(ROOT)} updated:", ", ".join(names))
 
 
 if __name__ == "__main__":

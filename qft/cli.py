@@ -28,7 +28,7 @@ __all__ = ["main", "COMMANDS"]
 
 #: subcommand -> (module under qft.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("quickstart", "shipped models on the bundled Kodak: USQ vs RDOQ/TCQ, BD-rate table and plots"),
+    "quickstart": ("quickstart", "the shipped models on 2 bundled Kodak images: USQ vs TCQ-8, decoder target, finetuned"),
     "train": ("train", "train a reference model from a YAML recipe"),
     "finetune": ("finetune", "finetune the decoder on latents quantized as at inference"),
     "ship": ("ship", "ship a finished finetuning run as a delta checkpoint of its base with a manifest entry"),

@@ -69,6 +69,8 @@ __all__ = [
     "DEFAULT_TCQ_STEP",
     "default_step",
     "default_lambda",
+    "DEFAULT_TARGET_ETA",
+    "default_target",
     "target_value",
     "SETTINGS_FORMAT",
     "WEIGHT_CHOICES",
@@ -101,6 +103,19 @@ def default_lambda(method: str, step: float, mult: float = DEFAULT_LAMBDA_MULT) 
     if method == "rdoq":
         return mult * _SLOPE * step**2
     return mult * 2 ** (1 / 12) * _SLOPE * (2 * step / 2 ** (1 / 6)) ** 2
+
+
+#: η of the decoder target of RDOQ/TCQ for a checkpoint with neither calibration nor a known λ
+DEFAULT_TARGET_ETA = 0.125
+
+
+def default_target(method: str, model_lambda: float | None) -> str | float:
+    """The decoder target of a method without a calibrated choice: 0 for USQ (plain
+    rounding, the reference); for RDOQ/TCQ ``"rd"`` when the model's training λ is known,
+    else :data:`DEFAULT_TARGET_ETA` (docs/design.md, "A user's checkpoint")."""
+    if method == "usq":
+        return 0.0
+    return "rd" if model_lambda else DEFAULT_TARGET_ETA
 
 
 def target_value(value: Any, allow_auto: bool = True) -> str | float:
@@ -247,7 +262,8 @@ def resolve_quantizer(
             unless ``lambda_t`` is explicit); sweeps the rate around the operating point.
         target: ``η`` of the decoder target (a number ≥ 0), ``"rd"`` (an
             :class:`~qft.codec.RDTarget` at the model's training λ, ``settings["model_lambda"]``),
-            or ``"auto"``: the calibrated one (``qft calibrate --targets``), else 0.
+            or ``"auto"``: the calibrated one (``qft calibrate --targets``; 0 if the
+            calibration tried none), else :func:`default_target`.
 
     Raises:
         UserError: decoder weights asked for but not estimated; unreadable weights file;
@@ -280,13 +296,15 @@ def resolve_quantizer(
         if w.ndim != 1 or not np.all(np.isfinite(w)) or not np.all(w > 0):
             raise UserError("distortion weights must be one finite positive value per latent channel")
     try:
-        eta = target_value(cal.get("target", 0.0) if target == "auto" else target, allow_auto=False)
+        auto = cal.get("target", 0.0) if cal else default_target(method, settings.get("model_lambda"))
+        eta = target_value(auto if target == "auto" else target, allow_auto=False)
     except ValueError:
         raise UserError(f"--target must be auto, rd or a number >= 0, got {target!r}") from None
     if eta == "rd":
         if "model_lambda" not in settings:
             raise UserError("--target rd weighs rate against distortion at the model's training λ, which this "
-                            "checkpoint does not record; give a number instead (e.g. --target 0.125)")
+                            "checkpoint does not record; record it with qft calibrate -m CKPT --lambda L, "
+                            "or give a fixed η instead (e.g. --target 0.125)")
         eta = RDTarget(settings["model_lambda"])
     try:
         q = Quantizer(method, step=step, lam=lam, reset=reset)

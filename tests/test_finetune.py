@@ -547,3 +547,26 @@ def test_torchrun_two_processes(setup, decoder_run, tmp_path):
         cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     _assert_same_training(setup, out, decoder_run)
+
+
+def test_finetune_on_a_folder_with_the_recorded_lambda(setup, tmp_path):
+    """`qft finetune -m CKPT --data DIR` on a checkpoint that records no λ: refused with a
+    message naming --lambda, then run with the λ its settings file records
+    (`qft calibrate --lambda`) on the images directly in DIR."""
+    import shutil
+
+    base = tmp_path / "mine.pth.tar"
+    save_checkpoint(base, load_checkpoint(setup["base"]).model, "mbt2018-mean", {"N": 16, "M": 24})
+    data = tmp_path / "my-images"
+    shutil.copytree(setup["root"] / "data" / "train", data)
+    args = ["finetune", str(setup["recipe"]), "-m", str(base), "--data", str(data), "--out", str(tmp_path / "ft"),
+            "--steps", "1", "--no-progress"]
+    with pytest.raises(UserError, match="--lambda"):
+        from qft.finetune import finetune, load_finetune_recipe, override_recipe
+
+        finetune(override_recipe(load_finetune_recipe(setup["recipe"]), data=data, checkpoint=str(base), steps=1),
+                 tmp_path / "refused", progress=False)
+    assert main(["calibrate", "-m", str(base), "--lambda", "0.02"]) == 0
+    assert main(args) == 0
+    ft = load_checkpoint(tmp_path / "ft" / "model.pth")
+    assert ft.extra["lambda"] == 0.02 and ft.extra["finetune_recipe"]["data_root"] == str(data.resolve())

@@ -33,6 +33,7 @@ LAYERS = {
     "qft.train": 5,
     "qft.finetune": 5,
     "qft.sensitivity": 5,
+    "qft.api": 6,  # the Python face of the commands (qft/api.py)
     "qft.commands": 6,
     "qft.cli": 7,
     "qft.__main__": 7,

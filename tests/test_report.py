@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from PIL import Image
+
+import qft
 
 from qft.codec import RDTarget
 from qft.cli import main
@@ -370,16 +374,34 @@ def test_calibrate_default_weights_by_saving():
 
 
 def test_quickstart_on_one_image(tmp_path, capsys):
-    """The README's main command on the shipped models and the first Kodak image."""
-    assert main(["quickstart", "--images", "1", "--out", str(tmp_path / "qs"), "--threads", "2", "--no-progress"]) == 0
+    """The README's main command on the shipped models and the first Kodak image: the five
+    rows of the split, in the folder the user named."""
+    folder = tmp_path / "qs"
+    assert main(["quickstart", "--images", "1", "--out", str(folder), "--threads", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "| base | tcq8 |" in out and "plots:" in out
-    folder = tmp_path / "qs-1"
+    assert "| base | tcq8 |" in out and "| base | usq-rd |" in out and "| ft-tcq8-hyperdecoder | tcq8 |" in out
+    assert f"RD plot: {folder / 'rd-psnr-rgb.png'}" in out
     summary = json.loads((folder / "bdrate.json").read_text())
-    assert summary["images"] == 1 and {r["quantizer"] for r in summary["rows"]} >= {"rdoq", "tcq4", "tcq8"}
+    rows = {(r["row"], r["quantizer"]) for r in summary["rows"]}
+    assert summary["images"] == 1 and rows == {("base", "usq-rd"), ("base", "tcq8-t0"), ("base", "tcq8"),
+                                               ("ft-tcq8-hyperdecoder", "tcq8")}
     base_tcq8 = next(r for r in summary["rows"] if (r["row"], r["quantizer"]) == ("base", "tcq8"))
     assert len(base_tcq8["vs_base_usq"]["psnr-rgb"]["local"]) == 5  # one per shipped rate point
     assert (folder / "rd-psnr-rgb.png").is_file()
+
+
+def test_quickstart_output_folder(tmp_path, monkeypatch, capsys):
+    """--out is the folder written, with --full too; the default is under the current
+    directory; never inside the package."""
+    from qft.commands.quickstart import full_recipe, quick_recipe
+
+    assert full_recipe(str(tmp_path / "x")).out == str(tmp_path / "x")
+    assert len(full_recipe("x").quantizers) == 4 and len(full_recipe("x").rows) > 2
+    assert [r.label for r in quick_recipe("y", 2).rows] == ["base", "ft-tcq8-hyperdecoder"]
+    package = Path(qft.__file__).parent
+    assert main(["quickstart", "--out", str(package / "assets" / "qs")]) == 2
+    assert "inside the installed qft package" in capsys.readouterr().err
+    assert not (package / "assets" / "qs").exists()
 
 
 @pytest.mark.parametrize("name", ["kodak", "tecnick", "kodak-hyperdecoder", "tecnick-hyperdecoder", "kodak-target",

@@ -11,7 +11,14 @@ import argparse
 
 from trellis import METHODS, RESETS
 
-from qft.settings import DEFAULT_LAMBDA_MULT, DEFAULT_TCQ_STEP, QuantizerChoice, resolve_quantizer, target_value
+from qft.settings import (
+    DEFAULT_LAMBDA_MULT,
+    DEFAULT_TARGET_ETA,
+    DEFAULT_TCQ_STEP,
+    QuantizerChoice,
+    resolve_quantizer,
+    target_value,
+)
 
 __all__ = [
     "add_checkpoint_arguments",
@@ -44,7 +51,8 @@ def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--target", default="auto", type=_target_option, metavar="auto|rd|ETA",
                    help="decoder target: quantize y + ETA·(damped Gauss-Newton step towards a latent the decoder "
                         "renders closer to the image); rd: ETA chosen per image by the model's RD cost "
-                        "(needs its training λ); auto (default): the calibrated choice, else 0 (off)")
+                        "(needs its training λ); auto (default): the calibrated choice, else for RDOQ/TCQ rd when the "
+                        f"model's λ is known or {DEFAULT_TARGET_ETA} (USQ: 0, off)")
 
 
 def _target_option(text: str) -> str | float:

@@ -5,11 +5,15 @@
     qft calibrate -m mbt2018-mean-0.013 --data ../shared/data/bsds500/val
     qft calibrate -m model.pth --data val/ --weights      # also estimate and try decoder weights
     qft calibrate -m model.pth --data val/ --weights --targets   # and the decoder target (η per image)
+    qft calibrate -m model.pth --lambda 0.013        # only record the model's training λ
 
 Writes ``<checkpoint>.qft.json`` beside the checkpoint (:mod:`qft.settings`); eval,
-compress, finetune, report and quickstart then use its choices by default. Use images of
+compress, finetune, report and quickstart then use its choices by default. The file also
+records the model's training λ (``model_lambda``: from ``--lambda``, else the checkpoint),
+which the decoder target ``rd`` needs, so it travels with the checkpoint. Use images of
 the training distribution's held-out split, never a test set (the command refuses folders
-named like Kodak, Tecnick or CLIC). See :mod:`qft.eval.calibrate` for the search.
+named like Kodak, Tecnick or CLIC unless ``--allow-test-set``). See
+:mod:`qft.eval.calibrate` for the search.
 """
 
 from __future__ import annotations
@@ -30,7 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint file(s) or shipped model name(s)")
     parser.add_argument("--unsafe-load", action="store_true",
                         help="allow checkpoints that need full pickle loading (only for files you trust)")
-    parser.add_argument("--data", required=True, help="held-out images of the training distribution (e.g. BSDS500 val)")
+    parser.add_argument("--data", help="held-out images of the training distribution (e.g. BSDS500 val); "
+                                       "without it, only --lambda is recorded")
+    parser.add_argument("--lambda", dest="lmbda", type=_positive, metavar="L",
+                        help="the model's training λ (of λ·255²·MSE + bpp), recorded in the settings file; "
+                             "needed by --targets rd when the checkpoint does not record it")
+    parser.add_argument("--allow-test-set", action="store_true",
+                        help="calibrate on a folder named like a test set (Kodak, Tecnick, CLIC) anyway")
     parser.add_argument("--images", type=int, default=8, help="first N images (default: 8)")
     parser.add_argument("--methods", nargs="+", default=["rdoq", "tcq4", "tcq8"], choices=("rdoq", "tcq4", "tcq8"))
     parser.add_argument("--steps", type=float, nargs="+", default=list(STEPS), help="TCQ union steps of the grid")
@@ -41,6 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also try the decoder target on every pick: rd (η chosen per image by the model's RD "
                              f"cost) or fixed η values (no values: {' '.join(map(str, TARGETS))})")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+
+
+def _positive(text: str) -> float:
+    """``--lambda``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
 
 
 def _target(text: str) -> str | float:
@@ -65,17 +86,36 @@ def run(args: argparse.Namespace) -> int:
     from qft.settings import read_settings, write_settings
     from qft.threads import set_threads
 
-    if any(t in part.lower() for part in Path(args.data).resolve().parts for t in _TEST_SETS):
-        raise UserError(f"{args.data} looks like a test set; calibrate on held-out training images (e.g. BSDS500 val)")
+    if args.data is None:
+        if args.lmbda is None:
+            raise UserError("qft calibrate needs --data (held-out images to calibrate on), or --lambda to record")
+        for spec in args.checkpoint:
+            ck = load_checkpoint(spec, unsafe_load=args.unsafe_load)
+            if "delta_of" in ck.extra:
+                raise UserError(f"{spec} is a finetuned delta: it uses its base's settings; calibrate the base")
+            print(f"wrote {write_settings(spec, ck.sha256, {'model_lambda': args.lmbda})} (λ {args.lmbda:g})")
+        return 0
+    parts = Path(args.data).resolve().parts
+    if not args.allow_test_set and any(t in part.lower() for part in parts for t in _TEST_SETS):
+        raise UserError(f"{args.data} looks like a test set; calibrate on held-out training images (e.g. BSDS500 val), "
+                        "or pass --allow-test-set if it is not one")
     images = list_images(args.data)[: args.images]
     if not images:
         raise UserError(f"{args.data}: no images found")
-    set_threads(args.threads)
-    for spec in args.checkpoint:
+    loaded = []
+    for spec in args.checkpoint:  # every check before the first grid
         ck = load_checkpoint(spec, unsafe_load=args.unsafe_load)
         if "delta_of" in ck.extra:
             raise UserError(f"{spec} is a finetuned delta: it uses its base's settings; calibrate the base")
         settings = read_settings(ck)
+        if args.lmbda is not None:
+            settings["model_lambda"] = args.lmbda
+        if args.targets is not None and "rd" in (args.targets or TARGETS) and "model_lambda" not in settings:
+            raise UserError(f"{spec} does not record its training λ, which --targets rd needs; give it with "
+                            "--lambda L (e.g. --lambda 0.013), or name fixed targets only (--targets 0.125 0.25)")
+        loaded.append((spec, ck, settings))
+    set_threads(args.threads)
+    for spec, ck, settings in loaded:
         if args.weights and "weights" not in settings:
             from qft.sensitivity import estimate_weights
 
@@ -83,8 +123,10 @@ def run(args: argparse.Namespace) -> int:
             write_settings(spec, ck.sha256, {"weights": settings["weights"]})
         targets = () if args.targets is None else args.targets or TARGETS
         update = calibrate_checkpoint(ck, images, settings, methods=args.methods, steps=args.steps, mults=args.mults,
-                                      weights=args.weights, targets=targets, lmbda=ck.extra.get("lambda"),
+                                      weights=args.weights, targets=targets, lmbda=settings.get("model_lambda"),
                                       desc=Path(str(spec)).name)
+        if "model_lambda" in settings:
+            update["model_lambda"] = settings["model_lambda"]
         path = write_settings(spec, ck.sha256, update)
         for method in args.methods:
             c = update["methods"].get(method)

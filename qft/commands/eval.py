@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimate", action="store_true", help="report likelihood/table bpp as `bpp`")
     parser.add_argument("--per-image", action="store_true", help="store every image's values")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="evaluate in N processes of one thread each (default: 1, this process)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,14 +41,18 @@ def run(args: argparse.Namespace) -> int:
 
     from qft.codec import Codec, list_images
     from qft.commands.compress import output_guard
+    from qft.errors import UserError
     from qft.eval import evaluate_images, results_json
-    from qft.settings import read_settings
+    from qft.eval.evaluate import evaluate_in_processes
     from qft.models import load_checkpoint
+    from qft.settings import read_settings
 
     output_guard(args.output, args.force)
     images = list_images(args.data)
     device = device_from_args(args)
-    checkpoints, per_checkpoint, arch, method = [], [], None, None
+    if args.workers < 1 or (args.workers > 1 and device != "cpu"):
+        raise UserError("--workers must be at least 1, and 1 with --cuda")
+    checkpoints, per_checkpoint, jobs, arch, method = [], [], [], None, None
     for path in args.checkpoint:
         ckpt = load_checkpoint(path, args.arch, unsafe_load=args.unsafe_load)
         arch = ckpt.arch
@@ -54,10 +60,16 @@ def run(args: argparse.Namespace) -> int:
         method = choice.quantizer.method
         codec = Codec.from_checkpoint(ckpt, device=device)
         codec.check_quantizer(choice.quantizer)
-        per_checkpoint.append(evaluate_images(codec, choice.quantizer, images, desc=str(path), weights=choice.weights,
-                                              target=choice.target))
+        if args.workers > 1:
+            jobs.append((path, {"q": (choice.quantizer, choice.weights, choice.target)}))
+        else:
+            per_checkpoint.append(evaluate_images(codec, choice.quantizer, images, desc=str(path),
+                                                  weights=choice.weights, target=choice.target))
         checkpoints.append({"path": str(path), "sha256": ckpt.sha256, "arch": ckpt.arch, "params": ckpt.params,
                             "quantizer": choice.describe()})
+    if jobs:
+        per_checkpoint = [rows["q"] for rows in evaluate_in_processes(jobs, images, args.workers, arch=args.arch,
+                                                                      unsafe_load=args.unsafe_load, end_to_end=True)]
     name = args.name or f"{arch}-{method}"
     out = results_json(name, checkpoints, per_checkpoint, args.estimate, args.per_image, str(args.data))
     with open(args.output, "w") as f:

@@ -2,13 +2,16 @@
 
 ::
 
-    qft finetune recipes/finetune/decoder-tcq8.yaml -m base.pth --lambda 0.0130
+    qft finetune -m mine.pth.tar --data my-images/ --lambda 0.013 --out runs/ft-mine   # the default recipe
+    qft finetune recipes/finetune/cpu.yaml -m base.pth --lambda 0.0130
     qft finetune RECIPE -m base.pth -q usq --parts decoder+hyperdecoder --out runs/ft/usq
     qft finetune RECIPE -m base.pth --control            # the noise-proxy control arm
     torchrun --nproc_per_node=4 -m qft finetune RECIPE -m base.pth --device cuda
 
-Command-line options override the recipe. Outputs go to
-``runs/finetune/<recipe name>/`` unless ``--out`` is given; ``model.pth`` there is a
+Command-line options override the recipe; without a recipe, ``recipes/finetune/cpu.yaml``
+of the qft source tree is used. ``--data DIR`` trains on the images directly in ``DIR``
+(instead of the recipe's ``data``). Outputs go to ``runs/finetune/<recipe name>/`` unless
+``--out`` is given; ``model.pth`` there is a
 normal qft checkpoint whose metadata names the base model (``finetuned_from``), the
 quantizer, the parts and λ. See :mod:`qft.finetune.loop` for the layout.
 """
@@ -38,7 +41,7 @@ _QUANTIZER_OPTIONS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe YAML file (see recipes/finetune/)")
+    parser.add_argument("recipe", nargs="?", help="recipe YAML file (default: recipes/finetune/cpu.yaml)")
     parser.add_argument(
         "-m", "--checkpoint", help="base model checkpoint (overrides the recipe)"
     )
@@ -69,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="λ of the loss λ·255²·MSE (+ bpp): the base model's rate point",
     )
     parser.add_argument("--steps", type=int, help="training steps")
+    parser.add_argument("--data", type=Path, metavar="DIR",
+                        help="train on the images directly in DIR (default: the recipe's data)")
     parser.add_argument("--lr", type=float, help="Adam learning rate")
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), help="override the recipe's device"
@@ -101,9 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qft.errors import UserError
-    from qft.finetune import finetune, load_finetune_recipe
+    from qft.finetune import default_recipe, finetune, load_finetune_recipe, override_recipe
 
-    recipe = load_finetune_recipe(args.recipe)
+    recipe_path = args.recipe or default_recipe()
+    recipe = load_finetune_recipe(recipe_path)
     overrides = {
         field: getattr(args, option)
         for option, field in {
@@ -118,17 +124,11 @@ def run(args: argparse.Namespace) -> int:
             "device": "device",
             "threads": "threads",
         }.items()
-        if getattr(args, option) is not None
     }
-    if args.quantizer is not None and args.quantizer != recipe.method:
-        # another method: the recipe's step and λ belong to the old one
-        overrides.setdefault("step", None)
-        overrides.setdefault("lambda_t", None)
-    if overrides:
-        recipe = recipe.replace(**overrides)
+    recipe = override_recipe(recipe, data=args.data, **overrides)
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError("--stop-after must be at least 1")
-    out = args.out or Path("runs") / "finetune" / Path(args.recipe).stem
+    out = args.out or Path("runs") / "finetune" / Path(recipe_path).stem
     summary = finetune(
         recipe,
         out,

@@ -25,16 +25,18 @@ from trellis import Quantizer
 from qft.codec import Codec, RDTarget, crop, pad, read_image
 from qft.errors import UserError
 from qft.eval.metrics import ms_ssim_rgb, psnr
+from qft.threads import set_threads
 
-__all__ = ["evaluate_images", "evaluate_configs", "results_json"]
+__all__ = ["evaluate_images", "evaluate_configs", "evaluate_in_processes", "results_json"]
 
 
 def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc: str = "eval",
-                    weights: np.ndarray | None = None, target: float | RDTarget = 0.0) -> list[dict]:
+                    weights: np.ndarray | None = None, target: float | RDTarget = 0.0,
+                    progress: bool = True) -> list[dict]:
     """Per-image metrics of one codec/quantizer (weights, decoder target) over image files;
     ``target`` of each row: the ``η`` coded."""
     rows = []
-    for path in tqdm(images, desc=desc, unit="img", leave=False):
+    for path in tqdm(images, desc=desc, unit="img", leave=False, disable=not progress):
         x = read_image(path)
         pixels = x.shape[-2] * x.shape[-1]
         enc = codec.compress(x, quantizer, weights, target)
@@ -103,6 +105,66 @@ def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarra
                 "ms-ssim-rgb": ms_ssim_rgb(x, x_hat) if ms_ssim else float("nan"),
                 "target": lat.target,
             })
+    return out
+
+
+#: a configuration of :func:`evaluate_configs`: quantizer, per-channel weights, decoder target
+Config = tuple[Quantizer, "np.ndarray | None", "float | RDTarget"]
+
+
+def _shard(checkpoint: str, arch: str | None, unsafe_load: bool, configs: dict[str, Config], images: list[Path],
+           end_to_end: bool, ms_ssim: bool) -> dict[str, list[dict]]:
+    """One worker's part of :func:`evaluate_in_processes`: one thread, its own codec."""
+    from qft.models import load_checkpoint
+
+    set_threads(1)
+    ck = load_checkpoint(checkpoint, arch, unsafe_load=unsafe_load)
+    codec = Codec.from_checkpoint(ck)
+    for q, *_ in configs.values():
+        codec.check_quantizer(q)
+    if end_to_end:
+        return {label: evaluate_images(codec, q, images, weights=w, target=t, progress=False)
+                for label, (q, w, t) in configs.items()}
+    return evaluate_configs(codec, configs, images, ms_ssim=ms_ssim, progress=False)
+
+
+def evaluate_in_processes(jobs: list[tuple[str, dict[str, Config]]], images: list[Path], workers: int, *,
+                          arch: str | None = None, unsafe_load: bool = False, end_to_end: bool = False,
+                          ms_ssim: bool = True, progress: bool = True) -> list[dict[str, list[dict]]]:
+    """Every job — a checkpoint (file or shipped name) and its configurations — over
+    ``images`` in ``workers`` processes of one torch/Numba thread each (``spawn``).
+
+    The images are split into ``workers`` contiguous shards, each (job, shard) is one task,
+    and the rows are put back in image order: the rows are those of the serial functions
+    (per-image results do not depend on the other images), :func:`evaluate_images`'s for
+    ``end_to_end`` (every image compressed and decompressed, with timings), else
+    :func:`evaluate_configs`'s (each image analysed once). Returns one ``label -> rows``
+    per job.
+    """
+    import multiprocessing
+
+    from concurrent.futures import ProcessPoolExecutor
+
+    shards = [images[i::workers] for i in range(workers)]  # strided: equal shares of large and small images
+    shards = [s for s in shards if s]
+    out: list[dict[str, list[dict]]] = []
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [[pool.submit(_shard, str(ck), arch, unsafe_load, configs, shard, end_to_end, ms_ssim)
+                    for shard in shards] for ck, configs in jobs]
+        bar = tqdm(total=len(jobs) * len(shards), desc=f"eval ({workers} processes)", unit="shard", leave=False,
+                   disable=not progress)
+        for (ck, configs), parts in zip(jobs, futures):
+            results = []
+            for f in parts:
+                results.append(f.result())
+                bar.update()
+            merged: dict[str, list] = {label: [None] * len(images) for label in configs}
+            for i, r in enumerate(results):  # shard i holds images i, i + n, i + 2n, …
+                for label in configs:
+                    for j, row in enumerate(r[label]):
+                        merged[label][i + j * len(shards)] = row
+            out.append(merged)
+        bar.close()
     return out
 
 

@@ -55,6 +55,7 @@ from qft.errors import UserError
 from qft.files import atomic_write
 from qft.eval.bdrate import bd_rate, local_rate_change, pareto_front
 from qft.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer, target_value, weights_digest
+from qft.train.recipe import recipe_path
 
 __all__ = ["QuantizerSpec", "ModelRow", "ReportRecipe", "load_report_recipe", "run_report", "shipped_rows"]
 
@@ -124,6 +125,11 @@ class ReportRecipe:
     anchors: tuple[str, ...] = ()
     threads: int = 1
     ms_ssim: bool = True
+    # evaluate in this many processes of one thread each (qft.eval.evaluate.evaluate_in_processes)
+    workers: int = 1
+    # evaluate the base under every other row's quantizer (the "same quantizer" and "control"
+    # columns); False: those columns stay empty
+    same_quantizer: bool = True
 
 
 def shipped_rows(labels: list[str]) -> list[ModelRow]:
@@ -154,8 +160,10 @@ def shipped_rows(labels: list[str]) -> list[ModelRow]:
 def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
     """Read a report recipe; ``overrides`` (non-None) replace its top-level fields.
 
-    Relative paths in the recipe are relative to the current directory (run from the
-    project root, as the shipped recipes expect).
+    Relative paths in the recipe (``data``, ``out``, ``anchors``, checkpoints) follow the
+    rule of every recipe (:func:`qft.train.recipe.recipe_path`): against the recipe's
+    project root, else its folder; checkpoints may be shipped model names. Paths given as
+    ``overrides`` (the command line's) are relative to the current directory.
     """
     path = Path(path)
     try:
@@ -164,6 +172,19 @@ def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
         raise UserError(f"{path}: not a readable YAML recipe ({exc.__class__.__name__})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a report recipe is a mapping")
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        for key in ("data", "out"):
+            if raw.get(key) is not None:
+                raw[key] = recipe_path(path, raw[key])
+        raw["anchors"] = [recipe_path(path, a) for a in raw.get("anchors") or ()]
+        if isinstance(raw.get("quantizers"), list):  # a weights file
+            raw["quantizers"] = [q | {"weights": recipe_path(path, q["weights"])}
+                                 if isinstance(q, dict) and q.get("weights", "auto") not in WEIGHT_CHOICES else q
+                                 for q in raw["quantizers"]]
+        for key in ("models", "extra_rows"):
+            if isinstance(raw.get(key), list):
+                raw[key] = [_row_paths(r, path) for r in raw[key]]
     raw |= {k: v for k, v in overrides.items() if v is not None}
     known = {f.name for f in dataclasses.fields(ReportRecipe)} | {"models", "extra_rows"}
     unknown = set(raw) - known
@@ -200,7 +221,20 @@ def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
         anchors=tuple(raw.get("anchors", ())),
         threads=int(raw.get("threads", 1)),
         ms_ssim=bool(raw.get("ms_ssim", True)),
+        workers=int(raw.get("workers", 1)),
+        same_quantizer=bool(raw.get("same_quantizer", True)),
     )
+
+
+def _row_paths(r: Any, path: Path) -> Any:
+    """A model row with its checkpoints (and ``settings_from``) resolved by the recipe rule."""
+    if not isinstance(r, dict):
+        return r
+    r = dict(r)
+    for key in ("checkpoints", "settings_from"):
+        if isinstance(r.get(key), list):
+            r[key] = [recipe_path(path, c, checkpoint=True) for c in r[key]]
+    return r
 
 
 def _parse_row(r: Any, labels: list[str], path: Path) -> ModelRow:
@@ -241,9 +275,9 @@ def _evaluate_cells(recipe: ReportRecipe, images: list[Path], out: Path, progres
     file, resolved quantizer and images are computed once.
     """
     from qft.codec import Codec
-    from qft.eval.evaluate import evaluate_configs
-    from qft.threads import set_threads
+    from qft.eval.evaluate import evaluate_configs, evaluate_in_processes
     from qft.models import load_checkpoint
+    from qft.threads import set_threads
 
     set_threads(recipe.threads)
     specs = {q.label: q for q in recipe.quantizers}
@@ -272,12 +306,13 @@ def _evaluate_cells(recipe: ReportRecipe, images: list[Path], out: Path, progres
                 scales = sweep if row is base and label in recipe.sweep_quantizers else (1.0,)
                 for s in scales:
                     plan.setdefault(name, {})[(row.label, i, label, s)] = choose(s)
-                if row is not base and base.checkpoints[i] is not None:
+                if row is not base and base.checkpoints[i] is not None and recipe.same_quantizer:
                     for s in sweep if recipe.sweep_rows else (1.0,):
                         plan.setdefault(base.checkpoints[i], {})[(base.label, i, f"{label}|{row.label}", s)] = choose(s)
     cells: dict[tuple, dict] = {}
-    bar = tqdm(plan.items(), desc=f"report {recipe.name}", unit="model", disable=not progress)
-    for name, ids in bar:
+    work: list[tuple[str, Any, dict, dict]] = []  # (checkpoint, loaded, todo, choices) of the cells to compute
+    owners: dict[str, list[tuple]] = {}  # cell key -> cell ids
+    for name, ids in plan.items():
         ck, _ = load(name)
         by_key: dict[str, list[tuple]] = {}
         choices = {}
@@ -285,28 +320,61 @@ def _evaluate_cells(recipe: ReportRecipe, images: list[Path], out: Path, progres
             key = _cell_key(ck.sha256, choice, names, recipe.ms_ssim)
             by_key.setdefault(key, []).append(cid)
             choices[key] = choice
+        owners |= by_key
         todo = {}
         for key in by_key:
             path = out / "cells" / f"{key}.json"
-            if path.is_file():
-                for cid in by_key[key]:
-                    cells[cid] = _read_cell(path)
-            else:
+            if not path.is_file():
                 todo[key] = (choices[key].quantizer, choices[key].weights, choices[key].target)
-        if not todo:
-            continue
-        codec = Codec.from_checkpoint(ck)
-        for q, *_ in todo.values():
-            codec.check_quantizer(q)
-        rows = evaluate_configs(codec, todo, images, desc=Path(name).name, ms_ssim=recipe.ms_ssim,
-                                progress=progress)
+        if todo:
+            work.append((name, ck, todo, choices))
+    rank, world = _rank()
+    if world > 1:  # torchrun: every rank computes every world-th cell; all read them back from disk
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has listed the same missing cells before any is written
+        keys = sorted(k for _, _, todo, _ in work for k in todo)
+        mine = set(keys[rank::world])
+        work = [(n, ck, {k: v for k, v in todo.items() if k in mine}, ch) for n, ck, todo, ch in work]
+        work = [w for w in work if w[2]]
+    if recipe.workers > 1 and work:
+        results = evaluate_in_processes([(name, todo) for name, _, todo, _ in work], images, recipe.workers,
+                                        ms_ssim=recipe.ms_ssim, progress=progress)
+    else:
+        results = []
+        for name, ck, todo, _ in tqdm(work, desc=f"report {recipe.name}", unit="model", disable=not progress):
+            codec = Codec.from_checkpoint(ck)
+            for q, *_ in todo.values():
+                codec.check_quantizer(q)
+            results.append(evaluate_configs(codec, todo, images, desc=Path(name).name, ms_ssim=recipe.ms_ssim,
+                                            progress=progress))
+    for (name, ck, todo, choices), rows in zip(work, results):
         for key in todo:
             cell = {"checkpoint": name, "sha256": ck.sha256, "arch": ck.arch, "params": ck.params,
                     "quantizer": choices[key].describe(), "images": rows[key]}
             atomic_write(out / "cells" / f"{key}.json", json.dumps(cell, allow_nan=True))
-            for cid in by_key[key]:
-                cells[cid] = cell
+    if world > 1:
+        dist.barrier()
+    for key, cids in owners.items():
+        cell = _read_cell(out / "cells" / f"{key}.json")
+        for cid in cids:
+            cells[cid] = cell
     return cells
+
+
+def _rank() -> tuple[int, int]:
+    """(rank, world size) of a torchrun launch (joining its gloo process group on first
+    use), else (0, 1)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world
 
 
 def _read_cell(path: Path) -> dict:
@@ -521,7 +589,12 @@ def _plot(recipe: ReportRecipe, curves: dict, out: Path) -> list[str]:
 
 
 def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
-    """Evaluate the matrix (resuming), write tables, JSONs and plots; return the summary."""
+    """Evaluate the matrix (resuming), write tables, JSONs and plots; return the summary.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the cells to compute are shared out among the
+    ranks (a gloo process group; ``out`` must be one folder all ranks see), each rank
+    writes its cells, and after a barrier rank 0 writes the tables; the other ranks return
+    ``{"rank": r, "markdown": "", "plots": []}``."""
     import datetime
 
     from qft.codec import list_images
@@ -534,6 +607,8 @@ def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
     out = Path(recipe.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = _evaluate_cells(recipe, images, out, progress)
+    if _rank()[0] != 0:  # under torchrun rank 0 writes the tables
+        return {"rank": _rank()[0], "markdown": "", "plots": []}
     tables = _tables(recipe, cells)
     machine = machine_info()
     meta = {"format": REPORT_FORMAT, "recipe": recipe.name, "data": recipe.data, "images": len(images),

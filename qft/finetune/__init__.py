@@ -7,24 +7,42 @@
   or the noise-proxy control arm) and their batches.
 - :mod:`qft.finetune.loop`: the training loop, single process or DDP under torchrun.
 - :mod:`qft.finetune.ship`: a finished run as a delta checkpoint + manifest entry (``qft ship``).
+
+The package itself is callable: ``from qft import finetune; finetune(checkpoint, out,
+data=…)`` is :func:`qft.finetune.loop.finetune_checkpoint` (``qft finetune`` as a function).
 """
 
+import sys
+import types
+
 from qft.finetune.cache import LatentCache, cache_identity
-from qft.finetune.loop import finetune, trainable_parameters
+from qft.finetune.loop import finetune, finetune_checkpoint, trainable_parameters
 from qft.finetune.objective import FinetuneObjective, cell_mass, index_cells
-from qft.finetune.recipe import PARTS, FinetuneRecipe, load_finetune_recipe
+from qft.finetune.recipe import PARTS, FinetuneRecipe, default_recipe, load_finetune_recipe, override_recipe
 from qft.finetune.ship import ship_finetune
 
 __all__ = [
     "PARTS",
     "FinetuneRecipe",
+    "default_recipe",
     "load_finetune_recipe",
+    "override_recipe",
     "LatentCache",
     "cache_identity",
     "FinetuneObjective",
     "cell_mass",
     "index_cells",
     "finetune",
+    "finetune_checkpoint",
     "trainable_parameters",
     "ship_finetune",
 ]
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        """:func:`finetune_checkpoint`."""
+        return finetune_checkpoint(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -53,7 +53,7 @@ from qft.finetune.objective import (
     batch_to_device,
     sample_crops,
 )
-from qft.finetune.recipe import FinetuneRecipe
+from qft.finetune.recipe import FinetuneRecipe, default_recipe, load_finetune_recipe, override_recipe
 from qft.models import ARCHITECTURES, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from qft.settings import read_settings, resolve_quantizer, weights_digest
 from qft.threads import set_threads
@@ -69,7 +69,7 @@ from qft.train.scaffold import (
     write_summary,
 )
 
-__all__ = ["finetune", "trainable_parameters"]
+__all__ = ["finetune", "finetune_checkpoint", "trainable_parameters"]
 
 
 def trainable_parameters(
@@ -154,6 +154,31 @@ def finetune(
             dist.destroy_process_group()
 
 
+def finetune_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    data: str | os.PathLike | None = None,
+    recipe: str | os.PathLike | None = None,
+    control: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    **fields: Any,
+) -> dict[str, Any]:
+    """``qft finetune [RECIPE] -m CHECKPOINT --out OUT [--data DATA] …`` as a function (the
+    top-level ``qft.finetune(...)``): finetune on latents quantized as at inference; returns
+    the run's summary (``summary["model"]``: the finetuned checkpoint).
+
+    ``recipe`` defaults to ``recipes/finetune/cpu.yaml``; ``fields`` override it
+    (:func:`qft.finetune.override_recipe`): ``lmbda``, ``steps``, ``parts``, ``method``,
+    ``step``, ``lambda_t``, ``lambda_mult``, ``weights``, ``target``, ``lr``, ``threads``,
+    ``device``, …
+    """
+    r = override_recipe(load_finetune_recipe(recipe or default_recipe()), data=data, checkpoint=str(checkpoint),
+                        **fields)
+    return finetune(r, Path(out), control=control, resume=resume, progress=progress)
+
+
 @dataclass
 class _Setup:
     """What a finetuning run trains, fixed before its first step."""
@@ -177,9 +202,13 @@ def _setup(recipe: FinetuneRecipe, control: bool, unsafe_load: bool) -> _Setup:
             f"finetuning needs a hyperprior model ({', '.join(HYPERPRIOR_ENTROPY)}); "
             f"{base.arch} has a {entropy} entropy model"
         )
-    lmbda = recipe.lmbda if recipe.lmbda is not None else base.extra.get("lambda")
+    # the checkpoint's λ, or the one its settings file records (qft calibrate --lambda)
+    lmbda = recipe.lmbda if recipe.lmbda is not None else read_settings(base).get("model_lambda")
     if not isinstance(lmbda, (int, float)) or lmbda <= 0:
-        raise UserError(f"{recipe.checkpoint} records no λ: give --lambda (the base model's rate point)")
+        raise UserError(
+            f"{recipe.checkpoint} records no λ: give --lambda (the base model's rate point), "
+            "or record it once with qft calibrate -m CKPT --lambda L"
+        )
     choice = resolve_quantizer(
         recipe.method,
         read_settings(base) | {"model_lambda": float(lmbda)},  # --target rd weighs by this run's λ

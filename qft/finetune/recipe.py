@@ -32,8 +32,10 @@ Layout, every key required (``null`` where allowed)::
     checkpoint_every: 250
     log_every: 25
 
-Relative paths (``checkpoint``, ``data.root``) are resolved against the project root, as
-in :mod:`qft.train.recipe`.
+Relative paths (``checkpoint``, ``data.root``) follow the rule of every recipe
+(:func:`qft.train.recipe.recipe_path`): against the recipe's project root (the folder
+above it holding ``pyproject.toml``), else the recipe's folder; ``checkpoint`` may be the
+name of a shipped model.
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ from trellis import METHODS, RESETS
 
 from qft.errors import UserError
 from qft.settings import target_value
-from qft.train.recipe import check_section, project_root, read_yaml
+from qft.train.recipe import check_section, read_yaml, recipe_path
 
-__all__ = ["PARTS", "FinetuneRecipe", "load_finetune_recipe"]
+__all__ = ["PARTS", "FinetuneRecipe", "default_recipe", "load_finetune_recipe", "override_recipe"]
 
 #: trainable parts: ``decoder`` = ``g_s``; ``decoder+hyperdecoder`` = ``g_s`` and ``h_s``
 PARTS = ("decoder", "decoder+hyperdecoder")
@@ -182,14 +184,6 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
     opt = check_section(top["optimizer"], "optimizer", _OPTIMIZER, where)
     data = check_section(top["data"], "data", _DATA, where)
 
-    root = project_root(path)
-
-    def resolve(p: Any) -> str | None:
-        if p is None:
-            return None
-        p = Path(str(p))
-        return str(p if p.is_absolute() else root / p)
-
     train = data["train"]
     train = [train] if isinstance(train, str) else train
 
@@ -199,7 +193,7 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
     try:
         recipe = FinetuneRecipe(
             path=str(path),
-            checkpoint=resolve(top["checkpoint"]),
+            checkpoint=recipe_path(path, top["checkpoint"], checkpoint=True),
             arch=None if top["arch"] is None else str(top["arch"]),
             lmbda=opt_float(top["lambda"]),
             parts=str(top["parts"]),
@@ -219,7 +213,7 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
             steps=int(top["steps"]),
             lr=float(opt["lr"]),
             clip_max_norm=float(opt["clip_max_norm"]),
-            data_root=resolve(data["root"]),
+            data_root=recipe_path(path, data["root"]),
             train_splits=tuple(str(s) for s in train),
             checkpoint_every=int(top["checkpoint_every"]),
             log_every=int(top["log_every"]),
@@ -228,3 +222,40 @@ def load_finetune_recipe(path: str | Path) -> FinetuneRecipe:
         raise UserError(f"{where}: wrong value type ({exc})") from None
     _validate(recipe)
     return recipe
+
+
+def default_recipe() -> Path:
+    """``recipes/finetune/cpu.yaml`` of the source tree qft runs from (the recipe of
+    ``qft finetune`` without one)."""
+    path = Path(__file__).resolve().parents[2] / "recipes" / "finetune" / "cpu.yaml"
+    if not path.is_file():
+        raise UserError(f"no default recipe ({path} is missing); give a recipe file (see recipes/finetune/ in qft)")
+    return path
+
+
+def override_recipe(recipe: FinetuneRecipe, data: str | Path | None = None, **fields: Any) -> FinetuneRecipe:
+    """``recipe`` with the user's overrides (``qft finetune``'s options, the Python API's
+    arguments); ``None`` values are ignored.
+
+    Args:
+        data: a folder whose images (directly in it) replace the recipe's training data.
+        fields: :class:`FinetuneRecipe` fields (``checkpoint``, ``lmbda``, ``steps``,
+            ``parts``, ``method``, ``step``, …). A ``method`` other than the recipe's drops
+            the recipe's ``step`` and ``lambda_t`` (they belong to the old method) unless
+            given too.
+
+    Raises:
+        UserError: ``data`` is not a folder; an invalid value.
+    """
+    changes = {k: v for k, v in fields.items() if v is not None}
+    if data is not None:
+        if not Path(data).is_dir():
+            raise UserError(f"--data {data}: not a folder of images")
+        changes |= {"data_root": str(Path(data).resolve()), "train_splits": (".",)}
+    if changes.get("method", recipe.method) != recipe.method:
+        changes.setdefault("step", None)
+        changes.setdefault("lambda_t", None)
+    unknown = set(changes) - {f.name for f in dataclasses.fields(FinetuneRecipe)}
+    if unknown:
+        raise TypeError(f"unknown recipe field(s) {sorted(unknown)}")
+    return recipe.replace(**changes) if changes else recipe

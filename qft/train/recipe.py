@@ -58,6 +58,7 @@ __all__ = [
     "check_section",
     "project_root",
     "read_yaml",
+    "recipe_path",
 ]
 
 #: entropy-model kinds ``qft train`` trains (its forward pass is the mean-scale hyperprior's);
@@ -196,6 +197,27 @@ def project_root(recipe_path: Path) -> Path:
     return recipe_path.resolve().parent
 
 
+def recipe_path(recipe: str | Path, value: Any, checkpoint: bool = False) -> str | None:
+    """A path written in a recipe (of any kind: train, finetune, report), as the one rule
+    says: absolute paths as they are; relative ones against the recipe's *project root*,
+    the nearest folder above the recipe that holds ``pyproject.toml`` (for qft's own
+    recipes, the source tree), else the recipe's own folder — never the current
+    directory. With ``checkpoint``, the name of a shipped model (``mbt2018-mean-0.013``)
+    that is not a file there stays a name (:func:`qft.models.zoo.resolve` finds it).
+    ``None`` stays ``None``."""
+    from qft.models.zoo import shipped_names
+
+    if value is None:
+        return None
+    path = Path(str(value))
+    if path.is_absolute():
+        return str(path)
+    resolved = project_root(Path(recipe)) / path
+    if checkpoint and not resolved.exists() and str(value) in shipped_names():
+        return str(value)
+    return str(resolved)
+
+
 def _validate(r: Recipe) -> None:
     where = f"recipe {r.path}"
     from qft.models import ARCHITECTURES
@@ -271,9 +293,7 @@ def load_recipe(path: str | Path) -> Recipe:
     data = check_section(top["data"], "data", _DATA, where)
     sched = check_section(top["schedule"], "schedule", _SCHEDULE, where)
 
-    root = Path(str(data["root"]))
-    if not root.is_absolute():
-        root = project_root(path) / root
+    root = Path(recipe_path(path, data["root"]))
     train = data["train"]
     train = [train] if isinstance(train, str) else train
     try:
