@@ -85,13 +85,9 @@ def add_manifest_entry(entry: dict[str, Any], folder: str | os.PathLike = ASSETS
     return atomic_write(path, json.dumps([*entries, entry], indent=2) + "\n")
 
 
-def _named(entry: dict[str, Any]) -> dict[str, Any]:
-    return {"name": Path(entry["file"]).stem, **entry}
-
-
 def shipped() -> list[dict[str, Any]]:
     """The manifest entries, each with its ``name`` (file name without ``.pth``)."""
-    return [_named(e) for e in read_manifest(ASSETS)]
+    return [{"name": Path(e["file"]).stem, **e} for e in read_manifest(ASSETS)]
 
 
 def is_finetuned(entry: dict[str, Any]) -> bool:
@@ -101,7 +97,7 @@ def is_finetuned(entry: dict[str, Any]) -> bool:
 
 def shipped_bases() -> list[dict[str, Any]]:
     """The manifest entries of the reference (base) models, by increasing training λ."""
-    return [_named(e) for e in base_entries(ASSETS)]
+    return sorted((e for e in shipped() if not is_finetuned(e)), key=lambda e: e["lambda"])
 
 
 def shipped_finetunes() -> list[dict[str, Any]]:
