@@ -42,7 +42,7 @@ _MESSAGES = {
 
 
 class CorruptStreamError(ValueError):
-    """The y stream cannot be decoded: it is corrupted or truncated."""
+    """A stream cannot be decoded: it is corrupted or truncated."""
 
 
 @njit(cache=True, nogil=True)
@@ -199,6 +199,7 @@ def decode(
     cdf: np.ndarray,
     cdf_length: np.ndarray,
     offset: np.ndarray,
+    name: str = "y stream",
 ) -> np.ndarray:
     """Decodes one symbol per entry of ``scale_rows`` (flat, decoding order).
 
@@ -210,12 +211,13 @@ def decode(
         state_class: ``int64[S]`` row class of each state (``[0]`` for USQ).
         num_scales: rows per class (64).
         cdf, cdf_length, offset: the table rows.
+        name: the stream's name in error messages.
 
     Returns:
         ``int32`` symbols. Raises :class:`CorruptStreamError` for a damaged stream.
     """
     if len(data) % 4:
-        raise CorruptStreamError("y stream: length is not a multiple of 4 bytes (truncated?)")
+        raise CorruptStreamError(f"{name}: length is not a multiple of 4 bytes (truncated?)")
     words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
     scale_rows = np.ascontiguousarray(scale_rows, dtype=np.int64).reshape(-1)
     out = np.empty(scale_rows.size, dtype=np.int32)
@@ -223,5 +225,5 @@ def decode(
         words, scale_rows, max(int(chain_length), 1), next_state, state_class, num_scales, cdf, cdf_length, offset, out
     )
     if status != _OK:
-        raise CorruptStreamError(f"y stream: {_MESSAGES[status]}")
+        raise CorruptStreamError(f"{name}: {_MESSAGES[status]}")
     return out

@@ -308,16 +308,40 @@ class HyperpriorLatentCoder:
         return rans.encode(q.result.indices, q.result.rows, tab.cdf, tab.cdf_length, tab.offset)
 
     # -- decoder ------------------------------------------------------------------------
+    def decode_z(self, z_string: bytes, z_shape) -> torch.Tensor:
+        """``ẑ`` ``(1, N, h, w)`` from the z stream, as CompressAI's
+        ``EntropyBottleneck.decompress`` returns it (its stream format; tested equal), but
+        decoded by :func:`trellis.rans.decode`, which checks that the stream ends exactly
+        with its last symbol and never reads past it: a stream that does not hold
+        ``z_shape`` symbols raises instead of decoding garbage (or reading out of bounds).
+
+        Raises:
+            trellis.rans.CorruptStreamError: damaged stream, or one of another size.
+        """
+        eb = self.model.entropy_bottleneck
+        cdf = np.ascontiguousarray(eb._quantized_cdf.cpu().numpy(), np.int32)
+        channels, (h, w) = cdf.shape[0], tuple(int(n) for n in z_shape)
+        rows = np.repeat(np.arange(channels, dtype=np.int64), h * w)
+        symbols = rans.decode(
+            z_string, rows, 1, np.zeros((1, 2), np.int64), np.zeros(1, np.int64), channels, cdf,
+            np.ascontiguousarray(eb._cdf_length.cpu().numpy(), np.int32),
+            np.ascontiguousarray(eb._offset.cpu().numpy(), np.int32), name="z stream",
+        )
+        medians = eb.quantiles[:, :, 1:2].detach().cpu().reshape(1, channels, 1, 1)
+        return torch.from_numpy(symbols).reshape(1, channels, h, w).type_as(medians) + medians
+
     @torch.no_grad()
     def decode(self, z_string: bytes, z_shape, y_stream: bytes, quantizer: Quantizer):
         """``(ŷ, indices, states)`` as numpy ``(C, H, W)`` from the two streams.
 
         ``z_shape`` is the spatial size of ``z``; the latent's shape follows from ``h_s``.
+        The z stream is decoded (and checked) first, so a ``z_shape`` the streams do not
+        hold fails before the latent-sized arrays are allocated.
 
         Raises:
-            trellis.rans.CorruptStreamError: the y stream is damaged.
+            trellis.rans.CorruptStreamError: a stream is damaged or does not fit ``z_shape``.
         """
-        z_hat = self.model.entropy_bottleneck.decompress([z_string], tuple(z_shape))
+        z_hat = self.decode_z(z_string, z_shape)
         mu, sigma = self.entropy_parameters(z_hat)
         mu, sigma = mu[0], sigma[0]
         q = quantizer
