@@ -38,12 +38,12 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from qft.codec import Codec, list_images
-    from qft.commands.compress import output_guard
     from qft.eval import evaluate_images, results_json
     from qft.eval.settings import read_settings
+    from qft.files import atomic_write, check_output
     from qft.models import ARCHITECTURES, load_checkpoint
 
-    output_guard(args.output, args.force)
+    check_output(args.output, args.force, inputs=tuple(args.checkpoint))
     images = list_images(args.data)
     device = device_from_args(args)
     checkpoints, per_checkpoint, arch, method = [], [], None, None
@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
                             "quantizer": choice.describe()})
     name = args.name or f"{arch}-{method}"
     out = results_json(name, checkpoints, per_checkpoint, args.estimate, args.per_image, str(args.data))
-    with open(args.output, "w") as f:
-        json.dump(out, f, indent=2, allow_nan=False)
+    atomic_write(args.output, json.dumps(out, indent=2, allow_nan=False))
     for c, bpp, p in zip(checkpoints, out["results"]["bpp"], out["results"]["psnr-rgb"]):
         print(f"{c['path']}: {bpp:.4f} bpp, {p:.3f} dB")
     print(f"wrote {args.output}")

@@ -56,6 +56,7 @@ from qft.finetune.objective import (
     batch_to_device,
     sample_crops,
 )
+from qft.files import remove_stale_temporaries
 from qft.finetune.recipe import FinetuneRecipe
 from qft.models import ARCHITECTURES, load_checkpoint, save_checkpoint
 from qft.train.checkpoint import (
@@ -254,6 +255,9 @@ def _finetune(
         "data": data,
     }
     ckpt_path, log_path = out / "checkpoint.pth", out / "log.jsonl"
+    for saved in (ckpt_path, out / "model.pth"):  # left by a run killed while saving
+        if main:
+            remove_stale_temporaries(saved)
     state = None
     if ckpt_path.exists():
         if not resume:

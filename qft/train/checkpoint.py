@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
-import tempfile
 
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 from compressai.models import CompressionModel
 
 from qft.errors import UserError
+from qft.files import atomic_write
 
 __all__ = [
     "save_atomic",
@@ -36,21 +35,9 @@ CHECKPOINT_FORMAT = "qft-train/1"
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a
-    reader (or a crash) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`qft.files.atomic_write`: a reader (or a crash) never
+    sees a half-written file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from compressai.models import MeanScaleHyperprior
 from tqdm import tqdm
 
 from qft.errors import UserError
+from qft.files import remove_stale_temporaries
 from qft.train.checkpoint import (
     CHECKPOINT_FORMAT,
     export_state_dict,
@@ -234,6 +235,8 @@ def train_point(
     """
     folder = Path(out_dir) / lambda_tag(point.lmbda)
     ckpt_path, log_path = folder / "checkpoint.pth", folder / "log.jsonl"
+    for saved in (ckpt_path, folder / "model.pth"):  # left by a run killed while saving
+        remove_stale_temporaries(saved)
     amp = device.type == "cuda" and recipe.amp
     model = build_model(recipe).to(device)
     opt, aux_opt, main_params = _optimizers(model, recipe)
