@@ -336,6 +336,16 @@ def test_latent_of_another_size_is_refused_before_the_hyper_decoder(coded):
             codec.decompress(bad)
 
 
+def test_header_forged_with_every_check_is_refused_by_the_seal(coded):
+    """Size and tables check forged consistently: the y stream is sealed with the header."""
+    codec, data = coded
+    c = Container.from_bytes(data)
+    q = Quantizer(c.header.method, step=c.header.step, reset=c.header.reset)
+    for h, w in ((63, 64), (64, 1), (50, 60)):
+        with pytest.raises(UserError, match="another header"):
+            codec.decompress(forged(data, height=h, width=w, tables=codec._tables(q, h, w)))
+
+
 def test_old_format_is_named(coded):
     codec, data = coded
     with pytest.raises(UserError, match="format 1 .*encode the image again"):
@@ -421,4 +431,4 @@ def test_header_field_fuzz(coded):
         else:
             assert bad == data or torch.equal(out, ref), (field, value)
             outcomes["same"] += 1
-    assert outcomes["error"] >= 50
+    assert outcomes["error"] == 60

@@ -37,7 +37,7 @@ _OK, _ERR_EOF, _ERR_ESCAPE, _ERR_END = 0, 1, 2, 3
 _MESSAGES = {
     _ERR_EOF: "the stream ends too early",
     _ERR_ESCAPE: "an escape code is out of range",
-    _ERR_END: "the stream does not end where its last symbol does",
+    _ERR_END: "the stream does not end where its last symbol does (or belongs to another header)",
 }
 
 
@@ -46,7 +46,7 @@ class CorruptStreamError(ValueError):
 
 
 @njit(cache=True, nogil=True)
-def _encode(symbols, rows, cdf, cdf_length, offset):  # pragma: no cover
+def _encode(symbols, rows, cdf, cdf_length, offset, x0):  # pragma: no cover
     n = symbols.shape[0]
     # Upper bound on the number of words: one per coded symbol + the final state.
     count = 2
@@ -63,7 +63,7 @@ def _encode(symbols, rows, cdf, cdf_length, offset):  # pragma: no cover
             count += nb // _MAX_BYPASS + 1 + nb
     out = np.empty(count, dtype=np.uint32)
     ptr = count
-    x = _RANS_L
+    x = x0
     for i in range(n - 1, -1, -1):
         r = rows[i]
         v = symbols[i] - offset[r]
@@ -118,7 +118,7 @@ def _get_bits(x, words, ptr):  # pragma: no cover
 
 
 @njit(cache=True, nogil=True)
-def _decode(words, scale_rows, chain_length, next_state, state_class, num_scales, cdf, cdf_length, offset, out):  # pragma: no cover
+def _decode(words, scale_rows, chain_length, next_state, state_class, num_scales, cdf, cdf_length, offset, x0, out):  # pragma: no cover
     n = scale_rows.shape[0]
     if words.shape[0] < 2:
         return _ERR_EOF
@@ -175,18 +175,32 @@ def _decode(words, scale_rows, chain_length, next_state, state_class, num_scales
         k = v + offset[r]
         out[i] = k
         s = next_state[s, k & 1]
-    if ptr != words.shape[0] or x != _RANS_L:
+    if ptr != words.shape[0] or x != x0:
         return _ERR_END
     return _OK
 
 
-def encode(symbols: np.ndarray, rows: np.ndarray, cdf: np.ndarray, cdf_length: np.ndarray, offset: np.ndarray) -> bytes:
-    """Codes ``symbols[i]`` with table row ``rows[i]`` (flat arrays, in decoding order)."""
+def _initial_state(seal: int) -> np.uint64:
+    if not 0 <= seal < 1 << 32:
+        raise ValueError(f"seal must be a 32-bit unsigned integer, got {seal!r}")
+    return np.uint64(int(_RANS_L) + seal)
+
+
+def encode(
+    symbols: np.ndarray, rows: np.ndarray, cdf: np.ndarray, cdf_length: np.ndarray, offset: np.ndarray, seal: int = 0
+) -> bytes:
+    """Codes ``symbols[i]`` with table row ``rows[i]`` (flat arrays, in decoding order).
+
+    ``seal``: a 32-bit value the stream carries in the coder's initial state (``L + seal``
+    instead of CompressAI's ``L``; 0: CompressAI's stream); :func:`decode` given another
+    seal raises, so a stream can be bound to data sent elsewhere (a header) at no cost in
+    size. CompressAI's decoder ignores the final state and decodes sealed streams too.
+    """
     symbols = np.ascontiguousarray(symbols, dtype=np.int64).reshape(-1)
     rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
     if symbols.shape != rows.shape:
         raise ValueError(f"symbols ({symbols.size}) and rows ({rows.size}) differ in size")
-    return _encode(symbols, rows, cdf, cdf_length, offset).astype("<u4").tobytes()
+    return _encode(symbols, rows, cdf, cdf_length, offset, _initial_state(seal)).astype("<u4").tobytes()
 
 
 def decode(
@@ -200,6 +214,7 @@ def decode(
     cdf_length: np.ndarray,
     offset: np.ndarray,
     name: str = "y stream",
+    seal: int = 0,
 ) -> np.ndarray:
     """Decodes one symbol per entry of ``scale_rows`` (flat, decoding order).
 
@@ -212,6 +227,7 @@ def decode(
         num_scales: rows per class (64).
         cdf, cdf_length, offset: the table rows.
         name: the stream's name in error messages.
+        seal: the encoder's seal (:func:`encode`); the stream must end in that state.
 
     Returns:
         ``int32`` symbols. Raises :class:`CorruptStreamError` for a damaged stream.
@@ -222,7 +238,8 @@ def decode(
     scale_rows = np.ascontiguousarray(scale_rows, dtype=np.int64).reshape(-1)
     out = np.empty(scale_rows.size, dtype=np.int32)
     status = _decode(
-        words, scale_rows, max(int(chain_length), 1), next_state, state_class, num_scales, cdf, cdf_length, offset, out
+        words, scale_rows, max(int(chain_length), 1), next_state, state_class, num_scales, cdf, cdf_length, offset,
+        _initial_state(seal), out,
     )
     if status != _OK:
         raise CorruptStreamError(f"{name}: {_MESSAGES[status]}")

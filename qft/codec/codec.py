@@ -188,8 +188,9 @@ class Codec:
         (:meth:`HyperpriorLatentCoder.requantize`). Returns :meth:`compress`'s dict less
         ``time_s``.
         """
-        y_stream = self.latent_coder.encode(lat, quantizer)
-        bitstream = Container(self._header(quantizer, height, width), [lat.z_string, y_stream]).to_bytes()
+        header = self._header(quantizer, height, width)
+        y_stream = self.latent_coder.encode(lat, quantizer, header.seal())
+        bitstream = Container(header, [lat.z_string, y_stream]).to_bytes()
         return {
             "bitstream": bitstream,
             "y_hat": lat.result.y_hat,
@@ -229,7 +230,7 @@ class Codec:
             out = {}
             if self.latent_coder is not None:
                 z_string, y_stream = c.sections
-                y_hat, _, _ = self.latent_coder.decode(z_string, (hp // 64, wp // 64), y_stream, quantizer)
+                y_hat, _, _ = self.latent_coder.decode(z_string, (hp // 64, wp // 64), y_stream, quantizer, hd.seal())
                 x_hat = self.model.g_s(torch.from_numpy(y_hat)[None].to(self.device)).clamp_(0, 1)
                 out["y_hat"] = y_hat
             else:

@@ -23,7 +23,11 @@ The header is validated before the decoder allocates anything: the image size li
 decoder rebuilds from it stay small). The image size is also folded into the ``tables``
 check: the latent only fixes the size to a 64-pixel block, so without it a height changed
 within its block (with a forged file checksum) would decode to an image of the wrong size.
-Format 1 (before the size entered the check) is refused with a message naming it.
+The y stream of hyperprior models is moreover *sealed* with the header (:meth:`Header.seal`:
+the rANS coder starts from a state that carries the header's CRC-32, and the decoder checks
+that it ends there), so even a header forged with every check recomputed fails to decode
+instead of describing the payload wrongly. Format 1 (before the size checks and the seal)
+is refused with a message naming it.
 """
 
 from __future__ import annotations
@@ -65,6 +69,16 @@ class Header:
     height: int
     width: int
 
+    def fixed_bytes(self) -> bytes:
+        """The fixed part of the header as written (version to width)."""
+        quant = METHODS.index(self.method) << 1 | RESETS.index(self.reset)
+        return _FIXED.pack(FORMAT_VERSION, self.checkpoint[:4], quant, self.step, self.tables, self.height, self.width)
+
+    def seal(self) -> int:
+        """CRC-32 of :meth:`fixed_bytes`: the rANS coder's seal of the y stream
+        (:func:`trellis.rans.encode`), which binds the payload to this header."""
+        return zlib.crc32(self.fixed_bytes())
+
 
 def check_image_size(height: int, width: int, name: str = "image", advice: str = "split the image") -> None:
     """Raises :class:`UserError` (``name``: what is wrong, then ``advice``) unless
@@ -99,9 +113,7 @@ class Container:
     sections: list[bytes] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
-        h = self.header
-        quant = METHODS.index(h.method) << 1 | RESETS.index(h.reset)
-        parts = [MAGIC, _FIXED.pack(FORMAT_VERSION, h.checkpoint[:4], quant, h.step, h.tables, h.height, h.width)]
+        parts = [MAGIC, self.header.fixed_bytes()]
         parts.append(bytes([len(self.sections)]))
         parts += [_varint(len(s)) for s in self.sections]
         parts += [bytes(s) for s in self.sections]

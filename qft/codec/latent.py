@@ -302,10 +302,10 @@ class HyperpriorLatentCoder:
         return lmbda * 255**2 * mse + q.result.bits / pixels, q
 
     @staticmethod
-    def encode(q: QuantizedLatent, quantizer: Quantizer) -> bytes:
-        """The y stream of one quantized latent."""
+    def encode(q: QuantizedLatent, quantizer: Quantizer, seal: int = 0) -> bytes:
+        """The y stream of one quantized latent (``seal``: :func:`trellis.rans.encode`)."""
         tab = quantizer.table
-        return rans.encode(q.result.indices, q.result.rows, tab.cdf, tab.cdf_length, tab.offset)
+        return rans.encode(q.result.indices, q.result.rows, tab.cdf, tab.cdf_length, tab.offset, seal)
 
     # -- decoder ------------------------------------------------------------------------
     def decode_z(self, z_string: bytes, z_shape) -> torch.Tensor:
@@ -331,11 +331,11 @@ class HyperpriorLatentCoder:
         return torch.from_numpy(symbols).reshape(1, channels, h, w).type_as(medians) + medians
 
     @torch.no_grad()
-    def decode(self, z_string: bytes, z_shape, y_stream: bytes, quantizer: Quantizer):
+    def decode(self, z_string: bytes, z_shape, y_stream: bytes, quantizer: Quantizer, seal: int = 0):
         """``(ŷ, indices, states)`` as numpy ``(C, H, W)`` from the two streams.
 
-        ``z_shape`` is the spatial size of ``z``; the latent's shape follows from ``h_s``.
-        The z stream is decoded (and checked) first, so a ``z_shape`` the streams do not
+        ``z_shape`` is the spatial size of ``z``; the latent's shape follows from ``h_s``;
+        ``seal``: the y stream's (:meth:`encode`). The z stream is decoded (and checked) first, so a ``z_shape`` the streams do not
         hold fails before the latent-sized arrays are allocated.
 
         Raises:
@@ -349,7 +349,7 @@ class HyperpriorLatentCoder:
         next_state, state_class = q.selector
         indices = rans.decode(
             y_stream, scale_rows(sigma), q.chain_length(mu.shape), next_state, state_class, NUM_SCALES,
-            tab.cdf, tab.cdf_length, tab.offset,
+            tab.cdf, tab.cdf_length, tab.offset, seal=seal,
         ).reshape(mu.shape)
         y_hat, states = q.dequantize(indices, mu)
         return y_hat, indices, states
