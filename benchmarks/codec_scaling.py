@@ -2,7 +2,8 @@
 
 For the shipped ``mbt2018-mean-0.013`` (one torch thread, one Numba thread), images of
 0.4, 2, 6 and 12 MP — mosaics of the Kodak images, cropped to size (natural content at the
-usual scale) — are coded with USQ and TCQ-8 (the CLI's default parameters) through
+usual scale) — are coded with USQ and TCQ-8 as ``qft compress -q METHOD`` codes them (the
+checkpoint's calibrated settings: TCQ-8 with decoder target ``rd``; USQ step 1) through
 :class:`qft.codec.Codec`. Every configuration runs in fresh subprocesses: one compresses
 (after a warm-up on a small image, so JIT compilation and table building are not timed),
 a second decompresses the stream and checks ``ŷ`` against the encoder's. Peak memory is the
@@ -40,7 +41,7 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import numpy as np, torch
 torch.set_num_threads(1)
 from qft.codec import Codec, list_images, read_image
-from qft.commands._options import default_lambda, default_step
+from qft.eval.settings import read_settings, resolve_quantizer
 from qft.models import ARCHITECTURES, load_checkpoint
 from trellis import Quantizer
 
@@ -67,15 +68,15 @@ def mosaic(width, height):
 
 ckpt = load_checkpoint("CHECKPOINT")
 codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy)
-step = default_step(method)
-q = Quantizer(method, step=step, lam=default_lambda(method, step))
+choice = resolve_quantizer(method, read_settings(ckpt))  # what `qft compress -q METHOD` codes with
+q, weights, target = choice.quantizer, choice.weights, choice.target
 x = mosaic(width, height)
-warm = codec.compress(x[..., :128, :128], q)  # JIT, tables
+warm = codec.compress(x[..., :128, :128], q, weights, target)  # JIT, tables
 codec.decompress(warm["bitstream"])
-out = {"rss_after_warmup_mb": rss_mb()}
+out = {"rss_after_warmup_mb": rss_mb(), "quantizer": choice.describe()}
 if phase == "compress":
     t0, c0 = time.perf_counter(), time.process_time()
-    enc = codec.compress(x, q)
+    enc = codec.compress(x, q, weights, target)
     out["seconds"], out["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     open(stream, "wb").write(enc["bitstream"])
     np.save(stream + ".npy", enc["y_hat"])

@@ -32,6 +32,7 @@ from trellis.rans import CorruptStreamError
 from qft.codec.container import Container, Header, check_image_size, check_step
 from qft.codec.image import crop, pad, padding_for
 from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent, RDTarget
+from qft.codec.tiling import tiled
 from qft.errors import UserError
 
 __all__ = ["Codec", "check_finite_weights", "model_fingerprint"]
@@ -231,7 +232,7 @@ class Codec:
             if self.latent_coder is not None:
                 z_string, y_stream = c.sections
                 y_hat, _, _ = self.latent_coder.decode(z_string, (hp // 64, wp // 64), y_stream, quantizer, hd.seal())
-                x_hat = self.model.g_s(torch.from_numpy(y_hat)[None].to(self.device)).clamp_(0, 1)
+                x_hat = tiled(self.model.g_s, torch.from_numpy(y_hat)[None].to(self.device)).clamp_(0, 1)
                 out["y_hat"] = y_hat
             else:
                 layout = json.loads(c.sections[0].decode())

@@ -31,6 +31,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import zlib
+
+from fractions import Fraction
 
 from dataclasses import dataclass
 
@@ -38,6 +41,8 @@ import numpy as np
 import torch
 
 from trellis import NUM_SCALES, SCALE_TABLE, Quantizer, QuantizeResult, rans, scale_rows
+
+from qft.codec.tiling import receptive_radius, scaled, tiled, windows
 
 __all__ = [
     "HYPERPRIOR_ENTROPY",
@@ -47,6 +52,7 @@ __all__ = [
     "RDTarget",
     "target_direction",
     "target_record",
+    "y_seal",
 ]
 
 #: Entropy-model kinds (see :class:`qft.models.Architecture`) this coder handles.
@@ -57,6 +63,9 @@ HYPERPRIOR_ENTROPY = ("scale-hyperprior", "mean-scale-hyperprior")
 TARGET_DAMPING = 1.0
 #: Gaussian pixel-space probes per image for ``d`` in :func:`target_direction`.
 TARGET_PROBES = 4
+#: Tile side (latent positions) of :func:`target_direction`: its halo is twice the
+#: transforms' (4 latents for g_s), so larger tiles than :data:`qft.codec.tiling.TILE`.
+TARGET_TILE = 32
 #: ``η`` candidates of the per-image choice (:class:`RDTarget`).
 RD_ETAS = (0.0, 0.125, 0.25, 0.375)
 
@@ -114,20 +123,44 @@ def target_direction(
     """
     left, right, top, bottom = padding
     gen = torch.Generator().manual_seed(seed)
-    yt = y.detach().float().requires_grad_(True)
-    with torch.enable_grad():
-        x_hat = g_s(yt)
-        residual = (x - x_hat).detach()
-        mask = torch.zeros_like(residual)
-        mask[..., top : residual.shape[-2] - bottom, left : residual.shape[-1] - right] = 1
-        (g,) = torch.autograd.grad(x_hat, yt, residual * mask, retain_graph=True)
-        d = torch.zeros(y.shape[:2], dtype=torch.float64)
-        for k in range(TARGET_PROBES):
-            u = torch.randn(x_hat.shape, generator=gen).to(x_hat)
-            (v,) = torch.autograd.grad(x_hat, yt, u, retain_graph=k < TARGET_PROBES - 1)
-            d += v.double().pow(2).mean((2, 3)).cpu() / TARGET_PROBES
+    yt = y.detach().float()
+    h, w = yt.shape[-2:]
+    scale = Fraction(x.shape[-1], w)
+    # tiles (qft.codec.tiling): a tile's gradients need the outputs its latents reach to be
+    # exact, so twice the receptive radius around it; the probes are drawn whole, as before
+    rr = receptive_radius(g_s)
+    step, halo = (TARGET_TILE, 2 * math.ceil(rr[0])) if rr is not None else (max(h, w), 0)
+    tiles = list(windows(h, w, step, halo))
+    mask = torch.zeros_like(x[:, :1])
+    mask[..., top : x.shape[-2] - bottom, left : x.shape[-1] - right] = 1
+    g = torch.empty_like(yt)
+    d = torch.zeros(y.shape[:2], dtype=torch.float64)
+    for k in range(-1, TARGET_PROBES):  # -1: the gradient g, then the probes of d
+        u = None if k < 0 else torch.randn(x.shape, generator=gen).to(x)
+        sq = torch.zeros(y.shape[:2], dtype=torch.float64)
+        for rows, cols, keep_rows, keep_cols in tiles:
+            out = (..., scaled(rows, scale), scaled(cols, scale))
+            yw = yt[..., rows, cols].requires_grad_(True)
+            with torch.enable_grad():
+                xw = g_s(yw)
+                weight = (x[out] - xw.detach()) * mask[out] if k < 0 else u[out]
+                (v,) = torch.autograd.grad(xw, yw, weight)
+            keep = (..., scaled(keep_rows, 1, rows.start), scaled(keep_cols, 1, cols.start))
+            if k < 0:
+                g[..., keep_rows, keep_cols] = v[keep]
+            else:
+                sq += v[keep].double().pow(2).sum((2, 3)).cpu()
+        if k >= 0:
+            d += sq / (h * w) / TARGET_PROBES
     d = d + TARGET_DAMPING * d.median(dim=1, keepdim=True).values
     return (g.double().cpu() / d[:, :, None, None]).float().numpy()
+
+
+def y_seal(indices: np.ndarray, seal: int = 0) -> int:
+    """The seal of a y stream: CRC-32 of its indices (int32, decoding order) continuing
+    ``seal``. It binds the stream to the header and to every decoded index, bypass-coded
+    escapes included."""
+    return zlib.crc32(np.ascontiguousarray(indices, "<i4").reshape(-1), seal)
 
 
 def _per_channel(weights: np.ndarray | None) -> np.ndarray | None:
@@ -211,7 +244,7 @@ class HyperpriorLatentCoder:
             ``-Σ log2`` of their ``EntropyBottleneck`` likelihoods per image.
         """
         m = self.model
-        y = m.g_a(x)
+        y = tiled(m.g_a, x)
         z = m.h_a(torch.abs(y) if self.entropy == "scale-hyperprior" else y)
         z_strings = m.entropy_bottleneck.compress(z)
         z_hat = m.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
@@ -296,16 +329,18 @@ class HyperpriorLatentCoder:
         x = lat.image
         left, right, top, bottom = lat.padding
         rows, cols = slice(top, x.shape[-2] - bottom), slice(left, x.shape[-1] - right)
-        x_hat = self.model.g_s(torch.from_numpy(q.result.y_hat)[None].to(x.device)).clamp(0, 1)
+        x_hat = tiled(self.model.g_s, torch.from_numpy(q.result.y_hat)[None].to(x.device)).clamp(0, 1)
         mse = (x_hat - x)[..., rows, cols].double().pow(2).mean().item()
         pixels = (x.shape[-2] - top - bottom) * (x.shape[-1] - left - right)
         return lmbda * 255**2 * mse + q.result.bits / pixels, q
 
     @staticmethod
     def encode(q: QuantizedLatent, quantizer: Quantizer, seal: int = 0) -> bytes:
-        """The y stream of one quantized latent (``seal``: :func:`trellis.rans.encode`)."""
+        """The y stream of one quantized latent, sealed (:func:`trellis.rans.encode`) with
+        :func:`y_seal` of its indices and ``seal`` (the container header's)."""
         tab = quantizer.table
-        return rans.encode(q.result.indices, q.result.rows, tab.cdf, tab.cdf_length, tab.offset, seal)
+        return rans.encode(q.result.indices, q.result.rows, tab.cdf, tab.cdf_length, tab.offset,
+                           y_seal(q.result.indices, seal))
 
     # -- decoder ------------------------------------------------------------------------
     def decode_z(self, z_string: bytes, z_shape) -> torch.Tensor:
@@ -349,7 +384,7 @@ class HyperpriorLatentCoder:
         next_state, state_class = q.selector
         indices = rans.decode(
             y_stream, scale_rows(sigma), q.chain_length(mu.shape), next_state, state_class, NUM_SCALES,
-            tab.cdf, tab.cdf_length, tab.offset, seal=seal,
+            tab.cdf, tab.cdf_length, tab.offset, seal=lambda symbols: y_seal(symbols, seal),
         ).reshape(mu.shape)
         y_hat, states = q.dequantize(indices, mu)
         return y_hat, indices, states
