@@ -9,6 +9,8 @@ import textwrap
 import warnings
 import zlib
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -445,3 +447,24 @@ def test_payload_bit_flips_with_forged_checksum_are_refused(coded):
         bad[bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(UserError):
             codec.decompress(forged_raw(bytes(bad) + data[-4:], 0, b""))
+
+
+def test_tiled_transforms_equal_the_whole_ones(monkeypatch):
+    """Tiles with a halo of the receptive radius give the whole transform up to float
+    rounding; target_direction's tiles (probes drawn whole) give the whole-image result."""
+    from qft.codec import latent
+    from qft.codec.tiling import receptive_radius, tiled
+
+    m = tiny()
+    assert receptive_radius(m.g_a)[0] == 30 and receptive_radius(m.g_s)[0] == Fraction(15, 8)
+    assert receptive_radius(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, dilation=2))) is None
+    x = pad(torch.rand(1, 3, 130, 250, generator=torch.Generator().manual_seed(0)))[0]
+    with torch.no_grad():
+        y = m.g_a(x)
+        assert torch.allclose(tiled(m.g_a, x, tile=4), y, atol=1e-5, rtol=0)
+        assert torch.allclose(tiled(m.g_s, y, tile=4), m.g_s(y), atol=1e-5, rtol=0)
+    monkeypatch.setattr(latent, "TARGET_TILE", 8)
+    tiles = latent.target_direction(m.g_s, x, y, (1, 2, 3, 4))
+    monkeypatch.setattr(latent, "TARGET_TILE", 1000)
+    whole = latent.target_direction(m.g_s, x, y, (1, 2, 3, 4))
+    np.testing.assert_allclose(tiles, whole, atol=1e-5 * np.abs(whole).max(), rtol=0)
