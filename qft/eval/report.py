@@ -362,8 +362,11 @@ def _compare(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, s
         front = [common[j] for j in sel]
         bd = math.nan
         if len(sel) >= 2 and all(math.isfinite(p[1]) for p in a + t):
-            bd = bd_rate({"bpp": [a[j][0] for j in sel], metric: [a[j][1] for j in sel]},
-                         {"bpp": [t[j][0] for j in sel], metric: [t[j][1] for j in sel]}, metric)["pchip"]
+            try:
+                bd = bd_rate({"bpp": [a[j][0] for j in sel], metric: [a[j][1] for j in sel]},
+                             {"bpp": [t[j][0] for j in sel], metric: [t[j][1] for j in sel]}, metric)["pchip"]
+            except ValueError:  # fronts with tied points: not strictly monotonic, no BD
+                pass
         local = []
         for i in common:
             sweep = [cells.get((anchor[0], i, anchor[1], s)) for s in (1.0, *recipe.sweep)]
