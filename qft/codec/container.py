@@ -48,8 +48,8 @@ __all__ = [
 
 MAGIC = b"\x89Q"
 FORMAT_VERSION = 2
-#: Largest image side and pixel count qft codes (64 MP: about 20 GB to decode in float64
-#: entropy parameters at today's peak of ≈ 300 bytes per pixel; docs/design.md).
+#: Largest image side and pixel count qft codes (67 MP: ≈ 6 GB to code at ≈ 70 MB per MP
+#: above a 1 GB process; docs/design.md, "Hostile streams" and "Tiled transforms").
 MAX_SIDE = 1 << 15
 MAX_PIXELS = 1 << 26
 #: Quantizer steps a stream may carry: below, the rebuilt rate tables grow as 1/step.
