@@ -364,6 +364,8 @@ def _select(state_dict: Mapping[str, Tensor], arch: str | None, name: str) -> _F
     )
 
 
+#: First bytes of torch's zip format and of a (legacy torch) pickle.
+_MAGIC = (b"PK\x03\x04", b"\x80")
 #: Globals of tensors and plain containers in a torch pickle (the first other one is named).
 _PLAIN_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set")
 
@@ -415,15 +417,17 @@ def _read(path: Path, unsafe_load: bool) -> tuple[Any, str]:
         # weights-only loading refuses a global it does not allow with this type, and a
         # damaged pickle with the same type: a pickle that parses names Python objects
         names = _pickle_globals(data)
-        if names is None:
+        if names is None and data.startswith(_MAGIC):
             raise UserError(f"checkpoint {path} is truncated or corrupt (UnpicklingError)") from None
+        if names is None:
+            raise UserError(f"{path} is not a PyTorch checkpoint") from None
         foreign = [n for n in names if not n.startswith(_PLAIN_GLOBALS)] or names or ["?"]
         raise UserError(
             f"{path} holds Python objects, not only tensors (e.g. {foreign[0]}), refused by safe "
             "loading; if you trust the file, pass --unsafe-load"
         ) from None
     except Exception as exc:  # torch.load raises many types: classify by content
-        if data.startswith((b"PK\x03\x04", b"\x80")):  # zip, or legacy torch/pickle
+        if data.startswith(_MAGIC):
             raise UserError(
                 f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})"
             ) from None
