@@ -39,3 +39,35 @@ def test_cli(tmp_path, capsys):
     assert json.loads((tmp_path / "bd.json").read_text())["bd_rate"]["pchip"] == pytest.approx(-10)
     (tmp_path / "bad.json").write_text("{}")
     assert main(["bdrate", str(tmp_path / "a.json"), str(tmp_path / "bad.json")]) == 2
+
+
+@pytest.mark.parametrize(
+    "curve,match",
+    [
+        ({"bpp": [0.5], "psnr-rgb": [30.0]}, "1 point"),
+        ({"bpp": [], "psnr-rgb": []}, "0 point"),
+        ({"bpp": [0.2, 0.4, 0.8], "psnr-rgb": [30.0, 29.0, 34.0]}, "not monotonic"),
+        ({"bpp": [0.2, "0.4"], "psnr-rgb": [28.0, 31.0]}, "not a list of finite numbers"),
+        ({"bpp": [0.2, 0.4], "psnr-rgb": [28.0, float("nan")]}, "not a list of finite numbers"),
+        ({"bpp": [0.2, 0.4], "psnr-rgb": [28.0, 31.0, 34.0, 37.0]}, "2 'bpp' but 4"),
+        ({"bpp": [0.0, 0.4], "psnr-rgb": [28.0, 31.0]}, "<= 0"),
+        ([0.2, 0.4], "JSON object"),
+        ({"results": [1, 2]}, "no 'bpp'"),
+    ],
+)
+def test_curves_without_a_bd_rate_are_refused(tmp_path, capsys, curve, match):
+    with pytest.raises(ValueError, match=f"test: .*{match}"):
+        bd_rate(ANCHOR, curve)
+    (tmp_path / "a.json").write_text(json.dumps(ANCHOR))
+    (tmp_path / "t.json").write_text(json.dumps(curve))
+    capsys.readouterr()
+    assert main(["bdrate", str(tmp_path / "a.json"), str(tmp_path / "t.json")]) == 2
+    captured = capsys.readouterr()
+    assert not captured.out and len(captured.err.splitlines()) == 1 and match in captured.err
+
+
+def test_cli_refuses_an_undefined_bd_rate(tmp_path, capsys):
+    (tmp_path / "a.json").write_text(json.dumps(ANCHOR))
+    (tmp_path / "t.json").write_text(json.dumps({"bpp": [0.1, 0.2], "psnr-rgb": [10.0, 11.0]}))
+    assert main(["bdrate", str(tmp_path / "a.json"), str(tmp_path / "t.json")]) == 2
+    assert "no pchip BD-rate" in capsys.readouterr().err

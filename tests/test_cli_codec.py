@@ -76,3 +76,28 @@ def test_eval_json(workdir):
     assert r["results"]["ms-ssim-rgb"] == [None, None]  # too small for MS-SSIM: null, strict JSON
     assert all(0 < e < r_ for r_, e in zip(r["qft"]["bpp_real"], r["qft"]["bpp_estimated"]))  # header + rANS overhead
     assert main(argv) == 2  # exists, no --force
+
+
+def test_outputs_are_checked_before_work_and_written_atomically(workdir, capsys):
+    d = workdir
+    m, img = str(d / "m.pth"), str(d / "imgs" / "i0.png")
+    assert main(["compress", "-m", m, img, "-o", str(d / "ok.qft")]) == 0
+    before = (d / "imgs" / "i0.png").read_bytes()
+    cases = {
+        "no such folder": ["compress", "-m", m, img, "-o", str(d / "missing" / "x.qft")],
+        "is a folder": ["compress", "-m", m, img, "-o", str(d / "imgs"), "--force"],
+        "the output is the input": ["compress", "-m", m, img, "-o", img, "--force"],
+        "cannot write a '.xyz' image": ["decompress", str(d / "ok.qft"), "-m", m, "-o", str(d / "out.xyz")],
+        "output is the input ": ["decompress", str(d / "ok.qft"), "-m", m, "-o", str(d / "ok.qft"), "--force"],
+        "no such folder ": ["eval", "-m", m, "--data", str(d / "imgs"), "-o", str(d / "missing" / "r.json")],
+    }
+    for match, argv in cases.items():
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(err) == 1 and match.strip() in err[0], (argv, err)
+    assert (d / "imgs" / "i0.png").read_bytes() == before
+    assert not (d / "missing").exists() and not (d / "out.xyz").exists()
+    assert not list(d.glob(".*.tmp"))
+    assert main(["decompress", str(d / "ok.qft"), "-m", m, "-o", str(d / "ok.ppm")]) == 0
+    assert Image.open(d / "ok.ppm").size == (56, 40)

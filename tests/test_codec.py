@@ -1,10 +1,15 @@
 """The codec: exact decoding for every quantizer, the container, damaged streams, images."""
 
+import dataclasses
 import math
+import struct
 import subprocess
 import sys
 import textwrap
 import warnings
+import zlib
+
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -292,3 +297,193 @@ def test_codec_from_a_loaded_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "m.pth", model, "bmshj2018-hyperprior", {"N": 16, "M": 24})
     codec = Codec.from_checkpoint(load_checkpoint(tmp_path / "m.pth"))
     assert (codec.arch, codec.entropy) == ("bmshj2018-hyperprior", "scale-hyperprior")
+
+
+# --------------------------------------------------------------------------- hostile headers
+
+
+def forged(data: bytes, **fields) -> bytes:
+    """The stream with header fields replaced and a recomputed (forged) checksum."""
+    c = Container.from_bytes(data)
+    return Container(dataclasses.replace(c.header, **fields), c.sections).to_bytes()
+
+
+def forged_raw(data: bytes, offset: int, value: bytes) -> bytes:
+    """Bytes at ``offset`` replaced (past the parser's own checks), checksum recomputed."""
+    body = bytearray(data[:-4])
+    body[offset : offset + len(value)] = value
+    return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+
+
+@pytest.fixture(scope="module")
+def coded(image):
+    codec = Codec(tiny(), "a", "mean-scale-hyperprior")
+    return codec, codec.compress(image[..., :64, :64], Quantizer("tcq8", step=0.5, lam=0.05))["bitstream"]
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        ({"height": 0}, "image size"),
+        ({"width": 0}, "image size"),
+        ({"height": 100000}, "image size"),
+        ({"height": 2**32 - 1}, "image size"),
+        ({"height": 32768, "width": 32768}, "image size"),
+        ({"height": 63}, "image size differ"),  # within the same 64-pixel block
+        ({"width": 1}, "image size differ"),
+        ({"height": 128}, "image size differ"),
+        ({"step": 1e-6}, "step"),
+        ({"step": float("nan")}, "step"),
+        ({"step": 0.75}, "tables"),
+    ],
+)
+def test_forged_header_fields_are_refused(coded, fields, match):
+    """Header fields with a valid (forged) checksum: one error line, before any large
+    allocation — no MemoryError, torch traceback or crash, no image of the wrong size."""
+    codec, data = coded
+    with pytest.raises(UserError, match=match) as err:
+        codec.decompress(forged(data, **fields))
+    assert "\n" not in str(err.value)
+
+
+def test_latent_of_another_size_is_refused_before_the_hyper_decoder(coded):
+    """The tables check forged too: the z stream does not hold the latent of that size."""
+    codec, data = coded
+    c = Container.from_bytes(data)
+    for h, w in ((128, 64), (64, 4096), (8192, 8192)):
+        q = Quantizer(c.header.method, step=c.header.step, reset=c.header.reset)
+        bad = forged(data, height=h, width=w, tables=codec._tables(q, h, w))
+        with pytest.raises(UserError, match="z stream"):
+            codec.decompress(bad)
+
+
+def test_header_forged_with_every_check_is_refused_by_the_seal(coded):
+    """Size and tables check forged consistently: the y stream is sealed with the header."""
+    codec, data = coded
+    c = Container.from_bytes(data)
+    q = Quantizer(c.header.method, step=c.header.step, reset=c.header.reset)
+    for h, w in ((63, 64), (64, 1), (50, 60)):
+        with pytest.raises(UserError, match="another header"):
+            codec.decompress(forged(data, height=h, width=w, tables=codec._tables(q, h, w)))
+
+
+def test_old_format_is_named(coded):
+    codec, data = coded
+    with pytest.raises(UserError, match="format 1 .*encode the image again"):
+        codec.decompress(forged_raw(data, 2, b"\x01"))
+
+
+def test_z_stream_decodes_as_compressai(image):
+    """decode_z (trellis.rans) equals EntropyBottleneck.decompress, escapes included."""
+    from qft.codec import HyperpriorLatentCoder
+
+    m = tiny()
+    coder = HyperpriorLatentCoder(m, "mean-scale-hyperprior")
+    z = m.h_a(m.g_a(pad(image)[0]))
+    z[0, :3] *= 1000  # far outside the tables: bypass-coded
+    strings = m.entropy_bottleneck.compress(z)
+    assert torch.equal(coder.decode_z(strings[0], z.shape[-2:]),
+                       m.entropy_bottleneck.decompress(strings, z.shape[-2:]))
+
+
+def test_context_model_layout_must_fit_the_size():
+    codec = Codec(create_model("mbt2018", seed=0, N=8, M=8), "mbt2018", ARCHITECTURES["mbt2018"].entropy)
+    data = codec.compress(torch.rand(1, 3, 40, 70), Quantizer("usq"))["bitstream"]
+    for h, w in ((40, 200), (1000, 70)):
+        bad = forged(data, height=h, width=w, tables=codec._tables(Quantizer("usq"), h, w))
+        with pytest.raises(UserError, match="latent shape"):
+            codec.decompress(bad)
+
+
+@pytest.mark.parametrize("module", ["g_a", "h_a", "h_s", "g_s", "entropy_bottleneck"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named(module, value):
+    m = tiny()
+    with torch.no_grad():
+        next(getattr(m, module).parameters()).view(-1)[0] = value
+    with pytest.raises(UserError, match=f"model's {module} weights hold NaN or infinite"):
+        Codec(m, "a", "mean-scale-hyperprior")
+
+
+def test_image_size_limit_on_the_encoder(coded):
+    codec, _ = coded
+    from qft.codec.container import MAX_SIDE
+
+    with pytest.raises(UserError, match="split the image"):
+        codec.compress(torch.zeros(1, 3, 1, MAX_SIDE + 1), Quantizer("usq"))
+    with pytest.raises(UserError, match="step"):
+        codec.compress(torch.zeros(1, 3, 8, 8), Quantizer("usq", step=0.001))
+
+
+def test_header_field_fuzz(coded):
+    """Seeded fuzz of every header field with forged checksums (the long run:
+    benchmarks/stream_fuzz.py): each stream is refused in one line or decodes to exactly
+    the original image."""
+    codec, data = coded
+    ref = codec.decompress(data)["x_hat"]
+    rng = np.random.default_rng(26)
+    c = Container.from_bytes(data)
+    offsets = {"checkpoint": (3, 4), "quantizer": (7, 1), "step": (8, 8), "tables": (16, 4), "height": (20, 4),
+               "width": (24, 4), "count": (28, 1)}
+    outcomes = {"error": 0, "same": 0}
+    for trial in range(60):
+        field = list(offsets)[trial % len(offsets)]
+        pos, n = offsets[field]
+        kind = rng.integers(3)
+        if kind == 0:  # random bytes
+            value = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        elif kind == 1:  # one bit
+            old = int.from_bytes(data[pos : pos + n], "little")
+            value = (old ^ (1 << int(rng.integers(8 * n)))).to_bytes(n, "little")
+        else:  # an extreme
+            value = [b"\x00" * n, b"\xff" * n, (1).to_bytes(n, "little")][int(rng.integers(3))]
+        if field in ("height", "width") and kind == 1 and rng.integers(2):  # also a consistent tables check
+            h, w = (int.from_bytes(value, "little"), c.header.width) if field == "height" else (
+                c.header.height, int.from_bytes(value, "little"))
+            q = Quantizer(c.header.method, step=c.header.step, reset=c.header.reset)
+            bad = forged_raw(forged_raw(data, pos, value), 16, struct.pack("<I", codec._tables(q, h, w)))
+        else:
+            bad = forged_raw(data, pos, value)
+        try:
+            out = codec.decompress(bad)["x_hat"]
+        except UserError as exc:
+            assert "\n" not in str(exc)
+            outcomes["error"] += 1
+        else:
+            assert bad == data or torch.equal(out, ref), (field, value)
+            outcomes["same"] += 1
+    assert outcomes["error"] == 60
+
+
+def test_payload_bit_flips_with_forged_checksum_are_refused(coded):
+    """Every payload bit flip is refused, bypass-coded escape bits included (which rANS
+    passes through its state unmixed: the y stream's seal covers its indices)."""
+    codec, data = coded
+    body = data[:-4]
+    rng = np.random.default_rng(0)
+    for bit in rng.choice(np.arange(8 * 30, 8 * len(body)), 150, replace=False):
+        bad = bytearray(body)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(UserError):
+            codec.decompress(forged_raw(bytes(bad) + data[-4:], 0, b""))
+
+
+def test_tiled_transforms_equal_the_whole_ones(monkeypatch):
+    """Tiles with a halo of the receptive radius give the whole transform up to float
+    rounding; target_direction's tiles (probes drawn whole) give the whole-image result."""
+    from qft.codec import latent
+    from qft.codec.tiling import receptive_radius, tiled
+
+    m = tiny()
+    assert receptive_radius(m.g_a)[0] == 30 and receptive_radius(m.g_s)[0] == Fraction(15, 8)
+    assert receptive_radius(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, dilation=2))) is None
+    x = pad(torch.rand(1, 3, 130, 250, generator=torch.Generator().manual_seed(0)))[0]
+    with torch.no_grad():
+        y = m.g_a(x)
+        assert torch.allclose(tiled(m.g_a, x, tile=4), y, atol=1e-5, rtol=0)
+        assert torch.allclose(tiled(m.g_s, y, tile=4), m.g_s(y), atol=1e-5, rtol=0)
+    monkeypatch.setattr(latent, "TARGET_TILE", 8)
+    tiles = latent.target_direction(m.g_s, x, y, (1, 2, 3, 4))
+    monkeypatch.setattr(latent, "TARGET_TILE", 1000)
+    whole = latent.target_direction(m.g_s, x, y, (1, 2, 3, 4))
+    np.testing.assert_allclose(tiles, whole, atol=1e-5 * np.abs(whole).max(), rtol=0)

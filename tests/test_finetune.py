@@ -304,7 +304,10 @@ def test_requantize_every(setup, tmp_path, capsys):
     assert _run(setup, resumed, *dh, "--stop-after", "3") == 0
     # the resumed run trains on its re-quantized cache: the base cache is not needed
     absent = tmp_path / "absent-base-cache"
+    stale = resumed / ".checkpoint.pth.x1y2z3.tmp"  # left by a run killed while saving
+    stale.write_bytes(b"half")
     assert _run(setup, resumed, *dh, "--resume", "--cache", str(absent), cache=False) == 0
+    assert not stale.exists()
     assert not absent.exists()
     a, b = _weights(resumed / "model.pth"), _weights(full / "model.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import io
+import os
 import json
 import re
 
@@ -63,6 +64,16 @@ ENTROPY = {
 
 class Payload:
     """A custom class: pickled instances are refused by weights-only loading."""
+
+
+class Command:
+    """Unpickling it would run a shell command (``os.system``)."""
+
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return os.system, (self.cmd,)
 
 
 @pytest.fixture(scope="module")
@@ -390,6 +401,23 @@ class TestErrors:
             load_checkpoint(tmp_path / "empty.pth")
         with pytest.raises(UserError, match="is a directory"):
             load_checkpoint(tmp_path)
+
+    @pytest.mark.parametrize("zip_format", [True, False])
+    def test_pickle_payload_by_type_not_wording(self, models, tmp_path, zip_format):
+        """A payload that would run a command (refused by torch with a wording other
+        than 'Unsupported global') is still named as Python objects, never executed."""
+        marker = tmp_path / "ran"
+        path = tmp_path / "evil.pth"
+        buffer = io.BytesIO()
+        torch.save({"state_dict": models["mbt2018-mean"].state_dict(), "x": Command(f"touch {marker}")}, buffer,
+                   _use_new_zipfile_serialization=zip_format)
+        path.write_bytes(buffer.getvalue())
+        with pytest.raises(UserError, match=r"holds Python objects.*system.*pass --unsafe-load"):
+            load_checkpoint(path)
+        assert not marker.exists()
+        path.write_bytes(buffer.getvalue()[: -20 if zip_format else 300])  # damaged: not taken for a payload
+        with pytest.raises(UserError, match="truncated or corrupt"):
+            load_checkpoint(path)
 
     def test_pickle_payload(self, models, image, tmp_path):
         model = models["mbt2018-mean"]

@@ -274,6 +274,15 @@ def test_report_recipe_errors(tmp_path):
     bad.write_text("data: x\nquantizers: [usq]\nmodels: [{label: a, checkpoints: [a.pth]}]\nfoo: 1\n")
     with pytest.raises(UserError, match="unknown field"):
         load_report_recipe(bad)
+    for row, match in [("{label: a, checkpoints: [a.pth], chekpoint: 1}", r"row a: unknown field\(s\) \['chekpoint'\]"),
+                       ("{labl: a, checkpoints: [a.pth]}", r"models\[0\]: unknown field\(s\) \['labl'\]"),
+                       ("{label: a, checkpoint: [a.pth]}", r"row a: unknown field\(s\) \['checkpoint'\]"),
+                       ("{label: a}", r"row a: missing field\(s\) \['checkpoints'\]"),
+                       ("{label: a, checkpoints: a.pth}", "row a: checkpoints is a list"),
+                       ("a.pth", r"models\[0\] is a mapping")]:
+        bad.write_text(f"data: x\nquantizers: [usq]\nmodels: [{row}]\n")
+        with pytest.raises(UserError, match=match):
+            load_report_recipe(bad)
     bad.write_text("data: x\nquantizers: [usq]\nmodels: [{label: a, checkpoints: [a.pth], control: c}]\n")
     with pytest.raises(UserError, match="control row 'c' is not a row"):
         load_report_recipe(bad)

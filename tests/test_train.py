@@ -142,7 +142,10 @@ def test_resume_is_bit_exact(recipe_file, tmp_path):
     assert s[0]["step"] == 3 and not s[0]["finished"]
     with pytest.raises(UserError, match="--resume"):
         train(recipe, parts, lmbda=0.05, progress=False)
+    stale = parts / lambda_tag(0.05) / ".checkpoint.pth.x1y2z3.tmp"  # left by a run killed while saving
+    stale.write_bytes(b"half")
     s = train(recipe, parts, lmbda=0.05, resume=True, progress=False)
+    assert not stale.exists()
     assert s[0]["finished"]
     tag = lambda_tag(0.05)
     a, b = _weights(full / tag / "checkpoint.pth"), _weights(

@@ -22,6 +22,8 @@ its end, an impossible escape, a final state or position that does not match) ra
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from numba import njit
@@ -37,16 +39,16 @@ _OK, _ERR_EOF, _ERR_ESCAPE, _ERR_END = 0, 1, 2, 3
 _MESSAGES = {
     _ERR_EOF: "the stream ends too early",
     _ERR_ESCAPE: "an escape code is out of range",
-    _ERR_END: "the stream does not end where its last symbol does",
+    _ERR_END: "the stream does not end where its last symbol does, or its seal does not match (another header?)",
 }
 
 
 class CorruptStreamError(ValueError):
-    """The y stream cannot be decoded: it is corrupted or truncated."""
+    """A stream cannot be decoded: it is corrupted or truncated."""
 
 
 @njit(cache=True, nogil=True)
-def _encode(symbols, rows, cdf, cdf_length, offset):  # pragma: no cover
+def _encode(symbols, rows, cdf, cdf_length, offset, x0):  # pragma: no cover
     n = symbols.shape[0]
     # Upper bound on the number of words: one per coded symbol + the final state.
     count = 2
@@ -63,7 +65,7 @@ def _encode(symbols, rows, cdf, cdf_length, offset):  # pragma: no cover
             count += nb // _MAX_BYPASS + 1 + nb
     out = np.empty(count, dtype=np.uint32)
     ptr = count
-    x = _RANS_L
+    x = x0
     for i in range(n - 1, -1, -1):
         r = rows[i]
         v = symbols[i] - offset[r]
@@ -118,7 +120,7 @@ def _get_bits(x, words, ptr):  # pragma: no cover
 
 
 @njit(cache=True, nogil=True)
-def _decode(words, scale_rows, chain_length, next_state, state_class, num_scales, cdf, cdf_length, offset, out):  # pragma: no cover
+def _decode(words, scale_rows, chain_length, next_state, state_class, num_scales, cdf, cdf_length, offset, out, final):  # pragma: no cover
     n = scale_rows.shape[0]
     if words.shape[0] < 2:
         return _ERR_EOF
@@ -175,18 +177,35 @@ def _decode(words, scale_rows, chain_length, next_state, state_class, num_scales
         k = v + offset[r]
         out[i] = k
         s = next_state[s, k & 1]
-    if ptr != words.shape[0] or x != _RANS_L:
+    final[0] = x
+    if ptr != words.shape[0]:
         return _ERR_END
     return _OK
 
 
-def encode(symbols: np.ndarray, rows: np.ndarray, cdf: np.ndarray, cdf_length: np.ndarray, offset: np.ndarray) -> bytes:
-    """Codes ``symbols[i]`` with table row ``rows[i]`` (flat arrays, in decoding order)."""
+def _initial_state(seal: int) -> np.uint64:
+    if not 0 <= seal < 1 << 32:
+        raise ValueError(f"seal must be a 32-bit unsigned integer, got {seal!r}")
+    return np.uint64(int(_RANS_L) + seal)
+
+
+def encode(
+    symbols: np.ndarray, rows: np.ndarray, cdf: np.ndarray, cdf_length: np.ndarray, offset: np.ndarray, seal: int = 0
+) -> bytes:
+    """Codes ``symbols[i]`` with table row ``rows[i]`` (flat arrays, in decoding order).
+
+    ``seal``: a 32-bit value the stream carries in the coder's initial state (``L + seal``
+    instead of CompressAI's ``L``; 0: CompressAI's stream), which :func:`decode` checks:
+    a stream can be bound to data sent elsewhere (a header) and to its own symbols (a
+    checksum of them: the final-state check alone misses changes of bypass bits, which
+    rANS passes through without mixing them into the state), at no cost in size.
+    CompressAI's decoder ignores the final state and decodes sealed streams too.
+    """
     symbols = np.ascontiguousarray(symbols, dtype=np.int64).reshape(-1)
     rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
     if symbols.shape != rows.shape:
         raise ValueError(f"symbols ({symbols.size}) and rows ({rows.size}) differ in size")
-    return _encode(symbols, rows, cdf, cdf_length, offset).astype("<u4").tobytes()
+    return _encode(symbols, rows, cdf, cdf_length, offset, _initial_state(seal)).astype("<u4").tobytes()
 
 
 def decode(
@@ -199,6 +218,8 @@ def decode(
     cdf: np.ndarray,
     cdf_length: np.ndarray,
     offset: np.ndarray,
+    name: str = "y stream",
+    seal: int | Callable[[np.ndarray], int] = 0,
 ) -> np.ndarray:
     """Decodes one symbol per entry of ``scale_rows`` (flat, decoding order).
 
@@ -210,18 +231,25 @@ def decode(
         state_class: ``int64[S]`` row class of each state (``[0]`` for USQ).
         num_scales: rows per class (64).
         cdf, cdf_length, offset: the table rows.
+        name: the stream's name in error messages.
+        seal: the encoder's seal (:func:`encode`), or the function of the decoded symbols
+            that gives it; the stream must end in that state.
 
     Returns:
         ``int32`` symbols. Raises :class:`CorruptStreamError` for a damaged stream.
     """
     if len(data) % 4:
-        raise CorruptStreamError("y stream: length is not a multiple of 4 bytes (truncated?)")
+        raise CorruptStreamError(f"{name}: length is not a multiple of 4 bytes (truncated?)")
     words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
     scale_rows = np.ascontiguousarray(scale_rows, dtype=np.int64).reshape(-1)
     out = np.empty(scale_rows.size, dtype=np.int32)
+    final = np.zeros(1, dtype=np.uint64)
     status = _decode(
-        words, scale_rows, max(int(chain_length), 1), next_state, state_class, num_scales, cdf, cdf_length, offset, out
+        words, scale_rows, max(int(chain_length), 1), next_state, state_class, num_scales, cdf, cdf_length, offset,
+        out, final,
     )
+    if status == _OK and final[0] != _initial_state(seal(out) if callable(seal) else seal):
+        status = _ERR_END
     if status != _OK:
-        raise CorruptStreamError(f"y stream: {_MESSAGES[status]}")
+        raise CorruptStreamError(f"{name}: {_MESSAGES[status]}")
     return out

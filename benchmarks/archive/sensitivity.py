@@ -45,7 +45,6 @@ import torch
 
 from scipy.stats import spearmanr
 
-from trellis import Quantizer
 from trellis.hardware import machine_info
 
 from qft.codec import list_images

@@ -2,7 +2,7 @@
 
 from qft.codec.codec import Codec, model_fingerprint
 from qft.codec.container import Container
-from qft.codec.image import crop, list_images, pad, read_image, read_rgb, to_tensor, write_image
+from qft.codec.image import crop, list_images, output_format, pad, read_image, read_rgb, to_tensor, write_image
 from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent, RDTarget, target_record
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "crop",
     "list_images",
     "model_fingerprint",
+    "output_format",
     "pad",
     "read_image",
     "read_rgb",

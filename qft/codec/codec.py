@@ -31,15 +31,16 @@ import torch
 from trellis import Quantizer
 from trellis.rans import CorruptStreamError
 
-from qft.codec.container import Container, Header
+from qft.codec.container import Container, Header, check_image_size, check_step
 from qft.codec.image import crop, pad, padding_for
 from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent, RDTarget
+from qft.codec.tiling import tiled
 from qft.errors import UserError
 
 if TYPE_CHECKING:
     from qft.models import LoadedCheckpoint
 
-__all__ = ["Codec", "model_fingerprint"]
+__all__ = ["Codec", "check_finite_weights", "model_fingerprint"]
 
 _CDF_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length")
 
@@ -59,6 +60,21 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Raises :class:`UserError` naming the first top-level module (``g_a``, ``h_s``,
+    ``g_s``, …) whose parameters or floating-point buffers hold NaN or ±inf.
+
+    Such weights make the encoder hang (CompressAI's coder on NaN indices), raise deep
+    inside the entropy parameters, or code a valid stream of a black image; one check
+    before any work replaces all three.
+    """
+    for name, module in model.named_children():
+        tensors = [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
+        if any(not torch.isfinite(t).all() for t in tensors):
+            raise UserError(f"the model's {name} weights hold NaN or infinite values; "
+                            "the checkpoint is damaged or diverged, use another one")
+
+
 def _plain(obj):
     """Shapes (``torch.Size``, tuples, nested dicts) as JSON lists and dicts."""
     if isinstance(obj, dict):
@@ -66,6 +82,16 @@ def _plain(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return int(obj)
+
+
+def _layout_fits(shape, hp: int, wp: int) -> bool:
+    """Whether a context model's layout ``shape`` is the latent of a ``hp × wp`` padded
+    image: ``z``'s spatial size ``[hp/64, wp/64]``, or for channel-group models
+    ``{"hyper": that, "y": [[C, hp/16, wp/16], …]}``."""
+    if isinstance(shape, dict):
+        return (shape["hyper"] == [hp // 64, wp // 64]
+                and all(isinstance(g, list) and g[-2:] == [hp // 16, wp // 16] for g in shape["y"]))
+    return shape == [hp // 64, wp // 64]
 
 
 def _eb_checksum(model: torch.nn.Module) -> int:
@@ -106,6 +132,7 @@ class Codec:
         self.arch = arch
         self.entropy = entropy
         self.device = device
+        check_finite_weights(model)
         self.fingerprint = model_fingerprint(model)
         self.z_cdf_crc = _eb_checksum(model)
         hyper = entropy in HYPERPRIOR_ENTROPY
@@ -126,10 +153,11 @@ class Codec:
                 "gives after it; use -q usq with its defaults"
             )
 
-    def _tables(self, q: Quantizer) -> int:
-        """CRC-32 of the coding tables a stream depends on (y rows for this quantizer, z)."""
+    def _tables(self, q: Quantizer, height: int, width: int) -> int:
+        """CRC-32 of the coding tables a stream depends on (y rows for this quantizer, z)
+        and of the image size, which the latent fixes only to a 64-pixel block."""
         y = q.table.checksum if self.latent_coder else 0
-        return zlib.crc32(struct.pack("<II", y, self.z_cdf_crc))
+        return zlib.crc32(struct.pack("<IIII", y, self.z_cdf_crc, height, width))
 
     @torch.no_grad()
     def compress(
@@ -157,6 +185,8 @@ class Codec:
             raise UserError(f"{self.arch}: the decoder target needs a hyperprior model; use --target 0")
         t0 = time.perf_counter()
         h, w = x.shape[-2:]
+        check_image_size(h, w)
+        check_step(quantizer.step)
         xp, padding = pad(x.to(self.device))
         if self.latent_coder is not None:
             (lat,) = self.latent_coder.quantize(xp, quantizer, weights, target, padding)
@@ -183,8 +213,9 @@ class Codec:
         (:meth:`HyperpriorLatentCoder.requantize`). Returns :meth:`compress`'s dict less
         ``time_s``.
         """
-        y_stream = self.latent_coder.encode(lat, quantizer)
-        bitstream = Container(self._header(quantizer, height, width), [lat.z_string, y_stream]).to_bytes()
+        header = self._header(quantizer, height, width)
+        y_stream = self.latent_coder.encode(lat, quantizer, header.seal())
+        bitstream = Container(header, [lat.z_string, y_stream]).to_bytes()
         return {
             "bitstream": bitstream,
             "y_hat": lat.result.y_hat,
@@ -197,7 +228,7 @@ class Codec:
 
     def _header(self, quantizer: Quantizer, height: int, width: int) -> Header:
         return Header(bytes.fromhex(self.fingerprint), quantizer.method, quantizer.reset, quantizer.step,
-                      self._tables(quantizer), height, width)
+                      self._tables(quantizer, height, width), height, width)
 
     @torch.no_grad()
     def decompress(self, data: bytes, name: str = "stream") -> dict:
@@ -208,7 +239,11 @@ class Codec:
             hyperprior models) and ``time_s``.
 
         Raises:
-            UserError: damaged stream, or one made with another model or tables.
+            UserError: damaged stream, or one made with another model or tables. The
+                header is checked against the payload before anything image-sized is
+                allocated: its size limits (:mod:`qft.codec.container`), the tables and
+                size check, and the z stream (or a context model's layout), which must
+                hold exactly the latent of that size.
         """
         t0 = time.perf_counter()
         c = Container.from_bytes(data, name)
@@ -220,11 +255,13 @@ class Codec:
             out = {}
             if self.latent_coder is not None:
                 z_string, y_stream = c.sections
-                y_hat, _, _ = self.latent_coder.decode(z_string, (hp // 64, wp // 64), y_stream, quantizer)
-                x_hat = self.model.g_s(torch.from_numpy(y_hat)[None].to(self.device)).clamp_(0, 1)
+                y_hat, _, _ = self.latent_coder.decode(z_string, (hp // 64, wp // 64), y_stream, quantizer, hd.seal())
+                x_hat = tiled(self.model.g_s, torch.from_numpy(y_hat)[None].to(self.device)).clamp_(0, 1)
                 out["y_hat"] = y_hat
             else:
                 layout = json.loads(c.sections[0].decode())
+                if not _layout_fits(layout["shape"], hp, wp):
+                    raise ValueError(f"latent shape {layout['shape']} is not that of a {hd.width}×{hd.height} image")
                 strings, pos = [], 1
                 for n in layout["groups"]:
                     strings.append(list(c.sections[pos : pos + n]))
@@ -249,9 +286,9 @@ class Codec:
             )
         quantizer = Quantizer(hd.method, step=hd.step, reset=hd.reset)
         self.check_quantizer(quantizer)
-        if hd.tables != self._tables(quantizer):
+        if hd.tables != self._tables(quantizer, hd.height, hd.width):
             raise UserError(
-                f"{name}: the probability tables rebuilt here differ from the encoder's (another numpy/scipy/compressai?); "
-                "decode with the software versions that encoded it"
+                f"{name}: the probability tables rebuilt here or the image size differ from the encoder's (a damaged "
+                "header, or another numpy/scipy/compressai?); decode with the software versions that encoded it"
             )
         return quantizer

@@ -8,7 +8,8 @@ The header holds only what the decoder needs, so the file size is an honest rate
     checkpoint   4 bytes  first bytes of the model's weight fingerprint (SHA-256)
     quantizer    u8       method index (trellis.METHODS) << 1 | reset index
     step         f64      the quantizer's step (the tables are rebuilt from it)
-    tables       u32      CRC-32 of the y and z coding tables the encoder used
+    tables       u32      CRC-32 of the y and z coding tables the encoder used and of the
+                          image size (``Codec`` computes it)
     height,width u32, u32 image size (padding to a multiple of 64 is implied)
     sections     u8 count, then each section's length as a LEB128 varint, then the bytes
     crc32        u32      over everything before it
@@ -16,6 +17,17 @@ The header holds only what the decoder needs, so the file size is an honest rate
 λ and the USQ rounding offset are encoder choices and are not transmitted. A damaged file
 is refused before any entropy decoding: wrong magic, unknown version, truncation or a
 checksum mismatch each end in one :class:`~qft.errors.UserError` line.
+
+The header is validated before the decoder allocates anything: the image size lies within
+:data:`MAX_SIDE` and :data:`MAX_PIXELS`, the step within :data:`STEP_RANGE` (the tables the
+decoder rebuilds from it stay small). The image size is also folded into the ``tables``
+check: the latent only fixes the size to a 64-pixel block, so without it a height changed
+within its block (with a forged file checksum) would decode to an image of the wrong size.
+The y stream of hyperprior models is moreover *sealed* with the header (:meth:`Header.seal`:
+the rANS coder starts from a state that carries the header's CRC-32, and the decoder checks
+that it ends there), so even a header forged with every check recomputed fails to decode
+instead of describing the payload wrongly. Format 1 (before the size checks and the seal)
+is refused with a message naming it.
 """
 
 from __future__ import annotations
@@ -29,10 +41,19 @@ from trellis import METHODS, RESETS
 
 from qft.errors import UserError
 
-__all__ = ["MAGIC", "FORMAT_VERSION", "Header", "Container"]
+__all__ = [
+    "MAGIC", "FORMAT_VERSION", "MAX_SIDE", "MAX_PIXELS", "STEP_RANGE", "Header", "Container", "check_image_size",
+    "check_step",
+]
 
 MAGIC = b"\x89Q"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Largest image side and pixel count qft codes (67 MP: ≈ 6 GB to code at ≈ 70 MB per MP
+#: above a 1 GB process; docs/design.md, "Hostile streams" and "Tiled transforms").
+MAX_SIDE = 1 << 15
+MAX_PIXELS = 1 << 26
+#: Quantizer steps a stream may carry: below, the rebuilt rate tables grow as 1/step.
+STEP_RANGE = (1 / 16, 1024.0)
 _FIXED = struct.Struct("<B4sBdIII")  # version, checkpoint, quantizer, step, tables, height, width
 
 
@@ -47,6 +68,32 @@ class Header:
     tables: int
     height: int
     width: int
+
+    def fixed_bytes(self) -> bytes:
+        """The fixed part of the header as written (version to width)."""
+        quant = METHODS.index(self.method) << 1 | RESETS.index(self.reset)
+        return _FIXED.pack(FORMAT_VERSION, self.checkpoint[:4], quant, self.step, self.tables, self.height, self.width)
+
+    def seal(self) -> int:
+        """CRC-32 of :meth:`fixed_bytes`: the rANS coder's seal of the y stream
+        (:func:`trellis.rans.encode`), which binds the payload to this header."""
+        return zlib.crc32(self.fixed_bytes())
+
+
+def check_image_size(height: int, width: int, name: str = "image", advice: str = "split the image") -> None:
+    """Raises :class:`UserError` (``name``: what is wrong, then ``advice``) unless
+    ``1 <= height, width <= MAX_SIDE`` and ``height * width <= MAX_PIXELS``."""
+    if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE and height * width <= MAX_PIXELS):
+        raise UserError(
+            f"{name}: image size {width}×{height} outside what qft codes (1 to {MAX_SIDE} pixels a side, "
+            f"{MAX_PIXELS / 1e6:.0f} MP in all); {advice}"
+        )
+
+
+def check_step(step: float, name: str = "quantizer", advice: str = "give a step in that range") -> None:
+    """Raises :class:`UserError` unless ``step`` lies in :data:`STEP_RANGE`."""
+    if not STEP_RANGE[0] <= step <= STEP_RANGE[1]:  # also refuses NaN
+        raise UserError(f"{name}: step {step!r} outside {STEP_RANGE[0]:g}…{STEP_RANGE[1]:g}; {advice}")
 
 
 def _varint(n: int) -> bytes:
@@ -66,9 +113,7 @@ class Container:
     sections: list[bytes] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
-        h = self.header
-        quant = METHODS.index(h.method) << 1 | RESETS.index(h.reset)
-        parts = [MAGIC, _FIXED.pack(FORMAT_VERSION, h.checkpoint[:4], quant, h.step, h.tables, h.height, h.width)]
+        parts = [MAGIC, self.header.fixed_bytes()]
         parts.append(bytes([len(self.sections)]))
         parts += [_varint(len(s)) for s in self.sections]
         parts += [bytes(s) for s in self.sections]
@@ -84,13 +129,18 @@ class Container:
             raise UserError(f"{name}: truncated qft bitstream")
         version = data[len(MAGIC)]
         if version != FORMAT_VERSION:
-            raise UserError(f"{name}: qft bitstream format {version}, this qft reads format {FORMAT_VERSION}; use a matching qft")
+            old = " (written before the image size was checked against the tables)" if version == 1 else ""
+            raise UserError(f"{name}: qft bitstream format {version}{old}, this qft reads format {FORMAT_VERSION}; "
+                            "decode it with the qft that wrote it, or encode the image again")
         body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
         if zlib.crc32(body) != crc:
             raise UserError(f"{name}: corrupted or truncated qft bitstream (checksum mismatch)")
         try:
             _, ckpt, quant, step, tables, height, width = _FIXED.unpack_from(body, len(MAGIC))
             header = Header(ckpt, METHODS[quant >> 1], RESETS[quant & 1], step, tables, height, width)
+            damaged = f"{name}: malformed qft bitstream header", "the stream is damaged"
+            check_image_size(height, width, *damaged)
+            check_step(step, *damaged)
             pos = len(MAGIC) + _FIXED.size
             count = body[pos]
             pos += 1

@@ -27,9 +27,12 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from qft.errors import UserError
+from qft.files import atomic_write
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "OUTPUT_FORMATS",
+    "output_format",
     "read_rgb",
     "read_image",
     "to_tensor",
@@ -41,6 +44,8 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+#: Decoded images are written losslessly: Pillow's format for each accepted suffix.
+OUTPUT_FORMATS = {".png": "PNG", ".ppm": "PPM", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 
 
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
@@ -102,10 +107,26 @@ def read_image(path: str | Path) -> torch.Tensor:
     return to_tensor(read_rgb(path))
 
 
+def output_format(path: str | Path) -> str:
+    """Pillow's format name for an output image path (:data:`OUTPUT_FORMATS`, by suffix).
+
+    Raises:
+        UserError: a suffix qft does not write (a lossy or unknown format).
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise UserError(f"{path}: cannot write a '{suffix}' image; name the output "
+                        f"{' or '.join(sorted(set(OUTPUT_FORMATS)))} (lossless formats)")
+    return OUTPUT_FORMATS[suffix]
+
+
 def write_image(x: torch.Tensor, path: str | Path) -> None:
-    """Writes ``(1, 3, H, W)`` or ``(3, H, W)`` values in ``[0, 1]`` as an 8-bit RGB image."""
+    """Writes ``(1, 3, H, W)`` or ``(3, H, W)`` values in ``[0, 1]`` as an 8-bit RGB image,
+    atomically (:func:`qft.files.atomic_write`), in the format of its suffix (:func:`output_format`)."""
+    fmt = output_format(path)
     x = x.detach().squeeze(0).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(x, "RGB").save(path)
+    img = Image.fromarray(x, "RGB")
+    atomic_write(path, lambda f: img.save(f, fmt))
 
 
 def padding_for(height: int, width: int, multiple: int = 64) -> tuple[int, int, int, int]:

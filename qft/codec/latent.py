@@ -31,14 +31,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import zlib
 
-from collections.abc import Iterator
+from fractions import Fraction
+
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from trellis import NUM_SCALES, SCALE_TABLE, Quantizer, QuantizeResult, rans, scale_rows
+
+from qft.codec.tiling import receptive_radius, scaled, tiled, windows
 
 __all__ = [
     "HYPERPRIOR_ENTROPY",
@@ -49,6 +54,7 @@ __all__ = [
     "diag_jtj_probes",
     "target_direction",
     "target_record",
+    "y_seal",
 ]
 
 #: Entropy-model kinds (see :class:`qft.models.Architecture`) this coder handles.
@@ -59,6 +65,9 @@ HYPERPRIOR_ENTROPY = ("scale-hyperprior", "mean-scale-hyperprior")
 TARGET_DAMPING = 1.0
 #: Gaussian pixel-space probes per image for ``d`` in :func:`target_direction`.
 TARGET_PROBES = 4
+#: Tile side (latent positions) of :func:`target_direction`: its halo is twice the
+#: transforms' (4 latents for g_s). 16: the autograd graph of a tile (24² latents) stays ≈ 0.2 GB.
+TARGET_TILE = 16
 #: ``η`` candidates of the per-image choice (:class:`RDTarget`).
 RD_ETAS = (0.0, 0.125, 0.25, 0.375)
 
@@ -90,19 +99,22 @@ def target_record(target: float | RDTarget) -> float | str:
 
 
 def diag_jtj_probes(
-    x_hat: torch.Tensor, y: torch.Tensor, probes: int, gen: torch.Generator
+    vjp: Callable[[torch.Tensor, bool], torch.Tensor], shape: torch.Size, like: torch.Tensor, probes: int,
+    gen: torch.Generator,
 ) -> Iterator[torch.Tensor]:
-    """Hutchinson's probes of ``diag(JᵀJ)``, ``J`` the Jacobian of ``x_hat`` (a decoder's
-    output, its graph kept) with respect to ``y``: yields ``v_k = Jᵀu_k`` for ``probes``
-    Gaussian pixel-space probes ``u_k ~ N(0, I)`` (float32, drawn from ``gen`` on the CPU),
-    one backward pass each, so that ``E[v_k²] = diag(JᵀJ)`` element by element. The graph
-    is freed after the last probe. The one home of the estimate: the decoder target
-    (:func:`target_direction`) and the per-channel sensitivity
-    (:func:`qft.sensitivity.decoder_sensitivity`) reduce the ``v_k`` each their way."""
+    """Hutchinson's probes of ``diag(JᵀJ)``, ``J`` the Jacobian of a decoder's output with
+    respect to its latent ``y``: yields ``v_k = Jᵀu_k`` for ``probes`` Gaussian pixel-space
+    probes ``u_k ~ N(0, I)`` of ``shape`` (float32, drawn from ``gen`` on the CPU, then moved
+    to ``like``'s device), so that ``E[v_k²] = diag(JᵀJ)`` element by element.
+
+    ``vjp(u, last)`` returns ``Jᵀu`` (``last``: no probe follows, a kept graph may be
+    freed): one backward pass of the whole decoder, or of its tiles
+    (:func:`target_direction`). The one home of the estimate: the decoder target and the
+    per-channel sensitivity (:func:`qft.sensitivity.decoder_sensitivity`) reduce the
+    ``v_k`` each their way."""
     for k in range(probes):
-        u = torch.randn(x_hat.shape, generator=gen, dtype=torch.float32).to(x_hat)
-        (v,) = torch.autograd.grad(x_hat, y, u, retain_graph=k < probes - 1)
-        yield v
+        u = torch.randn(shape, generator=gen, dtype=torch.float32).to(like)
+        yield vjp(u, k == probes - 1)
 
 
 def target_direction(
@@ -132,18 +144,44 @@ def target_direction(
     """
     left, right, top, bottom = padding
     gen = torch.Generator().manual_seed(seed)
-    yt = y.detach().float().requires_grad_(True)
-    with torch.enable_grad():
-        x_hat = g_s(yt)
-        residual = (x - x_hat).detach()
-        mask = torch.zeros_like(residual)
-        mask[..., top : residual.shape[-2] - bottom, left : residual.shape[-1] - right] = 1
-        (g,) = torch.autograd.grad(x_hat, yt, residual * mask, retain_graph=True)
-        d = torch.zeros(y.shape[:2], dtype=torch.float64)
-        for v in diag_jtj_probes(x_hat, yt, TARGET_PROBES, gen):
-            d += v.double().pow(2).mean((2, 3)).cpu() / TARGET_PROBES
+    yt = y.detach().float()
+    h, w = yt.shape[-2:]
+    scale = Fraction(x.shape[-1], w)
+    # tiles (qft.codec.tiling): a tile's gradients need the outputs its latents reach to be
+    # exact, so twice the receptive radius around it; the probes are drawn whole
+    rr = receptive_radius(g_s)
+    step, halo = (TARGET_TILE, 2 * math.ceil(rr[0])) if rr is not None else (max(h, w), 0)
+    tiles = list(windows(h, w, step, halo))
+    mask = torch.zeros_like(x[:, :1])
+    mask[..., top : x.shape[-2] - bottom, left : x.shape[-1] - right] = 1
+
+    def vjp(weight: torch.Tensor, last: bool = True) -> torch.Tensor:
+        """``Jᵀ·weight`` (``weight`` in image space), tile by tile."""
+        out = torch.empty_like(yt)
+        for rows, cols, keep_rows, keep_cols in tiles:
+            window = (..., scaled(rows, scale), scaled(cols, scale))
+            yw = yt[..., rows, cols].requires_grad_(True)
+            with torch.enable_grad():
+                (v,) = torch.autograd.grad(g_s(yw), yw, weight[window])
+            keep = (..., scaled(keep_rows, 1, rows.start), scaled(keep_cols, 1, cols.start))
+            out[..., keep_rows, keep_cols] = v[keep]
+        return out
+
+    with torch.no_grad():
+        residual = (x - tiled(g_s, yt)) * mask
+    g = vjp(residual)
+    d = torch.zeros(y.shape[:2], dtype=torch.float64)
+    for v in diag_jtj_probes(vjp, x.shape, x, TARGET_PROBES, gen):
+        d += v.double().pow(2).mean((2, 3)).cpu() / TARGET_PROBES
     d = d + TARGET_DAMPING * d.median(dim=1, keepdim=True).values
     return (g.double().cpu() / d[:, :, None, None]).float().numpy()
+
+
+def y_seal(indices: np.ndarray, seal: int = 0) -> int:
+    """The seal of a y stream: CRC-32 of its indices (int32, decoding order) continuing
+    ``seal``. It binds the stream to the header and to every decoded index, bypass-coded
+    escapes included."""
+    return zlib.crc32(np.ascontiguousarray(indices, "<i4").reshape(-1), seal)
 
 
 def _per_channel(weights: np.ndarray | None) -> np.ndarray | None:
@@ -227,7 +265,7 @@ class HyperpriorLatentCoder:
             ``-Σ log2`` of their ``EntropyBottleneck`` likelihoods per image.
         """
         m = self.model
-        y = m.g_a(x)
+        y = tiled(m.g_a, x)
         z = m.h_a(torch.abs(y) if self.entropy == "scale-hyperprior" else y)
         z_strings = m.entropy_bottleneck.compress(z)
         z_hat = m.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
@@ -312,28 +350,58 @@ class HyperpriorLatentCoder:
         x = lat.image
         left, right, top, bottom = lat.padding
         rows, cols = slice(top, x.shape[-2] - bottom), slice(left, x.shape[-1] - right)
-        x_hat = self.model.g_s(torch.from_numpy(q.result.y_hat)[None].to(x.device)).clamp(0, 1)
-        mse = (x_hat - x)[..., rows, cols].double().pow(2).mean().item()
-        pixels = (x.shape[-2] - top - bottom) * (x.shape[-1] - left - right)
+        x_hat = tiled(self.model.g_s, torch.from_numpy(q.result.y_hat)[None].to(x.device)).clamp_(0, 1)
+        x_hat, x = x_hat[..., rows, cols], x[..., rows, cols]
+        # in bands of rows: float64 copies of the whole image cost 24 bytes a pixel each
+        sse = sum((x_hat[..., r : r + 256, :] - x[..., r : r + 256, :]).double().pow(2).sum().item()
+                  for r in range(0, x.shape[-2], 256))
+        mse = sse / x.numel()
+        pixels = x.shape[-2] * x.shape[-1]
         return lmbda * 255**2 * mse + q.result.bits / pixels, q
 
     @staticmethod
-    def encode(q: QuantizedLatent, quantizer: Quantizer) -> bytes:
-        """The y stream of one quantized latent."""
+    def encode(q: QuantizedLatent, quantizer: Quantizer, seal: int = 0) -> bytes:
+        """The y stream of one quantized latent, sealed (:func:`trellis.rans.encode`) with
+        :func:`y_seal` of its indices and ``seal`` (the container header's)."""
         tab = quantizer.table
-        return rans.encode(q.result.indices, q.result.rows, tab.cdf, tab.cdf_length, tab.offset)
+        return rans.encode(q.result.indices, q.result.rows, tab.cdf, tab.cdf_length, tab.offset,
+                           y_seal(q.result.indices, seal))
 
     # -- decoder ------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, z_string: bytes, z_shape, y_stream: bytes, quantizer: Quantizer):
-        """``(ŷ, indices, states)`` as numpy ``(C, H, W)`` from the two streams.
-
-        ``z_shape`` is the spatial size of ``z``; the latent's shape follows from ``h_s``.
+    def decode_z(self, z_string: bytes, z_shape) -> torch.Tensor:
+        """``ẑ`` ``(1, N, h, w)`` from the z stream, as CompressAI's
+        ``EntropyBottleneck.decompress`` returns it (its stream format; tested equal), but
+        decoded by :func:`trellis.rans.decode`, which checks that the stream ends exactly
+        with its last symbol and never reads past it: a stream that does not hold
+        ``z_shape`` symbols raises instead of decoding garbage (or reading out of bounds).
 
         Raises:
-            trellis.rans.CorruptStreamError: the y stream is damaged.
+            trellis.rans.CorruptStreamError: damaged stream, or one of another size.
         """
-        z_hat = self.model.entropy_bottleneck.decompress([z_string], tuple(z_shape))
+        eb = self.model.entropy_bottleneck
+        cdf = np.ascontiguousarray(eb._quantized_cdf.cpu().numpy(), np.int32)
+        channels, (h, w) = cdf.shape[0], tuple(int(n) for n in z_shape)
+        rows = np.repeat(np.arange(channels, dtype=np.int64), h * w)
+        symbols = rans.decode(
+            z_string, rows, 1, np.zeros((1, 2), np.int64), np.zeros(1, np.int64), channels, cdf,
+            np.ascontiguousarray(eb._cdf_length.cpu().numpy(), np.int32),
+            np.ascontiguousarray(eb._offset.cpu().numpy(), np.int32), name="z stream",
+        )
+        medians = eb.quantiles[:, :, 1:2].detach().cpu().reshape(1, channels, 1, 1)
+        return torch.from_numpy(symbols).reshape(1, channels, h, w).type_as(medians) + medians
+
+    @torch.no_grad()
+    def decode(self, z_string: bytes, z_shape, y_stream: bytes, quantizer: Quantizer, seal: int = 0):
+        """``(ŷ, indices, states)`` as numpy ``(C, H, W)`` from the two streams.
+
+        ``z_shape`` is the spatial size of ``z``; the latent's shape follows from ``h_s``;
+        ``seal``: the y stream's (:meth:`encode`). The z stream is decoded (and checked) first, so a ``z_shape`` the streams do not
+        hold fails before the latent-sized arrays are allocated.
+
+        Raises:
+            trellis.rans.CorruptStreamError: a stream is damaged or does not fit ``z_shape``.
+        """
+        z_hat = self.decode_z(z_string, z_shape)
         mu, sigma = self.entropy_parameters(z_hat)
         mu, sigma = mu[0], sigma[0]
         q = quantizer
@@ -341,7 +409,7 @@ class HyperpriorLatentCoder:
         next_state, state_class = q.selector
         indices = rans.decode(
             y_stream, scale_rows(sigma), q.chain_length(mu.shape), next_state, state_class, NUM_SCALES,
-            tab.cdf, tab.cdf_length, tab.offset,
+            tab.cdf, tab.cdf_length, tab.offset, seal=lambda symbols: y_seal(symbols, seal),
         ).reshape(mu.shape)
         y_hat, states = q.dequantize(indices, mu)
         return y_hat, indices, states

@@ -16,7 +16,7 @@ from qft.commands._options import (
     quantizer_from_args,
 )
 
-__all__ = ["add_arguments", "run", "output_guard"]
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,30 +27,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
-def output_guard(path: str, force: bool) -> None:
-    """Refuses to overwrite an existing file unless ``--force``."""
-    from pathlib import Path
-
-    from qft.errors import UserError
-
-    if Path(path).exists() and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-
-
 def run(args: argparse.Namespace) -> int:
     from qft.codec import Codec, read_image
-    from qft.settings import read_settings
+    from qft.files import atomic_write, check_output
     from qft.models import load_checkpoint
+    from qft.settings import read_settings
 
-    output_guard(args.output, args.force)
+    check_output(args.output, args.force, inputs=(args.image, args.checkpoint))
     x = read_image(args.image)
     ckpt = load_checkpoint(args.checkpoint, args.arch, unsafe_load=args.unsafe_load)
     choice = quantizer_from_args(args, read_settings(ckpt))
     quantizer = choice.quantizer
     codec = Codec.from_checkpoint(ckpt, device=device_from_args(args))
     out = codec.compress(x, quantizer, choice.weights, choice.target)
-    with open(args.output, "wb") as f:
-        f.write(out["bitstream"])
+    atomic_write(args.output, out["bitstream"])
     h, w = x.shape[-2:]
     target = f", target η {out['target']:g}" if out.get("target") else ""
     print(f"{args.output}: {len(out['bitstream'])} bytes, {len(out['bitstream']) * 8 / (h * w):.4f} bpp "

@@ -1,4 +1,4 @@
-"""``qft decompress``: decode a ``.qft`` bitstream to a PNG.
+"""``qft decompress``: decode a ``.qft`` bitstream to a PNG (or PPM, BMP, TIFF).
 
 ::
 
@@ -20,19 +20,20 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("stream", help="input .qft file")
     add_checkpoint_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, help="output image (PNG)")
+    parser.add_argument("-o", "--output", required=True, help="output image (.png, .ppm, .bmp, .tif)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from qft.codec import Codec, write_image
-    from qft.commands.compress import output_guard
+    from qft.codec import Codec, output_format, write_image
     from qft.errors import UserError
+    from qft.files import check_output
     from qft.models import load_checkpoint
 
-    output_guard(args.output, args.force)
+    check_output(args.output, args.force, inputs=(args.stream, args.checkpoint))
+    output_format(args.output)
     path = Path(args.stream)
     if not path.is_file():
         raise UserError(f"{path}: no such file")

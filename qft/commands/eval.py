@@ -40,14 +40,14 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from qft.codec import Codec, list_images
-    from qft.commands.compress import output_guard
     from qft.errors import UserError
     from qft.eval import evaluate_images, results_json
     from qft.eval.evaluate import evaluate_in_processes
+    from qft.files import atomic_write, check_output
     from qft.models import load_checkpoint
     from qft.settings import read_settings
 
-    output_guard(args.output, args.force)
+    check_output(args.output, args.force, inputs=tuple(args.checkpoint))
     images = list_images(args.data)
     device = device_from_args(args)
     if args.workers < 1 or (args.workers > 1 and device != "cpu"):
@@ -72,8 +72,7 @@ def run(args: argparse.Namespace) -> int:
                                                                       unsafe_load=args.unsafe_load, end_to_end=True)]
     name = args.name or f"{arch}-{method}"
     out = results_json(name, checkpoints, per_checkpoint, args.estimate, args.per_image, str(args.data))
-    with open(args.output, "w") as f:
-        json.dump(out, f, indent=2, allow_nan=False)
+    atomic_write(args.output, json.dumps(out, indent=2, allow_nan=False))
     for c, bpp, p in zip(checkpoints, out["results"]["bpp"], out["results"]["psnr-rgb"]):
         print(f"{c['path']}: {bpp:.4f} bpp, {p:.3f} dB")
     print(f"wrote {args.output}")

@@ -20,12 +20,35 @@ BD_METHODS = ("pchip", "cubic", "akima")
 
 
 def curve(obj: dict, metric: str = "psnr-rgb") -> tuple[list[float], list[float]]:
-    """``(rates, qualities)`` sorted by rate, from a CompressAI results JSON or a plain dict."""
+    """``(rates, qualities)`` sorted by rate, from a CompressAI results JSON or a plain dict.
+
+    Raises:
+        ValueError: not a JSON object; no ``bpp`` or ``metric`` list; lists of other
+            lengths, of non-numbers or non-finite numbers, or of fewer than 2 points;
+            rates not positive; quality not strictly increasing with rate (no BD-rate is
+            defined for such a curve).
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"a curve is a JSON object with 'bpp' and '{metric}' lists, not a {type(obj).__name__}")
     res = obj.get("results", obj)
-    if "bpp" not in res or metric not in res:
-        raise KeyError(f"curve has no 'bpp' and '{metric}' lists")
-    pts = sorted(zip(res["bpp"], res[metric]))
-    return [r for r, _ in pts], [q for _, q in pts]
+    if not isinstance(res, dict) or "bpp" not in res or metric not in res:
+        raise ValueError(f"curve has no 'bpp' and '{metric}' lists")
+    rates, qualities = res["bpp"], res[metric]
+    for key, values in (("bpp", rates), (metric, qualities)):
+        if not isinstance(values, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        ):
+            raise ValueError(f"curve's '{key}' is not a list of finite numbers")
+    if len(rates) != len(qualities):
+        raise ValueError(f"curve has {len(rates)} 'bpp' but {len(qualities)} '{metric}' values")
+    if len(rates) < 2:
+        raise ValueError(f"curve has {len(rates)} point(s); a BD-rate needs at least 2")
+    if min(rates) <= 0:
+        raise ValueError("curve has a 'bpp' value <= 0")
+    pts = sorted(zip(rates, qualities))
+    if any(r2 <= r1 or q2 <= q1 for (r1, q1), (r2, q2) in zip(pts, pts[1:])):
+        raise ValueError(f"curve's '{metric}' does not rise strictly with 'bpp' (not monotonic)")
+    return [float(r) for r, _ in pts], [float(q) for _, q in pts]
 
 
 def bd_rate(anchor: dict, test: dict, metric: str = "psnr-rgb", min_overlap: float = 0.5) -> dict:
@@ -33,13 +56,16 @@ def bd_rate(anchor: dict, test: dict, metric: str = "psnr-rgb", min_overlap: flo
 
     Returns:
         ``{"pchip": %, "cubic": %, "akima": %, "warnings": [...]}``; a method that cannot
-        be computed (fewer than 2 points, non-monotone quality, no overlap) gives NaN and
-        its reason in ``warnings``.
+        be computed for valid curves (e.g. too little overlap) gives NaN and its reason in
+        ``warnings``.
+
+    Raises:
+        ValueError: ``anchor`` or ``test`` is not a curve with a BD-rate (:func:`curve`);
+            the message starts with which.
     """
     import bjontegaard as bd
 
-    ra, qa = curve(anchor, metric)
-    rt, qt = curve(test, metric)
+    (ra, qa), (rt, qt) = (_named_curve(c, metric, name) for c, name in ((anchor, "anchor"), (test, "test")))
     out: dict = {"warnings": []}
     for method in BD_METHODS:
         with warnings.catch_warnings(record=True) as caught:
@@ -52,6 +78,13 @@ def bd_rate(anchor: dict, test: dict, metric: str = "psnr-rgb", min_overlap: flo
                 out["warnings"].append(f"{method}: {exc.__class__.__name__} {exc}".rstrip())
         out["warnings"] += [f"{method}: {w.message}" for w in caught]
     return out
+
+
+def _named_curve(obj: dict, metric: str, name: str) -> tuple[list[float], list[float]]:
+    try:
+        return curve(obj, metric)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def pareto_front(rates: list[float], qualities: list[float]) -> list[int]:

@@ -197,11 +197,14 @@ def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
     labels = [q.label for q in quantizers]
     if len(set(labels)) != len(labels):
         raise UserError(f"{path}: quantizer labels must differ, got {labels}")
+    for key in ("models", "extra_rows"):
+        if raw.get(key) not in (None, "shipped") and not isinstance(raw[key], list):
+            raise UserError(f"{path}: {key} is a list of model rows{' or shipped' if key == 'models' else ''}")
     if raw["models"] == "shipped":
         rows = shipped_rows(labels)
     else:
-        rows = [_parse_row(r, labels, path) for r in raw["models"]]
-    rows += [_parse_row(r, labels, path) for r in raw.get("extra_rows") or []]
+        rows = [_parse_row(r, labels, path, f"models[{i}]") for i, r in enumerate(raw["models"])]
+    rows += [_parse_row(r, labels, path, f"extra_rows[{i}]") for i, r in enumerate(raw.get("extra_rows") or [])]
     missing = [r.control for r in rows if r.control is not None and r.control not in {x.label for x in rows}]
     if missing:
         raise UserError(f"{path}: control row {missing[0]!r} is not a row of this report")
@@ -237,16 +240,24 @@ def _row_paths(r: Any, path: Path) -> Any:
     return r
 
 
-def _parse_row(r: Any, labels: list[str], path: Path) -> ModelRow:
-    if not isinstance(r, dict) or not {"label", "checkpoints"} <= set(r):
-        raise UserError(f"{path}: a model row is a mapping with 'label' and 'checkpoints'")
+def _parse_row(r: Any, labels: list[str], path: Path, where: str) -> ModelRow:
+    """One model row of the recipe; ``where``: its place (``models[2]``) for messages,
+    which name an unknown or missing field before anything else."""
+    if not isinstance(r, dict):
+        raise UserError(f"{path}: {where} is a mapping with 'label' and 'checkpoints', got {r!r}")
+    where = f"row {r['label']}" if "label" in r else where
+    unknown = set(r) - {"label", "checkpoints", "quantizers", "settings_from", "control"}
+    if unknown:
+        raise UserError(f"{path}: {where}: unknown field(s) {sorted(unknown)}")
+    if not {"label", "checkpoints"} <= set(r):
+        raise UserError(f"{path}: {where}: missing field(s) {sorted({'label', 'checkpoints'} - set(r))}")
+    for key in ("checkpoints", "quantizers", "settings_from"):
+        if not isinstance(r.get(key, []), (list, type(None))):
+            raise UserError(f"{path}: {where}: {key} is a list, got {r[key]!r}")
     qs = tuple(r.get("quantizers", labels))
     bad = [q for q in qs if q not in labels]
     if bad:
         raise UserError(f"{path}: row {r['label']} names unknown quantizer(s) {bad}")
-    unknown = set(r) - {"label", "checkpoints", "quantizers", "settings_from", "control"}
-    if unknown:
-        raise UserError(f"{path}: row {r['label']}: unknown field(s) {sorted(unknown)}")
     settings_from = tuple(None if c is None else str(c) for c in r.get("settings_from") or ())
     if settings_from and len(settings_from) != len(r["checkpoints"]):
         raise UserError(f"{path}: row {r['label']}: settings_from needs one checkpoint (or null) per rate point")
@@ -425,8 +436,11 @@ def _compare(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, s
         front = [common[j] for j in sel]
         bd = math.nan
         if len(sel) >= 2 and all(math.isfinite(p[1]) for p in a + t):
-            bd = bd_rate({"bpp": [a[j][0] for j in sel], metric: [a[j][1] for j in sel]},
-                         {"bpp": [t[j][0] for j in sel], metric: [t[j][1] for j in sel]}, metric)["pchip"]
+            try:
+                bd = bd_rate({"bpp": [a[j][0] for j in sel], metric: [a[j][1] for j in sel]},
+                             {"bpp": [t[j][0] for j in sel], metric: [t[j][1] for j in sel]}, metric)["pchip"]
+            except ValueError:  # fronts with tied points: not strictly monotonic, no BD
+                pass
         local = []
         for i in common:
             sweep = [cells.get((anchor[0], i, anchor[1], s)) for s in (1.0, *recipe.sweep)]

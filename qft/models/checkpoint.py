@@ -40,7 +40,9 @@ import hashlib
 import io
 import os
 import pickle
+import pickletools
 import re
+import zipfile
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -417,6 +419,38 @@ def _select(state_dict: Mapping[str, Tensor], arch: str | None, name: str) -> _F
     )
 
 
+#: First bytes of torch's zip format and of a (legacy torch) pickle.
+_MAGIC = (b"PK\x03\x04", b"\x80")
+#: Globals of tensors and plain containers in a torch pickle (the first other one is named).
+_PLAIN_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set")
+
+
+def _pickle_globals(data: bytes) -> list[str] | None:
+    """The globals (``module.name``) a torch checkpoint's pickle refers to, read with
+    :mod:`pickletools` (nothing is imported or executed); ``None`` when the pickle does
+    not parse (a damaged file). Zip format: ``*/data.pkl``; legacy format: its first four
+    pickles (magic, protocol, system info, the object)."""
+    try:
+        if data.startswith(b"PK\x03\x04"):
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                streams, count = io.BytesIO(z.read(pkl)), 1
+        else:
+            streams, count = io.BytesIO(data), 4
+        names, strings = [], []
+        for _ in range(count):
+            for op, arg, _ in pickletools.genops(streams):
+                if op.name == "GLOBAL":
+                    names.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        return names
+    except Exception:  # any parse failure (zip, pickle opcodes, missing member) is damage
+        return None
+
+
 def _read(path: Path, unsafe_load: bool) -> tuple[Any, str]:
     """``torch.load`` the file (CPU, ``weights_only`` unless ``unsafe_load``) and hash it."""
     try:
@@ -434,15 +468,21 @@ def _read(path: Path, unsafe_load: bool) -> tuple[Any, str]:
         obj = torch.load(
             io.BytesIO(data), map_location="cpu", weights_only=not unsafe_load
         )
+    except pickle.UnpicklingError:
+        # weights-only loading refuses a global it does not allow with this type, and a
+        # damaged pickle with the same type: a pickle that parses names Python objects
+        names = _pickle_globals(data)
+        if names is None and data.startswith(_MAGIC):
+            raise UserError(f"checkpoint {path} is truncated or corrupt (UnpicklingError)") from None
+        if names is None:
+            raise UserError(f"{path} is not a PyTorch checkpoint") from None
+        foreign = [n for n in names if not n.startswith(_PLAIN_GLOBALS)] or names or ["?"]
+        raise UserError(
+            f"{path} holds Python objects, not only tensors (e.g. {foreign[0]}), refused by safe "
+            "loading; if you trust the file, pass --unsafe-load"
+        ) from None
     except Exception as exc:  # torch.load raises many types: classify by content
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if isinstance(exc, pickle.UnpicklingError) and refused:
-            raise UserError(
-                f"{path} holds Python objects, not only tensors (e.g. "
-                f"{refused.group(1)}), refused by safe loading; if you trust the file, "
-                "pass --unsafe-load"
-            ) from None
-        if data.startswith((b"PK\x03\x04", b"\x80")):  # zip, or legacy torch/pickle
+        if data.startswith(_MAGIC):
             raise UserError(
                 f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})"
             ) from None

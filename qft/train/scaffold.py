@@ -27,7 +27,7 @@ from tqdm import tqdm
 from trellis.hardware import cpu_name
 
 from qft.errors import UserError
-from qft.files import atomic_write
+from qft.files import atomic_write, remove_stale_temporaries
 from qft.train.checkpoint import load_training_state
 from qft.train.checkpoint import save_atomic
 
@@ -71,11 +71,15 @@ def machine_description(device: torch.device, threads: int, amp: bool = True) ->
 
 def resume_state(path: Path, resume: bool) -> dict[str, Any] | None:
     """The training checkpoint at ``path`` to continue, or ``None`` when there is none.
+    Temporary files that a run killed while saving left beside it (or beside the exported
+    ``model.pth``) are removed first (:func:`qft.files.remove_stale_temporaries`).
 
     Raises:
         UserError: ``path`` exists and ``resume`` is false (nothing is overwritten), or it
             is not a readable training checkpoint.
     """
+    for saved in (path, path.with_name("model.pth")):
+        remove_stale_temporaries(saved)
     if not path.exists():
         return None
     if not resume:
