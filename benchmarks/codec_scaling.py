@@ -96,8 +96,13 @@ print(json.dumps(out))
 def run_phase(phase: str, method: str, size: tuple[int, int], stream: str, timeout: int) -> dict:
     env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     load = os.getloadavg()[0]
-    res = subprocess.run([sys.executable, "-c", _WORKER, phase, method, str(size[0]), str(size[1]), stream],
-                         capture_output=True, text=True, timeout=timeout, env=env)
+    res = subprocess.run(
+        [sys.executable, "-c", _WORKER, phase, method, str(size[0]), str(size[1]), stream],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     if res.returncode != 0:
         raise RuntimeError(f"{phase} {method} {size}: rc {res.returncode}\n{res.stderr[-3000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -123,12 +128,14 @@ def main(argv=None) -> int:
                 row["compress"] = run_phase("compress", m, SIZES[mp], stream, args.timeout)
                 row["decompress"] = run_phase("decompress", m, SIZES[mp], stream, args.timeout)
                 runs[m][str(mp)] = row
-                print(f"{m} {mp:>4} MP: compress {row['compress']['seconds']:.2f} s "
-                      f"(cpu {row['compress']['cpu_seconds']:.2f}) "
-                      f"{row['compress']['peak_rss_mb']:.0f} MB, decompress {row['decompress']['seconds']:.2f} s "
-                      f"(cpu {row['decompress']['cpu_seconds']:.2f}) "
-                      f"{row['decompress']['peak_rss_mb']:.0f} MB (load {row['compress']['loadavg_1min'][0]:.1f})",
-                      flush=True)
+                print(
+                    f"{m} {mp:>4} MP: compress {row['compress']['seconds']:.2f} s "
+                    f"(cpu {row['compress']['cpu_seconds']:.2f}) "
+                    f"{row['compress']['peak_rss_mb']:.0f} MB, decompress {row['decompress']['seconds']:.2f} s "
+                    f"(cpu {row['decompress']['cpu_seconds']:.2f}) "
+                    f"{row['decompress']['peak_rss_mb']:.0f} MB (load {row['compress']['loadavg_1min'][0]:.1f})",
+                    flush=True,
+                )
     summary: dict = {}
     for m, rows in runs.items():
         s = {}
@@ -140,15 +147,23 @@ def main(argv=None) -> int:
             s[f"{phase}_peak_mb"] = {k: r[phase]["peak_rss_mb"] for k, r in rows.items()}
             s[f"{phase}_peak_above_warmup_mb_per_mp"] = {
                 k: (r[phase]["peak_rss_mb"] - r[phase]["rss_after_warmup_mb"]) / (r["width"] * r["height"] / 1e6)
-                for k, r in rows.items()}
+                for k, r in rows.items()
+            }
         summary[m] = s
     if {"usq", "tcq8"} <= set(runs):
         summary["tcq8_peak_over_usq"] = {
-            phase: {k: runs["tcq8"][k][phase]["peak_rss_mb"] / runs["usq"][k][phase]["peak_rss_mb"]
-                    for k in runs["usq"]} for phase in ("compress", "decompress")}
+            phase: {
+                k: runs["tcq8"][k][phase]["peak_rss_mb"] / runs["usq"][k][phase]["peak_rss_mb"] for k in runs["usq"]
+            }
+            for phase in ("compress", "decompress")
+        }
     result = {
-        "machine": machine_info() | {"torch_threads": 1, "numba_threads_used": 1,
-                                     "note": "shared machine: times under the recorded load; memory unaffected"},
+        "machine": machine_info()
+        | {
+            "torch_threads": 1,
+            "numba_threads_used": 1,
+            "note": "shared machine: times under the recorded load; memory unaffected",
+        },
         "checkpoint": CHECKPOINT,
         "image": "mosaic of the Kodak images, cropped to size",
         "runs": runs,

@@ -27,8 +27,8 @@ from trellis import Quantizer
 from trellis.hardware import machine_info
 
 from qft.codec import Codec, RDTarget, list_images, read_image, target_record
-from qft.settings import default_lambda, default_step
 from qft.models import load_checkpoint
+from qft.settings import default_lambda, default_step
 
 METHODS = ("usq", "tcq4", "tcq8")
 
@@ -60,8 +60,14 @@ def main(argv=None) -> int:
             dec = codec.decompress(enc["bitstream"])
             t2 = time.perf_counter()
             assert np.array_equal(dec["y_hat"], enc["y_hat"])
-            rows[m].append({"compress_s": t1 - t0, "decompress_s": t2 - t1,
-                            "bpp": len(enc["bitstream"]) * 8 / pixels, "bpp_estimated": enc["bits_estimated"] / pixels})
+            rows[m].append(
+                {
+                    "compress_s": t1 - t0,
+                    "decompress_s": t2 - t1,
+                    "bpp": len(enc["bitstream"]) * 8 / pixels,
+                    "bpp_estimated": enc["bits_estimated"] / pixels,
+                }
+            )
     summary = {}
     for m in METHODS:
         mean = {k: statistics.fmean(r[k] for r in rows[m]) for k in rows[m][0]}
@@ -83,10 +89,12 @@ def main(argv=None) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     for m, s in summary.items():
-        print(f"{m:5s} compress {s['compress_s']:.3f} s ({s['compress_vs_usq']:.2f}x USQ)  "
-              f"decompress {s['decompress_s']:.3f} s "
-              f"({s['decompress_vs_usq']:.2f}x)  bpp {s['bpp']:.4f} real / {s['bpp_estimated']:.4f} est "
-              f"({100 * s['real_vs_estimated']:+.2f} %)")
+        print(
+            f"{m:5s} compress {s['compress_s']:.3f} s ({s['compress_vs_usq']:.2f}x USQ)  "
+            f"decompress {s['decompress_s']:.3f} s "
+            f"({s['decompress_vs_usq']:.2f}x)  bpp {s['bpp']:.4f} real / {s['bpp_estimated']:.4f} est "
+            f"({100 * s['real_vs_estimated']:+.2f} %)"
+        )
     print(f"wrote {args.json}")
     return 0
 

@@ -62,8 +62,23 @@ def main() -> None:
     bases = {e["lambda"]: Path(e["file"]).stem for e in base_entries()}
 
     def launch(lmbda: float, name: str, *extra: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "qft", "train", str(recipe_path), "--lambda", f"{lmbda:g}",
-               "--init", name, "--out", str(args.out), "--device", args.device, "--no-progress", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "qft",
+            "train",
+            str(recipe_path),
+            "--lambda",
+            f"{lmbda:g}",
+            "--init",
+            name,
+            "--out",
+            str(args.out),
+            "--device",
+            args.device,
+            "--no-progress",
+            *extra,
+        ]
         with open(args.out / f"{lambda_tag(lmbda)}.out", "a") as log:  # the child keeps its copy
             return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
@@ -107,8 +122,13 @@ def main() -> None:
             "machine": ckpt["machine"],
             "last_val": val[-1] if val else None,
         }
-    summary = {"benchmark": "continue_reference", "seconds": args.seconds, "recipe": str(args.recipe),
-               "concurrent_points": len(bases), "points": points}
+    summary = {
+        "benchmark": "continue_reference",
+        "seconds": args.seconds,
+        "recipe": str(args.recipe),
+        "concurrent_points": len(bases),
+        "points": points,
+    }
     atomic_write(args.out / "continue.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: (v["step"], v["steps"]) for k, v in points.items()}))
 

@@ -46,9 +46,7 @@ def _run(cmd: list[str], limit: float, log: Path) -> dict:
     t = time.perf_counter()
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(
-                cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=limit
-            ).returncode
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=limit).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     tail = log.read_text(errors="replace").strip().splitlines()[-3:]
@@ -79,16 +77,43 @@ def main() -> None:
     parts: dict[str, dict] = {}
 
     parts["pytest_cuda"] = _run(
-        [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
-         "tests/test_codec.py", "tests/test_finetune.py"],
-        120, args.out / "pytest.log",
+        [
+            py,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "cuda",
+            "tests/test_codec.py",
+            "tests/test_finetune.py",
+        ],
+        120,
+        args.out / "pytest.log",
     )
     for name, width in (("step_n64", ["--N", "64", "--M", "96"]), ("step_n128", ["--N", "128", "--M", "192"])):
         result = args.out / f"{name}.json"
         parts[name] = _run(
-            [py, "benchmarks/finetune_step.py", "--device", "cuda", "--threads", "4",
-             *width, "--batch", "16", "--crop", "256", "--steps", "40", "--json", str(result)],
-            90, args.out / f"{name}.log",
+            [
+                py,
+                "benchmarks/finetune_step.py",
+                "--device",
+                "cuda",
+                "--threads",
+                "4",
+                *width,
+                "--batch",
+                "16",
+                "--crop",
+                "256",
+                "--steps",
+                "40",
+                "--json",
+                str(result),
+            ],
+            90,
+            args.out / f"{name}.log",
         )
         if result.exists():
             bench = json.loads(result.read_text())
@@ -105,10 +130,26 @@ def main() -> None:
     recipe_path.write_text(yaml.safe_dump(recipe))
     ft = args.out / "finetune-ddp"
     parts["torchrun"] = _run(
-        [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-         "-m", "qft", "finetune", str(recipe_path), "-m", args.model, "--steps", str(args.steps),
-         "--out", str(ft), "--no-progress"],
-        150, args.out / "torchrun.log",
+        [
+            py,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            "-m",
+            "qft",
+            "finetune",
+            str(recipe_path),
+            "-m",
+            args.model,
+            "--steps",
+            str(args.steps),
+            "--out",
+            str(ft),
+            "--no-progress",
+        ],
+        150,
+        args.out / "torchrun.log",
     )
     log = ft / "log.jsonl"
     if log.exists():

@@ -34,8 +34,9 @@ def main() -> None:
     parser.add_argument("--result", default=str(ROOT / "benchmarks/results/eval_workers.json"))
     args = parser.parse_args()
 
-    from qft.models.zoo import shipped
     from trellis.bench import machine_info
+
+    from qft.models.zoo import shipped
 
     models = [e["name"] for e in sorted((e for e in shipped() if "finetuned_from" not in e), key=lambda e: e["lambda"])]
     runs = []
@@ -50,27 +51,64 @@ def main() -> None:
                 load = os.getloadavg()
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t0 = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "qft", "eval", "-m", *models, "-q", method, "--data", str(data),
-                                "-o", str(out), "--workers", str(workers)], check=True, cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "qft",
+                        "eval",
+                        "-m",
+                        *models,
+                        "-q",
+                        method,
+                        "--data",
+                        str(data),
+                        "-o",
+                        str(out),
+                        "--workers",
+                        str(workers),
+                    ],
+                    check=True,
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 wall = time.perf_counter() - t0
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 res = json.loads(out.read_text())["results"]
-                runs.append({"method": method, "workers": workers, "wall_s": wall,
-                             "cpu_s": after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime,
-                             "load_before": load, "load_after": os.getloadavg(),
-                             "bpp": res["bpp"], "psnr-rgb": res["psnr-rgb"]})
+                runs.append(
+                    {
+                        "method": method,
+                        "workers": workers,
+                        "wall_s": wall,
+                        "cpu_s": after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime,
+                        "load_before": load,
+                        "load_after": os.getloadavg(),
+                        "bpp": res["bpp"],
+                        "psnr-rgb": res["psnr-rgb"],
+                    }
+                )
                 print(json.dumps(runs[-1]))
-    speedup = {m: next(r["wall_s"] for r in runs if r["method"] == m and r["workers"] == 1)
-               / next(r["wall_s"] for r in runs if r["method"] == m and r["workers"] == args.workers)
-               for m in args.methods}
+    speedup = {
+        m: next(r["wall_s"] for r in runs if r["method"] == m and r["workers"] == 1)
+        / next(r["wall_s"] for r in runs if r["method"] == m and r["workers"] == args.workers)
+        for m in args.methods
+    }
     # bitstreams are identical; the decoded images differ by the float rounding of g_s under
     # another torch thread count
     same = all(a["bpp"] == b["bpp"] for a, b in zip(runs[::2], runs[1::2]))
     psnr = max(abs(x - y) for a, b in zip(runs[::2], runs[1::2]) for x, y in zip(a["psnr-rgb"], b["psnr-rgb"]))
-    record = {"images": args.images, "models": models, "workers": args.workers, "speedup": speedup,
-              "identical_bitstreams": same, "max_psnr_difference_db": psnr, "runs": runs, "machine": machine_info(),
-              "note": "shared machine: see the load; wall-time speed-ups on a loaded machine are not idle figures"}
+    record = {
+        "images": args.images,
+        "models": models,
+        "workers": args.workers,
+        "speedup": speedup,
+        "identical_bitstreams": same,
+        "max_psnr_difference_db": psnr,
+        "runs": runs,
+        "machine": machine_info(),
+        "note": "shared machine: see the load; wall-time speed-ups on a loaded machine are not idle figures",
+    }
     Path(args.result).write_text(json.dumps(record, indent=1))
     print(json.dumps(speedup))
 

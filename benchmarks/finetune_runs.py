@@ -67,10 +67,24 @@ def _jobs(
                 rq = requantize if parts != "decoder" and arm != "control" else 0
                 folder = base / (arm + ("" if parts == "decoder" else "-dh") + (f"-rq{rq}" if rq else ""))
                 cmd = [
-                    sys.executable, "-m", "qft", "finetune", "recipes/finetune/cpu.yaml",
-                    "-m", str(ASSETS / entry["file"]), "--lambda", str(entry["lambda"]),
-                    "--steps", str(steps), "--threads", "1", "--out", str(folder),
-                    "--parts", parts, "--no-progress",
+                    sys.executable,
+                    "-m",
+                    "qft",
+                    "finetune",
+                    "recipes/finetune/cpu.yaml",
+                    "-m",
+                    str(ASSETS / entry["file"]),
+                    "--lambda",
+                    str(entry["lambda"]),
+                    "--steps",
+                    str(steps),
+                    "--threads",
+                    "1",
+                    "--out",
+                    str(folder),
+                    "--parts",
+                    parts,
+                    "--no-progress",
                     *QUANTIZERS[arm],
                 ]
                 if rq:
@@ -85,13 +99,15 @@ def _jobs(
                     cmd += ["--cache", str(base / source / "cache")]
                 if (folder / "checkpoint.pth").exists():
                     cmd.append("--resume")
-                jobs.append({
-                    "name": f"{entry['lambda']}/{folder.name}",
-                    "cmd": cmd,
-                    "done": folder / "model.pth",
-                    "needs": base / source / "cache" / "meta.json" if shared else None,
-                    "log": folder.parent / f"{folder.name}.out",
-                })
+                jobs.append(
+                    {
+                        "name": f"{entry['lambda']}/{folder.name}",
+                        "cmd": cmd,
+                        "done": folder / "model.pth",
+                        "needs": base / source / "cache" / "meta.json" if shared else None,
+                        "log": folder.parent / f"{folder.name}.out",
+                    }
+                )
     return jobs
 
 
@@ -116,11 +132,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "finetune-matrix")
     parser.add_argument("--lambdas", type=float, nargs="*")
     parser.add_argument(
-        "--parts", nargs="+", default=["decoder"], choices=["decoder", "decoder+hyperdecoder"],
+        "--parts",
+        nargs="+",
+        default=["decoder"],
+        choices=["decoder", "decoder+hyperdecoder"],
         help="part sets to train, in this order (decoder+hyperdecoder runs go to <arm>-dh/)",
     )
     parser.add_argument(
-        "--requantize-every", type=int, default=0, metavar="K",
+        "--requantize-every",
+        type=int,
+        default=0,
+        metavar="K",
         help="decoder+hyperdecoder runs re-quantize every K steps (in <arm>-dh-rqK/; 0: fixed indices)",
     )
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="arms to run (default: all)")

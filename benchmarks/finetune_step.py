@@ -39,7 +39,6 @@ from compressai.losses import RateDistortionLoss
 
 from trellis import Quantizer
 
-from qft.settings import default_lambda, default_step
 from qft.finetune import (
     FinetuneObjective,
     LatentCache,
@@ -54,6 +53,7 @@ from qft.finetune.objective import (
     sample_crops,
 )
 from qft.models import create_model
+from qft.settings import default_lambda, default_step
 from qft.train.data import sample_batch
 from qft.train.loop import rd_forward, transforms_autocast
 from qft.train.scaffold import machine_description, resolve_device
@@ -77,10 +77,7 @@ def main() -> None:
     amp = device.type == "cuda"
     layout = torch.channels_last if amp else torch.contiguous_format
     rng = np.random.default_rng(0)
-    images = [
-        rng.integers(0, 256, size=(2 * args.crop, 3 * args.crop, 3), dtype=np.uint8)
-        for _ in range(args.images)
-    ]
+    images = [rng.integers(0, 256, size=(2 * args.crop, 3 * args.crop, 3), dtype=np.uint8) for _ in range(args.images)]
     model = create_model("mbt2018-mean", N=args.N, M=args.M, seed=0)
     model.update(force=True)
     entropy, lmbda = "mean-scale-hyperprior", 0.013
@@ -91,9 +88,7 @@ def main() -> None:
     )
 
     with tempfile.TemporaryDirectory() as tmp:
-        identity = cache_identity(
-            model, "mbt2018-mean", entropy, q, images_digest(images)
-        )
+        identity = cache_identity(model, "mbt2018-mean", entropy, q, images_digest(images))
         t = time.perf_counter()
         cache = LatentCache.build(
             f"{tmp}/cache",
@@ -111,20 +106,10 @@ def main() -> None:
         model.to(device, memory_format=layout)
         ft = FinetuneObjective(model, entropy, "decoder", False, lmbda, amp)
         ft_opt = torch.optim.Adam(trainable_parameters(model, "decoder"), lr=5e-5)
-        full_model = (
-            create_model("mbt2018-mean", N=args.N, M=args.M, seed=0)
-            .train()
-            .to(device, memory_format=layout)
-        )
-        main_p = [
-            p for n, p in full_model.named_parameters() if not n.endswith(".quantiles")
-        ]
-        aux_p = [
-            p for n, p in full_model.named_parameters() if n.endswith(".quantiles")
-        ]
-        opt, aux_opt = torch.optim.Adam(main_p, lr=1e-4), torch.optim.Adam(
-            aux_p, lr=1e-3
-        )
+        full_model = create_model("mbt2018-mean", N=args.N, M=args.M, seed=0).train().to(device, memory_format=layout)
+        main_p = [p for n, p in full_model.named_parameters() if not n.endswith(".quantiles")]
+        aux_p = [p for n, p in full_model.named_parameters() if n.endswith(".quantiles")]
+        opt, aux_opt = torch.optim.Adam(main_p, lr=1e-4), torch.optim.Adam(aux_p, lr=1e-3)
         criterion = RateDistortionLoss(lmbda=lmbda)
 
         size = args.crop // 16 + 2 * G_S_REACH  # crop + decoding context
@@ -132,9 +117,7 @@ def main() -> None:
         def finetune_step(step: int) -> None:
             picks = sample_crops(cache, 0, step, args.batch, size, 1)
             batch = batch_to_device(
-                assemble_batch(
-                    cache, picks, range(args.batch), size, ft.fields, q, 0, step
-                ),
+                assemble_batch(cache, picks, range(args.batch), size, ft.fields, q, 0, step),
                 device,
                 amp,
             )
@@ -159,9 +142,7 @@ def main() -> None:
 
         def g_s_alone(step: int) -> None:
             picks = sample_crops(cache, 0, step, args.batch, size, 1)
-            batch = assemble_batch(
-                cache, picks, range(args.batch), size, ft.fields, q, 0, step
-            )
+            batch = assemble_batch(cache, picks, range(args.batch), size, ft.fields, q, 0, step)
             y_hat = batch["y_hat"][..., G_S_REACH:-G_S_REACH, G_S_REACH:-G_S_REACH]
             y_hat = y_hat.to(device, memory_format=layout)
             model.g_s.zero_grad(set_to_none=True)

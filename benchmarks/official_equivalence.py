@@ -31,15 +31,17 @@ import json
 import sys
 import time
 import types
+
 from pathlib import Path
 
 import torch
+
+from trellis.hardware import machine_info
 
 from qft.codec import read_image
 from qft.errors import UserError
 from qft.models import create_model, load_weights
 from qft.models.cca import TRAINING_ONLY_KEYS
-from trellis.hardware import machine_info
 
 BSDS500_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "val"
 
@@ -124,8 +126,13 @@ def main() -> None:
     torch.manual_seed(0)
     k = 1.7  # eval.py's --prop-slices default
     official = cca_module.LICAutoencoder(
-        M=320, prop_slices=[1, 2**k, 3**k, 4**k, 5**k], ae_dim=[192, 224, 256], em_dim=224,
-        ae_layers=[4, 4, 4], em_layers=4, cca_training=True,
+        M=320,
+        prop_slices=[1, 2**k, 3**k, 4**k, 5**k],
+        ae_dim=[192, 224, 256],
+        em_dim=224,
+        ae_layers=[4, 4, 4],
+        em_layers=4,
+        cca_training=True,
     )
     with torch.no_grad():
         official.g_a.down[-1].weight.mul_(args.gain)

@@ -56,8 +56,11 @@ def table(summary: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
-        lines.append(f"| {r['row']} | {r['quantizer']} | " + " | ".join(
-            _cols(r["vs_base_usq"]) + _cols(r["vs_base_same_quantizer"]) + _cols(r.get("vs_control"))) + " |")
+        lines.append(
+            f"| {r['row']} | {r['quantizer']} | "
+            + " | ".join(_cols(r["vs_base_usq"]) + _cols(r["vs_base_same_quantizer"]) + _cols(r.get("vs_control")))
+            + " |"
+        )
     lines += ["", f"![{summary['name']} RD](figures/report_{summary['name']}.png)"]  # relative to docs/
     return "\n".join(lines)
 

@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTE = ("cpu_s (all processes, user + sys) bounds the wall time on an idle machine from above (the run barely waits "
-        "on disk), cpu_s / cores from below; on a shared machine (see the load) the wall time is inflated by the "
-        "other jobs and CPU time somewhat too")
+NOTE = (
+    "cpu_s (all processes, user + sys) bounds the wall time on an idle machine from above (the run barely waits "
+    "on disk), cpu_s / cores from below; on a shared machine (see the load) the wall time is inflated by the "
+    "other jobs and CPU time somewhat too"
+)
 
 
 def main() -> None:
@@ -37,8 +39,17 @@ def main() -> None:
 
     numba_warm = any((ROOT / "trellis" / "__pycache__").glob("*.nbi"))
     with tempfile.TemporaryDirectory(prefix="qft-quickstart-") as tmp:
-        cmd = [sys.executable, "-m", "qft", "quickstart", "--out", str(Path(tmp) / "out"), "--no-progress",
-               *([f"--images={args.images}"] if args.images else []), *[e for e in extra if e != "--"]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "qft",
+            "quickstart",
+            "--out",
+            str(Path(tmp) / "out"),
+            "--no-progress",
+            *([f"--images={args.images}"] if args.images else []),
+            *[e for e in extra if e != "--"],
+        ]
         load_before = os.getloadavg()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()

@@ -44,12 +44,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "qft" / "assets"
-ANCHOR = (
-    REPO.parent / "shared" / "anchors" / "kodak" / "compressai-mbt2018-mean_mse.json"
-)
-TRAIN_DATA = (
-    "BSDS500 train+test (400 images), random crops + flips; val for validation loss"
-)
+ANCHOR = REPO.parent / "shared" / "anchors" / "kodak" / "compressai-mbt2018-mean_mse.json"
+TRAIN_DATA = "BSDS500 train+test (400 images), random crops + flips; val for validation loss"
 BD_METHODS = ("pchip", "cubic", "akima")
 TRAINING_KEYS = (
     "batch_size",
@@ -93,8 +89,11 @@ def finetuned_kept(previous: list[dict], bases: list[dict], folder: Path) -> lis
         if made_from is not None and made_from == shas.get(e["finetuned_from"]):
             kept.append(e)
         else:
-            print(f"{e['file']}: its base {e['finetuned_from']} was replaced; entry dropped "
-                  "(rebuild: benchmarks/finetune_runs.py, two_stage.py)", file=sys.stderr)
+            print(
+                f"{e['file']}: its base {e['finetuned_from']} was replaced; entry dropped "
+                "(rebuild: benchmarks/finetune_runs.py, two_stage.py)",
+                file=sys.stderr,
+            )
     return kept
 
 
@@ -130,9 +129,7 @@ def evaluate(path: Path, images: list[Path]) -> dict:
     from compressai.models import MeanScaleHyperprior
     from compressai.utils.eval_model.__main__ import inference, read_image
 
-    net = MeanScaleHyperprior.from_state_dict(
-        torch.load(path, map_location="cpu", weights_only=True)
-    )
+    net = MeanScaleHyperprior.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     net.update(force=True)
     net.eval()
     per_image = {}
@@ -161,15 +158,10 @@ def bd_rates(anchor: dict, rates: list[float], psnrs: list[float]) -> dict:
     out: dict = {"anchor": anchor["name"], "metric": "psnr-rgb", "warnings": []}
     for m in BD_METHODS:
         out[m] = _bd(bd.bd_rate, ra, da, rates, psnrs, method=m, caught=out["warnings"])
-    out["bd_psnr_db"] = {
-        m: _bd(bd.bd_psnr, ra, da, rates, psnrs, method=m, caught=out["warnings"])
-        for m in BD_METHODS
-    }
+    out["bd_psnr_db"] = {m: _bd(bd.bd_psnr, ra, da, rates, psnrs, method=m, caught=out["warnings"]) for m in BD_METHODS}
     lo, hi = max(min(da), min(psnrs)), min(max(da), max(psnrs))
     out["psnr_overlap_db"] = [lo, hi]
-    out["overlap_fraction_of_ours"] = (
-        (hi - lo) / (max(psnrs) - min(psnrs)) if hi > lo else 0.0
-    )
+    out["overlap_fraction_of_ours"] = (hi - lo) / (max(psnrs) - min(psnrs)) if hi > lo else 0.0
     out["bpp_overlap"] = [max(min(ra), min(rates)), min(max(ra), max(rates))]
     return out
 
@@ -201,8 +193,7 @@ def plot(path: Path, ours: dict, anchor: dict, bd: dict) -> None:
     psnr = bd["bd_psnr_db"]["pchip"]
     psnr = "n/a" if psnr is None else f"{psnr:+.2f} dB"
     axes[0].set_title(
-        f"Kodak — vs published (pchip): BD-rate {rate}\n(PSNR overlap "
-        f"{lo:.1f}–{hi:.1f} dB), BD-PSNR {psnr}",
+        f"Kodak — vs published (pchip): BD-rate {rate}\n(PSNR overlap {lo:.1f}–{hi:.1f} dB), BD-PSNR {psnr}",
         fontsize=9,
     )
     axes[1].set_title("Kodak, 24 images")
@@ -237,12 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", type=Path, default=ASSETS / "checkpoints")
     parser.add_argument("--kodak", type=Path, default=ASSETS / "kodak")
     parser.add_argument("--anchor", type=Path, default=ANCHOR)
-    parser.add_argument(
-        "--json", type=Path, default=REPO / "benchmarks/results/reference_models.json"
-    )
-    parser.add_argument(
-        "--plot", type=Path, default=REPO / "docs/figures/reference_rd.png"
-    )
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks/results/reference_models.json")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs/figures/reference_rd.png")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -305,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     order = sorted(range(len(entries)), key=lambda i: ours["results"]["bpp"][i])
     front = []
     for i in order:
-        if (
-            not front
-            or ours["results"]["psnr-rgb"][i] > ours["results"]["psnr-rgb"][front[-1]]
-        ):
+        if not front or ours["results"]["psnr-rgb"][i] > ours["results"]["psnr-rgb"][front[-1]]:
             front.append(i)
     bd = bd_rates(
         anchor,
@@ -319,12 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"BD points (Pareto front): lambda {bd['lambdas_used']}")
     bd["method_default"] = "pchip"
     ours["bd_rate"] = bd
-    print(
-        "BD-rate vs "
-        + anchor["name"]
-        + ": "
-        + ", ".join(f"{m} {bd[m]} %" for m in BD_METHODS)
-    )
+    print("BD-rate vs " + anchor["name"] + ": " + ", ".join(f"{m} {bd[m]} %" for m in BD_METHODS))
     print("BD-PSNR: " + ", ".join(f"{m} {bd['bd_psnr_db'][m]} dB" for m in BD_METHODS))
     print(
         f"PSNR overlap {bd['psnr_overlap_db'][0]:.2f}-{bd['psnr_overlap_db'][1]:.2f} dB "

@@ -38,8 +38,16 @@ import numpy as np
 
 # header layout after the 2 magic bytes (qft.codec.container): version, checkpoint, quantizer,
 # step, tables, height, width; then the section count
-FIELDS = {"version": (2, "<B"), "checkpoint": (3, "<I"), "quantizer": (7, "<B"), "step": (8, "<d"),
-          "tables": (16, "<I"), "height": (20, "<I"), "width": (24, "<I"), "count": (28, "<B")}
+FIELDS = {
+    "version": (2, "<B"),
+    "checkpoint": (3, "<I"),
+    "quantizer": (7, "<B"),
+    "step": (8, "<d"),
+    "tables": (16, "<I"),
+    "height": (20, "<I"),
+    "width": (24, "<I"),
+    "count": (28, "<B"),
+}
 SIZES = [(64, 64), (40, 70), (33, 129), (128, 96)]
 METHODS = {"usq": {}, "rdoq": {"lam": 0.1}, "tcq4": {"step": 0.6, "lam": 0.05}, "tcq8": {"step": 0.5, "lam": 0.03}}
 TIME_LIMIT_S = 60.0
@@ -157,9 +165,16 @@ def mutate(data: bytes, rng: np.random.Generator, codec, sections: list[bytes]) 
             old = int.from_bytes(body[pos : pos + n], "little")
             value = (old ^ (1 << int(rng.integers(8 * n)))).to_bytes(n, "little")
         else:
-            extremes = [b"\x00" * n, b"\xff" * n, (1).to_bytes(n, "little"), (2**31 if n >= 4 else 128).to_bytes(n, "little")]
+            extremes = [
+                b"\x00" * n,
+                b"\xff" * n,
+                (1).to_bytes(n, "little"),
+                (2**31 if n >= 4 else 128).to_bytes(n, "little"),
+            ]
             if fmt == "<d":
-                extremes += [struct.pack("<d", v) for v in (float("nan"), float("inf"), -1.0, 1e-300, 1e300, 0.0625, 1024.0)]
+                extremes += [
+                    struct.pack("<d", v) for v in (float("nan"), float("inf"), -1.0, 1e-300, 1e300, 0.0625, 1024.0)
+                ]
             value = extremes[int(rng.integers(len(extremes)))]
         body[pos : pos + n] = value
         return f"header:{name}+crc", forge(body)
@@ -215,8 +230,9 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     streams = []
     for h, w in SIZES:
-        x = torch.nn.functional.interpolate(torch.rand(1, 3, h // 4 + 1, w // 4 + 1, generator=gen), size=(h, w),
-                                            mode="bilinear", align_corners=False)
+        x = torch.nn.functional.interpolate(
+            torch.rand(1, 3, h // 4 + 1, w // 4 + 1, generator=gen), size=(h, w), mode="bilinear", align_corners=False
+        )
         for method, kw in METHODS.items():
             data = codec.compress(x, Quantizer(method, **kw))["bitstream"]
             ref = image_digest(codec.decompress(data)["x_hat"])

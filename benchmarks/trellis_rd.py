@@ -118,8 +118,9 @@ def main(argv=None) -> int:
     for ax, (kind, curves) in zip(axes, result["sources"].items(), strict=True):
         for m in METHODS:
             ax.plot(curves[m]["rate"], curves[m]["snr_db"], marker=".", label=m.upper())
-        ax.set(title=f"i.i.d. {kind} source, Gaussian table model", xlabel="table rate [bits/latent]",
-               ylabel="SNR [dB]")
+        ax.set(
+            title=f"i.i.d. {kind} source, Gaussian table model", xlabel="table rate [bits/latent]", ylabel="SNR [dB]"
+        )
         ax.set_xlim(0, 4.5)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -40,9 +40,11 @@ from finetune_runs import QUANTIZERS, TRAIN_DATA  # sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the three ways of training on from the stage-1 model (only the TCQ-8 one is shipped)
-ARMS = {"tcq8-dh-rq200": [*QUANTIZERS["tcq8"], "--requantize-every", "200"],
-        "usq-dh-rq200": [*QUANTIZERS["usq"], "--requantize-every", "200"],
-        "control-dh": [*QUANTIZERS["control"], "--control"]}
+ARMS = {
+    "tcq8-dh-rq200": [*QUANTIZERS["tcq8"], "--requantize-every", "200"],
+    "usq-dh-rq200": [*QUANTIZERS["usq"], "--requantize-every", "200"],
+    "control-dh": [*QUANTIZERS["control"], "--control"],
+}
 
 
 def experiment_report(name: str, models: list[dict], args: argparse.Namespace, settings: dict) -> None:
@@ -51,8 +53,15 @@ def experiment_report(name: str, models: list[dict], args: argparse.Namespace, s
     (each checkpoint's own settings), PSNR only, into ``args.out/report`` (recipe in
     ``args.out/report.yaml``); with ``args.json``, copy its ``bdrate.json`` there with the
     experiment's ``settings``, the recipe and the command."""
-    recipe = {"name": name, "data": args.data, "images": args.images, "out": str(args.out / "report"),
-              "models": models, "quantizers": ["usq", "tcq8"], "ms_ssim": False}
+    recipe = {
+        "name": name,
+        "data": args.data,
+        "images": args.images,
+        "out": str(args.out / "report"),
+        "models": models,
+        "quantizers": ["usq", "tcq8"],
+        "ms_ssim": False,
+    }
     path = args.out / "report.yaml"
     atomic_write(path, json.dumps(recipe, indent=1))  # JSON is YAML
     subprocess.run([sys.executable, "-m", "qft", "report", str(path), "--no-progress"], cwd=ROOT, check=True)
@@ -82,16 +91,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lambdas", type=float, nargs="+", help="rate points (default: every shipped one)")
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--matrix", type=Path, default=ROOT / "runs" / "finetune-matrix",
-                   help="finetune_runs.py output (the stage-1 control arms, <λ>/control-dh/)")
+    p.add_argument(
+        "--matrix",
+        type=Path,
+        default=ROOT / "runs" / "finetune-matrix",
+        help="finetune_runs.py output (the stage-1 control arms, <λ>/control-dh/)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "two-stage")
     p.add_argument("--data", default="../shared/data/bsds500/val")
     p.add_argument("--images", type=int, default=12)
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
-                   help="arms to train (default: all three, then the validation report)")
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(ARMS),
+        choices=list(ARMS),
+        help="arms to train (default: all three, then the validation report)",
+    )
     p.add_argument("--json", type=Path, help="copy the report's bdrate.json here")
-    p.add_argument("--package", action="store_true",
-                   help="ship the finished TCQ-8 runs as <base>-ft-tcq8-hyperdecoder (two stages: control, then TCQ-8)")
+    p.add_argument(
+        "--package",
+        action="store_true",
+        help="ship the finished TCQ-8 runs as <base>-ft-tcq8-hyperdecoder (two stages: control, then TCQ-8)",
+    )
     args = p.parse_args()
 
     def stage1(lmbda: float) -> Path:
@@ -110,9 +131,27 @@ def main() -> None:
             out = args.out / str(lmbda) / arm
             if (out / "model.pth").exists():
                 continue
-            cmd = [sys.executable, "-m", "qft", "finetune", "recipes/finetune/cpu.yaml", "-m", str(stage1(lmbda)),
-                   "--lambda", str(lmbda), "--steps", str(args.steps), "--parts", "decoder+hyperdecoder",
-                   *extra, "--threads", "1", "--out", str(out), "--no-progress"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "qft",
+                "finetune",
+                "recipes/finetune/cpu.yaml",
+                "-m",
+                str(stage1(lmbda)),
+                "--lambda",
+                str(lmbda),
+                "--steps",
+                str(args.steps),
+                "--parts",
+                "decoder+hyperdecoder",
+                *extra,
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
             if (out / "checkpoint.pth").exists():
                 cmd.append("--resume")
             jobs.append(cmd)
@@ -127,19 +166,42 @@ def main() -> None:
         return [str(args.out / str(lmbda) / arm / "model.pth") for lmbda in args.lambdas]
 
     first = [str(stage1(lmbda)) for lmbda in args.lambdas]
-    experiment_report("two-stage", [
-        {"label": "base", "checkpoints": [f"mbt2018-mean-{lmbda}" for lmbda in args.lambdas], "quantizers": ["usq"]},
-        *[row
-          for q in ("tcq8", "usq")
-          for row in (
-              {"label": f"stage1-control-dh-{q}", "checkpoints": first, "quantizers": [q],
-               "settings_from": models(f"{q}-dh-rq200")},
-              {"label": f"ft-{q}-dh-rq200", "checkpoints": models(f"{q}-dh-rq200"), "quantizers": [q],
-               "control": f"control-dh-continued-{q}"},
-              {"label": f"control-dh-continued-{q}", "checkpoints": models("control-dh"), "quantizers": [q],
-               "settings_from": models(f"{q}-dh-rq200")},
-          )],
-    ], args, {"lambdas": args.lambdas, "steps": args.steps})
+    experiment_report(
+        "two-stage",
+        [
+            {
+                "label": "base",
+                "checkpoints": [f"mbt2018-mean-{lmbda}" for lmbda in args.lambdas],
+                "quantizers": ["usq"],
+            },
+            *[
+                row
+                for q in ("tcq8", "usq")
+                for row in (
+                    {
+                        "label": f"stage1-control-dh-{q}",
+                        "checkpoints": first,
+                        "quantizers": [q],
+                        "settings_from": models(f"{q}-dh-rq200"),
+                    },
+                    {
+                        "label": f"ft-{q}-dh-rq200",
+                        "checkpoints": models(f"{q}-dh-rq200"),
+                        "quantizers": [q],
+                        "control": f"control-dh-continued-{q}",
+                    },
+                    {
+                        "label": f"control-dh-continued-{q}",
+                        "checkpoints": models("control-dh"),
+                        "quantizers": [q],
+                        "settings_from": models(f"{q}-dh-rq200"),
+                    },
+                )
+            ],
+        ],
+        args,
+        {"lambdas": args.lambdas, "steps": args.steps},
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ def main() -> None:
     parser.add_argument("--result", default=str(ROOT / "benchmarks/results/user_checkpoint.json"))
     args = parser.parse_args()
 
-    from qft.models.zoo import ASSETS, shipped
     from trellis.bench import machine_info
+
+    from qft.models.zoo import ASSETS, shipped
 
     out = Path(args.out).resolve()
     models = out / "models"
@@ -71,19 +72,54 @@ def main() -> None:
         extra = ["--target", target] if target else []
         result = out / f"{row}.json"
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "qft", "eval", "-m", *files, "-q", method, *extra, "--data", str(data),
-                        "-o", str(result), "--force", "--workers", str(args.workers)], check=True, cwd=ROOT)
-        runs[row] = {"wall_s": time.perf_counter() - t0, "load_after": os.getloadavg(),
-                     "results": json.loads(result.read_text())}
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qft",
+                "eval",
+                "-m",
+                *files,
+                "-q",
+                method,
+                *extra,
+                "--data",
+                str(data),
+                "-o",
+                str(result),
+                "--force",
+                "--workers",
+                str(args.workers),
+            ],
+            check=True,
+            cwd=ROOT,
+        )
+        runs[row] = {
+            "wall_s": time.perf_counter() - t0,
+            "load_after": os.getloadavg(),
+            "results": json.loads(result.read_text()),
+        }
     bd = {}
     for row in args.rows[1:]:
         bd_file = out / f"bd-{row}.json"
-        subprocess.run([sys.executable, "-m", "qft", "bdrate", str(out / "usq.json"), str(out / f"{row}.json"),
-                        "-o", str(bd_file)], check=True, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qft",
+                "bdrate",
+                str(out / "usq.json"),
+                str(out / f"{row}.json"),
+                "-o",
+                str(bd_file),
+            ],
+            check=True,
+            cwd=ROOT,
+        )
         bd[row] = json.loads(bd_file.read_text())["bd_rate"]
     record = {
         "what": "qft eval on the shipped base models re-saved as training dicts (no λ, no settings file), "
-                "outside the package; BD vs -q usq (qft bdrate, psnr-rgb)",
+        "outside the package; BD vs -q usq (qft bdrate, psnr-rgb)",
         "images": args.images or 24,
         "checkpoints": [Path(f).name for f in files],
         "bd_rate_vs_usq": bd,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 
-
 import numpy as np
 import torch
 
@@ -28,8 +27,8 @@ from trellis import Quantizer
 from qft.codec import Codec as CodecBase
 from qft.codec import RDTarget, read_image
 from qft.finetune import finetune_checkpoint as finetune
-from qft.settings import QuantizerChoice, read_settings, resolve_quantizer
 from qft.models import LoadedCheckpoint, load_checkpoint
+from qft.settings import QuantizerChoice, read_settings, resolve_quantizer
 
 __all__ = ["Codec", "finetune"]
 
@@ -58,7 +57,7 @@ class Codec(CodecBase):
         arch: str | None = None,
         unsafe_load: bool = False,
         device: str = "cpu",
-    ) -> "Codec":
+    ) -> Codec:
         """The codec of a checkpoint file or shipped model name, with the quantizer that
         ``qft compress -m NAME -q QUANTIZER`` and the same options would use.
 
@@ -67,8 +66,16 @@ class Codec(CodecBase):
                 the model cannot use, invalid values).
         """
         ck = load_checkpoint(name_or_path, arch, unsafe_load=unsafe_load)
-        choice = resolve_quantizer(quantizer, read_settings(ck), step=step, lambda_t=lambda_t,
-                                   lambda_mult=lambda_mult, reset=reset, weights=weights, target=target)
+        choice = resolve_quantizer(
+            quantizer,
+            read_settings(ck),
+            step=step,
+            lambda_t=lambda_t,
+            lambda_mult=lambda_mult,
+            reset=reset,
+            weights=weights,
+            target=target,
+        )
         codec = cls(ck.model, ck.arch, device=device)
         codec.check_quantizer(choice.quantizer)
         codec.choice, codec.checkpoint = choice, ck

@@ -20,7 +20,7 @@ import os
 import sys
 import warnings
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from qft.errors import UserError
 
@@ -28,7 +28,10 @@ __all__ = ["main", "COMMANDS"]
 
 #: subcommand -> (module under qft.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("quickstart", "the shipped models on 2 bundled Kodak images: USQ vs TCQ-8, decoder target, finetuned"),
+    "quickstart": (
+        "quickstart",
+        "the shipped models on 2 bundled Kodak images: USQ vs TCQ-8, decoder target, finetuned",
+    ),
     "train": ("train", "train a reference model from a YAML recipe"),
     "finetune": ("finetune", "finetune the decoder on latents quantized as at inference"),
     "ship": ("ship", "ship a finished finetuning run as a delta checkpoint of its base with a manifest entry"),
@@ -55,9 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         parser.parse_args(argv)  # usage, --help or the error naming the commands
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-        )
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
         warnings.showwarning = _one_line_warning(name)
         module = importlib.import_module(f"qft.commands.{COMMANDS[name][0]}")
         module.add_arguments(parsers[name])

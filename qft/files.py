@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import tempfile
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, BinaryIO
+from typing import BinaryIO
 
 from qft.errors import UserError
 

@@ -149,6 +149,7 @@ def _vjp(g_s, y_hat: torch.Tensor, probes: int, gen: torch.Generator) -> np.ndar
     with torch.enable_grad():
         x_hat = g_s(y)
         out = np.zeros(y.shape[1])
+
         def vjp(u: torch.Tensor, last: bool) -> torch.Tensor:
             return torch.autograd.grad(x_hat, y, u, retain_graph=not last)[0]
 

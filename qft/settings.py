@@ -162,9 +162,13 @@ def read_settings(ck: LoadedCheckpoint) -> dict[str, Any]:
         # a finetuned model: by default its quantizer is the one it was finetuned on
         methods = dict(settings.get("methods", {}))
         target = rec.get("target", methods.get(rec["method"], {}).get("target", 0.0))
-        methods[rec["method"]] = {"step": rec["step"], "lambda_t": rec["lam"],
-                                  "weights": "decoder" if "weights" in rec else "none",
-                                  "target": target, "finetuned": True}
+        methods[rec["method"]] = {
+            "step": rec["step"],
+            "lambda_t": rec["lam"],
+            "weights": "decoder" if "weights" in rec else "none",
+            "target": target,
+            "finetuned": True,
+        }
         settings = settings | {"methods": methods}
     return settings
 
@@ -218,8 +222,15 @@ class QuantizerChoice:
         from qft.codec import target_record
 
         q = self.quantizer
-        return {"method": q.method, "step": q.step, "lambda_t": q.lam, "reset": q.reset,
-                "weights": self.weights is not None, "target": target_record(self.target), "source": self.source}
+        return {
+            "method": q.method,
+            "step": q.step,
+            "lambda_t": q.lam,
+            "reset": q.reset,
+            "weights": self.weights is not None,
+            "target": target_record(self.target),
+            "source": self.source,
+        }
 
 
 def _recorded_lambda_t(method_settings: dict[str, Any]) -> float | None:
@@ -302,16 +313,20 @@ def resolve_quantizer(
         raise UserError(f"--target must be auto, rd or a number >= 0, got {target!r}") from None
     if eta == "rd":
         if "model_lambda" not in settings:
-            raise UserError("--target rd weighs rate against distortion at the model's training λ, which this "
-                            "checkpoint does not record; record it with qft calibrate -m CKPT --lambda L, "
-                            "or give a fixed η instead (e.g. --target 0.125)")
+            raise UserError(
+                "--target rd weighs rate against distortion at the model's training λ, which this "
+                "checkpoint does not record; record it with qft calibrate -m CKPT --lambda L, "
+                "or give a fixed η instead (e.g. --target 0.125)"
+            )
         eta = RDTarget(settings["model_lambda"])
     try:
         q = Quantizer(method, step=step, lam=lam, reset=reset)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:
-        q.table  # built (and cached) here, so a step too fine for 16-bit tables fails clearly
+        _ = q.table  # built (and cached) here, so a step too fine for 16-bit tables fails clearly
     except ValueError:
-        raise UserError(f"step {step:g} is too small for the 16-bit coding tables; use a step of at least 0.05") from None
+        raise UserError(
+            f"step {step:g} is too small for the 16-bit coding tables; use a step of at least 0.05"
+        ) from None
     return QuantizerChoice(q, w, source, eta)

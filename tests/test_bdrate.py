@@ -12,7 +12,9 @@ ANCHOR = {"results": {"bpp": [0.2, 0.4, 0.8, 1.6], "psnr-rgb": [28.0, 31.0, 34.0
 
 
 def scaled(factor):
-    return {"results": {"bpp": [r * factor for r in ANCHOR["results"]["bpp"]], "psnr-rgb": ANCHOR["results"]["psnr-rgb"]}}
+    return {
+        "results": {"bpp": [r * factor for r in ANCHOR["results"]["bpp"]], "psnr-rgb": ANCHOR["results"]["psnr-rgb"]}
+    }
 
 
 @pytest.mark.parametrize("factor", [0.9, 1.05])
@@ -32,8 +34,20 @@ def test_no_overlap_is_nan_with_warning():
 def test_cli(tmp_path, capsys):
     (tmp_path / "a.json").write_text(json.dumps(ANCHOR))
     (tmp_path / "t.json").write_text(json.dumps(scaled(0.9)))
-    assert main(["bdrate", str(tmp_path / "a.json"), str(tmp_path / "t.json"), "--method", "cubic",
-                 "-o", str(tmp_path / "bd.json")]) == 0
+    assert (
+        main(
+            [
+                "bdrate",
+                str(tmp_path / "a.json"),
+                str(tmp_path / "t.json"),
+                "--method",
+                "cubic",
+                "-o",
+                str(tmp_path / "bd.json"),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("BD-rate (cubic, default): -10.000")
     assert json.loads((tmp_path / "bd.json").read_text())["bd_rate"]["pchip"] == pytest.approx(-10)

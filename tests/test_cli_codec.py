@@ -41,7 +41,18 @@ def test_errors_are_one_line(workdir, capsys):
         ["decompress", str(d / "junk.qft"), "-m", str(d / "m.pth"), "-o", str(d / "x.png")],
         ["compress", "-m", str(d / "m.pth"), str(d / "missing.png"), "-o", str(d / "x.qft")],
         ["compress", "-m", str(d / "imgs" / "i0.png"), str(d / "imgs" / "i0.png"), "-o", str(d / "x.qft")],
-        ["compress", "-m", str(d / "m.pth"), "--step", "-1", "-q", "tcq8", str(d / "imgs" / "i0.png"), "-o", str(d / "x.qft")],
+        [
+            "compress",
+            "-m",
+            str(d / "m.pth"),
+            "--step",
+            "-1",
+            "-q",
+            "tcq8",
+            str(d / "imgs" / "i0.png"),
+            "-o",
+            str(d / "x.qft"),
+        ],
     ]
     for argv in cases:
         capsys.readouterr()
@@ -62,8 +73,19 @@ def test_warnings_are_one_line(workdir, capsys):
 def test_eval_json(workdir):
     d = workdir
     out = d / "r.json"
-    argv = ["eval", "-m", str(d / "m.pth"), str(d / "m.pth"), "-q", "tcq8", "--data", str(d / "imgs"), "-o", str(out),
-            "--per-image"]
+    argv = [
+        "eval",
+        "-m",
+        str(d / "m.pth"),
+        str(d / "m.pth"),
+        "-q",
+        "tcq8",
+        "--data",
+        str(d / "imgs"),
+        "-o",
+        str(out),
+        "--per-image",
+    ]
     assert main(argv) == 0
     r = json.loads(out.read_text())
     assert set(r) >= {"name", "description", "results", "qft"}

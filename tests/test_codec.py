@@ -19,6 +19,7 @@ from compressai.models import MeanScaleHyperprior, ScaleHyperprior
 from PIL import Image
 
 from trellis import Quantizer
+
 from qft.codec import Codec, Container, crop, pad, read_image, write_image
 from qft.codec.container import Header
 from qft.errors import UserError
@@ -49,7 +50,9 @@ def image():
 
 
 @pytest.mark.parametrize("q", QUANTIZERS, ids=lambda q: q.method)
-@pytest.mark.parametrize("cls,entropy", [(MeanScaleHyperprior, "mean-scale-hyperprior"), (ScaleHyperprior, "scale-hyperprior")])
+@pytest.mark.parametrize(
+    "cls,entropy", [(MeanScaleHyperprior, "mean-scale-hyperprior"), (ScaleHyperprior, "scale-hyperprior")]
+)
 def test_round_trip_is_exact(q, cls, entropy, image):
     codec = Codec(tiny(cls), "test-arch", entropy)
     out = codec.compress(image, q)
@@ -140,7 +143,7 @@ def test_fuzzed_streams_fail_cleanly_and_quickly(tmp_path, image):
     script = textwrap.dedent(
         f"""
         import sys, numpy as np
-        sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
+        sys.path.insert(0, {str(__file__.rsplit("/", 1)[0])!r})
         from test_codec import tiny
         from qft.codec import Codec
         from qft.errors import UserError
@@ -382,8 +385,7 @@ def test_z_stream_decodes_as_compressai(image):
     z = m.h_a(m.g_a(pad(image)[0]))
     z[0, :3] *= 1000  # far outside the tables: bypass-coded
     strings = m.entropy_bottleneck.compress(z)
-    assert torch.equal(coder.decode_z(strings[0], z.shape[-2:]),
-                       m.entropy_bottleneck.decompress(strings, z.shape[-2:]))
+    assert torch.equal(coder.decode_z(strings[0], z.shape[-2:]), m.entropy_bottleneck.decompress(strings, z.shape[-2:]))
 
 
 def test_context_model_layout_must_fit_the_size():
@@ -423,8 +425,15 @@ def test_header_field_fuzz(coded):
     ref = codec.decompress(data)["x_hat"]
     rng = np.random.default_rng(26)
     c = Container.from_bytes(data)
-    offsets = {"checkpoint": (3, 4), "quantizer": (7, 1), "step": (8, 8), "tables": (16, 4), "height": (20, 4),
-               "width": (24, 4), "count": (28, 1)}
+    offsets = {
+        "checkpoint": (3, 4),
+        "quantizer": (7, 1),
+        "step": (8, 8),
+        "tables": (16, 4),
+        "height": (20, 4),
+        "width": (24, 4),
+        "count": (28, 1),
+    }
     outcomes = {"error": 0, "same": 0}
     for trial in range(60):
         field = list(offsets)[trial % len(offsets)]
@@ -438,8 +447,11 @@ def test_header_field_fuzz(coded):
         else:  # an extreme
             value = [b"\x00" * n, b"\xff" * n, (1).to_bytes(n, "little")][int(rng.integers(3))]
         if field in ("height", "width") and kind == 1 and rng.integers(2):  # also a consistent tables check
-            h, w = (int.from_bytes(value, "little"), c.header.width) if field == "height" else (
-                c.header.height, int.from_bytes(value, "little"))
+            h, w = (
+                (int.from_bytes(value, "little"), c.header.width)
+                if field == "height"
+                else (c.header.height, int.from_bytes(value, "little"))
+            )
             q = Quantizer(c.header.method, step=c.header.step, reset=c.header.reset)
             bad = forged_raw(forged_raw(data, pos, value), 16, struct.pack("<I", codec._tables(q, h, w)))
         else:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+
 from pathlib import Path
 
 import pytest
 import torch
+
+from trellis import Quantizer
 
 from qft.cli import main
 from qft.codec import Codec
@@ -26,7 +29,6 @@ from qft.models import (
 )
 from qft.models.cca import TRAINING_ONLY_KEYS, release_slices
 from qft.models.layers import WindowAttention
-from trellis import Quantizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = next(

@@ -22,7 +22,6 @@ from trellis import SCALE_TABLE, Quantizer
 from qft.cli import main
 from qft.codec import Codec, HyperpriorLatentCoder, RDTarget
 from qft.errors import UserError
-from qft.settings import DEFAULT_LAMBDA_MULT, default_lambda, default_step, read_settings, resolve_quantizer
 from qft.finetune import (
     LatentCache,
     cell_mass,
@@ -32,6 +31,7 @@ from qft.finetune import (
 )
 from qft.finetune.objective import decode_centre, forward_window, hyper_window
 from qft.models import create_model, load_checkpoint, save_checkpoint
+from qft.settings import DEFAULT_LAMBDA_MULT, default_lambda, default_step, read_settings, resolve_quantizer
 from qft.train import export_state_dict
 
 LAMBDA = 0.01
@@ -52,9 +52,7 @@ def setup(tmp_path_factory):
         model.g_a[-1].weight.mul_(20)  # latents of a few quantization steps
     model.update(force=True)
     base = root / "base.pth"
-    save_checkpoint(
-        base, model, "mbt2018-mean", {"N": 16, "M": 24}, extra={"lambda": LAMBDA}
-    )
+    save_checkpoint(base, model, "mbt2018-mean", {"N": 16, "M": 24}, extra={"lambda": LAMBDA})
     recipe = {
         "checkpoint": str(base),
         "arch": None,
@@ -125,9 +123,7 @@ def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
     q = Quantizer("tcq8", step=default_step("tcq8"), lam=default_lambda("tcq8", default_step("tcq8")))  # the CLI's
     meta = json.loads((setup["cache"] / "meta.json").read_text())
     cache = LatentCache.open(setup["cache"], meta["identity"])
-    img = np.asarray(
-        Image.open(setup["root"] / "data" / "train" / "1.png").convert("RGB")
-    )
+    img = np.asarray(Image.open(setup["root"] / "data" / "train" / "1.png").convert("RGB"))
     img = img[:208, :208]  # trimmed to multiples of 16
     x = torch.zeros(1, 3, 256, 256)
     x[0, :, :208, :208] = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255
@@ -139,12 +135,8 @@ def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
         "theta": 0.5,
         "reset": "channel",
     }
-    np.testing.assert_array_equal(
-        cache.crop("index", 1, 0, 0, 8), lat.result.indices[:, :8, :8]
-    )
-    np.testing.assert_array_equal(
-        cache.crop("y_hat", 1, 1, 2, 4), lat.result.y_hat[:, 1:5, 2:6]
-    )
+    np.testing.assert_array_equal(cache.crop("index", 1, 0, 0, 8), lat.result.indices[:, :8, :8])
+    np.testing.assert_array_equal(cache.crop("y_hat", 1, 1, 2, 4), lat.result.y_hat[:, 1:5, 2:6])
     # latent crop (i, j) of size h <-> image crop (16 i, 16 j) of size 16 h
     np.testing.assert_array_equal(cache.crop("image", 1, 1, 2, 4), img[16:80, 32:96])
     # a crop with its 2-latent context decodes its centre exactly as the whole image does
@@ -166,7 +158,9 @@ def test_forward_window_on_the_hyper_synthesis(rows, cols):
     whole = h_s(z)[..., rows, cols]
     torch.testing.assert_close(part, whole, rtol=0, atol=1e-5)
     params = list(h_s.parameters())
-    for a, b in zip(torch.autograd.grad(part.square().mean(), params), torch.autograd.grad(whole.square().mean(), params)):
+    for a, b in zip(
+        torch.autograd.grad(part.square().mean(), params), torch.autograd.grad(whole.square().mean(), params)
+    ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
@@ -233,15 +227,7 @@ def test_cell_rate_matches_the_coding_tables(method):
     )
     res = q.quantize(y, mu, sigma)
     lo, hi = index_cells(res.indices, res.rows // 64, q)
-    bits = (
-        -torch.log2(
-            cell_mass(
-                torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(sigma)
-            )
-        )
-        .sum()
-        .item()
-    )
+    bits = -torch.log2(cell_mass(torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(sigma))).sum().item()
     assert bits == pytest.approx(res.bits, rel=2e-3)
 
 
@@ -255,13 +241,9 @@ def test_decoder_finetune_output(setup, decoder_run):
     extra = ckpt.extra
     assert extra["finetuned_from"] == load_checkpoint(setup["base"]).sha256
     assert extra["quantizer"]["method"] == "tcq8" and extra["parts"] == "decoder"
-    assert (
-        extra["lambda"] == LAMBDA and extra["steps"] == 4 and extra["control"] is False
-    )
+    assert extra["lambda"] == LAMBDA and extra["steps"] == 4 and extra["control"] is False
     MeanScaleHyperprior.from_state_dict(out)  # plain CompressAI loads it
-    log = [
-        json.loads(ln) for ln in (decoder_run / "log.jsonl").read_text().splitlines()
-    ]
+    log = [json.loads(ln) for ln in (decoder_run / "log.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in log] == [
         "start",
         "train",
@@ -319,10 +301,7 @@ def test_requantize_every(setup, tmp_path, capsys):
 def test_control_arm(setup, decoder_run, tmp_path):
     out = tmp_path / "control"
     assert _run(setup, out, "--control") == 0
-    base, ctrl, ft = (
-        _weights(p)
-        for p in (setup["base"], out / "model.pth", decoder_run / "model.pth")
-    )
+    base, ctrl, ft = (_weights(p) for p in (setup["base"], out / "model.pth", decoder_run / "model.pth"))
     assert not _same(base, ctrl, "g_s.") and not _same(ft, ctrl, "g_s.")
     assert load_checkpoint(out / "model.pth").extra["control"] is True
 
@@ -341,9 +320,7 @@ def test_resume_is_exact(setup, decoder_run, tmp_path):
     assert _run(setup, out, "--resume") == 0
     a, b = _weights(out / "model.pth"), _weights(decoder_run / "model.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [
-        json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()
-    ]
+    steps = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 2, 3, 4, 4]
 
 
@@ -363,8 +340,24 @@ def test_finetune_on_decoder_target_latents(setup, tmp_path):
     """With a decoder target the cache holds what the encoder sends with that target (the
     padding outside the target's residual), and the model records the target."""
     out, cache_dir = tmp_path / "run", tmp_path / "cache"
-    assert main(["finetune", str(setup["recipe"]), "--out", str(out), "--no-progress", "--cache", str(cache_dir),
-                 "--target", "0.25", "--steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(setup["recipe"]),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--cache",
+                str(cache_dir),
+                "--target",
+                "0.25",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     base = load_checkpoint(setup["base"])
     q = Quantizer("tcq8", step=default_step("tcq8"), lam=default_lambda("tcq8", default_step("tcq8")))
     meta = json.loads((cache_dir / "meta.json").read_text())
@@ -380,8 +373,24 @@ def test_finetune_on_decoder_target_latents(setup, tmp_path):
     assert load_checkpoint(out / "model.pth").extra["quantizer"]["target"] == 0.25
     # per-image η (--target rd) at the run's λ: recorded as rd, resolved again from the model
     out = tmp_path / "rd"
-    assert main(["finetune", str(setup["recipe"]), "--out", str(out), "--no-progress", "--cache",
-                 str(tmp_path / "rd-cache"), "--target", "rd", "--steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(setup["recipe"]),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--cache",
+                str(tmp_path / "rd-cache"),
+                "--target",
+                "rd",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "rd-cache" / "meta.json").read_text())["identity"]["target"] == "rd"
     ft = load_checkpoint(out / "model.pth")
     assert ft.extra["quantizer"]["target"] == "rd"
@@ -410,10 +419,7 @@ def test_scale_hyperprior_and_codec_round_trip(setup, tmp_path):
     ]
     assert _run(setup, out, *args, cache=False) == 0
     ckpt = load_checkpoint(out / "model.pth")
-    assert (
-        ckpt.arch == "bmshj2018-hyperprior"
-        and ckpt.extra["quantizer"]["method"] == "usq"
-    )
+    assert ckpt.arch == "bmshj2018-hyperprior" and ckpt.extra["quantizer"]["method"] == "usq"
     codec = Codec.from_checkpoint(ckpt)
     x = torch.rand(1, 3, 64, 64)
     q = Quantizer("usq")
@@ -442,17 +448,12 @@ def test_exported_fp16_state_dict(setup, tmp_path):
         )
         == 0
     )
-    assert (
-        load_checkpoint(out / "model.pth").extra["finetuned_from"]
-        == load_checkpoint(base).sha256
-    )
+    assert load_checkpoint(out / "model.pth").extra["finetuned_from"] == load_checkpoint(base).sha256
 
 
 def test_context_models_are_refused(setup, tmp_path, capsys):
     base = tmp_path / "mbt2018.pth"
-    save_checkpoint(
-        base, create_model("mbt2018", N=8, M=8, seed=0), "mbt2018", {"N": 8, "M": 8}
-    )
+    save_checkpoint(base, create_model("mbt2018", N=8, M=8, seed=0), "mbt2018", {"N": 8, "M": 8})
     assert _run(setup, tmp_path / "o", "-m", str(base), "--lambda", "0.01") == 2
     assert "needs a hyperprior model" in capsys.readouterr().err
 
@@ -494,9 +495,7 @@ def _assert_same_training(setup, out, reference):
     """Same updates up to float summation order. Adam's first steps turn rounding noise in
     near-zero gradients into full-size steps of single elements, so each tensor's
     difference is compared, as a norm, with the norm of its update."""
-    base, a, b = (
-        _weights(p) for p in (setup["base"], out / "model.pth", reference / "model.pth")
-    )
+    base, a, b = (_weights(p) for p in (setup["base"], out / "model.pth", reference / "model.pth"))
     for k in a:
         if a[k].is_floating_point():
             update = (b[k].float() - base[k].float()).norm().item()
@@ -546,9 +545,7 @@ def test_torchrun_two_processes(setup, decoder_run, tmp_path):
         str(setup["cache"]),
         "--no-progress",
     ]
-    subprocess.run(
-        cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    subprocess.run(cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     _assert_same_training(setup, out, decoder_run)
 
 
@@ -562,13 +559,27 @@ def test_finetune_on_a_folder_with_the_recorded_lambda(setup, tmp_path):
     save_checkpoint(base, load_checkpoint(setup["base"]).model, "mbt2018-mean", {"N": 16, "M": 24})
     data = tmp_path / "my-images"
     shutil.copytree(setup["root"] / "data" / "train", data)
-    args = ["finetune", str(setup["recipe"]), "-m", str(base), "--data", str(data), "--out", str(tmp_path / "ft"),
-            "--steps", "1", "--no-progress"]
+    args = [
+        "finetune",
+        str(setup["recipe"]),
+        "-m",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "ft"),
+        "--steps",
+        "1",
+        "--no-progress",
+    ]
     with pytest.raises(UserError, match="--lambda"):
         from qft.finetune import finetune, load_finetune_recipe, override_recipe
 
-        finetune(override_recipe(load_finetune_recipe(setup["recipe"]), data=data, checkpoint=str(base), steps=1),
-                 tmp_path / "refused", progress=False)
+        finetune(
+            override_recipe(load_finetune_recipe(setup["recipe"]), data=data, checkpoint=str(base), steps=1),
+            tmp_path / "refused",
+            progress=False,
+        )
     assert main(["calibrate", "-m", str(base), "--lambda", "0.02"]) == 0
     assert main(args) == 0
     ft = load_checkpoint(tmp_path / "ft" / "model.pth")

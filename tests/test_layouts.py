@@ -112,7 +112,10 @@ def release_checkpoint(fixture: dict, state_dict: dict[str, torch.Tensor] | None
     for k, shape in fixture.get("training_only_keys", {}).items():
         sd[k] = torch.zeros(1).expand(shape)
     sd = {f"module.{k}": v for k, v in sd.items()}
-    adam = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}}, "param_groups": [{"lr": 1e-4, "params": [0]}]}
+    adam = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
+        "param_groups": [{"lr": 1e-4, "params": [0]}],
+    }
     values = {
         "epoch": 41,
         "state_dict": sd,
@@ -172,8 +175,11 @@ class TestStrict:
             del sd["lrp_transforms.3.2.weight"]
             return sd
 
-        with pytest.raises(UserError, match=r"^\S+ looks like a tcm checkpoint but is not one: missing key "
-                           r"'lrp_transforms.3.2.weight'$"):
+        with pytest.raises(
+            UserError,
+            match=r"^\S+ looks like a tcm checkpoint but is not one: missing key "
+            r"'lrp_transforms.3.2.weight'$",
+        ):
             self._load(tmp_path, edit)
 
     def test_wrong_shape_names_key_and_shapes(self, tmp_path):
@@ -181,13 +187,15 @@ class TestStrict:
             sd["cc_scale_transforms.1.4.weight"] = torch.zeros(65, 128, 3, 3)
             return sd
 
-        with pytest.raises(UserError, match=re.escape(
-            "'cc_scale_transforms.1.4.weight' has shape (65, 128, 3, 3), the model (64, 128, 3, 3)"
-        )):
+        with pytest.raises(
+            UserError,
+            match=re.escape("'cc_scale_transforms.1.4.weight' has shape (65, 128, 3, 3), the model (64, 128, 3, 3)"),
+        ):
             self._load(tmp_path, edit, "tcm")
 
     def test_unlisted_extra_key_refused(self, tmp_path):
         """Keys beyond the architecture's own are an error unless listed as training-only."""
+
         def edit(sd):
             sd["aux_entropymodel.y_entropy_bottleneck.quantiles"] = torch.zeros(4, 1, 3)
             return sd

@@ -13,12 +13,13 @@ import copy
 import dataclasses
 import hashlib
 import io
-import os
 import json
+import os
 import re
 
 import pytest
 import torch
+
 from test_dcae_cca import TINY as TINY_SLICE_MODELS  # sibling test module
 
 from qft.cli import main
@@ -124,10 +125,7 @@ def legacy_eb(sd):
 
 def legacy_eb_list(sd):
     """ParameterList-era names (compressai.zoo): matrices.0 -> _matrices.0."""
-    return {
-        re.sub(r"\b(matrices|biases|factors)\.(\d+)$", r"_\1.\2", k): v
-        for k, v in sd.items()
-    }
+    return {re.sub(r"\b(matrices|biases|factors)\.(\d+)$", r"_\1.\2", k): v for k, v in sd.items()}
 
 
 def half_params(model):
@@ -155,12 +153,9 @@ LAYOUTS = {
     "module_orig_mod": lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()},
     "legacy_eb": legacy_eb,
     "legacy_eb_list": legacy_eb_list,
-    "no_cdf": lambda sd: {
-        k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS
-    },
+    "no_cdf": lambda sd: {k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS},
     "odd_cdf": lambda sd: {
-        k: torch.zeros(3, 5, dtype=v.dtype) if k.endswith("_quantized_cdf") else v
-        for k, v in sd.items()
+        k: torch.zeros(3, 5, dtype=v.dtype) if k.endswith("_quantized_cdf") else v for k, v in sd.items()
     },
 }
 
@@ -190,9 +185,7 @@ class TestRegistry:
         assert not m.training and m.gaussian_conditional._offset.numel() == 64
         state = torch.random.get_rng_state()
         again = create_model("mbt2018-mean", seed=1, **TINY["mbt2018-mean"])
-        assert torch.equal(
-            torch.random.get_rng_state(), state
-        )  # the caller's RNG is untouched
+        assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
         assert_same_outputs(m, again, image)
         other = create_model("mbt2018-mean", seed=2, **TINY["mbt2018-mean"])
         assert not torch.equal(other.g_a[0].weight, m.g_a[0].weight)
@@ -238,9 +231,7 @@ class TestLayouts:
     def test_state_dict_of(self, arch, layout, models):
         """Every layout of every architecture normalizes to the same state_dict."""
         sd = models[arch].state_dict()
-        expected = {
-            k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS
-        }
+        expected = {k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS}
         got = state_dict_of(LAYOUTS[layout](sd))
         assert list(got) == list(expected)
         assert all(torch.equal(got[k], v) for k, v in expected.items())
@@ -277,9 +268,7 @@ class TestLayouts:
         """--arch given; fp16 parameters, DDP prefix, legacy EB names, no CDF tables, and
         torch's legacy (non-zip) serialization, all at once."""
         model = models[arch]
-        sd = LAYOUTS["no_cdf"](
-            legacy_eb({f"module.{k}": v for k, v in half_params(model).items()})
-        )
+        sd = LAYOUTS["no_cdf"](legacy_eb({f"module.{k}": v for k, v in half_params(model).items()}))
         path = save(
             {"state_dict": sd},
             tmp_path / "ckpt.pth.tar",
@@ -299,15 +288,10 @@ class TestLayouts:
         path = save(LAYOUTS["model"](model.state_dict()), tmp_path / "train.pth")
         ckpt = load_checkpoint(path)
         assert ckpt.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-        assert ckpt.extra == {
-            "lambda": 0.0130
-        }  # the optimizer state holds tensors: not metadata
+        assert ckpt.extra == {"lambda": 0.0130}  # the optimizer state holds tensors: not metadata
 
     def test_zoo_downsample_keys(self, models, image, reference, tmp_path):
-        sd = {
-            k.replace(".skip.", ".downsample."): v
-            for k, v in models["cheng2020-attn"].state_dict().items()
-        }
+        sd = {k.replace(".skip.", ".downsample."): v for k, v in models["cheng2020-attn"].state_dict().items()}
         assert any(".downsample." in k for k in sd)
         ckpt = load_checkpoint(save(sd, tmp_path / "zoo.pth.tar"))
         assert ckpt.arch == "cheng2020-attn"
@@ -316,18 +300,14 @@ class TestLayouts:
     def test_absent_constant_buffer_kept(self, models, image, tmp_path):
         model = models["mbt2018-mean"]
         sd = {k: v for k, v in model.state_dict().items() if not k.endswith("pedestal")}
-        assert_same_outputs(
-            load_checkpoint(save(sd, tmp_path / "c.pth")).model, model, image
-        )
+        assert_same_outputs(load_checkpoint(save(sd, tmp_path / "c.pth")).model, model, image)
 
     def test_cdf_tables_rebuilt(self, models, tmp_path):
         model = models["mbt2018-mean"]
         sd = model.state_dict()
         stale = {
             **sd,
-            "gaussian_conditional._quantized_cdf": torch.ones_like(
-                sd["gaussian_conditional._quantized_cdf"]
-            ),
+            "gaussian_conditional._quantized_cdf": torch.ones_like(sd["gaussian_conditional._quantized_cdf"]),
         }
         loaded = load_checkpoint(save(stale, tmp_path / "c.pth")).model
         for name in ("_quantized_cdf", "_offset", "_cdf_length", "scale_table"):
@@ -348,15 +328,9 @@ class TestLayouts:
             "cheng2020-attn",
         ):
             path = tmp_path / f"{arch}.pth"
-            save_checkpoint(
-                path, models[arch], arch, TINY[arch], extra={"lambda": 0.01}
-            )
+            save_checkpoint(path, models[arch], arch, TINY[arch], extra={"lambda": 0.01})
             obj = torch.load(path, weights_only=True)
-            assert (
-                obj["arch"] == arch
-                and obj["params"] == TINY[arch]
-                and obj["lambda"] == 0.01
-            )
+            assert obj["arch"] == arch and obj["params"] == TINY[arch] and obj["lambda"] == 0.01
             plain = ARCHITECTURES[arch].cls.from_state_dict(obj["state_dict"]).eval()
             assert_same_outputs(plain, models[arch], image)
 
@@ -409,8 +383,11 @@ class TestErrors:
         marker = tmp_path / "ran"
         path = tmp_path / "evil.pth"
         buffer = io.BytesIO()
-        torch.save({"state_dict": models["mbt2018-mean"].state_dict(), "x": Command(f"touch {marker}")}, buffer,
-                   _use_new_zipfile_serialization=zip_format)
+        torch.save(
+            {"state_dict": models["mbt2018-mean"].state_dict(), "x": Command(f"touch {marker}")},
+            buffer,
+            _use_new_zipfile_serialization=zip_format,
+        )
         path.write_bytes(buffer.getvalue())
         with pytest.raises(UserError, match=r"holds Python objects.*system.*pass --unsafe-load"):
             load_checkpoint(path)
@@ -425,9 +402,7 @@ class TestErrors:
             {"state_dict": model.state_dict(), "scheduler": Payload()},
             tmp_path / "p.pth",
         )
-        with pytest.raises(
-            UserError, match=r"holds Python objects.*Payload.*pass --unsafe-load"
-        ):
+        with pytest.raises(UserError, match=r"holds Python objects.*Payload.*pass --unsafe-load"):
             load_checkpoint(path)
         ckpt = load_checkpoint(path, unsafe_load=True)
         assert ckpt.arch == "mbt2018-mean" and ckpt.extra == {}
@@ -457,7 +432,10 @@ class TestErrors:
             str(info.value)
             == f"{path} is not a mbt2018 checkpoint: missing key 'entropy_parameters.0.weight' (and 7 more)"
         )
-        shapes = r"is not a bmshj2018-hyperprior checkpoint: 'h_s.0.weight' has shape \(8, 12, 5, 5\), the model \(8, 8, 5, 5\) \(and 5 more\)$"
+        shapes = (
+            r"is not a bmshj2018-hyperprior checkpoint: 'h_s.0.weight' has shape \(8, 12, 5, 5\), "
+            r"the model \(8, 8, 5, 5\) \(and 5 more\)$"
+        )
         with pytest.raises(UserError, match=shapes):
             load_checkpoint(path, "bmshj2018-hyperprior")
         with pytest.raises(
@@ -486,15 +464,8 @@ class TestErrors:
         with pytest.raises(UserError) as info:
             load_checkpoint(save(sd, tmp_path / "amb.pth"))
         message = str(info.value)
-        assert (
-            "ambiguous architecture" in message
-            and "pass --arch" in message
-            and "\n" not in message
-        )
-        assert (
-            "closest first: mbt2018-mean (unexpected key 'adapter.weight'); bmshj2018-hyperprior ("
-            in message
-        )
+        assert "ambiguous architecture" in message and "pass --arch" in message and "\n" not in message
+        assert "closest first: mbt2018-mean (unexpected key 'adapter.weight'); bmshj2018-hyperprior (" in message
 
     def test_ambiguous_exact(self, models, tmp_path, monkeypatch):
         twin = dataclasses.replace(ARCHITECTURES["mbt2018-mean"], name="twin")
@@ -569,21 +540,12 @@ class TestCLI:
             {"N": 8, "M": 16},
             {"arch": "mbt2018", "params": {"N": 8, "M": 16}, "seed": 3},
         )
-        assert_same_outputs(
-            ckpt.model, create_model("mbt2018", seed=3, N=8, M=16), image
-        )
+        assert_same_outputs(ckpt.model, create_model("mbt2018", seed=3, N=8, M=16), image)
 
         first = path.read_bytes()
-        assert (
-            main(
-                ["init", "--arch", "mbt2018", "--N", "8", "--M", "16", "-o", str(path)]
-            )
-            == 2
-        )
+        assert main(["init", "--arch", "mbt2018", "--N", "8", "--M", "16", "-o", str(path)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert (
-            err[-1] == f"qft init: error: {path} exists; pass --force to overwrite it"
-        )
+        assert err[-1] == f"qft init: error: {path} exists; pass --force to overwrite it"
         assert path.read_bytes() == first
         assert (
             main(
@@ -655,10 +617,6 @@ class TestCLI:
     def test_init_errors(self, argv, message, capsys, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
         assert main(argv) == 2
-        err = [
-            line
-            for line in capsys.readouterr().err.splitlines()
-            if line.startswith("qft ")
-        ]
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qft ")]
         assert len(err) == 1 and err[0].startswith(message)
         assert not (tmp_path / "x.pth").exists()

@@ -32,8 +32,17 @@ def test_bytes_identical_to_compressai(kind, step):
     assert ours == ref
     assert RansDecoder().decode_with_indexes(ours, rows.tolist(), *args) == sym.tolist()
     # our decoder, with a one-state selector over all rows, reads CompressAI's stream
-    got = rans.decode(ref, rows, len(rows), np.zeros((1, 2), np.int64), np.zeros(1, np.int64), len(tab.cdf),
-                      tab.cdf, tab.cdf_length, tab.offset)
+    got = rans.decode(
+        ref,
+        rows,
+        len(rows),
+        np.zeros((1, 2), np.int64),
+        np.zeros(1, np.int64),
+        len(tab.cdf),
+        tab.cdf,
+        tab.cdf_length,
+        tab.offset,
+    )
     assert np.array_equal(got, sym)
 
 
@@ -54,8 +63,12 @@ def test_fuzz_round_trip_1000_latents():
     rng = np.random.default_rng(3)
     for i in range(1000):
         method = METHODS[i % 4]
-        q = Quantizer(method, step=float(rng.choice([0.3, 0.55, 1.0, 1.5])), lam=float(rng.uniform(0, 0.3)),
-                      reset=("channel", "tensor")[i % 2])
+        q = Quantizer(
+            method,
+            step=float(rng.choice([0.3, 0.55, 1.0, 1.5])),
+            lam=float(rng.uniform(0, 0.3)),
+            reset=("channel", "tensor")[i % 2],
+        )
         shape = tuple(rng.integers(1, 6, 3))
         sigma = np.exp(rng.uniform(np.log(0.05), np.log(400), shape)).astype(np.float32)
         mu = rng.normal(0, 5, shape).astype(np.float32)
@@ -66,8 +79,9 @@ def test_fuzz_round_trip_1000_latents():
         tab = q.table
         data = rans.encode(out.indices, out.rows, tab.cdf, tab.cdf_length, tab.offset)
         nxt, cls = q.selector
-        idx = rans.decode(data, scale_rows(sigma), q.chain_length(shape), nxt, cls, 64, tab.cdf, tab.cdf_length,
-                          tab.offset).reshape(shape)
+        idx = rans.decode(
+            data, scale_rows(sigma), q.chain_length(shape), nxt, cls, 64, tab.cdf, tab.cdf_length, tab.offset
+        ).reshape(shape)
         assert np.array_equal(idx, out.indices), (i, method)
         y_hat, states = q.dequantize(idx, mu)
         assert np.array_equal(y_hat, out.y_hat) and np.array_equal(states, out.states), (i, method)

@@ -14,13 +14,13 @@ from PIL import Image
 
 import qft
 
-from qft.codec import RDTarget
 from qft.cli import main
+from qft.codec import RDTarget
 from qft.errors import UserError
 from qft.eval.bdrate import local_rate_change, pareto_front
-from qft.settings import read_settings, resolve_quantizer, settings_path, write_settings
 from qft.models import create_model, load_checkpoint, save_checkpoint
 from qft.models.zoo import write_delta
+from qft.settings import read_settings, resolve_quantizer, settings_path, write_settings
 
 
 def test_local_rate_change():
@@ -62,20 +62,26 @@ def test_settings_precedence_and_identity(setup, recwarn):
     c = resolve_quantizer("tcq8", {})
     assert c.source == "default" and c.quantizer.step == 0.7 and c.weights is None
     w = [1.0 + i / 16 for i in range(16)]
-    write_settings(ckpts[0], ck.sha256, {"weights": {"decoder": w},
-                                         "methods": {"tcq8": {"step": 0.8, "lambda_mult": 0.1, "weights": "decoder"}}})
+    write_settings(
+        ckpts[0],
+        ck.sha256,
+        {"weights": {"decoder": w}, "methods": {"tcq8": {"step": 0.8, "lambda_mult": 0.1, "weights": "decoder"}}},
+    )
     s = read_settings(ck)
     c = resolve_quantizer("tcq8", s)
     assert c.source == "calibrated" and c.quantizer.step == 0.8 and np.array_equal(c.weights, w)
     assert resolve_quantizer("tcq8", s, weights="none").weights is None
-    by = {"none": {"step": 0.63, "lambda_mult": 0.05, "weights": "none"},
-          "decoder": {"step": 0.9, "lambda_mult": 0.025, "weights": "decoder"}}
+    by = {
+        "none": {"step": 0.63, "lambda_mult": 0.05, "weights": "none"},
+        "decoder": {"step": 0.9, "lambda_mult": 0.025, "weights": "decoder"},
+    }
     s2 = s | {"methods": {"tcq8": {**by["decoder"], "by_weights": by}}}
     assert resolve_quantizer("tcq8", s2).quantizer.step == 0.9  # calibrated choice: weighted
     assert resolve_quantizer("tcq8", s2, weights="none").quantizer.step == 0.63  # calibrated unweighted
     assert resolve_quantizer("tcq8", s, step=0.6).quantizer.step == 0.6  # explicit wins
     assert resolve_quantizer("tcq8", s, step_scale=2).quantizer.lam == pytest.approx(
-        4 * resolve_quantizer("tcq8", s).quantizer.lam)
+        4 * resolve_quantizer("tcq8", s).quantizer.lam
+    )
     with pytest.raises(UserError, match="no decoder weights"):
         resolve_quantizer("tcq8", {}, weights="decoder")
     # the decoder target: calibrated per pick, explicit values win, USQ's default stays 0
@@ -100,24 +106,50 @@ def test_settings_precedence_and_identity(setup, recwarn):
     assert read_settings(load_checkpoint(delta))["methods"]["tcq8"]["step"] == 0.8
     # a finetuned model defaults to the quantizer it was finetuned on (λ follows Δ²)
     delta.unlink()
-    write_delta(delta, ck.model, ckpts[0], ("g_s.",),
-                {"quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5, "reset": "channel"}})
+    write_delta(
+        delta,
+        ck.model,
+        ckpts[0],
+        ("g_s.",),
+        {"quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5, "reset": "channel"}},
+    )
     c = resolve_quantizer("tcq8", read_settings(load_checkpoint(delta)), step_scale=2)
     assert (c.quantizer.step, c.quantizer.lam, c.weights, c.target) == (1.3, pytest.approx(0.04), None, 0.0)
     # finetuned on plain latents: the encoder-side target is the base's calibrated one
-    write_settings(ckpts[0], ck.sha256, {"methods": {"tcq8": {"step": 0.8, "lambda_mult": 0.1, "weights": "decoder",
-                                                              "target": 0.25}}})
+    write_settings(
+        ckpts[0],
+        ck.sha256,
+        {"methods": {"tcq8": {"step": 0.8, "lambda_mult": 0.1, "weights": "decoder", "target": 0.25}}},
+    )
     c = resolve_quantizer("tcq8", read_settings(load_checkpoint(delta)))
     assert (c.quantizer.step, c.weights, c.target) == (0.65, None, 0.25)
     delta.unlink()
-    write_delta(delta, ck.model, ckpts[0], ("g_s.",),
-                {"quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5, "reset": "channel",
-                               "target": 0.125}})
+    write_delta(
+        delta,
+        ck.model,
+        ckpts[0],
+        ("g_s.",),
+        {"quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5, "reset": "channel", "target": 0.125}},
+    )
     assert resolve_quantizer("tcq8", read_settings(load_checkpoint(delta))).target == 0.125
     delta.unlink()
-    write_delta(delta, ck.model, ckpts[0], ("g_s.",),
-                {"lambda": 0.02, "quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5,
-                                               "reset": "channel", "target": "rd"}})
+    write_delta(
+        delta,
+        ck.model,
+        ckpts[0],
+        ("g_s.",),
+        {
+            "lambda": 0.02,
+            "quantizer": {
+                "method": "tcq8",
+                "step": 0.65,
+                "lam": 0.01,
+                "theta": 0.5,
+                "reset": "channel",
+                "target": "rd",
+            },
+        },
+    )
     assert resolve_quantizer("tcq8", read_settings(load_checkpoint(delta))).target == RDTarget(0.02)
     # another checkpoint's file is ignored with a warning
     other = load_checkpoint(ckpts[1])
@@ -135,10 +167,32 @@ def test_weights_change_the_stream_not_the_decoder(setup, tmp_path, capsys):
     np.save(tmp_path / "w.npy", w)
     img = root / "img" / "0.png"
     for name, extra in (("a", []), ("b", ["--weights", str(tmp_path / "w.npy")])):
-        assert main(["compress", "-m", str(ckpts[0]), "-q", "tcq8", "--step", "0.1", "--lambda-t", "1e-3", str(img),
-                     "-o", str(tmp_path / f"{name}.qft"), *extra]) == 0
-        assert main(["decompress", str(tmp_path / f"{name}.qft"), "-m", str(ckpts[0]),
-                     "-o", str(tmp_path / f"{name}.png")]) == 0
+        assert (
+            main(
+                [
+                    "compress",
+                    "-m",
+                    str(ckpts[0]),
+                    "-q",
+                    "tcq8",
+                    "--step",
+                    "0.1",
+                    "--lambda-t",
+                    "1e-3",
+                    str(img),
+                    "-o",
+                    str(tmp_path / f"{name}.qft"),
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                ["decompress", str(tmp_path / f"{name}.qft"), "-m", str(ckpts[0]), "-o", str(tmp_path / f"{name}.png")]
+            )
+            == 0
+        )
     assert (tmp_path / "a.qft").read_bytes() != (tmp_path / "b.qft").read_bytes()
     assert len((tmp_path / "a.qft").read_bytes()) > 100  # a latent with many nonzero indices
     assert main(["compress", "-m", str(ckpts[0]), "--step", "0.01", str(img), "-o", str(tmp_path / "c.qft")]) == 2
@@ -146,8 +200,27 @@ def test_weights_change_the_stream_not_the_decoder(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compress", "-m", str(ckpts[0]), "--target", "-1", str(img), "-o", str(tmp_path / "d.qft")])
     assert "expected auto, rd or a number >= 0" in capsys.readouterr().err
-    assert main(["compress", "-m", str(ckpts[0]), "-q", "tcq8", "--step", "0.1", "--lambda-t", "1e-3", "--target",
-                 "0.25", str(img), "-o", str(tmp_path / "t.qft")]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                "-m",
+                str(ckpts[0]),
+                "-q",
+                "tcq8",
+                "--step",
+                "0.1",
+                "--lambda-t",
+                "1e-3",
+                "--target",
+                "0.25",
+                str(img),
+                "-o",
+                str(tmp_path / "t.qft"),
+            ]
+        )
+        == 0
+    )
     assert main(["decompress", str(tmp_path / "t.qft"), "-m", str(ckpts[0]), "-o", str(tmp_path / "t.png")]) == 0
     assert (tmp_path / "t.qft").read_bytes() != (tmp_path / "a.qft").read_bytes()
 
@@ -157,8 +230,8 @@ def test_report_end_to_end_and_resume(setup, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"""
 name: tiny
-data: {root / 'img'}
-out: {tmp_path / 'out'}
+data: {root / "img"}
+out: {tmp_path / "out"}
 models:
   - {{label: base, checkpoints: [{ckpts[0]}, {ckpts[1]}]}}
 extra_rows:
@@ -179,8 +252,13 @@ ms_ssim: false
     assert len(cells) == 2 * 2 * 3
     summary = json.loads((out / "bdrate.json").read_text())
     rows = {(r["row"], r["quantizer"]): r for r in summary["rows"]}
-    assert set(rows) == {("base", "tcq8"), ("other", "tcq8"), ("ft-usq", "usq"), ("control-usq", "usq"),
-                         ("usq-again", "usq")}
+    assert set(rows) == {
+        ("base", "tcq8"),
+        ("other", "tcq8"),
+        ("ft-usq", "usq"),
+        ("control-usq", "usq"),
+        ("usq-again", "usq"),
+    }
     # a row named otherwise, paired with its control by the row's `control` field
     again, ft = rows[("usq-again", "usq")]["vs_control"], rows[("ft-usq", "usq")]["vs_control"]
     assert again.pop("test") == "usq-again/usq" and ft.pop("test") == "ft-usq/usq"
@@ -208,13 +286,18 @@ def test_bd_over_the_rate_points_on_both_fronts():
 
     anchor = [(0.3, 28.0), (0.45, 29.5), (0.6, 30.5), (0.8, 31.0), (0.95, 31.1)]
     test = [(0.28, 28.1), (0.4, 29.4), (0.55, 30.5), (0.75, 31.1), (0.9, 31.05)]
-    curves = {("base", "usq"): [(i, cell(*p)) for i, p in enumerate(anchor)],
-              ("base", "tcq8"): [(i, cell(*p)) for i, p in enumerate(test)]}
+    curves = {
+        ("base", "usq"): [(i, cell(*p)) for i, p in enumerate(anchor)],
+        ("base", "tcq8"): [(i, cell(*p)) for i, p in enumerate(test)],
+    }
     recipe = report.ReportRecipe(name="t", data="", out="", quantizers=(), rows=(), sweep=())
     out = report._compare(recipe, {}, curves, ("base", "tcq8"), ("base", "usq"))["psnr-rgb"]
     assert out["pareto_points"] == [0, 1, 2, 3]
-    expected = bd_rate({"bpp": [p[0] for p in anchor[:4]], "psnr-rgb": [p[1] for p in anchor[:4]]},
-                       {"bpp": [p[0] for p in test[:4]], "psnr-rgb": [p[1] for p in test[:4]]}, "psnr-rgb")["pchip"]
+    expected = bd_rate(
+        {"bpp": [p[0] for p in anchor[:4]], "psnr-rgb": [p[1] for p in anchor[:4]]},
+        {"bpp": [p[0] for p in test[:4]], "psnr-rgb": [p[1] for p in test[:4]]},
+        "psnr-rgb",
+    )["pchip"]
     assert out["bd_pchip"] == pytest.approx(expected) and out["bd_pchip"] < 0
 
 
@@ -224,8 +307,8 @@ def test_report_without_row_sweeps(setup, tmp_path):
     root, ckpts = setup
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"""
-data: {root / 'img'}
-out: {tmp_path / 'out'}
+data: {root / "img"}
+out: {tmp_path / "out"}
 models:
   - {{label: base, checkpoints: [{ckpts[0]}, {ckpts[1]}], quantizers: [usq]}}
   - {{label: other, checkpoints: [{ckpts[1]}, null], quantizers: [tcq8]}}
@@ -252,12 +335,21 @@ def test_shipped_rows_evaluate_the_control_arm_like_each_finetuned_row(monkeypat
         return {"name": name, "file": f"{name}.pth", "lambda": lmbda, **ft}
 
     def ft(base, method, control=False):
-        return {"finetuned_from": f"{base}.pth", "quantizer": {"method": method}, "parts": "decoder",
-                "control": control}
+        return {
+            "finetuned_from": f"{base}.pth",
+            "quantizer": {"method": method},
+            "parts": "decoder",
+            "control": control,
+        }
 
-    entries = [entry("b2", 0.02), entry("b1", 0.01),
-               entry("b1-ft-usq", 0.01, **ft("b1", "usq")), entry("b1-ft-tcq8", 0.01, **ft("b1", "tcq8")),
-               entry("b2-ft-tcq8", 0.02, **ft("b2", "tcq8")), entry("b1-ft-control", 0.01, **ft("b1", "usq", True))]
+    entries = [
+        entry("b2", 0.02),
+        entry("b1", 0.01),
+        entry("b1-ft-usq", 0.01, **ft("b1", "usq")),
+        entry("b1-ft-tcq8", 0.01, **ft("b1", "tcq8")),
+        entry("b2-ft-tcq8", 0.02, **ft("b2", "tcq8")),
+        entry("b1-ft-control", 0.01, **ft("b1", "usq", True)),
+    ]
     monkeypatch.setattr(zoo, "shipped", lambda: entries)
     rows = {r.label: r for r in report.shipped_rows(["usq", "tcq8"])}
     assert rows["base"].checkpoints == ("b1", "b2")
@@ -274,12 +366,14 @@ def test_report_recipe_errors(tmp_path):
     bad.write_text("data: x\nquantizers: [usq]\nmodels: [{label: a, checkpoints: [a.pth]}]\nfoo: 1\n")
     with pytest.raises(UserError, match="unknown field"):
         load_report_recipe(bad)
-    for row, match in [("{label: a, checkpoints: [a.pth], chekpoint: 1}", r"row a: unknown field\(s\) \['chekpoint'\]"),
-                       ("{labl: a, checkpoints: [a.pth]}", r"models\[0\]: unknown field\(s\) \['labl'\]"),
-                       ("{label: a, checkpoint: [a.pth]}", r"row a: unknown field\(s\) \['checkpoint'\]"),
-                       ("{label: a}", r"row a: missing field\(s\) \['checkpoints'\]"),
-                       ("{label: a, checkpoints: a.pth}", "row a: checkpoints is a list"),
-                       ("a.pth", r"models\[0\] is a mapping")]:
+    for row, match in [
+        ("{label: a, checkpoints: [a.pth], chekpoint: 1}", r"row a: unknown field\(s\) \['chekpoint'\]"),
+        ("{labl: a, checkpoints: [a.pth]}", r"models\[0\]: unknown field\(s\) \['labl'\]"),
+        ("{label: a, checkpoint: [a.pth]}", r"row a: unknown field\(s\) \['checkpoint'\]"),
+        ("{label: a}", r"row a: missing field\(s\) \['checkpoints'\]"),
+        ("{label: a, checkpoints: a.pth}", "row a: checkpoints is a list"),
+        ("a.pth", r"models\[0\] is a mapping"),
+    ]:
         bad.write_text(f"data: x\nquantizers: [usq]\nmodels: [{row}]\n")
         with pytest.raises(UserError, match=match):
             load_report_recipe(bad)
@@ -297,9 +391,31 @@ def test_calibrate_writes_settings_and_refuses_test_sets(setup, tmp_path, capsys
     kodak.mkdir()
     assert main(["calibrate", "-m", str(ckpts[1]), "--data", str(kodak)]) == 2
     assert "looks like a test set" in capsys.readouterr().err
-    assert main(["calibrate", "-m", str(ckpts[1]), "--data", str(root / "img"), "--images", "1",
-                 "--methods", "tcq8", "--steps", "0.7", "--mults", "0.05", "--threads", "1", "--weights",
-                 "--targets", "0.25"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "-m",
+                str(ckpts[1]),
+                "--data",
+                str(root / "img"),
+                "--images",
+                "1",
+                "--methods",
+                "tcq8",
+                "--steps",
+                "0.7",
+                "--mults",
+                "0.05",
+                "--threads",
+                "1",
+                "--weights",
+                "--targets",
+                "0.25",
+            ]
+        )
+        == 0
+    )
     with pytest.raises(SystemExit):
         main(["calibrate", "-m", str(ckpts[1]), "--data", str(root / "img"), "--targets", "0"])
     assert "expected rd or a number > 0" in capsys.readouterr().err
@@ -315,7 +431,9 @@ def test_calibrate_writes_settings_and_refuses_test_sets(setup, tmp_path, capsys
     # the target pass: USQ at step 1, then every pick (none may exist for a random model) at η = 0.25
     picks = settings["methods"].get("tcq8", {}).get("by_weights", {})
     assert [(g["method"], g["weights"]) for g in grid if g["target"] == 0.25] == [
-        ("usq", "none"), *(("tcq8", w) for w in picks)]
+        ("usq", "none"),
+        *(("tcq8", w) for w in picks),
+    ]
     assert set(settings["calibration"]["usq_target"]) == {"0.25"}
     settings_path(ckpts[1]).unlink()
 
@@ -333,14 +451,14 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
                 g["bpp"], g["psnr"] = (0.92 if g["target"] == 0.25 else 0.97), 30.0
 
     monkeypatch.setattr(cal, "_evaluate_grid", fake_evaluate)
-    out = cal.calibrate_checkpoint(None, [], {}, methods=("tcq8",), steps=(0.7,), mults=(0.05,),
-                                   targets=(0.25, 0.125, 0.0))
+    out = cal.calibrate_checkpoint(
+        None, [], {}, methods=("tcq8",), steps=(0.7,), mults=(0.05,), targets=(0.25, 0.125, 0.0)
+    )
     pick = out["methods"]["tcq8"]
     assert pick["target"] == 0.25 and pick["saving"] == pytest.approx(-8.0)
     assert pick["by_weights"]["none"]["target"] == 0.25
     assert out["calibration"]["usq_target"]["0.125"] == pytest.approx(100 * (2 ** (-0.5 / 3) - 1))
-    no_gain = cal.calibrate_checkpoint(None, [], {}, methods=("tcq8",), steps=(0.7,), mults=(0.05,),
-                                       targets=(0.125,))
+    no_gain = cal.calibrate_checkpoint(None, [], {}, methods=("tcq8",), steps=(0.7,), mults=(0.05,), targets=(0.125,))
     assert no_gain["methods"]["tcq8"]["target"] == 0.0 and no_gain["methods"]["tcq8"]["saving"] == pytest.approx(-3.0)
     # with the model's λ the RD cost decides, also beyond USQ's PSNR range (no saving there)
 
@@ -349,6 +467,7 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
         for g in grid:
             if g["method"] == "tcq8" and g["target"] == 0.125:
                 g["bpp"], g["psnr"] = 1.3, 34.0  # above the USQ curve's 30.97 dB
+
     monkeypatch.setattr(cal, "_evaluate_grid", beyond)
     kw = dict(methods=("tcq8",), steps=(0.7,), mults=(0.05,), targets=(0.125,))
     assert cal.calibrate_checkpoint(None, [], {}, **kw)["methods"]["tcq8"]["target"] == 0.0
@@ -361,6 +480,7 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
         for g in grid:
             if g["method"] == "tcq8" and g["target"] == "rd":
                 g["bpp"], g["psnr"] = 0.9, 30.0
+
     monkeypatch.setattr(cal, "_evaluate_grid", with_rd)
     out = cal.calibrate_checkpoint(None, [], {}, methods=("tcq8",), steps=(0.7,), mults=(0.05,), targets=("rd", 0.25))
     assert [g["target"] for g in out["calibration"]["grid"] if g["method"] == "tcq8"] == [0.0, 0.25, "rd"]
@@ -376,7 +496,10 @@ def test_calibrate_default_weights_by_saving():
     def cost(p):
         return 0.01 * 255**2 * 10 ** (-p["psnr"] / 10) + p["bpp"]
 
-    picks = {"none": {"saving": -13.8, "bpp": 0.83, "psnr": 28.6}, "decoder": {"saving": -9.7, "bpp": 0.77, "psnr": 28.4}}
+    picks = {
+        "none": {"saving": -13.8, "bpp": 0.83, "psnr": 28.6},
+        "decoder": {"saving": -9.7, "bpp": 0.77, "psnr": 28.4},
+    }
     assert cost(picks["decoder"]) < cost(picks["none"]) and default_pick(picks, cost) is picks["none"]
     picks["none"]["saving"] = None  # beyond USQ's curve
     assert default_pick(picks, cost) is picks["decoder"]
@@ -392,8 +515,12 @@ def test_quickstart_on_one_image(tmp_path, capsys):
     assert f"RD plot: {folder / 'rd-psnr-rgb.png'}" in out
     summary = json.loads((folder / "bdrate.json").read_text())
     rows = {(r["row"], r["quantizer"]) for r in summary["rows"]}
-    assert summary["images"] == 1 and rows == {("base", "usq-rd"), ("base", "tcq8-t0"), ("base", "tcq8"),
-                                               ("ft-tcq8-hyperdecoder", "tcq8")}
+    assert summary["images"] == 1 and rows == {
+        ("base", "usq-rd"),
+        ("base", "tcq8-t0"),
+        ("base", "tcq8"),
+        ("ft-tcq8-hyperdecoder", "tcq8"),
+    }
     base_tcq8 = next(r for r in summary["rows"] if (r["row"], r["quantizer"]) == ("base", "tcq8"))
     assert len(base_tcq8["vs_base_usq"]["psnr-rgb"]["local"]) == 5  # one per shipped rate point
     assert (folder / "rd-psnr-rgb.png").is_file()
@@ -413,8 +540,9 @@ def test_quickstart_output_folder(tmp_path, monkeypatch, capsys):
     assert not (package / "assets" / "qs").exists()
 
 
-@pytest.mark.parametrize("name", ["kodak", "tecnick", "kodak-hyperdecoder", "tecnick-hyperdecoder", "kodak-target",
-                                  "tecnick-target"])
+@pytest.mark.parametrize(
+    "name", ["kodak", "tecnick", "kodak-hyperdecoder", "tecnick-hyperdecoder", "kodak-target", "tecnick-target"]
+)
 def test_shipped_recipes_load(name):
     from pathlib import Path
 

@@ -149,6 +149,7 @@ def test_latent_is_the_codecs_usq_latent(model, images):
     """ŷ (NumPy rounding) is bit-identical to the codec's USQ latent; kept last in this file:
     the Numba kernel resets torch's thread count, restored here."""
     from trellis import Quantizer
+
     from qft.codec import HyperpriorLatentCoder
     from qft.sensitivity import _as_tensor, _center_crop, _usq_latent
 

@@ -43,4 +43,7 @@ def test_target_values():
 
 def test_importing_the_settings_and_the_options_needs_no_torch():
     code = "import sys, qft.settings, qft.commands._options; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

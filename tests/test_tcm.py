@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from trellis import Quantizer
+
 from qft.cli import main
 from qft.codec import Codec
 from qft.errors import UserError

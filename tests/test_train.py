@@ -148,16 +148,11 @@ def test_resume_is_bit_exact(recipe_file, tmp_path):
     assert not stale.exists()
     assert s[0]["finished"]
     tag = lambda_tag(0.05)
-    a, b = _weights(full / tag / "checkpoint.pth"), _weights(
-        parts / tag / "checkpoint.pth"
-    )
+    a, b = _weights(full / tag / "checkpoint.pth"), _weights(parts / tag / "checkpoint.pth")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    log = [
-        json.loads(line)
-        for line in (parts / tag / "log.jsonl").read_text().splitlines()
-    ]
+    log = [json.loads(line) for line in (parts / tag / "log.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in log if e["kind"] == "train"]
     assert steps == sorted(steps) and steps[-1] == 6
     assert {"loss", "bpp", "mse", "lr", "step_time_s"} <= set(log[1])

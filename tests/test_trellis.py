@@ -1,17 +1,16 @@
 """Tests of the trellis engine: machines, tables, kernels vs references, optimality, errors."""
 
 import itertools
-import zlib
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
 
 from scipy.special import ndtr
 
-from trellis import Quantizer, machine, rate_table
-from trellis import codegen, kernels, reference
+from trellis import Quantizer, codegen, kernels, machine, rate_table, reference
 from trellis.machines import ECM_TRANSITIONS, VVC_TRANSITIONS, StateMachine
 from trellis.tables import NUM_SCALES, SCALE_TABLE, cell_bounds, escape_bits, quantize_pmf, scale_rows_reference
 
@@ -224,8 +223,9 @@ class TestWeights:
         tab = q.table
         data = rans.encode(out.indices, out.rows, tab.cdf, tab.cdf_length, tab.offset)
         nxt, cls = q.selector
-        idx = rans.decode(data, scale_rows(sigma), q.chain_length(y.shape), nxt, cls, NUM_SCALES, tab.cdf,
-                          tab.cdf_length, tab.offset).reshape(y.shape)
+        idx = rans.decode(
+            data, scale_rows(sigma), q.chain_length(y.shape), nxt, cls, NUM_SCALES, tab.cdf, tab.cdf_length, tab.offset
+        ).reshape(y.shape)
         y_hat, _ = q.dequantize(idx, mu)
         assert np.array_equal(y_hat, out.y_hat)
 
@@ -308,8 +308,15 @@ class TestBadInput:
 
     @pytest.mark.parametrize(
         "kw,arg",
-        [({"lam": -1.0}, "lam"), ({"lam": np.nan}, "lam"), ({"step": 0.0}, "step"), ({"step": -1.0}, "step"),
-         ({"method": "tcq6"}, "method"), ({"reset": "row"}, "reset"), ({"theta": 0.7}, "theta")],
+        [
+            ({"lam": -1.0}, "lam"),
+            ({"lam": np.nan}, "lam"),
+            ({"step": 0.0}, "step"),
+            ({"step": -1.0}, "step"),
+            ({"method": "tcq6"}, "method"),
+            ({"reset": "row"}, "reset"),
+            ({"theta": 0.7}, "theta"),
+        ],
     )
     def test_parameters(self, kw, arg):
         with pytest.raises(ValueError, match=arg):

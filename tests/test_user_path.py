@@ -18,9 +18,9 @@ from PIL import Image
 
 from qft.cli import main
 from qft.codec import RDTarget
-from qft.settings import read_settings, resolve_quantizer, settings_path
 from qft.models import create_model, load_checkpoint, save_checkpoint
 from qft.models.zoo import ASSETS
+from qft.settings import read_settings, resolve_quantizer, settings_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,8 +82,29 @@ def test_calibrate_lambda_and_early_checks(user, tmp_path, capsys):
     shutil.copytree(user / "img", kodak)
     assert main(["calibrate", "-m", str(ckpt), "--data", str(kodak)]) == 2
     assert "--allow-test-set" in capsys.readouterr().err
-    assert main(["calibrate", "-m", str(ckpt), "--data", str(kodak), "--allow-test-set", "--images", "1",
-                 "--methods", "tcq8", "--steps", "0.7", "--mults", "0.05", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "-m",
+                str(ckpt),
+                "--data",
+                str(kodak),
+                "--allow-test-set",
+                "--images",
+                "1",
+                "--methods",
+                "tcq8",
+                "--steps",
+                "0.7",
+                "--mults",
+                "0.05",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert json.loads(settings_path(ckpt).read_text())["model_lambda"] == 0.02  # kept
 
 
@@ -93,7 +114,8 @@ def test_recipe_paths_and_shipped_names(tmp_path):
 
     text = (ROOT / "recipes" / "finetune" / "cpu.yaml").read_text()
     text = text.replace("checkpoint: null", "checkpoint: mbt2018-mean-0.013").replace(
-        "root: ../shared/data/bsds500", "root: data")
+        "root: ../shared/data/bsds500", "root: data"
+    )
     recipe_file = tmp_path / "ft.yaml"  # no pyproject.toml above: the recipe's folder is the root
     recipe_file.write_text(text)
     r = load_finetune_recipe(recipe_file)
@@ -102,7 +124,12 @@ def test_recipe_paths_and_shipped_names(tmp_path):
     assert recipe_path(ROOT / "recipes" / "report" / "kodak.yaml", "qft/assets/kodak") == str(ROOT / "qft/assets/kodak")
     r2 = override_recipe(r, data=tmp_path, steps=5, lmbda=0.02, parts="decoder+hyperdecoder", method="usq")
     assert (r2.data_root, r2.train_splits, r2.steps, r2.lmbda, r2.parts) == (
-        str(tmp_path), (".",), 5, 0.02, "decoder+hyperdecoder")
+        str(tmp_path),
+        (".",),
+        5,
+        0.02,
+        "decoder+hyperdecoder",
+    )
     assert r2.method == "usq" and r2.step is None
     with pytest.raises(Exception, match="not a folder"):
         override_recipe(r, data=tmp_path / "missing")
@@ -111,8 +138,9 @@ def test_recipe_paths_and_shipped_names(tmp_path):
 def test_report_recipe_paths_are_recipe_relative(tmp_path):
     from qft.eval.report import load_report_recipe
 
-    (tmp_path / "r.yaml").write_text("data: imgs\nout: out\nquantizers: [usq]\n"
-                                     "models: [{label: base, checkpoints: [m.pth, mbt2018-mean-0.013]}]\n")
+    (tmp_path / "r.yaml").write_text(
+        "data: imgs\nout: out\nquantizers: [usq]\nmodels: [{label: base, checkpoints: [m.pth, mbt2018-mean-0.013]}]\n"
+    )
     r = load_report_recipe(tmp_path / "r.yaml")
     assert r.data == str(tmp_path / "imgs") and r.out == str(tmp_path / "out")
     assert r.rows[0].checkpoints == (str(tmp_path / "m.pth"), "mbt2018-mean-0.013")
@@ -128,7 +156,8 @@ def test_import_qft_is_light():
 def test_readme_api_reproduces_the_cli_bytes(user, tmp_path):
     """The README's Python snippet codes the same bytes as `qft compress` with the same
     quantizer, and decodes."""
-    from qft import Codec, finetune, load_checkpoint as top_load
+    from qft import Codec, finetune
+    from qft import load_checkpoint as top_load
 
     assert callable(finetune) and top_load is load_checkpoint
     image = user / "img" / "0.png"
@@ -159,10 +188,13 @@ def tiny_report(user, tmp_path_factory):
     """A report recipe on two tiny checkpoints and the two images."""
     root = tmp_path_factory.mktemp("tiny-report")
     for k in range(2):
-        save_checkpoint(root / f"m{k}.pth", create_model("mbt2018-mean", N=16, M=16, seed=k), "mbt2018-mean",
-                        {"N": 16, "M": 16})
-    (root / "r.yaml").write_text(f"data: {user / 'img'}\nquantizers: [usq, tcq8]\nsweep: [0.8, 1.25]\n"
-                                 "models: [{label: base, checkpoints: [m0.pth, m1.pth]}]\n")
+        save_checkpoint(
+            root / f"m{k}.pth", create_model("mbt2018-mean", N=16, M=16, seed=k), "mbt2018-mean", {"N": 16, "M": 16}
+        )
+    (root / "r.yaml").write_text(
+        f"data: {user / 'img'}\nquantizers: [usq, tcq8]\nsweep: [0.8, 1.25]\n"
+        "models: [{label: base, checkpoints: [m0.pth, m1.pth]}]\n"
+    )
     return root
 
 
@@ -175,13 +207,34 @@ def test_eval_and_report_workers_match_one_process(user, tiny_report, tmp_path):
     outs = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}.json"
-        assert main(["eval", "-m", *ckpts, "-q", "tcq8", "--data", str(user / "img"), "-o", str(out),
-                     "--per-image", "--workers", str(workers)]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "-m",
+                    *ckpts,
+                    "-q",
+                    "tcq8",
+                    "--data",
+                    str(user / "img"),
+                    "-o",
+                    str(out),
+                    "--per-image",
+                    "--workers",
+                    str(workers),
+                ]
+            )
+            == 0
+        )
         outs[workers] = json.loads(out.read_text())
     for a, b in zip(outs[1]["qft"]["per_image"], outs[2]["qft"]["per_image"]):
         assert [(r["image"], r["bpp"], r["psnr-rgb"]) for r in a] == [(r["image"], r["bpp"], r["psnr-rgb"]) for r in b]
-    rows = [run_report(load_report_recipe(tiny_report / "r.yaml", out=str(tmp_path / f"r{w}"), workers=w),
-                       progress=False)["rows"] for w in (1, 2)]
+    rows = [
+        run_report(load_report_recipe(tiny_report / "r.yaml", out=str(tmp_path / f"r{w}"), workers=w), progress=False)[
+            "rows"
+        ]
+        for w in (1, 2)
+    ]
     assert rows[0] == rows[1]
 
 
@@ -192,12 +245,27 @@ def test_report_cells_sharded_over_torchrun_ranks(tiny_report, tmp_path):
     from qft.eval.report import load_report_recipe, run_report
 
     serial = run_report(load_report_recipe(tiny_report / "r.yaml", out=str(tmp_path / "one")), progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           "-m", "qft", "report", str(tiny_report / "r.yaml"), "--out", str(tmp_path / "two"), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        "qft",
+        "report",
+        str(tiny_report / "r.yaml"),
+        "--out",
+        str(tmp_path / "two"),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("# qft report") == 1  # rank 0 alone prints the table
     sharded = json.loads((tmp_path / "two" / "bdrate.json").read_text())
     assert sharded["rows"] == serial["rows"]
     assert sorted(p.name for p in (tmp_path / "two" / "cells").iterdir()) == sorted(
-        p.name for p in (tmp_path / "one" / "cells").iterdir())
+        p.name for p in (tmp_path / "one" / "cells").iterdir()
+    )

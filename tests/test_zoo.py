@@ -109,8 +109,9 @@ def test_delta_with_other_base_refused(base, tmp_path):
     path, model = base
     delta = tmp_path / "ft.pth"
     write_delta(delta, model, path, ("g_s.",))
-    save_checkpoint(path, create_model("mbt2018-mean", N=8, M=12, seed=1), "mbt2018-mean",
-                    {"N": 8, "M": 12}, force=True)
+    save_checkpoint(
+        path, create_model("mbt2018-mean", N=8, M=12, seed=1), "mbt2018-mean", {"N": 8, "M": 12}, force=True
+    )
     with pytest.raises(UserError, match="finetuned from another base.pth"):
         load_checkpoint(delta)
     path.unlink()
@@ -144,4 +145,3 @@ def test_manifest_split_into_bases_and_finetunes():
     assert [e["lambda"] for e in bases] == sorted(e["lambda"] for e in bases)
     assert all(is_finetuned(e) for e in finetunes)
     assert sorted(e["name"] for e in bases + finetunes) == sorted(e["name"] for e in shipped())
-

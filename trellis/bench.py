@@ -82,13 +82,19 @@ def run(quick: bool = False) -> dict:
         for key, threads in (("latents_per_s_1t", 1), ("latents_per_s_all", all_threads)):
             numba.set_num_threads(threads)
             for name, (q, w) in calls.items():
-                methods[name][key] = y.size / _best_time(lambda: q.quantize(y, mu, sigma, weights=w), reps)
+                methods[name][key] = y.size / _best_time(
+                    lambda q=q, w=w, y=y, mu=mu, sigma=sigma: q.quantize(y, mu, sigma, weights=w), reps
+                )
         numba.set_num_threads(all_threads)
         sub = tuple(a[:numpy_channels] for a in (y, mu, sigma))
-        t = _best_time(lambda: QUANTIZERS["tcq8"].quantize(*sub, backend="numpy"), 1)
+        t = _best_time(lambda sub=sub: QUANTIZERS["tcq8"].quantize(*sub, backend="numpy"), 1)
         methods["tcq8_numpy"] = {"latents_per_s_1t": sub[0].size / t, "latents_per_s_all": sub[0].size / t}
-        methods["tcq8"]["speedup_vs_numpy_1t"] = methods["tcq8"]["latents_per_s_1t"] / methods["tcq8_numpy"]["latents_per_s_1t"]
-        methods["tcq8_weighted"]["vs_unweighted_1t"] = methods["tcq8_weighted"]["latents_per_s_1t"] / methods["tcq8"]["latents_per_s_1t"]
+        methods["tcq8"]["speedup_vs_numpy_1t"] = (
+            methods["tcq8"]["latents_per_s_1t"] / methods["tcq8_numpy"]["latents_per_s_1t"]
+        )
+        methods["tcq8_weighted"]["vs_unweighted_1t"] = (
+            methods["tcq8_weighted"]["latents_per_s_1t"] / methods["tcq8"]["latents_per_s_1t"]
+        )
         result["runs"].append({"shape": list(shape), "methods": methods})
     info["loadavg_1min_after"] = os.getloadavg()[0]
     result["machine"] = (
@@ -107,7 +113,10 @@ def main(argv=None) -> int:
     for r in result["runs"]:
         print(f"latent {'x'.join(map(str, r['shape']))}:")
         for name, m in r["methods"].items():
-            print(f"  {name:25s} {m['latents_per_s_1t'] / 1e6:9.3f} M/s (1 thread)  {m['latents_per_s_all'] / 1e6:9.3f} M/s (all)")
+            print(
+                f"  {name:25s} {m['latents_per_s_1t'] / 1e6:9.3f} M/s (1 thread)  "
+                f"{m['latents_per_s_all'] / 1e6:9.3f} M/s (all)"
+            )
         print(f"  TCQ-8 speed-up over its NumPy reference: {r['methods']['tcq8']['speedup_vs_numpy_1t']:.0f}x")
     if args.json:
         with open(args.json, "w") as f:

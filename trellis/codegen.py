@@ -42,7 +42,7 @@ from trellis._costs import NUM_SCALES, branches, candidate_n0
 __all__ = [{names}]
 '''
 
-_LOOP = '''    for i in range(r.shape[0]):
+_LOOP = """    for i in range(r.shape[0]):
         x = np.float64(r[i])
         a = abs(x)
         sg = 1 if x >= 0 else -1
@@ -51,7 +51,7 @@ _LOOP = '''    for i in range(r.shape[0]):
         n0 = candidate_n0(a, step)
         e0, h0, o0 = branches(a, sg, n0, step, wd, lam, 0, row, bits, kmax, tail_bits, cdf_length, offset)
         e1, h1, o1 = branches(a, sg, n0, step, wd, lam, 1, row + NUM_SCALES, bits, kmax, tail_bits, cdf_length, offset)
-'''
+"""
 
 
 def _forward_source(sm: StateMachine) -> str:

@@ -45,7 +45,7 @@ class StateMachine:
     quantizer: np.ndarray
 
     @classmethod
-    def from_packed(cls, num_states: int, table: int) -> "StateMachine":
+    def from_packed(cls, num_states: int, table: int) -> StateMachine:
         """Unpacks an ECM-style transition constant (4 bits per successor)."""
         nxt = np.array(
             [[(table >> (4 * (2 * s + p))) & 15 for p in (0, 1)] for s in range(num_states)],

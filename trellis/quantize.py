@@ -136,7 +136,9 @@ class Quantizer:
         n, c = x.shape[:2]
         return np.ascontiguousarray(x).reshape(n * c if self.reset == "channel" else n, -1)
 
-    def reconstruct(self, indices: np.ndarray, states: np.ndarray, mu: np.ndarray, backend: str = "numba") -> np.ndarray:
+    def reconstruct(
+        self, indices: np.ndarray, states: np.ndarray, mu: np.ndarray, backend: str = "numba"
+    ) -> np.ndarray:
         """``ŷ = μ + t`` with ``t = kΔ`` (USQ/RDOQ) or ``(2k - sgn(k) Q(s))Δ`` (TCQ).
 
         ``t`` is formed in float64, rounded to ``μ``'s dtype, then added to ``μ`` in that
@@ -146,7 +148,12 @@ class Quantizer:
         if backend == "numpy":
             return reference.reconstruct(indices, states, quant, self.is_trellis, self.step, mu)
         flat = kernels.reconstruct(
-            indices.reshape(-1), states.reshape(-1), quant, self.is_trellis, self.step, np.ascontiguousarray(mu).reshape(-1)
+            indices.reshape(-1),
+            states.reshape(-1),
+            quant,
+            self.is_trellis,
+            self.step,
+            np.ascontiguousarray(mu).reshape(-1),
         )
         return flat.reshape(mu.shape)
 

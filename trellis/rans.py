@@ -22,7 +22,7 @@ its end, an impossible escape, a final state or position that does not match) ra
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -120,7 +120,9 @@ def _get_bits(x, words, ptr):  # pragma: no cover
 
 
 @njit(cache=True, nogil=True)
-def _decode(words, scale_rows, chain_length, next_state, state_class, num_scales, cdf, cdf_length, offset, out, final):  # pragma: no cover
+def _decode(
+    words, scale_rows, chain_length, next_state, state_class, num_scales, cdf, cdf_length, offset, out, final
+):  # pragma: no cover
     n = scale_rows.shape[0]
     if words.shape[0] < 2:
         return _ERR_EOF
@@ -245,8 +247,17 @@ def decode(
     out = np.empty(scale_rows.size, dtype=np.int32)
     final = np.zeros(1, dtype=np.uint64)
     status = _decode(
-        words, scale_rows, max(int(chain_length), 1), next_state, state_class, num_scales, cdf, cdf_length, offset,
-        out, final,
+        words,
+        scale_rows,
+        max(int(chain_length), 1),
+        next_state,
+        state_class,
+        num_scales,
+        cdf,
+        cdf_length,
+        offset,
+        out,
+        final,
     )
     if status == _OK and final[0] != _initial_state(seal(out) if callable(seal) else seal):
         status = _ERR_END

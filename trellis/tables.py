@@ -211,7 +211,7 @@ def rate_table(kind: str, step: float) -> RateTable:
 def _rate_table(kind: str, step: float) -> RateTable:
     num_classes, spacing = _KINDS[kind]
     sigmas = SCALE_TABLE.astype(np.float64)
-    half = (np.ceil(_TAIL_QUANTILE * sigmas / (spacing * step)).astype(np.int64) + 1)
+    half = np.ceil(_TAIL_QUANTILE * sigmas / (spacing * step)).astype(np.int64) + 1
     kmax = int(half.max())
     rows = num_classes * NUM_SCALES
     max_len = 2 * kmax + 3

@@ -44,8 +44,12 @@ def write_result(path: Path | None, benchmark: str, fields: dict) -> None:
     benchmark's name, the machine and the date."""
     if path is None:
         return
-    result = {"benchmark": benchmark, **fields, "machine": machine_info(),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    result = {
+        "benchmark": benchmark,
+        **fields,
+        "machine": machine_info(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
     path.write_text(json.dumps(result, indent=1) + "\n")
 
 

@@ -155,10 +155,16 @@ def main() -> None:
             "tcq8": {"quantizer": cal.describe(), "by_lambda_mult": tcq},
         }
         t1 = tcq[str(args.mults[0])]
-        print(f"{spec}: adapted tables USQ {models[spec]['usq1_rate_change_adapted']:+.2f} % rate; TCQ-8 vs USQ "
-              + ", ".join(f"{v} {_pct(t1[v]['saving_vs_usq'])}" for v in t1), flush=True)
-    write_result(args.json, "adapted_tables", {"train_images": len(train), "val_images": len(val),
-                                               "alpha": args.alpha, "models": models})
+        print(
+            f"{spec}: adapted tables USQ {models[spec]['usq1_rate_change_adapted']:+.2f} % rate; TCQ-8 vs USQ "
+            + ", ".join(f"{v} {_pct(t1[v]['saving_vs_usq'])}" for v in t1),
+            flush=True,
+        )
+    write_result(
+        args.json,
+        "adapted_tables",
+        {"train_images": len(train), "val_images": len(val), "alpha": args.alpha, "models": models},
+    )
 
 
 if __name__ == "__main__":

@@ -83,39 +83,60 @@ def main() -> None:
             by = {eta: per_image(q, eta, w) for eta in RD_ETAS}
             picks = [min(RD_ETAS, key=lambda e: lmbda * 255**2 * by[e][i][1] + by[e][i][0]) for i in range(len(lats))]
             point = mean_point([by[e][i] for i, e in enumerate(picks)])
-            return {"vs_usq": finite(local_rate_change(usq, point)),
-                    "fixed_vs_usq": {str(e): finite(local_rate_change(usq, mean_point(by[e]))) for e in RD_ETAS},
-                    "picks": {str(e): picks.count(e) for e in RD_ETAS}}
+            return {
+                "vs_usq": finite(local_rate_change(usq, point)),
+                "fixed_vs_usq": {str(e): finite(local_rate_change(usq, mean_point(by[e]))) for e in RD_ETAS},
+                "picks": {str(e): picks.count(e) for e in RD_ETAS},
+            }
 
         usq = [rd(Quantizer("usq", step=s), 0.0) for s in USQ_STEPS]
         cal = resolve_quantizer("tcq8", read_settings(ck))
         w, base = cal.weights, cal.quantizer
-        plain = {str(m): finite(local_rate_change(usq, rd(Quantizer("tcq8", step=base.step, lam=base.lam * m), 0.0, w)))
-                 for m in args.mults}
+        plain = {
+            str(m): finite(local_rate_change(usq, rd(Quantizer("tcq8", step=base.step, lam=base.lam * m), 0.0, w)))
+            for m in args.mults
+        }
         by_eta = {}
         for eta in args.etas:
             usq_shifted = [rd(Quantizer("usq", step=s), eta) for s in USQ_STEPS]
             out = {"usq_step1": {"vs_usq": finite(local_rate_change(usq, usq_shifted[USQ_STEPS.index(1.0)]))}}
             for m in args.mults:
                 pt = rd(Quantizer("tcq8", step=base.step, lam=base.lam * m), eta, w)
-                out[f"tcq8_x{m:g}"] = {"vs_usq": finite(local_rate_change(usq, pt)),
-                                       "vs_usq_shifted": finite(local_rate_change(usq_shifted, pt))}
+                out[f"tcq8_x{m:g}"] = {
+                    "vs_usq": finite(local_rate_change(usq, pt)),
+                    "vs_usq_shifted": finite(local_rate_change(usq_shifted, pt)),
+                }
             by_eta[str(eta)] = out
         lmbda = float(ck.extra["lambda"])
-        per_image_choice = {"usq_step1": rd_choice(Quantizer("usq", step=1.0)),
-                            "tcq8_x1": rd_choice(base, w), "calibrated_eta": target_record(cal.target)}
-        models[spec] = {"calibrated_tcq8": cal.describe(), "usq_sweep": usq,
-                        "tcq8_plain_vs_usq": plain, "by_eta": by_eta, "rd_choice": per_image_choice,
-                        "seconds": {"analyse": analyse_s, "target": target_s}}
-        print(f"{spec}: TCQ-8 plain {plain}; " + "; ".join(
-            f"η {e}: USQ {v['usq_step1']['vs_usq']}, TCQ-8 " + ", ".join(
-                f"{k} {v[k]['vs_usq']} ({v[k]['vs_usq_shifted']})" for k in v if k != "usq_step1")
-            for e, v in by_eta.items())
-              + f"; per-image η: USQ {per_image_choice['usq_step1']['vs_usq']}, "
-              f"TCQ-8 {per_image_choice['tcq8_x1']['vs_usq']}",
-              flush=True)
-    write_result(args.json, "decoder_target", {"data": args.data, "images": len(images), "rho": TARGET_DAMPING,
-                                               "probes": TARGET_PROBES, "models": models})
+        per_image_choice = {
+            "usq_step1": rd_choice(Quantizer("usq", step=1.0)),
+            "tcq8_x1": rd_choice(base, w),
+            "calibrated_eta": target_record(cal.target),
+        }
+        models[spec] = {
+            "calibrated_tcq8": cal.describe(),
+            "usq_sweep": usq,
+            "tcq8_plain_vs_usq": plain,
+            "by_eta": by_eta,
+            "rd_choice": per_image_choice,
+            "seconds": {"analyse": analyse_s, "target": target_s},
+        }
+        print(
+            f"{spec}: TCQ-8 plain {plain}; "
+            + "; ".join(
+                f"η {e}: USQ {v['usq_step1']['vs_usq']}, TCQ-8 "
+                + ", ".join(f"{k} {v[k]['vs_usq']} ({v[k]['vs_usq_shifted']})" for k in v if k != "usq_step1")
+                for e, v in by_eta.items()
+            )
+            + f"; per-image η: USQ {per_image_choice['usq_step1']['vs_usq']}, "
+            f"TCQ-8 {per_image_choice['tcq8_x1']['vs_usq']}",
+            flush=True,
+        )
+    write_result(
+        args.json,
+        "decoder_target",
+        {"data": args.data, "images": len(images), "rho": TARGET_DAMPING, "probes": TARGET_PROBES, "models": models},
+    )
 
 
 if __name__ == "__main__":

@@ -97,8 +97,12 @@ def run(ckpt: str, images: list[Path], probes: int) -> dict:
     points = {k: tuple(np.mean(v, axis=0)) for k, v in acc.items()}
     usq = [points[f"usq-{s}"] for s in USQ_SCALES]
     saving = {k: local_rate_change(usq, p) for k, p in points.items() if not k.startswith("usq")}
-    return {"checkpoint": ckpt, "tcq8": {"unweighted": base.describe(), "weighted": weighted.describe()},
-            "points": points, "saving": saving}
+    return {
+        "checkpoint": ckpt,
+        "tcq8": {"unweighted": base.describe(), "weighted": weighted.describe()},
+        "points": points,
+        "saving": saving,
+    }
 
 
 def main() -> None:
@@ -114,8 +118,14 @@ def main() -> None:
     images = list_images(args.data)[: args.images]
     t0 = time.time()
     results = [run(c, images, args.probes) for c in args.checkpoints]
-    out = {"machine": machine_info(), "data": args.data, "images": [p.name for p in images],
-           "probes": args.probes, "wall_s": time.time() - t0, "results": results}
+    out = {
+        "machine": machine_info(),
+        "data": args.data,
+        "images": [p.name for p in images],
+        "probes": args.probes,
+        "wall_s": time.time() - t0,
+        "results": results,
+    }
     Path(args.json).write_text(json.dumps(out, indent=1))
     for r in results:
         print(r["checkpoint"], {k: round(v, 2) for k, v in r["saving"].items()})

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from qft.codec import HyperpriorLatentCoder, list_images, read_image
-from qft.settings import read_settings, resolve_quantizer
 from qft.models import ARCHITECTURES, load_checkpoint
 from qft.models.zoo import base_entries
+from qft.settings import read_settings, resolve_quantizer
 
 from _latents import arguments, write_result  # sibling script
 
@@ -67,8 +67,10 @@ def main() -> None:
                     s["image_mse"] += torch.mean((x_hat - x) ** 2).item()
                     s["bits"] += float(q.bits)
         n = len(images)
-        out = {"mse_unquantized": sums["mse_unquantized"] / n,
-               "psnr_unquantized": -10 * math.log10(sums["mse_unquantized"] / n)}
+        out = {
+            "mse_unquantized": sums["mse_unquantized"] / n,
+            "psnr_unquantized": -10 * math.log10(sums["mse_unquantized"] / n),
+        }
         for name, choice in choices.items():
             s = sums[name]
             mse = s["image_mse"] / n
@@ -89,10 +91,13 @@ def main() -> None:
         # positive: TCQ-8 leaves more latent error (at its own, lower, rate)
         out["latent_mse_tcq8_over_usq_db"] = 10 * math.log10(out["tcq8"]["latent_mse"] / out["usq"]["latent_mse"])
         models[spec] = out
-        print(f"{spec}: unquantized {out['psnr_unquantized']:.2f} dB, USQ {out['usq']['psnr']:.2f} dB "
-              f"({100 * out['usq']['quantization_share']:.0f} % of the MSE from quantization), TCQ-8 "
-              f"{out['tcq8']['psnr']:.2f} dB; latent MSE TCQ-8 / USQ {out['latent_mse_tcq8_over_usq_db']:+.2f} dB, "
-              f"bpp(y) {out['usq']['bpp_y']:.3f} → {out['tcq8']['bpp_y']:.3f}", flush=True)
+        print(
+            f"{spec}: unquantized {out['psnr_unquantized']:.2f} dB, USQ {out['usq']['psnr']:.2f} dB "
+            f"({100 * out['usq']['quantization_share']:.0f} % of the MSE from quantization), TCQ-8 "
+            f"{out['tcq8']['psnr']:.2f} dB; latent MSE TCQ-8 / USQ {out['latent_mse_tcq8_over_usq_db']:+.2f} dB, "
+            f"bpp(y) {out['usq']['bpp_y']:.3f} → {out['tcq8']['bpp_y']:.3f}",
+            flush=True,
+        )
     write_result(args.json, "error_budget", {"data": args.data, "images": len(images), "models": models})
 
 

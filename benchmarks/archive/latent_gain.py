@@ -107,8 +107,9 @@ def main() -> None:
             t = measure(q, w)
             t["saving"] = {
                 "latent": finite(local_rate_change(curves["latent"], (t["bits_per_latent"], t["latent_snr_db"]))),
-                "weighted_latent": finite(local_rate_change(
-                    curves["weighted_latent"], (t["bits_per_latent"], t["weighted_latent_snr_db"]))),
+                "weighted_latent": finite(
+                    local_rate_change(curves["weighted_latent"], (t["bits_per_latent"], t["weighted_latent_snr_db"]))
+                ),
                 "image": finite(local_rate_change(curves["image"], (t["bpp"], t["psnr"]))),
             }
             tcq[str(mult)] = t
@@ -128,8 +129,11 @@ def main() -> None:
             "share_of_bits_in_latents_below_half_bit": float(per[expected < 0.5].sum() / per.sum()),
         }
         t1 = tcq[str(args.mults[0])]["saving"]
-        print(f"{spec}: {per.mean():.3f} bits/latent (USQ), TCQ-8 saving latent {t1['latent']}, weighted "
-              f"{t1['weighted_latent']}, image {t1['image']} %", flush=True)
+        print(
+            f"{spec}: {per.mean():.3f} bits/latent (USQ), TCQ-8 saving latent {t1['latent']}, weighted "
+            f"{t1['weighted_latent']}, image {t1['image']} %",
+            flush=True,
+        )
     write_result(args.json, "latent_gain", {"data": args.data, "images": len(images), "models": models})
 
 

@@ -171,15 +171,26 @@ def plot(results: list[dict], path: Path) -> None:
         ax.scatter(r["rate_bits_per_latent"], r["s_exact"], s=10, color=col, label=label)
         rho = r["vjp"]["8"]["spearman"]
         bx.scatter(r["s_exact"], r["vjp"]["8"]["s"], s=8, color=col, label=f"{label}: ρ={rho:.3f}")
-    ax.set(xscale="symlog", xlim=(0, None), yscale="log", xlabel="channel rate, USQ (bits / latent element)",
-           ylabel="sensitivity $s_c$ (exact)", title="decoder sensitivity vs channel rate")
+    ax.set(
+        xscale="symlog",
+        xlim=(0, None),
+        yscale="log",
+        xlabel="channel rate, USQ (bits / latent element)",
+        ylabel="sensitivity $s_c$ (exact)",
+        title="decoder sensitivity vs channel rate",
+    )
     ax.set_xscale("symlog", linthresh=0.01)
     ax.legend(fontsize=8)
     lo = min(min(r["s_exact"]) for r in results)
     hi = max(max(r["s_exact"]) for r in results)
     bx.plot([lo, hi], [lo, hi], "k:", lw=1)
-    bx.set(xscale="log", yscale="log", xlabel="$s_c$ exact (2 draws)", ylabel="$s_c$ vjp, K = 8",
-           title="vjp vs exact (Spearman ρ)")
+    bx.set(
+        xscale="log",
+        yscale="log",
+        xlabel="$s_c$ exact (2 draws)",
+        ylabel="$s_c$ vjp, K = 8",
+        title="vjp vs exact (Spearman ρ)",
+    )
     bx.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -71,8 +71,10 @@ def check_finite_weights(model: torch.nn.Module) -> None:
     for name, module in model.named_children():
         tensors = [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
         if any(not torch.isfinite(t).all() for t in tensors):
-            raise UserError(f"the model's {name} weights hold NaN or infinite values; "
-                            "the checkpoint is damaged or diverged, use another one")
+            raise UserError(
+                f"the model's {name} weights hold NaN or infinite values; "
+                "the checkpoint is damaged or diverged, use another one"
+            )
 
 
 def _plain(obj):
@@ -89,15 +91,16 @@ def _layout_fits(shape, hp: int, wp: int) -> bool:
     image: ``z``'s spatial size ``[hp/64, wp/64]``, or for channel-group models
     ``{"hyper": that, "y": [[C, hp/16, wp/16], …]}``."""
     if isinstance(shape, dict):
-        return (shape["hyper"] == [hp // 64, wp // 64]
-                and all(isinstance(g, list) and g[-2:] == [hp // 16, wp // 16] for g in shape["y"]))
+        return shape["hyper"] == [hp // 64, wp // 64] and all(
+            isinstance(g, list) and g[-2:] == [hp // 16, wp // 16] for g in shape["y"]
+        )
     return shape == [hp // 64, wp // 64]
 
 
 def _eb_checksum(model: torch.nn.Module) -> int:
     """CRC-32 of the EntropyBottleneck CDF tables (those of ``ẑ``) a stream depends on."""
     crc = 0
-    for name, module in sorted(model.named_modules()):
+    for _, module in sorted(model.named_modules()):
         cdf = getattr(module, "_quantized_cdf", None)
         if cdf is not None and not hasattr(module, "scale_table"):  # EntropyBottleneck(s) only
             crc = zlib.crc32(cdf.cpu().numpy().astype("<i4").tobytes(), crc)
@@ -139,7 +142,7 @@ class Codec:
         self.latent_coder = HyperpriorLatentCoder(model, entropy) if hyper else None
 
     @classmethod
-    def from_checkpoint(cls, ckpt: LoadedCheckpoint, device: str = "cpu") -> "Codec":
+    def from_checkpoint(cls, ckpt: LoadedCheckpoint, device: str = "cpu") -> Codec:
         """The codec of a loaded checkpoint (:func:`qft.models.load_checkpoint`): its model
         and architecture, the entropy model the registry records for it."""
         return cls(ckpt.model, ckpt.arch, device=device)
@@ -161,7 +164,10 @@ class Codec:
 
     @torch.no_grad()
     def compress(
-        self, x: torch.Tensor, quantizer: Quantizer, weights: np.ndarray | None = None,
+        self,
+        x: torch.Tensor,
+        quantizer: Quantizer,
+        weights: np.ndarray | None = None,
         target: float | RDTarget = 0.0,
     ) -> dict:
         """Codes one image ``(1, 3, H, W)`` in ``[0, 1]`` with the given latent quantizer.
@@ -227,8 +233,15 @@ class Codec:
         }
 
     def _header(self, quantizer: Quantizer, height: int, width: int) -> Header:
-        return Header(bytes.fromhex(self.fingerprint), quantizer.method, quantizer.reset, quantizer.step,
-                      self._tables(quantizer, height, width), height, width)
+        return Header(
+            bytes.fromhex(self.fingerprint),
+            quantizer.method,
+            quantizer.reset,
+            quantizer.step,
+            self._tables(quantizer, height, width),
+            height,
+            width,
+        )
 
     @torch.no_grad()
     def decompress(self, data: bytes, name: str = "stream") -> dict:

@@ -42,7 +42,14 @@ from trellis import METHODS, RESETS
 from qft.errors import UserError
 
 __all__ = [
-    "MAGIC", "FORMAT_VERSION", "MAX_SIDE", "MAX_PIXELS", "STEP_RANGE", "Header", "Container", "check_image_size",
+    "MAGIC",
+    "FORMAT_VERSION",
+    "MAX_SIDE",
+    "MAX_PIXELS",
+    "STEP_RANGE",
+    "Header",
+    "Container",
+    "check_image_size",
     "check_step",
 ]
 
@@ -121,7 +128,7 @@ class Container:
         return body + struct.pack("<I", zlib.crc32(body))
 
     @classmethod
-    def from_bytes(cls, data: bytes, name: str = "stream") -> "Container":
+    def from_bytes(cls, data: bytes, name: str = "stream") -> Container:
         """Parses and verifies a container. Raises :class:`UserError` when damaged."""
         if data[: len(MAGIC)] != MAGIC:
             raise UserError(f"{name}: not a qft bitstream (wrong magic bytes)")
@@ -130,8 +137,10 @@ class Container:
         version = data[len(MAGIC)]
         if version != FORMAT_VERSION:
             old = " (written before the image size was checked against the tables)" if version == 1 else ""
-            raise UserError(f"{name}: qft bitstream format {version}{old}, this qft reads format {FORMAT_VERSION}; "
-                            "decode it with the qft that wrote it, or encode the image again")
+            raise UserError(
+                f"{name}: qft bitstream format {version}{old}, this qft reads format {FORMAT_VERSION}; "
+                "decode it with the qft that wrote it, or encode the image again"
+            )
         body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
         if zlib.crc32(body) != crc:
             raise UserError(f"{name}: corrupted or truncated qft bitstream (checksum mismatch)")

@@ -115,8 +115,10 @@ def output_format(path: str | Path) -> str:
     """
     suffix = Path(path).suffix.lower()
     if suffix not in OUTPUT_FORMATS:
-        raise UserError(f"{path}: cannot write a '{suffix}' image; name the output "
-                        f"{' or '.join(sorted(set(OUTPUT_FORMATS)))} (lossless formats)")
+        raise UserError(
+            f"{path}: cannot write a '{suffix}' image; name the output "
+            f"{' or '.join(sorted(set(OUTPUT_FORMATS)))} (lossless formats)"
+        )
     return OUTPUT_FORMATS[suffix]
 
 

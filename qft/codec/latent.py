@@ -33,10 +33,9 @@ import dataclasses
 import math
 import zlib
 
-from fractions import Fraction
-
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -99,7 +98,10 @@ def target_record(target: float | RDTarget) -> float | str:
 
 
 def diag_jtj_probes(
-    vjp: Callable[[torch.Tensor, bool], torch.Tensor], shape: torch.Size, like: torch.Tensor, probes: int,
+    vjp: Callable[[torch.Tensor, bool], torch.Tensor],
+    shape: torch.Size,
+    like: torch.Tensor,
+    probes: int,
     gen: torch.Generator,
 ) -> Iterator[torch.Tensor]:
     """Hutchinson's probes of ``diag(JᵀJ)``, ``J`` the Jacobian of a decoder's output with
@@ -286,9 +288,19 @@ class HyperpriorLatentCoder:
         if direction:
             step = target_direction(self.model.g_s, x, torch.from_numpy(y).to(x.device), padding)
         return [
-            QuantizedLatent(y[i], mu[i], sigma[i], None, z_strings[i], z_shape, float(z_bits[i]),
-                            None if step is None else step[i], 0.0,
-                            None if step is None else x[i : i + 1], tuple(padding))
+            QuantizedLatent(
+                y[i],
+                mu[i],
+                sigma[i],
+                None,
+                z_strings[i],
+                z_shape,
+                float(z_bits[i]),
+                None if step is None else step[i],
+                0.0,
+                None if step is None else x[i : i + 1],
+                tuple(padding),
+            )
             for i in range(y.shape[0])
         ]
 
@@ -311,8 +323,7 @@ class HyperpriorLatentCoder:
         decoder target (module docstring; 0: none) or an :class:`RDTarget`; ``padding``:
         the zero padding of ``x``, outside the target's residual and the choice's MSE.
         """
-        return [self.requantize(lat, quantizer, weights, target)
-                for lat in self.latents(x, bool(target), padding)]
+        return [self.requantize(lat, quantizer, weights, target) for lat in self.latents(x, bool(target), padding)]
 
     @torch.no_grad()
     def requantize(
@@ -329,8 +340,10 @@ class HyperpriorLatentCoder:
                 without the decoder target.
         """
         if isinstance(target, RDTarget):
-            return min((self._quantize_rd(lat, quantizer, weights, eta, target.lmbda) for eta in target.etas),
-                       key=lambda c: c[0])[1]
+            return min(
+                (self._quantize_rd(lat, quantizer, weights, eta, target.lmbda) for eta in target.etas),
+                key=lambda c: c[0],
+            )[1]
         if not (np.isfinite(target) and target >= 0):
             raise ValueError(f"target must be a non-negative finite number, got {target!r}")
         if target > 0 and lat.direction is None:
@@ -353,8 +366,10 @@ class HyperpriorLatentCoder:
         x_hat = tiled(self.model.g_s, torch.from_numpy(q.result.y_hat)[None].to(x.device)).clamp_(0, 1)
         x_hat, x = x_hat[..., rows, cols], x[..., rows, cols]
         # in bands of rows: float64 copies of the whole image cost 24 bytes a pixel each
-        sse = sum((x_hat[..., r : r + 256, :] - x[..., r : r + 256, :]).double().pow(2).sum().item()
-                  for r in range(0, x.shape[-2], 256))
+        sse = sum(
+            (x_hat[..., r : r + 256, :] - x[..., r : r + 256, :]).double().pow(2).sum().item()
+            for r in range(0, x.shape[-2], 256)
+        )
         mse = sse / x.numel()
         pixels = x.shape[-2] * x.shape[-1]
         return lmbda * 255**2 * mse + q.result.bits / pixels, q
@@ -364,8 +379,9 @@ class HyperpriorLatentCoder:
         """The y stream of one quantized latent, sealed (:func:`trellis.rans.encode`) with
         :func:`y_seal` of its indices and ``seal`` (the container header's)."""
         tab = quantizer.table
-        return rans.encode(q.result.indices, q.result.rows, tab.cdf, tab.cdf_length, tab.offset,
-                           y_seal(q.result.indices, seal))
+        return rans.encode(
+            q.result.indices, q.result.rows, tab.cdf, tab.cdf_length, tab.offset, y_seal(q.result.indices, seal)
+        )
 
     # -- decoder ------------------------------------------------------------------------
     def decode_z(self, z_string: bytes, z_shape) -> torch.Tensor:
@@ -383,9 +399,16 @@ class HyperpriorLatentCoder:
         channels, (h, w) = cdf.shape[0], tuple(int(n) for n in z_shape)
         rows = np.repeat(np.arange(channels, dtype=np.int64), h * w)
         symbols = rans.decode(
-            z_string, rows, 1, np.zeros((1, 2), np.int64), np.zeros(1, np.int64), channels, cdf,
+            z_string,
+            rows,
+            1,
+            np.zeros((1, 2), np.int64),
+            np.zeros(1, np.int64),
+            channels,
+            cdf,
             np.ascontiguousarray(eb._cdf_length.cpu().numpy(), np.int32),
-            np.ascontiguousarray(eb._offset.cpu().numpy(), np.int32), name="z stream",
+            np.ascontiguousarray(eb._offset.cpu().numpy(), np.int32),
+            name="z stream",
         )
         medians = eb.quantiles[:, :, 1:2].detach().cpu().reshape(1, channels, 1, 1)
         return torch.from_numpy(symbols).reshape(1, channels, h, w).type_as(medians) + medians
@@ -395,8 +418,8 @@ class HyperpriorLatentCoder:
         """``(ŷ, indices, states)`` as numpy ``(C, H, W)`` from the two streams.
 
         ``z_shape`` is the spatial size of ``z``; the latent's shape follows from ``h_s``;
-        ``seal``: the y stream's (:meth:`encode`). The z stream is decoded (and checked) first, so a ``z_shape`` the streams do not
-        hold fails before the latent-sized arrays are allocated.
+        ``seal``: the y stream's (:meth:`encode`). The z stream is decoded (and checked)
+        first, so a ``z_shape`` the streams do not hold fails before the latent-sized arrays are allocated.
 
         Raises:
             trellis.rans.CorruptStreamError: a stream is damaged or does not fit ``z_shape``.
@@ -408,8 +431,16 @@ class HyperpriorLatentCoder:
         tab = q.table
         next_state, state_class = q.selector
         indices = rans.decode(
-            y_stream, scale_rows(sigma), q.chain_length(mu.shape), next_state, state_class, NUM_SCALES,
-            tab.cdf, tab.cdf_length, tab.offset, seal=lambda symbols: y_seal(symbols, seal),
+            y_stream,
+            scale_rows(sigma),
+            q.chain_length(mu.shape),
+            next_state,
+            state_class,
+            NUM_SCALES,
+            tab.cdf,
+            tab.cdf_length,
+            tab.offset,
+            seal=lambda symbols: y_seal(symbols, seal),
         ).reshape(mu.shape)
         y_hat, states = q.dequantize(indices, mu)
         return y_hat, indices, states

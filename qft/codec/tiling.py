@@ -61,9 +61,12 @@ def windows(h: int, w: int, step: int, halo: int):
     tile's own part, in input coordinates (slices)."""
     for top in range(0, h, step):
         for left in range(0, w, step):
-            yield (slice(max(top - halo, 0), min(top + step + halo, h)),
-                   slice(max(left - halo, 0), min(left + step + halo, w)),
-                   slice(top, min(top + step, h)), slice(left, min(left + step, w)))
+            yield (
+                slice(max(top - halo, 0), min(top + step + halo, h)),
+                slice(max(left - halo, 0), min(left + step + halo, w)),
+                slice(top, min(top + step, h)),
+                slice(left, min(left + step, w)),
+            )
 
 
 def scaled(window: slice, scale: Fraction, origin: int = 0) -> slice:
@@ -92,6 +95,7 @@ def tiled(transform: nn.Module, x: torch.Tensor, tile: int = TILE) -> torch.Tens
         y = transform(x[..., rows, cols])
         if out is None:
             out = y.new_empty(*y.shape[:2], int(h * scale), int(w * scale))
-        out[..., scaled(keep_rows, scale), scaled(keep_cols, scale)] = \
-            y[..., scaled(keep_rows, scale, rows.start), scaled(keep_cols, scale, cols.start)]
+        out[..., scaled(keep_rows, scale), scaled(keep_cols, scale)] = y[
+            ..., scaled(keep_rows, scale, rows.start), scaled(keep_cols, scale, cols.start)
+        ]
     return out

@@ -29,12 +29,23 @@ __all__ = [
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, many: bool = False) -> None:
-    parser.add_argument("-m", "--checkpoint", required=True, nargs="+" if many else None, metavar="CKPT",
-                        help="checkpoint file(s)" if many else "checkpoint file")
+    parser.add_argument(
+        "-m",
+        "--checkpoint",
+        required=True,
+        nargs="+" if many else None,
+        metavar="CKPT",
+        help="checkpoint file(s)" if many else "checkpoint file",
+    )
     parser.add_argument("--arch", help="architecture id (default: detected from the checkpoint's keys)")
-    parser.add_argument("--unsafe-load", action="store_true",
-                        help="allow checkpoints that need full pickle loading (only for files you trust)")
-    parser.add_argument("--cuda", action="store_true", help="run the transforms on CUDA (entropy parameters stay on CPU)")
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="allow checkpoints that need full pickle loading (only for files you trust)",
+    )
+    parser.add_argument(
+        "--cuda", action="store_true", help="run the transforms on CUDA (entropy parameters stay on CPU)"
+    )
 
 
 def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,17 +53,29 @@ def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("-q", "--quantizer", choices=METHODS, default="usq", help="latent quantizer (default: usq)")
     g.add_argument("--step", type=float, help=f"USQ/RDOQ step, or TCQ union step (default: 1, TCQ {DEFAULT_TCQ_STEP})")
     g.add_argument("--lambda-t", type=float, help="trellis λ_T of J = SSE + λ_T·bits (overrides --lambda-mult)")
-    g.add_argument("--lambda-mult", type=float,
-                   help=f"multiplier of the VVC-style λ rule (default: {DEFAULT_LAMBDA_MULT}, calibrated)")
+    g.add_argument(
+        "--lambda-mult",
+        type=float,
+        help=f"multiplier of the VVC-style λ rule (default: {DEFAULT_LAMBDA_MULT}, calibrated)",
+    )
     g.add_argument("--reset", choices=RESETS, default="channel", help="trellis chains (default: one per channel)")
-    g.add_argument("--weights", default="auto", metavar="auto|none|decoder|FILE",
-                   help="RDOQ/TCQ distortion weights per latent channel: the calibrated choice (auto, default), "
-                        "none, the checkpoint's decoder-sensitivity weights, or a .npy/.json file")
-    g.add_argument("--target", default="auto", type=_target_option, metavar="auto|rd|ETA",
-                   help="decoder target: quantize y + ETA·(damped Gauss-Newton step towards a latent the decoder "
-                        "renders closer to the image); rd: ETA chosen per image by the model's RD cost "
-                        "(needs its training λ); auto (default): the calibrated choice, else for RDOQ/TCQ rd when the "
-                        f"model's λ is known or {DEFAULT_TARGET_ETA} (USQ: 0, off)")
+    g.add_argument(
+        "--weights",
+        default="auto",
+        metavar="auto|none|decoder|FILE",
+        help="RDOQ/TCQ distortion weights per latent channel: the calibrated choice (auto, default), "
+        "none, the checkpoint's decoder-sensitivity weights, or a .npy/.json file",
+    )
+    g.add_argument(
+        "--target",
+        default="auto",
+        type=_target_option,
+        metavar="auto|rd|ETA",
+        help="decoder target: quantize y + ETA·(damped Gauss-Newton step towards a latent the decoder "
+        "renders closer to the image); rd: ETA chosen per image by the model's RD cost "
+        "(needs its training λ); auto (default): the calibrated choice, else for RDOQ/TCQ rd when the "
+        f"model's λ is known or {DEFAULT_TARGET_ETA} (USQ: 0, off)",
+    )
 
 
 def _target_option(text: str) -> str | float:
@@ -66,9 +89,16 @@ def _target_option(text: str) -> str | float:
 def quantizer_from_args(args: argparse.Namespace, settings: dict | None = None) -> QuantizerChoice:
     """The :class:`qft.settings.QuantizerChoice` of the options and a checkpoint's
     settings (:func:`qft.settings.read_settings`); raises UserError for bad values."""
-    return resolve_quantizer(args.quantizer, settings or {}, step=args.step, lambda_t=args.lambda_t,
-                             lambda_mult=args.lambda_mult, reset=args.reset, weights=getattr(args, "weights", "auto"),
-                             target=getattr(args, "target", "auto"))
+    return resolve_quantizer(
+        args.quantizer,
+        settings or {},
+        step=args.step,
+        lambda_t=args.lambda_t,
+        lambda_mult=args.lambda_mult,
+        reset=args.reset,
+        weights=getattr(args, "weights", "auto"),
+        target=getattr(args, "target", "auto"),
+    )
 
 
 def device_from_args(args: argparse.Namespace) -> str:

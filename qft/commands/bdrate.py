@@ -57,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
     for w in bd["warnings"]:
         print(f"warning: {w}")
     if args.output:
-        atomic_write(args.output, json.dumps({"anchor": args.anchor, "test": args.test, "metric": args.metric,
-                                              "method": args.method, "bd_rate": bd}, indent=2))
+        atomic_write(
+            args.output,
+            json.dumps(
+                {"anchor": args.anchor, "test": args.test, "metric": args.metric, "method": args.method, "bd_rate": bd},
+                indent=2,
+            ),
+        )
     return 0

@@ -30,26 +30,53 @@ _TEST_SETS = ("kodak", "tecnick", "clic")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from qft.eval.calibrate import MULTS, STEPS, TARGETS
 
-    parser.add_argument("-m", "--checkpoint", required=True, nargs="+", metavar="CKPT",
-                        help="checkpoint file(s) or shipped model name(s)")
-    parser.add_argument("--unsafe-load", action="store_true",
-                        help="allow checkpoints that need full pickle loading (only for files you trust)")
-    parser.add_argument("--data", help="held-out images of the training distribution (e.g. BSDS500 val); "
-                                       "without it, only --lambda is recorded")
-    parser.add_argument("--lambda", dest="lmbda", type=_positive, metavar="L",
-                        help="the model's training λ (of λ·255²·MSE + bpp), recorded in the settings file; "
-                             "needed by --targets rd when the checkpoint does not record it")
-    parser.add_argument("--allow-test-set", action="store_true",
-                        help="calibrate on a folder named like a test set (Kodak, Tecnick, CLIC) anyway")
+    parser.add_argument(
+        "-m",
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        metavar="CKPT",
+        help="checkpoint file(s) or shipped model name(s)",
+    )
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="allow checkpoints that need full pickle loading (only for files you trust)",
+    )
+    parser.add_argument(
+        "--data",
+        help="held-out images of the training distribution (e.g. BSDS500 val); without it, only --lambda is recorded",
+    )
+    parser.add_argument(
+        "--lambda",
+        dest="lmbda",
+        type=_positive,
+        metavar="L",
+        help="the model's training λ (of λ·255²·MSE + bpp), recorded in the settings file; "
+        "needed by --targets rd when the checkpoint does not record it",
+    )
+    parser.add_argument(
+        "--allow-test-set",
+        action="store_true",
+        help="calibrate on a folder named like a test set (Kodak, Tecnick, CLIC) anyway",
+    )
     parser.add_argument("--images", type=int, default=8, help="first N images (default: 8)")
     parser.add_argument("--methods", nargs="+", default=["rdoq", "tcq4", "tcq8"], choices=("rdoq", "tcq4", "tcq8"))
     parser.add_argument("--steps", type=float, nargs="+", default=list(STEPS), help="TCQ union steps of the grid")
     parser.add_argument("--mults", type=float, nargs="+", default=list(MULTS), help="λ multipliers of the grid")
-    parser.add_argument("--weights", action="store_true",
-                        help="estimate the decoder-sensitivity weights (if not stored yet) and search with and without them")
-    parser.add_argument("--targets", type=_target, nargs="*", metavar="rd|ETA",
-                        help="also try the decoder target on every pick: rd (η chosen per image by the model's RD "
-                             f"cost) or fixed η values (no values: {' '.join(map(str, TARGETS))})")
+    parser.add_argument(
+        "--weights",
+        action="store_true",
+        help="estimate the decoder-sensitivity weights (if not stored yet) and search with and without them",
+    )
+    parser.add_argument(
+        "--targets",
+        type=_target,
+        nargs="*",
+        metavar="rd|ETA",
+        help="also try the decoder target on every pick: rd (η chosen per image by the model's RD "
+        f"cost) or fixed η values (no values: {' '.join(map(str, TARGETS))})",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
 
 
@@ -97,8 +124,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     parts = Path(args.data).resolve().parts
     if not args.allow_test_set and any(t in part.lower() for part in parts for t in _TEST_SETS):
-        raise UserError(f"{args.data} looks like a test set; calibrate on held-out training images (e.g. BSDS500 val), "
-                        "or pass --allow-test-set if it is not one")
+        raise UserError(
+            f"{args.data} looks like a test set; calibrate on held-out training images (e.g. BSDS500 val), "
+            "or pass --allow-test-set if it is not one"
+        )
     images = list_images(args.data)[: args.images]
     if not images:
         raise UserError(f"{args.data}: no images found")
@@ -111,8 +140,10 @@ def run(args: argparse.Namespace) -> int:
         if args.lmbda is not None:
             settings["model_lambda"] = args.lmbda
         if args.targets is not None and "rd" in (args.targets or TARGETS) and "model_lambda" not in settings:
-            raise UserError(f"{spec} does not record its training λ, which --targets rd needs; give it with "
-                            "--lambda L (e.g. --lambda 0.013), or name fixed targets only (--targets 0.125 0.25)")
+            raise UserError(
+                f"{spec} does not record its training λ, which --targets rd needs; give it with "
+                "--lambda L (e.g. --lambda 0.013), or name fixed targets only (--targets 0.125 0.25)"
+            )
         loaded.append((spec, ck, settings))
     set_threads(args.threads)
     for spec, ck, settings in loaded:
@@ -122,9 +153,18 @@ def run(args: argparse.Namespace) -> int:
             settings["weights"] = estimate_weights(ck.model, images)
             write_settings(spec, ck.sha256, {"weights": settings["weights"]})
         targets = () if args.targets is None else args.targets or TARGETS
-        update = calibrate_checkpoint(ck, images, settings, methods=args.methods, steps=args.steps, mults=args.mults,
-                                      weights=args.weights, targets=targets, lmbda=settings.get("model_lambda"),
-                                      desc=Path(str(spec)).name)
+        update = calibrate_checkpoint(
+            ck,
+            images,
+            settings,
+            methods=args.methods,
+            steps=args.steps,
+            mults=args.mults,
+            weights=args.weights,
+            targets=targets,
+            lmbda=settings.get("model_lambda"),
+            desc=Path(str(spec)).name,
+        )
         if "model_lambda" in settings:
             update["model_lambda"] = settings["model_lambda"]
         path = write_settings(spec, ck.sha256, update)
@@ -133,13 +173,18 @@ def run(args: argparse.Namespace) -> int:
             if c is None or c.get("finetuned"):
                 print(f"{spec} {method}: no configuration within USQ's PSNR range; defaults kept")
                 continue
+
             def pct(x):
                 return "beyond USQ's PSNR range" if x is None else f"{x:+.2f} %"
 
-            alt = "; ".join(f"weights {w}: Δ {p['step']}, m {p['lambda_mult']}, η {p.get('target', 0)}, "
-                            f"{pct(p['saving'])}" for w, p in c["by_weights"].items())
-            print(f"{spec} {method}: step {c['step']}, λ multiplier {c['lambda_mult']}, weights {c['weights']}, "
-                  f"target {c.get('target', 0)}: {pct(c['saving'])} rate at equal PSNR vs USQ ({alt})")
+            alt = "; ".join(
+                f"weights {w}: Δ {p['step']}, m {p['lambda_mult']}, η {p.get('target', 0)}, {pct(p['saving'])}"
+                for w, p in c["by_weights"].items()
+            )
+            print(
+                f"{spec} {method}: step {c['step']}, λ multiplier {c['lambda_mult']}, weights {c['weights']}, "
+                f"target {c.get('target', 0)}: {pct(c['saving'])} rate at equal PSNR vs USQ ({alt})"
+            )
         for eta, s in update["calibration"]["usq_target"].items():
             saving = "outside USQ's PSNR range" if s is None else f"{s:+.2f} % rate at equal PSNR vs USQ"
             print(f"{spec} usq with target {eta} (a reference, not a default): {saving}")

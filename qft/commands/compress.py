@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     atomic_write(args.output, out["bitstream"])
     h, w = x.shape[-2:]
     target = f", target η {out['target']:g}" if out.get("target") else ""
-    print(f"{args.output}: {len(out['bitstream'])} bytes, {len(out['bitstream']) * 8 / (h * w):.4f} bpp "
-          f"({quantizer.method}{target}, {out['time_s']:.2f} s)")
+    print(
+        f"{args.output}: {len(out['bitstream'])} bytes, {len(out['bitstream']) * 8 / (h * w):.4f} bpp "
+        f"({quantizer.method}{target}, {out['time_s']:.2f} s)"
+    )
     return 0

@@ -32,8 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimate", action="store_true", help="report likelihood/table bpp as `bpp`")
     parser.add_argument("--per-image", action="store_true", help="store every image's values")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="evaluate in N processes of one thread each (default: 1, this process)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="evaluate in N processes of one thread each (default: 1, this process)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,13 +68,27 @@ def run(args: argparse.Namespace) -> int:
         if args.workers > 1:
             jobs.append((path, {"q": (choice.quantizer, choice.weights, choice.target)}))
         else:
-            per_checkpoint.append(evaluate_images(codec, choice.quantizer, images, desc=str(path),
-                                                  weights=choice.weights, target=choice.target))
-        checkpoints.append({"path": str(path), "sha256": ckpt.sha256, "arch": ckpt.arch, "params": ckpt.params,
-                            "quantizer": choice.describe()})
+            per_checkpoint.append(
+                evaluate_images(
+                    codec, choice.quantizer, images, desc=str(path), weights=choice.weights, target=choice.target
+                )
+            )
+        checkpoints.append(
+            {
+                "path": str(path),
+                "sha256": ckpt.sha256,
+                "arch": ckpt.arch,
+                "params": ckpt.params,
+                "quantizer": choice.describe(),
+            }
+        )
     if jobs:
-        per_checkpoint = [rows["q"] for rows in evaluate_in_processes(jobs, images, args.workers, arch=args.arch,
-                                                                      unsafe_load=args.unsafe_load, end_to_end=True)]
+        per_checkpoint = [
+            rows["q"]
+            for rows in evaluate_in_processes(
+                jobs, images, args.workers, arch=args.arch, unsafe_load=args.unsafe_load, end_to_end=True
+            )
+        ]
     name = args.name or f"{arch}-{method}"
     out = results_json(name, checkpoints, per_checkpoint, args.estimate, args.per_image, str(args.data))
     atomic_write(args.output, json.dumps(out, indent=2, allow_nan=False))

@@ -42,12 +42,8 @@ _QUANTIZER_OPTIONS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help="recipe YAML file (default: recipes/finetune/cpu.yaml)")
-    parser.add_argument(
-        "-m", "--checkpoint", help="base model checkpoint (overrides the recipe)"
-    )
-    parser.add_argument(
-        "--arch", help="architecture id (default: detected from the checkpoint)"
-    )
+    parser.add_argument("-m", "--checkpoint", help="base model checkpoint (overrides the recipe)")
+    parser.add_argument("--arch", help="architecture id (default: detected from the checkpoint)")
     parser.add_argument(
         "--unsafe-load",
         action="store_true",
@@ -55,9 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_quantizer_arguments(parser)
     parser.set_defaults(**{k: None for k in _QUANTIZER_OPTIONS})
-    parser.add_argument(
-        "--parts", choices=("decoder", "decoder+hyperdecoder"), help="trained parts"
-    )
+    parser.add_argument("--parts", choices=("decoder", "decoder+hyperdecoder"), help="trained parts")
     parser.add_argument(
         "--requantize-every",
         type=int,
@@ -72,36 +66,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="λ of the loss λ·255²·MSE (+ bpp): the base model's rate point",
     )
     parser.add_argument("--steps", type=int, help="training steps")
-    parser.add_argument("--data", type=Path, metavar="DIR",
-                        help="train on the images directly in DIR (default: the recipe's data)")
-    parser.add_argument("--lr", type=float, help="Adam learning rate")
     parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), help="override the recipe's device"
+        "--data", type=Path, metavar="DIR", help="train on the images directly in DIR (default: the recipe's data)"
     )
+    parser.add_argument("--lr", type=float, help="Adam learning rate")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the recipe's device")
     parser.add_argument("--threads", type=int, help="torch CPU threads per process")
     parser.add_argument(
         "--control",
         action="store_true",
         help="control arm: conventional noise-proxy training of the same parts",
     )
-    parser.add_argument(
-        "--cache", type=Path, help="latent cache folder (default: OUT/cache)"
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue OUT/checkpoint.pth"
-    )
-    parser.add_argument(
-        "--out", type=Path, help="output folder (default: runs/finetune/<recipe name>)"
-    )
+    parser.add_argument("--cache", type=Path, help="latent cache folder (default: OUT/cache)")
+    parser.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pth")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/finetune/<recipe name>)")
     parser.add_argument(
         "--stop-after",
         type=int,
         metavar="STEP",
         help="stop with a checkpoint once STEP steps are done",
     )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="no tqdm progress bar"
-    )
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

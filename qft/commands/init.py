@@ -25,9 +25,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--arch", required=True, help="architecture id (see `qft models`)"
-    )
+    parser.add_argument("--arch", required=True, help="architecture id (see `qft models`)")
     parser.add_argument("--N", type=int, help="channels of the transforms and of z")
     parser.add_argument("--M", type=int, help="channels of the latent y")
     parser.add_argument(
@@ -42,15 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="any other parameter of the architecture: an integer or comma-separated integers "
         "(repeatable; e.g. --set ae_dim=8,8,16)",
     )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="initialisation seed (default: 0)"
-    )
-    parser.add_argument(
-        "-o", "--output", required=True, help="checkpoint file to write"
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="overwrite an existing output"
-    )
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
+    parser.add_argument("-o", "--output", required=True, help="checkpoint file to write")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
 def _parse_set(item: str) -> tuple[str, int | list[int]]:
@@ -63,9 +55,7 @@ def _parse_set(item: str) -> tuple[str, int | list[int]]:
             raise ValueError
         parsed = [int(v) for v in value.split(",")] if "," in value else int(value)
     except ValueError:
-        raise UserError(
-            f"--set takes NAME=VALUE with an integer or comma-separated integers, got {item!r}"
-        ) from None
+        raise UserError(f"--set takes NAME=VALUE with an integer or comma-separated integers, got {item!r}") from None
     return name.strip(), parsed
 
 
@@ -79,9 +69,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             params["groups"] = [int(g) for g in args.groups.split(",")]
         except ValueError:
-            raise UserError(
-                f"--groups must be comma-separated integers, got {args.groups!r}"
-            ) from None
+            raise UserError(f"--groups must be comma-separated integers, got {args.groups!r}") from None
     for item in args.set:
         name, value = _parse_set(item)
         if name in params:
@@ -97,8 +85,5 @@ def run(args: argparse.Namespace) -> int:
         extra={"seed": args.seed},
         force=args.force,
     )
-    print(
-        f"wrote {args.output}: {arch.name} {params} seed {args.seed}, "
-        f"sha256 {sha256[:16]}"
-    )
+    print(f"wrote {args.output}: {arch.name} {params} seed {args.seed}, sha256 {sha256[:16]}")
     return 0

@@ -21,9 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="list the shipped checkpoints (usable by name wherever -m takes a file)",
     )
-    parser.add_argument(
-        "--json", action="store_true", help="print a JSON list instead of a table"
-    )
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
 
 def _value(v: object) -> str:
@@ -45,8 +43,7 @@ def _trained(entry: dict) -> str:
         return f"reference model, {entry.get('total_steps', entry['steps']):,} training steps"
     stages = entry.get("stages", [entry])
     done = ", then ".join(
-        f"{st['steps']} steps "
-        + ("noise proxy" if st["control"] else f"on {st['quantizer']['method']} latents")
+        f"{st['steps']} steps " + ("noise proxy" if st["control"] else f"on {st['quantizer']['method']} latents")
         for st in stages
     )
     return f"{entry['parts']} finetuned: {done} (from {entry['finetuned_from']})"

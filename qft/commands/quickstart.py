@@ -23,8 +23,7 @@ __all__ = ["add_arguments", "run", "quick_recipe", "full_recipe"]
 #: images of the default (quick) run
 QUICK_IMAGES = 2
 #: the quick run's rows: (label, method, decoder target; "auto": the calibrated one)
-QUICK_QUANTIZERS = (("usq", "usq", "auto"), ("usq-rd", "usq", "rd"), ("tcq8-t0", "tcq8", 0.0),
-                    ("tcq8", "tcq8", "auto"))
+QUICK_QUANTIZERS = (("usq", "usq", "auto"), ("usq-rd", "usq", "rd"), ("tcq8-t0", "tcq8", 0.0), ("tcq8", "tcq8", "auto"))
 #: the finetuned row of the quick run (the best shipped one: docs/design.md, "Decoder target")
 QUICK_FINETUNED = "ft-tcq8-hyperdecoder"
 #: USQ step scales of the quick run's anchor sweep (the local measure); the full run sweeps more
@@ -33,13 +32,17 @@ DEFAULT_OUT = "qft-quickstart"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--full", action="store_true",
-                        help="the whole matrix (USQ, RDOQ, TCQ-4, TCQ-8 × every shipped row) on all 24 Kodak images")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the whole matrix (USQ, RDOQ, TCQ-4, TCQ-8 × every shipped row) on all 24 Kodak images",
+    )
     parser.add_argument("--images", type=int, help=f"the first N Kodak images (default: {QUICK_IMAGES}; --full: 24)")
     parser.add_argument("--out", help=f"output folder (default: ./{DEFAULT_OUT}, --full: ./{DEFAULT_OUT}-full)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores, at most 4)")
-    parser.add_argument("--workers", type=int,
-                        help="processes of one thread each (default: quick run 2 on 2 or more cores, --full 1)")
+    parser.add_argument(
+        "--workers", type=int, help="processes of one thread each (default: quick run 2 on 2 or more cores, --full 1)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -62,10 +65,22 @@ def quick_recipe(out: str, images: int = QUICK_IMAGES, threads: int = 1, workers
     quantizers = tuple(QuantizerSpec(label, method, target=target) for label, method, target in QUICK_QUANTIZERS)
     rows = shipped_rows([q.label for q in quantizers])
     rows = [rows[0]] + [r for r in rows if r.label == QUICK_FINETUNED]
-    return ReportRecipe(name=f"quickstart ({images} Kodak images)", data=str(_assets() / "kodak"), out=out,
-                        quantizers=quantizers, rows=tuple(rows), images=images, sweep=QUICK_SWEEP,
-                        sweep_quantizers=("usq",), sweep_rows=False, anchors=_anchors(), threads=threads,
-                        ms_ssim=False, workers=workers, same_quantizer=False)
+    return ReportRecipe(
+        name=f"quickstart ({images} Kodak images)",
+        data=str(_assets() / "kodak"),
+        out=out,
+        quantizers=quantizers,
+        rows=tuple(rows),
+        images=images,
+        sweep=QUICK_SWEEP,
+        sweep_quantizers=("usq",),
+        sweep_rows=False,
+        anchors=_anchors(),
+        threads=threads,
+        ms_ssim=False,
+        workers=workers,
+        same_quantizer=False,
+    )
 
 
 def full_recipe(out: str, images: int = 24, threads: int = 1, workers: int = 1):
@@ -74,10 +89,18 @@ def full_recipe(out: str, images: int = 24, threads: int = 1, workers: int = 1):
     from qft.eval.report import QuantizerSpec, ReportRecipe, shipped_rows
 
     quantizers = tuple(QuantizerSpec.parse(m) for m in ("usq", "rdoq", "tcq4", "tcq8"))
-    return ReportRecipe(name=f"quickstart --full ({images} Kodak images)", data=str(_assets() / "kodak"), out=out,
-                        quantizers=quantizers, rows=tuple(shipped_rows([q.label for q in quantizers])),
-                        images=images, sweep_quantizers=("usq",), anchors=_anchors(), threads=threads,
-                        workers=workers)
+    return ReportRecipe(
+        name=f"quickstart --full ({images} Kodak images)",
+        data=str(_assets() / "kodak"),
+        out=out,
+        quantizers=quantizers,
+        rows=tuple(shipped_rows([q.label for q in quantizers])),
+        images=images,
+        sweep_quantizers=("usq",),
+        anchors=_anchors(),
+        threads=threads,
+        workers=workers,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

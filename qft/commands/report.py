@@ -29,18 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qft.eval.report import load_report_recipe, run_report
-
     from qft.errors import UserError
+    from qft.eval.report import load_report_recipe, run_report
 
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
-    recipe = load_report_recipe(args.recipe, data=args.data, images=args.images, out=args.out, threads=args.threads,
-                                workers=args.workers)
+    recipe = load_report_recipe(
+        args.recipe, data=args.data, images=args.images, out=args.out, threads=args.threads, workers=args.workers
+    )
     summary = run_report(recipe, progress=not args.no_progress)
     if summary.get("rank"):
         return 0
     print(summary["markdown"])
-    print(f"wrote {recipe.out}/bdrate.md, bdrate.json, per_image.md, results/*.json and plots: "
-          + ", ".join(summary["plots"]))
+    print(
+        f"wrote {recipe.out}/bdrate.md, bdrate.json, per_image.md, results/*.json and plots: "
+        + ", ".join(summary["plots"])
+    )
     return 0

@@ -30,9 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="train only this rate point of the schedule",
     )
-    parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), help="override the recipe's device"
-    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the recipe's device")
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -44,29 +42,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start the --lambda point from this model checkpoint (file or shipped name) "
         "and train it for the warm-start step count (--warm-steps)",
     )
-    parser.add_argument(
-        "--out", type=Path, help="output folder (default: runs/reference/<recipe name>)"
-    )
-    parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (overrides the recipe)"
-    )
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/reference/<recipe name>)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (overrides the recipe)")
     parser.add_argument(
         "--steps",
         type=int,
         help="steps of the first point (overrides schedule.first_steps)",
     )
-    parser.add_argument(
-        "--warm-steps", type=int, help="steps of each warm-started point"
-    )
+    parser.add_argument("--warm-steps", type=int, help="steps of each warm-started point")
     parser.add_argument(
         "--stop-after",
         type=int,
         metavar="STEP",
         help="stop with a checkpoint once STEP steps of the current point are done",
     )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="no tqdm progress bar"
-    )
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

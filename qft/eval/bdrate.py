@@ -71,8 +71,9 @@ def bd_rate(anchor: dict, test: dict, metric: str = "psnr-rgb", min_overlap: flo
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                out[method] = float(bd.bd_rate(ra, qa, rt, qt, method=method, require_matching_points=False,
-                                               min_overlap=min_overlap))
+                out[method] = float(
+                    bd.bd_rate(ra, qa, rt, qt, method=method, require_matching_points=False, min_overlap=min_overlap)
+                )
             except Exception as exc:  # the package raises ValueError/AssertionError on bad curves
                 out[method] = math.nan
                 out["warnings"].append(f"{method}: {exc.__class__.__name__} {exc}".rstrip())

@@ -52,8 +52,10 @@ def _grid(methods, steps, mults, weight_modes) -> list[dict[str, Any]]:
     grid = [{"method": "usq", "step": s, "lambda_mult": 0.0, "weights": "none", "target": 0.0} for s in USQ_SCALES]
     for method, w in itertools.product(methods, weight_modes):
         method_steps = (1.0,) if method == "rdoq" else steps
-        grid += [{"method": method, "step": d, "lambda_mult": m, "weights": w, "target": 0.0}
-                 for d, m in itertools.product(method_steps, mults)]
+        grid += [
+            {"method": method, "step": d, "lambda_mult": m, "weights": w, "target": 0.0}
+            for d, m in itertools.product(method_steps, mults)
+        ]
     return grid
 
 
@@ -64,8 +66,14 @@ def _evaluate_grid(ck, grid: list[dict[str, Any]], images: list[Path], settings:
 
     configs = {}
     for i, g in enumerate(grid):
-        c = resolve_quantizer(g["method"], settings, step=g["step"], lambda_mult=g["lambda_mult"] or None,
-                              weights=g["weights"], target=g["target"])
+        c = resolve_quantizer(
+            g["method"],
+            settings,
+            step=g["step"],
+            lambda_mult=g["lambda_mult"] or None,
+            weights=g["weights"],
+            target=g["target"],
+        )
         configs[str(i)] = (c.quantizer, c.weights, c.target)
     codec = Codec.from_checkpoint(ck)
     rows = evaluate_configs(codec, configs, images, desc=desc, ms_ssim=False)
@@ -113,13 +121,19 @@ def calibrate_checkpoint(
         g["saving"] = None if g["method"] == "usq" else saving(g)
     chosen = {}
     for method in methods:
-        picks = {w: _pick([g for g in grid if g["method"] == method and g["weights"] == w], usq1)
-                 for w in ("none", "decoder")}
+        picks = {
+            w: _pick([g for g in grid if g["method"] == method and g["weights"] == w], usq1)
+            for w in ("none", "decoder")
+        }
         chosen[method] = {w: p | {"target": 0.0} for w, p in picks.items() if p is not None}
     targets = sorted({float(t) for t in targets if t != "rd" and t > 0}) + (["rd"] if "rd" in targets else [])
     second = [{"method": "usq", "step": 1.0, "lambda_mult": 0.0, "weights": "none", "target": t} for t in targets]
-    second += [{"method": m, "step": p["step"], "lambda_mult": p["lambda_mult"], "weights": w, "target": t}
-               for m, picks in chosen.items() for w, p in picks.items() for t in targets]
+    second += [
+        {"method": m, "step": p["step"], "lambda_mult": p["lambda_mult"], "weights": w, "target": t}
+        for m, picks in chosen.items()
+        for w, p in picks.items()
+        for t in targets
+    ]
 
     def score(g: dict[str, Any]) -> float:
         """Lower is better: the model's own RD cost with its λ (always defined), else the saving."""
@@ -135,14 +149,24 @@ def calibrate_checkpoint(
                 continue
             p = chosen[g["method"]][g["weights"]]
             if score(g) < score(p):
-                p.update(target=g["target"], saving=g["saving"], bpp=g["bpp"], psnr=g["psnr"],
-                         rate_vs_usq_step1=g["bpp"] / usq1["bpp"])
-    methods_out = {method: {**default_pick(picks, score), "by_weights": picks}
-                   for method, picks in chosen.items() if picks}
-    calibration = {"data": str(Path(images[0]).parent) if images else "", "images": [p.name for p in images],
-                   "metric": "rate change (%) at equal PSNR vs the USQ step sweep, real bitstreams",
-                   "tie_pp": TIE_PP, "grid": grid + second,
-                   "usq_target": {str(g["target"]): g["saving"] for g in second if g["method"] == "usq"}}
+                p.update(
+                    target=g["target"],
+                    saving=g["saving"],
+                    bpp=g["bpp"],
+                    psnr=g["psnr"],
+                    rate_vs_usq_step1=g["bpp"] / usq1["bpp"],
+                )
+    methods_out = {
+        method: {**default_pick(picks, score), "by_weights": picks} for method, picks in chosen.items() if picks
+    }
+    calibration = {
+        "data": str(Path(images[0]).parent) if images else "",
+        "images": [p.name for p in images],
+        "metric": "rate change (%) at equal PSNR vs the USQ step sweep, real bitstreams",
+        "tie_pp": TIE_PP,
+        "grid": grid + second,
+        "usq_target": {str(g["target"]): g["saving"] for g in second if g["method"] == "usq"},
+    }
     return {"methods": settings.get("methods", {}) | methods_out, "calibration": calibration}
 
 
@@ -163,9 +187,16 @@ def _pick(cands: list[dict[str, Any]], usq1: dict[str, Any]) -> dict[str, Any] |
         return None
     best = min(g["saving"] for g in cands)
     pick = min((g for g in cands if g["saving"] <= best + TIE_PP), key=lambda g: abs(g["bpp"] / usq1["bpp"] - 1))
-    return {"step": pick["step"], "lambda_mult": pick["lambda_mult"], "weights": pick["weights"],
-            "saving": pick["saving"], "best_saving": best, "rate_vs_usq_step1": pick["bpp"] / usq1["bpp"],
-            "bpp": pick["bpp"], "psnr": pick["psnr"]}
+    return {
+        "step": pick["step"],
+        "lambda_mult": pick["lambda_mult"],
+        "weights": pick["weights"],
+        "saving": pick["saving"],
+        "best_saving": best,
+        "rate_vs_usq_step1": pick["bpp"] / usq1["bpp"],
+        "bpp": pick["bpp"],
+        "psnr": pick["psnr"],
+    }
 
 
 def _finite(x: float) -> float | None:

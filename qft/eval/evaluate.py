@@ -14,11 +14,10 @@ import statistics
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tqdm import tqdm
-
-import numpy as np
 
 from trellis import Quantizer
 
@@ -30,9 +29,15 @@ from qft.threads import set_threads
 __all__ = ["evaluate_images", "evaluate_configs", "evaluate_in_processes", "results_json"]
 
 
-def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc: str = "eval",
-                    weights: np.ndarray | None = None, target: float | RDTarget = 0.0,
-                    progress: bool = True) -> list[dict]:
+def evaluate_images(
+    codec: Codec,
+    quantizer: Quantizer,
+    images: list[Path],
+    desc: str = "eval",
+    weights: np.ndarray | None = None,
+    target: float | RDTarget = 0.0,
+    progress: bool = True,
+) -> list[dict]:
     """Per-image metrics of one codec/quantizer (weights, decoder target) over image files;
     ``target`` of each row: the ``η`` coded."""
     rows = []
@@ -57,8 +62,14 @@ def evaluate_images(codec: Codec, quantizer: Quantizer, images: list[Path], desc
 
 
 @torch.no_grad()
-def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarray | None, float]], images: list[Path],
-                     desc: str = "eval", ms_ssim: bool = True, progress: bool = True) -> dict[str, list[dict]]:
+def evaluate_configs(
+    codec: Codec,
+    configs: dict[str, tuple[Quantizer, np.ndarray | None, float]],
+    images: list[Path],
+    desc: str = "eval",
+    ms_ssim: bool = True,
+    progress: bool = True,
+) -> dict[str, list[dict]]:
     """Per-image metrics of many quantizers on one hyperprior codec, analysing each image once.
 
     Each image is analysed once (``g_a``, ``h_a``, ``ẑ``, ``h_s``) and re-quantized per
@@ -97,14 +108,16 @@ def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarra
             else:
                 y_hat = torch.from_numpy(lat.result.y_hat)[None].to(codec.device)
                 x_hat = crop(codec.model.g_s(y_hat).clamp(0, 1), padding).cpu()
-            out[label].append({
-                "image": path.name,
-                "bpp": len(enc["bitstream"]) * 8 / (h * w),
-                "bpp_estimated": enc["bits_estimated"] / (h * w),
-                "psnr-rgb": psnr(x, x_hat),
-                "ms-ssim-rgb": ms_ssim_rgb(x, x_hat) if ms_ssim else float("nan"),
-                "target": lat.target,
-            })
+            out[label].append(
+                {
+                    "image": path.name,
+                    "bpp": len(enc["bitstream"]) * 8 / (h * w),
+                    "bpp_estimated": enc["bits_estimated"] / (h * w),
+                    "psnr-rgb": psnr(x, x_hat),
+                    "ms-ssim-rgb": ms_ssim_rgb(x, x_hat) if ms_ssim else float("nan"),
+                    "target": lat.target,
+                }
+            )
     return out
 
 
@@ -112,8 +125,15 @@ def evaluate_configs(codec: Codec, configs: dict[str, tuple[Quantizer, np.ndarra
 Config = tuple[Quantizer, "np.ndarray | None", "float | RDTarget"]
 
 
-def _shard(checkpoint: str, arch: str | None, unsafe_load: bool, configs: dict[str, Config], images: list[Path],
-           end_to_end: bool, ms_ssim: bool) -> dict[str, list[dict]]:
+def _shard(
+    checkpoint: str,
+    arch: str | None,
+    unsafe_load: bool,
+    configs: dict[str, Config],
+    images: list[Path],
+    end_to_end: bool,
+    ms_ssim: bool,
+) -> dict[str, list[dict]]:
     """One worker's part of :func:`evaluate_in_processes`: one thread, its own codec."""
     from qft.models import load_checkpoint
 
@@ -123,14 +143,24 @@ def _shard(checkpoint: str, arch: str | None, unsafe_load: bool, configs: dict[s
     for q, *_ in configs.values():
         codec.check_quantizer(q)
     if end_to_end:
-        return {label: evaluate_images(codec, q, images, weights=w, target=t, progress=False)
-                for label, (q, w, t) in configs.items()}
+        return {
+            label: evaluate_images(codec, q, images, weights=w, target=t, progress=False)
+            for label, (q, w, t) in configs.items()
+        }
     return evaluate_configs(codec, configs, images, ms_ssim=ms_ssim, progress=False)
 
 
-def evaluate_in_processes(jobs: list[tuple[str, dict[str, Config]]], images: list[Path], workers: int, *,
-                          arch: str | None = None, unsafe_load: bool = False, end_to_end: bool = False,
-                          ms_ssim: bool = True, progress: bool = True) -> list[dict[str, list[dict]]]:
+def evaluate_in_processes(
+    jobs: list[tuple[str, dict[str, Config]]],
+    images: list[Path],
+    workers: int,
+    *,
+    arch: str | None = None,
+    unsafe_load: bool = False,
+    end_to_end: bool = False,
+    ms_ssim: bool = True,
+    progress: bool = True,
+) -> list[dict[str, list[dict]]]:
     """Every job — a checkpoint (file or shipped name) and its configurations — over
     ``images`` in ``workers`` processes of one torch/Numba thread each (``spawn``).
 
@@ -149,11 +179,18 @@ def evaluate_in_processes(jobs: list[tuple[str, dict[str, Config]]], images: lis
     shards = [s for s in shards if s]
     out: list[dict[str, list[dict]]] = []
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [[pool.submit(_shard, str(ck), arch, unsafe_load, configs, shard, end_to_end, ms_ssim)
-                    for shard in shards] for ck, configs in jobs]
-        bar = tqdm(total=len(jobs) * len(shards), desc=f"eval ({workers} processes)", unit="shard", leave=False,
-                   disable=not progress)
-        for (ck, configs), parts in zip(jobs, futures):
+        futures = [
+            [pool.submit(_shard, str(ck), arch, unsafe_load, configs, shard, end_to_end, ms_ssim) for shard in shards]
+            for ck, configs in jobs
+        ]
+        bar = tqdm(
+            total=len(jobs) * len(shards),
+            desc=f"eval ({workers} processes)",
+            unit="shard",
+            leave=False,
+            disable=not progress,
+        )
+        for (_, configs), parts in zip(jobs, futures):
             results = []
             for f in parts:
                 results.append(f.result())
@@ -175,8 +212,14 @@ def _column_mean(rows: list[dict], key: str) -> float | None:
     return m if math.isfinite(m) else None
 
 
-def results_json(name: str, checkpoints: list[dict], per_checkpoint: list[list[dict]],
-                 estimate: bool = False, per_image: bool = False, dataset: str = "") -> dict:
+def results_json(
+    name: str,
+    checkpoints: list[dict],
+    per_checkpoint: list[list[dict]],
+    estimate: bool = False,
+    per_image: bool = False,
+    dataset: str = "",
+) -> dict:
     """CompressAI-schema results: one list entry per checkpoint, means over images.
 
     Args:
@@ -196,8 +239,11 @@ def results_json(name: str, checkpoints: list[dict], per_checkpoint: list[list[d
         est.append(_column_mean(rows, "bpp_estimated"))
         results["bpp"].append(est[-1] if estimate else real[-1])
     described = [{k: v for k, v in c["quantizer"].items() if k != "source"} for c in checkpoints]
-    q = described[0] if all(d == described[0] for d in described) else {
-        "method": described[0]["method"], "per_checkpoint": True}
+    q = (
+        described[0]
+        if all(d == described[0] for d in described)
+        else {"method": described[0]["method"], "per_checkpoint": True}
+    )
     out = {
         "name": name,
         "description": f"qft {q['method']}, real bitstreams" + (" (bpp: estimated)" if estimate else ""),
@@ -214,7 +260,10 @@ def results_json(name: str, checkpoints: list[dict], per_checkpoint: list[list[d
     }
     if per_image:
         out["qft"]["per_image"] = [
-            [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()} for row in rows]
+            [
+                {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+                for row in rows
+            ]
             for rows in per_checkpoint
         ]
     return out

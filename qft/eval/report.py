@@ -52,8 +52,8 @@ from tqdm import tqdm
 
 from qft.codec import target_record
 from qft.errors import UserError
-from qft.files import atomic_write
 from qft.eval.bdrate import bd_rate, local_rate_change, pareto_front
+from qft.files import atomic_write
 from qft.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer, target_value, weights_digest
 from qft.train.recipe import recipe_path
 
@@ -76,7 +76,7 @@ class QuantizerSpec:
     target: str | float = "auto"
 
     @classmethod
-    def parse(cls, item: Any) -> "QuantizerSpec":
+    def parse(cls, item: Any) -> QuantizerSpec:
         if isinstance(item, str):
             item = {"method": item}
         if not isinstance(item, dict) or "method" not in item:
@@ -86,11 +86,15 @@ class QuantizerSpec:
             raise UserError(f"report recipe: unknown quantizer field(s) {sorted(unknown)}")
         item = {"label": item["method"], **item}
         if item.get("weights", "auto") not in WEIGHT_CHOICES and not Path(str(item["weights"])).is_file():
-            raise UserError(f"report recipe: weights must be one of {WEIGHT_CHOICES} or a file, got {item['weights']!r}")
+            raise UserError(
+                f"report recipe: weights must be one of {WEIGHT_CHOICES} or a file, got {item['weights']!r}"
+            )
         try:
             target_value(item.get("target", "auto"))
         except ValueError:
-            raise UserError(f"report recipe: target must be auto, rd or a number >= 0, got {item['target']!r}") from None
+            raise UserError(
+                f"report recipe: target must be auto, rd or a number >= 0, got {item['target']!r}"
+            ) from None
         return cls(**item)
 
 
@@ -141,6 +145,7 @@ def shipped_rows(labels: list[str]) -> list[ModelRow]:
     for e in shipped_finetunes():
         key = (e["quantizer"]["method"], e.get("parts", "decoder"), bool(e.get("control")))
         groups.setdefault(key, {})[e["finetuned_from"]] = e["name"]
+
     def files(key: tuple[str, str, bool]) -> tuple[str | None, ...]:
         return tuple(groups[key].get(b["file"]) for b in bases)
 
@@ -179,9 +184,12 @@ def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
                 raw[key] = recipe_path(path, raw[key])
         raw["anchors"] = [recipe_path(path, a) for a in raw.get("anchors") or ()]
         if isinstance(raw.get("quantizers"), list):  # a weights file
-            raw["quantizers"] = [q | {"weights": recipe_path(path, q["weights"])}
-                                 if isinstance(q, dict) and q.get("weights", "auto") not in WEIGHT_CHOICES else q
-                                 for q in raw["quantizers"]]
+            raw["quantizers"] = [
+                q | {"weights": recipe_path(path, q["weights"])}
+                if isinstance(q, dict) and q.get("weights", "auto") not in WEIGHT_CHOICES
+                else q
+                for q in raw["quantizers"]
+            ]
         for key in ("models", "extra_rows"):
             if isinstance(raw.get(key), list):
                 raw[key] = [_row_paths(r, path) for r in raw[key]]
@@ -261,8 +269,13 @@ def _parse_row(r: Any, labels: list[str], path: Path, where: str) -> ModelRow:
     settings_from = tuple(None if c is None else str(c) for c in r.get("settings_from") or ())
     if settings_from and len(settings_from) != len(r["checkpoints"]):
         raise UserError(f"{path}: row {r['label']}: settings_from needs one checkpoint (or null) per rate point")
-    return ModelRow(str(r["label"]), tuple(None if c is None else str(c) for c in r["checkpoints"]), qs,
-                    settings_from, None if r.get("control") is None else str(r["control"]))
+    return ModelRow(
+        str(r["label"]),
+        tuple(None if c is None else str(c) for c in r["checkpoints"]),
+        qs,
+        settings_from,
+        None if r.get("control") is None else str(r["control"]),
+    )
 
 
 # -- evaluation ---------------------------------------------------------------------------
@@ -312,8 +325,15 @@ def _evaluate_cells(recipe: ReportRecipe, images: list[Path], out: Path, progres
             for label in row.quantizers:
                 spec = specs[label]
                 choose = lambda s, st=settings, sp=spec: resolve_quantizer(  # noqa: E731
-                    sp.method, st, step=sp.step, lambda_t=sp.lambda_t, lambda_mult=sp.lambda_mult,
-                    weights=sp.weights, step_scale=s, target=sp.target)
+                    sp.method,
+                    st,
+                    step=sp.step,
+                    lambda_t=sp.lambda_t,
+                    lambda_mult=sp.lambda_mult,
+                    weights=sp.weights,
+                    step_scale=s,
+                    target=sp.target,
+                )
                 scales = sweep if row is base and label in recipe.sweep_quantizers else (1.0,)
                 for s in scales:
                     plan.setdefault(name, {})[(row.label, i, label, s)] = choose(s)
@@ -349,20 +369,32 @@ def _evaluate_cells(recipe: ReportRecipe, images: list[Path], out: Path, progres
         work = [(n, ck, {k: v for k, v in todo.items() if k in mine}, ch) for n, ck, todo, ch in work]
         work = [w for w in work if w[2]]
     if recipe.workers > 1 and work:
-        results = evaluate_in_processes([(name, todo) for name, _, todo, _ in work], images, recipe.workers,
-                                        ms_ssim=recipe.ms_ssim, progress=progress)
+        results = evaluate_in_processes(
+            [(name, todo) for name, _, todo, _ in work],
+            images,
+            recipe.workers,
+            ms_ssim=recipe.ms_ssim,
+            progress=progress,
+        )
     else:
         results = []
         for name, ck, todo, _ in tqdm(work, desc=f"report {recipe.name}", unit="model", disable=not progress):
             codec = Codec.from_checkpoint(ck)
             for q, *_ in todo.values():
                 codec.check_quantizer(q)
-            results.append(evaluate_configs(codec, todo, images, desc=Path(name).name, ms_ssim=recipe.ms_ssim,
-                                            progress=progress))
+            results.append(
+                evaluate_configs(codec, todo, images, desc=Path(name).name, ms_ssim=recipe.ms_ssim, progress=progress)
+            )
     for (name, ck, todo, choices), rows in zip(work, results):
         for key in todo:
-            cell = {"checkpoint": name, "sha256": ck.sha256, "arch": ck.arch, "params": ck.params,
-                    "quantizer": choices[key].describe(), "images": rows[key]}
+            cell = {
+                "checkpoint": name,
+                "sha256": ck.sha256,
+                "arch": ck.arch,
+                "params": ck.params,
+                "quantizer": choices[key].describe(),
+                "images": rows[key],
+            }
             atomic_write(out / "cells" / f"{key}.json", json.dumps(cell, allow_nan=True))
     if world > 1:
         dist.barrier()
@@ -403,7 +435,9 @@ def _mean_if_all_finite(values: list[float]) -> float:
 
 
 def _point(cell: dict, metric: str = "psnr-rgb") -> tuple[float, float]:
-    return _mean_if_all_finite([r["bpp"] for r in cell["images"]]), _mean_if_all_finite([r[metric] for r in cell["images"]])
+    return _mean_if_all_finite([r["bpp"] for r in cell["images"]]), _mean_if_all_finite(
+        [r[metric] for r in cell["images"]]
+    )
 
 
 def _finite(x: float) -> float | None:
@@ -431,14 +465,19 @@ def _compare(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, s
     for metric in METRICS:
         a = [_point(a_pts[i], metric) for i in common]
         t = [_point(t_pts[i], metric) for i in common]
-        sel = sorted(set(pareto_front([p[0] for p in a], [p[1] for p in a]))
-                     & set(pareto_front([p[0] for p in t], [p[1] for p in t])))  # on both fronts
+        sel = sorted(
+            set(pareto_front([p[0] for p in a], [p[1] for p in a]))
+            & set(pareto_front([p[0] for p in t], [p[1] for p in t]))
+        )  # on both fronts
         front = [common[j] for j in sel]
         bd = math.nan
         if len(sel) >= 2 and all(math.isfinite(p[1]) for p in a + t):
             try:
-                bd = bd_rate({"bpp": [a[j][0] for j in sel], metric: [a[j][1] for j in sel]},
-                             {"bpp": [t[j][0] for j in sel], metric: [t[j][1] for j in sel]}, metric)["pchip"]
+                bd = bd_rate(
+                    {"bpp": [a[j][0] for j in sel], metric: [a[j][1] for j in sel]},
+                    {"bpp": [t[j][0] for j in sel], metric: [t[j][1] for j in sel]},
+                    metric,
+                )["pchip"]
             except ValueError:  # fronts with tied points: not strictly monotonic, no BD
                 pass
         local = []
@@ -448,13 +487,18 @@ def _compare(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, s
                 local.append(math.nan)
                 continue
             local.append(local_rate_change([_point(c, metric) for c in sweep], _point(t_pts[i], metric)))
-        out[metric] = {"bd_pchip": _finite(bd), "pareto_points": front,
-                       "local": [_finite(x) for x in local], "local_mean": _finite(_mean_if_all_finite(local))}
+        out[metric] = {
+            "bd_pchip": _finite(bd),
+            "pareto_points": front,
+            "local": [_finite(x) for x in local],
+            "local_mean": _finite(_mean_if_all_finite(local)),
+        }
     return out
 
 
-def _versus_control(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, str],
-                    control: tuple[str, str], entry: dict) -> dict:
+def _versus_control(
+    recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, str], control: tuple[str, str], entry: dict
+) -> dict:
     """A finetuned row against the control arm: BD (pchip, both rows' Pareto points) and, per
     rate point, the two rows' local rate changes against the same base anchor composed,
     ``(1 + a) / (1 + b) − 1`` (the control is not swept itself)."""
@@ -465,8 +509,12 @@ def _versus_control(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple
     for metric in METRICS:
         a = dict(zip(mine["rate_points"], mine[metric]["local"]))
         b = dict(zip(ctrl["rate_points"], ctrl[metric]["local"]))
-        local = [100 * ((1 + a[i] / 100) / (1 + b[i] / 100) - 1) if a.get(i) is not None and b.get(i) is not None
-                 else math.nan for i in out["rate_points"]]
+        local = [
+            100 * ((1 + a[i] / 100) / (1 + b[i] / 100) - 1)
+            if a.get(i) is not None and b.get(i) is not None
+            else math.nan
+            for i in out["rate_points"]
+        ]
         out[metric]["local"] = [_finite(x) for x in local]
         out[metric]["local_mean"] = _finite(_mean_if_all_finite(local))
     return out
@@ -486,11 +534,16 @@ def _tables(recipe: ReportRecipe, cells: dict) -> dict:
     base = recipe.rows[0].label
     named = {r.label: r.control for r in recipe.rows}
     rows = []
-    for (row, label) in curves:
+    for row, label in curves:
         if (row, label) == (base, "usq"):
             continue
-        entry = {"row": row, "quantizer": label, "vs_base_usq": None, "vs_base_same_quantizer": None,
-                 "vs_control": None}
+        entry = {
+            "row": row,
+            "quantizer": label,
+            "vs_base_usq": None,
+            "vs_base_same_quantizer": None,
+            "vs_control": None,
+        }
         if (base, "usq") in curves:
             entry["vs_base_usq"] = _compare(recipe, cells, every, (row, label), (base, "usq"))
         if row != base and (base, f"{label}|{row}") in every:
@@ -516,8 +569,11 @@ def _markdown(recipe: ReportRecipe, table: list[dict], meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
-        cols = [_fmt(c and c["psnr-rgb"][k]) for c in (r["vs_base_usq"], r["vs_base_same_quantizer"], r["vs_control"])
-                for k in ("local_mean", "bd_pchip")]
+        cols = [
+            _fmt(c and c["psnr-rgb"][k])
+            for c in (r["vs_base_usq"], r["vs_base_same_quantizer"], r["vs_control"])
+            for k in ("local_mean", "bd_pchip")
+        ]
         lines.append(f"| {r['row']} | {r['quantizer']} | " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 
@@ -549,7 +605,7 @@ def _per_image(recipe: ReportRecipe, cells: dict, curves: dict) -> dict:
     for (row, label), pts in curves.items():
         if (row, label) == (base, "usq"):
             continue
-        for k, (i, cell) in enumerate(pts):
+        for i, cell in pts:
             sweep = [cells.get((base, i, "usq", s)) for s in (1.0, *recipe.sweep)]
             if any(c is None for c in sweep):
                 continue
@@ -582,8 +638,13 @@ def _plot(recipe: ReportRecipe, curves: dict, out: Path) -> list[str]:
                 continue  # the base row's variants (weights, VVC rule) are in the tables only
             xy = [_point(c, metric) for _, c in sorted(pts, key=lambda t: t[0])]  # rate points in λ order
             for ax in (full, zoom):
-                ax.plot([p[0] for p in xy], [p[1] for p in xy], "o-" if row == recipe.rows[0].label else "s--",
-                        label=f"{row} {label}", ms=4)
+                ax.plot(
+                    [p[0] for p in xy],
+                    [p[1] for p in xy],
+                    "o-" if row == recipe.rows[0].label else "s--",
+                    label=f"{row} {label}",
+                    ms=4,
+                )
         for a in anchors:
             res = a["results"]
             if metric in res:
@@ -611,8 +672,9 @@ def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
     ``{"rank": r, "markdown": "", "plots": []}``."""
     import datetime
 
-    from qft.codec import list_images
     from trellis.hardware import machine_info
+
+    from qft.codec import list_images
 
     images = list_images(recipe.data)
     if not images:
@@ -625,18 +687,29 @@ def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
         return {"rank": _rank()[0], "markdown": "", "plots": []}
     tables = _tables(recipe, cells)
     machine = machine_info()
-    meta = {"format": REPORT_FORMAT, "recipe": recipe.name, "data": recipe.data, "images": len(images),
-            "date": datetime.date.today().isoformat(),
-            "machine": f"{machine.get('cpu', 'CPU')}, {machine.get('cores', '?')} cores"}
+    meta = {
+        "format": REPORT_FORMAT,
+        "recipe": recipe.name,
+        "data": recipe.data,
+        "images": len(images),
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{machine.get('cpu', 'CPU')}, {machine.get('cores', '?')} cores",
+    }
     (out / "results").mkdir(exist_ok=True)
     result_files = []
     for key, pts in tables["curves"].items():
         path = out / "results" / f"{key[0]}-{key[1]}.json"
         atomic_write(path, json.dumps(_results_json(recipe, key, pts), indent=1))
         result_files.append(str(path))
-    summary = {**meta, "machine_info": machine, "rows": tables["rows"], "results": result_files,
-               "quantizers": [dataclasses.asdict(q) for q in recipe.quantizers],
-               "models": [dataclasses.asdict(r) for r in recipe.rows], "sweep": list(recipe.sweep)}
+    summary = {
+        **meta,
+        "machine_info": machine,
+        "rows": tables["rows"],
+        "results": result_files,
+        "quantizers": [dataclasses.asdict(q) for q in recipe.quantizers],
+        "models": [dataclasses.asdict(r) for r in recipe.rows],
+        "sweep": list(recipe.sweep),
+    }
     atomic_write(out / "bdrate.json", json.dumps(summary, indent=1))
     md = _markdown(recipe, tables["rows"], meta)
     atomic_write(out / "bdrate.md", md)
@@ -645,8 +718,11 @@ def run_report(recipe: ReportRecipe, progress: bool = True) -> dict:
     cols = sorted({k for d in per_image.values() for k in d})
     lines = ["| image | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {img} | " + " | ".join(_fmt(d.get(c)) for c in cols) + " |" for img, d in sorted(per_image.items())]
-    atomic_write(out / "per_image.md", "Rate change (%) at equal PSNR vs the base model's USQ sweep, per image, "
-                                      "mean over rate points.\n\n" + "\n".join(lines) + "\n")
+    atomic_write(
+        out / "per_image.md",
+        "Rate change (%) at equal PSNR vs the base model's USQ sweep, per image, "
+        "mean over rate points.\n\n" + "\n".join(lines) + "\n",
+    )
     summary["plots"] = _plot(recipe, tables["curves"], out)
     summary["markdown"] = md
     return summary

@@ -39,8 +39,9 @@ import os
 import shutil
 import tempfile
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,10 +125,7 @@ def _describe_mismatch(found: dict, want: dict) -> str:
     if found.get("format") != want["format"]:
         return f"format {found.get('format')}, this version reads {want['format']}"
     if found.get("model") != want["model"] or found.get("arch") != want["arch"]:
-        return (
-            f"another checkpoint (weights {str(found.get('model'))[:12]}…, "
-            f"this run {want['model'][:12]}…)"
-        )
+        return f"another checkpoint (weights {str(found.get('model'))[:12]}…, this run {want['model'][:12]}…)"
     if any(found.get(k) != want.get(k) for k in ("quantizer", "weights", "target")):
         return f"another quantizer ({found.get('quantizer')}, this run {want['quantizer']})"
     return "other training images"
@@ -183,13 +181,13 @@ class LatentCache:
         if name == "image":
             return a[16 * top : 16 * (top + size), 16 * left : 16 * (left + size)]
         if name in _HYPER:
-            t, l, s = top // 4, left // 4, size // 4
-            return a[:, t : t + s, l : l + s]
+            t, le, s = top // 4, left // 4, size // 4
+            return a[:, t : t + s, le : le + s]
         return a[:, top : top + size, left : left + size]
 
     # -- opening and building ------------------------------------------------------
     @classmethod
-    def open(cls, folder: str | Path, identity: dict[str, Any]) -> "LatentCache":
+    def open(cls, folder: str | Path, identity: dict[str, Any]) -> LatentCache:
         """Open an existing cache, checking that it was built for ``identity``.
 
         Raises:
@@ -202,19 +200,14 @@ class LatentCache:
         except FileNotFoundError:
             raise UserError(f"no latent cache in {folder}") from None
         except (OSError, ValueError):
-            raise UserError(
-                f"latent cache {folder} is damaged (meta.json); delete it"
-            ) from None
+            raise UserError(f"latent cache {folder} is damaged (meta.json); delete it") from None
         found = meta.get("identity", {})
         if found != identity:
             raise UserError(
                 f"latent cache {folder} belongs to {_describe_mismatch(found, identity)}; "
                 "delete it or choose another --cache"
             )
-        arrays = {
-            name: np.load(folder / f"{name}.npy", mmap_mode="r")
-            for name in ("image", *_LATENT, *_HYPER)
-        }
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("image", *_LATENT, *_HYPER)}
         return cls(folder, meta, arrays)
 
     @classmethod
@@ -230,7 +223,7 @@ class LatentCache:
         progress: bool = True,
         weights: np.ndarray | None = None,
         target: float | RDTarget = 0.0,
-    ) -> "LatentCache":
+    ) -> LatentCache:
         """Quantize every (trimmed) image once (with the quantizer's per-channel
         distortion ``weights``, if any, and decoder ``target``) and write the cache
         atomically (a temporary folder
@@ -243,18 +236,13 @@ class LatentCache:
         try:
             coder = HyperpriorLatentCoder(model, entropy)
             entries, offsets, files = [], {"image": 0, "latent": 0, "hyper": 0}, {}
-            shapes = [
-                (-(-h // 64) * 64, -(-w // 64) * 64)
-                for h, w, _ in map(np.shape, images)
-            ]
+            shapes = [(-(-h // 64) * 64, -(-w // 64) * 64) for h, w, _ in map(np.shape, images)]
             totals = {
                 "image": sum(img.size for img in images),
                 "latent": sum(hp * wp // 256 for hp, wp in shapes),
                 "hyper": sum(hp * wp // 4096 for hp, wp in shapes),
             }
-            for img, (hp, wp) in zip(
-                tqdm(images, desc="latent cache", disable=not progress), shapes
-            ):
+            for img, (hp, wp) in zip(tqdm(images, desc="latent cache", disable=not progress), shapes):
                 x = torch.zeros(1, 3, hp, wp)
                 x[0, :, : img.shape[0], : img.shape[1]] = to_tensor(img)[0]  # img may be a read-only memmap
                 with torch.no_grad():
@@ -265,11 +253,7 @@ class LatentCache:
                     # y) would differ between a process's first build and later ones
                     set_threads(threads, numba=False)
                     y = torch.from_numpy(q.y)[None].to(device)
-                    z = (
-                        model.h_a(torch.abs(y) if entropy == "scale-hyperprior" else y)
-                        .float()
-                        .cpu()
-                    )
+                    z = model.h_a(torch.abs(y) if entropy == "scale-hyperprior" else y).float().cpu()
                     z_hat = model.entropy_bottleneck.decompress([q.z_string], q.z_shape).cpu()
                 values = {
                     "image": img,

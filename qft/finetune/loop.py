@@ -72,9 +72,7 @@ from qft.train.scaffold import (
 __all__ = ["finetune", "finetune_checkpoint", "trainable_parameters"]
 
 
-def trainable_parameters(
-    model: torch.nn.Module, parts: str
-) -> list[torch.nn.Parameter]:
+def trainable_parameters(model: torch.nn.Module, parts: str) -> list[torch.nn.Parameter]:
     """Freeze the model, then unfreeze ``g_s`` (and ``h_s`` for
     ``decoder+hyperdecoder``); returns the unfrozen parameters."""
     model.requires_grad_(False)
@@ -120,14 +118,10 @@ def finetune(
         progress: tqdm bars on rank 0.
     """
     if recipe.checkpoint is None:
-        raise UserError(
-            "no checkpoint: give --checkpoint or set 'checkpoint' in the recipe"
-        )
+        raise UserError("no checkpoint: give --checkpoint or set 'checkpoint' in the recipe")
     world, rank, local_rank = _distributed()
     if recipe.batch_size % world:
-        raise UserError(
-            f"batch_size {recipe.batch_size} is not a multiple of the {world} processes"
-        )
+        raise UserError(f"batch_size {recipe.batch_size} is not a multiple of the {world} processes")
     set_threads(recipe.threads, numba=False)
     device = resolve_device(recipe.device)
     if world > 1:
@@ -174,8 +168,9 @@ def finetune_checkpoint(
     ``step``, ``lambda_t``, ``lambda_mult``, ``weights``, ``target``, ``lr``, ``threads``,
     ``device``, …
     """
-    r = override_recipe(load_finetune_recipe(recipe or default_recipe()), data=data, checkpoint=str(checkpoint),
-                        **fields)
+    r = override_recipe(
+        load_finetune_recipe(recipe or default_recipe()), data=data, checkpoint=str(checkpoint), **fields
+    )
     return finetune(r, Path(out), control=control, resume=resume, progress=progress)
 
 
@@ -474,14 +469,22 @@ def _finetune(
     log = _resume(run, cache_dir, resume, control)
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
     if run.main and run.start < end:
-        log.write(kind="start", step=run.start, steps=recipe.steps, device=str(device), world_size=world,
-                  **run.setup.config)
+        log.write(
+            kind="start", step=run.start, steps=recipe.steps, device=str(device), world_size=world, **run.setup.config
+        )
     run.t0 = time.perf_counter()
     size = recipe.crop // 16 + 2 * G_S_REACH  # loss on the centre crop // 16
     align = 4 if recipe.parts == "decoder+hyperdecoder" else 1
     requantize = recipe.requantize_every
-    monitor = TrainMonitor(log, total=recipe.steps, initial=run.start, desc="finetune", log_every=recipe.log_every,
-                           postfix={"loss": ".4f", "psnr": ".2f"}, enabled=progress)
+    monitor = TrainMonitor(
+        log,
+        total=recipe.steps,
+        initial=run.start,
+        desc="finetune",
+        log_every=recipe.log_every,
+        postfix={"loss": ".4f", "psnr": ".2f"},
+        enabled=progress,
+    )
     for step in range(run.start, end):
         if requantize and step % requantize == 0 and step > run.cache_step:
             _requantize(run, step, log)

@@ -25,7 +25,7 @@ batch element), so runs are reproducible and independent of the number of proces
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -86,10 +86,12 @@ def _chain_sizes(chain: nn.Module, size: tuple[int, int]) -> list[tuple[int, int
     sizes = [tuple(size)]
     for m in layers:
         if isinstance(m, nn.ConvTranspose2d):
-            sizes.append(tuple(
-                (n - 1) * s - 2 * p + k + o
-                for n, k, s, p, o in zip(sizes[-1], m.kernel_size, m.stride, m.padding, m.output_padding)
-            ))
+            sizes.append(
+                tuple(
+                    (n - 1) * s - 2 * p + k + o
+                    for n, k, s, p, o in zip(sizes[-1], m.kernel_size, m.stride, m.padding, m.output_padding)
+                )
+            )
         elif isinstance(m, nn.Conv2d):
             sizes.append(tuple(n + 2 * p - k + 1 for n, k, p in zip(sizes[-1], m.kernel_size, m.padding)))
         else:
@@ -119,7 +121,9 @@ def forward_window(chain: nn.Module, x: torch.Tensor, rows: slice, cols: slice) 
                 for (a, b), k, s, p, n in zip(need, m.kernel_size, m.stride, m.padding, n_in)
             ]
         elif isinstance(m, nn.Conv2d):
-            need = [(max(0, a - p), min(n, b - 1 - p + k)) for (a, b), k, p, n in zip(need, m.kernel_size, m.padding, n_in)]
+            need = [
+                (max(0, a - p), min(n, b - 1 - p + k)) for (a, b), k, p, n in zip(need, m.kernel_size, m.padding, n_in)
+            ]
         plan.append(need)
     plan.reverse()
     t, top0, left0 = x, 0, 0  # (top0, left0): the layer coordinates of t[..., 0, 0]
@@ -161,9 +165,7 @@ def sample_crops(
     return picks
 
 
-def index_cells(
-    indices: np.ndarray, qclass: np.ndarray, quantizer: Quantizer
-) -> tuple[np.ndarray, np.ndarray]:
+def index_cells(indices: np.ndarray, qclass: np.ndarray, quantizer: Quantizer) -> tuple[np.ndarray, np.ndarray]:
     """Residual-domain decision cells ``[lo, hi)`` of signed indices (cells mirrored for
     ``k < 0``), from :func:`trellis.tables.cell_bounds` of the quantizer's table kind.
     """
@@ -183,11 +185,7 @@ def cell_mass(lo: torch.Tensor, hi: torch.Tensor, sigma: torch.Tensor) -> torch.
     """The ``N(0, σ²)`` mass of ``[lo, hi)`` (likelihood bound applied by the
     caller), computed on the side of the cell away from the centre for precision."""
     sign = torch.where(lo + hi > 0, -1.0, 1.0)
-    return (
-        torch.special.ndtr(sign * hi / sigma)
-        .sub(torch.special.ndtr(sign * lo / sigma))
-        .abs()
-    )
+    return torch.special.ndtr(sign * hi / sigma).sub(torch.special.ndtr(sign * lo / sigma)).abs()
 
 
 def assemble_batch(
@@ -204,24 +202,23 @@ def assemble_batch(
     tensors: ``x`` (images in [0, 1]) and the requested ``fields`` among ``y_hat``, ``t``
     (``ŷ − μ``), ``lo``/``hi`` (cells of the indices), ``z_hat``, ``y_noisy`` (``y + u``)
     and ``z_noisy``; the ``ẑ`` fields are lists of per-element :func:`hyper_window` windows
-    with ``z_offset`` (the crop's place in each window's ``h_s`` output). Noise of element ``b`` comes from ``default_rng([seed, step, b])``, so the batch
-    does not depend on how the global batch is split over processes."""
+    with ``z_offset`` (the crop's place in each window's ``h_s`` output). Noise of element
+    ``b`` comes from ``default_rng([seed, step, b])``, so the batch does not depend on how
+    the global batch is split over processes."""
 
     def stack(name: str) -> np.ndarray:
-        return np.stack([cache.crop(name, i, t, l, size) for i, t, l in picks])
+        return np.stack([cache.crop(name, i, t, le, size) for i, t, le in picks])
 
     def windows(name: str) -> tuple[list[np.ndarray], torch.Tensor]:
         z, offsets = [], []
-        for i, t, l in picks:
+        for i, t, le in picks:
             a = cache.hyper(name, i)
-            rows, cols, dt, dl = hyper_window(a.shape[1:], t, l, size)
+            rows, cols, dt, dl = hyper_window(a.shape[1:], t, le, size)
             z.append(a[:, rows, cols])
             offsets.append((dt, dl))
         return z, torch.tensor(offsets)
 
-    out = {
-        "x": torch.from_numpy(stack("image")).permute(0, 3, 1, 2).float().div_(255.0)
-    }
+    out = {"x": torch.from_numpy(stack("image")).permute(0, 3, 1, 2).float().div_(255.0)}
     if "y_hat" in fields:
         out["y_hat"] = torch.from_numpy(stack("y_hat"))
     if "t" in fields:
@@ -234,15 +231,12 @@ def assemble_batch(
     if "y_noisy" in fields:
         y = stack("y")
         rngs = [np.random.default_rng([seed, step, b]) for b in elements]
-        uy = np.stack([r.uniform(-0.5, 0.5, y.shape[1:]) for r in rngs]).astype(
-            np.float32
-        )
+        uy = np.stack([r.uniform(-0.5, 0.5, y.shape[1:]) for r in rngs]).astype(np.float32)
         out["y_noisy"] = torch.from_numpy(y + uy)
         if "z_noisy" in fields:
             z, out["z_offset"] = windows("z")
             out["z_noisy"] = [
-                torch.from_numpy(a + r.uniform(-0.5, 0.5, a.shape).astype(np.float32))
-                for a, r in zip(z, rngs)
+                torch.from_numpy(a + r.uniform(-0.5, 0.5, a.shape).astype(np.float32)) for a, r in zip(z, rngs)
             ]
     return out
 
@@ -324,10 +318,12 @@ class FinetuneObjective(nn.Module):
         the crop (exact: the window holds all the ``ẑ`` context ``h_s`` reaches)."""
         h, w = size
         with transforms_autocast(self.amp):
-            p = torch.cat([
-                forward_window(self.h_s, zb[None], slice(dt, dt + h), slice(dl, dl + w))
-                for zb, (dt, dl) in zip(z, offsets.tolist())
-            ])
+            p = torch.cat(
+                [
+                    forward_window(self.h_s, zb[None], slice(dt, dt + h), slice(dl, dl + w))
+                    for zb, (dt, dl) in zip(z, offsets.tolist())
+                ]
+            )
         p = p.float()
         if self.entropy == "scale-hyperprior":
             return torch.zeros_like(p), p

@@ -45,7 +45,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-
 from trellis import METHODS, RESETS
 
 from qft.errors import UserError
@@ -116,7 +115,7 @@ class FinetuneRecipe:
         d["train_splits"] = list(self.train_splits)
         return d
 
-    def replace(self, **changes: Any) -> "FinetuneRecipe":
+    def replace(self, **changes: Any) -> FinetuneRecipe:
         """A copy with some fields changed (CLI overrides), re-validated."""
         new = dataclasses.replace(self, **changes)
         _validate(new)
@@ -126,13 +125,9 @@ class FinetuneRecipe:
 def _validate(r: FinetuneRecipe) -> None:
     where = f"recipe {r.path}"
     if r.parts not in PARTS:
-        raise UserError(
-            f"{where}: parts must be one of {', '.join(PARTS)}, not '{r.parts}'"
-        )
+        raise UserError(f"{where}: parts must be one of {', '.join(PARTS)}, not '{r.parts}'")
     if r.method not in METHODS:
-        raise UserError(
-            f"{where}: quantizer.method must be one of {', '.join(METHODS)}, not '{r.method}'"
-        )
+        raise UserError(f"{where}: quantizer.method must be one of {', '.join(METHODS)}, not '{r.method}'")
     if r.reset not in RESETS:
         raise UserError(f"{where}: quantizer.reset must be one of {', '.join(RESETS)}")
     if r.device not in ("auto", "cpu", "cuda"):
@@ -154,10 +149,7 @@ def _validate(r: FinetuneRecipe) -> None:
     ]
     for key, ok in checks:
         if not ok:
-            raise UserError(
-                f"{where}: invalid value {key} (crop: a multiple of 64; "
-                "counts >= 1; λ, step, lr positive)"
-            )
+            raise UserError(f"{where}: invalid value {key} (crop: a multiple of 64; counts >= 1; λ, step, lr positive)")
     if r.requantize_every and r.parts != "decoder+hyperdecoder":
         raise UserError(
             f"{where}: requantize_every needs parts decoder+hyperdecoder (with the "

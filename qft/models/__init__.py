@@ -14,14 +14,16 @@ One module per model family registers its architectures in :data:`ARCHITECTURES`
 elic2022-chandelier), :mod:`.tcm` (tcm), :mod:`.dcae` (dcae), :mod:`.cca` (cca).
 """
 
-from . import (
-    google,
-    waseda,
-    sensetime,
-    tcm,
-    dcae,
-    cca,
-)  # noqa: F401  # isort: skip  (registration = listing order)
+# the families register in this order (the listing order of `qft models`)
+# isort: off
+from . import google  # noqa: F401
+from . import waseda  # noqa: F401
+from . import sensetime  # noqa: F401
+from . import tcm  # noqa: F401
+from . import dcae  # noqa: F401
+from . import cca  # noqa: F401
+
+# isort: on
 from .checkpoint import (
     DERIVED_BUFFERS,
     WRAPPER_KEYS,

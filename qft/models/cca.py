@@ -182,7 +182,6 @@ class Decoder(nn.Module):
         return self.up[-1](x)
 
 
-
 def _hyper_synthesis(z_dim: int, width: int, M: int) -> nn.Sequential:
     return nn.Sequential(
         deconv(z_dim, width, stride=2, kernel_size=5),
@@ -252,7 +251,6 @@ class CCA(ChannelSliceModel):
 _LISTS = {"ae_dim": 3, "ae_layers": 3, "cc_dim": 2}
 
 
-
 def infer_cca_params(state_dict: Mapping[str, Tensor]) -> dict:
     """All CCA parameters, read from the shapes of a state_dict (slices explicit)."""
     cc = "mean_cc_transforms.0.{}.weight"
@@ -269,7 +267,6 @@ def infer_cca_params(state_dict: Mapping[str, Tensor]) -> dict:
         "z_dim": state_dict["z_entropy_bottleneck.quantiles"].shape[0],
         "cc_dim": [state_dict[cc.format(0)].shape[0], state_dict[cc.format(2)].shape[0]],
     }
-
 
 
 def complete_cca_params(params: dict) -> dict:

@@ -80,9 +80,7 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 #: Legacy EntropyBottleneck parameter names: ``_matrix0`` (CompressAI < 1.2.7) and
 #: ``_matrices.0`` (ParameterList era, as renamed by ``compressai.zoo``) -> ``matrices.0``.
-_LEGACY_EB = re.compile(
-    r"(?:(?<=\.)|^)_(matrix|bias|factor|matrices\.|biases\.|factors\.)(\d+)$"
-)
+_LEGACY_EB = re.compile(r"(?:(?<=\.)|^)_(matrix|bias|factor|matrices\.|biases\.|factors\.)(\d+)$")
 _EB_NAMES = {"matrix": "matrices", "bias": "biases", "factor": "factors"}
 
 #: cheng2020's ``ResidualBlockWithStride.downsample`` (zoo weights) -> ``skip``; only at
@@ -133,21 +131,12 @@ def _unwrap(obj: Any, name: str) -> tuple[Mapping[str, Any], dict]:
         )
         if key is None:
             break
-        extra.update(
-            {
-                k: v
-                for k, v in obj.items()
-                if k != key and isinstance(k, str) and _is_plain(v)
-            }
-        )
+        extra.update({k: v for k, v in obj.items() if k != key and isinstance(k, str) and _is_plain(v)})
         obj = obj[key]
     if isinstance(obj, nn.Module):  # a whole pickled model (only with unsafe loading)
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
-        raise UserError(
-            f"{name} holds a {type(obj).__name__}, "
-            "not a state_dict or a dict holding one"
-        )
+        raise UserError(f"{name} holds a {type(obj).__name__}, not a state_dict or a dict holding one")
     if not obj:
         raise UserError(f"{name} holds an empty state_dict")
     for k, v in obj.items():
@@ -163,9 +152,7 @@ def _unwrap(obj: Any, name: str) -> tuple[Mapping[str, Any], dict]:
 def _strip_prefixes(keys: list[str]) -> list[str]:
     """Remove ``module.``/``_orig_mod.`` prefixes shared by all keys, in any nesting."""
     while True:
-        prefix = next(
-            (p for p in _PREFIXES if all(k.startswith(p) for k in keys)), None
-        )
+        prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in keys)), None)
         if prefix is None:
             return keys
         keys = [k[len(prefix) :] for k in keys]
@@ -190,9 +177,7 @@ def _normalize(raw: Mapping[str, Tensor], name: str) -> dict[str, Tensor]:
         if key.rsplit(".", 1)[-1] in DERIVED_BUFFERS:
             continue
         if key in out:
-            raise UserError(
-                f"{name} holds key {key!r} twice (once under a legacy name)"
-            )
+            raise UserError(f"{name} holds key {key!r} twice (once under a legacy name)")
         out[key] = value.float() if value.is_floating_point() else value
     return out
 
@@ -229,15 +214,11 @@ def _first(keys: list[str]) -> str:
 def _layout(model: nn.Module) -> tuple[dict[str, torch.Size], frozenset[str]]:
     """The shapes of ``model``'s state_dict (derived buffers left out) and which of its
     keys are buffers."""
-    expected = {
-        k: v.shape
-        for k, v in model.state_dict().items()
-        if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS
-    }
+    expected = {k: v.shape for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS}
     return expected, frozenset(k for k, _ in model.named_buffers())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _default_layout(arch: str) -> tuple[dict[str, torch.Size], frozenset[str]]:
     """:func:`_layout` of architecture ``arch`` at its default parameters (built once)."""
     with forked_rng():
@@ -268,9 +249,7 @@ def _describe(missing: list[str], unexpected: list[str]) -> list[str]:
     return problems
 
 
-def _differences(
-    model: nn.Module, state_dict: Mapping[str, Tensor], *, shapes: bool = True
-) -> tuple[int, str]:
+def _differences(model: nn.Module, state_dict: Mapping[str, Tensor], *, shapes: bool = True) -> tuple[int, str]:
     """How ``state_dict`` fails to fit ``model``: the number of differing keys and, in a
     few words, the first missing and unexpected keys and the first shape mismatch, naming
     the key and both shapes (``(0, "")`` if it fits; shapes are not compared when
@@ -284,16 +263,11 @@ def _differences(
     if mismatched:
         k = mismatched[0]
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
-        problems.append(
-            f"{k!r} has shape {tuple(state_dict[k].shape)}, "
-            f"the model {tuple(expected[k])}{more}"
-        )
+        problems.append(f"{k!r} has shape {tuple(state_dict[k].shape)}, the model {tuple(expected[k])}{more}")
     return len(missing) + len(unexpected) + len(mismatched), ", ".join(problems)
 
 
-def load_weights(
-    model: nn.Module, obj: Any, *, name: str = "checkpoint", arch: str | None = None
-) -> nn.Module:
+def load_weights(model: nn.Module, obj: Any, *, name: str = "checkpoint", arch: str | None = None) -> nn.Module:
     """Load the state_dict held by ``obj`` into ``model`` and rebuild its CDF tables.
 
     ``obj`` is anything :func:`state_dict_of` accepts (a loaded checkpoint, a state_dict of
@@ -403,19 +377,12 @@ def _select(state_dict: Mapping[str, Tensor], arch: str | None, name: str) -> _F
     if len(exact) == 1:
         return exact[0]
     if exact:
-        raise UserError(
-            f"{name}: ambiguous architecture, fits "
-            f"{', '.join(f.arch for f in exact)}; pass --arch"
-        )
+        raise UserError(f"{name}: ambiguous architecture, fits {', '.join(f.arch for f in exact)}; pass --arch")
     if len(fits) == 1:
-        raise UserError(
-            f"{name} looks like a {fits[0].arch} checkpoint but is not one: "
-            f"{fits[0].problems}"
-        )
+        raise UserError(f"{name} looks like a {fits[0].arch} checkpoint but is not one: {fits[0].problems}")
     closest = "; ".join(f"{f.arch} ({f.problems})" for f in fits)
     raise UserError(
-        f"{name}: ambiguous architecture, fits none of the candidates exactly, "
-        f"closest first: {closest}; pass --arch"
+        f"{name}: ambiguous architecture, fits none of the candidates exactly, closest first: {closest}; pass --arch"
     )
 
 
@@ -465,9 +432,7 @@ def _read(path: Path, unsafe_load: bool) -> tuple[Any, str]:
         raise UserError(f"checkpoint {path} is empty")
     sha256 = hashlib.sha256(data).hexdigest()
     try:
-        obj = torch.load(
-            io.BytesIO(data), map_location="cpu", weights_only=not unsafe_load
-        )
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not unsafe_load)
     except pickle.UnpicklingError:
         # weights-only loading refuses a global it does not allow with this type, and a
         # damaged pickle with the same type: a pickle that parses names Python objects
@@ -483,16 +448,12 @@ def _read(path: Path, unsafe_load: bool) -> tuple[Any, str]:
         ) from None
     except Exception as exc:  # torch.load raises many types: classify by content
         if data.startswith(_MAGIC):
-            raise UserError(
-                f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})"
-            ) from None
+            raise UserError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})") from None
         raise UserError(f"{path} is not a PyTorch checkpoint") from None
     return obj, sha256
 
 
-def _complete_delta(
-    path: Path, delta: dict[str, Tensor], extra: dict, unsafe_load: bool
-) -> dict[str, Tensor]:
+def _complete_delta(path: Path, delta: dict[str, Tensor], extra: dict, unsafe_load: bool) -> dict[str, Tensor]:
     """The full state_dict of a delta checkpoint (:mod:`qft.models.zoo`): its base's,
     with the delta's tensors in place."""
     base_path = base_of(path, str(extra["delta_of"]))
@@ -509,9 +470,7 @@ def _complete_delta(
     return {**base, **delta}
 
 
-def load_checkpoint(
-    path: str | os.PathLike, arch: str | None = None, *, unsafe_load: bool = False
-) -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike, arch: str | None = None, *, unsafe_load: bool = False) -> LoadedCheckpoint:
     """Load a model checkpoint of any registered architecture, in any common layout.
 
     Args:
@@ -578,9 +537,7 @@ def save_checkpoint(
     get_architecture(arch)
     extra = dict(extra or {})
     if not _is_plain(extra) or set(extra) & {"state_dict", "arch", "params"}:
-        raise ValueError(
-            "extra must hold plain values under keys other than state_dict, arch, params"
-        )
+        raise ValueError("extra must hold plain values under keys other than state_dict, arch, params")
     path = Path(path)
     if path.exists() and not force:
         raise UserError(f"{path} exists; pass --force to overwrite it")

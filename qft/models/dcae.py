@@ -274,7 +274,6 @@ class DictionaryCrossAttention(nn.Module):
         return self.output_trans(out).permute(0, 3, 1, 2)
 
 
-
 class DCAE(ChannelSliceModel):
     """DCAE (see the module docstring for the parameters)."""
 
@@ -359,15 +358,13 @@ class DCAE(ChannelSliceModel):
 _LISTS = {"feature_dim": 3, "block_num": 3, "head_dim": 6, "cc_dim": 2}
 
 
-
 def infer_dcae_params(state_dict: Mapping[str, Tensor]) -> dict:
     """All DCAE parameters, read from the shapes of a state_dict."""
     feature_dim = [state_dict[f"g_a.{i}.conv.weight"].shape[0] for i in (0, 2, 4)]
     block_num = [count_indices(state_dict, f"g_a.{i}.layers.{{}}.ln1.weight") for i in (1, 3, 5)]
     stages = [("g_a", 1, 0), ("g_a", 3, 1), ("g_a", 5, 2), ("g_s", 1, 2), ("g_s", 3, 1), ("g_s", 5, 0)]
     head_dim = [
-        feature_dim[d] // state_dict[f"{t}.{i}.layers.0.msa.relative_position_params"].shape[0]
-        for t, i, d in stages
+        feature_dim[d] // state_dict[f"{t}.{i}.layers.0.msa.relative_position_params"].shape[0] for t, i, d in stages
     ]
     heads = state_dict["dt_cross_attention.0.scale"].shape[0]
     cc = "cc_mean_transforms.0.{}.weight"
@@ -383,7 +380,6 @@ def infer_dcae_params(state_dict: Mapping[str, Tensor]) -> dict:
         "dict_head_num": heads,
         "cc_dim": [state_dict[cc.format(0)].shape[0], state_dict[cc.format(2)].shape[0]],
     }
-
 
 
 def complete_dcae_params(params: dict) -> dict:

@@ -16,7 +16,7 @@ the shape of ``h_s.4.weight`` (``M`` or ``2M`` output channels), which detection
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from compressai.models import (
     JointAutoregressiveHierarchicalPriors,

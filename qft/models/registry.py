@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -111,27 +112,16 @@ class Architecture:
         params = dict(params or {})
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
-            raise UserError(
-                f"{self.name} has no parameter {unknown[0]} "
-                f"(its parameters: {', '.join(self.defaults)})"
-            )
+            raise UserError(f"{self.name} has no parameter {unknown[0]} (its parameters: {', '.join(self.defaults)})")
         out = {**self.defaults, **params}
         for key in ("N", "M"):
-            if key in out and not (
-                isinstance(out[key], int)
-                and not isinstance(out[key], bool)
-                and out[key] > 0
-            ):
-                raise UserError(
-                    f"{self.name}: {key} must be a positive integer, got {out[key]!r}"
-                )
+            if key in out and not (isinstance(out[key], int) and not isinstance(out[key], bool) and out[key] > 0):
+                raise UserError(f"{self.name}: {key} must be a positive integer, got {out[key]!r}")
         if self.complete_params is not None:
             out = self.complete_params(out)
         return out
 
-    def build(
-        self, params: Mapping[str, Any] | None = None, *, seed: int | None = None
-    ) -> nn.Module:
+    def build(self, params: Mapping[str, Any] | None = None, *, seed: int | None = None) -> nn.Module:
         """A new randomly initialised model (train mode, CDF tables not built).
 
         With a ``seed``, initialisation draws from a forked RNG seeded with it, so the
@@ -164,13 +154,9 @@ def register_architecture(arch: Architecture) -> Architecture:
     if arch.name in ARCHITECTURES:
         raise ValueError(f'architecture "{arch.name}" is already registered')
     if arch.entropy not in ENTROPY_KINDS:
-        raise ValueError(
-            f'architecture "{arch.name}": unknown entropy kind "{arch.entropy}"'
-        )
+        raise ValueError(f'architecture "{arch.name}": unknown entropy kind "{arch.entropy}"')
     if not all(p.endswith(".") for p in arch.training_only):
-        raise ValueError(
-            f'architecture "{arch.name}": training_only prefixes must end in "." (whole modules)'
-        )
+        raise ValueError(f'architecture "{arch.name}": training_only prefixes must end in "." (whole modules)')
     ARCHITECTURES[arch.name] = arch
     return arch
 
@@ -180,9 +166,7 @@ def get_architecture(name: str) -> Architecture:
     try:
         return ARCHITECTURES[name]
     except KeyError:
-        raise UserError(
-            f"unknown architecture '{name}' (registered: {', '.join(ARCHITECTURES)})"
-        ) from None
+        raise UserError(f"unknown architecture '{name}' (registered: {', '.join(ARCHITECTURES)})") from None
 
 
 def create_model(arch: str, *, seed: int | None = None, **params: Any) -> nn.Module:

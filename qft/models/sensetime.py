@@ -15,7 +15,7 @@ CompressAI's own ``from_state_dict`` reads ``N`` only, so it loads only ``M = 32
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from compressai.models.sensetime import Elic2022Chandelier, Elic2022Official
 from torch import Tensor
@@ -61,14 +61,11 @@ def complete_elic_params(params: dict) -> dict:
     if groups is None:
         if M <= 128:
             raise UserError(
-                f"ELIC at M={M} needs explicit groups "
-                "(CompressAI's default [16, 16, 32, 64, M-128] needs M > 128)"
+                f"ELIC at M={M} needs explicit groups (CompressAI's default [16, 16, 32, 64, M-128] needs M > 128)"
             )
         groups = [16, 16, 32, 64, M - 128]
     groups = list(groups)
-    if not groups or not all(
-        isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in groups
-    ):
+    if not groups or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in groups):
         raise UserError(f"ELIC groups must be positive integers, got {groups}")
     if sum(groups) != M:
         raise UserError(f"ELIC groups {groups} sum to {sum(groups)}, not M={M}")

@@ -224,9 +224,7 @@ class TCM(ChannelSliceModel):
             subpel_conv3x3(c, M, 2),
         )
         support = [M + size * i for i in range(NUM_SLICES)]
-        self.atten_mean = nn.ModuleList(
-            nn.Sequential(SWAtten(ch, attn_dim, _ATTN_HEAD_DIM, _WINDOW)) for ch in support
-        )
+        self.atten_mean = nn.ModuleList(nn.Sequential(SWAtten(ch, attn_dim, _ATTN_HEAD_DIM, _WINDOW)) for ch in support)
         self.atten_scale = nn.ModuleList(
             nn.Sequential(SWAtten(ch, attn_dim, _ATTN_HEAD_DIM, _WINDOW)) for ch in support
         )

@@ -8,7 +8,7 @@ autoregressive entropy model of mbt2018 (hyperprior + masked-convolution context
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from compressai.models import Cheng2020Anchor, Cheng2020Attention
 from torch import Tensor

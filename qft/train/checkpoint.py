@@ -47,13 +47,9 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # unpickling errors have many types
-        raise UserError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__})"
-        ) from None
+        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(
-            f"{path} is not a qft training checkpoint ({CHECKPOINT_FORMAT})"
-        )
+        raise UserError(f"{path} is not a qft training checkpoint ({CHECKPOINT_FORMAT})")
     return ckpt
 
 
@@ -77,11 +73,7 @@ def export_state_dict(model: CompressionModel) -> dict[str, torch.Tensor]:
     model.update(force=True)
     params = {name for name, _ in model.named_parameters()}
     return {
-        k: (
-            v.detach().half()
-            if k in params and v.is_floating_point()
-            else v.detach().clone()
-        )
+        k: (v.detach().half() if k in params and v.is_floating_point() else v.detach().clone())
         for k, v in model.state_dict().items()
     }
 

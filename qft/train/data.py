@@ -7,8 +7,8 @@ has to be saved in a checkpoint for a resumed run to see the same batches.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,9 +23,7 @@ __all__ = [
 ]
 
 
-def load_images(
-    root: str | Path, splits: Sequence[str], limit: int | None = None
-) -> list[np.ndarray]:
+def load_images(root: str | Path, splits: Sequence[str], limit: int | None = None) -> list[np.ndarray]:
     """Decode the images of ``root/<split>/`` for each split into RGB uint8 HxWx3 arrays
     (:func:`qft.codec.read_rgb`: a conversion to RGB is announced with a warning).
 
@@ -45,9 +43,7 @@ def _to_tensor(patches: list[np.ndarray]) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def sample_batch(
-    images: Sequence[np.ndarray], seed: int, step: int, batch_size: int, crop: int
-) -> torch.Tensor:
+def sample_batch(images: Sequence[np.ndarray], seed: int, step: int, batch_size: int, crop: int) -> torch.Tensor:
     """The training batch of ``step``: random crops with random horizontal and vertical
     flips, as a float tensor ``[batch_size, 3, crop, crop]`` in [0, 1].
 
@@ -59,9 +55,7 @@ def sample_batch(
         img = images[i]
         h, w = img.shape[:2]
         if h < crop or w < crop:
-            raise UserError(
-                f"training image of {w}x{h} pixels is smaller than the {crop}-pixel crop"
-            )
+            raise UserError(f"training image of {w}x{h} pixels is smaller than the {crop}-pixel crop")
         top, left = rng.integers(h - crop + 1), rng.integers(w - crop + 1)
         p = img[top : top + crop, left : left + crop]
         if rng.random() < 0.5:
@@ -78,9 +72,7 @@ def center_crops(images: Sequence[np.ndarray], crop: int) -> torch.Tensor:
     for img in images:
         h, w = img.shape[:2]
         if h < crop or w < crop:
-            raise UserError(
-                f"validation image of {w}x{h} pixels is smaller than the {crop}-pixel crop"
-            )
+            raise UserError(f"validation image of {w}x{h} pixels is smaller than the {crop}-pixel crop")
         top, left = (h - crop) // 2, (w - crop) // 2
         patches.append(img[top : top + crop, left : left + crop])
     return _to_tensor(patches)

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import time
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -325,9 +326,15 @@ def train_point(
     run.t0, run.c0 = time.perf_counter(), time.process_time()
     val = None
     run.model.train()
-    monitor = TrainMonitor(log, total=point.steps, initial=run.start, desc=lambda_tag(point.lmbda),
-                           log_every=recipe.log_every, postfix={"loss": ".3f", "bpp": ".3f", "psnr": ".2f"},
-                           enabled=progress)
+    monitor = TrainMonitor(
+        log,
+        total=point.steps,
+        initial=run.start,
+        desc=lambda_tag(point.lmbda),
+        log_every=recipe.log_every,
+        postfix={"loss": ".3f", "bpp": ".3f", "psnr": ".2f"},
+        enabled=progress,
+    )
     for step in range(run.start, end):
         stats, lr = _train_step(run, images, step)
         done = step + 1
@@ -350,10 +357,7 @@ def _load_init(model: torch.nn.Module, recipe: Recipe, path: str | Path) -> str:
     loaded = load_checkpoint(path, recipe.arch)
     width = (loaded.params.get("N"), loaded.params.get("M"))
     if width != (recipe.N, recipe.M):
-        raise UserError(
-            f"--init {path}: N={width[0]}, M={width[1]} but the recipe trains "
-            f"N={recipe.N}, M={recipe.M}"
-        )
+        raise UserError(f"--init {path}: N={width[0]}, M={width[1]} but the recipe trains N={recipe.N}, M={recipe.M}")
     model.load_state_dict(loaded.model.state_dict())
     return f"{Path(loaded.path).name} (sha256 {loaded.sha256[:12]})"
 
@@ -388,15 +392,9 @@ def train(
         points = [RatePoint(recipe.point(lmbda).lmbda, recipe.warm_steps, None)]
     else:
         p = recipe.point(lmbda)
-        parent_ckpt = (
-            None
-            if p.parent is None
-            else Path(out_dir) / lambda_tag(p.parent) / "checkpoint.pth"
-        )
+        parent_ckpt = None if p.parent is None else Path(out_dir) / lambda_tag(p.parent) / "checkpoint.pth"
         if parent_ckpt is not None and _point_done(parent_ckpt) is None:
-            print(
-                f"parent {p.parent:g} not finished in {out_dir}: training {lmbda:g} from scratch"
-            )
+            print(f"parent {p.parent:g} not finished in {out_dir}: training {lmbda:g} from scratch")
             p = RatePoint(p.lmbda, recipe.first_steps, None)
         points = [p]
     images = load_images(recipe.data_root, recipe.train_splits)

@@ -146,16 +146,13 @@ class Recipe:
             if abs(p.lmbda - lmbda) < 1e-9:
                 return p
         raise UserError(
-            f"lambda {lmbda:g} is not in the recipe's schedule "
-            f"({', '.join(f'{x:g}' for x in self.lambdas)})"
+            f"lambda {lmbda:g} is not in the recipe's schedule ({', '.join(f'{x:g}' for x in self.lambdas)})"
         )
 
     def lr_at(self, step: int, steps: int) -> float:
         """Learning rate of 0-based ``step`` in a run of ``steps`` steps: ``lr`` until
         ``decay_at·steps``, then ``lr·decay_factor`` (deterministic, step-based)."""
-        return self.lr * (
-            self.decay_factor if step >= int(self.decay_at * steps) else 1.0
-        )
+        return self.lr * (self.decay_factor if step >= int(self.decay_at * steps) else 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (str/int/float/list/None only), stored in checkpoints."""
@@ -164,7 +161,7 @@ class Recipe:
         d["lambdas"] = list(self.lambdas)
         return d
 
-    def replace(self, **changes: Any) -> "Recipe":
+    def replace(self, **changes: Any) -> Recipe:
         """A copy with some fields changed (CLI overrides), re-validated."""
         new = dataclasses.replace(self, **changes)
         _validate(new)
@@ -178,10 +175,7 @@ def check_section(raw: Any, name: str, allowed: set[str], where: str) -> dict[st
         raise UserError(f"{where}: '{name}' must be a mapping")
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise UserError(
-            f"{where}: unknown key '{unknown[0]}' in {name} "
-            f"(allowed: {', '.join(sorted(allowed))})"
-        )
+        raise UserError(f"{where}: unknown key '{unknown[0]}' in {name} (allowed: {', '.join(sorted(allowed))})")
     missing = sorted(allowed - set(raw))
     if missing:
         raise UserError(f"{where}: missing key '{missing[0]}' in {name}")
@@ -246,19 +240,11 @@ def _validate(r: Recipe) -> None:
     ]
     for key, ok in checks:
         if not ok:
-            raise UserError(
-                f"{where}: invalid value {key} (crops must be multiples of 64; counts >= 1)"
-            )
+            raise UserError(f"{where}: invalid value {key} (crops must be multiples of 64; counts >= 1)")
     if r.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"{where}: device must be auto, cpu or cuda, not '{r.device}'")
-    if (
-        not r.lambdas
-        or any(a <= b for a, b in zip(r.lambdas, r.lambdas[1:]))
-        or r.lambdas[-1] <= 0
-    ):
-        raise UserError(
-            f"{where}: schedule.lambdas must be positive and strictly decreasing (highest rate first)"
-        )
+    if not r.lambdas or any(a <= b for a, b in zip(r.lambdas, r.lambdas[1:])) or r.lambdas[-1] <= 0:
+        raise UserError(f"{where}: schedule.lambdas must be positive and strictly decreasing (highest rate first)")
     if not r.train_splits:
         raise UserError(f"{where}: data.train must name at least one split")
 

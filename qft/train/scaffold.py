@@ -28,8 +28,7 @@ from trellis.hardware import cpu_name
 
 from qft.errors import UserError
 from qft.files import atomic_write, remove_stale_temporaries
-from qft.train.checkpoint import load_training_state
-from qft.train.checkpoint import save_atomic
+from qft.train.checkpoint import load_training_state, save_atomic
 
 __all__ = [
     "RunLog",
@@ -170,9 +169,7 @@ class TrainMonitor:
         self.window = StatsWindow()
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, mininterval=5)
 
-    def step(
-        self, done: int, end: int, stats: dict[str, float], head: dict[str, Any], tail: dict[str, Any]
-    ) -> None:
+    def step(self, done: int, end: int, stats: dict[str, float], head: dict[str, Any], tail: dict[str, Any]) -> None:
         """Record the statistics of the step that made ``done`` steps (of ``end`` this run)."""
         self.window.add(stats)
         self.bar.update(1)
