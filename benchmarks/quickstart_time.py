@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--result", default=str(ROOT / "benchmarks/results/quickstart_time.json"))
     args, extra = parser.parse_known_args()
 
-    from trellis.bench import machine_info
+    from trellis.hardware import machine_info
 
     numba_warm = any((ROOT / "trellis" / "__pycache__").glob("*.nbi"))
     with tempfile.TemporaryDirectory(prefix="qft-quickstart-") as tmp:
