@@ -1,6 +1,7 @@
 """MLIC++ (qft.models.mlicpp): forward shapes and gradients, the coding order of the
-checkerboard halves (anchors at (row + col) odd), the local-context mask, both weight
-generations, the parameter checks and ``qft init``.
+checkerboard halves (anchors at (row + col) odd), the local-context mask, an exact CPU
+compress/decompress round trip, both weight generations, the parameter checks and
+``qft init``.
 
 A tiny model (N=8, M=16, 2 slices of 8 channels, narrow hidden widths) on 64×64 images
 (y 4×4). The layouts at the released sizes are held by tests/test_layouts.py.
@@ -15,7 +16,10 @@ import torch
 
 from torch import nn
 
+from trellis import Quantizer
+
 from qft.cli import main
+from qft.codec import Codec
 from qft.errors import UserError
 from qft.models import ARCHITECTURES, create_model, load_checkpoint
 from qft.models.mlicpp import LocalContext, anchor_mask, squeeze_half, unsqueeze_half
@@ -94,6 +98,39 @@ def test_local_context_mask_and_index():
     index = lc.relative_position_index
     assert index.dtype == torch.int64
     assert (index[0, 0], index[0, 24], index[24, 0], index[12, 13]) == (40, 0, 80, 39)
+
+
+@pytest.mark.parametrize("h,w,batch", [(64, 64, 1), (64, 128, 2)])
+def test_roundtrip_exact(model, h, w, batch):
+    """The decoder reconstructs exactly what the encoder's (and eval forward's) rounding
+    around μ gives, on the CPU, for every image of a batch."""
+    x = torch.cat([image(h, w, seed=s) for s in range(batch)])
+    with torch.no_grad():
+        enc = model.compress(x)
+        dec = model.decompress(enc["strings"], enc["shape"])
+        expected = model(x)["x_hat"].clamp(0, 1)
+    assert len(enc["strings"][0]) == batch and tuple(enc["shape"]) == (h // 64, w // 64)
+    assert torch.equal(dec["x_hat"], expected)
+    with torch.no_grad():
+        assert model.compress(x)["strings"] == enc["strings"]  # deterministic
+
+
+def test_compress_refuses(model):
+    with pytest.raises(ValueError, match="multiples of 64"):
+        model.compress(image(64, 96))
+    with pytest.raises(ValueError, match="expected strings"):
+        model.decompress([[b""], []], (1, 1))
+
+
+def test_codec_usq(model):
+    """``qft compress`` codes MLIC++ with USQ (any image size, padded) and refuses the
+    trellis, whose choices the channel and checkerboard contexts would have to follow."""
+    codec = Codec(model, "mlicpp")
+    x = image(40, 70, seed=4)
+    out = codec.compress(x, Quantizer("usq"))
+    assert codec.decompress(out["bitstream"])["x_hat"].shape == x.shape
+    with pytest.raises(UserError, match="use -q usq"):
+        codec.compress(x, Quantizer("tcq8"))
 
 
 class _Fixed(nn.Module):

@@ -30,6 +30,16 @@ with ``ResidualBlock(M, M)``) and the 2023-09 ones (``"2023-09"``: the 4-conv LR
 ``LatentResidualPredictionOld``, ``g_s`` opening with ``ResidualBlock(M, N)`` and a skip
 conv). :func:`infer_mlicpp_params` tells them apart from the shapes.
 
+Streams are the official ones (one ``BufferedRansEncoder`` per image; each half's symbols
+appended in the squeezed ``(C, H, W/2)`` layout of :func:`squeeze_half`, in coding
+order), coded on whatever device the model is on, the CPU included::
+
+    compress(x)  -> {"strings": [[y_string per image], z_strings], "shape": (zh, zw)}
+    decompress(strings, shape) -> {"x_hat": x̂ clamped to [0, 1]}
+
+``y`` is ``4×`` the size of ``z``; the decoder derives it from ``shape``, so images must be
+padded to a multiple of 64 (:func:`qft.codec.pad` does).
+
 The transforms' residual blocks are the official ones: CompressAI's block structure with
 GELU in place of LeakyReLU, and a GELU after the second convolution of the plain block.
 """
@@ -41,6 +51,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from compressai.ans import BufferedRansEncoder, RansDecoder
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import GDN, conv1x1, conv3x3, subpel_conv3x3
 from compressai.models import CompressionModel
@@ -468,7 +479,9 @@ class LinearGlobalIntraContext(nn.Module):
 
 class MLICPlusPlus(CompressionModel):
     """MLIC++ with the official state_dict layout of either weight generation; see the
-    module doc for the coding steps.
+    module doc for the coding steps and streams. The steps are public
+    (:meth:`hyper_context`, :meth:`anchor_parameters`, :meth:`nonanchor_parameters`,
+    :meth:`lrp`), so other coders reuse them.
 
     Args:
         N: channels of the transforms and of ``z``.
@@ -604,6 +617,91 @@ class MLICPlusPlus(CompressionModel):
             y_hat_slices.append(y_hat + self.lrp(i, False, hyper_means, y_hat_slices, y_hat))
         x_hat = self.g_s(torch.cat(y_hat_slices, dim=1))
         return {"x_hat": x_hat, "likelihoods": {"y": torch.cat(likelihoods, dim=1), "z": z_likelihoods}}
+
+    # ------------------------------------------------------------------ coding (USQ)
+
+    def _tables(self) -> tuple[list, list, list]:
+        """The Gaussian CDF tables as the rANS coder takes them."""
+        gc = self.gaussian_conditional
+        if gc.quantized_cdf.numel() == 0 or self.entropy_bottleneck.quantized_cdf.numel() == 0:
+            raise ValueError("MLICPlusPlus: CDF tables not built; run update(force=True) first")
+        return (
+            gc.quantized_cdf.tolist(),
+            gc.cdf_length.reshape(-1).int().tolist(),
+            gc.offset.reshape(-1).int().tolist(),
+        )
+
+    def _steps(self, z_hat: Tensor, code_half) -> Tensor:
+        """``ŷ`` by the coding steps in order; ``code_half(anchors, index, scales, means)``
+        codes (or decodes) one half and returns its dequantized values on the full map
+        (zeros at the other half), from ``σ, μ`` on the full map."""
+        hyper, hyper_means = self.hyper_context(z_hat)
+        y_hat_slices: list[Tensor] = []
+        for i in range(self.slice_num):
+            scales, means, shared = self.anchor_parameters(i, hyper, y_hat_slices)
+            a_hat = code_half(True, i, scales, means)
+            a_hat = a_hat + self.lrp(i, True, hyper_means, y_hat_slices, a_hat)
+            scales, means = self.nonanchor_parameters(i, hyper, y_hat_slices, a_hat, shared)
+            y_hat = a_hat + code_half(False, i, scales, means)
+            y_hat_slices.append(y_hat + self.lrp(i, False, hyper_means, y_hat_slices, y_hat))
+        return torch.cat(y_hat_slices, dim=1)
+
+    def compress(self, x: Tensor) -> dict:
+        """Code images ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 64, with rounding
+        around ``μ`` (USQ); one y string and one z string per image."""
+        if x.shape[-2] % 64 or x.shape[-1] % 64:
+            raise ValueError(
+                f"MLICPlusPlus.compress needs H and W multiples of 64 (the decoder derives y's size "
+                f"from z's), got {tuple(x.shape[-2:])}; pad the image"
+            )
+        tables = self._tables()
+        gc = self.gaussian_conditional
+        y = self.g_a(x)
+        z = self.h_a(y)
+        z_strings = self.entropy_bottleneck.compress(z)
+        z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+        y_slices = y.chunk(self.slice_num, dim=1)
+        encoders = [BufferedRansEncoder() for _ in range(y.shape[0])]
+
+        def code_half(anchors: bool, index: int, scales: Tensor, means: Tensor) -> Tensor:
+            means = squeeze_half(means, anchors)
+            indexes = gc.build_indexes(squeeze_half(scales, anchors))
+            symbols = gc.quantize(squeeze_half(y_slices[index], anchors), "symbols", means)
+            for b, encoder in enumerate(encoders):
+                encoder.encode_with_indexes(symbols[b].reshape(-1).tolist(), indexes[b].reshape(-1).tolist(), *tables)
+            return unsqueeze_half(gc.dequantize(symbols, means), anchors)
+
+        self._steps(z_hat, code_half)
+        return {"strings": [[encoder.flush() for encoder in encoders], z_strings], "shape": z.shape[-2:]}
+
+    def decompress(self, strings: Sequence[Sequence[bytes]], shape: Sequence[int]) -> dict:
+        """Decode :meth:`compress`'s ``strings`` given ``z``'s spatial ``shape``."""
+        if len(strings) != 2 or len(strings[0]) != len(strings[1]):
+            raise ValueError("expected strings [[y_string per image], [z_string per image]]")
+        tables = self._tables()
+        gc = self.gaussian_conditional
+        z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
+        decoders = []
+        for y_string in strings[0]:
+            decoder = RansDecoder()
+            decoder.set_stream(y_string)
+            decoders.append(decoder)
+
+        def code_half(anchors: bool, index: int, scales: Tensor, means: Tensor) -> Tensor:
+            means = squeeze_half(means, anchors)
+            indexes = gc.build_indexes(squeeze_half(scales, anchors))
+            symbols = torch.stack(
+                [
+                    torch.tensor(
+                        decoder.decode_stream(indexes[b].reshape(-1).tolist(), *tables), dtype=torch.int32
+                    ).reshape(means.shape[1:])
+                    for b, decoder in enumerate(decoders)
+                ]
+            ).to(means.device)
+            return unsqueeze_half(gc.dequantize(symbols, means), anchors)
+
+        x_hat = self.g_s(self._steps(z_hat, code_half)).clamp_(0, 1)
+        return {"x_hat": x_hat}
 
 
 # ---------------------------------------------------------------------------- registry
