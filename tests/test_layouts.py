@@ -41,6 +41,8 @@ FIXTURES = {
     "elic2022-chandelier": "elic2022-chandelier",
     "dcae": "dcae",
     "cca": "cca",
+    "mlicpp": "mlicpp",
+    "mlicpp-old": "mlicpp",
 }
 
 #: top-level keys of a training checkpoint when the fixture names none (CompressAI's

@@ -47,6 +47,15 @@ TINY = {
     "elic2022-chandelier": {"N": 8, "M": 16, "groups": [2, 6, 8]},
     "tcm": {"N": 32, "M": 20, "Z": 8, "attn_dim": 16, "cc_dims": [16, 8]},
     **TINY_SLICE_MODELS,
+    "mlicpp": {
+        "N": 8,
+        "M": 16,
+        "slice_num": 2,
+        "generation": "2024-04",
+        "ep_hidden": [16, 12, 8],
+        "cc_hidden": [8, 8],
+        "lrp_hidden": [8, 8],
+    },
 }
 
 ENTROPY = {
@@ -60,6 +69,7 @@ ENTROPY = {
     "tcm": "channel-conditional",
     "dcae": "channel-conditional",
     "cca": "channel-conditional",
+    "mlicpp": "channel-checkerboard",
 }
 
 

@@ -11,7 +11,8 @@
 One module per model family registers its architectures in :data:`ARCHITECTURES`:
 :mod:`.google` (bmshj2018-hyperprior, mbt2018-mean, mbt2018), :mod:`.waseda`
 (cheng2020-anchor, cheng2020-attn), :mod:`.sensetime` (elic2022-official,
-elic2022-chandelier), :mod:`.tcm` (tcm), :mod:`.dcae` (dcae), :mod:`.cca` (cca).
+elic2022-chandelier), :mod:`.tcm` (tcm), :mod:`.dcae` (dcae), :mod:`.cca` (cca), :mod:`.mlicpp`
+(mlicpp).
 """
 
 # the families register in this order (the listing order of `qft models`)
@@ -22,6 +23,7 @@ from . import sensetime  # noqa: F401
 from . import tcm  # noqa: F401
 from . import dcae  # noqa: F401
 from . import cca  # noqa: F401
+from . import mlicpp  # noqa: F401
 
 # isort: on
 from .checkpoint import (
