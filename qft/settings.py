@@ -61,7 +61,7 @@ from qft.errors import UserError
 from qft.files import atomic_write
 
 if TYPE_CHECKING:  # torch is imported when a checkpoint is read, not by `qft <command> --help`
-    from qft.codec import RDTarget
+    from qft.codec import RDTarget, SGARefine
     from qft.models import LoadedCheckpoint
 
 __all__ = [
@@ -74,6 +74,8 @@ __all__ = [
     "target_value",
     "SETTINGS_FORMAT",
     "WEIGHT_CHOICES",
+    "REFINE_CHOICES",
+    "DEFAULT_REFINE_STEPS",
     "QuantizerChoice",
     "settings_path",
     "read_settings",
@@ -89,6 +91,10 @@ _SLOPE = math.log(2) / 6  # dD/dR of an entropy-coded uniform quantizer of step 
 SETTINGS_FORMAT = "qft-settings/1"
 #: ``--weights``: the settings' choice, none, the checkpoint's decoder weights, or a file
 WEIGHT_CHOICES = ("auto", "none", "decoder")
+#: ``--refine``: the encoder's latent refinement (qft.codec.refine): none, or SGA
+REFINE_CHOICES = ("none", "sga")
+#: ``--refine-steps``: Adam steps per image of SGA
+DEFAULT_REFINE_STEPS = 200
 
 
 def default_step(method: str) -> float:
@@ -217,6 +223,7 @@ class QuantizerChoice:
     weights: np.ndarray | None
     source: str  # "explicit", "calibrated" or "default"
     target: float | RDTarget = 0.0  # η of the decoder target (qft.codec.latent), or its per-image choice; 0: none
+    refine: SGARefine | None = None  # the encoder's latent refinement (qft.codec.refine); None: none
 
     def describe(self) -> dict[str, Any]:
         from qft.codec import target_record
@@ -229,6 +236,7 @@ class QuantizerChoice:
             "reset": q.reset,
             "weights": self.weights is not None,
             "target": target_record(self.target),
+            "refine": "none" if self.refine is None else self.refine.record(),
             "source": self.source,
         }
 
@@ -261,6 +269,8 @@ def resolve_quantizer(
     weights: str = "auto",
     step_scale: float = 1.0,
     target: str | float = "auto",
+    refine: str = "none",
+    refine_steps: int = DEFAULT_REFINE_STEPS,
 ) -> QuantizerChoice:
     """The quantizer of ``method`` for a checkpoint with ``settings`` (:func:`read_settings`).
 
@@ -275,12 +285,33 @@ def resolve_quantizer(
             :class:`~qft.codec.RDTarget` at the model's training λ, ``settings["model_lambda"]``),
             or ``"auto"``: the calibrated one (``qft calibrate --targets``; 0 if the
             calibration tried none), else :func:`default_target`.
+        refine: ``"none"`` or ``"sga"``: the latents refined by ``refine_steps`` Adam steps
+            of SGA (:class:`~qft.codec.SGARefine`) at the model's training λ before the
+            quantizer codes them. With SGA the decoder target is off (``"auto"`` gives 0, an
+            explicit one is refused): SGA already optimises the latent for the decoder, by the
+            full loss rather than one linearised step (docs/design.md, "SGA refinement").
 
     Raises:
         UserError: decoder weights asked for but not estimated; unreadable weights file;
-            invalid values.
+            invalid values; SGA without the model's λ, or with a decoder target.
     """
-    from qft.codec import RDTarget
+    from qft.codec import RDTarget, SGARefine
+
+    if refine not in REFINE_CHOICES:
+        raise UserError(f"--refine must be one of {', '.join(REFINE_CHOICES)}, got {refine!r}")
+    sga = None
+    if refine == "sga":
+        if "model_lambda" not in settings:
+            raise UserError(
+                "--refine sga minimises the model's RD loss at its training λ, which this checkpoint does "
+                "not record; record it with qft calibrate -m CKPT --lambda L"
+            )
+        if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 1:
+            raise UserError(f"--refine-steps must be an integer >= 1, got {refine_steps!r}")
+        if target not in ("auto", 0, 0.0):
+            raise UserError("--refine sga replaces the decoder target; drop --target (or give --target 0)")
+        target = 0.0
+        sga = SGARefine(float(settings["model_lambda"]), refine_steps)
 
     cal = settings.get("methods", {}).get(method, {})
     choice = cal.get("weights", "none") if weights == "auto" else weights
@@ -329,4 +360,4 @@ def resolve_quantizer(
         raise UserError(
             f"step {step:g} is too small for the 16-bit coding tables; use a step of at least 0.05"
         ) from None
-    return QuantizerChoice(q, w, source, eta)
+    return QuantizerChoice(q, w, source, eta, sga)

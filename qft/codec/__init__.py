@@ -4,6 +4,7 @@ from qft.codec.codec import Codec, model_fingerprint
 from qft.codec.container import Container
 from qft.codec.image import crop, list_images, output_format, pad, read_image, read_rgb, to_tensor, write_image
 from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent, RDTarget, target_record
+from qft.codec.refine import SGARefine, refine_latents
 
 __all__ = [
     "Codec",
@@ -12,6 +13,7 @@ __all__ = [
     "HyperpriorLatentCoder",
     "QuantizedLatent",
     "RDTarget",
+    "SGARefine",
     "crop",
     "list_images",
     "model_fingerprint",
@@ -19,6 +21,7 @@ __all__ = [
     "pad",
     "read_image",
     "read_rgb",
+    "refine_latents",
     "target_record",
     "to_tensor",
     "write_image",

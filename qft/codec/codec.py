@@ -34,6 +34,7 @@ from trellis.rans import CorruptStreamError
 from qft.codec.container import Container, Header, check_image_size, check_step
 from qft.codec.image import crop, pad, padding_for
 from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent, RDTarget
+from qft.codec.refine import SGARefine
 from qft.codec.tiling import tiled
 from qft.errors import UserError
 
@@ -169,13 +170,16 @@ class Codec:
         quantizer: Quantizer,
         weights: np.ndarray | None = None,
         target: float | RDTarget = 0.0,
+        refine: SGARefine | None = None,
     ) -> dict:
         """Codes one image ``(1, 3, H, W)`` in ``[0, 1]`` with the given latent quantizer.
 
         ``weights``: per-channel distortion weights ``(C,)`` of RDOQ/TCQ; ``target``: ``η``
         of the decoder target (:mod:`qft.codec.latent`; 0: none), or an :class:`RDTarget`
-        that chooses it for this image. Both are encoder-side choices of hyperprior models;
-        the decoder needs neither.
+        that chooses it for this image; ``refine``: an SGA refinement of the latents
+        (:mod:`qft.codec.refine`), whose refined ``y`` the quantizer codes. All are
+        encoder-side choices of hyperprior models; the decoder needs none. The target and
+        the refinement exclude each other (docs/design.md, "SGA refinement").
 
         Returns:
             dict with ``bitstream`` (bytes), ``bits_estimated`` (for hyperprior models the
@@ -189,13 +193,17 @@ class Codec:
         self.check_quantizer(quantizer)
         if target and self.latent_coder is None:
             raise UserError(f"{self.arch}: the decoder target needs a hyperprior model; use --target 0")
+        if refine is not None and self.latent_coder is None:
+            raise UserError(f"{self.arch}: --refine sga needs a hyperprior model; use --refine none")
+        if refine is not None and target:
+            raise ValueError("the decoder target and the SGA refinement exclude each other; give one of them")
         t0 = time.perf_counter()
         h, w = x.shape[-2:]
         check_image_size(h, w)
         check_step(quantizer.step)
         xp, padding = pad(x.to(self.device))
         if self.latent_coder is not None:
-            (lat,) = self.latent_coder.quantize(xp, quantizer, weights, target, padding)
+            (lat,) = self.latent_coder.quantize(xp, quantizer, weights, target, padding, refine)
             out = self.encode_latent(lat, quantizer, h, w)
             out["time_s"] = time.perf_counter() - t0
             return out

@@ -42,6 +42,7 @@ import torch
 
 from trellis import NUM_SCALES, SCALE_TABLE, Quantizer, QuantizeResult, rans, scale_rows
 
+from qft.codec.refine import SGARefine, refine_latents
 from qft.codec.tiling import receptive_radius, scaled, tiled, windows
 
 __all__ = [
@@ -257,9 +258,14 @@ class HyperpriorLatentCoder:
 
     # -- encoder ------------------------------------------------------------------------
     @torch.no_grad()
-    def analyse(self, x: torch.Tensor):
+    def analyse(
+        self, x: torch.Tensor, refine: SGARefine | None = None, padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    ):
         """Analysis and hyper-latent coding of a batch ``(N, 3, H, W)`` (``H``, ``W``
-        multiples of 64), everything the quantizer needs and nothing it does.
+        multiples of 64), everything the quantizer needs and nothing it does. With
+        ``refine``, ``y`` and ``z`` are the latents :func:`qft.codec.refine.refine_latents`
+        gives (``padding``: the zero padding of ``x``, outside its MSE), and ``ẑ`` is
+        coded from the refined ``z``.
 
         Returns:
             ``(y, μ, σ, z_strings, z_shape, z_bits)``: float32 numpy ``(N, C, h, w)``
@@ -267,8 +273,11 @@ class HyperpriorLatentCoder:
             ``-Σ log2`` of their ``EntropyBottleneck`` likelihoods per image.
         """
         m = self.model
-        y = tiled(m.g_a, x)
-        z = m.h_a(torch.abs(y) if self.entropy == "scale-hyperprior" else y)
+        if refine is not None:
+            y, z = refine_latents(m, x, refine, self.entropy, padding)
+        else:
+            y = tiled(m.g_a, x)
+            z = m.h_a(torch.abs(y) if self.entropy == "scale-hyperprior" else y)
         z_strings = m.entropy_bottleneck.compress(z)
         z_hat = m.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         _, z_lik = m.entropy_bottleneck(z, training=False)
@@ -278,12 +287,17 @@ class HyperpriorLatentCoder:
 
     @torch.no_grad()
     def latents(
-        self, x: torch.Tensor, direction: bool = False, padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self,
+        x: torch.Tensor,
+        direction: bool = False,
+        padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+        refine: SGARefine | None = None,
     ) -> list[QuantizedLatent]:
         """:meth:`analyse` of a batch ``(N, 3, H, W)`` as latents to quantize (``result``
         ``None``), with the decoder-target step when ``direction`` (``padding``: the zero
-        padding of ``x``, outside the target's residual)."""
-        y, mu, sigma, z_strings, z_shape, z_bits = self.analyse(x)
+        padding of ``x``, outside the target's residual and the refinement's MSE), refined
+        by ``refine`` (:mod:`qft.codec.refine`) when given."""
+        y, mu, sigma, z_strings, z_shape, z_bits = self.analyse(x, refine, padding)
         step = None
         if direction:
             step = target_direction(self.model.g_s, x, torch.from_numpy(y).to(x.device), padding)
@@ -312,6 +326,7 @@ class HyperpriorLatentCoder:
         weights: np.ndarray | None = None,
         target: float | RDTarget = 0.0,
         padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+        refine: SGARefine | None = None,
     ) -> list[QuantizedLatent]:
         """:meth:`latents` and their quantization (:meth:`requantize`), for a batch
         ``(N, 3, H, W)``.
@@ -321,9 +336,12 @@ class HyperpriorLatentCoder:
         on the CPU. ``weights``: per-channel distortion weights ``(C,)`` of RDOQ/TCQ
         (encoder only; see :meth:`trellis.Quantizer.quantize`). ``target``: ``η`` of the
         decoder target (module docstring; 0: none) or an :class:`RDTarget`; ``padding``:
-        the zero padding of ``x``, outside the target's residual and the choice's MSE.
+        the zero padding of ``x``, outside the target's residual and the choice's MSE;
+        ``refine``: an SGA refinement of the latents before quantization
+        (:mod:`qft.codec.refine`), which the refined ``y`` is the quantizer's target of.
         """
-        return [self.requantize(lat, quantizer, weights, target) for lat in self.latents(x, bool(target), padding)]
+        latents = self.latents(x, bool(target), padding, refine)
+        return [self.requantize(lat, quantizer, weights, target) for lat in latents]
 
     @torch.no_grad()
     def requantize(

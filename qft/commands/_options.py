@@ -13,8 +13,10 @@ from trellis import METHODS, RESETS
 
 from qft.settings import (
     DEFAULT_LAMBDA_MULT,
+    DEFAULT_REFINE_STEPS,
     DEFAULT_TARGET_ETA,
     DEFAULT_TCQ_STEP,
+    REFINE_CHOICES,
     QuantizerChoice,
     resolve_quantizer,
     target_value,
@@ -76,6 +78,20 @@ def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
         "(needs its training λ); auto (default): the calibrated choice, else for RDOQ/TCQ rd when the "
         f"model's λ is known or {DEFAULT_TARGET_ETA} (USQ: 0, off)",
     )
+    g.add_argument(
+        "--refine",
+        choices=REFINE_CHOICES,
+        default="none",
+        help="encoder-side latent refinement before quantization: sga (stochastic Gumbel annealing, Adam on "
+        "the model's RD loss at its training λ; the decoder target is then off) or none (default)",
+    )
+    g.add_argument(
+        "--refine-steps",
+        type=int,
+        default=DEFAULT_REFINE_STEPS,
+        metavar="N",
+        help=f"Adam steps per image of --refine sga (default: {DEFAULT_REFINE_STEPS})",
+    )
 
 
 def _target_option(text: str) -> str | float:
@@ -98,6 +114,8 @@ def quantizer_from_args(args: argparse.Namespace, settings: dict | None = None) 
         reset=args.reset,
         weights=getattr(args, "weights", "auto"),
         target=getattr(args, "target", "auto"),
+        refine=getattr(args, "refine", "none"),
+        refine_steps=getattr(args, "refine_steps", DEFAULT_REFINE_STEPS),
     )
 
 

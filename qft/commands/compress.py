@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     choice = quantizer_from_args(args, read_settings(ckpt))
     quantizer = choice.quantizer
     codec = Codec.from_checkpoint(ckpt, device=device_from_args(args))
-    out = codec.compress(x, quantizer, choice.weights, choice.target)
+    out = codec.compress(x, quantizer, choice.weights, choice.target, choice.refine)
     atomic_write(args.output, out["bitstream"])
     h, w = x.shape[-2:]
     target = f", target η {out['target']:g}" if out.get("target") else ""

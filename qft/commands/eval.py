@@ -66,11 +66,17 @@ def run(args: argparse.Namespace) -> int:
         codec = Codec.from_checkpoint(ckpt, device=device)
         codec.check_quantizer(choice.quantizer)
         if args.workers > 1:
-            jobs.append((path, {"q": (choice.quantizer, choice.weights, choice.target)}))
+            jobs.append((path, {"q": (choice.quantizer, choice.weights, choice.target, choice.refine)}))
         else:
             per_checkpoint.append(
                 evaluate_images(
-                    codec, choice.quantizer, images, desc=str(path), weights=choice.weights, target=choice.target
+                    codec,
+                    choice.quantizer,
+                    images,
+                    desc=str(path),
+                    weights=choice.weights,
+                    target=choice.target,
+                    refine=choice.refine,
                 )
             )
         checkpoints.append(

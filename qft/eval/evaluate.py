@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from trellis import Quantizer
 
-from qft.codec import Codec, RDTarget, crop, pad, read_image
+from qft.codec import Codec, RDTarget, SGARefine, crop, pad, read_image
 from qft.errors import UserError
 from qft.eval.metrics import ms_ssim_rgb, psnr
 from qft.threads import set_threads
@@ -37,14 +37,15 @@ def evaluate_images(
     weights: np.ndarray | None = None,
     target: float | RDTarget = 0.0,
     progress: bool = True,
+    refine: SGARefine | None = None,
 ) -> list[dict]:
-    """Per-image metrics of one codec/quantizer (weights, decoder target) over image files;
-    ``target`` of each row: the ``η`` coded."""
+    """Per-image metrics of one codec/quantizer (weights, decoder target, latent
+    refinement) over image files; ``target`` of each row: the ``η`` coded."""
     rows = []
     for path in tqdm(images, desc=desc, unit="img", leave=False, disable=not progress):
         x = read_image(path)
         pixels = x.shape[-2] * x.shape[-1]
-        enc = codec.compress(x, quantizer, weights, target)
+        enc = codec.compress(x, quantizer, weights, target, refine)
         dec = codec.decompress(enc["bitstream"], name=path.name)
         rows.append(
             {
@@ -122,7 +123,7 @@ def evaluate_configs(
 
 
 #: a configuration of :func:`evaluate_configs`: quantizer, per-channel weights, decoder target
-Config = tuple[Quantizer, "np.ndarray | None", "float | RDTarget"]
+Config = tuple[Quantizer, "np.ndarray | None", "float | RDTarget"]  # end to end, (…, SGARefine | None) too
 
 
 def _shard(
@@ -144,8 +145,8 @@ def _shard(
         codec.check_quantizer(q)
     if end_to_end:
         return {
-            label: evaluate_images(codec, q, images, weights=w, target=t, progress=False)
-            for label, (q, w, t) in configs.items()
+            label: evaluate_images(codec, q, images, weights=w, target=t, progress=False, refine=r[0] if r else None)
+            for label, (q, w, t, *r) in configs.items()
         }
     return evaluate_configs(codec, configs, images, ms_ssim=ms_ssim, progress=False)
 

@@ -1,0 +1,126 @@
+"""SGA latent refinement (qft.codec.refine): exact decoding, a lower RD loss, determinism,
+and the settings' guards."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from compressai.models import MeanScaleHyperprior
+
+from trellis import Quantizer
+
+from qft.codec import Codec, SGARefine
+from qft.errors import UserError
+from qft.settings import resolve_quantizer
+
+LMBDA = 0.01
+
+
+def tiny():
+    """A random-initialised mean-scale hyperprior, its latents large enough to round many ways."""
+    torch.manual_seed(0)
+    m = MeanScaleHyperprior(N=16, M=24).eval()
+    with torch.no_grad():
+        m.g_a[-1].weight.mul_(3.0)
+    m.update(force=True)
+    return m
+
+
+@pytest.fixture(scope="module")
+def image():
+    torch.manual_seed(3)
+    return torch.rand(1, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return Codec(tiny(), "test-arch", "mean-scale-hyperprior")
+
+
+def rd_cost(codec, image, out):
+    """The model's RD cost of a stream, as decoded."""
+    x_hat = codec.decompress(out["bitstream"])["x_hat"]
+    mse = (x_hat - image).pow(2).mean().item()
+    return LMBDA * 255**2 * mse + len(out["bitstream"]) * 8 / image[0, 0].numel()
+
+
+@pytest.mark.parametrize("q", [Quantizer("usq"), Quantizer("tcq8", step=0.7, lam=0.02)], ids=lambda q: q.method)
+def test_refined_stream_decodes_exactly(codec, image, q):
+    out = codec.compress(image, q, refine=SGARefine(LMBDA, 5, lr=0.2))
+    dec = codec.decompress(out["bitstream"])
+    assert np.array_equal(dec["y_hat"], out["y_hat"])
+    assert not np.array_equal(out["y_hat"], codec.compress(image, q)["y_hat"])  # the refinement changed ŷ
+
+
+def test_refinement_lowers_the_rd_loss(codec, image):
+    q = Quantizer("usq")
+    plain = rd_cost(codec, image, codec.compress(image, q))
+    refined = rd_cost(codec, image, codec.compress(image, q, refine=SGARefine(LMBDA, 40, lr=0.2)))
+    assert refined < plain
+
+
+def test_refinement_is_deterministic(codec, image):
+    q = Quantizer("usq")
+    a = codec.compress(image, q, refine=SGARefine(LMBDA, 5, seed=1))["bitstream"]
+    b = codec.compress(image, q, refine=SGARefine(LMBDA, 5, seed=1))["bitstream"]
+    assert a == b
+
+
+def test_refine_settings_and_guards(codec, image):
+    with pytest.raises(UserError, match="qft calibrate -m CKPT --lambda"):
+        resolve_quantizer("usq", {}, refine="sga")
+    with pytest.raises(UserError, match="--target"):
+        resolve_quantizer("tcq8", {"model_lambda": LMBDA}, refine="sga", target=0.25)
+    with pytest.raises(UserError, match="--refine-steps"):
+        resolve_quantizer("usq", {"model_lambda": LMBDA}, refine="sga", refine_steps=0)
+    c = resolve_quantizer("tcq8", {"model_lambda": LMBDA}, refine="sga", refine_steps=7)
+    assert c.target == 0.0 and c.refine == SGARefine(LMBDA, 7)
+    assert c.describe()["refine"] == "sga-7" and resolve_quantizer("usq", {}).describe()["refine"] == "none"
+    with pytest.raises(ValueError, match="exclude"):
+        codec.compress(image, Quantizer("usq"), target=0.25, refine=SGARefine(LMBDA, 1))
+    for bad in ({"lmbda": 0.0}, {"lmbda": math.nan}, {"lmbda": 0.01, "steps": 0}):
+        with pytest.raises(ValueError):
+            SGARefine(**bad)
+
+
+def test_cli_refine(tmp_path, capsys):
+    """``--refine sga`` asks for the model's λ, then codes a stream that decodes; eval records it."""
+    import json
+
+    from PIL import Image
+
+    from qft.cli import main
+
+    ck = str(tmp_path / "m.pth")
+    assert main(["init", "--arch", "mbt2018-mean", "--N", "16", "--M", "24", "-o", ck]) == 0
+    (tmp_path / "imgs").mkdir()
+    img = tmp_path / "imgs" / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (33, 40, 3), dtype=np.uint8)).save(img)
+    argv = ["compress", "-m", ck, "-q", "tcq8", "--refine", "sga", "--refine-steps", "3", str(img)]
+    assert main([*argv, "-o", str(tmp_path / "a.qft")]) == 2
+    assert "qft calibrate -m CKPT --lambda" in capsys.readouterr().err
+    assert main(["calibrate", "-m", ck, "--lambda", "0.01"]) == 0
+    assert main([*argv, "-o", str(tmp_path / "a.qft")]) == 0
+    assert main(["decompress", str(tmp_path / "a.qft"), "-m", ck, "-o", str(tmp_path / "a.png")]) == 0
+    out = tmp_path / "r.json"
+    assert (
+        main(
+            [
+                "eval",
+                "-m",
+                ck,
+                "--refine",
+                "sga",
+                "--refine-steps",
+                "2",
+                "--data",
+                str(tmp_path / "imgs"),
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["qft"]["quantizer"]["refine"] == "sga-2"
