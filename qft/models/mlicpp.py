@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from qft.errors import UserError
 
 from .registry import Architecture, register_architecture
-from .slices import check_positive_ints, count_indices
+from .slices import check_positive_ints, count_indices, gaussian_tables
 
 __all__ = [
     "MLICPlusPlus",
@@ -620,17 +620,6 @@ class MLICPlusPlus(CompressionModel):
 
     # ------------------------------------------------------------------ coding (USQ)
 
-    def _tables(self) -> tuple[list, list, list]:
-        """The Gaussian CDF tables as the rANS coder takes them."""
-        gc = self.gaussian_conditional
-        if gc.quantized_cdf.numel() == 0 or self.entropy_bottleneck.quantized_cdf.numel() == 0:
-            raise ValueError("MLICPlusPlus: CDF tables not built; run update(force=True) first")
-        return (
-            gc.quantized_cdf.tolist(),
-            gc.cdf_length.reshape(-1).int().tolist(),
-            gc.offset.reshape(-1).int().tolist(),
-        )
-
     def _steps(self, z_hat: Tensor, code_half) -> Tensor:
         """``ŷ`` by the coding steps in order; ``code_half(anchors, index, scales, means)``
         codes (or decodes) one half and returns its dequantized values on the full map
@@ -654,7 +643,7 @@ class MLICPlusPlus(CompressionModel):
                 f"MLICPlusPlus.compress needs H and W multiples of 64 (the decoder derives y's size "
                 f"from z's), got {tuple(x.shape[-2:])}; pad the image"
             )
-        tables = self._tables()
+        tables = gaussian_tables(self, self.entropy_bottleneck)
         gc = self.gaussian_conditional
         y = self.g_a(x)
         z = self.h_a(y)
@@ -678,7 +667,7 @@ class MLICPlusPlus(CompressionModel):
         """Decode :meth:`compress`'s ``strings`` given ``z``'s spatial ``shape``."""
         if len(strings) != 2 or len(strings[0]) != len(strings[1]):
             raise ValueError("expected strings [[y_string per image], [z_string per image]]")
-        tables = self._tables()
+        tables = gaussian_tables(self, self.entropy_bottleneck)
         gc = self.gaussian_conditional
         z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
         decoders = []

@@ -40,7 +40,14 @@ from qft.errors import UserError
 
 from .registry import ARCHITECTURES
 
-__all__ = ["ChannelSliceModel", "check_positive_ints", "count_indices", "is_positive_int", "slice_transform"]
+__all__ = [
+    "ChannelSliceModel",
+    "check_positive_ints",
+    "count_indices",
+    "gaussian_tables",
+    "is_positive_int",
+    "slice_transform",
+]
 
 
 def slice_transform(in_ch: int, hidden: Sequence[int], out_ch: int) -> nn.Sequential:
@@ -90,6 +97,23 @@ def check_positive_ints(
             raise UserError(f"{arch}: {key} must be {length} positive integers, got {value!r}")
         out[key] = list(value)
     return out
+
+
+def gaussian_tables(model: nn.Module, z_bottleneck: nn.Module) -> tuple[list, list, list]:
+    """The Gaussian CDF tables of ``model.gaussian_conditional`` as CompressAI's rANS coder
+    takes them (``cdf``, ``cdf_lengths``, ``offsets``).
+
+    Raises:
+        ValueError: the tables (or those of ``z_bottleneck``) are not built yet.
+    """
+    gc = model.gaussian_conditional
+    if gc.quantized_cdf.numel() == 0 or z_bottleneck.quantized_cdf.numel() == 0:
+        raise ValueError(f"{type(model).__name__}: CDF tables not built; run update(force=True) first")
+    return (
+        gc.quantized_cdf.tolist(),
+        gc.cdf_length.reshape(-1).int().tolist(),
+        gc.offset.reshape(-1).int().tolist(),
+    )
 
 
 class ChannelSliceModel(CompressionModel):
@@ -173,17 +197,6 @@ class ChannelSliceModel(CompressionModel):
 
     # ------------------------------------------------------------------ coding (USQ)
 
-    def _tables(self) -> tuple[list, list, list]:
-        """The Gaussian CDF tables as the rANS coder takes them."""
-        gc = self.gaussian_conditional
-        if gc.quantized_cdf.numel() == 0 or self.z_bottleneck.quantized_cdf.numel() == 0:
-            raise ValueError(f"{type(self).__name__}: CDF tables not built; run update(force=True) first")
-        return (
-            gc.quantized_cdf.tolist(),
-            gc.cdf_length.reshape(-1).int().tolist(),
-            gc.offset.reshape(-1).int().tolist(),
-        )
-
     def compress(self, x: Tensor) -> dict:
         """Code images ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 64, with rounding
         around ``μ`` (USQ); one y string and one z string per image."""
@@ -192,7 +205,7 @@ class ChannelSliceModel(CompressionModel):
                 f"{type(self).__name__}.compress needs H and W multiples of 64 "
                 f"(the decoder derives y's size from z's), got {tuple(x.shape[-2:])}; pad the image"
             )
-        cdf, cdf_lengths, offsets = self._tables()
+        cdf, cdf_lengths, offsets = gaussian_tables(self, self.z_bottleneck)
         gc = self.gaussian_conditional
         y = self.g_a(x)
         z = self.h_a(y)
@@ -217,7 +230,7 @@ class ChannelSliceModel(CompressionModel):
         """Decode :meth:`compress`'s ``strings`` given ``z``'s spatial ``shape``."""
         if len(strings) != 2 or len(strings[0]) != len(strings[1]):
             raise ValueError("expected strings [[y_string per image], [z_string per image]]")
-        cdf, cdf_lengths, offsets = self._tables()
+        cdf, cdf_lengths, offsets = gaussian_tables(self, self.z_bottleneck)
         gc = self.gaussian_conditional
         z_hat = self.z_bottleneck.decompress(strings[1], shape)
         context = self.hyper_context(z_hat)
