@@ -20,7 +20,9 @@ import re
 import pytest
 import torch
 
-from test_dcae_cca import TINY as TINY_SLICE_MODELS  # sibling test module
+from test_dcae_cca import TINY as TINY_SLICE_MODELS  # sibling test modules: one tiny size per family
+from test_mlicpp import TINY as TINY_MLICPP
+from test_tcm import TINY as TINY_TCM
 
 from qft.cli import main
 from qft.errors import UserError
@@ -45,17 +47,9 @@ TINY = {
     "cheng2020-attn": {"N": 8},
     "elic2022-official": {"N": 8, "M": 16, "groups": [4, 4, 8]},
     "elic2022-chandelier": {"N": 8, "M": 16, "groups": [2, 6, 8]},
-    "tcm": {"N": 32, "M": 20, "Z": 8, "attn_dim": 16, "cc_dims": [16, 8]},
+    "tcm": TINY_TCM,
     **TINY_SLICE_MODELS,
-    "mlicpp": {
-        "N": 8,
-        "M": 16,
-        "slice_num": 2,
-        "generation": "2024-04",
-        "ep_hidden": [16, 12, 8],
-        "cc_hidden": [8, 8],
-        "lrp_hidden": [8, 8],
-    },
+    "mlicpp": TINY_MLICPP,
 }
 
 ENTROPY = {
