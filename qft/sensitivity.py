@@ -66,7 +66,7 @@ import torch
 from tqdm import tqdm
 
 from qft.codec.image import pad, read_image, to_tensor
-from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, diag_jtj_probes
+from qft.codec.latent import HYPERPRIOR_ENTROPY, LatentCoder, diag_jtj_probes
 from qft.models import ARCHITECTURES
 
 __all__ = ["METHODS", "decoder_sensitivity", "normalise_weights", "channel_rates", "estimate_weights"]
@@ -111,17 +111,18 @@ def _as_tensor(image) -> torch.Tensor:
     return to_tensor(a)
 
 
-def _usq_latent(coder: HyperpriorLatentCoder, x: torch.Tensor) -> np.ndarray:
+def _usq_latent(coder: LatentCoder, x: torch.Tensor) -> np.ndarray:
     """The codec's USQ latent ``ŷ = μ + rint(y - μ)`` (float32, ``(1, M, h, w)``) of ``x``.
 
-    The analysis is :meth:`~qft.codec.HyperpriorLatentCoder.analyse`; rounding is
+    The analysis is :meth:`~qft.codec.LatentCoder.analyse`; rounding is
     bit-identical to ``trellis.Quantizer("usq")`` (D1: residual and sum in float32, step 1)
     but done in NumPy: a Numba parallel kernel (OpenMP threading layer) resets the process'
     OpenMP thread count, and with it torch's, to Numba's, which slows the decoder passes
     that follow (and breaks a caller's ``torch.set_num_threads``).
     """
-    y, mu, _, _, _, _ = coder.analyse(x)
-    return mu + np.rint(y - mu)
+    y, (ctx,), _, _, _ = coder.analyse(x)
+    mu, _ = coder.steps.parameters(ctx, 0)  # one step: the whole latent's
+    return mu[None] + np.rint(y - mu[None])
 
 
 def _exact(g_s, y_hat: torch.Tensor, step: float, draws: int, gen: torch.Generator) -> np.ndarray:
@@ -172,7 +173,7 @@ def decoder_sensitivity(
     """Per-channel sensitivity ``s_c`` of the synthesis transform ``g_s`` (module docstring).
 
     Each image is centre-cropped, analysed and quantized with USQ at step 1 (the same
-    ``ŷ``, bit for bit, as :meth:`qft.codec.HyperpriorLatentCoder.quantize` with
+    ``ŷ``, bit for bit, as :meth:`qft.codec.LatentCoder.quantize` with
     ``trellis.Quantizer("usq")``); ``s_c`` is then measured at that ``ŷ`` and averaged
     over the images. The model runs in eval mode on its own device (its training flag is
     restored afterwards); its weights are not changed. No Numba kernel runs, so torch's
@@ -220,7 +221,7 @@ def decoder_sensitivity(
     images = list(images)
     if not images:
         raise ValueError("no images given")
-    coder = HyperpriorLatentCoder(model, _entropy_kind(model))
+    coder = LatentCoder(model, _entropy_kind(model))
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(int(seed))
     was_training = model.training
@@ -292,13 +293,14 @@ def channel_rates(model: torch.nn.Module, images: Sequence, *, crop: int | None 
     (cropped as in :func:`decoder_sensitivity`), and the ``y`` rate in bits per pixel."""
     from trellis import Quantizer
 
-    coder = HyperpriorLatentCoder(model, _entropy_kind(model))
+    coder = LatentCoder(model, _entropy_kind(model))
     usq = Quantizer("usq")
     total, bits_all, pixels = None, 0.0, 0
     for img in images:
         x = _center_crop(_as_tensor(img), crop)
-        y, mu, sigma, _, _, _ = coder.analyse(x)
-        res = usq.quantize(y[0], mu[0], sigma[0], backend="numpy")
+        y, (ctx,), _, _, _ = coder.analyse(x)
+        mu, sigma = coder.steps.parameters(ctx, 0)  # one step: the whole latent's
+        res = usq.quantize(y[0], mu, sigma, backend="numpy")
         per_channel = usq.table.index_bits(res.rows, res.indices).mean(axis=(1, 2))
         total = per_channel if total is None else total + per_channel
         bits_all += res.bits

@@ -246,10 +246,10 @@ def test_rd_target_codes_the_cheapest_candidate(image):
     costs = {}
     for eta in rd.etas:
         c = coder.requantize(lat, q, target=eta)
-        x_hat = crop(codec.model.g_s(torch.from_numpy(c.result.y_hat)[None]).clamp(0, 1), padding)
+        x_hat = crop(codec.model.g_s(torch.from_numpy(c.y_hat)[None]).clamp(0, 1), padding)
         costs[eta] = 0.01 * 255**2 * torch.mean((x_hat.double() - image.double()) ** 2).item() + c.result.bits / (h * w)
     assert out["target"] == min(costs, key=costs.get) == 4.0 and len(set(costs.values())) == len(costs)
-    assert np.array_equal(out["y_hat"], coder.requantize(lat, q, target=out["target"]).result.y_hat)
+    assert np.array_equal(out["y_hat"], coder.requantize(lat, q, target=out["target"]).y_hat)
     only = codec.compress(image, q, target=RDTarget(0.01, etas=(0.25,)))
     assert only["bitstream"] == codec.compress(image, q, target=0.25)["bitstream"] and only["target"] == 0.25
     (plain,) = coder.latents(xp, False, padding)
@@ -378,10 +378,10 @@ def test_old_format_is_named(coded):
 
 def test_z_stream_decodes_as_compressai(image):
     """decode_z (trellis.rans) equals EntropyBottleneck.decompress, escapes included."""
-    from qft.codec import HyperpriorLatentCoder
+    from qft.codec import LatentCoder
 
     m = tiny()
-    coder = HyperpriorLatentCoder(m, "mean-scale-hyperprior")
+    coder = LatentCoder(m, "mean-scale-hyperprior")
     z = m.h_a(m.g_a(pad(image)[0]))
     z[0, :3] *= 1000  # far outside the tables: bypass-coded
     strings = m.entropy_bottleneck.compress(z)

@@ -20,7 +20,7 @@ from PIL import Image
 from trellis import SCALE_TABLE, Quantizer
 
 from qft.cli import main
-from qft.codec import Codec, HyperpriorLatentCoder, RDTarget
+from qft.codec import Codec, LatentCoder, RDTarget
 from qft.errors import UserError
 from qft.finetune import (
     LatentCache,
@@ -127,7 +127,7 @@ def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
     img = img[:208, :208]  # trimmed to multiples of 16
     x = torch.zeros(1, 3, 256, 256)
     x[0, :, :208, :208] = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255
-    lat = HyperpriorLatentCoder(base.model, "mean-scale-hyperprior").quantize(x, q)[0]
+    lat = LatentCoder(base.model, "mean-scale-hyperprior").quantize(x, q)[0]
     assert meta["identity"]["quantizer"] == {
         "method": "tcq8",
         "step": q.step,
@@ -136,13 +136,13 @@ def test_cache_holds_the_inference_quantizer_output(setup, decoder_run):
         "reset": "channel",
     }
     np.testing.assert_array_equal(cache.crop("index", 1, 0, 0, 8), lat.result.indices[:, :8, :8])
-    np.testing.assert_array_equal(cache.crop("y_hat", 1, 1, 2, 4), lat.result.y_hat[:, 1:5, 2:6])
+    np.testing.assert_array_equal(cache.crop("y_hat", 1, 1, 2, 4), lat.y_hat[:, 1:5, 2:6])
     # latent crop (i, j) of size h <-> image crop (16 i, 16 j) of size 16 h
     np.testing.assert_array_equal(cache.crop("image", 1, 1, 2, 4), img[16:80, 32:96])
     # a crop with its 2-latent context decodes its centre exactly as the whole image does
     g_s = base.model.g_s
     with torch.no_grad():
-        whole = g_s(torch.from_numpy(lat.result.y_hat)[None])
+        whole = g_s(torch.from_numpy(lat.y_hat)[None])
         part = g_s(torch.from_numpy(np.array(cache.crop("y_hat", 1, 2, 2, 8)))[None])
     torch.testing.assert_close(part[..., 32:-32, 32:-32], whole[..., 64:128, 64:128], rtol=0, atol=1e-5)
     assert cache.latent_size(1) == (13, 13)
@@ -366,7 +366,7 @@ def test_finetune_on_decoder_target_latents(setup, tmp_path):
     img = np.asarray(Image.open(setup["root"] / "data" / "train" / "1.png").convert("RGB"))[:208, :208]
     x = torch.zeros(1, 3, 256, 256)
     x[0, :, :208, :208] = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255
-    coder = HyperpriorLatentCoder(base.model, "mean-scale-hyperprior")
+    coder = LatentCoder(base.model, "mean-scale-hyperprior")
     lat = coder.quantize(x, q, target=0.25, padding=(0, 48, 0, 48))[0]
     np.testing.assert_array_equal(cache.crop("index", 1, 0, 0, 13), lat.result.indices[:, :13, :13])
     assert not np.array_equal(lat.result.indices, coder.quantize(x, q)[0].result.indices)

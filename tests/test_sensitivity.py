@@ -150,16 +150,16 @@ def test_latent_is_the_codecs_usq_latent(model, images):
     the Numba kernel resets torch's thread count, restored here."""
     from trellis import Quantizer
 
-    from qft.codec import HyperpriorLatentCoder
+    from qft.codec import LatentCoder
     from qft.sensitivity import _as_tensor, _center_crop, _usq_latent
 
     threads = torch.get_num_threads()
     try:
         for arch in ("mbt2018-mean", "bmshj2018-hyperprior"):
             m = model if arch == "mbt2018-mean" else create_model(arch, N=16, M=M, seed=0)
-            coder = HyperpriorLatentCoder(m, "mean-scale-hyperprior" if arch == "mbt2018-mean" else "scale-hyperprior")
+            coder = LatentCoder(m, "mean-scale-hyperprior" if arch == "mbt2018-mean" else "scale-hyperprior")
             x = _center_crop(_as_tensor(images[0]), 256)
             (lat,) = coder.quantize(x, Quantizer("usq"))
-            assert np.array_equal(_usq_latent(coder, x)[0], lat.result.y_hat)
+            assert np.array_equal(_usq_latent(coder, x)[0], lat.y_hat)
     finally:
         torch.set_num_threads(threads)

@@ -28,7 +28,7 @@ import numpy as np
 
 from numba import njit
 
-__all__ = ["CorruptStreamError", "encode", "decode"]
+__all__ = ["CorruptStreamError", "StreamDecoder", "encode", "decode"]
 
 _PRECISION = 16
 _BYPASS = 4
@@ -121,13 +121,11 @@ def _get_bits(x, words, ptr):  # pragma: no cover
 
 @njit(cache=True, nogil=True)
 def _decode(
-    words, scale_rows, chain_length, next_state, state_class, num_scales, cdf, cdf_length, offset, out, final
+    words, x, ptr, scale_rows, chain_length, next_state, state_class, num_scales, cdf, cdf_length, offset, out
 ):  # pragma: no cover
+    """Decodes ``out.size`` symbols from coder state ``x`` at word ``ptr``; returns
+    ``(status, x, ptr)``."""
     n = scale_rows.shape[0]
-    if words.shape[0] < 2:
-        return _ERR_EOF
-    x = np.uint64(words[0]) | (np.uint64(words[1]) << np.uint64(32))
-    ptr = 2
     mask = np.uint64((1 << _PRECISION) - 1)
     s = 0
     for i in range(n):
@@ -149,7 +147,7 @@ def _decode(
         x = freq * (x >> np.uint64(_PRECISION)) + (x & mask) - start
         if x < _RANS_L:
             if ptr >= words.shape[0]:
-                return _ERR_EOF
+                return _ERR_EOF, x, ptr
             x = (x << np.uint64(32)) | np.uint64(words[ptr])
             ptr += 1
         v = np.int64(lo)
@@ -157,32 +155,29 @@ def _decode(
         if v == mx:
             val, x, ptr, ok = _get_bits(x, words, ptr)
             if not ok:
-                return _ERR_EOF
+                return _ERR_EOF, x, ptr
             nb = val
             while val == _MAX_BYPASS:
                 val, x, ptr, ok = _get_bits(x, words, ptr)
                 if not ok:
-                    return _ERR_EOF
+                    return _ERR_EOF, x, ptr
                 nb += val
                 if nb > 8:
-                    return _ERR_ESCAPE
+                    return _ERR_ESCAPE, x, ptr
             if nb > 8:  # raw values of int32 indices fit in 32 bits: at most 8 nibbles
-                return _ERR_ESCAPE
+                return _ERR_ESCAPE, x, ptr
             raw = np.int64(0)
             for j in range(nb):
                 val, x, ptr, ok = _get_bits(x, words, ptr)
                 if not ok:
-                    return _ERR_EOF
+                    return _ERR_EOF, x, ptr
                 raw |= val << (j * _BYPASS)
             v = raw >> 1
             v = -v - 1 if raw & 1 else v + mx
         k = v + offset[r]
         out[i] = k
         s = next_state[s, k & 1]
-    final[0] = x
-    if ptr != words.shape[0]:
-        return _ERR_END
-    return _OK
+    return _OK, x, ptr
 
 
 def _initial_state(seal: int) -> np.uint64:
@@ -210,6 +205,77 @@ def encode(
     return _encode(symbols, rows, cdf, cdf_length, offset, _initial_state(seal)).astype("<u4").tobytes()
 
 
+class StreamDecoder:
+    """Decodes one stream in segments, each with its own table rows and chain layout.
+
+    A latent coded in several steps (channel slices, checkerboard halves) is one stream,
+    as in the official implementations, but the decoder learns the scale rows of a step
+    only after decoding the earlier ones. :meth:`decode` continues where the previous
+    segment stopped; :meth:`finish` checks that the stream ends exactly there, in the
+    encoder's sealed state. :func:`decode` is the one-segment case.
+
+    Args:
+        data: the stream (:func:`encode`'s output).
+        name: the stream's name in error messages.
+
+    Raises:
+        CorruptStreamError: (from any method) a damaged or truncated stream.
+    """
+
+    def __init__(self, data: bytes, name: str = "y stream"):
+        self.name = name
+        if len(data) % 4:
+            raise CorruptStreamError(f"{name}: length is not a multiple of 4 bytes (truncated?)")
+        self._words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
+        if self._words.size < 2:
+            raise CorruptStreamError(f"{name}: {_MESSAGES[_ERR_EOF]}")
+        self._x = np.uint64(self._words[0]) | (np.uint64(self._words[1]) << np.uint64(32))
+        self._ptr = 2
+        self._symbols: list[np.ndarray] = []
+
+    def decode(
+        self,
+        scale_rows: np.ndarray,
+        chain_length: int,
+        next_state: np.ndarray,
+        state_class: np.ndarray,
+        num_scales: int,
+        cdf: np.ndarray,
+        cdf_length: np.ndarray,
+        offset: np.ndarray,
+    ) -> np.ndarray:
+        """The next ``scale_rows.size`` symbols (``int32``, flat); arguments as :func:`decode`'s."""
+        scale_rows = np.ascontiguousarray(scale_rows, dtype=np.int64).reshape(-1)
+        out = np.empty(scale_rows.size, dtype=np.int32)
+        status, self._x, self._ptr = _decode(
+            self._words,
+            self._x,
+            self._ptr,
+            scale_rows,
+            max(int(chain_length), 1),
+            next_state,
+            state_class,
+            num_scales,
+            cdf,
+            cdf_length,
+            offset,
+            out,
+        )
+        if status != _OK:
+            raise CorruptStreamError(f"{self.name}: {_MESSAGES[status]}")
+        self._symbols.append(out)
+        return out
+
+    def finish(self, seal: int | Callable[[np.ndarray], int] = 0) -> None:
+        """Checks that the stream ends after the last decoded symbol, in the state sealed
+        with ``seal`` (:func:`encode`), or the function of all decoded symbols (in
+        decoding order) that gives it."""
+        if callable(seal):
+            seal = seal(np.concatenate(self._symbols) if self._symbols else np.zeros(0, np.int32))
+        if self._ptr != self._words.size or self._x != _initial_state(seal):
+            raise CorruptStreamError(f"{self.name}: {_MESSAGES[_ERR_END]}")
+
+
 def decode(
     data: bytes,
     scale_rows: np.ndarray,
@@ -223,7 +289,8 @@ def decode(
     name: str = "y stream",
     seal: int | Callable[[np.ndarray], int] = 0,
 ) -> np.ndarray:
-    """Decodes one symbol per entry of ``scale_rows`` (flat, decoding order).
+    """Decodes one symbol per entry of ``scale_rows`` (flat, decoding order): a whole
+    stream in one segment (:class:`StreamDecoder`).
 
     Args:
         data: the stream.
@@ -240,27 +307,7 @@ def decode(
     Returns:
         ``int32`` symbols. Raises :class:`CorruptStreamError` for a damaged stream.
     """
-    if len(data) % 4:
-        raise CorruptStreamError(f"{name}: length is not a multiple of 4 bytes (truncated?)")
-    words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
-    scale_rows = np.ascontiguousarray(scale_rows, dtype=np.int64).reshape(-1)
-    out = np.empty(scale_rows.size, dtype=np.int32)
-    final = np.zeros(1, dtype=np.uint64)
-    status = _decode(
-        words,
-        scale_rows,
-        max(int(chain_length), 1),
-        next_state,
-        state_class,
-        num_scales,
-        cdf,
-        cdf_length,
-        offset,
-        out,
-        final,
-    )
-    if status == _OK and final[0] != _initial_state(seal(out) if callable(seal) else seal):
-        status = _ERR_END
-    if status != _OK:
-        raise CorruptStreamError(f"{name}: {_MESSAGES[status]}")
+    dec = StreamDecoder(data, name)
+    out = dec.decode(scale_rows, chain_length, next_state, state_class, num_scales, cdf, cdf_length, offset)
+    dec.finish(seal)
     return out

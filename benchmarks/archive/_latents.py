@@ -15,7 +15,7 @@ import torch
 
 from trellis.hardware import machine_info
 
-from qft.codec import HyperpriorLatentCoder, list_images, read_image
+from qft.codec import LatentCoder, list_images, read_image
 from qft.models import ARCHITECTURES, LoadedCheckpoint, load_checkpoint
 from qft.models.zoo import base_entries
 
@@ -68,18 +68,19 @@ def read_images(folder: str | Path, n: int) -> list[torch.Tensor]:
     return [top_left(read_image(f)) for f in list_images(folder)[:n]]
 
 
-def checkpoints(specs: list[str] | None) -> Iterator[tuple[str, LoadedCheckpoint, HyperpriorLatentCoder]]:
+def checkpoints(specs: list[str] | None) -> Iterator[tuple[str, LoadedCheckpoint, LatentCoder]]:
     """``(spec, checkpoint, coder)`` of each checkpoint (default: the shipped base models),
     the model in eval mode."""
     for spec in specs or [Path(e["file"]).stem for e in base_entries()]:
         ck = load_checkpoint(spec)
-        yield spec, ck, HyperpriorLatentCoder(ck.model.eval(), ARCHITECTURES[ck.arch].entropy)
+        yield spec, ck, LatentCoder(ck.model.eval(), ARCHITECTURES[ck.arch].entropy)
 
 
-def analyse(coder: HyperpriorLatentCoder, images: list[torch.Tensor]) -> list[tuple]:
+def analyse(coder: LatentCoder, images: list[torch.Tensor]) -> list[tuple]:
     """``(x, y, μ, σ, ẑ bits)`` per image (numpy ``(C, h, w)`` latents)."""
     out = []
     for x in images:
-        y, mu, sigma, _, _, z_bits = coder.analyse(x)
-        out.append((x, y[0], mu[0], sigma[0], float(z_bits[0])))
+        y, (ctx,), _, _, z_bits = coder.analyse(x)
+        mu, sigma = coder.steps.parameters(ctx, 0)  # hyperprior models: one step, the whole latent
+        out.append((x, y[0], mu, sigma, float(z_bits[0])))
     return out

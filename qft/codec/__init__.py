@@ -1,19 +1,21 @@
-"""Real bitstreams: the codec, the latent coder of hyperprior models, images, the container."""
+"""Real bitstreams: the codec, the step-wise latent coder, images, the container."""
 
 from qft.codec.codec import Codec, model_fingerprint
 from qft.codec.container import Container
 from qft.codec.image import crop, list_images, output_format, pad, read_image, read_rgb, to_tensor, write_image
-from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent, RDTarget, target_record
+from qft.codec.latent import HYPERPRIOR_ENTROPY, LatentCoder, QuantizedLatent, RDTarget, target_record
 from qft.codec.refine import SGARefine, refine_latents
+from qft.codec.steps import STEP_ENTROPY
 
 __all__ = [
     "Codec",
     "Container",
     "HYPERPRIOR_ENTROPY",
-    "HyperpriorLatentCoder",
+    "LatentCoder",
     "QuantizedLatent",
     "RDTarget",
     "SGARefine",
+    "STEP_ENTROPY",
     "crop",
     "list_images",
     "model_fingerprint",

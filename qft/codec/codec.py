@@ -6,13 +6,15 @@
     out = codec.compress(x, Quantizer("tcq8", step=0.6, lam=0.02))  # x: (1, 3, H, W) in [0, 1]
     x_hat = codec.decompress(out["bitstream"])["x_hat"]   # the quantizer comes from the stream
 
-Hyperprior-family models (``scale-hyperprior``, ``mean-scale-hyperprior``) are coded by
-:class:`~qft.codec.latent.HyperpriorLatentCoder` with any quantizer over the whole latent.
-Models with spatial autoregressive context (``mbt2018``, ``cheng2020-*``) and with channel
-groups + checkerboard (``elic2022-*``) are coded with their own ``compress``/``decompress``
-(USQ only; the container still adds the header and checksum): an exact trellis is
-impossible with a spatial context, since each trellis path would need its own entropy
-parameters, and TCQ over channel groups is not built yet.
+Hyperprior-family models (``scale-hyperprior``, ``mean-scale-hyperprior``) and the
+channel-slice models (``channel-conditional``: TCM, DCAE, CCA) are coded by
+:class:`~qft.codec.latent.LatentCoder` with any quantizer, step by step
+(:mod:`qft.codec.steps`: the whole latent in one step, or one step per slice). Models with
+spatial autoregressive context (``mbt2018``, ``cheng2020-*``) and with channel groups +
+checkerboard (``elic2022-*``, ``mlicpp``) are coded with their own
+``compress``/``decompress`` (USQ only; the container still adds the header and checksum):
+an exact trellis is impossible with a spatial context, since each trellis path would need
+its own entropy parameters, and their checkerboard steps are not built yet.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from trellis.rans import CorruptStreamError
 
 from qft.codec.container import Container, Header, check_image_size, check_step
 from qft.codec.image import crop, pad, padding_for
-from qft.codec.latent import HYPERPRIOR_ENTROPY, HyperpriorLatentCoder, QuantizedLatent, RDTarget
+from qft.codec.latent import HYPERPRIOR_ENTROPY, LatentCoder, QuantizedLatent, RDTarget
 from qft.codec.refine import SGARefine
+from qft.codec.steps import STEP_ENTROPY
 from qft.codec.tiling import tiled
 from qft.errors import UserError
 
@@ -139,8 +142,7 @@ class Codec:
         check_finite_weights(model)
         self.fingerprint = model_fingerprint(model)
         self.z_cdf_crc = _eb_checksum(model)
-        hyper = entropy in HYPERPRIOR_ENTROPY
-        self.latent_coder = HyperpriorLatentCoder(model, entropy) if hyper else None
+        self.latent_coder = LatentCoder(model, entropy) if entropy in STEP_ENTROPY else None
 
     @classmethod
     def from_checkpoint(cls, ckpt: LoadedCheckpoint, device: str = "cpu") -> Codec:
@@ -153,8 +155,8 @@ class Codec:
         if self.latent_coder is None and quantizer != Quantizer("usq"):
             raise UserError(
                 f"{self.arch} has a {self.entropy} entropy model: {quantizer.method} (or a non-default USQ) needs the "
-                "entropy parameters of every latent before quantization, which a spatial or channel context only "
-                "gives after it; use -q usq with its defaults"
+                "entropy parameters of every latent before quantization, which a spatial context only gives after "
+                "it; use -q usq with its defaults"
             )
 
     def _tables(self, q: Quantizer, height: int, width: int) -> int:
@@ -177,23 +179,24 @@ class Codec:
         ``weights``: per-channel distortion weights ``(C,)`` of RDOQ/TCQ; ``target``: ``η``
         of the decoder target (:mod:`qft.codec.latent`; 0: none), or an :class:`RDTarget`
         that chooses it for this image; ``refine``: an SGA refinement of the latents
-        (:mod:`qft.codec.refine`), whose refined ``y`` the quantizer codes. All are
-        encoder-side choices of hyperprior models; the decoder needs none. The target and
-        the refinement exclude each other (docs/design.md, "SGA refinement").
+        (:mod:`qft.codec.refine`; hyperprior models), whose refined ``y`` the quantizer
+        codes. All are encoder-side choices of step-wise coded models; the decoder needs
+        none. The target and the refinement exclude each other (docs/design.md, "SGA
+        refinement").
 
         Returns:
-            dict with ``bitstream`` (bytes), ``bits_estimated`` (for hyperprior models the
-            table rate of the y indices plus the likelihood bits of ``ẑ``; otherwise the
-            model's likelihood bits), ``time_s``, and for hyperprior models ``y_hat`` (the
-            decoder's latent, numpy), ``y_table_bits``, ``y_bytes``, ``z_bytes``, ``target``
-            (the ``η`` coded).
+            dict with ``bitstream`` (bytes), ``bits_estimated`` (for step-wise coded models
+            the table rate of the y indices plus the likelihood bits of ``ẑ``; otherwise
+            the model's likelihood bits), ``time_s``, and for step-wise coded models
+            ``y_hat`` (the decoder's latent, numpy), ``y_table_bits``, ``y_bytes``,
+            ``z_bytes``, ``target`` (the ``η`` coded).
         """
         if x.ndim != 4 or x.shape[:2] != (1, 3):
             raise ValueError(f"expected one RGB image (1, 3, H, W), got {tuple(x.shape)}")
         self.check_quantizer(quantizer)
         if target and self.latent_coder is None:
-            raise UserError(f"{self.arch}: the decoder target needs a hyperprior model; use --target 0")
-        if refine is not None and self.latent_coder is None:
+            raise UserError(f"{self.arch}: the decoder target needs a step-wise coded model; use --target 0")
+        if refine is not None and self.entropy not in HYPERPRIOR_ENTROPY:
             raise UserError(f"{self.arch}: --refine sga needs a hyperprior model; use --refine none")
         if refine is not None and target:
             raise ValueError("the decoder target and the SGA refinement exclude each other; give one of them")
@@ -220,11 +223,11 @@ class Codec:
         }
 
     def encode_latent(self, lat: QuantizedLatent, quantizer: Quantizer, height: int, width: int) -> dict:
-        """The bitstream of an already quantized latent (hyperprior models).
+        """The bitstream of an already quantized latent (step-wise coded models).
 
-        :meth:`compress` is :meth:`HyperpriorLatentCoder.quantize` followed by this; callers
+        :meth:`compress` is :meth:`LatentCoder.quantize` followed by this; callers
         that try several quantizers on one image analyse once and re-quantize
-        (:meth:`HyperpriorLatentCoder.requantize`). Returns :meth:`compress`'s dict less
+        (:meth:`LatentCoder.requantize`). Returns :meth:`compress`'s dict less
         ``time_s``.
         """
         header = self._header(quantizer, height, width)
@@ -232,7 +235,7 @@ class Codec:
         bitstream = Container(header, [lat.z_string, y_stream]).to_bytes()
         return {
             "bitstream": bitstream,
-            "y_hat": lat.result.y_hat,
+            "y_hat": lat.y_hat,
             "y_table_bits": lat.result.bits,
             "z_bytes": len(lat.z_string),
             "y_bytes": len(y_stream),
@@ -257,7 +260,7 @@ class Codec:
 
         Returns:
             dict with ``x_hat`` ``(1, 3, H, W)`` in ``[0, 1]`` (CPU), ``y_hat`` (numpy, for
-            hyperprior models) and ``time_s``.
+            step-wise coded models: the decoder's latent) and ``time_s``.
 
         Raises:
             UserError: damaged stream, or one made with another model or tables. The

@@ -1,19 +1,23 @@
-"""Latent coding of hyperprior models with any :class:`trellis.Quantizer`.
+"""Latent coding with any :class:`trellis.Quantizer`, step by step (:mod:`qft.codec.steps`).
 
 ::
 
-    x ─g_a─▶ y ─h_a─▶ z ─EntropyBottleneck─▶ ẑ ─h_s (CPU, float64)─▶ μ, σ ─▶ scale rows
-                 │                                                       │
-                 └───── r = y − μ ──▶ Quantizer (USQ | RDOQ | TCQ-4 | TCQ-8) ◀┘
-                                         │ indices k, states s, rows
-                                         ▼
-                                   rANS (trellis.rans) ─▶ y stream
+    x ─g_a─▶ y ─h_a─▶ z ─EntropyBottleneck─▶ ẑ ─▶ context
+                 │                                   │   for each step i (1 for hyperpriors,
+                 │                                   ▼   one per slice for TCM/DCAE/CCA):
+                 │             μ_i, σ_i (CPU, float64 path) from ẑ and final values of steps < i
+                 │                                   │
+                 └── y_i ──▶ Quantizer (USQ | RDOQ | TCQ-4 | TCQ-8) ──▶ indices, rows ──┐
+                                     │ dequantized ŷ_i (+ LRP) = final values of step i    │
+                                     └──────────────▶ context                             ▼
+                                                    rANS (trellis.rans), one stream ─▶ y stream
 
 ``z`` is coded exactly as CompressAI codes it (its ``EntropyBottleneck``). The
-entropy-parameter path — ``ẑ`` from the decoded z symbols, ``h_s`` in float64 on the CPU,
-``μ`` and ``σ`` rounded to float32, ``σ`` lower-bounded at 0.11 — is run identically by
-encoder and decoder, so the decoder reproduces the encoder's table rows and ``ŷ`` bit for
-bit even when the encoder ran the analysis transforms on a GPU.
+entropy-parameter path — ``ẑ`` from the decoded z symbols, ``h_s`` (and the slice
+transforms and LRP) in float64 on the CPU, ``μ`` and ``σ`` rounded to float32, ``σ``
+lower-bounded at 0.11 — is run identically by encoder and decoder, so the decoder
+reproduces the encoder's table rows and ``ŷ`` bit for bit even when the encoder ran the
+analysis transforms on a GPU.
 
 **Decoder target** (encoder only, ``target = η > 0``): the quantizer is given
 ``y + η·s`` instead of ``y``, with ``s`` the damped diagonal Gauss–Newton step towards a
@@ -28,7 +32,6 @@ own RD cost) is coded.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import zlib
@@ -40,16 +43,17 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from trellis import NUM_SCALES, SCALE_TABLE, Quantizer, QuantizeResult, rans, scale_rows
+from trellis import NUM_SCALES, Quantizer, QuantizeResult, rans, scale_rows
 
 from qft.codec.refine import SGARefine, refine_latents
+from qft.codec.steps import STEP_ENTROPY, StepContext, latent_steps
 from qft.codec.tiling import receptive_radius, scaled, tiled, windows
 
 __all__ = [
     "HYPERPRIOR_ENTROPY",
     "RD_ETAS",
     "QuantizedLatent",
-    "HyperpriorLatentCoder",
+    "LatentCoder",
     "RDTarget",
     "diag_jtj_probes",
     "target_direction",
@@ -198,8 +202,14 @@ class QuantizedLatent:
 
     Attributes:
         y: the analysis output, float32 numpy ``(C, H, W)``.
-        mu, sigma: entropy parameters (float32, ``σ >= 0.11``).
-        result: the quantizer's output (indices, states, rows, ŷ, table bits).
+        context: the coding state after ``ẑ`` (:class:`qft.codec.steps.StepContext`, no
+            step committed), from which every quantization of this latent starts.
+        result: the quantizer's output over the whole latent, step by step (indices,
+            states, rows, dequantized values, table bits), in ``(C, H, W)`` layout.
+        mu, sigma: the entropy parameters the steps gave (float32, ``σ >= 0.11``; ``None``
+            before quantization: after the first step they depend on it).
+        y_final: the latent ``g_s`` decodes: ``result.y_hat`` plus each step's LRP
+            (``result.y_hat`` itself for models without one).
         z_string: the coded hyper-latent.
         z_shape: spatial size of ``z``.
         z_bits_estimated: ``-Σ log2`` of the ``EntropyBottleneck`` likelihoods of ``ẑ``.
@@ -211,9 +221,11 @@ class QuantizedLatent:
     """
 
     y: np.ndarray
-    mu: np.ndarray
-    sigma: np.ndarray
-    result: QuantizeResult
+    context: StepContext
+    result: QuantizeResult | None
+    mu: np.ndarray | None
+    sigma: np.ndarray | None
+    y_final: np.ndarray | None
     z_string: bytes
     z_shape: tuple[int, int]
     z_bits_estimated: float
@@ -222,39 +234,35 @@ class QuantizedLatent:
     image: torch.Tensor | None = None
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)
 
+    @property
+    def y_hat(self) -> np.ndarray:
+        """The decoder's latent (:attr:`y_final`)."""
+        if self.y_final is None:
+            raise ValueError("this latent is not quantized yet")
+        return self.y_final
 
-class HyperpriorLatentCoder:
-    """Quantizes and codes the latent of a scale or mean-scale hyperprior model.
 
-    The quantizer is an argument of each call, so one coder (and its float64 copy of
-    ``h_s``) serves every quantizer.
+class LatentCoder:
+    """Quantizes and codes the latent of any step-wise coded model (hyperpriors, channel
+    slices; :mod:`qft.codec.steps`) with any quantizer.
+
+    The quantizer is an argument of each call, so one coder (and its float64 copy of the
+    entropy path) serves every quantizer.
 
     Args:
-        model: a CompressAI ``ScaleHyperprior``/``MeanScaleHyperprior``-like model with
-            ``g_a``, ``h_a``, ``h_s``, ``entropy_bottleneck``; CDFs up to date
-            (``update(force=True)``).
-        entropy: ``"scale-hyperprior"`` (``σ = h_s(ẑ)``, ``μ = 0``, ``h_a`` sees ``|y|``)
-            or ``"mean-scale-hyperprior"`` (``σ, μ = h_s(ẑ).chunk(2, 1)``).
+        model: a model with ``g_a``, ``g_s``, a hyper-analysis and a z
+            ``EntropyBottleneck``; CDFs up to date (``update(force=True)``).
+        entropy: its entropy-model kind, one of :data:`qft.codec.steps.STEP_ENTROPY`.
+        dtype: precision of the entropy path (float64: the codec's; float32: the model's
+            own arithmetic, e.g. to compare with its ``compress``).
     """
 
-    def __init__(self, model: torch.nn.Module, entropy: str):
-        if entropy not in HYPERPRIOR_ENTROPY:
-            raise ValueError(f"entropy must be one of {HYPERPRIOR_ENTROPY}, got {entropy!r}")
+    def __init__(self, model: torch.nn.Module, entropy: str, dtype: torch.dtype = torch.float64):
+        if entropy not in STEP_ENTROPY:
+            raise ValueError(f"entropy must be one of {STEP_ENTROPY}, got {entropy!r}")
         self.model = model
         self.entropy = entropy
-        self._h_s64 = copy.deepcopy(model.h_s).to("cpu", torch.float64).eval()
-
-    # -- shared by encoder and decoder -------------------------------------------------
-    @torch.no_grad()
-    def entropy_parameters(self, z_hat: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """``(μ, σ)`` as float32 numpy ``(N, C, H, W)`` from ``ẑ`` (deterministic CPU path)."""
-        p = self._h_s64(z_hat.to("cpu", torch.float64))
-        if self.entropy == "scale-hyperprior":
-            sigma, mu = p, torch.zeros_like(p)
-        else:
-            sigma, mu = p.chunk(2, 1)
-        sigma = sigma.float().numpy()
-        return mu.float().numpy(), np.maximum(sigma, SCALE_TABLE[0])
+        self.steps = latent_steps(model, entropy, dtype)
 
     # -- encoder ------------------------------------------------------------------------
     @torch.no_grad()
@@ -263,27 +271,29 @@ class HyperpriorLatentCoder:
     ):
         """Analysis and hyper-latent coding of a batch ``(N, 3, H, W)`` (``H``, ``W``
         multiples of 64), everything the quantizer needs and nothing it does. With
-        ``refine``, ``y`` and ``z`` are the latents :func:`qft.codec.refine.refine_latents`
-        gives (``padding``: the zero padding of ``x``, outside its MSE), and ``ẑ`` is
-        coded from the refined ``z``.
+        ``refine`` (hyperprior models), ``y`` and ``z`` are the latents
+        :func:`qft.codec.refine.refine_latents` gives (``padding``: the zero padding of
+        ``x``, outside its MSE), and ``ẑ`` is coded from the refined ``z``.
 
         Returns:
-            ``(y, μ, σ, z_strings, z_shape, z_bits)``: float32 numpy ``(N, C, h, w)``
-            arrays (``σ >= 0.11``), the coded hyper-latents, their spatial size and
-            ``-Σ log2`` of their ``EntropyBottleneck`` likelihoods per image.
+            ``(y, contexts, z_strings, z_shape, z_bits)``: float32 numpy ``y``
+            ``(N, C, h, w)``, one :class:`~qft.codec.steps.StepContext` per image, the
+            coded hyper-latents, their spatial size and ``-Σ log2`` of their
+            ``EntropyBottleneck`` likelihoods per image.
         """
-        m = self.model
+        m, eb = self.model, self.steps.z_bottleneck
         if refine is not None:
+            if self.entropy not in HYPERPRIOR_ENTROPY:
+                raise ValueError("the SGA refinement needs a hyperprior model")
             y, z = refine_latents(m, x, refine, self.entropy, padding)
         else:
             y = tiled(m.g_a, x)
-            z = m.h_a(torch.abs(y) if self.entropy == "scale-hyperprior" else y)
-        z_strings = m.entropy_bottleneck.compress(z)
-        z_hat = m.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
-        _, z_lik = m.entropy_bottleneck(z, training=False)
+            z = self.steps.hyper_analysis(y)
+        z_strings = eb.compress(z)
+        z_hat = eb.decompress(z_strings, z.shape[-2:])
+        _, z_lik = eb(z, training=False)
         z_bits = -torch.log2(z_lik).flatten(1).sum(1).cpu()
-        mu, sigma = self.entropy_parameters(z_hat)
-        return y.float().cpu().numpy(), mu, sigma, z_strings, tuple(z.shape[-2:]), z_bits
+        return y.float().cpu().numpy(), self.steps.contexts(z_hat), z_strings, tuple(z.shape[-2:]), z_bits
 
     @torch.no_grad()
     def latents(
@@ -297,25 +307,26 @@ class HyperpriorLatentCoder:
         ``None``), with the decoder-target step when ``direction`` (``padding``: the zero
         padding of ``x``, outside the target's residual and the refinement's MSE), refined
         by ``refine`` (:mod:`qft.codec.refine`) when given."""
-        y, mu, sigma, z_strings, z_shape, z_bits = self.analyse(x, refine, padding)
+        y, contexts, z_strings, z_shape, z_bits = self.analyse(x, refine, padding)
         step = None
         if direction:
             step = target_direction(self.model.g_s, x, torch.from_numpy(y).to(x.device), padding)
         return [
             QuantizedLatent(
-                y[i],
-                mu[i],
-                sigma[i],
-                None,
-                z_strings[i],
-                z_shape,
-                float(z_bits[i]),
-                None if step is None else step[i],
-                0.0,
-                None if step is None else x[i : i + 1],
-                tuple(padding),
+                y=y[i],
+                context=ctx,
+                result=None,
+                mu=None,
+                sigma=None,
+                y_final=None,
+                z_string=z_strings[i],
+                z_shape=z_shape,
+                z_bits_estimated=float(z_bits[i]),
+                direction=None if step is None else step[i],
+                image=None if step is None else x[i : i + 1],
+                padding=tuple(padding),
             )
-            for i in range(y.shape[0])
+            for i, ctx in enumerate(contexts)
         ]
 
     @torch.no_grad()
@@ -351,7 +362,9 @@ class HyperpriorLatentCoder:
         weights: np.ndarray | None = None,
         target: float | RDTarget = 0.0,
     ) -> QuantizedLatent:
-        """The same analysis (y, μ, σ, z) quantized with another quantizer (weights, target).
+        """The same analysis (y, z) quantized with another quantizer (weights, target),
+        step by step: each step's ``μ, σ`` come from the final values of the steps before
+        it, exactly as the decoder computes them.
 
         Raises:
             ValueError: ``target`` negative or not finite; a target for a latent analysed
@@ -367,8 +380,32 @@ class HyperpriorLatentCoder:
         if target > 0 and lat.direction is None:
             raise ValueError("this latent was analysed without the decoder target; quantize it with a target first")
         y = lat.y if target == 0 else lat.y + np.float32(target) * lat.direction
-        res = quantizer.quantize(y, lat.mu, lat.sigma, weights=_per_channel(weights))
-        return dataclasses.replace(lat, result=res, target=target)
+        w = _per_channel(weights)
+        steps = self.steps
+        ctx = dataclasses.replace(lat.context, finals=[], support=None)
+        parts, mus, sigmas = [], [], []
+        for i in range(steps.num_steps):
+            mu, sigma = steps.parameters(ctx, i)
+            wi = None if w is None else w[steps.step_channels(i)]
+            res = quantizer.quantize(steps.gather(i, y), mu, sigma, weights=wi)
+            steps.commit(ctx, i, res.y_hat)
+            parts.append(res)
+            mus.append(mu)
+            sigmas.append(sigma)
+        result = QuantizeResult(
+            *(self._assemble([getattr(p, f) for p in parts], lat.y.shape) for f in QuantizeResult._fields[:4]),
+            bits=float(sum(p.bits for p in parts)),
+        )
+        mu, sigma = self._assemble(mus, lat.y.shape), self._assemble(sigmas, lat.y.shape)
+        y_final = steps.final(ctx)
+        return dataclasses.replace(lat, result=result, mu=mu, sigma=sigma, y_final=y_final, target=target)
+
+    def _assemble(self, parts: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+        """The steps' arrays (their layouts) as one latent-shaped ``(C, H, W)`` array."""
+        out = np.empty(shape, parts[0].dtype)
+        for i, part in enumerate(parts):
+            self.steps.scatter(i, out, part)
+        return out
 
     def _quantize_rd(
         self, lat: QuantizedLatent, quantizer: Quantizer, weights: np.ndarray | None, eta: float, lmbda: float
@@ -381,7 +418,7 @@ class HyperpriorLatentCoder:
         x = lat.image
         left, right, top, bottom = lat.padding
         rows, cols = slice(top, x.shape[-2] - bottom), slice(left, x.shape[-1] - right)
-        x_hat = tiled(self.model.g_s, torch.from_numpy(q.result.y_hat)[None].to(x.device)).clamp_(0, 1)
+        x_hat = tiled(self.model.g_s, torch.from_numpy(q.y_hat)[None].to(x.device)).clamp_(0, 1)
         x_hat, x = x_hat[..., rows, cols], x[..., rows, cols]
         # in bands of rows: float64 copies of the whole image cost 24 bytes a pixel each
         sse = sum(
@@ -392,14 +429,22 @@ class HyperpriorLatentCoder:
         pixels = x.shape[-2] * x.shape[-1]
         return lmbda * 255**2 * mse + q.result.bits / pixels, q
 
-    @staticmethod
-    def encode(q: QuantizedLatent, quantizer: Quantizer, seal: int = 0) -> bytes:
-        """The y stream of one quantized latent, sealed (:func:`trellis.rans.encode`) with
-        :func:`y_seal` of its indices and ``seal`` (the container header's)."""
-        tab = quantizer.table
-        return rans.encode(
-            q.result.indices, q.result.rows, tab.cdf, tab.cdf_length, tab.offset, y_seal(q.result.indices, seal)
+    def symbols(self, q: QuantizedLatent) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices, rows)`` of a quantized latent, flat, in decoding order (step by
+        step, each in its layout)."""
+        steps, res = self.steps, q.result
+        return tuple(
+            np.concatenate([steps.gather(i, a).reshape(-1) for i in range(steps.num_steps)])
+            for a in (res.indices, res.rows)
         )
+
+    def encode(self, q: QuantizedLatent, quantizer: Quantizer, seal: int = 0) -> bytes:
+        """The y stream of one quantized latent, sealed (:func:`trellis.rans.encode`) with
+        :func:`y_seal` of its indices and ``seal`` (the container header's): one rANS
+        stream for all steps, in coding order."""
+        tab = quantizer.table
+        indices, rows = self.symbols(q)
+        return rans.encode(indices, rows, tab.cdf, tab.cdf_length, tab.offset, y_seal(indices, seal))
 
     # -- decoder ------------------------------------------------------------------------
     def decode_z(self, z_string: bytes, z_shape) -> torch.Tensor:
@@ -412,7 +457,7 @@ class HyperpriorLatentCoder:
         Raises:
             trellis.rans.CorruptStreamError: damaged stream, or one of another size.
         """
-        eb = self.model.entropy_bottleneck
+        eb = self.steps.z_bottleneck
         cdf = np.ascontiguousarray(eb._quantized_cdf.cpu().numpy(), np.int32)
         channels, (h, w) = cdf.shape[0], tuple(int(n) for n in z_shape)
         rows = np.repeat(np.arange(channels, dtype=np.int64), h * w)
@@ -433,32 +478,39 @@ class HyperpriorLatentCoder:
 
     @torch.no_grad()
     def decode(self, z_string: bytes, z_shape, y_stream: bytes, quantizer: Quantizer, seal: int = 0):
-        """``(ŷ, indices, states)`` as numpy ``(C, H, W)`` from the two streams.
+        """``(ŷ, indices, states)`` as numpy ``(C, H, W)`` from the two streams; ``ŷ`` is
+        the latent ``g_s`` decodes (the final values, LRP included).
 
-        ``z_shape`` is the spatial size of ``z``; the latent's shape follows from ``h_s``;
-        ``seal``: the y stream's (:meth:`encode`). The z stream is decoded (and checked)
-        first, so a ``z_shape`` the streams do not hold fails before the latent-sized arrays are allocated.
+        ``z_shape`` is the spatial size of ``z``; the latent's shape follows from the
+        steps; ``seal``: the y stream's (:meth:`encode`). The z stream is decoded (and
+        checked) first, so a ``z_shape`` the streams do not hold fails before the
+        latent-sized arrays are allocated.
 
         Raises:
             trellis.rans.CorruptStreamError: a stream is damaged or does not fit ``z_shape``.
         """
         z_hat = self.decode_z(z_string, z_shape)
-        mu, sigma = self.entropy_parameters(z_hat)
-        mu, sigma = mu[0], sigma[0]
-        q = quantizer
+        steps, q = self.steps, quantizer
+        (ctx,) = steps.contexts(z_hat)
         tab = q.table
         next_state, state_class = q.selector
-        indices = rans.decode(
-            y_stream,
-            scale_rows(sigma),
-            q.chain_length(mu.shape),
-            next_state,
-            state_class,
-            NUM_SCALES,
-            tab.cdf,
-            tab.cdf_length,
-            tab.offset,
-            seal=lambda symbols: y_seal(symbols, seal),
-        ).reshape(mu.shape)
-        y_hat, states = q.dequantize(indices, mu)
-        return y_hat, indices, states
+        decoder = rans.StreamDecoder(y_stream)
+        indices, states = [], []
+        for i in range(steps.num_steps):
+            mu, sigma = steps.parameters(ctx, i)
+            k = decoder.decode(
+                scale_rows(sigma),
+                q.chain_length(mu.shape),
+                next_state,
+                state_class,
+                NUM_SCALES,
+                tab.cdf,
+                tab.cdf_length,
+                tab.offset,
+            ).reshape(mu.shape)
+            y_hat, s = q.dequantize(k, mu)
+            steps.commit(ctx, i, y_hat)
+            indices.append(k)
+            states.append(s)
+        decoder.finish(lambda symbols: y_seal(symbols, seal))
+        return steps.final(ctx), self._assemble(indices, ctx.shape), self._assemble(states, ctx.shape)

@@ -11,7 +11,7 @@ relaxed: each element is ``⌊r⌋`` or ``⌊r⌋ + 1`` with probabilities ``∝
 (``d`` the distance to that integer), sampled by a Gumbel-softmax of temperature ``τ``,
 which anneals geometrically from :data:`SGA_TAU_START` to :data:`SGA_TAU_END` over the
 steps, where the relaxation is nearly hard rounding. The refined latents are then coded
-as any other (:meth:`qft.codec.latent.HyperpriorLatentCoder.latents`): ``z`` by the
+as any other (:meth:`qft.codec.latent.LatentCoder.latents`): ``z`` by the
 ``EntropyBottleneck``, ``y`` by any quantizer (USQ rounds it; a trellis takes it as its
 target). The decoder needs nothing: the stream format is unchanged.
 

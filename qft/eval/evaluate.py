@@ -103,11 +103,11 @@ def evaluate_configs(
             enc = codec.encode_latent(lat, q, h, w)
             if i == 0:  # the first stream goes through the real decoder
                 dec = codec.decompress(enc["bitstream"])
-                if not np.array_equal(dec["y_hat"], lat.result.y_hat):
+                if not np.array_equal(dec["y_hat"], lat.y_hat):
                     raise RuntimeError(f"{label}: the decoded latent differs from the encoder's")
                 x_hat = dec["x_hat"]
             else:
-                y_hat = torch.from_numpy(lat.result.y_hat)[None].to(codec.device)
+                y_hat = torch.from_numpy(lat.y_hat)[None].to(codec.device)
                 x_hat = crop(codec.model.g_s(y_hat).clamp(0, 1), padding).cpu()
             out[label].append(
                 {

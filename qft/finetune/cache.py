@@ -7,7 +7,7 @@ mmap_mode="r")``.
 
 Each image is cropped (top-left) to multiples of 16 pixels, zero-padded at the bottom and
 right to multiples of 64, and coded as one batch of one by
-:meth:`qft.codec.HyperpriorLatentCoder.quantize` — exactly the encoder path of ``qft
+:meth:`qft.codec.LatentCoder.quantize` — exactly the encoder path of ``qft
 compress``. Per image the cache holds, on the padded grid:
 
 ==========  =======  ====================================================================
@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from trellis import NUM_SCALES, Quantizer
 
-from qft.codec import HyperpriorLatentCoder, RDTarget, model_fingerprint, target_record, to_tensor
+from qft.codec import LatentCoder, RDTarget, model_fingerprint, target_record, to_tensor
 from qft.errors import UserError
 from qft.settings import weights_digest
 from qft.threads import set_threads
@@ -234,7 +234,7 @@ class LatentCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         threads = torch.get_num_threads()
         try:
-            coder = HyperpriorLatentCoder(model, entropy)
+            coder = LatentCoder(model, entropy)
             entries, offsets, files = [], {"image": 0, "latent": 0, "hyper": 0}, {}
             shapes = [(-(-h // 64) * 64, -(-w // 64) * 64) for h, w, _ in map(np.shape, images)]
             totals = {
@@ -259,7 +259,7 @@ class LatentCache:
                     "image": img,
                     "y": q.y,
                     "mu": q.mu,
-                    "y_hat": q.result.y_hat,
+                    "y_hat": q.y_hat,
                     "index": q.result.indices,
                     "qclass": q.result.rows // NUM_SCALES,
                     "z": z[0].numpy(),

@@ -43,10 +43,12 @@ from .registry import (
     get_architecture,
     register_architecture,
 )
+from .slices import ChannelSliceModel
 
 __all__ = [
     "ARCHITECTURES",
     "ENTROPY_KINDS",
+    "ChannelSliceModel",
     "Architecture",
     "register_architecture",
     "get_architecture",

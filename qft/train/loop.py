@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from compressai.losses import RateDistortionLoss
+from compressai.models import MeanScaleHyperprior
 
 from qft.errors import UserError
 from qft.models import get_architecture
@@ -63,7 +64,7 @@ def build_model(recipe: Recipe) -> torch.nn.Module:
     ``recipe.seed``, built by the registry (:meth:`qft.models.Architecture.build`, as
     :func:`qft.models.create_model` does, but without its coding tables: a training model
     has none, so its checkpoints load into one another whatever their tables)."""
-    return get_architecture(recipe.arch).build({"N": recipe.N, "M": recipe.M}, seed=recipe.seed)
+    return get_architecture(recipe.arch).build(recipe.model_params, seed=recipe.seed)
 
 
 def transforms_autocast(amp: bool) -> torch.autocast:
@@ -73,11 +74,16 @@ def transforms_autocast(amp: bool) -> torch.autocast:
 
 
 def rd_forward(model: torch.nn.Module, x: torch.Tensor, amp: bool = False) -> dict[str, Any]:
-    """``MeanScaleHyperprior.forward``, with the four transforms optionally under CUDA
-    bf16 autocast while the entropy models (likelihoods down to 1e-9) stay in fp32.
+    """The model's training forward pass, ``{"x_hat", "likelihoods": {"y", "z"}}``.
 
+    A mean-scale hyperprior (``MeanScaleHyperprior.forward``) runs its four transforms
+    optionally under CUDA bf16 autocast while the entropy models (likelihoods down to
+    1e-9) stay in fp32; any other model (the channel-slice models) runs its own
+    ``forward`` in fp32, ``amp`` aside: their slice transforms feed the entropy model.
     With ``amp=False`` this is exactly ``model(x)``.
     """
+    if not isinstance(model, MeanScaleHyperprior):
+        return model(x)
 
     with transforms_autocast(amp):
         y = model.g_a(x)
@@ -164,6 +170,7 @@ class _PointRun:
                 "arch": r.arch,
                 "N": r.N,
                 "M": r.M,
+                "params": r.model_params,
                 "lambda": self.point.lmbda,
                 "step": done,
                 "steps": self.point.steps,
@@ -208,7 +215,8 @@ def _resume_point(run: _PointRun, out_dir: Path, resume: bool, init_from: str | 
     ckpt = resume_state(run.ckpt_path, resume)
     if ckpt is not None:
         r = run.recipe
-        if abs(ckpt["lambda"] - run.point.lmbda) > 1e-12 or (ckpt["N"], ckpt["M"]) != (r.N, r.M):
+        params = ckpt.get("params", {"N": ckpt["N"], "M": ckpt["M"]})
+        if abs(ckpt["lambda"] - run.point.lmbda) > 1e-12 or params != r.model_params:
             raise UserError(f"{run.ckpt_path} was trained with another lambda or width than the recipe asks for")
         run.model.load_state_dict(ckpt["model"])
         run.opt.load_state_dict(ckpt["optimizer"])
@@ -355,9 +363,11 @@ def _load_init(model: torch.nn.Module, recipe: Recipe, path: str | Path) -> str:
     from qft.models import load_checkpoint
 
     loaded = load_checkpoint(path, recipe.arch)
-    width = (loaded.params.get("N"), loaded.params.get("M"))
-    if width != (recipe.N, recipe.M):
-        raise UserError(f"--init {path}: N={width[0]}, M={width[1]} but the recipe trains N={recipe.N}, M={recipe.M}")
+    wanted = recipe.model_params
+    differ = {k: loaded.params.get(k) for k, v in wanted.items() if loaded.params.get(k) != v}
+    if differ:
+        key = next(iter(differ))
+        raise UserError(f"--init {path}: {key}={differ[key]} but the recipe trains {key}={wanted[key]}")
     model.load_state_dict(loaded.model.state_dict())
     return f"{Path(loaded.path).name} (sha256 {loaded.sha256[:12]})"
 

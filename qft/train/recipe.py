@@ -4,9 +4,10 @@ A recipe describes one family of reference models (one architecture and width, s
 rate points). Layout, with every key required unless a default is shown::
 
     arch: mbt2018-mean          # a registered architecture (qft.models) with a mean-scale
-                                # hyperprior: the loop's rd_forward runs its transforms
-    N: 64
+                                # hyperprior or channel slices (tcm, dcae, cca)
+    N: 64                       # optional: the architecture's width parameters, when it has them
     M: 96
+    params: {}                  # optional: further constructor parameters (qft init --set)
     seed: 0
     threads: 1                  # torch.set_num_threads
     device: auto                # auto | cpu | cuda
@@ -61,14 +62,15 @@ __all__ = [
     "recipe_path",
 ]
 
-#: entropy-model kinds ``qft train`` trains (its forward pass is the mean-scale hyperprior's);
-#: the architectures come from the registry, :data:`qft.models.ARCHITECTURES`
-TRAINABLE_ENTROPY = ("mean-scale-hyperprior",)
+#: entropy-model kinds ``qft train`` trains (:func:`qft.train.rd_forward`); the
+#: architectures come from the registry, :data:`qft.models.ARCHITECTURES`
+TRAINABLE_ENTROPY = ("mean-scale-hyperprior", "channel-conditional")
 
 _TOP = {
     "arch",
     "N",
     "M",
+    "params",
     "seed",
     "threads",
     "device",
@@ -106,8 +108,8 @@ class Recipe:
 
     path: str
     arch: str
-    N: int
-    M: int
+    N: int | None
+    M: int | None
     seed: int
     threads: int
     device: str
@@ -130,6 +132,14 @@ class Recipe:
     first_steps: int
     warm_steps: int
     amp: bool = True
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def model_params(self) -> dict[str, Any]:
+        """The architecture's constructor parameters the recipe sets: ``N``, ``M`` (when
+        given) and ``params``."""
+        out = {k: v for k, v in (("N", self.N), ("M", self.M)) if v is not None}
+        return out | {k: list(v) if isinstance(v, tuple) else v for k, v in self.params}
 
     @property
     def points(self) -> list[RatePoint]:
@@ -159,6 +169,7 @@ class Recipe:
         d = dataclasses.asdict(self)
         d["train_splits"] = list(self.train_splits)
         d["lambdas"] = list(self.lambdas)
+        d["params"] = {k: v for k, v in self.model_params.items() if k not in ("N", "M")}
         return d
 
     def replace(self, **changes: Any) -> Recipe:
@@ -220,8 +231,8 @@ def _validate(r: Recipe) -> None:
     if r.arch not in trainable:
         raise UserError(f"{where}: arch '{r.arch}' not supported (use one of {trainable})")
     checks = [
-        ("N", r.N >= 1),
-        ("M", r.M >= 1),
+        ("N", r.N is None or r.N >= 1),
+        ("M", r.M is None or r.M >= 1),
         ("threads", r.threads >= 1),
         ("batch_size", r.batch_size >= 1),
         ("crop", r.crop >= 64 and r.crop % 64 == 0),
@@ -247,6 +258,7 @@ def _validate(r: Recipe) -> None:
         raise UserError(f"{where}: schedule.lambdas must be positive and strictly decreasing (highest rate first)")
     if not r.train_splits:
         raise UserError(f"{where}: data.train must name at least one split")
+    ARCHITECTURES[r.arch].resolve_params(r.model_params)  # unknown or invalid parameters: one line
 
 
 def read_yaml(path: Path, where: str) -> Any:
@@ -274,7 +286,12 @@ def load_recipe(path: str | Path) -> Recipe:
         amp = raw.pop("amp", True)
         if not isinstance(amp, bool):
             raise UserError(f"{where}: amp must be true or false, not {amp!r}")
+        raw.setdefault("N", None)
+        raw.setdefault("M", None)
+        raw.setdefault("params", {})
     top = check_section(raw, "the recipe", _TOP, where)
+    if not isinstance(top["params"], dict):
+        raise UserError(f"{where}: params must be a mapping of constructor parameters, not {top['params']!r}")
     opt = check_section(top["optimizer"], "optimizer", _OPTIMIZER, where)
     data = check_section(top["data"], "data", _DATA, where)
     sched = check_section(top["schedule"], "schedule", _SCHEDULE, where)
@@ -286,8 +303,8 @@ def load_recipe(path: str | Path) -> Recipe:
         recipe = Recipe(
             path=str(path),
             arch=str(top["arch"]),
-            N=int(top["N"]),
-            M=int(top["M"]),
+            N=None if top["N"] is None else int(top["N"]),
+            M=None if top["M"] is None else int(top["M"]),
             seed=int(top["seed"]),
             threads=int(top["threads"]),
             device=str(top["device"]),
@@ -310,6 +327,7 @@ def load_recipe(path: str | Path) -> Recipe:
             first_steps=int(sched["first_steps"]),
             warm_steps=int(sched["warm_steps"]),
             amp=amp,
+            params=tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in top["params"].items())),
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: wrong value type ({exc})") from None
