@@ -134,7 +134,7 @@ def test_one_stream_in_coding_order(models, image):
     dec = rans.StreamDecoder(stream)
     sizes = [s.stop - s.start for s in codec.latent_coder.steps.slices]
     parts = []
-    for i, c in enumerate(sizes):
+    for i in range(len(sizes)):
         scale = rows.reshape(-1)[sum(sizes[:i]) * 96 : sum(sizes[: i + 1]) * 96] % 64
         parts.append(dec.decode(scale, 96, *q.selector, 64, tab.cdf, tab.cdf_length, tab.offset))
     dec.finish(7)
