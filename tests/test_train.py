@@ -227,7 +227,7 @@ def test_init_continues_a_model_checkpoint(recipe_file, tmp_path):
     with pytest.raises(UserError, match="--init needs --lambda"):
         train(recipe, tmp_path / "x", init_from=init, progress=False)
     wider = recipe.replace(N=16)
-    with pytest.raises(UserError, match="N=8, M=8 but the recipe trains N=16"):
+    with pytest.raises(UserError, match="N=8 but the recipe trains N=16"):
         train(wider, tmp_path / "y", lmbda=0.01, init_from=init, progress=False)
 
 
@@ -244,3 +244,22 @@ def test_training_images_convert_as_the_codec_reads_them(tmp_path):
     with pytest.warns(UserWarning, match="grayscale image replicated to RGB"):
         (img,) = load_images(tmp_path, ["train"])
     assert img.shape == (8, 8, 3) and img.dtype == np.uint8 and (img == 200).all()
+
+
+def test_channel_slice_recipe(recipe_file, tmp_path):
+    """A TCM recipe (width parameters under ``params``) trains, resumes from its own
+    checkpoint's parameters and exports a model that loads as TCM; a wrong parameter is
+    one line."""
+    from qft.models import load_checkpoint
+
+    params = {"Z": 8, "attn_dim": 16, "cc_dims": [16, 8]}
+    recipe = load_recipe(recipe_file(arch="tcm", N=32, M=20, params=params))
+    assert recipe.model_params == {"N": 32, "M": 20, **params}
+    (s,) = train(recipe.replace(first_steps=2), tmp_path / "tcm", lmbda=0.05, progress=False)
+    assert s["finished"] and np.isfinite(s["val"]["loss"])
+    loaded = load_checkpoint(tmp_path / "tcm" / lambda_tag(0.05) / "model.pth")
+    assert loaded.arch == "tcm" and loaded.params == {"N": 32, "M": 20, **params}
+    with pytest.raises(UserError, match="tcm has no parameter depth"):
+        load_recipe(recipe_file(arch="tcm", N=32, M=20, params={"depth": 3}))
+    with pytest.raises(UserError, match="params must be a mapping"):
+        load_recipe(recipe_file(arch="tcm", params=[1]))

@@ -39,8 +39,11 @@ def load_images(root: str | Path, splits: Sequence[str], limit: int | None = Non
 
 
 def _to_tensor(patches: list[np.ndarray]) -> torch.Tensor:
+    """``(N, H, W, 3)`` uint8 patches as a contiguous ``(N, 3, H, W)`` float batch. Not the
+    channels-last view the permute gives: on it TCM's transformer blocks corrupt the heap
+    in torch 2.14's CPU backward (a crash in the first step; contiguous input is fine)."""
     x = torch.from_numpy(np.ascontiguousarray(np.stack(patches)))
-    return x.permute(0, 3, 1, 2).float().div_(255.0)
+    return x.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
 def sample_batch(images: Sequence[np.ndarray], seed: int, step: int, batch_size: int, crop: int) -> torch.Tensor:
