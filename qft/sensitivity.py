@@ -1,9 +1,10 @@
-"""Per-channel decoder sensitivity of hyperprior models: distortion weights for the trellis.
+"""Per-channel decoder sensitivity of step-coded models: distortion weights for the trellis.
 
 A latent error does not cost the same in every channel: the synthesis transform ``g_s``
 maps some channels to large image changes and ignores others. For a latent ``ŷ`` of
 ``M`` channels (``ŷ`` = the USQ-quantized latent of an image, the codec's operating
-point) the *sensitivity* of channel ``c`` is
+point: the latent ``g_s`` decodes, for channel-slice models the final values with their
+latent residual prediction) the *sensitivity* of channel ``c`` is
 
 .. math::
 
@@ -65,9 +66,13 @@ import torch
 
 from tqdm import tqdm
 
+from trellis import Quantizer
+
 from qft.codec.image import pad, read_image, to_tensor
-from qft.codec.latent import HYPERPRIOR_ENTROPY, LatentCoder, diag_jtj_probes
+from qft.codec.latent import LatentCoder, QuantizedLatent, diag_jtj_probes
+from qft.codec.steps import STEP_ENTROPY
 from qft.models import ARCHITECTURES
+from qft.threads import set_threads
 
 __all__ = ["METHODS", "decoder_sensitivity", "normalise_weights", "channel_rates", "estimate_weights"]
 
@@ -82,11 +87,11 @@ EXACT_BATCH = {"cpu": 2, "cuda": 16}
 
 def _entropy_kind(model: torch.nn.Module) -> str:
     for arch in ARCHITECTURES.values():
-        if type(model) is arch.cls and arch.entropy in HYPERPRIOR_ENTROPY:
+        if type(model) is arch.cls and arch.entropy in STEP_ENTROPY:
             return arch.entropy
     raise ValueError(
-        f"decoder sensitivity needs a scale or mean-scale hyperprior model "
-        f"(bmshj2018-hyperprior, mbt2018-mean), got {type(model).__name__}"
+        f"decoder sensitivity needs a step-wise coded model (entropy {', '.join(STEP_ENTROPY)}: "
+        f"bmshj2018-hyperprior, mbt2018-mean, tcm, dcae, cca), got {type(model).__name__}"
     )
 
 
@@ -111,18 +116,21 @@ def _as_tensor(image) -> torch.Tensor:
     return to_tensor(a)
 
 
-def _usq_latent(coder: LatentCoder, x: torch.Tensor) -> np.ndarray:
-    """The codec's USQ latent ``ŷ = μ + rint(y - μ)`` (float32, ``(1, M, h, w)``) of ``x``.
+def _usq(coder: LatentCoder, x: torch.Tensor) -> QuantizedLatent:
+    """The codec's USQ quantization (``trellis.Quantizer("usq")``, step 1) of one image
+    ``x`` ``(1, 3, H, W)``: :meth:`~qft.codec.LatentCoder.quantize`, step by step for
+    channel-slice models. Its ``y_hat`` is the latent ``g_s`` decodes (LRP included).
 
-    The analysis is :meth:`~qft.codec.LatentCoder.analyse`; rounding is
-    bit-identical to ``trellis.Quantizer("usq")`` (D1: residual and sum in float32, step 1)
-    but done in NumPy: a Numba parallel kernel (OpenMP threading layer) resets the process'
-    OpenMP thread count, and with it torch's, to Numba's, which slows the decoder passes
-    that follow (and breaks a caller's ``torch.set_num_threads``).
+    The USQ kernel is Numba's: its first parallel call resets the OpenMP thread count that
+    torch shares (:mod:`qft.threads`), so torch's count is restored afterwards and the
+    decoder passes that follow run on the caller's threads.
     """
-    y, (ctx,), _, _, _ = coder.analyse(x)
-    mu, _ = coder.steps.parameters(ctx, 0)  # one step: the whole latent's
-    return mu[None] + np.rint(y - mu[None])
+    threads = torch.get_num_threads()
+    try:
+        (q,) = coder.quantize(x, Quantizer("usq"))
+    finally:
+        set_threads(threads, numba=False)
+    return q
 
 
 def _exact(g_s, y_hat: torch.Tensor, step: float, draws: int, gen: torch.Generator) -> np.ndarray:
@@ -172,17 +180,19 @@ def decoder_sensitivity(
 ) -> np.ndarray:
     """Per-channel sensitivity ``s_c`` of the synthesis transform ``g_s`` (module docstring).
 
-    Each image is centre-cropped, analysed and quantized with USQ at step 1 (the same
-    ``ŷ``, bit for bit, as :meth:`qft.codec.LatentCoder.quantize` with
-    ``trellis.Quantizer("usq")``); ``s_c`` is then measured at that ``ŷ`` and averaged
-    over the images. The model runs in eval mode on its own device (its training flag is
-    restored afterwards); its weights are not changed. No Numba kernel runs, so torch's
-    thread count stays as the caller set it.
+    Each image is centre-cropped, analysed and quantized with USQ at step 1 by
+    :meth:`qft.codec.LatentCoder.quantize` with ``trellis.Quantizer("usq")`` (step by step
+    for channel-slice models; ``ŷ`` = the latent ``g_s`` decodes, LRP included); ``s_c`` is
+    then measured at that ``ŷ`` and averaged over the images. The model runs in eval mode
+    on its own device (its training flag is restored afterwards); its weights are not
+    changed. torch's thread count is restored after each Numba USQ kernel, so the decoder
+    passes run on the caller's threads.
 
     Args:
-        model: a ``bmshj2018-hyperprior`` (``ScaleHyperprior``) or ``mbt2018-mean``
-            (``MeanScaleHyperprior``) model with up-to-date CDF tables (as
-            :func:`qft.models.load_checkpoint` and :func:`qft.models.create_model` return).
+        model: a step-wise coded model (:data:`qft.codec.steps.STEP_ENTROPY`:
+            ``bmshj2018-hyperprior``, ``mbt2018-mean``, ``tcm``, ``dcae``, ``cca``) with
+            up-to-date CDF tables (as :func:`qft.models.load_checkpoint` and
+            :func:`qft.models.create_model` return).
         images: image files (``str`` or path-like, read with :func:`qft.codec.read_image`)
             and/or RGB ``uint8`` arrays of shape ``(H, W, 3)``.
         method: ``"vjp"`` (Hutchinson estimate of the linearised ``s_c``; ``1 + probes``
@@ -230,7 +240,7 @@ def decoder_sensitivity(
     try:
         for image in tqdm(images, desc=f"sensitivity ({method})", disable=not progress, leave=False):
             x = _center_crop(_as_tensor(image), crop).to(device)
-            y_hat = torch.from_numpy(_usq_latent(coder, x)).to(device)
+            y_hat = torch.from_numpy(_usq(coder, x).y_hat)[None].to(device)
             if method == "exact":
                 with torch.no_grad():
                     s = _exact(model.g_s, y_hat, float(step), int(probes), gen)
@@ -290,18 +300,16 @@ def normalise_weights(s, rates=None, *, floor: float = 1e-3) -> np.ndarray:
 @torch.no_grad()
 def channel_rates(model: torch.nn.Module, images: Sequence, *, crop: int | None = 256) -> tuple[np.ndarray, float]:
     """Mean table bits per latent element of each channel's USQ indices, over ``images``
-    (cropped as in :func:`decoder_sensitivity`), and the ``y`` rate in bits per pixel."""
-    from trellis import Quantizer
-
+    (cropped and quantized as in :func:`decoder_sensitivity`; every step of a
+    channel-slice model), and the ``y`` rate in bits per pixel."""
     coder = LatentCoder(model, _entropy_kind(model))
-    usq = Quantizer("usq")
+    table = Quantizer("usq").table
+    device = next(model.parameters()).device
     total, bits_all, pixels = None, 0.0, 0
     for img in images:
-        x = _center_crop(_as_tensor(img), crop)
-        y, (ctx,), _, _, _ = coder.analyse(x)
-        mu, sigma = coder.steps.parameters(ctx, 0)  # one step: the whole latent's
-        res = usq.quantize(y[0], mu, sigma, backend="numpy")
-        per_channel = usq.table.index_bits(res.rows, res.indices).mean(axis=(1, 2))
+        x = _center_crop(_as_tensor(img), crop).to(device)
+        res = _usq(coder, x).result
+        per_channel = table.index_bits(res.rows, res.indices).mean(axis=(1, 2))
         total = per_channel if total is None else total + per_channel
         bits_all += res.bits
         pixels += x.shape[-2] * x.shape[-1]

@@ -71,7 +71,7 @@ def evaluate_configs(
     ms_ssim: bool = True,
     progress: bool = True,
 ) -> dict[str, list[dict]]:
-    """Per-image metrics of many quantizers on one hyperprior codec, analysing each image once.
+    """Per-image metrics of many quantizers on one step-wise coded codec, analysing each image once.
 
     Each image is analysed once (``g_a``, ``h_a``, ``ẑ``, ``h_s``) and re-quantized per
     configuration; the rate is the length of the ``.qft`` stream
@@ -89,7 +89,7 @@ def evaluate_configs(
         ``ms-ssim-rgb``, ``target``: the ``η`` coded).
     """
     if codec.latent_coder is None:
-        raise UserError(f"{codec.arch}: only hyperprior models can be re-quantized per image")
+        raise UserError(f"{codec.arch}: only step-wise coded models can be re-quantized per image")
     out: dict[str, list[dict]] = {label: [] for label in configs}
     direction = any(c[2] for c in configs.values())  # the target's step is computed once per image
     coder = codec.latent_coder

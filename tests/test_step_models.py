@@ -1,0 +1,134 @@
+"""The measuring chain on step-coded channel-slice models (TCM, DCAE, CCA; issue 21): the
+decoder-sensitivity weights through :class:`~qft.codec.LatentCoder` (the decoder's USQ
+latent, LRP included; per-channel rates of every step), and calibrate → compress →
+decompress → eval with those weights and the decoder target on a tiny TCM."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from PIL import Image
+from scipy.stats import spearmanr
+from test_slice_coding import ARCHS, TINY
+from test_slice_coding import model as slice_model  # sibling test module: one tiny model per family
+
+from trellis import Quantizer
+
+from qft.cli import main
+from qft.codec import Codec, LatentCoder
+from qft.sensitivity import _as_tensor, _center_crop, _usq, channel_rates, decoder_sensitivity
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {arch: slice_model(arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Smooth random 64 × 64 images (as natural images: most energy at low frequencies)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(2):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        out.append(np.asarray(Image.fromarray(small).resize((64, 64), Image.BICUBIC)))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_usq_latent_is_the_decoders(arch, models, images):
+    """The sensitivity is measured at the latent the decoder renders: the final values of
+    every slice (LRP included), bit-identical to the decoded USQ stream; torch's thread
+    count survives the Numba kernel."""
+    m = models[arch]
+    coder = LatentCoder(m, "channel-conditional")
+    x = _center_crop(_as_tensor(images[0]), 256)
+    torch.set_num_threads(1)
+    q = _usq(coder, x)
+    assert torch.get_num_threads() == 1
+    assert not np.array_equal(q.y_hat, q.result.y_hat)  # the LRP moved the final values
+    codec = Codec(m, arch)
+    enc = codec.encode_latent(q, Quantizer("usq"), 64, 64)
+    assert np.array_equal(codec.decompress(enc["bitstream"])["y_hat"], q.y_hat)
+
+
+IGNORED = 3  # the decoder of test_sensitivity_of_slice_models ignores this channel
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sensitivity_of_slice_models(arch, images):
+    """A decoder whose input gains differ by 2⁴ across channels (ratio 256 in ``s``) and
+    that ignores one channel (a pre-hook on ``g_s``): both estimators see it, agree, and
+    repeat bit for bit."""
+    m = slice_model(arch)
+    channels = sum(m.slice_sizes)
+    gains = 2.0 ** (torch.arange(channels) / (channels / 4))
+    gains[IGNORED] = 0
+    m.g_s.register_forward_pre_hook(lambda module, args: (args[0] * gains.view(1, -1, 1, 1).to(args[0]),))
+    vjp = decoder_sensitivity(m, images, method="vjp", probes=16, seed=1, progress=False)
+    exact = decoder_sensitivity(m, images, method="exact", probes=2, progress=False)
+    assert vjp.shape == exact.shape == (channels,)
+    live = np.arange(channels) != IGNORED
+    for s in (vjp, exact):
+        assert np.isfinite(s).all() and (s[live] > 0).all()
+        assert s[IGNORED] < 1e-6 * s[live].min()
+    # the same quantity by two estimators (the linearisation holds at Δ = 1)
+    assert spearmanr(vjp[live], exact[live])[0] > 0.9
+    assert abs(np.median(vjp[live] / exact[live]) - 1) < 0.25
+    again = decoder_sensitivity(m, images, method="vjp", probes=16, seed=1, progress=False)
+    assert np.array_equal(vjp, again)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_channel_rates_count_every_step(arch, models, images):
+    """Per-channel rates of all slices, summing to the codec's USQ table bits."""
+    m = models[arch]
+    rates, bpp = channel_rates(m, images[:1], crop=None)
+    assert rates.shape == (sum(m.slice_sizes),)
+    bounds = np.cumsum([0, *m.slice_sizes])
+    assert all(rates[a:b].sum() > 0 for a, b in zip(bounds[:-1], bounds[1:]))  # every step coded
+    enc = Codec(m, arch).compress(_as_tensor(images[0]), Quantizer("usq"))
+    assert bpp * 64 * 64 == pytest.approx(enc["y_table_bits"], rel=1e-9)
+    assert rates.sum() * 4 * 4 == pytest.approx(enc["y_table_bits"], rel=1e-9)  # 4 × 4 latents
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("step-models")
+    params = [f"--set={k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in TINY["tcm"].items()]
+    assert main(["init", "--arch", "tcm", *params, "-o", str(d / "tcm.pth")]) == 0
+    rng = np.random.default_rng(1)
+    (d / "val").mkdir()
+    (d / "test").mkdir()
+    for folder, (h, w) in (("val", (64, 64)), ("test", (40, 70))):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.BICUBIC).save(d / folder / "a.png")
+    return d
+
+
+def test_calibrate_compress_eval_with_weights_and_target(workdir, capsys):
+    """``qft calibrate --weights --targets rd`` stores per-channel weights of all M
+    channels; ``compress --weights decoder --target rd`` uses them and round-trips;
+    ``eval`` takes the calibrated defaults."""
+    d = workdir
+    ckpt = str(d / "tcm.pth")
+    grid = ["--methods", "tcq8", "--steps", "0.7", "--mults", "0.05", "--threads", "1"]
+    argv = ["calibrate", "-m", ckpt, "--data", str(d / "val"), "--weights", "--targets", "rd", "--lambda", "0.013"]
+    assert main([*argv, *grid]) == 0
+    settings = json.loads((d / "tcm.qft.json").read_text())
+    weights = settings["weights"]
+    assert len(weights["decoder"]) == len(weights["rates"]) == TINY["tcm"]["M"]
+    assert settings["model_lambda"] == 0.013
+    stream, png = d / "a.qft", d / "a.png"
+    image = str(d / "test" / "a.png")
+    argv = ["compress", "-m", ckpt, "-q", "tcq8", "--weights", "decoder", "--target", "rd", image, "-o", str(stream)]
+    assert main(argv) == 0
+    assert "target η" in capsys.readouterr().out
+    assert main(["decompress", str(stream), "-m", ckpt, "-o", str(png)]) == 0
+    assert Image.open(png).size == (70, 40)
+    out = d / "eval.json"
+    assert main(["eval", "-m", ckpt, "-q", "tcq8", "--data", str(d / "test"), "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["results"]["bpp"][0] > 0
