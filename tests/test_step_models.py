@@ -132,3 +132,65 @@ def test_calibrate_compress_eval_with_weights_and_target(workdir, capsys):
     assert main(["eval", "-m", ckpt, "-q", "tcq8", "--data", str(d / "test"), "-o", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["results"]["bpp"][0] > 0
+
+
+def _benchmark():
+    """``benchmarks/step_models.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_models.py"
+    spec = importlib.util.spec_from_file_location("step_models_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cca_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    params = [f"--set={k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in TINY["cca"].items()]
+    assert main(["init", "--arch", "cca", *params, "-o", str(d / "cca.pth")]) == 0
+    (d / "img").mkdir()
+    small = np.random.default_rng(2).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((64, 48), Image.BICUBIC).save(d / "img" / "a.png")
+    return d
+
+
+def test_benchmark_rd_sweeps(cca_dir):
+    """The RD part: every family at every scale, λ_T following Δ by the global rule, the
+    comparisons against the USQ curve; a model without a recorded λ needs --lambda."""
+    d = cca_dir
+    bench = _benchmark()
+    argv = [str(d / "cca.pth"), "--data", str(d / "img"), "--parts", "rd", "--scales", "0.9", "1.0"]
+    with pytest.raises(SystemExit):  # no λ recorded: refused before any measurement
+        bench.main([*argv, "--out", str(d / "x.json")])
+    assert not (d / "x.json").exists()
+    assert bench.main([*argv, "--lambda", "0.013", "--out", str(d / "rd.json")]) == 0
+    rd = json.loads((d / "rd.json").read_text())["models"][0]["rd"]
+    assert set(rd["points"]) == {f"{f}@{s}" for f in ("usq", "tcq8", "tcq8-rd") for s in ("0.9", "1")}
+    tcq, tcq_small = rd["points"]["tcq8@1"]["quantizer"], rd["points"]["tcq8@0.9"]["quantizer"]
+    assert tcq["step"] == pytest.approx(0.7) and tcq_small["step"] == pytest.approx(0.63)
+    assert tcq_small["lambda_t"] / tcq["lambda_t"] == pytest.approx(0.81)  # λ_T ∝ Δ²
+    assert rd["points"]["tcq8-rd@1"]["quantizer"]["target"] == "rd" and rd["model_lambda"] == 0.013
+    for family in ("tcq8", "tcq8-rd"):
+        assert set(rd["vs_usq"][family]) == {"bd", "local", "local_mean", "at_default"}
+        assert len(rd["vs_usq"][family]["local"]) == 2
+
+
+@pytest.mark.slow
+def test_benchmark_speed(cca_dir):
+    """The speed part: one subprocess per configuration, its peak RSS, ratios to USQ."""
+    d = cca_dir
+    bench = _benchmark()
+    argv = [str(d / "cca.pth"), "--data", str(d / "img"), "--parts", "speed", "--lambda", "0.013"]
+    assert bench.main([*argv, "--out", str(d / "speed.json")]) == 0
+    result = json.loads((d / "speed.json").read_text())
+    assert len(result["machine"]["loadavg_start"]) == 3
+    speed = result["models"][0]["speed"]
+    assert set(speed["configs"]) == {"usq", "tcq8", "tcq8-target"}
+    for c in speed["configs"].values():
+        assert c["peak_rss_mb"] >= c["rss_after_load_mb"] > 0 and c["compress_s"] > 0
+    assert speed["configs"]["tcq8-target"]["quantizer"]["target"] == "rd"  # the default with λ known
+    assert set(speed["ratios"]["tcq8/usq"]) == {"compress_s", "decompress_s", "peak_rss_mb"}
