@@ -163,7 +163,8 @@ def test_benchmark_rd_sweeps(cca_dir):
     comparisons against the USQ curve; a model without a recorded λ needs --lambda."""
     d = cca_dir
     bench = _benchmark()
-    argv = [str(d / "cca.pth"), "--data", str(d / "img"), "--parts", "rd", "--scales", "0.9", "1.0"]
+    argv = [str(d / "cca.pth"), "--data", str(d / "img"), "--parts", "rd", "--usq-scales", "0.9", "1.0"]
+    argv += ["--tcq-scales", "0.9", "1.0"]
     with pytest.raises(SystemExit):  # no λ recorded: refused before any measurement
         bench.main([*argv, "--out", str(d / "x.json")])
     assert not (d / "x.json").exists()
