@@ -18,7 +18,8 @@ a file or a shipped name) on the first N Kodak images:
     and PSNR; per TCQ-8 curve its BD-rate against the USQ curve (each curve's Pareto
     front, pchip over the common PSNR range) and the local rate change at equal PSNR of
     each of its points (:func:`qft.eval.bdrate.local_rate_change`; ``at_default``: the
-    point at scale 1, the codec's operating point).
+    point at scale 1, the codec's operating point; ``psnr_db_at_default``: its PSNR change
+    at equal rate).
 
 The JSON records the machine and its load average (start and end): figures taken on a
 loaded machine are marked by it. ::
@@ -177,6 +178,22 @@ def _bd_on_fronts(anchor: list[tuple[float, float]], test: list[tuple[float, flo
     return {k: (_finite(v) if k != "warnings" else v) for k, v in bd.items()}
 
 
+def _psnr_change(anchor: list[tuple[float, float]], point: tuple[float, float]) -> float:
+    """PSNR change in dB of ``point`` ``(rate, psnr)`` against the anchor's Pareto front at
+    equal rate (PSNR linear in log-rate); NaN outside the front's rate range. The dual of
+    :func:`~qft.eval.bdrate.local_rate_change`, defined where a flat anchor curve spans too
+    little PSNR for a rate change at equal PSNR."""
+    import numpy as np
+
+    from qft.eval.bdrate import pareto_front
+
+    front = sorted(anchor[i] for i in pareto_front([p[0] for p in anchor], [p[1] for p in anchor]))
+    if len(front) < 2 or not front[0][0] <= point[0] <= front[-1][0]:
+        return math.nan
+    rates = np.log([p[0] for p in front])
+    return point[1] - float(np.interp(math.log(point[0]), rates, [p[1] for p in front]))
+
+
 def _rd(ck, args) -> dict:
     """The RD sweeps of one checkpoint (module docstring, (b))."""
     from qft.codec import Codec
@@ -215,12 +232,15 @@ def _rd(ck, args) -> dict:
     for family in ("tcq8", "tcq8-rd"):
         local = [local_rate_change(usq, p) for p in curve(family)]
         finite = [x for x in local if math.isfinite(x)]
-        at_default = local[args.tcq_scales.index(1.0)] if 1.0 in args.tcq_scales else math.nan
+        default = args.tcq_scales.index(1.0) if 1.0 in args.tcq_scales else None
+        at_default = math.nan if default is None else local[default]
+        psnr_at_default = math.nan if default is None else _psnr_change(usq, curve(family)[default])
         versus[family] = {
             "bd": _bd_on_fronts(usq, curve(family)),
             "local": [_finite(x) for x in local],
             "local_mean": _finite(statistics.fmean(finite)) if finite else None,
             "at_default": _finite(at_default),
+            "psnr_db_at_default": _finite(psnr_at_default),
         }
     return {
         "usq_scales": list(args.usq_scales),

@@ -176,7 +176,7 @@ def test_benchmark_rd_sweeps(cca_dir):
     assert tcq_small["lambda_t"] / tcq["lambda_t"] == pytest.approx(0.81)  # λ_T ∝ Δ²
     assert rd["points"]["tcq8-rd@1"]["quantizer"]["target"] == "rd" and rd["model_lambda"] == 0.013
     for family in ("tcq8", "tcq8-rd"):
-        assert set(rd["vs_usq"][family]) == {"bd", "local", "local_mean", "at_default"}
+        assert set(rd["vs_usq"][family]) == {"bd", "local", "local_mean", "at_default", "psnr_db_at_default"}
         assert len(rd["vs_usq"][family]["local"]) == 2
 
 
