@@ -294,6 +294,7 @@ def main(argv=None) -> int:
     for spec, ck in loaded:
         print(f"{spec}: {ck.arch} {ck.params}", flush=True)
         entry = {"checkpoint": {"spec": spec, "sha256": ck.sha256, "arch": ck.arch, "params": ck.params}}
+        entry["checkpoint"] |= {k: ck.extra[k] for k in ("lambda", "step", "steps") if k in ck.extra}  # training
         if "speed" in args.parts:
             entry["speed"] = _speed(spec, args)
             for label, r in entry["speed"]["ratios"].items():
