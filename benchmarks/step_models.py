@@ -61,9 +61,7 @@ def _settings(ck, args) -> dict:
     from qft.settings import read_settings
 
     recorded = read_settings(ck)
-    settings = recorded
-    if args.global_defaults:
-        settings = {k: v for k, v in recorded.items() if k == "model_lambda"}
+    settings = {k: v for k, v in recorded.items() if k == "model_lambda" or not args.global_defaults}
     if args.lmbda is not None:
         settings["model_lambda"] = args.lmbda
     return settings
