@@ -158,6 +158,29 @@ def cca_dir(tmp_path_factory):
     return d
 
 
+def test_report_on_a_slice_model(cca_dir, tmp_path):
+    """``qft report`` on a CCA: its USQ swept over Δ, TCQ-8 with a decoder target, the local
+    measure against that sweep."""
+    d = cca_dir
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+data: {d / "img"}
+out: {tmp_path / "out"}
+models:
+  - {{label: cca, checkpoints: [{d / "cca.pth"}]}}
+quantizers: [usq, {{label: tcq8-t, method: tcq8, target: 0.125}}]
+sweep: [0.9, 1.2]
+ms_ssim: false
+""")
+    assert main(["report", str(recipe), "--no-progress"]) == 0
+    for label in ("usq", "tcq8-t"):
+        res = json.loads((tmp_path / "out" / "results" / f"cca-{label}.json").read_text())
+        assert res["results"]["bpp"][0] > 0
+    summary = json.loads((tmp_path / "out" / "bdrate.json").read_text())
+    (row,) = summary["rows"]
+    assert row["quantizer"] == "tcq8-t" and len(row["vs_base_usq"]["psnr-rgb"]["local"]) == 1
+
+
 def test_benchmark_rd_sweeps(cca_dir):
     """The RD part: every family at every scale, λ_T following Δ by the global rule, the
     comparisons against the USQ curve; a model without a recorded λ needs --lambda."""
