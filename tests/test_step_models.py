@@ -1,7 +1,8 @@
 """The measuring chain on step-coded channel-slice models (TCM, DCAE, CCA; issue 21): the
 decoder-sensitivity weights through :class:`~qft.codec.LatentCoder` (the decoder's USQ
-latent, LRP included; per-channel rates of every step), and calibrate → compress →
-decompress → eval with those weights and the decoder target on a tiny TCM."""
+latent, LRP included; per-channel rates of every step), calibrate → compress →
+decompress → eval with those weights and the decoder target and ``qft report`` on a tiny
+CCA, and ``benchmarks/step_models.py``."""
 
 import json
 
@@ -97,8 +98,8 @@ def test_channel_rates_count_every_step(arch, models, images):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("step-models")
-    params = [f"--set={k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in TINY["tcm"].items()]
-    assert main(["init", "--arch", "tcm", *params, "-o", str(d / "tcm.pth")]) == 0
+    params = [f"--set={k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in TINY["cca"].items()]
+    assert main(["init", "--arch", "cca", *params, "-o", str(d / "cca.pth")]) == 0
     rng = np.random.default_rng(1)
     (d / "val").mkdir()
     (d / "test").mkdir()
@@ -113,13 +114,13 @@ def test_calibrate_compress_eval_with_weights_and_target(workdir, capsys):
     channels; ``compress --weights decoder --target rd`` uses them and round-trips;
     ``eval`` takes the calibrated defaults."""
     d = workdir
-    ckpt = str(d / "tcm.pth")
+    ckpt = str(d / "cca.pth")
     grid = ["--methods", "tcq8", "--steps", "0.7", "--mults", "0.05", "--threads", "1"]
     argv = ["calibrate", "-m", ckpt, "--data", str(d / "val"), "--weights", "--targets", "rd", "--lambda", "0.013"]
     assert main([*argv, *grid]) == 0
-    settings = json.loads((d / "tcm.qft.json").read_text())
+    settings = json.loads((d / "cca.qft.json").read_text())
     weights = settings["weights"]
-    assert len(weights["decoder"]) == len(weights["rates"]) == TINY["tcm"]["M"]
+    assert len(weights["decoder"]) == len(weights["rates"]) == TINY["cca"]["M"]
     assert settings["model_lambda"] == 0.013
     stream, png = d / "a.qft", d / "a.png"
     image = str(d / "test" / "a.png")
