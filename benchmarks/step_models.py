@@ -137,7 +137,7 @@ def _speed(spec: str, args) -> dict:
             cmd += ["--global-defaults"] if args.global_defaults else []
             cmd += [] if args.lmbda is None else ["--lambda", str(args.lmbda)]
             print(f"  speed {label} …", flush=True)
-            subprocess.run(cmd, check=True, cwd=ROOT)
+            subprocess.run(cmd, check=True)  # in this working directory: relative paths hold
             out[label] = json.loads(result.read_text())
     ratios = {}
     for label in ("tcq8", "tcq8-target"):
