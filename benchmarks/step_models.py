@@ -112,6 +112,7 @@ def _speed_worker(args) -> None:
         }
 
     code(images[0])  # warm-up: Numba's cache, torch's allocator
+    set_threads(1)  # the first parallel Numba kernel reset torch's OpenMP threads (qft.threads)
     rows = [code(p) for p in images]
     out = {
         "quantizer": choice.describe(),
