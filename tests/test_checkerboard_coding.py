@@ -92,10 +92,11 @@ def test_round_trip_is_exact(arch, q, models, image):
 def test_decoder_target_round_trip(arch, models, image):
     codec = Codec(models[arch], arch)
     q = Quantizer("tcq8", step=0.6, lam=0.03)
-    out = codec.compress(image, q, target=0.25)
+    x = image[..., :64, :64]  # the target's Jacobian probes of g_s dominate the time
+    out = codec.compress(x, q, target=0.25)
     assert out["target"] == 0.25
     assert np.array_equal(codec.decompress(out["bitstream"])["y_hat"], out["y_hat"])
-    assert out["bitstream"] != codec.compress(image, q)["bitstream"]
+    assert out["bitstream"] != codec.compress(x, q)["bitstream"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
