@@ -85,6 +85,7 @@ class CheckerboardSteps(LatentSteps):
         return squeeze_checkerboard(full[0], self.parity(index))
 
     def check_order(self, ctx: StepContext, index: int) -> None:
+        """Raises ``ValueError`` unless exactly the steps before ``index`` are committed."""
         if len(ctx.finals) != index:
             raise ValueError(f"parameters of step {index} asked after {len(ctx.finals)} committed steps")
 
