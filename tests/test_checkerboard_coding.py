@@ -76,8 +76,15 @@ def test_elic_layout_is_compressais(arch, models):
     assert np.array_equal(out, y)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("q", QUANTIZERS, ids=lambda q: f"{q.method}-{q.reset}")
+#: every quantizer on MLIC++ and ELIC; Chandelier's ELIC (another channel context and
+#: chunk order, both held by the USQ equality below) with USQ and TCQ-8
+ROUND_TRIPS = [
+    *((arch, q) for arch in ("mlicpp", "elic2022-official") for q in QUANTIZERS),
+    *(("elic2022-chandelier", q) for q in (QUANTIZERS[0], QUANTIZERS[3])),
+]
+
+
+@pytest.mark.parametrize("arch,q", ROUND_TRIPS, ids=lambda v: v if isinstance(v, str) else f"{v.method}-{v.reset}")
 def test_round_trip_is_exact(arch, q, models, image):
     codec = Codec(models[arch], arch)
     out = codec.compress(image, q)
@@ -106,7 +113,7 @@ def test_usq_equals_the_models_own_coding(arch, models, image):
     same image bit for bit, and the stream is as long (qft's tables are its own,
     docs/design.md D6, so the bytes differ; ELIC's own stream is one rANS string per half)."""
     m = models[arch]
-    x = torch.nn.functional.pad(image, (0, 62, 0, 58))  # 128 × 192, no padding rule involved
+    x = image[..., :64, :128]  # multiples of 64: no padding rule involved
     coder = LatentCoder(m, ENTROPY, dtype=torch.float32)
     usq = Quantizer("usq")
     with torch.no_grad():
@@ -124,11 +131,11 @@ def test_usq_equals_the_models_own_coding(arch, models, image):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("bump", [0, 1, 2])
+@pytest.mark.parametrize("bump", [1, 2])
 def test_steps_read_only_earlier_final_values(arch, bump, models, image):
-    """Changing the quantized values of step ``bump`` (anchors or non-anchors) leaves the
-    parameters of every step up to it alone and changes the next step's: what the
-    decoder has not decoded yet never reaches a step's μ, σ."""
+    """Changing the quantized values of step ``bump`` (non-anchors of group 0, anchors of
+    group 1) leaves the parameters of every step up to it alone and changes the next
+    step's: what the decoder has not decoded yet never reaches a step's μ, σ."""
     coder = LatentCoder(models[arch], ENTROPY)
     steps = coder.steps
     (lat,) = coder.quantize(image[..., :64, :64], Quantizer("usq"))
@@ -169,7 +176,7 @@ def test_damaged_streams_are_refused(arch, models, image):
     data = codec.compress(image[..., :64, :64], Quantizer("tcq8", step=0.6, lam=0.03))["bitstream"]
     payload_start = len(data) - 4 - sum(len(s) for s in Container.from_bytes(data).sections)
     rng = np.random.default_rng(0)
-    for trial in range(30):
+    for trial in range(15):
         bad = bytearray(data)
         if trial % 3 == 0:
             bad = bad[: int(rng.integers(0, len(bad)))]
