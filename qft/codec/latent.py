@@ -4,7 +4,9 @@
 
     x ─g_a─▶ y ─h_a─▶ z ─EntropyBottleneck─▶ ẑ ─▶ context
                  │                                   │   for each step i (1 for hyperpriors,
-                 │                                   ▼   one per slice for TCM/DCAE/CCA):
+                 │                                   ▼   one per slice for TCM/DCAE/CCA, one
+                 │                                       per checkerboard half of each group
+                 │                                       for MLIC++/ELIC):
                  │             μ_i, σ_i (CPU, float64 path) from ẑ and final values of steps < i
                  │                                   │
                  └── y_i ──▶ Quantizer (USQ | RDOQ | TCQ-4 | TCQ-8) ──▶ indices, rows ──┐
@@ -244,7 +246,7 @@ class QuantizedLatent:
 
 class LatentCoder:
     """Quantizes and codes the latent of any step-wise coded model (hyperpriors, channel
-    slices; :mod:`qft.codec.steps`) with any quantizer.
+    slices, checkerboard groups; :mod:`qft.codec.steps`) with any quantizer.
 
     The quantizer is an argument of each call, so one coder (and its float64 copy of the
     entropy path) serves every quantizer.
