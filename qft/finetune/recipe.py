@@ -149,7 +149,7 @@ def _validate(r: FinetuneRecipe) -> None:
     for key, ok in checks:
         if not ok:
             raise UserError(f"{where}: invalid value {key} (crop: a multiple of 64; counts >= 1; λ, step, lr positive)")
-    if r.requantize_every and r.parts != "decoder+hyperdecoder":
+    if r.requantize_every and r.parts == "decoder":
         raise UserError(
             f"{where}: requantize_every needs parts decoder+hyperdecoder (with the "
             "decoder alone the indices never change); set it to 0"

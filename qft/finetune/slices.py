@@ -10,7 +10,8 @@ with the current weights (docs/design.md, "Finetuning the channel-slice models")
     for slice i:
         μ_i, σ_i, support_i = slice_parameters(i, context, [final_0 … final_{i-1}])
         k, t = quantizer(y_i; μ_i, σ_i detached)     the real trellis.Quantizer, t = ŷ − μ
-        ŷ_i  = μ_i + t                                 (gradient through μ_i)
+        ŷ_i  = μ_i + t                                 (gradient through μ_i; computed as
+                                                        ŷ + (μ_i − sg(μ_i)): the codec's values)
         final_i = slice_reconstruction(i, support_i, ŷ_i)            LRP
     x̂ = g_s(cat[final_0 … final_{S-1}])
     loss = λ·255²·MSE(x, x̂)  (+ bpp for decoder+entropy)
@@ -110,16 +111,16 @@ class SliceObjective(nn.Module):
         return latent_channels(self.model) if self.control else None
 
     def _quantize(
-        self, index: int, y: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, first: int
+        self, y: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, first: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(t, lo, hi)`` of slice ``index`` (channels from ``first``): the quantizer's
-        reconstruction offsets ``ŷ − μ`` and the cells of its indices, on ``y``'s device."""
+        """``(ŷ, lo, hi)`` of a slice (its channels from ``first`` of ``y``): the quantizer's
+        reconstruction and the cells of its indices, on ``y``'s device."""
         q, n = self.quantizer, y.shape[1]
         w = None if self.weights is None else self.weights[first : first + n]
         mu_np = mu.detach().float().cpu().numpy()
         res = q.quantize(y.float().cpu().numpy(), mu_np, sigma.detach().float().cpu().numpy(), weights=w)
         lo, hi = index_cells(res.indices, res.rows // NUM_SCALES, q)
-        return tuple(torch.from_numpy(a).to(y.device) for a in (res.y_hat - mu_np, lo, hi))
+        return tuple(torch.from_numpy(a).to(y.device) for a in (res.y_hat, lo, hi))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"loss", "mse", "bpp"}``; ``bpp`` (of ``y``) is reported for both part sets,
@@ -143,8 +144,8 @@ class SliceObjective(nn.Module):
                 r = y_i + batch["u"][:, first : first + y_i.shape[1]] - mu
                 lo, hi = r - 0.5, r + 0.5
             else:
-                t, lo, hi = self._quantize(i, y_i, mu, sigma, first)
-                y_hat = mu + t
+                y_q, lo, hi = self._quantize(y_i, mu, sigma, first)
+                y_hat = y_q + (mu - mu.detach())  # = μ + t with t = ŷ − μ fixed, bit-exact ŷ
             with torch.set_grad_enabled(self.rate and torch.is_grad_enabled()):
                 mass = cell_mass(lo, hi, sigma)
                 if gc.use_likelihood_bound:
