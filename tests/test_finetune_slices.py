@@ -256,3 +256,40 @@ def test_image_batch_is_split_over_processes():
     for k in ("x", "u"):
         assert torch.equal(whole[k][1::2], odd[k])
     assert whole["u"].shape == (4, 6, 4, 4) and whole["u"].abs().max() <= 0.5
+
+
+def test_benchmark_end_to_end(setup, tmp_path):
+    """benchmarks/finetune_slices.py on the tiny TCM: three arms of 2 steps, the base and
+    each arm coded on one image, the JSON written (to a temporary folder)."""
+    import importlib.util
+
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_slices.py"
+    spec = importlib.util.spec_from_file_location("finetune_slices_benchmark", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    kodak = tmp_path / "kodak"
+    kodak.mkdir()
+    img = np.random.default_rng(5).integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+    Image.fromarray(img).save(kodak / "kodim01.png")
+    Image.fromarray(img[::-1]).save(kodak / "kodim02.png")
+    out = tmp_path / "result.json"
+    args = ["-m", str(setup["bases"]["tcm"]), "--lambda", str(LAMBDA), "--steps", "2", "--images", "1"]
+    args += ["--kodak", str(kodak), "--recipe", str(setup["recipe"]), "--data", str(setup["root"] / "data" / "train")]
+    args += ["--runs", str(tmp_path / "runs"), "--out", str(out), "--no-progress"]
+    assert bench.main(args) == 0
+    record = json.loads(out.read_text())
+    assert set(record["rows"]) == {
+        "base-usq",
+        "base-tcq8",
+        "decoder-tcq8",
+        "entropy-tcq8",
+        "control-tcq8",
+        "control-usq",
+    }
+    assert record["images"] == ["kodim01.png"]
+    assert {a["parts"] for a in record["arms"].values()} == {"decoder", "decoder+entropy"}
+    assert record["arms"]["control"]["control"] is True and record["arms"]["control"]["step"] == 2
+    assert record["rows"]["base-tcq8"]["rd_cost_change_vs_base_same_quantizer_pct"] == 0
+    assert all(np.isfinite(r["rd_cost"]) and r["bpp"] > 0 for r in record["rows"].values())
