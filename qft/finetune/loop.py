@@ -1,8 +1,11 @@
 """The finetuning loop (``qft finetune``), on one process or under ``torchrun`` (DDP).
 
-The analysis side (``g_a``, ``h_a``, the ``EntropyBottleneck``) is frozen; the trained
-parts see the latents of :class:`~qft.finetune.cache.LatentCache`, quantized once with
-exactly the inference quantizer. Conventions and scaffolding are those of
+The analysis side (``g_a``, ``h_a``, the ``EntropyBottleneck``) is frozen. Hyperprior
+models: the trained parts see the latents of :class:`~qft.finetune.cache.LatentCache`,
+quantized once with exactly the inference quantizer. Channel-slice models (TCM, DCAE,
+CCA): no cache; each step quantizes its image crops anew with the current weights
+(:class:`~qft.finetune.slices.SliceObjective`), since the trained LRP changes every later
+slice's context. Conventions and scaffolding are those of
 :mod:`qft.train.scaffold`: the crops of step ``s`` depend only on ``(seed, s)`` (and noise
 on ``(seed, s, element)``), so a training checkpoint — model, Adam state, step — resumes
 to the same weights as an uninterrupted run; JSON-lines log; tqdm; atomic checkpoints.
