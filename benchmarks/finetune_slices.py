@@ -115,7 +115,7 @@ def evaluate(args, summaries: dict[str, dict]) -> dict[str, dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the rest: the module docstring
     p.add_argument("-m", "--checkpoint", type=Path, required=True, help="base checkpoint (TCM, DCAE or CCA)")
     p.add_argument("--lambda", dest="lmbda", type=float, required=True, help="the base model's λ")
     p.add_argument("--steps", type=int, default=400)
