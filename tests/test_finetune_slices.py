@@ -82,7 +82,7 @@ def setup(tmp_path_factory):
         "steps": 2,
         "optimizer": {"lr": 1e-3, "clip_max_norm": 1.0},
         "data": {"root": str(root / "data"), "train": ["train"]},
-        "checkpoint_every": 1,
+        "checkpoint_every": 2,
         "log_every": 1,
     }
     path = root / "recipe.yaml"
