@@ -305,3 +305,39 @@ def test_benchmark_end_to_end(setup, tmp_path):
     assert record["arms"]["control"]["control"] is True and record["arms"]["control"]["step"] == 2
     assert record["rows"]["base-tcq8"]["rd_cost_change_vs_base_same_quantizer_pct"] == 0
     assert all(np.isfinite(r["rd_cost"]) and r["bpp"] > 0 for r in record["rows"].values())
+
+
+def _ddp_worker(rank, world, port, recipe, out):
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    from qft.finetune import finetune
+
+    finetune(recipe, out, control=True, progress=False)
+
+
+@pytest.mark.slow
+def test_ddp_gloo_two_processes(setup, runs, tmp_path):
+    """The control arm (per-element noise) of the tiny TCM under DDP (gloo, 2 processes,
+    each one element of the batch) trains as one process: the same updates up to the
+    order of float sums."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from qft.finetune import load_finetune_recipe
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = load_finetune_recipe(setup["recipe"]).replace(parts="decoder+entropy")
+    out = tmp_path / "ddp"
+    mp.start_processes(_ddp_worker, args=(2, port, recipe, out), nprocs=2, start_method="fork")
+    base, a, b = (_weights(p) for p in (setup["bases"]["tcm"], out / "model.pth", runs["tcm", "control"] / "model.pth"))
+    for k in a:
+        if a[k].is_floating_point():
+            update = (b[k].float() - base[k].float()).norm().item()
+            assert (a[k].float() - b[k].float()).norm().item() <= 0.05 * update + 1e-7, k
