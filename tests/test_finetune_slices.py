@@ -255,7 +255,9 @@ def test_parts_that_do_not_apply_are_refused(setup, tmp_path, capsys):
     assert "requantize_every" in capsys.readouterr().err
     assert _run(setup, "dcae", tmp_path / "d", "--target", "0.25") == 2
     assert "decoder target" in capsys.readouterr().err
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    assert _run(setup, "tcm", tmp_path / "e", "--cache", str(tmp_path / "cache")) == 2
+    assert "--cache does not apply to tcm" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in ("a", "b", "c", "d", "e", "cache"))
 
 
 def test_image_batch_is_split_over_processes():

@@ -349,6 +349,8 @@ def _resume(run: _Run, cache_dir: str | Path | None, resume: bool, control: bool
     """Open the latent cache (hyperprior models: the base model's, or the re-quantized one
     a resumed run trained on), build the model, objective and optimizer, and load a resumed
     state; returns the log (rank 0; ``None`` on the others)."""
+    if run.slices and cache_dir is not None:
+        raise UserError(f"--cache does not apply to {run.setup.base.arch}: a channel-slice model has no latent cache")
     recipe, out = run.recipe, run.out
     state = resume_state(run.ckpt_path, resume)
     if state is not None and (state.get("kind") != "finetune" or state["config"] != run.setup.config):
