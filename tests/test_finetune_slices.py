@@ -190,6 +190,24 @@ def test_training_quantizes_as_the_codec(arch):
     assert np.abs(got).max() >= 2
 
 
+def test_rate_pulls_mu_towards_y():
+    """The rate of decoder+entropy has a gradient in μ (the coded cell fixed in the y
+    domain): with λ = 0 the last slice's μ transform, which nothing but ŷ and the rate
+    reads, learns from the rate alone; with parts decoder (no rate in the loss) it gets no
+    gradient. (The rate's value, cell masses of the coded indices, is
+    test_finetune.py::test_cell_rate_matches_the_coding_tables.)"""
+    torch.set_num_threads(1)
+    model = tiny_model("tcm")
+    q = Quantizer("tcq8", step=0.6, lam=0.03)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    last = model.cc_mean_transforms[-1][-1].weight
+    for parts, moves in (("decoder+entropy", True), ("decoder", False)):
+        model.zero_grad()
+        out = SliceObjective(model, parts, False, 0.0, q)({"x": x})
+        out["loss"].backward()
+        assert (last.grad is not None and last.grad.abs().sum() > 0) == moves
+
+
 @pytest.mark.parametrize("arm", ["decoder+entropy", "control"])
 def test_resume_is_exact(setup, runs, tmp_path, arm):
     out = tmp_path / "resumed"

@@ -19,7 +19,12 @@ with the current weights (docs/design.md, "Finetuning the channel-slice models")
 ``bpp = −Σ log2 P(k) / pixels``, ``P(k)`` the ``N(0, σ²)`` mass of ``k``'s decision cell
 in its quantizer class (:func:`qft.finetune.objective.index_cells`, the class from the
 coding row, i.e. from TCQ's state), ``σ`` lower-bounded at 0.11 and the mass at 1e-9 by
-the model's ``GaussianConditional``. The **control arm** runs the same steps with the
+the model's ``GaussianConditional``. In value that is the cell of the residual domain; its
+gradient holds the cell fixed in the ``y`` domain (``[μ₀ + lo, μ₀ + hi)`` under
+``N(μ, σ²)``, ``μ₀`` the current value): the encoder re-quantizes every step, so when ``μ``
+moves the coded cell stays where ``y`` is, and moving ``μ`` away from ``y`` costs bits (as
+the control arm's rate of ``y + u − μ`` does). With the cell fixed in the residual domain
+``μ`` had no rate gradient and drifted from ``y`` (docs/design.md). The **control arm** runs the same steps with the
 model's own training proxy (:meth:`qft.models.ChannelSliceModel.forward`):
 ``ŷ_i = round_ste(y_i − μ_i) + μ_i`` and the rate of ``y_i + u`` (the mass of
 ``[y_i + u − μ_i − ½, y_i + u − μ_i + ½)``, ``u ~ U(−½, ½)`` drawn per batch element
@@ -145,7 +150,9 @@ class SliceObjective(nn.Module):
                 lo, hi = r - 0.5, r + 0.5
             else:
                 y_q, lo, hi = self._quantize(y_i, mu, sigma, first)
-                y_hat = y_q + (mu - mu.detach())  # = μ + t with t = ŷ − μ fixed, bit-exact ŷ
+                shift = mu - mu.detach()  # 0 in value, the gradient of μ
+                y_hat = y_q + shift  # = μ + t with t = ŷ − μ fixed, bit-exact ŷ
+                lo, hi = lo - shift, hi - shift  # the coded cell stays where y is when μ moves
             with torch.set_grad_enabled(self.rate and torch.is_grad_enabled()):
                 mass = cell_mass(lo, hi, sigma)
                 if gc.use_likelihood_bound:
