@@ -45,6 +45,7 @@ from trellis import NUM_SCALES, Quantizer
 
 from qft.finetune.objective import cell_mass, index_cells
 from qft.models import ChannelSliceModel
+from qft.threads import set_threads
 from qft.train.data import sample_batch
 
 __all__ = ["SliceObjective", "image_batch", "latent_channels"]
@@ -123,7 +124,9 @@ class SliceObjective(nn.Module):
         q, n = self.quantizer, y.shape[1]
         w = None if self.weights is None else self.weights[first : first + n]
         mu_np = mu.detach().float().cpu().numpy()
+        threads = torch.get_num_threads()
         res = q.quantize(y.float().cpu().numpy(), mu_np, sigma.detach().float().cpu().numpy(), weights=w)
+        set_threads(threads, numba=False)  # Numba's first parallel kernel resets torch's count
         lo, hi = index_cells(res.indices, res.rows // NUM_SCALES, q)
         return tuple(torch.from_numpy(a).to(y.device) for a in (res.y_hat, lo, hi))
 
