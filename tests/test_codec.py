@@ -100,10 +100,10 @@ def test_header_overhead_is_small(image):
     assert len(out["bitstream"]) - out["y_bytes"] - out["z_bytes"] <= 40
 
 
-@pytest.mark.parametrize(
-    "arch,params", [("elic2022-official", {"N": 16, "M": 32, "groups": [4, 4, 8, 16]}), ("mbt2018", {"N": 8, "M": 8})]
-)
-def test_context_models_code_usq_only(arch, params):
+@pytest.mark.parametrize("arch,params", [("mbt2018", {"N": 8, "M": 8}), ("cheng2020-anchor", {"N": 8})])
+def test_spatial_context_models_code_usq_only(arch, params):
+    """Spatial autoregressive contexts (mbt2018, cheng2020) keep their own USQ coder; the
+    checkerboard models are step-coded (tests/test_checkerboard_coding.py)."""
     x = torch.rand(1, 3, 40, 70)
     codec = Codec(create_model(arch, seed=0, **params), arch, ARCHITECTURES[arch].entropy)
     with pytest.raises(UserError, match="use -q usq"):

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from torch import nn
 
-from trellis import Quantizer
-
 from qft.cli import main
-from qft.codec import Codec
 from qft.errors import UserError
 from qft.models import ARCHITECTURES, create_model, load_checkpoint
-from qft.models.mlicpp import LocalContext, anchor_mask, squeeze_half, unsqueeze_half
+from qft.models.layers import squeeze_checkerboard, unsqueeze_checkerboard
+from qft.models.mlicpp import LocalContext, anchor_mask, half_parity
 
 TINY = {
     "N": 8,
@@ -74,10 +73,18 @@ def test_checkerboard_halves():
     mask = anchor_mask(3, 4)
     assert mask.tolist() == [[False, True, False, True], [True, False, True, False], [False, True, False, True]]
     x = torch.arange(12.0).reshape(1, 1, 3, 4)
-    assert squeeze_half(x, anchors=True).flatten().tolist() == [1, 3, 4, 6, 9, 11]
-    assert squeeze_half(x, anchors=False).flatten().tolist() == [0, 2, 5, 7, 8, 10]
-    halves = unsqueeze_half(squeeze_half(x, True), True) + unsqueeze_half(squeeze_half(x, False), False)
+    a, n = half_parity(True), half_parity(False)
+    assert squeeze_checkerboard(x, a).flatten().tolist() == [1, 3, 4, 6, 9, 11]
+    assert squeeze_checkerboard(x, n).flatten().tolist() == [0, 2, 5, 7, 8, 10]
+    halves = unsqueeze_checkerboard(squeeze_checkerboard(x, a), a) + unsqueeze_checkerboard(
+        squeeze_checkerboard(x, n), n
+    )
     assert torch.equal(halves, x)
+    # numpy arrays: the same layout (the codec's steps gather and scatter with it)
+    assert np.array_equal(squeeze_checkerboard(x.numpy(), a), squeeze_checkerboard(x, a).numpy())
+    assert np.array_equal(
+        unsqueeze_checkerboard(x.numpy()[..., ::2], n), unsqueeze_checkerboard(x[..., ::2], n).numpy()
+    )
 
 
 def test_local_context_mask_and_index():
@@ -120,17 +127,6 @@ def test_compress_refuses(model):
         model.compress(image(64, 96))
     with pytest.raises(ValueError, match="expected strings"):
         model.decompress([[b""], []], (1, 1))
-
-
-def test_codec_usq(model):
-    """``qft compress`` codes MLIC++ with USQ (any image size, padded) and refuses the
-    trellis, whose choices the channel and checkerboard contexts would have to follow."""
-    codec = Codec(model, "mlicpp")
-    x = image(40, 70, seed=4)
-    out = codec.compress(x, Quantizer("usq"))
-    assert codec.decompress(out["bitstream"])["x_hat"].shape == x.shape
-    with pytest.raises(UserError, match="use -q usq"):
-        codec.compress(x, Quantizer("tcq8"))
 
 
 class _Fixed(nn.Module):

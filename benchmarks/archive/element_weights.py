@@ -76,7 +76,7 @@ def run(ckpt: str, images: list[Path], probes: int) -> dict:
         h, w = x.shape[-2:]
         xp, padding = pad(x)
         (lat0,) = coder.quantize(xp, Quantizer("usq"))
-        e = element_sensitivity(ck.model.g_s, torch.from_numpy(lat0.result.y_hat)[None], probes, seed=n)
+        e = element_sensitivity(ck.model.g_s, torch.from_numpy(lat0.y_hat)[None], probes, seed=n)
         rates = Quantizer("usq").table.index_bits(lat0.result.rows, lat0.result.indices) + 1e-6
         space = e.sum(0, keepdims=True)
         space = space / space.mean()
@@ -92,7 +92,7 @@ def run(ckpt: str, images: list[Path], probes: int) -> dict:
             res = q.quantize(lat0.y, lat0.mu, lat0.sigma, weights=wts)
             lat = dataclasses.replace(lat0, result=res)
             bits = len(codec.encode_latent(lat, q, h, w)["bitstream"]) * 8
-            x_hat = crop(ck.model.g_s(torch.from_numpy(lat.result.y_hat)[None]).clamp(0, 1), padding)
+            x_hat = crop(ck.model.g_s(torch.from_numpy(lat.y_hat)[None]).clamp(0, 1), padding)
             acc.setdefault(name, []).append((bits / (h * w), psnr(x, x_hat)))
     points = {k: tuple(np.mean(v, axis=0)) for k, v in acc.items()}
     usq = [points[f"usq-{s}"] for s in USQ_SCALES]

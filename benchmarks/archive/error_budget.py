@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qft.codec import HyperpriorLatentCoder, list_images, read_image
+from qft.codec import LatentCoder, list_images, read_image
 from qft.models import ARCHITECTURES, load_checkpoint
 from qft.models.zoo import base_entries
 from qft.settings import read_settings, resolve_quantizer
@@ -50,7 +50,7 @@ def main() -> None:
     for spec in specs:
         ck = load_checkpoint(spec)
         settings = read_settings(ck)
-        coder = HyperpriorLatentCoder(ck.model.eval(), ARCHITECTURES[ck.arch].entropy)
+        coder = LatentCoder(ck.model.eval(), ARCHITECTURES[ck.arch].entropy)
         choices = {"usq": resolve_quantizer("usq", settings), "tcq8": resolve_quantizer("tcq8", settings)}
         sums: dict = {"mse_unquantized": 0.0, "pixels": 0}
         for x in images:

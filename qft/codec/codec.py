@@ -6,15 +6,16 @@
     out = codec.compress(x, Quantizer("tcq8", step=0.6, lam=0.02))  # x: (1, 3, H, W) in [0, 1]
     x_hat = codec.decompress(out["bitstream"])["x_hat"]   # the quantizer comes from the stream
 
-Hyperprior-family models (``scale-hyperprior``, ``mean-scale-hyperprior``) and the
-channel-slice models (``channel-conditional``: TCM, DCAE, CCA) are coded by
+Hyperprior-family models (``scale-hyperprior``, ``mean-scale-hyperprior``), the
+channel-slice models (``channel-conditional``: TCM, DCAE, CCA) and the checkerboard models
+(``channel-checkerboard``: ELIC, MLIC++) are coded by
 :class:`~qft.codec.latent.LatentCoder` with any quantizer, step by step
-(:mod:`qft.codec.steps`: the whole latent in one step, or one step per slice). Models with
-spatial autoregressive context (``mbt2018``, ``cheng2020-*``) and with channel groups +
-checkerboard (``elic2022-*``, ``mlicpp``) are coded with their own
+(:mod:`qft.codec.steps`: the whole latent in one step, one step per slice, or one per
+checkerboard half of each channel group, :mod:`qft.codec.checkerboard`). Models with
+spatial autoregressive context (``mbt2018``, ``cheng2020-*``) are coded with their own
 ``compress``/``decompress`` (USQ only; the container still adds the header and checksum):
 an exact trellis is impossible with a spatial context, since each trellis path would need
-its own entropy parameters, and their checkerboard steps are not built yet.
+its own entropy parameters.
 """
 
 from __future__ import annotations
@@ -91,13 +92,8 @@ def _plain(obj):
 
 
 def _layout_fits(shape, hp: int, wp: int) -> bool:
-    """Whether a context model's layout ``shape`` is the latent of a ``hp × wp`` padded
-    image: ``z``'s spatial size ``[hp/64, wp/64]``, or for channel-group models
-    ``{"hyper": that, "y": [[C, hp/16, wp/16], …]}``."""
-    if isinstance(shape, dict):
-        return shape["hyper"] == [hp // 64, wp // 64] and all(
-            isinstance(g, list) and g[-2:] == [hp // 16, wp // 16] for g in shape["y"]
-        )
+    """Whether a context model's layout ``shape`` (``z``'s spatial size) is that of the
+    latent of a ``hp × wp`` padded image: ``[hp/64, wp/64]``."""
     return shape == [hp // 64, wp // 64]
 
 
@@ -210,7 +206,7 @@ class Codec:
             out = self.encode_latent(lat, quantizer, h, w)
             out["time_s"] = time.perf_counter() - t0
             return out
-        # context models: their own coder (USQ), inside the container
+        # spatial context models: their own coder (USQ), inside the container
         likelihoods = self.model(xp)["likelihoods"]
         enc = self.model.compress(xp)
         strings = enc["strings"]

@@ -27,6 +27,8 @@ Kinds:
 - :class:`HyperpriorSteps`: scale and mean-scale hyperpriors, one step (the whole latent).
 - :class:`SliceSteps`: channel-slice models with LRP (:class:`qft.models.ChannelSliceModel`:
   TCM, DCAE, CCA), one step per slice.
+- :mod:`qft.codec.checkerboard`: channel groups × checkerboard halves (MLIC++, ELIC), two
+  steps per group (anchors, non-anchors), each half squeezed to ``(C_k, H, W/2)``.
 
 The entropy path (``h_s``, the slice transforms, the LRP) runs on the CPU in float64 (a
 copy of those modules), rounded to float32 where it meets the quantizer, so an encoder on
@@ -48,10 +50,19 @@ from trellis import SCALE_TABLE
 
 from qft.models import ChannelSliceModel
 
-__all__ = ["STEP_ENTROPY", "HyperpriorSteps", "LatentSteps", "SliceSteps", "StepContext", "latent_steps"]
+__all__ = [
+    "STEP_ENTROPY",
+    "HyperpriorSteps",
+    "LatentSteps",
+    "SliceSteps",
+    "StepContext",
+    "check_scale_table",
+    "float32_sigma",
+    "latent_steps",
+]
 
 #: Entropy-model kinds (:data:`qft.models.ENTROPY_KINDS`) coded step-wise by qft.
-STEP_ENTROPY = ("scale-hyperprior", "mean-scale-hyperprior", "channel-conditional")
+STEP_ENTROPY = ("scale-hyperprior", "mean-scale-hyperprior", "channel-conditional", "channel-checkerboard")
 
 
 @dataclass
@@ -131,7 +142,18 @@ class LatentSteps:
         return out
 
 
-def _float32_sigma(sigma: torch.Tensor) -> np.ndarray:
+def check_scale_table(model: torch.nn.Module, gaussian_conditional: torch.nn.Module) -> None:
+    """Raises ``ValueError`` unless the ``GaussianConditional``'s scale table (where built)
+    is CompressAI's default, which qft's coding tables (:data:`trellis.SCALE_TABLE`) are."""
+    table = gaussian_conditional.scale_table
+    if table.numel() and not np.allclose(table.cpu().numpy(), SCALE_TABLE, rtol=1e-6):
+        raise ValueError(
+            f"{type(model).__name__}: its GaussianConditional scale table is not CompressAI's default, "
+            "which qft's coding tables are"
+        )
+
+
+def float32_sigma(sigma: torch.Tensor) -> np.ndarray:
     """σ as float32 numpy, lower-bounded at the smallest table scale (0.11), as
     CompressAI's ``GaussianConditional`` bounds it."""
     return np.maximum(sigma.to("cpu", torch.float32).numpy(), SCALE_TABLE[0])
@@ -160,7 +182,7 @@ class HyperpriorSteps(LatentSteps):
             sigma, mu = p, torch.zeros_like(p)
         else:
             sigma, mu = p.chunk(2, 1)
-        mu, sigma = mu.float().numpy(), _float32_sigma(sigma)
+        mu, sigma = mu.float().numpy(), float32_sigma(sigma)
         return [StepContext((mu[i], sigma[i]), mu.shape[1:]) for i in range(mu.shape[0])]
 
     def parameters(self, ctx: StepContext, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,12 +198,7 @@ class SliceSteps(LatentSteps):
     on a copy of its entropy modules (everything but ``g_a`` and ``g_s``) in ``dtype``."""
 
     def __init__(self, model: ChannelSliceModel, dtype: torch.dtype = torch.float64):
-        gc = model.gaussian_conditional
-        if gc.scale_table.numel() and not np.allclose(gc.scale_table.cpu().numpy(), SCALE_TABLE, rtol=1e-6):
-            raise ValueError(
-                f"{type(model).__name__}: its GaussianConditional scale table is not CompressAI's default, "
-                "which qft's coding tables are"
-            )
+        check_scale_table(model, model.gaussian_conditional)
         self.model, self.dtype = model, dtype
         # the entropy path only: g_a and g_s are not copied (memo maps them to None)
         self.entropy_model = copy.deepcopy(model, memo={id(model.g_a): None, id(model.g_s): None})
@@ -205,7 +222,7 @@ class SliceSteps(LatentSteps):
     @torch.no_grad()
     def parameters(self, ctx: StepContext, index: int) -> tuple[np.ndarray, np.ndarray]:
         mu, sigma, ctx.support = self.entropy_model.slice_parameters(index, ctx.hyper, self._finals(ctx))
-        return mu[0].float().numpy(), _float32_sigma(sigma[0])
+        return mu[0].float().numpy(), float32_sigma(sigma[0])
 
     @torch.no_grad()
     def correction(self, ctx: StepContext, index: int, y_hat: np.ndarray) -> np.ndarray:
@@ -223,8 +240,9 @@ def latent_steps(model: torch.nn.Module, entropy: str, dtype: torch.dtype = torc
     """The coding steps of ``model``, whose entropy-model kind is ``entropy``.
 
     Raises:
-        ValueError: a kind qft does not code step-wise (:data:`STEP_ENTROPY`), or a
-            ``channel-conditional`` model that is not a :class:`ChannelSliceModel`.
+        ValueError: a kind qft does not code step-wise (:data:`STEP_ENTROPY`), a
+            ``channel-conditional`` model that is not a :class:`ChannelSliceModel`, or a
+            ``channel-checkerboard`` one that is neither MLIC++ nor ELIC.
     """
     if entropy in ("scale-hyperprior", "mean-scale-hyperprior"):
         return HyperpriorSteps(model, entropy, dtype)
@@ -232,4 +250,9 @@ def latent_steps(model: torch.nn.Module, entropy: str, dtype: torch.dtype = torc
         if not isinstance(model, ChannelSliceModel):
             raise ValueError(f"{type(model).__name__} is not a ChannelSliceModel")
         return SliceSteps(model, dtype)
+    if entropy == "channel-checkerboard":
+        # imported here: the checkerboard steps build on this module's base class
+        from qft.codec.checkerboard import checkerboard_steps
+
+        return checkerboard_steps(model, dtype)
     raise ValueError(f"entropy kind {entropy!r} is not coded step-wise (those: {', '.join(STEP_ENTROPY)})")

@@ -6,6 +6,7 @@
     qft finetune recipes/finetune/cpu.yaml -m base.pth --lambda 0.0130
     qft finetune RECIPE -m base.pth -q usq --parts decoder+hyperdecoder --out runs/ft/usq
     qft finetune RECIPE -m base.pth --control            # the noise-proxy control arm
+    qft finetune recipes/finetune/slices-cpu.yaml -m tcm.pth --parts decoder+entropy   # TCM, DCAE, CCA
     torchrun --nproc_per_node=4 -m qft finetune RECIPE -m base.pth --device cuda
 
 Command-line options override the recipe; without a recipe, ``recipes/finetune/cpu.yaml``
@@ -25,6 +26,7 @@ import os
 from pathlib import Path
 
 from qft.commands._options import add_quantizer_arguments
+from qft.finetune.parts import PARTS
 
 __all__ = ["add_arguments", "run"]
 
@@ -51,7 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_quantizer_arguments(parser)
     parser.set_defaults(**{k: None for k in _QUANTIZER_OPTIONS})
-    parser.add_argument("--parts", choices=("decoder", "decoder+hyperdecoder"), help="trained parts")
+    parser.add_argument(
+        "--parts",
+        choices=PARTS,
+        help="trained parts: decoder (g_s; for TCM/DCAE/CCA also the LRP), decoder+hyperdecoder "
+        "(hyperprior models: + h_s), decoder+entropy (TCM/DCAE/CCA: + the whole entropy path after z)",
+    )
     parser.add_argument(
         "--requantize-every",
         type=int,

@@ -16,13 +16,14 @@ import json
 __all__ = ["add_arguments", "run"]
 
 EPILOG = """\
-The delta holds only the trained parts (g_s, and h_s when trained) in fp16 and names its
-base by file name and SHA-256: it is written beside the base (for a shipped base, into
-qft/assets/checkpoints), and its entry (quantizer, parts, λ, steps, SHA-256, size, recipe,
-wall time, machine) is added to the manifest.json of that folder; every -m then takes it by
-path, and a shipped one by name. Runs given one after the other are the stages of one model
-(each finetuned from the previous one's model.pth, checked by SHA-256). An existing file or
-manifest entry of the same name is never overwritten."""
+The delta holds only the trained parts (g_s; h_s, or a slice model's LRP and entropy
+path, when trained) in fp16 and names its base by file name and SHA-256: it is written
+beside the base (for a shipped base, into qft/assets/checkpoints), and its entry
+(quantizer, parts, λ, steps, SHA-256, size, recipe, wall time, machine) is added to the
+manifest.json of that folder; every -m then takes it by path, and a shipped one by name.
+Runs given one after the other are the stages of one model (each finetuned from the
+previous one's model.pth, checked by SHA-256). An existing file or manifest entry of the
+same name is never overwritten."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base", help="base checkpoint, path or shipped name (default: the one the first run started from)"
     )
-    parser.add_argument("--name", help="file name without .pth (default: <base>-ft-<method|control>[-hyperdecoder])")
+    parser.add_argument(
+        "--name", help="file name without .pth (default: <base>-ft-<method|control>[-hyperdecoder|-entropy])"
+    )
     parser.add_argument(
         "--train-data", help="the manifest's description of the training data (default: from the recipe)"
     )

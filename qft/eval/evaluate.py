@@ -89,7 +89,10 @@ def evaluate_configs(
         ``ms-ssim-rgb``, ``target``: the ``η`` coded).
     """
     if codec.latent_coder is None:
-        raise UserError(f"{codec.arch}: only step-wise coded models can be re-quantized per image")
+        raise UserError(
+            f"{codec.arch}: its spatial autoregressive context codes with the model's own USQ coder; "
+            "it cannot be re-quantized per image"
+        )
     out: dict[str, list[dict]] = {label: [] for label in configs}
     direction = any(c[2] for c in configs.values())  # the target's step is computed once per image
     coder = codec.latent_coder

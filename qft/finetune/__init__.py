@@ -3,8 +3,11 @@
 
 - :mod:`qft.finetune.recipe`: YAML recipes, validated into :class:`FinetuneRecipe`.
 - :mod:`qft.finetune.cache`: the memory-mapped cache of quantized training latents.
-- :mod:`qft.finetune.objective`: the losses (decoder / decoder+hyperdecoder, quantized
-  or the noise-proxy control arm) and their batches.
+- :mod:`qft.finetune.parts`: the part sets each model family trains (``--parts``).
+- :mod:`qft.finetune.objective`: the losses of hyperprior models (decoder /
+  decoder+hyperdecoder, quantized or the noise-proxy control arm) and their batches.
+- :mod:`qft.finetune.slices`: the loss of channel-slice models (TCM, DCAE, CCA), which
+  quantizes every batch anew with the current weights.
 - :mod:`qft.finetune.loop`: the training loop, single process or DDP under torchrun.
 - :mod:`qft.finetune.ship`: a finished run as a delta checkpoint + manifest entry (``qft ship``).
 
@@ -16,10 +19,12 @@ import sys
 import types
 
 from qft.finetune.cache import LatentCache, cache_identity
-from qft.finetune.loop import finetune, finetune_checkpoint, trainable_parameters
+from qft.finetune.loop import finetune, finetune_checkpoint
 from qft.finetune.objective import FinetuneObjective, cell_mass, index_cells
-from qft.finetune.recipe import PARTS, FinetuneRecipe, default_recipe, load_finetune_recipe, override_recipe
+from qft.finetune.parts import PARTS, family_parts, part_prefixes, trainable_parameters
+from qft.finetune.recipe import FinetuneRecipe, default_recipe, load_finetune_recipe, override_recipe
 from qft.finetune.ship import ship_finetune
+from qft.finetune.slices import SliceObjective
 
 __all__ = [
     "PARTS",
@@ -30,6 +35,9 @@ __all__ = [
     "LatentCache",
     "cache_identity",
     "FinetuneObjective",
+    "SliceObjective",
+    "family_parts",
+    "part_prefixes",
     "cell_mass",
     "index_cells",
     "finetune",

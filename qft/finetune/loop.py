@@ -1,8 +1,11 @@
 """The finetuning loop (``qft finetune``), on one process or under ``torchrun`` (DDP).
 
-The analysis side (``g_a``, ``h_a``, the ``EntropyBottleneck``) is frozen; the trained
-parts see the latents of :class:`~qft.finetune.cache.LatentCache`, quantized once with
-exactly the inference quantizer. Conventions and scaffolding are those of
+The analysis side (``g_a``, ``h_a``, the ``EntropyBottleneck``) is frozen. Hyperprior
+models: the trained parts see the latents of :class:`~qft.finetune.cache.LatentCache`,
+quantized once with exactly the inference quantizer. Channel-slice models (TCM, DCAE,
+CCA): no cache; each step quantizes its image crops anew with the current weights
+(:class:`~qft.finetune.slices.SliceObjective`), since the trained LRP changes every later
+slice's context. Conventions and scaffolding are those of
 :mod:`qft.train.scaffold`: the crops of step ``s`` depend only on ``(seed, s)`` (and noise
 on ``(seed, s, element)``), so a training checkpoint — model, Adam state, step — resumes
 to the same weights as an uninterrupted run; JSON-lines log; tqdm; atomic checkpoints.
@@ -53,8 +56,10 @@ from qft.finetune.objective import (
     batch_to_device,
     sample_crops,
 )
+from qft.finetune.parts import check_parts, trainable_parameters
 from qft.finetune.recipe import FinetuneRecipe, default_recipe, load_finetune_recipe, override_recipe
-from qft.models import ARCHITECTURES, LoadedCheckpoint, load_checkpoint, save_checkpoint
+from qft.finetune.slices import SliceObjective, image_batch
+from qft.models import ARCHITECTURES, ChannelSliceModel, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from qft.settings import read_settings, resolve_quantizer, weights_digest
 from qft.threads import set_threads
 from qft.train.checkpoint import CHECKPOINT_FORMAT
@@ -69,19 +74,7 @@ from qft.train.scaffold import (
     write_summary,
 )
 
-__all__ = ["finetune", "finetune_checkpoint", "trainable_parameters"]
-
-
-def trainable_parameters(model: torch.nn.Module, parts: str) -> list[torch.nn.Parameter]:
-    """Freeze the model, then unfreeze ``g_s`` (and ``h_s`` for
-    ``decoder+hyperdecoder``); returns the unfrozen parameters."""
-    model.requires_grad_(False)
-    modules = [model.g_s] + ([model.h_s] if parts == "decoder+hyperdecoder" else [])
-    params = []
-    for m in modules:
-        m.requires_grad_(True)
-        params += list(m.parameters())
-    return params
+__all__ = ["finetune", "finetune_checkpoint"]
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -192,11 +185,13 @@ def _setup(recipe: FinetuneRecipe, control: bool, unsafe_load: bool) -> _Setup:
     """The base model, its λ, the inference quantizer and the training images; checks them."""
     base = load_checkpoint(recipe.checkpoint, recipe.arch, unsafe_load=unsafe_load)
     entropy = ARCHITECTURES[base.arch].entropy
-    if entropy not in HYPERPRIOR_ENTROPY:
+    slices = isinstance(base.model, ChannelSliceModel)
+    if entropy not in HYPERPRIOR_ENTROPY and not slices:
         raise UserError(
-            f"finetuning needs a hyperprior model ({', '.join(HYPERPRIOR_ENTROPY)}); "
-            f"{base.arch} has a {entropy} entropy model"
+            f"finetuning needs a hyperprior model ({', '.join(HYPERPRIOR_ENTROPY)}) or a channel-slice "
+            f"model (tcm, dcae, cca); {base.arch} has a {entropy} entropy model"
         )
+    check_parts(base.model, base.arch, recipe.parts)
     # the checkpoint's λ, or the one its settings file records (qft calibrate --lambda)
     lmbda = recipe.lmbda if recipe.lmbda is not None else read_settings(base).get("model_lambda")
     if not isinstance(lmbda, (int, float)) or lmbda <= 0:
@@ -215,8 +210,20 @@ def _setup(recipe: FinetuneRecipe, control: bool, unsafe_load: bool) -> _Setup:
         target=recipe.target,
     )
     quantizer, weights, target = choice.quantizer, choice.weights, choice.target
+    if slices and recipe.requantize_every:
+        raise UserError(
+            f"requantize_every does not apply to {base.arch}: a channel-slice model is quantized anew at "
+            "every step; set it to 0"
+        )
+    if slices and target:
+        raise UserError(
+            f"finetuning {base.arch} trains on plain latents: the decoder target is not supported here; "
+            "set quantizer.target to 0 (--target 0)"
+        )
     images = trim_images(load_images(recipe.data_root, recipe.train_splits))
-    context = recipe.crop + 32 * G_S_REACH  # the crop and its context
+    # hyperprior crops carry the decoding context of their cached latents; slice models
+    # analyse the crop itself, as in training
+    context = recipe.crop + (0 if slices else 32 * G_S_REACH)
     small = [img.shape for img in images if min(img.shape[:2]) < context]
     if small:
         raise UserError(
@@ -281,6 +288,11 @@ class _Run:
         return self.setup.base.model
 
     @property
+    def slices(self) -> bool:
+        """A channel-slice model: every step quantizes its image batch anew (no cache)."""
+        return isinstance(self.model, ChannelSliceModel)
+
+    @property
     def ckpt_path(self) -> Path:
         return self.out / "checkpoint.pth"
 
@@ -320,7 +332,7 @@ class _Run:
                 "step": done,
                 "steps": self.recipe.steps,
                 "cache_step": self.cache_step,
-                "cache_identity": self.cache.meta["identity"],
+                "cache_identity": None if self.cache is None else self.cache.meta["identity"],
                 "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(),
                 "recipe": self.recipe.to_dict(),
@@ -334,9 +346,11 @@ class _Run:
 
 
 def _resume(run: _Run, cache_dir: str | Path | None, resume: bool, control: bool) -> RunLog | None:
-    """Open the latent cache (the base model's, or the re-quantized one a resumed run
-    trained on), build the model, objective and optimizer, and load a resumed state;
-    returns the log (rank 0; ``None`` on the others)."""
+    """Open the latent cache (hyperprior models: the base model's, or the re-quantized one
+    a resumed run trained on), build the model, objective and optimizer, and load a resumed
+    state; returns the log (rank 0; ``None`` on the others)."""
+    if run.slices and cache_dir is not None:
+        raise UserError(f"--cache does not apply to {run.setup.base.arch}: a channel-slice model has no latent cache")
     recipe, out = run.recipe, run.out
     state = resume_state(run.ckpt_path, resume)
     if state is not None and (state.get("kind") != "finetune" or state["config"] != run.setup.config):
@@ -348,19 +362,25 @@ def _resume(run: _Run, cache_dir: str | Path | None, resume: bool, control: bool
         out.mkdir(parents=True, exist_ok=True)
     # the base model's cache is built from the base weights, so before a resumed state is loaded
     run.cache_step = state["cache_step"] if state else 0
-    if run.cache_step:
-        run.cache = LatentCache.open(out / f"cache-step{run.cache_step}", state["cache_identity"])
-    else:
-        folder = Path(cache_dir) if cache_dir is not None else out / "cache"
-        run.cache = run.open_cache(folder, run.setup.images)
-    run.setup.images = []
+    if not run.slices:  # slice models train on the images themselves, quantized anew at every step
+        if run.cache_step:
+            run.cache = LatentCache.open(out / f"cache-step{run.cache_step}", state["cache_identity"])
+        else:
+            folder = Path(cache_dir) if cache_dir is not None else out / "cache"
+            run.cache = run.open_cache(folder, run.setup.images)
+        run.setup.images = []
 
-    model, device, amp = run.model, run.device, run.device.type == "cuda"
+    model, device = run.model, run.device
+    amp = device.type == "cuda" and not run.slices  # slice models train in fp32, as qft train runs them
     model.to(device)
     if amp:
         model.to(memory_format=torch.channels_last)
     run.params = trainable_parameters(model, recipe.parts)
-    run.objective = FinetuneObjective(model, run.setup.entropy, recipe.parts, control, run.setup.lmbda, amp)
+    su = run.setup
+    if run.slices:
+        run.objective = SliceObjective(model, recipe.parts, control, su.lmbda, su.quantizer, su.weights)
+    else:
+        run.objective = FinetuneObjective(model, su.entropy, recipe.parts, control, su.lmbda, amp)
     run.objective.train()
     run.opt = torch.optim.Adam(run.params, lr=recipe.lr)
     if state:
@@ -395,19 +415,24 @@ def _step(run: _Run, step: int, size: int, align: int) -> dict[str, float]:
     """One optimisation step on this process's share of the global batch; returns its
     statistics (read on rank 0 only)."""
     recipe, ts = run.recipe, time.perf_counter()
-    picks = sample_crops(run.cache, recipe.seed, step, recipe.batch_size, size, align)
     mine = range(run.rank, recipe.batch_size, run.world)
-    batch = assemble_batch(
-        run.cache,
-        [picks[b] for b in mine],
-        mine,
-        size,
-        run.objective.fields,
-        run.setup.quantizer,
-        recipe.seed,
-        step,
-    )
-    batch = batch_to_device(batch, run.device, run.device.type == "cuda")
+    if run.slices:
+        batch = image_batch(
+            run.setup.images, recipe.seed, step, recipe.batch_size, recipe.crop, mine, run.objective.noise_channels
+        )
+    else:
+        picks = sample_crops(run.cache, recipe.seed, step, recipe.batch_size, size, align)
+        batch = assemble_batch(
+            run.cache,
+            [picks[b] for b in mine],
+            mine,
+            size,
+            run.objective.fields,
+            run.setup.quantizer,
+            recipe.seed,
+            step,
+        )
+    batch = batch_to_device(batch, run.device, run.device.type == "cuda" and not run.slices)
     run.opt.zero_grad(set_to_none=True)
     out = run.net(batch)
     out["loss"].backward()

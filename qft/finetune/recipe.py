@@ -5,7 +5,8 @@ Layout, every key required (``null`` where allowed)::
     checkpoint: null            # base model; null: give --checkpoint
     arch: null                  # null: detected from the checkpoint's keys
     lambda: null                # λ of λ·255²·MSE (+ bpp); null: the checkpoint's "lambda"
-    parts: decoder              # decoder | decoder+hyperdecoder
+    parts: decoder              # decoder | decoder+hyperdecoder (hyperpriors) |
+                                # decoder+entropy (channel slices; qft.finetune.parts)
     requantize_every: 0         # decoder+hyperdecoder: re-quantize with the current h_s
                                 # every K steps; 0: the base model's indices throughout
     quantizer:                  # as `qft compress` (qft.settings.resolve_quantizer)
@@ -48,13 +49,11 @@ from typing import Any
 from trellis import METHODS, RESETS
 
 from qft.errors import UserError
+from qft.finetune.parts import PARTS
 from qft.settings import target_value
 from qft.train.recipe import check_section, read_yaml, recipe_path
 
-__all__ = ["PARTS", "FinetuneRecipe", "default_recipe", "load_finetune_recipe", "override_recipe"]
-
-#: trainable parts: ``decoder`` = ``g_s``; ``decoder+hyperdecoder`` = ``g_s`` and ``h_s``
-PARTS = ("decoder", "decoder+hyperdecoder")
+__all__ = ["FinetuneRecipe", "default_recipe", "load_finetune_recipe", "override_recipe"]
 
 _TOP = {
     "checkpoint",
@@ -150,7 +149,7 @@ def _validate(r: FinetuneRecipe) -> None:
     for key, ok in checks:
         if not ok:
             raise UserError(f"{where}: invalid value {key} (crop: a multiple of 64; counts >= 1; λ, step, lr positive)")
-    if r.requantize_every and r.parts != "decoder+hyperdecoder":
+    if r.requantize_every and r.parts == "decoder":
         raise UserError(
             f"{where}: requantize_every needs parts decoder+hyperdecoder (with the "
             "decoder alone the indices never change); set it to 0"

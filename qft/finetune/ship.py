@@ -4,7 +4,8 @@
 its base by SHA-256, ``finetuned_from``, and records the quantizer, parts, control arm, λ
 and steps) and ``OUT/summary.json`` (wall time, machine, the base's path).
 :func:`ship_finetune` turns it into what ``qft/assets/checkpoints`` holds for every
-finetuned model: the trained parts (``g_s``, and ``h_s`` when trained) in fp16 as a delta
+finetuned model: the trained parts (:func:`qft.finetune.parts.part_prefixes`: ``g_s``, and
+``h_s`` when trained; for channel-slice models also the LRP or the entropy path) in fp16 as a delta
 of the base (:func:`qft.models.zoo.write_delta`), written beside the base, and an entry in
 the ``manifest.json`` of the base's folder (:func:`qft.models.zoo.add_manifest_entry`)::
 
@@ -28,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from qft.errors import UserError
+from qft.finetune.parts import part_prefixes
 from qft.models import LoadedCheckpoint, load_checkpoint
 from qft.models.zoo import add_manifest_entry, read_manifest, resolve, write_delta
 
-__all__ = ["PART_PREFIXES", "RUN_KEYS", "default_name", "ship_finetune"]
+__all__ = ["RUN_KEYS", "default_name", "ship_finetune"]
 
-#: state_dict prefixes of the trained parts (:data:`qft.finetune.recipe.PARTS`)
-PART_PREFIXES = {"decoder": ("g_s.",), "decoder+hyperdecoder": ("g_s.", "h_s.")}
 #: the run metadata a manifest entry carries (for a multi-stage run, each stage too)
 RUN_KEYS = ("quantizer", "parts", "control", "lambda", "steps")
 
@@ -65,9 +65,10 @@ def _stage(extra: dict[str, Any]) -> dict[str, Any]:
 
 def default_name(base: str | os.PathLike, run: dict[str, Any]) -> str:
     """``<base>-ft-<method>``, ``-ft-control`` for the control arm, ``-hyperdecoder``
-    appended when ``h_s`` was trained; ``run``: the run's metadata (:data:`RUN_KEYS`)."""
+    appended when ``h_s`` was trained, ``-entropy`` when a channel-slice model's entropy
+    path was; ``run``: the run's metadata (:data:`RUN_KEYS`)."""
     arm = "control" if run["control"] else run["quantizer"]["method"]
-    suffix = "-hyperdecoder" if run["parts"] == "decoder+hyperdecoder" else ""
+    suffix = {"decoder+hyperdecoder": "-hyperdecoder", "decoder+entropy": "-entropy"}.get(run["parts"], "")
     return f"{Path(base).stem}-ft-{arm}{suffix}"
 
 
@@ -129,8 +130,8 @@ def ship_finetune(
     if delta.exists() or any(e["file"] == delta.name for e in read_manifest(folder)):
         raise UserError(f"{name} is already in {folder} (file or manifest entry); choose another name")
 
-    trained = {ck.extra["parts"] for ck in checkpoints}
-    prefixes = PART_PREFIXES["decoder+hyperdecoder" if "decoder+hyperdecoder" in trained else "decoder"]
+    # the parts any stage trained (qft.finetune.parts), in the model's order
+    prefixes = tuple(dict.fromkeys(p for ck in checkpoints for p in part_prefixes(ck.model, ck.extra["parts"])))
     if len(checkpoints) > 1:
         run["steps"] = sum(ck.extra["steps"] for ck in checkpoints)
         run["stages"] = [_stage(ck.extra) for ck in checkpoints]

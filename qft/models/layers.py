@@ -1,4 +1,6 @@
-"""Building blocks shared by several model families (TCM, DCAE): Swin window attention.
+"""Building blocks shared by several model families: Swin window attention (TCM, DCAE)
+and the checkerboard layout (MLIC++'s coding, and qft's checkerboard coding steps of
+MLIC++ and ELIC in :mod:`qft.codec.checkerboard`).
 
 One home for what the families' transforms have in common; blocks that only one family
 uses stay in its module.
@@ -6,12 +8,69 @@ uses stay in its module.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from torch import Tensor, nn
 
-__all__ = ["WindowAttention"]
+__all__ = [
+    "WindowAttention",
+    "checkerboard_mask",
+    "scatter_checkerboard",
+    "squeeze_checkerboard",
+    "unsqueeze_checkerboard",
+]
+
+
+# ---------------------------------------------------------------------------- checkerboard
+#
+# A checkerboard half is the set of positions whose ``(row + col) % 2`` is its *parity*.
+# Squeezed, it is ``(…, H, W/2)``: row ``r`` holds the half's elements of row ``r``, left to
+# right (columns ``(r + parity) % 2, +2, …``), the order of the official MLIC++ stream and
+# of CompressAI's ``CheckerboardLatentCodec.unembed``. The functions take torch tensors and
+# numpy arrays alike.
+
+
+def _half_columns(parity: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """``(rows, columns)`` of the half of ``parity`` on even and on odd rows."""
+    if parity not in (0, 1):
+        raise ValueError(f"checkerboard parity must be 0 or 1, got {parity!r}")
+    return (slice(0, None, 2), slice(parity, None, 2)), (slice(1, None, 2), slice(1 - parity, None, 2))
+
+
+def checkerboard_mask(height: int, width: int, parity: int, device: torch.device | None = None) -> Tensor:
+    """``(height, width)`` bool, true where ``(row + col) % 2 == parity``."""
+    rows = torch.arange(height, device=device)[:, None]
+    cols = torch.arange(width, device=device)[None, :]
+    return (rows + cols) % 2 == parity
+
+
+def squeeze_checkerboard(x, parity: int):
+    """``(…, H, W) -> (…, H, W/2)``: the half of ``parity``, each row left to right.
+    ``W`` must be even."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"a checkerboard half needs an even width, got {x.shape[-1]}")
+    shape = (*x.shape[:-1], x.shape[-1] // 2)
+    out = np.empty(shape, x.dtype) if isinstance(x, np.ndarray) else x.new_empty(shape)
+    for rows, cols in _half_columns(parity):
+        out[..., rows, :] = x[..., rows, cols]
+    return out
+
+
+def scatter_checkerboard(out, half, parity: int) -> None:
+    """Writes a squeezed half ``(…, H, W/2)`` into the positions of ``parity`` of ``out``
+    ``(…, H, W)`` (inverse of :func:`squeeze_checkerboard`); the other half is untouched."""
+    for rows, cols in _half_columns(parity):
+        out[..., rows, cols] = half[..., rows, :]
+
+
+def unsqueeze_checkerboard(x, parity: int):
+    """Inverse of :func:`squeeze_checkerboard`, zeros at the other half's positions."""
+    shape = (*x.shape[:-1], 2 * x.shape[-1])
+    out = np.zeros(shape, x.dtype) if isinstance(x, np.ndarray) else x.new_zeros(shape)
+    scatter_checkerboard(out, x, parity)
+    return out
 
 
 class WindowAttention(nn.Module):

@@ -31,7 +31,8 @@ with ``ResidualBlock(M, M)``) and the 2023-09 ones (``"2023-09"``: the 4-conv LR
 conv). :func:`infer_mlicpp_params` tells them apart from the shapes.
 
 Streams are the official ones (one ``BufferedRansEncoder`` per image; each half's symbols
-appended in the squeezed ``(C, H, W/2)`` layout of :func:`squeeze_half`, in coding
+appended in the squeezed ``(C, H, W/2)`` layout of
+:func:`qft.models.layers.squeeze_checkerboard`, in coding
 order), coded on whatever device the model is on, the CPU included::
 
     compress(x)  -> {"strings": [[y_string per image], z_strings], "shape": (zh, zw)}
@@ -60,6 +61,7 @@ from torch import Tensor, nn
 
 from qft.errors import UserError
 
+from .layers import checkerboard_mask, squeeze_checkerboard, unsqueeze_checkerboard
 from .registry import Architecture, register_architecture
 from .slices import check_positive_ints, count_indices, gaussian_tables
 
@@ -68,14 +70,16 @@ __all__ = [
     "LocalContext",
     "LinearGlobalInterContext",
     "LinearGlobalIntraContext",
+    "ANCHOR_PARITY",
     "anchor_mask",
-    "squeeze_half",
-    "unsqueeze_half",
+    "half_parity",
     "infer_mlicpp_params",
     "complete_mlicpp_params",
     "GENERATIONS",
 ]
 
+#: checkerboard parity of the anchors: ``(row + col)`` odd (ELIC's are even)
+ANCHOR_PARITY = 1
 #: the official weight generations, newest first
 GENERATIONS = ("2024-04", "2023-09")
 #: side of the local-context attention window (the official ``LocalContext`` default)
@@ -89,28 +93,13 @@ _LOCAL_HEADS = 2
 
 def anchor_mask(height: int, width: int, device: torch.device | None = None) -> Tensor:
     """``(height, width)`` bool, true at the anchors: ``(row + col)`` odd."""
-    rows = torch.arange(height, device=device)[:, None]
-    cols = torch.arange(width, device=device)[None, :]
-    return (rows + cols) % 2 == 1
+    return checkerboard_mask(height, width, ANCHOR_PARITY, device)
 
 
-def squeeze_half(x: Tensor, anchors: bool) -> Tensor:
-    """``(B, C, H, W) -> (B, C, H, W/2)``: the anchors (or non-anchors) of each row, left to
-    right, in the official symbol order. ``W`` must be even."""
-    out = x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
-    first = 1 if anchors else 0  # column of the half's first element on even rows
-    out[..., 0::2, :] = x[..., 0::2, first::2]
-    out[..., 1::2, :] = x[..., 1::2, 1 - first :: 2]
-    return out
-
-
-def unsqueeze_half(x: Tensor, anchors: bool) -> Tensor:
-    """Inverse of :func:`squeeze_half`, zeros at the other half's positions."""
-    out = x.new_zeros(*x.shape[:-1], 2 * x.shape[-1])
-    first = 1 if anchors else 0
-    out[..., 0::2, first::2] = x[..., 0::2, :]
-    out[..., 1::2, 1 - first :: 2] = x[..., 1::2, :]
-    return out
+def half_parity(anchors: bool) -> int:
+    """The checkerboard parity (:func:`qft.models.layers.checkerboard_mask`) of the anchors
+    (``anchors``) or of the non-anchors."""
+    return ANCHOR_PARITY if anchors else 1 - ANCHOR_PARITY
 
 
 def _keep(x: Tensor, mask: Tensor) -> Tensor:
@@ -458,16 +447,17 @@ class LinearGlobalIntraContext(nn.Module):
     def forward(self, previous: Tensor, anchors_hat: Tensor) -> Tensor:
         b, c, h, w = previous.shape
         anchors = anchor_mask(h, w, previous.device)
-        queries = squeeze_half(self.queries(_keep(previous, ~anchors)), anchors=False).reshape(b, c, -1)
-        keys = squeeze_half(self.keys(_keep(previous, anchors)), anchors=True).reshape(b, c, -1)
-        values = squeeze_half(self.values(anchors_hat), anchors=True).reshape(b, c, -1)
+        a, n = half_parity(True), half_parity(False)
+        queries = squeeze_checkerboard(self.queries(_keep(previous, ~anchors)), n).reshape(b, c, -1)
+        keys = squeeze_checkerboard(self.keys(_keep(previous, anchors)), a).reshape(b, c, -1)
+        values = squeeze_checkerboard(self.values(anchors_hat), a).reshape(b, c, -1)
         head_dim = c // self.heads
         out = []
         for k in range(self.heads):
             part = slice(k * head_dim, (k + 1) * head_dim)
-            key = unsqueeze_half(keys[:, part].softmax(dim=2).reshape(b, head_dim, h, w // 2), True)
-            value = unsqueeze_half(values[:, part].reshape(b, head_dim, h, w // 2), True)
-            query = unsqueeze_half(queries[:, part].softmax(dim=1).reshape(b, head_dim, h, w // 2), False)
+            key = unsqueeze_checkerboard(keys[:, part].softmax(dim=2).reshape(b, head_dim, h, w // 2), a)
+            value = unsqueeze_checkerboard(values[:, part].reshape(b, head_dim, h, w // 2), a)
+            query = unsqueeze_checkerboard(queries[:, part].softmax(dim=1).reshape(b, head_dim, h, w // 2), n)
             context = key.reshape(b, head_dim, -1) @ value.reshape(b, head_dim, -1).transpose(1, 2)
             out.append((context.transpose(1, 2) @ query.reshape(b, head_dim, -1)).reshape(b, head_dim, h, w))
         attention = self.reprojection(torch.cat(out, dim=1))
@@ -653,12 +643,12 @@ class MLICPlusPlus(CompressionModel):
         encoders = [BufferedRansEncoder() for _ in range(y.shape[0])]
 
         def code_half(anchors: bool, index: int, scales: Tensor, means: Tensor) -> Tensor:
-            means = squeeze_half(means, anchors)
-            indexes = gc.build_indexes(squeeze_half(scales, anchors))
-            symbols = gc.quantize(squeeze_half(y_slices[index], anchors), "symbols", means)
+            means = squeeze_checkerboard(means, half_parity(anchors))
+            indexes = gc.build_indexes(squeeze_checkerboard(scales, half_parity(anchors)))
+            symbols = gc.quantize(squeeze_checkerboard(y_slices[index], half_parity(anchors)), "symbols", means)
             for b, encoder in enumerate(encoders):
                 encoder.encode_with_indexes(symbols[b].reshape(-1).tolist(), indexes[b].reshape(-1).tolist(), *tables)
-            return unsqueeze_half(gc.dequantize(symbols, means), anchors)
+            return unsqueeze_checkerboard(gc.dequantize(symbols, means), half_parity(anchors))
 
         self._steps(z_hat, code_half)
         return {"strings": [[encoder.flush() for encoder in encoders], z_strings], "shape": z.shape[-2:]}
@@ -677,8 +667,8 @@ class MLICPlusPlus(CompressionModel):
             decoders.append(decoder)
 
         def code_half(anchors: bool, index: int, scales: Tensor, means: Tensor) -> Tensor:
-            means = squeeze_half(means, anchors)
-            indexes = gc.build_indexes(squeeze_half(scales, anchors))
+            means = squeeze_checkerboard(means, half_parity(anchors))
+            indexes = gc.build_indexes(squeeze_checkerboard(scales, half_parity(anchors)))
             symbols = torch.stack(
                 [
                     torch.tensor(
@@ -687,7 +677,7 @@ class MLICPlusPlus(CompressionModel):
                     for b, decoder in enumerate(decoders)
                 ]
             ).to(means.device)
-            return unsqueeze_half(gc.dequantize(symbols, means), anchors)
+            return unsqueeze_checkerboard(gc.dequantize(symbols, means), half_parity(anchors))
 
         x_hat = self.g_s(self._steps(z_hat, code_half)).clamp_(0, 1)
         return {"x_hat": x_hat}
