@@ -263,3 +263,18 @@ def test_channel_slice_recipe(recipe_file, tmp_path):
         load_recipe(recipe_file(arch="tcm", N=32, M=20, params={"depth": 3}))
     with pytest.raises(UserError, match="params must be a mapping"):
         load_recipe(recipe_file(arch="tcm", params=[1]))
+
+
+def test_checkerboard_recipe(recipe_file, tmp_path):
+    """An MLIC++ recipe trains through the model's own forward and exports a model that
+    loads as MLIC++."""
+    from test_mlicpp import TINY as TINY_MLICPP  # sibling test module: the family's tiny size
+
+    from qft.models import load_checkpoint
+
+    params = {k: v for k, v in TINY_MLICPP.items() if k not in ("N", "M", "generation")}
+    recipe = load_recipe(recipe_file(arch="mlicpp", N=TINY_MLICPP["N"], M=TINY_MLICPP["M"], params=params))
+    (s,) = train(recipe.replace(first_steps=2), tmp_path / "mlicpp", lmbda=0.05, progress=False)
+    assert s["finished"] and np.isfinite(s["val"]["loss"])
+    loaded = load_checkpoint(tmp_path / "mlicpp" / lambda_tag(0.05) / "model.pth")
+    assert loaded.arch == "mlicpp"

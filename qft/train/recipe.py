@@ -4,7 +4,7 @@ A recipe describes one family of reference models (one architecture and width, s
 rate points). Layout, with every key required unless a default is shown::
 
     arch: mbt2018-mean          # a registered architecture (qft.models) with a mean-scale
-                                # hyperprior or channel slices (tcm, dcae, cca)
+                                # hyperprior, channel slices (tcm, dcae, cca) or checkerboard (elic, mlicpp)
     N: 64                       # optional: the architecture's width parameters, when it has them
     M: 96
     params: {}                  # optional: further constructor parameters (qft init --set)
@@ -64,7 +64,7 @@ __all__ = [
 
 #: entropy-model kinds ``qft train`` trains (:func:`qft.train.rd_forward`); the
 #: architectures come from the registry, :data:`qft.models.ARCHITECTURES`
-TRAINABLE_ENTROPY = ("mean-scale-hyperprior", "channel-conditional")
+TRAINABLE_ENTROPY = ("mean-scale-hyperprior", "channel-conditional", "channel-checkerboard")
 
 _TOP = {
     "arch",
