@@ -29,8 +29,6 @@ own arithmetic, whose USQ coding equals the model's ``compress``).
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 
@@ -41,7 +39,7 @@ from compressai.latent_codecs import (
     HyperpriorLatentCodec,
 )
 
-from qft.codec.steps import LatentSteps, StepContext, check_scale_table, float32_sigma
+from qft.codec.steps import LatentSteps, StepContext, channel_slices, check_scale_table, entropy_copy, float32_sigma
 from qft.models.layers import scatter_checkerboard, squeeze_checkerboard, unsqueeze_checkerboard
 from qft.models.mlicpp import ANCHOR_PARITY, MLICPlusPlus
 
@@ -100,12 +98,9 @@ class MLICppSteps(CheckerboardSteps):
     def __init__(self, model: MLICPlusPlus, dtype: torch.dtype = torch.float64):
         check_scale_table(model, model.gaussian_conditional)
         self.model, self.dtype = model, dtype
-        # the entropy path only: g_a and g_s are not copied (memo maps them to None)
-        self.entropy_model = copy.deepcopy(model, memo={id(model.g_a): None, id(model.g_s): None})
-        self.entropy_model.to("cpu", dtype).eval()
+        self.entropy_model = entropy_copy(model, dtype, skip=(model.g_a, model.g_s))
         self.z_bottleneck = model.entropy_bottleneck
-        ch = model.slice_ch
-        self.slices = [slice(k * ch, (k + 1) * ch) for k in range(model.slice_num) for _ in range(2)]
+        self.slices = channel_slices([model.slice_ch] * model.slice_num, repeat=2)
 
     def hyper_analysis(self, y: torch.Tensor) -> torch.Tensor:
         return self.model.h_a(y)
@@ -174,11 +169,9 @@ class ElicSteps(CheckerboardSteps):
         self.anchor_parity = {"even": 0, "odd": 1}[parities.pop()]
         self.model, self.dtype = model, dtype
         hyper = codec["hyper"]
-        # the entropy path only: h_a is not copied
-        self.codec = copy.deepcopy(codec, memo={id(hyper.h_a): None}).to("cpu", dtype).eval()
+        self.codec = entropy_copy(codec, dtype, skip=(hyper.h_a,))
         self.z_bottleneck = hyper.entropy_bottleneck
-        bounds = np.cumsum([0, *groups.groups])
-        self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) for _ in range(2)]
+        self.slices = channel_slices(groups.groups, repeat=2)
 
     def hyper_analysis(self, y: torch.Tensor) -> torch.Tensor:
         return self.model.latent_codec["hyper"].h_a(y)

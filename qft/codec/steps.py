@@ -57,6 +57,8 @@ __all__ = [
     "SliceSteps",
     "StepContext",
     "check_scale_table",
+    "channel_slices",
+    "entropy_copy",
     "float32_sigma",
     "latent_steps",
 ]
@@ -80,8 +82,8 @@ class LatentSteps:
     """The coding steps of one model (base: channel-slice layouts, see module docstring).
 
     Subclasses set :attr:`slices` (the channels of each step, in coding order) and
-    implement :meth:`hyper_analysis`, :meth:`contexts`, :meth:`parameters`,
-    :meth:`correction` and :meth:`final`.
+    implement :meth:`hyper_analysis`, :meth:`contexts`, :meth:`parameters` and
+    :meth:`correction`.
     """
 
     #: channels of each step, in coding order
@@ -153,6 +155,20 @@ def check_scale_table(model: torch.nn.Module, gaussian_conditional: torch.nn.Mod
         )
 
 
+def entropy_copy(module: torch.nn.Module, dtype: torch.dtype, skip: tuple[torch.nn.Module, ...] = ()):
+    """A copy of ``module`` on the CPU in ``dtype``, in eval mode, without its submodules
+    ``skip`` (``None`` in the copy: the analysis/synthesis transforms the entropy path
+    never runs, so they cost neither the copy nor its memory)."""
+    return copy.deepcopy(module, memo={id(m): None for m in skip}).to("cpu", dtype).eval()
+
+
+def channel_slices(sizes, repeat: int = 1) -> list[slice]:
+    """Consecutive channel slices of the given ``sizes``, each listed ``repeat`` times
+    (the steps that code it)."""
+    bounds = np.cumsum([0, *sizes])
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) for _ in range(repeat)]
+
+
 def float32_sigma(sigma: torch.Tensor) -> np.ndarray:
     """σ as float32 numpy, lower-bounded at the smallest table scale (0.11), as
     CompressAI's ``GaussianConditional`` bounds it."""
@@ -169,7 +185,7 @@ class HyperpriorSteps(LatentSteps):
             raise ValueError(f"not a hyperprior entropy kind: {entropy!r}")
         self.model, self.entropy, self.dtype = model, entropy, dtype
         self.z_bottleneck = model.entropy_bottleneck
-        self.h_s = copy.deepcopy(model.h_s).to("cpu", dtype).eval()
+        self.h_s = entropy_copy(model.h_s, dtype)
         self.slices = [slice(None)]
 
     def hyper_analysis(self, y: torch.Tensor) -> torch.Tensor:
@@ -200,12 +216,9 @@ class SliceSteps(LatentSteps):
     def __init__(self, model: ChannelSliceModel, dtype: torch.dtype = torch.float64):
         check_scale_table(model, model.gaussian_conditional)
         self.model, self.dtype = model, dtype
-        # the entropy path only: g_a and g_s are not copied (memo maps them to None)
-        self.entropy_model = copy.deepcopy(model, memo={id(model.g_a): None, id(model.g_s): None})
-        self.entropy_model.to("cpu", dtype).eval()
+        self.entropy_model = entropy_copy(model, dtype, skip=(model.g_a, model.g_s))
         self.z_bottleneck = model.z_bottleneck
-        bounds = np.cumsum([0, *model.slice_sizes])
-        self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.slices = channel_slices(model.slice_sizes)
 
     def hyper_analysis(self, y: torch.Tensor) -> torch.Tensor:
         return self.model.h_a(y)
