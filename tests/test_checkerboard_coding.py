@@ -4,21 +4,18 @@ round trips, the models' own USQ coding, the layout, coding order, damaged strea
 from __future__ import annotations
 
 import dataclasses
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
 
 from test_mlicpp import TINY as TINY_MLICPP  # sibling test modules: one tiny size per family
-from test_slice_coding import QUANTIZERS
+from test_slice_coding import QUANTIZERS, check_damaged_streams, check_round_trip, tiny_model
 
 from trellis import Quantizer
 
-from qft.codec import Codec, Container, LatentCoder
+from qft.codec import Codec, LatentCoder
 from qft.codec.checkerboard import ElicSteps, MLICppSteps
-from qft.errors import UserError
 from qft.models import create_model
 
 TINY_ELIC = {"N": 16, "M": 32, "groups": [4, 4, 8, 16]}
@@ -27,18 +24,9 @@ ARCHS = list(TINY)
 ENTROPY = "channel-checkerboard"
 
 
-def model(arch: str, seed: int = 0, gain: float = 20.0) -> torch.nn.Module:
-    """A tiny random model whose latents (``g_a``'s output × ``gain``, by a forward hook)
-    are wide enough to need many symbols."""
-    torch.set_num_threads(1)
-    m = create_model(arch, seed=seed, **TINY[arch])
-    m.g_a.register_forward_hook(lambda module, inputs, out: out * gain)
-    return m
-
-
 @pytest.fixture(scope="module")
 def models():
-    return {arch: model(arch) for arch in ARCHS}
+    return {arch: tiny_model(arch, TINY[arch]) for arch in ARCHS}
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +74,7 @@ ROUND_TRIPS = [
 
 @pytest.mark.parametrize("arch,q", ROUND_TRIPS, ids=lambda v: v if isinstance(v, str) else f"{v.method}-{v.reset}")
 def test_round_trip_is_exact(arch, q, models, image):
-    codec = Codec(models[arch], arch)
-    out = codec.compress(image, q)
-    dec = codec.decompress(out["bitstream"])
-    assert np.array_equal(dec["y_hat"], out["y_hat"])
-    assert dec["x_hat"].shape == image.shape
-    assert out["y_bytes"] * 8 >= out["y_table_bits"] > 100
-    assert len(out["bitstream"]) - out["y_bytes"] - out["z_bytes"] <= 40
+    check_round_trip(Codec(models[arch], arch), image, q)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -170,22 +152,6 @@ def test_steps_in_order_only(models, image):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_damaged_streams_are_refused(arch, models, image):
-    """Truncations, byte flips, and payload bit flips under a forged container checksum
-    (so the rANS decoder meets them): one-line UserErrors, never a wrong image."""
     codec = Codec(models[arch], arch)
     data = codec.compress(image[..., :64, :64], Quantizer("tcq8", step=0.6, lam=0.03))["bitstream"]
-    payload_start = len(data) - 4 - sum(len(s) for s in Container.from_bytes(data).sections)
-    rng = np.random.default_rng(0)
-    for trial in range(15):
-        bad = bytearray(data)
-        if trial % 3 == 0:
-            bad = bad[: int(rng.integers(0, len(bad)))]
-        elif trial % 3 == 1:
-            bad[int(rng.integers(0, len(bad)))] ^= int(rng.integers(1, 256))
-        else:
-            bit = int(rng.integers(8 * payload_start, 8 * (len(data) - 4)))
-            bad[bit // 8] ^= 1 << (bit % 8)
-            bad[-4:] = struct.pack("<I", zlib.crc32(bytes(bad[:-4])))
-        with pytest.raises(UserError) as exc:
-            codec.decompress(bytes(bad))
-        assert "\n" not in str(exc.value)
+    check_damaged_streams(codec, data, trials=15, period=3)

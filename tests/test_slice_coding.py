@@ -4,14 +4,13 @@ exact round trips, the official models' own USQ coding, coding order, damaged st
 from __future__ import annotations
 
 import dataclasses
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
 
-from test_dcae_cca import TINY as TINY_SLICE_MODELS  # sibling test modules: one tiny size per family
+from test_codec import forged_raw  # sibling test modules: the container forgery, one tiny size per family
+from test_dcae_cca import TINY as TINY_SLICE_MODELS
 from test_tcm import TINY as TINY_TCM
 
 from trellis import Quantizer, rans
@@ -31,18 +30,50 @@ QUANTIZERS = [
 ]
 
 
-def model(arch: str, seed: int = 0, gain: float = 20.0) -> torch.nn.Module:
+def tiny_model(arch: str, params: dict, seed: int = 0, gain: float = 20.0) -> torch.nn.Module:
     """A tiny random model whose latents (``g_a``'s output × ``gain``, by a forward hook)
-    are wide enough to need many symbols."""
+    are wide enough to need many symbols (shared with tests/test_checkerboard_coding.py)."""
     torch.set_num_threads(1)
-    m = create_model(arch, seed=seed, **TINY[arch])
+    m = create_model(arch, seed=seed, **params)
     m.g_a.register_forward_hook(lambda module, inputs, out: out * gain)
     return m
 
 
+def check_round_trip(codec: Codec, image: torch.Tensor, q: Quantizer) -> None:
+    """The decoder's latent is the encoder's, the image has the input's size, the stream
+    holds the table rate and the container adds at most 40 bytes."""
+    out = codec.compress(image, q)
+    dec = codec.decompress(out["bitstream"])
+    assert np.array_equal(dec["y_hat"], out["y_hat"])
+    assert dec["x_hat"].shape == image.shape
+    assert out["y_bytes"] * 8 >= out["y_table_bits"] > 100
+    assert len(out["bitstream"]) - out["y_bytes"] - out["z_bytes"] <= 40
+
+
+def check_damaged_streams(codec: Codec, data: bytes, trials: int, period: int) -> None:
+    """Per ``period`` trials: a truncation, a byte flip, then payload bit flips under a
+    forged container checksum (so the rANS decoder meets them); each must end in a
+    one-line UserError, never a wrong image."""
+    payload_start = len(data) - 4 - sum(len(s) for s in Container.from_bytes(data).sections)
+    rng = np.random.default_rng(0)
+    for trial in range(trials):
+        bad = bytearray(data)
+        if trial % period == 0:
+            bad = bad[: int(rng.integers(0, len(bad)))]
+        elif trial % period == 1:
+            bad[int(rng.integers(0, len(bad)))] ^= int(rng.integers(1, 256))
+        else:
+            bit = int(rng.integers(8 * payload_start, 8 * (len(data) - 4)))
+            bad[bit // 8] ^= 1 << (bit % 8)
+            bad = forged_raw(bytes(bad), 0, b"")
+        with pytest.raises(UserError) as exc:
+            codec.decompress(bytes(bad))
+        assert "\n" not in str(exc.value)
+
+
 @pytest.fixture(scope="module")
 def models():
-    return {arch: model(arch) for arch in ARCHS}
+    return {arch: tiny_model(arch, TINY[arch]) for arch in ARCHS}
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +85,7 @@ def image():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("q", QUANTIZERS, ids=lambda q: f"{q.method}-{q.reset}")
 def test_round_trip_is_exact(arch, q, models, image):
-    codec = Codec(models[arch], arch)
-    out = codec.compress(image, q)
-    dec = codec.decompress(out["bitstream"])
-    assert np.array_equal(dec["y_hat"], out["y_hat"])
-    assert dec["x_hat"].shape == image.shape
-    assert out["y_bytes"] * 8 >= out["y_table_bits"] > 100
-    assert len(out["bitstream"]) - out["y_bytes"] - out["z_bytes"] <= 40
+    check_round_trip(Codec(models[arch], arch), image, q)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -143,37 +168,14 @@ def test_one_stream_in_coding_order(models, image):
         rans.StreamDecoder(stream).finish(7)  # nothing decoded: the stream does not end there
 
 
-def _forged_raw(data: bytes, offset: int, value: bytes) -> bytes:
-    body = bytearray(data[:-4])
-    body[offset : offset + len(value)] = value
-    return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_damaged_streams_are_refused(arch, models, image):
-    """Truncations, byte flips and payload flips under a forged checksum: one-line
-    UserErrors, never a wrong image."""
     codec = Codec(models[arch], arch)
     data = codec.compress(image[..., :64, :64], Quantizer("tcq8", step=0.6, lam=0.03))["bitstream"]
-    header = len(data) - sum(len(s) for s in Container.from_bytes(data).sections) - 4
-    rng = np.random.default_rng(0)
-    for trial in range(40):
-        bad = bytearray(data)
-        if trial % 4 == 0:
-            bad = bad[: int(rng.integers(0, len(bad)))]
-        elif trial % 4 == 1:
-            bad[int(rng.integers(0, len(bad)))] ^= int(rng.integers(1, 256))
-        else:
-            body = bytearray(data[:-4])
-            bit = int(rng.integers(8 * header, 8 * len(body)))
-            body[bit // 8] ^= 1 << (bit % 8)
-            bad = _forged_raw(bytes(body) + data[-4:], 0, b"")
-        with pytest.raises(UserError) as exc:
-            codec.decompress(bytes(bad))
-        assert "\n" not in str(exc.value)
+    check_damaged_streams(codec, data, trials=40, period=4)
 
 
 def test_other_checkpoint_is_refused(models, image):
     data = Codec(models["tcm"], "tcm").compress(image, Quantizer("tcq8", step=0.6, lam=0.03))["bitstream"]
     with pytest.raises(UserError, match="other checkpoint weights"):
-        Codec(model("tcm", seed=1), "tcm").decompress(data)
+        Codec(tiny_model("tcm", TINY["tcm"], seed=1), "tcm").decompress(data)
