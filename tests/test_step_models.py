@@ -12,8 +12,7 @@ import torch
 
 from PIL import Image
 from scipy.stats import spearmanr
-from test_slice_coding import ARCHS, TINY
-from test_slice_coding import model as slice_model  # sibling test module: one tiny model per family
+from test_slice_coding import ARCHS, TINY, tiny_model  # sibling test module: one tiny model per family
 
 from trellis import Quantizer
 
@@ -24,7 +23,7 @@ from qft.sensitivity import _as_tensor, _center_crop, _usq, channel_rates, decod
 
 @pytest.fixture(scope="module")
 def models():
-    return {arch: slice_model(arch) for arch in ARCHS}
+    return {arch: tiny_model(arch, TINY[arch]) for arch in ARCHS}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,7 @@ def test_sensitivity_of_slice_models(arch, images):
     """A decoder whose input gains differ by 2⁴ across channels (ratio 256 in ``s``) and
     that ignores one channel (a pre-hook on ``g_s``): both estimators see it, agree, and
     repeat bit for bit."""
-    m = slice_model(arch)
+    m = tiny_model(arch, TINY[arch])
     channels = sum(m.slice_sizes)
     gains = 2.0 ** (torch.arange(channels) / (channels / 4))
     gains[IGNORED] = 0
