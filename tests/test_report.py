@@ -350,7 +350,7 @@ def test_shipped_rows_evaluate_the_control_arm_like_each_finetuned_row(monkeypat
         entry("b2-ft-tcq8", 0.02, **ft("b2", "tcq8")),
         entry("b1-ft-control", 0.01, **ft("b1", "usq", True)),
     ]
-    monkeypatch.setattr(zoo, "shipped", lambda: entries)
+    monkeypatch.setattr(zoo, "read_manifest", lambda folder=zoo.ASSETS: entries)
     rows = {r.label: r for r in report.shipped_rows(["usq", "tcq8"])}
     assert rows["base"].checkpoints == ("b1", "b2")
     assert rows["ft-tcq8"].checkpoints == ("b1-ft-tcq8", "b2-ft-tcq8")

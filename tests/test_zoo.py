@@ -130,7 +130,7 @@ def test_manifest_of_any_folder(tmp_path):
     add_manifest_entry({"file": "a.pth", "lambda": 0.01}, tmp_path)
     add_manifest_entry({"file": "a-ft.pth", "lambda": 0.01, "finetuned_from": "a.pth"}, tmp_path)
     assert [e["file"] for e in read_manifest(tmp_path)] == ["b.pth", "a.pth", "a-ft.pth"]
-    assert [e["file"] for e in base_entries(tmp_path)] == ["a.pth", "b.pth"]
+    assert [(e["file"], e["name"]) for e in base_entries(tmp_path)] == [("a.pth", "a"), ("b.pth", "b")]
     before = (tmp_path / MANIFEST).read_bytes()
     with pytest.raises(UserError, match="already lists a.pth"):
         add_manifest_entry({"file": "a.pth", "lambda": 0.5}, tmp_path)
@@ -138,9 +138,9 @@ def test_manifest_of_any_folder(tmp_path):
 
 
 def test_manifest_split_into_bases_and_finetunes():
-    from qft.models.zoo import is_finetuned, shipped_bases, shipped_finetunes
+    from qft.models.zoo import base_entries, is_finetuned, shipped_finetunes
 
-    bases, finetunes = shipped_bases(), shipped_finetunes()
+    bases, finetunes = base_entries(), shipped_finetunes()
     assert bases and not any(is_finetuned(e) for e in bases)
     assert [e["lambda"] for e in bases] == sorted(e["lambda"] for e in bases)
     assert all(is_finetuned(e) for e in finetunes)

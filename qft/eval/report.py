@@ -137,9 +137,9 @@ class ReportRecipe:
 
 
 def shipped_rows(labels: list[str]) -> list[ModelRow]:
-    from qft.models.zoo import shipped_bases, shipped_finetunes
+    from qft.models.zoo import base_entries, shipped_finetunes
 
-    bases = shipped_bases()
+    bases = base_entries()
     rows = [ModelRow("base", tuple(e["name"] for e in bases), tuple(labels))]
     groups: dict[tuple[str, str, bool], dict[str, str]] = {}
     for e in shipped_finetunes():

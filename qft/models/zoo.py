@@ -1,7 +1,7 @@
 """The checkpoints shipped with qft, by name, and compact finetuned checkpoints.
 
 ``qft/assets/checkpoints/manifest.json`` lists the shipped files; this module is the one
-reader of it (:func:`shipped`, the base models :func:`shipped_bases` and the finetuned ones
+reader of it (:func:`shipped`, the base models :func:`base_entries` and the finetuned ones
 :func:`shipped_finetunes`). Every command that takes
 ``-m CKPT`` also takes the name of a shipped model — the file name without ``.pth``::
 
@@ -38,10 +38,10 @@ __all__ = [
     "ASSETS",
     "MANIFEST",
     "read_manifest",
+    "named_entries",
     "base_entries",
     "add_manifest_entry",
     "shipped",
-    "shipped_bases",
     "shipped_finetunes",
     "is_finetuned",
     "shipped_names",
@@ -65,10 +65,17 @@ def read_manifest(folder: str | os.PathLike = ASSETS) -> list[dict[str, Any]]:
         return []
 
 
+def named_entries(folder: str | os.PathLike = ASSETS) -> list[dict[str, Any]]:
+    """The entries of ``folder``'s manifest, each with its ``name`` (file name without
+    ``.pth``), in manifest order."""
+    return [{"name": Path(e["file"]).stem, **e} for e in read_manifest(folder)]
+
+
 def base_entries(folder: str | os.PathLike = ASSETS) -> list[dict[str, Any]]:
     """The entries of the base models of ``folder``'s manifest (no ``finetuned_from``),
-    by rate point (``lambda`` ascending)."""
-    return sorted((e for e in read_manifest(folder) if not is_finetuned(e)), key=lambda e: e["lambda"])
+    each with its ``name``, by rate point (``lambda`` ascending); by default the shipped
+    reference models."""
+    return sorted((e for e in named_entries(folder) if not is_finetuned(e)), key=lambda e: e["lambda"])
 
 
 def add_manifest_entry(entry: dict[str, Any], folder: str | os.PathLike = ASSETS) -> Path:
@@ -87,17 +94,12 @@ def add_manifest_entry(entry: dict[str, Any], folder: str | os.PathLike = ASSETS
 
 def shipped() -> list[dict[str, Any]]:
     """The manifest entries, each with its ``name`` (file name without ``.pth``)."""
-    return [{"name": Path(e["file"]).stem, **e} for e in read_manifest(ASSETS)]
+    return named_entries(ASSETS)
 
 
 def is_finetuned(entry: dict[str, Any]) -> bool:
     """Whether a manifest entry is a finetuned model (a delta of a base, ``finetuned_from``)."""
     return "finetuned_from" in entry
-
-
-def shipped_bases() -> list[dict[str, Any]]:
-    """The manifest entries of the reference (base) models, by increasing training λ."""
-    return sorted((e for e in shipped() if not is_finetuned(e)), key=lambda e: e["lambda"])
 
 
 def shipped_finetunes() -> list[dict[str, Any]]:
