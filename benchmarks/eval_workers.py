@@ -16,14 +16,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _cli import ROOT, eval_checkpoints, kodak_images  # sibling helper
 
 
 def main() -> None:
@@ -34,48 +32,23 @@ def main() -> None:
     parser.add_argument("--result", default=str(ROOT / "benchmarks/results/eval_workers.json"))
     args = parser.parse_args()
 
-    from trellis.bench import machine_info
+    from trellis.hardware import machine_info
 
-    from qft.models.zoo import shipped
+    from qft.models.zoo import base_entries
 
-    models = [e["name"] for e in sorted((e for e in shipped() if "finetuned_from" not in e), key=lambda e: e["lambda"])]
+    models = [e["name"] for e in base_entries()]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "kodak"
-        data.mkdir()
-        for p in sorted((ROOT / "qft/assets/kodak").glob("*.png"))[: args.images]:
-            (data / p.name).symlink_to(p)
+        data = kodak_images(args.images, Path(tmp))
         for method in args.methods:
             for workers in (1, args.workers):
                 out = Path(tmp) / f"{method}-{workers}.json"
                 load = os.getloadavg()
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t0 = time.perf_counter()
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "qft",
-                        "eval",
-                        "-m",
-                        *models,
-                        "-q",
-                        method,
-                        "--data",
-                        str(data),
-                        "-o",
-                        str(out),
-                        "--workers",
-                        str(workers),
-                    ],
-                    check=True,
-                    cwd=ROOT,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
+                res = eval_checkpoints(models, method, data, out, workers=workers, quiet=True)["results"]
                 wall = time.perf_counter() - t0
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                res = json.loads(out.read_text())["results"]
                 runs.append(
                     {
                         "method": method,

@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from _cli import ROOT, eval_checkpoints, kodak_images, run_qft  # sibling helper
 
 
 def main() -> None:
@@ -41,23 +39,16 @@ def main() -> None:
     parser.add_argument("--result", default=str(ROOT / "benchmarks/results/user_checkpoint.json"))
     args = parser.parse_args()
 
-    from trellis.bench import machine_info
+    from trellis.hardware import machine_info
 
-    from qft.models.zoo import ASSETS, shipped
+    from qft.models.zoo import ASSETS, base_entries
 
     out = Path(args.out).resolve()
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
-    data = ROOT / "qft/assets/kodak"
-    if args.images:  # a folder of the first N images (qft eval takes a folder)
-        subset = out / f"kodak-{args.images}"
-        subset.mkdir(exist_ok=True)
-        for p in sorted(data.glob("*.png"))[: args.images]:
-            if not (subset / p.name).exists():
-                (subset / p.name).symlink_to(p)
-        data = subset
+    data = kodak_images(args.images, out)
     files = []
-    for e in sorted((e for e in shipped() if "finetuned_from" not in e), key=lambda e: e["lambda"]):
+    for e in base_entries():
         path = models / f"mine-{e['lambda']}.pth.tar"
         if not path.exists():
             state = torch.load(ASSETS / e["file"], weights_only=True)
@@ -70,52 +61,13 @@ def main() -> None:
     for row in args.rows:
         method, _, target = row.partition("-t")
         extra = ["--target", target] if target else []
-        result = out / f"{row}.json"
         t0 = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "qft",
-                "eval",
-                "-m",
-                *files,
-                "-q",
-                method,
-                *extra,
-                "--data",
-                str(data),
-                "-o",
-                str(result),
-                "--force",
-                "--workers",
-                str(args.workers),
-            ],
-            check=True,
-            cwd=ROOT,
-        )
-        runs[row] = {
-            "wall_s": time.perf_counter() - t0,
-            "load_after": os.getloadavg(),
-            "results": json.loads(result.read_text()),
-        }
+        results = eval_checkpoints(files, method, data, out / f"{row}.json", *extra, workers=args.workers)
+        runs[row] = {"wall_s": time.perf_counter() - t0, "load_after": os.getloadavg(), "results": results}
     bd = {}
     for row in args.rows[1:]:
         bd_file = out / f"bd-{row}.json"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "qft",
-                "bdrate",
-                str(out / "usq.json"),
-                str(out / f"{row}.json"),
-                "-o",
-                str(bd_file),
-            ],
-            check=True,
-            cwd=ROOT,
-        )
+        run_qft("bdrate", out / "usq.json", out / f"{row}.json", "-o", bd_file)
         bd[row] = json.loads(bd_file.read_text())["bd_rate"]
     record = {
         "what": "qft eval on the shipped base models re-saved as training dicts (no λ, no settings file), "
