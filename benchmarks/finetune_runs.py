@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import threading
 import time
 
 from pathlib import Path
 
+from _cli import ROOT, qft_command  # sibling helper
+
 from qft.models.zoo import ASSETS, base_entries, read_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
 #: the manifest's description of the training data of every shipped finetune
 TRAIN_DATA = "BSDS500 train+test (400 images), latents cached with the inference quantizer"
 ARMS = ("usq", "tcq4", "tcq8", "control")
@@ -51,6 +51,16 @@ QUANTIZERS = {
     "tcq8": ["-q", "tcq8", "--step", "0.7", "--lambda-mult", "0.025", "--weights", "none"],
     "control": ["-q", "usq"],
 }
+
+
+def finetune_command(checkpoint: Path, lmbda: float, steps: int, out: Path, parts: str, *extra: str) -> list[str]:
+    """The ``qft finetune`` run of ``recipes/finetune/cpu.yaml`` on one torch thread:
+    ``checkpoint`` at ``lmbda``, ``steps`` steps of ``parts`` into ``out``, with the options
+    ``extra`` (the quantizer's, ``--control`` …); resumed when ``out`` holds a
+    ``checkpoint.pth``."""
+    args = ["-m", checkpoint, "--lambda", lmbda, "--steps", steps, "--threads", "1", "--out", out, "--parts", parts]
+    cmd = qft_command("finetune", "recipes/finetune/cpu.yaml", *args, "--no-progress", *extra)
+    return cmd + ["--resume"] if (out / "checkpoint.pth").exists() else cmd
 
 
 def _jobs(
@@ -66,27 +76,7 @@ def _jobs(
                 # the control arm has no indices to re-quantize
                 rq = requantize if parts != "decoder" and arm != "control" else 0
                 folder = base / (arm + ("" if parts == "decoder" else "-dh") + (f"-rq{rq}" if rq else ""))
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "qft",
-                    "finetune",
-                    "recipes/finetune/cpu.yaml",
-                    "-m",
-                    str(ASSETS / entry["file"]),
-                    "--lambda",
-                    str(entry["lambda"]),
-                    "--steps",
-                    str(steps),
-                    "--threads",
-                    "1",
-                    "--out",
-                    str(folder),
-                    "--parts",
-                    parts,
-                    "--no-progress",
-                    *QUANTIZERS[arm],
-                ]
+                cmd = finetune_command(ASSETS / entry["file"], entry["lambda"], steps, folder, parts, *QUANTIZERS[arm])
                 if rq:
                     cmd += ["--requantize-every", str(rq)]
                 # the cache does not depend on the part set: the control arm and the
@@ -97,8 +87,6 @@ def _jobs(
                     cmd.append("--control")
                 if shared:
                     cmd += ["--cache", str(base / source / "cache")]
-                if (folder / "checkpoint.pth").exists():
-                    cmd.append("--resume")
                 jobs.append(
                     {
                         "name": f"{entry['lambda']}/{folder.name}",

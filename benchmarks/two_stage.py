@@ -33,12 +33,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _cli import ROOT, run_qft  # sibling helper
+
 from qft.files import atomic_write
 from qft.models.zoo import ASSETS, base_entries, read_manifest
 
-from finetune_runs import QUANTIZERS, TRAIN_DATA  # sibling script
+from finetune_runs import QUANTIZERS, TRAIN_DATA, finetune_command  # sibling script
 
-ROOT = Path(__file__).resolve().parents[1]
 #: the three ways of training on from the stage-1 model (only the TCQ-8 one is shipped)
 ARMS = {
     "tcq8-dh-rq200": [*QUANTIZERS["tcq8"], "--requantize-every", "200"],
@@ -64,7 +65,7 @@ def experiment_report(name: str, models: list[dict], args: argparse.Namespace, s
     }
     path = args.out / "report.yaml"
     atomic_write(path, json.dumps(recipe, indent=1))  # JSON is YAML
-    subprocess.run([sys.executable, "-m", "qft", "report", str(path), "--no-progress"], cwd=ROOT, check=True)
+    run_qft("report", path, "--no-progress")
     if args.json:
         summary = json.loads((args.out / "report" / "bdrate.json").read_text())
         summary["experiment"] = {**settings, "recipe": recipe, "command": " ".join(sys.argv)}
@@ -131,30 +132,7 @@ def main() -> None:
             out = args.out / str(lmbda) / arm
             if (out / "model.pth").exists():
                 continue
-            cmd = [
-                sys.executable,
-                "-m",
-                "qft",
-                "finetune",
-                "recipes/finetune/cpu.yaml",
-                "-m",
-                str(stage1(lmbda)),
-                "--lambda",
-                str(lmbda),
-                "--steps",
-                str(args.steps),
-                "--parts",
-                "decoder+hyperdecoder",
-                *extra,
-                "--threads",
-                "1",
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-            if (out / "checkpoint.pth").exists():
-                cmd.append("--resume")
-            jobs.append(cmd)
+            jobs.append(finetune_command(stage1(lmbda), lmbda, args.steps, out, "decoder+hyperdecoder", *extra))
     with ThreadPoolExecutor(2) as pool:  # two runs side by side
         if any(r.returncode for r in pool.map(lambda cmd: subprocess.run(cmd, cwd=ROOT), jobs)):
             raise SystemExit("a finetuning run failed")
