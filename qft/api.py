@@ -19,56 +19,53 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import torch
-
-from trellis import Quantizer
-
 from qft.codec import Codec as CodecBase
-from qft.codec import RDTarget, read_image
 from qft.finetune import finetune_checkpoint as finetune
-from qft.models import LoadedCheckpoint, load_checkpoint
+from qft.models import LoadedCheckpoint
 from qft.settings import QuantizerChoice, read_settings, resolve_quantizer
 
 __all__ = ["Codec", "finetune"]
 
 
 class Codec(CodecBase):
-    """A :class:`qft.codec.Codec` with a default quantizer: :meth:`compress` without a
-    quantizer codes with :attr:`choice` (set by :meth:`from_checkpoint`)."""
+    """A :class:`qft.codec.Codec` whose :meth:`from_checkpoint` also sets the quantizer
+    :meth:`compress` uses by default (:attr:`choice`), resolved as the CLI resolves it.
 
-    #: the quantizer, distortion weights and decoder target used by default (None: USQ)
+    It overrides nothing else: every call of :class:`qft.codec.Codec` means the same here."""
+
+    #: the quantizer, distortion weights and decoder target :meth:`from_checkpoint` resolved
     choice: QuantizerChoice | None = None
-    #: the loaded checkpoint (:meth:`from_checkpoint`)
-    checkpoint: LoadedCheckpoint | None = None
 
     @classmethod
     def from_checkpoint(
         cls,
-        name_or_path: str | os.PathLike,
-        quantizer: str = "usq",
+        checkpoint: LoadedCheckpoint | str | os.PathLike,
+        device: str = "cpu",
         *,
+        arch: str | None = None,
+        unsafe_load: bool = False,
+        quantizer: str = "usq",
         step: float | None = None,
         lambda_t: float | None = None,
         lambda_mult: float | None = None,
         reset: str = "channel",
         weights: str = "auto",
         target: str | float = "auto",
-        arch: str | None = None,
-        unsafe_load: bool = False,
-        device: str = "cpu",
     ) -> Codec:
-        """The codec of a checkpoint file or shipped model name, with the quantizer that
-        ``qft compress -m NAME -q QUANTIZER`` and the same options would use.
+        """:meth:`qft.codec.Codec.from_checkpoint` (the same arguments, the same meaning),
+        with the quantizer that ``qft compress -m CHECKPOINT -q QUANTIZER`` and the same
+        options (``--step``, ``--lambda-t``, ``--lambda-mult``, ``--reset``, ``--weights``,
+        ``--target``) would use as the codec's default (:attr:`quantizer`, :attr:`weights`,
+        :attr:`target`; :attr:`choice`).
 
         Raises:
             qft.errors.UserError: what the CLI refuses (unreadable checkpoint, a quantizer
                 the model cannot use, invalid values).
         """
-        ck = load_checkpoint(name_or_path, arch, unsafe_load=unsafe_load)
+        codec = super().from_checkpoint(checkpoint, device, arch=arch, unsafe_load=unsafe_load)
         choice = resolve_quantizer(
             quantizer,
-            read_settings(ck),
+            read_settings(codec.checkpoint),
             step=step,
             lambda_t=lambda_t,
             lambda_mult=lambda_mult,
@@ -76,24 +73,7 @@ class Codec(CodecBase):
             weights=weights,
             target=target,
         )
-        codec = cls(ck.model, ck.arch, device=device)
         codec.check_quantizer(choice.quantizer)
-        codec.choice, codec.checkpoint = choice, ck
+        codec.choice = choice
+        codec.quantizer, codec.weights, codec.target = choice.quantizer, choice.weights, choice.target
         return codec
-
-    def compress(
-        self,
-        x: torch.Tensor | str | os.PathLike,
-        quantizer: Quantizer | None = None,
-        weights: np.ndarray | None = None,
-        target: float | RDTarget | None = None,
-    ) -> dict:
-        """:meth:`qft.codec.Codec.compress` of an image tensor or file; without
-        ``quantizer``, with :attr:`choice` (its weights and target, unless given)."""
-        if not isinstance(x, torch.Tensor):
-            x = read_image(x)
-        if quantizer is None and self.choice is not None:
-            quantizer = self.choice.quantizer
-            weights = self.choice.weights if weights is None else weights
-            target = self.choice.target if target is None else target
-        return super().compress(x, quantizer or Quantizer("usq"), weights, 0.0 if target is None else target)

@@ -171,6 +171,26 @@ def test_readme_api_reproduces_the_cli_bytes(user, tmp_path):
     assert codec.choice.target == 0.125  # the CLI's default for an unseen checkpoint
 
 
+def test_api_codec_keeps_the_base_codecs_calls(user):
+    """qft.Codec extends qft.codec.Codec without changing it: the base's parameters of
+    from_checkpoint and compress stand unchanged in the subclass (added ones are
+    keyword-only), and a call valid on the base means the same on both."""
+    import inspect
+
+    from qft import Codec
+    from qft.codec import Codec as CodecBase
+
+    base = inspect.signature(CodecBase.from_checkpoint).parameters
+    sub = inspect.signature(Codec.from_checkpoint).parameters
+    assert list(sub)[: len(base)] == list(base) and all(sub[k] == base[k] for k in base)
+    assert all(p.kind is p.KEYWORD_ONLY for k, p in sub.items() if k not in base)
+    assert Codec.compress is CodecBase.compress
+    image, ckpt = user / "img" / "0.png", load_checkpoint(user / "mine.pth.tar")
+    plain, api = CodecBase.from_checkpoint(user / "mine.pth.tar"), Codec.from_checkpoint(ckpt)
+    assert plain.checkpoint.sha256 == api.checkpoint.sha256 == ckpt.sha256
+    assert plain.compress(image)["bitstream"] == api.compress(image)["bitstream"]  # USQ, no target: both
+
+
 def test_readme_snippet_reproduces_the_cli_bytes(tmp_path, monkeypatch):
     """The README's first Python block, run as written (a shipped model, a Kodak image),
     writes the bytes `qft compress` writes."""

@@ -2,8 +2,8 @@
 
 :class:`Codec` is the one place where images become bitstreams and back::
 
-    codec = Codec.from_checkpoint(load_checkpoint("mbt2018-mean-0.013"))  # or Codec(model, "mbt2018-mean")
-    out = codec.compress(x, Quantizer("tcq8", step=0.6, lam=0.02))  # x: (1, 3, H, W) in [0, 1]
+    codec = Codec.from_checkpoint("mbt2018-mean-0.013")  # or a LoadedCheckpoint, or Codec(model, "mbt2018-mean")
+    out = codec.compress(x, Quantizer("tcq8", step=0.6, lam=0.02))  # x: (1, 3, H, W) in [0, 1], or a file
     x_hat = codec.decompress(out["bitstream"])["x_hat"]   # the quantizer comes from the stream
 
 Hyperprior-family models (``scale-hyperprior``, ``mean-scale-hyperprior``), the
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import time
 import zlib
@@ -35,7 +36,7 @@ from trellis import Quantizer
 from trellis.rans import CorruptStreamError
 
 from qft.codec.container import Container, Header, check_image_size, check_step
-from qft.codec.image import crop, pad, padding_for
+from qft.codec.image import crop, pad, padding_for, read_image
 from qft.codec.latent import HYPERPRIOR_ENTROPY, LatentCoder, QuantizedLatent, RDTarget
 from qft.codec.refine import SGARefine
 from qft.codec.steps import STEP_ENTROPY
@@ -119,6 +120,10 @@ class Codec:
         device: where the analysis/synthesis transforms run; the entropy-parameter path
             always runs on the CPU.
 
+    :meth:`compress` without a quantizer codes with :attr:`quantizer`, :attr:`weights` and
+    :attr:`target` (USQ, none, 0 unless set; :meth:`qft.api.Codec.from_checkpoint` sets
+    them to the quantizer the CLI resolves).
+
     Raises:
         UserError: ``arch`` not registered and no ``entropy`` given.
         ValueError: ``entropy`` contradicts the registered architecture's.
@@ -139,12 +144,40 @@ class Codec:
         self.fingerprint = model_fingerprint(model)
         self.z_cdf_crc = _eb_checksum(model)
         self.latent_coder = LatentCoder(model, entropy) if entropy in STEP_ENTROPY else None
+        #: what :meth:`compress` codes with when given no quantizer: the quantizer, its
+        #: per-channel distortion weights and its decoder target
+        self.quantizer: Quantizer = Quantizer("usq")
+        self.weights: np.ndarray | None = None
+        self.target: float | RDTarget = 0.0
+        #: the checkpoint the codec was made from (:meth:`from_checkpoint`), else None
+        self.checkpoint: LoadedCheckpoint | None = None
 
     @classmethod
-    def from_checkpoint(cls, ckpt: LoadedCheckpoint, device: str = "cpu") -> Codec:
-        """The codec of a loaded checkpoint (:func:`qft.models.load_checkpoint`): its model
-        and architecture, the entropy model the registry records for it."""
-        return cls(ckpt.model, ckpt.arch, device=device)
+    def from_checkpoint(
+        cls,
+        checkpoint: LoadedCheckpoint | str | os.PathLike,
+        device: str = "cpu",
+        *,
+        arch: str | None = None,
+        unsafe_load: bool = False,
+    ) -> Codec:
+        """The codec of a checkpoint: its model and architecture, the entropy model the
+        registry records for it.
+
+        ``checkpoint``: a loaded one (:func:`qft.models.load_checkpoint`), or a file or
+        shipped model name, loaded as ``load_checkpoint(checkpoint, arch,
+        unsafe_load=unsafe_load)`` (``arch`` and ``unsafe_load`` apply only then).
+
+        Raises:
+            qft.errors.UserError: the checkpoint does not load (as :func:`~qft.models.load_checkpoint`).
+        """
+        from qft.models import LoadedCheckpoint, load_checkpoint
+
+        if not isinstance(checkpoint, LoadedCheckpoint):
+            checkpoint = load_checkpoint(checkpoint, arch, unsafe_load=unsafe_load)
+        codec = cls(checkpoint.model, checkpoint.arch, device=device)
+        codec.checkpoint = checkpoint
+        return codec
 
     def check_quantizer(self, quantizer: Quantizer) -> None:
         """Raises :class:`UserError` when the model cannot use this quantizer."""
@@ -164,15 +197,18 @@ class Codec:
     @torch.no_grad()
     def compress(
         self,
-        x: torch.Tensor,
-        quantizer: Quantizer,
+        x: torch.Tensor | str | os.PathLike,
+        quantizer: Quantizer | None = None,
         weights: np.ndarray | None = None,
-        target: float | RDTarget = 0.0,
+        target: float | RDTarget | None = None,
         refine: SGARefine | None = None,
     ) -> dict:
-        """Codes one image ``(1, 3, H, W)`` in ``[0, 1]`` with the given latent quantizer.
+        """Codes one image ``(1, 3, H, W)`` in ``[0, 1]`` (or an image file,
+        :func:`~qft.codec.image.read_image`) with the given latent quantizer.
 
-        ``weights``: per-channel distortion weights ``(C,)`` of RDOQ/TCQ; ``target``: ``η``
+        Without ``quantizer``: with :attr:`quantizer`, and :attr:`weights` and
+        :attr:`target` unless given; with one, ``weights`` None is none and ``target`` None
+        is 0. ``weights``: per-channel distortion weights ``(C,)`` of RDOQ/TCQ; ``target``: ``η``
         of the decoder target (:mod:`qft.codec.latent`; 0: none), or an :class:`RDTarget`
         that chooses it for this image; ``refine``: an SGA refinement of the latents
         (:mod:`qft.codec.refine`; hyperprior models), whose refined ``y`` the quantizer
@@ -187,6 +223,13 @@ class Codec:
             ``y_hat`` (the decoder's latent, numpy), ``y_table_bits``, ``y_bytes``,
             ``z_bytes``, ``target`` (the ``η`` coded).
         """
+        if not isinstance(x, torch.Tensor):
+            x = read_image(x)
+        if quantizer is None:
+            quantizer = self.quantizer
+            weights = self.weights if weights is None else weights
+            target = self.target if target is None else target
+        target = 0.0 if target is None else target
         if x.ndim != 4 or x.shape[:2] != (1, 3):
             raise ValueError(f"expected one RGB image (1, 3, H, W), got {tuple(x.shape)}")
         self.check_quantizer(quantizer)
