@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from compressai.models import MeanScaleHyperprior
+from finetune_helpers import LAMBDA, tiny_base, write_images, write_recipe  # sibling helper module
 from PIL import Image
 
 from trellis import SCALE_TABLE, Quantizer
@@ -31,10 +32,8 @@ from qft.finetune import (
 )
 from qft.finetune.objective import decode_centre, forward_window, hyper_window
 from qft.models import create_model, load_checkpoint, save_checkpoint
-from qft.settings import DEFAULT_LAMBDA_MULT, default_lambda, default_step, read_settings, resolve_quantizer
+from qft.settings import default_lambda, default_step, read_settings, resolve_quantizer
 from qft.train import export_state_dict
-
-LAMBDA = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -42,44 +41,10 @@ def setup(tmp_path_factory):
     """Synthetic images, a tiny base checkpoint with non-trivial latents, a recipe."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("finetune")
-    rng = np.random.default_rng(0)
-    (root / "data" / "train").mkdir(parents=True)
-    for i in range(3):
-        img = rng.integers(0, 256, size=(200 + 16 * i, 210, 3), dtype=np.uint8)  # ≥ crop + context
-        Image.fromarray(img).save(root / "data" / "train" / f"{i}.png")
-    model = create_model("mbt2018-mean", N=16, M=24, seed=0)
-    with torch.no_grad():
-        model.g_a[-1].weight.mul_(20)  # latents of a few quantization steps
-    model.update(force=True)
-    base = root / "base.pth"
-    save_checkpoint(base, model, "mbt2018-mean", {"N": 16, "M": 24}, extra={"lambda": LAMBDA})
-    recipe = {
-        "checkpoint": str(base),
-        "arch": None,
-        "lambda": None,
-        "parts": "decoder",
-        "requantize_every": 0,
-        "quantizer": {
-            "method": "tcq8",
-            "step": None,
-            "lambda_t": None,
-            "lambda_mult": DEFAULT_LAMBDA_MULT,
-            "reset": "channel",
-            "weights": "auto",
-        },
-        "seed": 1,
-        "threads": 1,
-        "device": "cpu",
-        "batch_size": 2,
-        "crop": 64,
-        "steps": 4,
-        "optimizer": {"lr": 1e-3, "clip_max_norm": 1.0},
-        "data": {"root": str(root / "data"), "train": ["train"]},
-        "checkpoint_every": 2,
-        "log_every": 1,
-    }
+    write_images(root / "data" / "train", [(200 + 16 * i, 210) for i in range(3)])  # ≥ crop + context
+    base = tiny_base(root / "base.pth")
     path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    recipe = write_recipe(path, base, root / "data", steps=4)
     return {
         "root": root,
         "base": base,

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 
+from finetune_helpers import LAMBDA, write_images, write_recipe  # sibling helper module
 from PIL import Image
 from test_dcae_cca import TINY as TINY_SLICE_MODELS  # sibling test modules: one tiny size per family
 from test_tcm import TINY as TINY_TCM
@@ -23,11 +23,9 @@ from qft.codec import Codec, LatentCoder
 from qft.finetune import SliceObjective, part_prefixes, ship_finetune
 from qft.finetune.slices import image_batch
 from qft.models import create_model, load_checkpoint, save_checkpoint
-from qft.settings import DEFAULT_LAMBDA_MULT
 
 TINY = {"tcm": TINY_TCM, **TINY_SLICE_MODELS}
 ARCHS = list(TINY)
-LAMBDA = 0.01
 ARMS = {
     "decoder": ("decoder", False),
     "decoder+entropy": ("decoder+entropy", False),
@@ -51,42 +49,13 @@ def setup(tmp_path_factory):
     """Two synthetic images, a tiny base checkpoint per architecture, a recipe."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("finetune-slices")
-    rng = np.random.default_rng(0)
-    (root / "data" / "train").mkdir(parents=True)
-    for i in range(2):
-        img = rng.integers(0, 256, size=(80, 72 + 16 * i, 3), dtype=np.uint8)
-        Image.fromarray(img).save(root / "data" / "train" / f"{i}.png")
+    write_images(root / "data" / "train", [(80, 72 + 16 * i) for i in range(2)])
     bases = {}
     for arch in ARCHS:
         bases[arch] = root / f"{arch}.pth"
         save_checkpoint(bases[arch], tiny_model(arch), arch, TINY[arch], extra={"lambda": LAMBDA})
-    recipe = {
-        "checkpoint": str(bases["tcm"]),
-        "arch": None,
-        "lambda": None,
-        "parts": "decoder",
-        "requantize_every": 0,
-        "quantizer": {
-            "method": "tcq8",
-            "step": None,
-            "lambda_t": None,
-            "lambda_mult": DEFAULT_LAMBDA_MULT,
-            "reset": "channel",
-            "weights": "auto",
-        },
-        "seed": 1,
-        "threads": 1,
-        "device": "cpu",
-        "batch_size": 2,
-        "crop": 64,
-        "steps": 2,
-        "optimizer": {"lr": 1e-3, "clip_max_norm": 1.0},
-        "data": {"root": str(root / "data"), "train": ["train"]},
-        "checkpoint_every": 2,
-        "log_every": 1,
-    }
     path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    write_recipe(path, bases["tcm"], root / "data", steps=2)
     return {"root": root, "bases": bases, "recipe": path}
 
 

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-import yaml
 
-from PIL import Image
+from finetune_helpers import LAMBDA, tiny_base, write_images, write_recipe  # sibling helper module
 
 from qft.cli import main
 from qft.errors import UserError
 from qft.finetune import ship_finetune
-from qft.models import create_model, load_checkpoint, save_checkpoint
+from qft.models import load_checkpoint
 from qft.models.zoo import read_manifest
-
-LAMBDA = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -27,43 +23,11 @@ def runs(tmp_path_factory):
     a decoder+hyperdecoder run continued from that run (2 steps each)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("ship")
-    rng = np.random.default_rng(0)
-    (root / "data" / "train").mkdir(parents=True)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, size=(200, 208, 3), dtype=np.uint8)).save(root / "data/train" / f"{i}.png")
-    model = create_model("mbt2018-mean", N=16, M=24, seed=0)
-    with torch.no_grad():
-        model.g_a[-1].weight.mul_(20)  # latents of a few quantization steps
-    base = root / "models" / "base.pth"
-    save_checkpoint(base, model, "mbt2018-mean", {"N": 16, "M": 24}, extra={"lambda": LAMBDA})
+    write_images(root / "data" / "train", [(200, 208)] * 2)
+    base = tiny_base(root / "models" / "base.pth")
     (root / "models" / "manifest.json").write_text(json.dumps([{"file": "base.pth", "lambda": LAMBDA}]) + "\n")
-    recipe = {
-        "checkpoint": str(base),
-        "arch": None,
-        "lambda": None,
-        "parts": "decoder",
-        "requantize_every": 0,
-        "quantizer": {
-            "method": "usq",
-            "step": None,
-            "lambda_t": None,
-            "lambda_mult": None,
-            "reset": "channel",
-            "weights": "none",
-        },
-        "seed": 1,
-        "threads": 1,
-        "device": "cpu",
-        "batch_size": 2,
-        "crop": 64,
-        "steps": 2,
-        "optimizer": {"lr": 1e-3, "clip_max_norm": 1.0},
-        "data": {"root": str(root / "data"), "train": ["train"]},
-        "checkpoint_every": 2,
-        "log_every": 1,
-    }
     path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    write_recipe(path, base, root / "data", steps=2, method="usq", lambda_mult=None, weights="none")
     one, two = root / "runs" / "one", root / "runs" / "two"
     assert main(["finetune", str(path), "--out", str(one), "--no-progress"]) == 0
     assert (
