@@ -166,63 +166,25 @@ def test_weights_change_the_stream_not_the_decoder(setup, tmp_path, capsys):
     w = np.geomspace(0.01, 100, 16)
     np.save(tmp_path / "w.npy", w)
     img = root / "img" / "0.png"
-    for name, extra in (("a", []), ("b", ["--weights", str(tmp_path / "w.npy")])):
-        assert (
-            main(
-                [
-                    "compress",
-                    "-m",
-                    str(ckpts[0]),
-                    "-q",
-                    "tcq8",
-                    "--step",
-                    "0.1",
-                    "--lambda-t",
-                    "1e-3",
-                    str(img),
-                    "-o",
-                    str(tmp_path / f"{name}.qft"),
-                    *extra,
-                ]
-            )
-            == 0
-        )
-        assert (
-            main(
-                ["decompress", str(tmp_path / f"{name}.qft"), "-m", str(ckpts[0]), "-o", str(tmp_path / f"{name}.png")]
-            )
-            == 0
-        )
-    assert (tmp_path / "a.qft").read_bytes() != (tmp_path / "b.qft").read_bytes()
-    assert len((tmp_path / "a.qft").read_bytes()) > 100  # a latent with many nonzero indices
+
+    def code(name: str, *extra: str) -> bytes:
+        """``qft compress`` with TCQ-8 (Δ 0.1, λ_T 1e-3) and ``extra``, then ``qft
+        decompress`` of its stream; the stream's bytes."""
+        stream = tmp_path / f"{name}.qft"
+        args = ["-m", str(ckpts[0]), "-q", "tcq8", "--step", "0.1", "--lambda-t", "1e-3", *extra]
+        assert main(["compress", *args, str(img), "-o", str(stream)]) == 0
+        assert main(["decompress", str(stream), "-m", str(ckpts[0]), "-o", str(tmp_path / f"{name}.png")]) == 0
+        return stream.read_bytes()
+
+    a = code("a")
+    assert code("b", "--weights", str(tmp_path / "w.npy")) != a
+    assert len(a) > 100  # a latent with many nonzero indices
     assert main(["compress", "-m", str(ckpts[0]), "--step", "0.01", str(img), "-o", str(tmp_path / "c.qft")]) == 2
     assert "too small for the 16-bit coding tables" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compress", "-m", str(ckpts[0]), "--target", "-1", str(img), "-o", str(tmp_path / "d.qft")])
     assert "expected auto, rd or a number >= 0" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "compress",
-                "-m",
-                str(ckpts[0]),
-                "-q",
-                "tcq8",
-                "--step",
-                "0.1",
-                "--lambda-t",
-                "1e-3",
-                "--target",
-                "0.25",
-                str(img),
-                "-o",
-                str(tmp_path / "t.qft"),
-            ]
-        )
-        == 0
-    )
-    assert main(["decompress", str(tmp_path / "t.qft"), "-m", str(ckpts[0]), "-o", str(tmp_path / "t.png")]) == 0
-    assert (tmp_path / "t.qft").read_bytes() != (tmp_path / "a.qft").read_bytes()
+    assert code("t", "--target", "0.25") != a
 
 
 def test_report_end_to_end_and_resume(setup, tmp_path, capsys):
