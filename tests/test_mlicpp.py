@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_tcm import image, train_step  # sibling test module: a seeded image, the training-step check
 from torch import nn
 
 from qft.cli import main
@@ -40,22 +41,10 @@ def model():
     return create_model("mlicpp", seed=0, **TINY)
 
 
-def image(h=64, w=64, seed=0):
-    return torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
-
-
 def test_forward_shapes(model):
-    model.train()
-    try:
-        out = model(image(64, 128))
-    finally:
-        model.eval()
-    assert out["x_hat"].shape == (1, 3, 64, 128)
+    out = train_step(model, image(64, 128))
     assert out["likelihoods"]["y"].shape == (1, 16, 4, 8)
     assert out["likelihoods"]["z"].shape == (1, 8, 1, 2)
-    assert all(((v > 0) & (v <= 1)).all() for v in out["likelihoods"].values())
-    loss = out["x_hat"].square().mean() + sum(-v.log2().sum() for v in out["likelihoods"].values())
-    loss.backward()
     for module in (
         model.local_context[1].relative_position_table,
         model.global_intra_context[1].reprojection.weight,

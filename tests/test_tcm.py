@@ -33,6 +33,7 @@ def model():
 
 
 def image(h=64, w=64, batch=1, seed=0):
+    """``batch`` uniform random RGB images ``(batch, 3, h, w)`` in [0, 1), seeded."""
     return torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
@@ -51,18 +52,27 @@ def reference_decode(model, x):
     return model.g_s(torch.cat(slices, 1)).clamp_(0, 1)
 
 
-def test_forward_shapes(model):
+def train_step(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    """One training-mode forward pass of ``x`` and the backward pass of a rate + distortion
+    loss (every latent's bits plus ``x̂``'s energy); checks that x̂ has ``x``'s shape and
+    every likelihood lies in (0, 1], and returns the forward pass's dict. The gradients stay
+    on the parameters for the caller to check (and zero); the model is left in eval mode."""
     model.train()
     try:
-        out = model(image(64, 128))
+        out = model(x)
     finally:
         model.eval()
-    assert out["x_hat"].shape == (1, 3, 64, 128)
-    assert out["likelihoods"]["y"].shape == (1, 20, 4, 8)
-    assert out["likelihoods"]["z"].shape == (1, 8, 1, 2)
+    assert out["x_hat"].shape == x.shape
     assert all(((v > 0) & (v <= 1)).all() for v in out["likelihoods"].values())
     loss = out["x_hat"].square().mean() + sum(-v.log2().sum() for v in out["likelihoods"].values())
     loss.backward()
+    return out
+
+
+def test_forward_shapes(model):
+    out = train_step(model, image(64, 128))
+    assert out["likelihoods"]["y"].shape == (1, 20, 4, 8)
+    assert out["likelihoods"]["z"].shape == (1, 8, 1, 2)
     assert model.lrp_transforms[4][0].weight.grad is not None
     assert model.atten_scale[0][0].non_local_block.block_2.msa.relative_position_params.grad is not None
     model.zero_grad(set_to_none=True)
