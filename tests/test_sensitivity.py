@@ -39,15 +39,20 @@ def model():
     return m.eval()
 
 
-@pytest.fixture(scope="module")
-def images():
+def smooth_images() -> list[np.ndarray]:
+    """Two smooth random 64 × 64 RGB images (as natural images: most energy at low
+    frequencies): 8 × 8 noise of seed 0, upsampled bicubically."""
     rng = np.random.default_rng(0)
-    # smooth random images (as natural images: most energy at low frequencies)
     out = []
     for _ in range(2):
         small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
         out.append(np.asarray(Image.fromarray(small).resize((64, 64), Image.BICUBIC)))
     return out
+
+
+@pytest.fixture(scope="module")
+def images():
+    return smooth_images()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import torch
 
 from PIL import Image
 from scipy.stats import spearmanr
-from test_slice_coding import ARCHS, TINY, tiny_model  # sibling test module: one tiny model per family
+from test_sensitivity import smooth_images  # sibling test modules: the smooth images, one tiny model per family
+from test_slice_coding import ARCHS, TINY, tiny_model
 
 from trellis import Quantizer
 
@@ -28,13 +29,7 @@ def models():
 
 @pytest.fixture(scope="module")
 def images():
-    """Smooth random 64 × 64 images (as natural images: most energy at low frequencies)."""
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(2):
-        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        out.append(np.asarray(Image.fromarray(small).resize((64, 64), Image.BICUBIC)))
-    return out
+    return smooth_images()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
