@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from compressai.models import MeanScaleHyperprior
+from test_codec import tiny  # sibling test module: the tiny hyperprior
 
 from trellis import Quantizer
 
@@ -18,16 +18,6 @@ from qft.settings import resolve_quantizer
 LMBDA = 0.01
 
 
-def tiny():
-    """A random-initialised mean-scale hyperprior, its latents large enough to round many ways."""
-    torch.manual_seed(0)
-    m = MeanScaleHyperprior(N=16, M=24).eval()
-    with torch.no_grad():
-        m.g_a[-1].weight.mul_(3.0)
-    m.update(force=True)
-    return m
-
-
 @pytest.fixture(scope="module")
 def image():
     torch.manual_seed(3)
@@ -36,7 +26,7 @@ def image():
 
 @pytest.fixture(scope="module")
 def codec():
-    return Codec(tiny(), "test-arch", "mean-scale-hyperprior")
+    return Codec(tiny(gain=3.0), "test-arch", "mean-scale-hyperprior")  # latents that round many ways
 
 
 def rd_cost(codec, image, out):
