@@ -125,6 +125,17 @@ class TestRecipe:
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("qft train: error:")
 
+    def test_stop_after_below_one(self, recipe_file, tmp_path, capsys):
+        """qft train and qft finetune (one option, one check) refuse --stop-after 0 in one
+        line, before any work."""
+        for command, recipe in (("train", [str(recipe_file())]), ("finetune", [])):  # finetune: its default recipe
+            out = tmp_path / command
+            assert main([command, *recipe, "--stop-after", "0", "--out", str(out)]) == 2
+            assert capsys.readouterr().err.strip().splitlines() == [
+                f"qft {command}: error: --stop-after must be at least 1"
+            ]
+            assert not out.exists()
+
 
 def test_batches_depend_only_on_seed_and_step(dataset):
     images = load_images(dataset, ["train"])

@@ -11,6 +11,7 @@ import argparse
 
 from trellis import METHODS, RESETS
 
+from qft.errors import UserError
 from qft.settings import (
     DEFAULT_LAMBDA_MULT,
     DEFAULT_REFINE_STEPS,
@@ -25,6 +26,8 @@ from qft.settings import (
 __all__ = [
     "add_checkpoint_arguments",
     "add_quantizer_arguments",
+    "add_run_arguments",
+    "stop_after_from_args",
     "quantizer_from_args",
     "device_from_args",
 ]
@@ -48,6 +51,30 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, many: bool = False
     parser.add_argument(
         "--cuda", action="store_true", help="run the transforms on CUDA (entropy parameters stay on CPU)"
     )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, steps: str = "steps") -> None:
+    """The options of a training run (``qft train``, ``qft finetune``: the one training
+    scaffold): ``--stop-after STEP`` (once STEP ``steps`` are done; checked by
+    :func:`stop_after_from_args`) and ``--no-progress``."""
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEP",
+        help=f"stop with a checkpoint once STEP {steps} are done",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def stop_after_from_args(args: argparse.Namespace) -> int | None:
+    """``--stop-after`` (None: run to the end).
+
+    Raises:
+        UserError: it is below 1.
+    """
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError("--stop-after must be at least 1")
+    return args.stop_after
 
 
 def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,8 +148,6 @@ def quantizer_from_args(args: argparse.Namespace, settings: dict | None = None) 
 
 def device_from_args(args: argparse.Namespace) -> str:
     import torch
-
-    from qft.errors import UserError
 
     if args.cuda and not torch.cuda.is_available():
         raise UserError("--cuda given but no CUDA device is available")

@@ -25,7 +25,7 @@ import os
 
 from pathlib import Path
 
-from qft.commands._options import add_quantizer_arguments
+from qft.commands._options import add_quantizer_arguments, add_run_arguments, stop_after_from_args
 from qft.finetune.parts import PARTS
 
 __all__ = ["add_arguments", "run"]
@@ -87,17 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, help="latent cache folder (default: OUT/cache)")
     parser.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pth")
     parser.add_argument("--out", type=Path, help="output folder (default: runs/finetune/<recipe name>)")
-    parser.add_argument(
-        "--stop-after",
-        type=int,
-        metavar="STEP",
-        help="stop with a checkpoint once STEP steps are done",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    add_run_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from qft.errors import UserError
     from qft.finetune import default_recipe, finetune, load_finetune_recipe, override_recipe
 
     recipe_path = args.recipe or default_recipe()
@@ -118,8 +111,6 @@ def run(args: argparse.Namespace) -> int:
         }.items()
     }
     recipe = override_recipe(recipe, data=args.data, **overrides)
-    if args.stop_after is not None and args.stop_after < 1:
-        raise UserError("--stop-after must be at least 1")
     out = args.out or Path("runs") / "finetune" / Path(recipe_path).stem
     summary = finetune(
         recipe,
@@ -127,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         control=args.control,
         cache_dir=args.cache,
         resume=args.resume,
-        stop_after=args.stop_after,
+        stop_after=stop_after_from_args(args),
         unsafe_load=args.unsafe_load,
         progress=not args.no_progress,
     )

@@ -19,6 +19,8 @@ import json
 
 from pathlib import Path
 
+from qft.commands._options import add_run_arguments, stop_after_from_args
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -50,17 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="steps of the first point (overrides schedule.first_steps)",
     )
     parser.add_argument("--warm-steps", type=int, help="steps of each warm-started point")
-    parser.add_argument(
-        "--stop-after",
-        type=int,
-        metavar="STEP",
-        help="stop with a checkpoint once STEP steps of the current point are done",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    add_run_arguments(parser, "steps of the current point")
 
 
 def run(args: argparse.Namespace) -> int:
-    from qft.errors import UserError
     from qft.train import load_recipe, train
 
     recipe = load_recipe(args.recipe)
@@ -75,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
     }
     if overrides:
         recipe = recipe.replace(**overrides)
-    if args.stop_after is not None and args.stop_after < 1:
-        raise UserError("--stop-after must be at least 1")
     out = args.out or Path("runs") / "reference" / Path(args.recipe).stem
     summaries = train(
         recipe,
@@ -84,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         lmbda=args.lmbda,
         device=args.device,
         resume=args.resume,
-        stop_after=args.stop_after,
+        stop_after=stop_after_from_args(args),
         init_from=args.init,
         progress=not args.no_progress,
     )
