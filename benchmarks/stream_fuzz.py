@@ -30,7 +30,6 @@ import os
 import struct
 import sys
 import time
-import zlib
 
 from pathlib import Path
 
@@ -123,22 +122,10 @@ class Worker:
         return ("crash", f"exit {code}")
 
 
-def forge(body: bytes | bytearray) -> bytes:
-    body = bytes(body)
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def mutate(data: bytes, rng: np.random.Generator, codec, sections: list[bytes]) -> tuple[str, bytes]:
     """One mutation of a stream: ``(kind, bytes)``."""
+    from qft.codec.container import varint, with_checksum
+
     body = bytearray(data[:-4])
     kind = int(rng.integers(10))
     if kind == 0:  # byte flips, checksum left alone
@@ -154,7 +141,7 @@ def mutate(data: bytes, rng: np.random.Generator, codec, sections: list[bytes]) 
         lo = 0 if kind == 2 else 30
         for _ in range(int(rng.integers(1, 5))):
             body[int(rng.integers(lo, len(body)))] ^= int(rng.integers(1, 256))
-        return "flip+crc" if kind == 2 else "payload+crc", forge(body)
+        return "flip+crc" if kind == 2 else "payload+crc", with_checksum(body)
     if kind in (4, 5, 6):  # a header field: random, one bit off, or an extreme; forged checksum
         name = list(FIELDS)[int(rng.integers(len(FIELDS)))]
         pos, fmt = FIELDS[name]
@@ -177,7 +164,7 @@ def mutate(data: bytes, rng: np.random.Generator, codec, sections: list[bytes]) 
                 ]
             value = extremes[int(rng.integers(len(extremes)))]
         body[pos : pos + n] = value
-        return f"header:{name}+crc", forge(body)
+        return f"header:{name}+crc", with_checksum(body)
     if kind == 7:  # image size with a matching tables check: a consistent, hostile header
         from trellis import Quantizer
 
@@ -190,7 +177,7 @@ def mutate(data: bytes, rng: np.random.Generator, codec, sections: list[bytes]) 
         q = Quantizer(h.method, step=h.step, reset=h.reset)
         tables = codec._tables(q, height & 0xFFFFFFFF, width & 0xFFFFFFFF)
         body[16:28] = struct.pack("<III", tables, height, width)
-        return "size+tables+crc", forge(body)
+        return "size+tables+crc", with_checksum(body)
     # section surgery with a forged checksum: swap, drop, duplicate, resize, lengths lie
     secs = list(sections)
     op = int(rng.integers(5))
@@ -209,7 +196,7 @@ def mutate(data: bytes, rng: np.random.Generator, codec, sections: list[bytes]) 
     if op == 4:  # the declared lengths lie, the bytes stay
         lengths = [max(0, n + int(rng.integers(-8, 9))) for n in lengths]
     new = head + bytes([len(secs)]) + b"".join(varint(n) for n in lengths) + b"".join(secs)
-    return f"sections:{op}+crc", forge(new)
+    return f"sections:{op}+crc", with_checksum(new)
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 import warnings
-import zlib
 
 from fractions import Fraction
 
@@ -21,7 +20,7 @@ from PIL import Image
 from trellis import Quantizer
 
 from qft.codec import Codec, Container, crop, pad, read_image, write_image
-from qft.codec.container import Header
+from qft.codec.container import Header, with_checksum
 from qft.errors import UserError
 from qft.models import ARCHITECTURES, create_model
 
@@ -315,7 +314,7 @@ def forged_raw(data: bytes, offset: int, value: bytes) -> bytes:
     """Bytes at ``offset`` replaced (past the parser's own checks), checksum recomputed."""
     body = bytearray(data[:-4])
     body[offset : offset + len(value)] = value
-    return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+    return with_checksum(body)
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,8 @@ __all__ = [
     "Container",
     "check_image_size",
     "check_step",
+    "varint",
+    "with_checksum",
 ]
 
 MAGIC = b"\x89Q"
@@ -103,13 +105,20 @@ def check_step(step: float, name: str = "quantizer", advice: str = "give a step 
         raise UserError(f"{name}: step {step!r} outside {STEP_RANGE[0]:g}…{STEP_RANGE[1]:g}; {advice}")
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """``n >= 0`` as an unsigned LEB128 varint (7 bits a byte, low first): a section length."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
         out.append(byte | (0x80 if n else 0))
         if not n:
             return bytes(out)
+
+
+def with_checksum(body: bytes | bytearray) -> bytes:
+    """A stream's ``body`` followed by its checksum: CRC-32 of ``body``, u32 little-endian."""
+    body = bytes(body)
+    return body + struct.pack("<I", zlib.crc32(body))
 
 
 @dataclass
@@ -122,10 +131,9 @@ class Container:
     def to_bytes(self) -> bytes:
         parts = [MAGIC, self.header.fixed_bytes()]
         parts.append(bytes([len(self.sections)]))
-        parts += [_varint(len(s)) for s in self.sections]
+        parts += [varint(len(s)) for s in self.sections]
         parts += [bytes(s) for s in self.sections]
-        body = b"".join(parts)
-        return body + struct.pack("<I", zlib.crc32(body))
+        return with_checksum(b"".join(parts))
 
     @classmethod
     def from_bytes(cls, data: bytes, name: str = "stream") -> Container:
