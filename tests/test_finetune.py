@@ -305,24 +305,7 @@ def test_finetune_on_decoder_target_latents(setup, tmp_path):
     """With a decoder target the cache holds what the encoder sends with that target (the
     padding outside the target's residual), and the model records the target."""
     out, cache_dir = tmp_path / "run", tmp_path / "cache"
-    assert (
-        main(
-            [
-                "finetune",
-                str(setup["recipe"]),
-                "--out",
-                str(out),
-                "--no-progress",
-                "--cache",
-                str(cache_dir),
-                "--target",
-                "0.25",
-                "--steps",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert _run(setup, out, "--cache", str(cache_dir), "--target", "0.25", "--steps", "1", cache=False) == 0
     base = load_checkpoint(setup["base"])
     q = Quantizer("tcq8", step=default_step("tcq8"), lam=default_lambda("tcq8", default_step("tcq8")))
     meta = json.loads((cache_dir / "meta.json").read_text())
@@ -338,24 +321,7 @@ def test_finetune_on_decoder_target_latents(setup, tmp_path):
     assert load_checkpoint(out / "model.pth").extra["quantizer"]["target"] == 0.25
     # per-image η (--target rd) at the run's λ: recorded as rd, resolved again from the model
     out = tmp_path / "rd"
-    assert (
-        main(
-            [
-                "finetune",
-                str(setup["recipe"]),
-                "--out",
-                str(out),
-                "--no-progress",
-                "--cache",
-                str(tmp_path / "rd-cache"),
-                "--target",
-                "rd",
-                "--steps",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert _run(setup, out, "--cache", str(tmp_path / "rd-cache"), "--target", "rd", "--steps", "1", cache=False) == 0
     assert json.loads((tmp_path / "rd-cache" / "meta.json").read_text())["identity"]["target"] == "rd"
     ft = load_checkpoint(out / "model.pth")
     assert ft.extra["quantizer"]["target"] == "rd"
