@@ -29,12 +29,13 @@ import argparse
 import importlib
 import json
 import sys
-import time
 import types
 
 from pathlib import Path
 
 import torch
+
+from _equivalence import BSDS500_VAL, centre_crop, check  # sibling helper
 
 from trellis.hardware import machine_info
 
@@ -42,8 +43,6 @@ from qft.codec import read_image
 from qft.errors import UserError
 from qft.models import create_model, load_weights
 from qft.models.cca import TRAINING_ONLY_KEYS
-
-BSDS500_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "val"
 
 
 def _official_package(name: str, repo: Path) -> str:
@@ -66,30 +65,6 @@ def _stub_timm() -> None:
         sys.modules["timm.models.layers"] = layers
 
 
-def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
-    return {"equal": bool(torch.equal(a, b)), "max_abs_diff": float((a - b).abs().max())}
-
-
-@torch.no_grad()
-def check(name: str, official: torch.nn.Module, ours: torch.nn.Module, x: torch.Tensor) -> dict:
-    official.eval()
-    ours.eval()
-    t = time.perf_counter()
-    fo, fq = official(x), ours(x)
-    result = {"forward": {"x_hat": _compare(fo["x_hat"], fq["x_hat"])}}
-    for key in ("y", "z"):
-        result["forward"][f"likelihoods_{key}"] = _compare(fo["likelihoods"][key], fq["likelihoods"][key])
-    eo, eq = official.compress(x), ours.compress(x)
-    result["strings_equal"] = eo["strings"] == eq["strings"]
-    result["bytes"] = {"y": len(eq["strings"][0][0]), "z": len(eq["strings"][1][0])}
-    do = official.decompress(eq["strings"], eq["shape"])["x_hat"]  # official decoder, qft's stream
-    dq = ours.decompress(eo["strings"], eo["shape"])["x_hat"]  # qft's decoder, official stream
-    result["decompress_x_hat"] = _compare(do, dq)
-    result["time_s"] = time.perf_counter() - t
-    print(name, json.dumps(result))
-    return result
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dcae", type=Path, required=True, help="checkout of LabShuHangGU/DCAE")
@@ -107,8 +82,7 @@ def main() -> None:
     width = args.width or args.size
     if args.size > h or width > w:
         p.error(f"{args.image} is {h}x{w} (HxW), smaller than the crop {args.size}x{width}")
-    top, left = (h - args.size) // 2, (w - width) // 2
-    x = image[..., top : top + args.size, left : left + width].contiguous()
+    x = centre_crop(image, args.size, width)
 
     _stub_timm()
     dcae_module = importlib.import_module(_official_package("official_dcae", args.dcae) + ".dcae")
@@ -121,7 +95,8 @@ def main() -> None:
         official.g_a[-1].weight.mul_(args.gain)
     official.update(force=True)
     ours = load_weights(create_model("dcae"), official.state_dict(), name="official DCAE")
-    results["dcae"] = check("dcae", official, ours, x)
+    results["dcae"] = check(official, ours, x)
+    print("dcae", json.dumps(results["dcae"]))
 
     torch.manual_seed(0)
     k = 1.7  # eval.py's --prop-slices default
@@ -145,7 +120,8 @@ def main() -> None:
         strict_without_drop = str(exc)
     kept = {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_ONLY_KEYS)}
     ours = load_weights(create_model("cca"), kept, name="official CCA")
-    results["cca"] = check("cca", official, ours, x)
+    results["cca"] = check(official, ours, x)
+    print("cca", json.dumps(results["cca"]))
     results["cca"]["training_only_keys_dropped"] = len(state_dict) - len(kept)
     results["cca"]["strict_load_without_drop"] = strict_without_drop
 

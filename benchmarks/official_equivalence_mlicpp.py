@@ -30,7 +30,6 @@ import argparse
 import importlib
 import json
 import sys
-import time
 import types
 
 from pathlib import Path
@@ -38,12 +37,12 @@ from pathlib import Path
 import compressai.ops
 import torch
 
+from _equivalence import BSDS500_VAL, centre_crop, check  # sibling helper
+
 from trellis.hardware import machine_info
 
 from qft.codec import read_image
 from qft.models import create_model, load_weights
-
-BSDS500_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "val"
 
 
 def _shims() -> None:
@@ -61,37 +60,10 @@ def _shims() -> None:
         torch.cuda.synchronize = lambda *args, **kwargs: None
 
 
-def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
-    return {"equal": bool(torch.equal(a, b)), "max_abs_diff": float((a - b).abs().max())}
-
-
 class _Config(dict):
     """The official constructor reads its settings as attributes of a dict."""
 
     __getattr__ = dict.__getitem__
-
-
-@torch.no_grad()
-def check(official: torch.nn.Module, ours: torch.nn.Module, x: torch.Tensor) -> dict:
-    official.eval()
-    ours.eval()
-    t = time.perf_counter()
-    fo, fq = official(x), ours(x)
-    result = {
-        "forward": {
-            "x_hat": _compare(fo["x_hat"], fq["x_hat"]),
-            "likelihoods_y": _compare(fo["likelihoods"]["y_likelihoods"], fq["likelihoods"]["y"]),
-            "likelihoods_z": _compare(fo["likelihoods"]["z_likelihoods"], fq["likelihoods"]["z"]),
-        }
-    }
-    eo, eq = official.compress(x), ours.compress(x)
-    result["strings_equal"] = eo["strings"] == eq["strings"]
-    result["bytes"] = {"y": len(eq["strings"][0][0]), "z": len(eq["strings"][1][0])}
-    do = official.decompress(eq["strings"], eq["shape"])["x_hat"].clamp(0, 1)  # official decoder, qft's stream
-    dq = ours.decompress(eo["strings"], eo["shape"])["x_hat"]  # qft's decoder, official stream
-    result["decompress_x_hat"] = _compare(do, dq)
-    result["time_s"] = time.perf_counter() - t
-    return result
 
 
 def main() -> None:
@@ -110,8 +82,7 @@ def main() -> None:
     h, w = image.shape[-2:]
     if args.size > min(h, w) or args.size % 64:
         p.error(f"--size must be a multiple of 64 within the image ({h}x{w}), got {args.size}")
-    top, left = (h - args.size) // 2, (w - args.size) // 2
-    x = image[..., top : top + args.size, left : left + args.size].contiguous()
+    x = centre_crop(image, args.size, args.size)
 
     _shims()
     sys.path.insert(0, str(args.mlic / "MLIC++"))
@@ -131,7 +102,7 @@ def main() -> None:
         ours = load_weights(
             create_model("mlicpp", generation=generation), official.state_dict(), name=f"official MLIC++ {generation}"
         )
-        results[generation] = check(official, ours, x)
+        results[generation] = check(official, ours, x, likelihoods=("y_likelihoods", "z_likelihoods"))
         print(generation, json.dumps(results[generation]), flush=True)
 
     if args.json:

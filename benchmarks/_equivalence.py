@@ -1,0 +1,57 @@
+"""Helpers of the official-equivalence scripts (``official_equivalence.py``,
+``official_equivalence_mlicpp.py``): one model of an official repository against qft's
+model with the same weights, on the same image.
+
+Imported by sibling scripts (``from _equivalence import …``): a script's folder is on
+``sys.path`` when it runs.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pathlib import Path
+
+import torch
+
+#: BSDS500 validation images (the shared data folder beside the repository)
+BSDS500_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "val"
+
+
+def centre_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The centre ``height × width`` crop of an image ``(1, 3, H, W)``, contiguous."""
+    h, w = image.shape[-2:]
+    top, left = (h - height) // 2, (w - width) // 2
+    return image[..., top : top + height, left : left + width].contiguous()
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Whether two tensors are bitwise equal, and their largest absolute difference."""
+    return {"equal": bool(torch.equal(a, b)), "max_abs_diff": float((a - b).abs().max())}
+
+
+@torch.no_grad()
+def check(
+    official: torch.nn.Module, ours: torch.nn.Module, x: torch.Tensor, likelihoods: tuple[str, str] = ("y", "z")
+) -> dict:
+    """The two models (eval mode) on ``x``: ``forward`` (``x_hat`` and the likelihoods of
+    y and z, :func:`compare`), ``compress`` (``strings_equal``: byte for byte; ``bytes``:
+    qft's y and z sizes), ``decompress`` (the official decoder on qft's strings, its output
+    clamped to [0, 1] as qft's decoder clamps — a no-op for the DCAE and CCA decoders, which
+    clamp — against qft's decoder on the official strings) and ``time_s``.
+    ``likelihoods``: the official forward pass's keys of y's and z's likelihoods."""
+    official.eval()
+    ours.eval()
+    t = time.perf_counter()
+    fo, fq = official(x), ours(x)
+    result = {"forward": {"x_hat": compare(fo["x_hat"], fq["x_hat"])}}
+    for key, official_key in zip(("y", "z"), likelihoods):
+        result["forward"][f"likelihoods_{key}"] = compare(fo["likelihoods"][official_key], fq["likelihoods"][key])
+    eo, eq = official.compress(x), ours.compress(x)
+    result["strings_equal"] = eo["strings"] == eq["strings"]
+    result["bytes"] = {"y": len(eq["strings"][0][0]), "z": len(eq["strings"][1][0])}
+    do = official.decompress(eq["strings"], eq["shape"])["x_hat"].clamp(0, 1)  # official decoder, qft's stream
+    dq = ours.decompress(eo["strings"], eo["shape"])["x_hat"]  # qft's decoder, official stream
+    result["decompress_x_hat"] = compare(do, dq)
+    result["time_s"] = time.perf_counter() - t
+    return result
