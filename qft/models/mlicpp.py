@@ -63,7 +63,7 @@ from qft.errors import UserError
 
 from .layers import checkerboard_mask, squeeze_checkerboard, unsqueeze_checkerboard
 from .registry import Architecture, register_architecture
-from .slices import check_positive_ints, count_indices, gaussian_tables
+from .slices import check_coding_size, check_positive_ints, count_indices, gaussian_tables
 
 __all__ = [
     "MLICPlusPlus",
@@ -628,11 +628,7 @@ class MLICPlusPlus(CompressionModel):
     def compress(self, x: Tensor) -> dict:
         """Code images ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 64, with rounding
         around ``μ`` (USQ); one y string and one z string per image."""
-        if x.shape[-2] % 64 or x.shape[-1] % 64:
-            raise ValueError(
-                f"MLICPlusPlus.compress needs H and W multiples of 64 (the decoder derives y's size "
-                f"from z's), got {tuple(x.shape[-2:])}; pad the image"
-            )
+        check_coding_size(self, x)
         tables = gaussian_tables(self, self.entropy_bottleneck)
         gc = self.gaussian_conditional
         y = self.g_a(x)

@@ -42,6 +42,7 @@ from .registry import ARCHITECTURES
 
 __all__ = [
     "ChannelSliceModel",
+    "check_coding_size",
     "check_positive_ints",
     "count_indices",
     "gaussian_tables",
@@ -97,6 +98,20 @@ def check_positive_ints(
             raise UserError(f"{arch}: {key} must be {length} positive integers, got {value!r}")
         out[key] = list(value)
     return out
+
+
+def check_coding_size(model: nn.Module, x: Tensor) -> None:
+    """Guard of the step-coded models' own ``compress``.
+
+    Raises:
+        ValueError: ``x``'s height or width is not a multiple of 64 (the decoder derives
+            y's size from z's, so the image must be padded first).
+    """
+    if x.shape[-2] % 64 or x.shape[-1] % 64:
+        raise ValueError(
+            f"{type(model).__name__}.compress needs H and W multiples of 64 "
+            f"(the decoder derives y's size from z's), got {tuple(x.shape[-2:])}; pad the image"
+        )
 
 
 def gaussian_tables(model: nn.Module, z_bottleneck: nn.Module) -> tuple[list, list, list]:
@@ -200,11 +215,7 @@ class ChannelSliceModel(CompressionModel):
     def compress(self, x: Tensor) -> dict:
         """Code images ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 64, with rounding
         around ``μ`` (USQ); one y string and one z string per image."""
-        if x.shape[-2] % 64 or x.shape[-1] % 64:
-            raise ValueError(
-                f"{type(self).__name__}.compress needs H and W multiples of 64 "
-                f"(the decoder derives y's size from z's), got {tuple(x.shape[-2:])}; pad the image"
-            )
+        check_coding_size(self, x)
         cdf, cdf_lengths, offsets = gaussian_tables(self, self.z_bottleneck)
         gc = self.gaussian_conditional
         y = self.g_a(x)
