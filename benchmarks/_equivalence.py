@@ -8,14 +8,38 @@ Imported by sibling scripts (``from _equivalence import …``): a script's folde
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 
 from pathlib import Path
 
 import torch
 
+from trellis.hardware import machine_info
+
 #: BSDS500 validation images (the shared data folder beside the repository)
 BSDS500_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "val"
+
+
+def add_arguments(parser: argparse.ArgumentParser, size_help: str) -> None:
+    """The options of every equivalence run: ``--image`` (default: a BSDS500 validation
+    image), ``--size`` of the centre crop (``size_help``), ``--gain`` on ``g_a``'s last
+    layer, ``--threads``, ``--json`` (:func:`write_record`)."""
+    parser.add_argument("--image", type=Path, default=BSDS500_VAL / "101085.jpg")
+    parser.add_argument("--size", type=int, default=256, help=size_help)
+    parser.add_argument("--gain", type=float, default=20.0, help="factor on g_a's last layer")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+
+
+def write_record(args: argparse.Namespace, crop: int | list[int], results: dict) -> None:
+    """With ``--json``, write the run's record there: the machine, torch's version, the
+    settings (image, ``crop``, gain, threads) and ``results``."""
+    if args.json:
+        info = {"image": str(args.image), "crop": crop, "gain": args.gain, "threads": args.threads}
+        payload = {"machine": machine_info(), "torch": torch.__version__, "settings": info, "results": results}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def centre_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -35,9 +35,7 @@ from pathlib import Path
 
 import torch
 
-from _equivalence import BSDS500_VAL, centre_crop, check  # sibling helper
-
-from trellis.hardware import machine_info
+from _equivalence import add_arguments, centre_crop, check, write_record  # sibling helper
 
 from qft.codec import read_image
 from qft.errors import UserError
@@ -69,12 +67,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dcae", type=Path, required=True, help="checkout of LabShuHangGU/DCAE")
     p.add_argument("--cca", type=Path, required=True, help="checkout of LabShuHangGU/CCA")
-    p.add_argument("--image", type=Path, default=BSDS500_VAL / "101085.jpg")
-    p.add_argument("--size", type=int, default=256, help="height of the centre crop (a multiple of 128, >= 256)")
+    add_arguments(p, "height of the centre crop (a multiple of 128, >= 256)")
     p.add_argument("--width", type=int, help="width of the centre crop (default: --size)")
-    p.add_argument("--gain", type=float, default=20.0, help="factor on g_a's last layer")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     image = read_image(args.image)
@@ -125,10 +119,7 @@ def main() -> None:
     results["cca"]["training_only_keys_dropped"] = len(state_dict) - len(kept)
     results["cca"]["strict_load_without_drop"] = strict_without_drop
 
-    if args.json:
-        info = {"image": str(args.image), "crop": [args.size, width], "gain": args.gain, "threads": args.threads}
-        payload = {"machine": machine_info(), "torch": torch.__version__, "settings": info, "results": results}
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    write_record(args, [args.size, width], results)
 
 
 if __name__ == "__main__":

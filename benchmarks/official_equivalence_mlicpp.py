@@ -37,9 +37,7 @@ from pathlib import Path
 import compressai.ops
 import torch
 
-from _equivalence import BSDS500_VAL, centre_crop, check  # sibling helper
-
-from trellis.hardware import machine_info
+from _equivalence import add_arguments, centre_crop, check, write_record  # sibling helper
 
 from qft.codec import read_image
 from qft.models import create_model, load_weights
@@ -71,11 +69,7 @@ def main() -> None:
     p.add_argument(
         "--mlic", type=Path, required=True, help="checkout of JiangWeibeta/MLIC (at 4aa9d2a: the fixtures' commit)"
     )
-    p.add_argument("--image", type=Path, default=BSDS500_VAL / "101085.jpg")
-    p.add_argument("--size", type=int, default=256, help="side of the centre crop (a multiple of 64)")
-    p.add_argument("--gain", type=float, default=20.0, help="factor on g_a's last layer")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", type=Path)
+    add_arguments(p, "side of the centre crop (a multiple of 64)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     image = read_image(args.image)
@@ -105,10 +99,7 @@ def main() -> None:
         results[generation] = check(official, ours, x, likelihoods=("y_likelihoods", "z_likelihoods"))
         print(generation, json.dumps(results[generation]), flush=True)
 
-    if args.json:
-        info = {"image": str(args.image), "crop": args.size, "gain": args.gain, "threads": args.threads}
-        payload = {"machine": machine_info(), "torch": torch.__version__, "settings": info, "results": results}
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    write_record(args, args.size, results)
 
 
 if __name__ == "__main__":
