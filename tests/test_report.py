@@ -102,18 +102,17 @@ def test_settings_precedence_and_identity(setup, recwarn):
     assert resolve_quantizer("tcq8", s4).target == RDTarget(0.013)  # a calibrated (or recorded) rd
     # a finetuned delta reads its base's settings
     delta = root / "ft.pth"
-    write_delta(delta, ck.model, ckpts[0], ("g_s.",))
-    assert read_settings(load_checkpoint(delta))["methods"]["tcq8"]["step"] == 0.8
+    q = {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5, "reset": "channel"}
+
+    def finetuned(extra: dict | None = None) -> dict:
+        """The settings read for a delta of ckpts[0] (g_s) whose metadata holds ``extra``."""
+        delta.unlink(missing_ok=True)
+        write_delta(delta, ck.model, ckpts[0], ("g_s.",), extra)
+        return read_settings(load_checkpoint(delta))
+
+    assert finetuned()["methods"]["tcq8"]["step"] == 0.8
     # a finetuned model defaults to the quantizer it was finetuned on (λ follows Δ²)
-    delta.unlink()
-    write_delta(
-        delta,
-        ck.model,
-        ckpts[0],
-        ("g_s.",),
-        {"quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5, "reset": "channel"}},
-    )
-    c = resolve_quantizer("tcq8", read_settings(load_checkpoint(delta)), step_scale=2)
+    c = resolve_quantizer("tcq8", finetuned({"quantizer": q}), step_scale=2)
     assert (c.quantizer.step, c.quantizer.lam, c.weights, c.target) == (1.3, pytest.approx(0.04), None, 0.0)
     # finetuned on plain latents: the encoder-side target is the base's calibrated one
     write_settings(
@@ -123,34 +122,9 @@ def test_settings_precedence_and_identity(setup, recwarn):
     )
     c = resolve_quantizer("tcq8", read_settings(load_checkpoint(delta)))
     assert (c.quantizer.step, c.weights, c.target) == (0.65, None, 0.25)
-    delta.unlink()
-    write_delta(
-        delta,
-        ck.model,
-        ckpts[0],
-        ("g_s.",),
-        {"quantizer": {"method": "tcq8", "step": 0.65, "lam": 0.01, "theta": 0.5, "reset": "channel", "target": 0.125}},
-    )
-    assert resolve_quantizer("tcq8", read_settings(load_checkpoint(delta))).target == 0.125
-    delta.unlink()
-    write_delta(
-        delta,
-        ck.model,
-        ckpts[0],
-        ("g_s.",),
-        {
-            "lambda": 0.02,
-            "quantizer": {
-                "method": "tcq8",
-                "step": 0.65,
-                "lam": 0.01,
-                "theta": 0.5,
-                "reset": "channel",
-                "target": "rd",
-            },
-        },
-    )
-    assert resolve_quantizer("tcq8", read_settings(load_checkpoint(delta))).target == RDTarget(0.02)
+    assert resolve_quantizer("tcq8", finetuned({"quantizer": {**q, "target": 0.125}})).target == 0.125
+    rd_delta = finetuned({"lambda": 0.02, "quantizer": {**q, "target": "rd"}})
+    assert resolve_quantizer("tcq8", rd_delta).target == RDTarget(0.02)
     # another checkpoint's file is ignored with a warning
     other = load_checkpoint(ckpts[1])
     settings_path(ckpts[1]).write_text(settings_path(ckpts[0]).read_text())
