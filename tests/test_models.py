@@ -519,24 +519,12 @@ class TestCLI:
 
     def test_init(self, tmp_path, capsys, image):
         path = tmp_path / "init" / "mbt.pth"
-        assert (
-            main(
-                [
-                    "init",
-                    "--arch",
-                    "mbt2018",
-                    "--N",
-                    "8",
-                    "--M",
-                    "16",
-                    "--seed",
-                    "3",
-                    "-o",
-                    str(path),
-                ]
-            )
-            == 0
-        )
+
+        def init(*extra: str) -> int:
+            """``qft init`` of a tiny mbt2018 (N 8, M 16) at ``path``."""
+            return main(["init", "--arch", "mbt2018", "--N", "8", "--M", "16", "-o", str(path), *extra])
+
+        assert init("--seed", "3") == 0
         assert capsys.readouterr().out.startswith(f"wrote {path}: mbt2018")
         ckpt = load_checkpoint(path)
         assert (ckpt.arch, ckpt.params, ckpt.extra) == (
@@ -547,27 +535,11 @@ class TestCLI:
         assert_same_outputs(ckpt.model, create_model("mbt2018", seed=3, N=8, M=16), image)
 
         first = path.read_bytes()
-        assert main(["init", "--arch", "mbt2018", "--N", "8", "--M", "16", "-o", str(path)]) == 2
+        assert init() == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1] == f"qft init: error: {path} exists; pass --force to overwrite it"
         assert path.read_bytes() == first
-        assert (
-            main(
-                [
-                    "init",
-                    "--arch",
-                    "mbt2018",
-                    "--N",
-                    "8",
-                    "--M",
-                    "16",
-                    "-o",
-                    str(path),
-                    "--force",
-                ]
-            )
-            == 0
-        )
+        assert init("--force") == 0
         assert path.read_bytes() != first  # seed 0, not 3
 
     def test_init_elic_groups(self, tmp_path, capsys):
