@@ -25,6 +25,7 @@ from qft.settings import (
 
 __all__ = [
     "add_checkpoint_arguments",
+    "add_output_arguments",
     "add_quantizer_arguments",
     "add_run_arguments",
     "stop_after_from_args",
@@ -51,6 +52,13 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, many: bool = False
     parser.add_argument(
         "--cuda", action="store_true", help="run the transforms on CUDA (entropy parameters stay on CPU)"
     )
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``-o/--output`` (required; ``what`` it is) and ``--force``: an existing output is
+    refused unless ``--force`` (:func:`qft.files.check_output`, before any work)."""
+    parser.add_argument("-o", "--output", required=True, help=what)
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, steps: str = "steps") -> None:

@@ -11,6 +11,7 @@ import argparse
 
 from qft.commands._options import (
     add_checkpoint_arguments,
+    add_output_arguments,
     add_quantizer_arguments,
     device_from_args,
     quantizer_from_args,
@@ -23,8 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(parser)
     add_quantizer_arguments(parser)
     parser.add_argument("image", help="input image (PNG, JPEG, …)")
-    parser.add_argument("-o", "--output", required=True, help="output .qft file")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    add_output_arguments(parser, "output .qft file")
 
 
 def run(args: argparse.Namespace) -> int:

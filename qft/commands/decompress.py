@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from qft.commands._options import add_checkpoint_arguments, device_from_args
+from qft.commands._options import add_checkpoint_arguments, add_output_arguments, device_from_args
 
 __all__ = ["add_arguments", "run"]
 
@@ -20,8 +20,7 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("stream", help="input .qft file")
     add_checkpoint_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, help="output image (.png, .ppm, .bmp, .tif)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    add_output_arguments(parser, "output image (.png, .ppm, .bmp, .tif)")
 
 
 def run(args: argparse.Namespace) -> int:

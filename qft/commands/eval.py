@@ -15,6 +15,7 @@ import argparse
 
 from qft.commands._options import (
     add_checkpoint_arguments,
+    add_output_arguments,
     add_quantizer_arguments,
     device_from_args,
     quantizer_from_args,
@@ -27,11 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(parser, many=True)
     add_quantizer_arguments(parser)
     parser.add_argument("--data", required=True, help="image folder (searched recursively)")
-    parser.add_argument("-o", "--output", required=True, help="results JSON")
+    add_output_arguments(parser, "results JSON")
     parser.add_argument("--name", help="curve name in the JSON (default: ARCH-QUANTIZER)")
     parser.add_argument("--estimate", action="store_true", help="report likelihood/table bpp as `bpp`")
     parser.add_argument("--per-image", action="store_true", help="store every image's values")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument(
         "--workers",
         type=int,

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 
+from qft.commands._options import add_output_arguments
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -41,8 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(repeatable; e.g. --set ae_dim=8,8,16)",
     )
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
-    parser.add_argument("-o", "--output", required=True, help="checkpoint file to write")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    add_output_arguments(parser, "checkpoint file to write")
 
 
 def _parse_set(item: str) -> tuple[str, int | list[int]]:
