@@ -111,7 +111,7 @@ def run_phase(phase: str, method: str, size: tuple[int, int], stream: str, timeo
 
 
 def main(argv=None) -> int:
-    from trellis.bench import machine_info
+    from trellis.hardware import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=list(SIZES), choices=list(SIZES))

@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     import torch
 
     from trellis import Quantizer
-    from trellis.bench import machine_info
+    from trellis.hardware import machine_info
 
     from qft.codec import Container
 
