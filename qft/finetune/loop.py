@@ -188,8 +188,8 @@ def _setup(recipe: FinetuneRecipe, control: bool, unsafe_load: bool) -> _Setup:
     slices = training_steps(base.model) is not None
     if entropy not in HYPERPRIOR_ENTROPY and not slices:
         raise UserError(
-            f"qft finetune supports hyperprior models ({', '.join(HYPERPRIOR_ENTROPY)}) and "
-            f"{', '.join(STEP_FAMILIES)}; {base.arch} is not one of them"
+            f"{base.arch} cannot be finetuned: qft finetune supports hyperprior models "
+            f"({', '.join(HYPERPRIOR_ENTROPY)}) and {', '.join(STEP_FAMILIES)}"
         )
     check_parts(base.model, base.arch, recipe.parts)
     # the checkpoint's λ, or the one its settings file records (qft calibrate --lambda)
