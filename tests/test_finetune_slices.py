@@ -257,6 +257,21 @@ def test_finetuned_model_codes_and_ships(setup, runs, tmp_path, arch):
     np.testing.assert_array_equal(Codec.from_checkpoint(delta).decompress(enc["bitstream"])["y_hat"], enc["y_hat"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_finetune_mlicpp_on_cuda(setup, tmp_path):
+    """MLIC++ decoder+entropy with the model on the GPU (fp32; the quantizer on the CPU):
+    the output loads on the CPU and codes TCQ-8 streams that decode exactly."""
+    out = tmp_path / "cuda"
+    assert _run(setup, "mlicpp", out, *_arm_args("decoder+entropy"), "--device", "cuda") == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["device"].startswith("cuda") and all(np.isfinite(r["loss"]) for r in log if r["kind"] == "train")
+    ft = load_checkpoint(out / "model.pth")
+    assert next(ft.model.parameters()).device.type == "cpu"
+    codec = Codec.from_checkpoint(ft)
+    enc = codec.compress(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6)), Quantizer("tcq8"))
+    np.testing.assert_array_equal(codec.decompress(enc["bitstream"])["y_hat"], enc["y_hat"])
+
+
 def test_parts_that_do_not_apply_are_refused(setup, tmp_path, capsys):
     assert _run(setup, "tcm", tmp_path / "a", "--parts", "decoder+hyperdecoder") == 2
     err = capsys.readouterr().err.strip().splitlines()
