@@ -21,10 +21,10 @@ would with the current weights (docs/design.md, "Finetuning the channel-slice mo
 The steps, one adapter per family over the model's own public step methods (no copy of a
 coding order):
 
-- :class:`ChannelSliceSteps` (:class:`qft.models.ChannelSliceModel`): one step per channel
-  slice, in the layout ``(N, C_i, H, W)``; ``hyper_context``, ``slice_parameters``,
-  ``slice_reconstruction``.
-- :class:`MLICppSteps` (:class:`qft.models.mlicpp.MLICPlusPlus`): 10 slices × 2
+- :class:`ChannelSliceTrainingSteps` (:class:`qft.models.ChannelSliceModel`): one step
+  per channel slice, in the layout ``(N, C_i, H, W)``; ``hyper_context``,
+  ``slice_parameters``, ``slice_reconstruction``.
+- :class:`MLICppTrainingSteps` (:class:`qft.models.mlicpp.MLICPlusPlus`): 10 slices × 2
   checkerboard halves through :meth:`~qft.models.mlicpp.MLICPlusPlus.coding_steps`, the
   traversal the model's ``compress``/``decompress`` run too; each half quantized in the
   squeezed layout ``(N, C, H, W/2)`` of :func:`qft.models.layers.squeeze_checkerboard`,
@@ -71,8 +71,8 @@ from qft.train.data import sample_batch
 
 __all__ = [
     "STEP_FAMILIES",
-    "ChannelSliceSteps",
-    "MLICppSteps",
+    "ChannelSliceTrainingSteps",
+    "MLICppTrainingSteps",
     "SliceObjective",
     "StepCode",
     "TrainingSteps",
@@ -118,7 +118,7 @@ class TrainingSteps:
         raise NotImplementedError
 
 
-class ChannelSliceSteps(TrainingSteps):
+class ChannelSliceTrainingSteps(TrainingSteps):
     """One step per slice of a :class:`qft.models.ChannelSliceModel` (its whole map)."""
 
     @property
@@ -139,7 +139,7 @@ class ChannelSliceSteps(TrainingSteps):
         return torch.cat(finals, dim=1)
 
 
-class MLICppSteps(TrainingSteps):
+class MLICppTrainingSteps(TrainingSteps):
     """The ``2 · slice_num`` checkerboard steps of MLIC++ through the model's own
     :meth:`~qft.models.mlicpp.MLICPlusPlus.coding_steps`, each half in its squeezed
     layout."""
@@ -167,9 +167,9 @@ def training_steps(model: nn.Module) -> TrainingSteps | None:
     """The training steps of ``model`` (:data:`STEP_FAMILIES`), or ``None`` when it is not
     finetuned step by step (a hyperprior model trains on a latent cache)."""
     if isinstance(model, ChannelSliceModel):
-        return ChannelSliceSteps(model)
+        return ChannelSliceTrainingSteps(model)
     if isinstance(model, MLICPlusPlus):
-        return MLICppSteps(model)
+        return MLICppTrainingSteps(model)
     return None
 
 
@@ -266,9 +266,10 @@ class SliceObjective(nn.Module):
             z = m.h_a(y)
             medians = self.steps.z_bottleneck.quantiles[:, :, 1:2]
             z_hat = torch.round(z - medians) + medians  # what the codec's z stream decodes to
-        bits = [x.new_zeros(())]
+        bits = x.new_zeros(())
 
         def code(channels: slice, layout: Callable[[Tensor], Tensor], mu: Tensor, scale: Tensor) -> Tensor:
+            nonlocal bits
             y_s = layout(y[:, channels])
             sigma = gc.lower_bound_scale(scale)
             if self.control:
@@ -284,11 +285,11 @@ class SliceObjective(nn.Module):
                 mass = cell_mass(lo, hi, sigma)
                 if gc.use_likelihood_bound:
                     mass = gc.likelihood_lower_bound(mass)
-                bits[0] = bits[0] - torch.log2(mass).sum()
+                bits = bits - torch.log2(mass).sum()
             return y_hat
 
         x_hat = m.g_s(self.steps.final_latent(z_hat, code))
-        bpp = bits[0] / (x.shape[0] * x.shape[2] * x.shape[3])
+        bpp = bits / (x.shape[0] * x.shape[2] * x.shape[3])
         mse = torch.mean((x_hat - x) ** 2)
         loss = self.lmbda * 255**2 * mse + (bpp if self.rate else 0.0)
         return {"loss": loss, "mse": mse, "bpp": bpp.detach()}
