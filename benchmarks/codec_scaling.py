@@ -1,9 +1,12 @@
 """Codec scaling: compress/decompress time and peak memory against image size.
 
-For the shipped ``mbt2018-mean-0.013`` (one torch thread, one Numba thread), images of
+For the shipped ``mbt2018-mean-0.013``, or any checkpoint given with ``--checkpoint`` (e.g.
+the small MLIC++, issue 22; ``--lambda`` its training λ when the file records none; one
+torch thread, one Numba thread), images of
 0.4, 2, 6 and 12 MP — mosaics of the Kodak images, cropped to size (natural content at the
 usual scale) — are coded with USQ and TCQ-8 as ``qft compress -q METHOD`` codes them (the
-checkpoint's calibrated settings: TCQ-8 with decoder target ``rd``; USQ step 1) through
+checkpoint's calibrated settings: TCQ-8 with decoder target ``rd``; USQ step 1; ``--target
+0``: TCQ-8 without the decoder target, the trellis alone) through
 :class:`qft.codec.Codec`. Every configuration runs in fresh subprocesses: one compresses
 (after a warm-up on a small image, so JIT compilation and table building are not timed),
 a second decompresses the stream and checks ``ŷ`` against the encoder's. Peak memory is the
@@ -17,6 +20,8 @@ of an idle machine) is recorded too and is the measure of linearity; memory figu
 affected by load.
 
     python benchmarks/codec_scaling.py [--sizes 0.4 2 6 12] [--json benchmarks/results/codec_scaling.json]
+    python benchmarks/codec_scaling.py --checkpoint runs/reference/mlicpp-small-cpu/lambda-0.013/model.pth \
+        --lambda 0.013 --sizes 2 --json benchmarks/results/codec_scaling_mlicpp-small.json
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ from qft.models import ARCHITECTURES, load_checkpoint
 from trellis import Quantizer
 
 phase, method, width, height, stream = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+checkpoint, extra_settings, target = sys.argv[6], json.loads(sys.argv[7]), sys.argv[8]
+target = target if target in ("auto", "rd") else float(target)
 
 
 def rss_mb():
@@ -66,9 +73,10 @@ def mosaic(width, height):
     return x
 
 
-ckpt = load_checkpoint("CHECKPOINT")
+ckpt = load_checkpoint(checkpoint)
 codec = Codec(ckpt.model, ckpt.arch, ARCHITECTURES[ckpt.arch].entropy)
-choice = resolve_quantizer(method, read_settings(ckpt))  # what `qft compress -q METHOD` codes with
+# what `qft compress -q METHOD [--target T]` codes with
+choice = resolve_quantizer(method, read_settings(ckpt) | extra_settings, target=target)
 q, weights, target = choice.quantizer, choice.weights, choice.target
 x = mosaic(width, height)
 warm = codec.compress(x[..., :128, :128], q, weights, target)  # JIT, tables
@@ -90,14 +98,16 @@ else:
     out["exact"] = bool(np.array_equal(dec["y_hat"], np.load(stream + ".npy")))
 out["peak_rss_mb"] = rss_mb()
 print(json.dumps(out))
-""".replace("CHECKPOINT", CHECKPOINT)
+"""
 
 
-def run_phase(phase: str, method: str, size: tuple[int, int], stream: str, timeout: int) -> dict:
+def run_phase(phase: str, method: str, size: tuple[int, int], stream: str, timeout: int, args) -> dict:
     env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     load = os.getloadavg()[0]
+    settings = {} if args.lmbda is None else {"model_lambda": args.lmbda}
     res = subprocess.run(
-        [sys.executable, "-c", _WORKER, phase, method, str(size[0]), str(size[1]), stream],
+        [sys.executable, "-c", _WORKER, phase, method, str(size[0]), str(size[1]), stream]
+        + [args.checkpoint, json.dumps(settings), args.target],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -117,6 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=float, nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per subprocess")
+    parser.add_argument("--checkpoint", default=CHECKPOINT, help="a checkpoint file or shipped name")
+    parser.add_argument("--lambda", dest="lmbda", type=float, help="its training λ, if the file records none")
+    parser.add_argument("--target", default="auto", help="decoder target: auto (qft compress's), rd, or η (0: none)")
     parser.add_argument("--json", default="benchmarks/results/codec_scaling.json")
     args = parser.parse_args(argv)
     runs: dict = {m: {} for m in args.methods}
@@ -125,8 +138,8 @@ def main(argv=None) -> int:
             for m in args.methods:
                 stream = str(Path(tmp) / f"{m}-{mp}.qft")
                 row = {"width": SIZES[mp][0], "height": SIZES[mp][1]}
-                row["compress"] = run_phase("compress", m, SIZES[mp], stream, args.timeout)
-                row["decompress"] = run_phase("decompress", m, SIZES[mp], stream, args.timeout)
+                row["compress"] = run_phase("compress", m, SIZES[mp], stream, args.timeout, args)
+                row["decompress"] = run_phase("decompress", m, SIZES[mp], stream, args.timeout, args)
                 runs[m][str(mp)] = row
                 print(
                     f"{m} {mp:>4} MP: compress {row['compress']['seconds']:.2f} s "
@@ -164,7 +177,9 @@ def main(argv=None) -> int:
             "numba_threads_used": 1,
             "note": "shared machine: times under the recorded load; memory unaffected",
         },
-        "checkpoint": CHECKPOINT,
+        "checkpoint": args.checkpoint,
+        "lambda": args.lmbda,
+        "target": args.target,
         "image": "mosaic of the Kodak images, cropped to size",
         "runs": runs,
         "summary": summary,

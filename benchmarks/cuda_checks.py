@@ -2,7 +2,10 @@
 
 1. ``pytest -k cuda``: a stream encoded with the transforms on the GPU decodes on the CPU
    (every quantizer), and ``qft finetune`` on CUDA (bf16 autocast, channels_last) for both
-   part sets, its output loading on the CPU.
+   part sets, its output loading on the CPU; MLIC++ (issue 22, a tiny model): USQ and
+   TCQ-8 coded with the transforms on the GPU decode exactly on the GPU and on the CPU,
+   USQ choosing the CPU encoder's indices, and ``qft finetune`` of MLIC++ on CUDA
+   (decoder+entropy, every batch quantized by the real quantizer) coding exactly after.
 2. ``finetune_step.py --device cuda``: step time of cached decoder-only finetuning against
    a full training step, at the shipped width (N=64, M=96) and CompressAI's zoo width
    (N=128, M=192), batch 16, 256x256 crops.
@@ -88,8 +91,10 @@ def main() -> None:
             "cuda",
             "tests/test_codec.py",
             "tests/test_finetune.py",
+            "tests/test_checkerboard_coding.py",
+            "tests/test_finetune_slices.py",
         ],
-        120,
+        240,
         args.out / "pytest.log",
     )
     for name, width in (("step_n64", ["--N", "64", "--M", "96"]), ("step_n128", ["--N", "128", "--M", "192"])):

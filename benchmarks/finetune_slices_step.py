@@ -1,11 +1,12 @@
-"""Step time of ``qft finetune`` on channel-slice models (docs/design.md, "Finetuning the
-channel-slice models"): the three arms (parts ``decoder`` and ``decoder+entropy`` with the
-real quantizer, the control arm) and the model's own full training step, on random
-models of the tiny test size and of the small reference size (TCM N=32 M=80, CCA M=80).
+"""Step time of ``qft finetune`` on the models quantized anew at every step (docs/design.md,
+"Finetuning the channel-slice models", "Finetuning MLIC++"): the three arms (parts
+``decoder`` and ``decoder+entropy`` with the real quantizer, the control arm) and the
+model's own full training step, on random models of the tiny test size and of the small
+reference size (TCM N=32 M=80, CCA M=80, MLIC++ N=64 M=80).
 
 Each measured step is what :func:`qft.finetune.finetune` runs per step: the batch
-(:func:`qft.finetune.slices.image_batch`), the objective's forward (frozen g_a/h_a, slice by
-slice quantization, LRP, g_s) and backward, clipping and Adam. The full training step is
+(:func:`qft.finetune.slices.image_batch`), the objective's forward (frozen g_a/h_a, step by
+step quantization, LRP, g_s) and backward, clipping and Adam. The full training step is
 the model's own ``forward`` with the RD loss and both optimisers, as ``qft train`` runs it.
 Steps alternate between the loops in rounds; medians after a warm-up (the first TCQ call
 compiles Numba kernels). One torch thread; the load average is recorded: on the shared
@@ -53,6 +54,10 @@ SIZES = {
             "z_dim": 48,
             "cc_dim": [64, 48],
         },
+    ),
+    "mlicpp-small": (
+        "mlicpp",
+        {"N": 64, "M": 80, "ep_hidden": [96, 64, 48], "cc_hidden": [64, 48], "lrp_hidden": [64, 48]},
     ),
 }
 ARMS = {

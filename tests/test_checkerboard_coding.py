@@ -1,8 +1,10 @@
 """Step-wise coding of the checkerboard models (MLIC++, ELIC) with every quantizer: exact
-round trips, the models' own USQ coding, the layout, coding order, damaged streams."""
+round trips, the models' own USQ coding, the layout, coding order, damaged streams; MLIC++
+with its transforms on a GPU (skipped without CUDA)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -150,3 +152,24 @@ def test_damaged_streams_are_refused(arch, models, image):
     codec = Codec(models[arch], arch)
     data = codec.compress(image[..., :64, :64], Quantizer("tcq8", step=0.6, lam=0.03))["bitstream"]
     check_damaged_streams(codec, data, trials=15, period=3)
+
+
+def check_coding_on(device: str, model: torch.nn.Module, image: torch.Tensor) -> None:
+    """``model`` coded with its transforms on ``device``: USQ and TCQ-8 streams decode
+    exactly there and on the CPU, and USQ chooses the CPU encoder's indices but where the
+    two devices' ``g_a`` straddle a rounding boundary (the entropy path runs on the CPU in
+    float64 on both)."""
+    here, cpu = Codec(copy.deepcopy(model), "mlicpp", device=device), Codec(copy.deepcopy(model), "mlicpp")
+    for q in (Quantizer("usq"), Quantizer("tcq8", step=0.6, lam=0.03)):
+        out = here.compress(image, q)
+        for decoder in (here, cpu):
+            np.testing.assert_array_equal(decoder.decompress(out["bitstream"])["y_hat"], out["y_hat"])
+    usq = Quantizer("usq")
+    (on_device,) = here.latent_coder.quantize(image.to(device)[..., :64, :128], usq)
+    (on_cpu,) = cpu.latent_coder.quantize(image[..., :64, :128], usq)
+    assert np.mean(on_device.result.indices != on_cpu.result.indices) < 0.01
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mlicpp_codes_on_cuda(models, image):
+    check_coding_on("cuda", models["mlicpp"], image)

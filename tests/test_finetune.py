@@ -386,7 +386,7 @@ def test_context_models_are_refused(setup, tmp_path, capsys):
     base = tmp_path / "mbt2018.pth"
     save_checkpoint(base, create_model("mbt2018", N=8, M=8, seed=0), "mbt2018", {"N": 8, "M": 8})
     assert _run(setup, tmp_path / "o", "-m", str(base), "--lambda", "0.01") == 2
-    assert "needs a hyperprior model" in capsys.readouterr().err
+    assert "mbt2018 cannot be finetuned: qft finetune supports hyperprior models" in capsys.readouterr().err
 
 
 def test_recipe_errors(setup, tmp_path):

@@ -1,7 +1,9 @@
-"""``qft finetune`` on the channel-slice models (TCM, DCAE, CCA; issue 21) with tiny models
-and synthetic images: each part set and the control arm train exactly their parameters,
-every batch is quantized as the codec quantizes it, resume is bit-exact, the output codes
-streams that decode exactly and ships as a delta, wrong parts give one line."""
+"""``qft finetune`` on the models quantized anew at every step — the channel-slice models
+(TCM, DCAE, CCA; issue 21) and MLIC++ (issue 22) — with tiny models and synthetic images:
+each part set and the control arm train exactly their parameters, every batch is quantized
+as the codec quantizes it (same layout, order and indices), resume is bit-exact, the output
+codes streams that decode exactly and ships as a delta, wrong parts and families give one
+line."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import torch
 
 from finetune_helpers import LAMBDA, write_images, write_recipe  # sibling helper module
 from PIL import Image
-from test_dcae_cca import TINY as TINY_SLICE_MODELS  # sibling test modules: one tiny size per family
+from test_checkerboard_coding import TINY_ELIC  # sibling test modules: one tiny size per family
+from test_dcae_cca import TINY as TINY_SLICE_MODELS
+from test_mlicpp import TINY as TINY_MLICPP
 from test_tcm import TINY as TINY_TCM
 
 from trellis import Quantizer
@@ -22,22 +26,27 @@ from qft.cli import main
 from qft.codec import Codec, LatentCoder
 from qft.finetune import SliceObjective, part_prefixes, ship_finetune
 from qft.finetune.slices import image_batch
-from qft.models import create_model, load_checkpoint, save_checkpoint
+from qft.models import ARCHITECTURES, create_model, load_checkpoint, save_checkpoint
 
-TINY = {"tcm": TINY_TCM, **TINY_SLICE_MODELS}
+TINY = {"tcm": TINY_TCM, **TINY_SLICE_MODELS, "mlicpp": TINY_MLICPP}
 ARCHS = list(TINY)
 ARMS = {
     "decoder": ("decoder", False),
     "decoder+entropy": ("decoder+entropy", False),
     "control": ("decoder+entropy", True),
 }
+#: the parts ``decoder`` trains, per family
+DECODER = {arch: {"g_s.", "lrp_transforms."} for arch in TINY} | {"mlicpp": {"g_s.", "lrp_anchor.", "lrp_nonanchor."}}
 
 
 def tiny_model(arch: str) -> torch.nn.Module:
     """A tiny random model whose latents span a few quantization steps (g_a's last
     convolution × 20)."""
     m = create_model(arch, seed=0, **TINY[arch])
-    last = m.g_a[-1] if isinstance(m.g_a, torch.nn.Sequential) else m.g_a.down[-1]
+    if isinstance(m.g_a, torch.nn.Sequential):
+        last = m.g_a[-1]
+    else:
+        last = (m.g_a.analysis_transform if arch == "mlicpp" else m.g_a.down)[-1]
     with torch.no_grad():
         last.weight.mul_(20)
         last.bias.mul_(20)
@@ -94,8 +103,10 @@ def runs(setup):
     return _Runs(setup)
 
 
-#: TCM in the default suite; DCAE and CCA (the same code path, other modules) with -m slow
-ARCH_PARAMS = ["tcm"] + [pytest.param(a, marks=pytest.mark.slow) for a in ARCHS if a != "tcm"]
+#: TCM and MLIC++ (the two step adapters) in the default suite; DCAE and CCA (TCM's code
+#: path, other modules) with -m slow
+FAST = ("tcm", "mlicpp")
+ARCH_PARAMS = list(FAST) + [pytest.param(a, marks=pytest.mark.slow) for a in ARCHS if a not in FAST]
 
 
 @pytest.mark.parametrize("arm", list(ARMS))
@@ -112,9 +123,9 @@ def test_each_arm_trains_exactly_its_parts(setup, runs, arch, arm):
     for p in prefixes:
         assert any(k.startswith(p) for k in changed), f"{p} did not train"
     if parts == "decoder":
-        assert set(prefixes) == {"g_s.", "lrp_transforms."}
+        assert set(prefixes) == DECODER[arch]
     else:
-        assert {"g_s.", "lrp_transforms."} < set(prefixes)
+        assert DECODER[arch] < set(prefixes)
         assert not any(p.startswith(("g_a", "h_a", "gaussian_conditional")) for p in prefixes)
         assert not any(p.rstrip(".") in ("entropy_bottleneck", "z_entropy_bottleneck") for p in prefixes)
     extra = load_checkpoint(runs[arch, arm] / "model.pth").extra
@@ -143,7 +154,9 @@ class _Recording(Quantizer):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_quantizes_as_the_codec(arch):
     """The indices a training step codes are those the codec's encoder (its float32 entropy
-    path) chooses for the same image, slice by slice with the LRP in between."""
+    path) chooses for the same image, step by step with the LRP in between: each step's
+    array, in its layout (MLIC++: the squeezed checkerboard halves) and coding order, is
+    the codec's."""
     torch.set_num_threads(1)
     model = tiny_model(arch)
     model.update(force=True)
@@ -152,11 +165,12 @@ def test_training_quantizes_as_the_codec(arch):
     x = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         SliceObjective(model, "decoder+entropy", False, LAMBDA, q)({"x": x})
-    coder = LatentCoder(model, "channel-conditional", dtype=torch.float32)
+    coder = LatentCoder(model, ARCHITECTURES[arch].entropy, dtype=torch.float32)
     (lat,) = coder.quantize(x, Quantizer("tcq8", step=0.6, lam=0.03))
-    got = np.concatenate([k[0] for k in q.seen])
-    np.testing.assert_array_equal(got, lat.result.indices)
-    assert np.abs(got).max() >= 2
+    assert len(q.seen) == coder.steps.num_steps
+    for i, seen in enumerate(q.seen):
+        np.testing.assert_array_equal(seen[0], coder.steps.gather(i, lat.result.indices))
+    assert np.abs(lat.result.indices).max() >= 2
 
 
 def test_rate_pulls_mu_towards_y():
@@ -178,12 +192,13 @@ def test_rate_pulls_mu_towards_y():
 
 
 @pytest.mark.parametrize("arm", ["decoder+entropy", "control"])
-def test_resume_is_exact(setup, runs, tmp_path, arm):
+@pytest.mark.parametrize("arch", FAST)
+def test_resume_is_exact(setup, runs, tmp_path, arch, arm):
     out = tmp_path / "resumed"
-    assert _run(setup, "tcm", out, *_arm_args(arm), "--stop-after", "1") == 0
+    assert _run(setup, arch, out, *_arm_args(arm), "--stop-after", "1") == 0
     assert not (out / "model.pth").exists()
-    assert _run(setup, "tcm", out, *_arm_args(arm), "--resume") == 0
-    a, b = _weights(out / "model.pth"), _weights(runs["tcm", arm] / "model.pth")
+    assert _run(setup, arch, out, *_arm_args(arm), "--resume") == 0
+    a, b = _weights(out / "model.pth"), _weights(runs[arch, arm] / "model.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -205,10 +220,25 @@ def test_finetuned_model_codes_and_ships(setup, runs, tmp_path, arch):
     base = folder / f"{arch}.pth"
     base.write_bytes(setup["bases"][arch].read_bytes())
     entry = ship_finetune([runs[arch, "decoder+entropy"]], base=base)
-    assert entry["file"] == f"{arch}-ft-tcq8-entropy.pth" and "lrp_transforms." in entry["dtype"]
+    assert entry["file"] == f"{arch}-ft-tcq8-entropy.pth" and all(p in entry["dtype"] for p in DECODER[arch])
     delta = load_checkpoint(folder / entry["file"])
     enc = Codec.from_checkpoint(delta).compress(x, Quantizer("tcq8", step=0.6, lam=0.03))
     np.testing.assert_array_equal(Codec.from_checkpoint(delta).decompress(enc["bitstream"])["y_hat"], enc["y_hat"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_finetune_mlicpp_on_cuda(setup, tmp_path):
+    """MLIC++ decoder+entropy with the model on the GPU (fp32; the quantizer on the CPU):
+    the output loads on the CPU and codes TCQ-8 streams that decode exactly."""
+    out = tmp_path / "cuda"
+    assert _run(setup, "mlicpp", out, *_arm_args("decoder+entropy"), "--device", "cuda") == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["device"].startswith("cuda") and all(np.isfinite(r["loss"]) for r in log if r["kind"] == "train")
+    ft = load_checkpoint(out / "model.pth")
+    assert next(ft.model.parameters()).device.type == "cpu"
+    codec = Codec.from_checkpoint(ft)
+    enc = codec.compress(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6)), Quantizer("tcq8"))
+    np.testing.assert_array_equal(codec.decompress(enc["bitstream"])["y_hat"], enc["y_hat"])
 
 
 def test_parts_that_do_not_apply_are_refused(setup, tmp_path, capsys):
@@ -244,7 +274,20 @@ def test_parts_that_do_not_apply_are_refused(setup, tmp_path, capsys):
     assert "decoder target" in capsys.readouterr().err
     assert _run(setup, "tcm", tmp_path / "e", "--cache", str(tmp_path / "cache")) == 2
     assert "--cache does not apply to tcm" in capsys.readouterr().err
-    assert not any((tmp_path / n).exists() for n in ("a", "b", "c", "d", "e", "cache"))
+    assert _run(setup, "mlicpp", tmp_path / "f", "--parts", "decoder+hyperdecoder") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "qft finetune: error: parts decoder+hyperdecoder does not apply to mlicpp; "
+        "its parts are: decoder, decoder+entropy"
+    ]
+    elic = tmp_path / "elic.pth"
+    save_checkpoint(elic, create_model("elic2022-official", seed=0, **TINY_ELIC), "elic2022-official", TINY_ELIC)
+    assert (
+        main(["finetune", str(setup["recipe"]), "-m", str(elic), "--lambda", "0.01", "--out", str(tmp_path / "g")]) == 2
+    )
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("qft finetune: error: elic2022-official cannot be finetuned: qft finetune supports")
+    assert line.endswith("tcm, dcae, cca, mlicpp")
+    assert not any((tmp_path / n).exists() for n in ("a", "b", "c", "d", "e", "f", "g", "cache"))
 
 
 def test_image_batch_is_split_over_processes():

@@ -6,7 +6,7 @@
     qft finetune recipes/finetune/cpu.yaml -m base.pth --lambda 0.0130
     qft finetune RECIPE -m base.pth -q usq --parts decoder+hyperdecoder --out runs/ft/usq
     qft finetune RECIPE -m base.pth --control            # the noise-proxy control arm
-    qft finetune recipes/finetune/slices-cpu.yaml -m tcm.pth --parts decoder+entropy   # TCM, DCAE, CCA
+    qft finetune recipes/finetune/slices-cpu.yaml -m tcm.pth --parts decoder+entropy   # TCM, DCAE, CCA, MLIC++
     torchrun --nproc_per_node=4 -m qft finetune RECIPE -m base.pth --device cuda
 
 Command-line options override the recipe; without a recipe, ``recipes/finetune/cpu.yaml``

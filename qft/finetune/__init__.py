@@ -6,8 +6,9 @@
 - :mod:`qft.finetune.parts`: the part sets each model family trains (``--parts``).
 - :mod:`qft.finetune.objective`: the losses of hyperprior models (decoder /
   decoder+hyperdecoder, quantized or the noise-proxy control arm) and their batches.
-- :mod:`qft.finetune.slices`: the loss of channel-slice models (TCM, DCAE, CCA), which
-  quantizes every batch anew with the current weights.
+- :mod:`qft.finetune.slices`: the loss of the models coded step by step with an LRP
+  (channel-slice models TCM, DCAE, CCA; MLIC++), which quantizes every batch anew with the
+  current weights.
 - :mod:`qft.finetune.loop`: the training loop, single process or DDP under torchrun.
 - :mod:`qft.finetune.ship`: a finished run as a delta checkpoint + manifest entry (``qft ship``).
 

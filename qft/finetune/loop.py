@@ -2,10 +2,10 @@
 
 The analysis side (``g_a``, ``h_a``, the ``EntropyBottleneck``) is frozen. Hyperprior
 models: the trained parts see the latents of :class:`~qft.finetune.cache.LatentCache`,
-quantized once with exactly the inference quantizer. Channel-slice models (TCM, DCAE,
-CCA): no cache; each step quantizes its image crops anew with the current weights
-(:class:`~qft.finetune.slices.SliceObjective`), since the trained LRP changes every later
-slice's context. Conventions and scaffolding are those of
+quantized once with exactly the inference quantizer. Models coded step by step with an
+LRP (channel-slice models TCM, DCAE, CCA; MLIC++): no cache; each step quantizes its image
+crops anew with the current weights (:class:`~qft.finetune.slices.SliceObjective`), since
+the trained LRP changes every later step's context. Conventions and scaffolding are those of
 :mod:`qft.train.scaffold`: the crops of step ``s`` depend only on ``(seed, s)`` (and noise
 on ``(seed, s, element)``), so a training checkpoint — model, Adam state, step — resumes
 to the same weights as an uninterrupted run; JSON-lines log; tqdm; atomic checkpoints.
@@ -58,8 +58,8 @@ from qft.finetune.objective import (
 )
 from qft.finetune.parts import check_parts, trainable_parameters
 from qft.finetune.recipe import FinetuneRecipe, default_recipe, load_finetune_recipe, override_recipe
-from qft.finetune.slices import SliceObjective, image_batch
-from qft.models import ARCHITECTURES, ChannelSliceModel, LoadedCheckpoint, load_checkpoint, save_checkpoint
+from qft.finetune.slices import STEP_FAMILIES, SliceObjective, image_batch, training_steps
+from qft.models import ARCHITECTURES, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from qft.settings import read_settings, resolve_quantizer, weights_digest
 from qft.threads import set_threads
 from qft.train.checkpoint import CHECKPOINT_FORMAT
@@ -185,11 +185,11 @@ def _setup(recipe: FinetuneRecipe, control: bool, unsafe_load: bool) -> _Setup:
     """The base model, its λ, the inference quantizer and the training images; checks them."""
     base = load_checkpoint(recipe.checkpoint, recipe.arch, unsafe_load=unsafe_load)
     entropy = ARCHITECTURES[base.arch].entropy
-    slices = isinstance(base.model, ChannelSliceModel)
+    slices = training_steps(base.model) is not None
     if entropy not in HYPERPRIOR_ENTROPY and not slices:
         raise UserError(
-            f"finetuning needs a hyperprior model ({', '.join(HYPERPRIOR_ENTROPY)}) or a channel-slice "
-            f"model (tcm, dcae, cca); {base.arch} has a {entropy} entropy model"
+            f"{base.arch} cannot be finetuned: qft finetune supports hyperprior models "
+            f"({', '.join(HYPERPRIOR_ENTROPY)}) and {', '.join(STEP_FAMILIES)}"
         )
     check_parts(base.model, base.arch, recipe.parts)
     # the checkpoint's λ, or the one its settings file records (qft calibrate --lambda)
@@ -212,8 +212,7 @@ def _setup(recipe: FinetuneRecipe, control: bool, unsafe_load: bool) -> _Setup:
     quantizer, weights, target = choice.quantizer, choice.weights, choice.target
     if slices and recipe.requantize_every:
         raise UserError(
-            f"requantize_every does not apply to {base.arch}: a channel-slice model is quantized anew at "
-            "every step; set it to 0"
+            f"requantize_every does not apply to {base.arch}: it is quantized anew at every step; set it to 0"
         )
     if slices and target:
         raise UserError(
@@ -289,8 +288,9 @@ class _Run:
 
     @property
     def slices(self) -> bool:
-        """A channel-slice model: every step quantizes its image batch anew (no cache)."""
-        return isinstance(self.model, ChannelSliceModel)
+        """A model coded step by step with an LRP: every step quantizes its image batch
+        anew (no cache)."""
+        return training_steps(self.model) is not None
 
     @property
     def ckpt_path(self) -> Path:
@@ -350,7 +350,9 @@ def _resume(run: _Run, cache_dir: str | Path | None, resume: bool, control: bool
     a resumed run trained on), build the model, objective and optimizer, and load a resumed
     state; returns the log (rank 0; ``None`` on the others)."""
     if run.slices and cache_dir is not None:
-        raise UserError(f"--cache does not apply to {run.setup.base.arch}: a channel-slice model has no latent cache")
+        raise UserError(
+            f"--cache does not apply to {run.setup.base.arch}: it is quantized anew at every step, no cache"
+        )
     recipe, out = run.recipe, run.out
     state = resume_state(run.ckpt_path, resume)
     if state is not None and (state.get("kind") != "finetune" or state["config"] != run.setup.config):

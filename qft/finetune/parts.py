@@ -11,6 +11,12 @@ channel slices         ``decoder``                 ``g_s``, ``lrp_transforms`` (
                                                    (and their supports), LRP; every module and
                                                    parameter but ``g_a``, ``h_a``, the z
                                                    ``EntropyBottleneck`` and ``gaussian_conditional``
+MLIC++                 ``decoder``                 ``g_s``, ``lrp_anchor``, ``lrp_nonanchor``
+                       ``decoder+entropy``         ``g_s`` and the whole entropy path after ``ẑ``:
+                                                   ``h_s``, the channel, local and global contexts,
+                                                   both entropy-parameter nets, both LRPs; all but
+                                                   ``g_a``, ``h_a``, ``entropy_bottleneck`` and
+                                                   ``gaussian_conditional``
 =====================  ==========================  ==============================================
 
 The frozen side is what the encoder computes before the first coded symbol: ``g_a``,
@@ -23,6 +29,7 @@ import torch
 
 from qft.errors import UserError
 from qft.models import ChannelSliceModel
+from qft.models.mlicpp import MLICPlusPlus
 
 __all__ = ["PARTS", "family_parts", "check_parts", "part_names", "part_prefixes", "trainable_parameters"]
 
@@ -30,14 +37,25 @@ __all__ = ["PARTS", "family_parts", "check_parts", "part_names", "part_prefixes"
 PARTS = ("decoder", "decoder+hyperdecoder", "decoder+entropy")
 
 _HYPERPRIOR_PARTS = {"decoder": ("g_s",), "decoder+hyperdecoder": ("g_s", "h_s")}
-_SLICE_PARTS = ("decoder", "decoder+entropy")
-#: modules of a channel-slice model that no part set trains
-_SLICE_FROZEN = ("g_a", "h_a", "gaussian_conditional")
+_STEP_PARTS = ("decoder", "decoder+entropy")
+#: modules of a model coded step by step that no part set trains (with its z bottleneck)
+_STEP_FROZEN = ("g_a", "h_a", "gaussian_conditional")
+
+
+def _step_family(model: torch.nn.Module) -> tuple[tuple[str, ...], str] | None:
+    """``(decoder modules, z bottleneck name)`` of a model coded step by step with an LRP
+    (a channel-slice model or MLIC++), else ``None``."""
+    if isinstance(model, ChannelSliceModel):
+        return ("g_s", "lrp_transforms"), model.z_bottleneck_name
+    if isinstance(model, MLICPlusPlus):
+        return ("g_s", "lrp_anchor", "lrp_nonanchor"), "entropy_bottleneck"
+    return None
 
 
 def family_parts(model: torch.nn.Module) -> tuple[str, ...]:
-    """The part sets that apply to ``model`` (a hyperprior or a channel-slice model)."""
-    return _SLICE_PARTS if isinstance(model, ChannelSliceModel) else tuple(_HYPERPRIOR_PARTS)
+    """The part sets that apply to ``model`` (a hyperprior model, a channel-slice model or
+    MLIC++)."""
+    return _STEP_PARTS if _step_family(model) else tuple(_HYPERPRIOR_PARTS)
 
 
 def check_parts(model: torch.nn.Module, arch: str, parts: str) -> None:
@@ -55,11 +73,13 @@ def part_names(model: torch.nn.Module, parts: str) -> tuple[str, ...]:
         UserError: ``parts`` does not apply to the model's family.
     """
     check_parts(model, type(model).__name__, parts)
-    if not isinstance(model, ChannelSliceModel):
+    family = _step_family(model)
+    if family is None:
         return _HYPERPRIOR_PARTS[parts]
+    decoder, z_bottleneck = family
     if parts == "decoder":
-        return ("g_s", "lrp_transforms")
-    frozen = {*_SLICE_FROZEN, model.z_bottleneck_name}
+        return decoder
+    frozen = {*_STEP_FROZEN, z_bottleneck}
     names = [n for n, _ in model.named_children()] + [n for n, _ in model.named_parameters(recurse=False)]
     return tuple(n for n in names if n not in frozen)
 

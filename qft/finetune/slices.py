@@ -1,20 +1,35 @@
-"""The finetuning objective of the channel-slice models (TCM, DCAE, CCA; issue 21).
+"""The finetuning objective of the models coded step by step with an LRP: the channel-slice
+models (TCM, DCAE, CCA; issue 21) and MLIC++ (issue 22).
 
 A latent cache cannot stay genuine for these models: the LRP (trained in every part set)
-changes the final values of a slice, which are the context of every later slice's ``μ``,
-``σ``, hence of its quantization. So every step quantizes its batch as the codec would
-with the current weights (docs/design.md, "Finetuning the channel-slice models")::
+changes the final values of a step, which are the context of every later step's ``μ``,
+``σ``, hence of its quantization. So every training step quantizes its batch as the codec
+would with the current weights (docs/design.md, "Finetuning the channel-slice models" and
+"Finetuning MLIC++")::
 
     y = g_a(x), z = h_a(y), ẑ = round(z − medians) + medians        frozen, as the codec codes z
-    context = hyper_context(ẑ)
-    for slice i:
-        μ_i, σ_i, support_i = slice_parameters(i, context, [final_0 … final_{i-1}])
-        k, t = quantizer(y_i; μ_i, σ_i detached)     the real trellis.Quantizer, t = ŷ − μ
-        ŷ_i  = μ_i + t                                 (gradient through μ_i; computed as
-                                                        ŷ + (μ_i − sg(μ_i)): the codec's values)
-        final_i = slice_reconstruction(i, support_i, ŷ_i)            LRP
-    x̂ = g_s(cat[final_0 … final_{S-1}])
+    for each coding step s (the family's order, :class:`TrainingSteps`):
+        μ_s, σ_s = parameters from ẑ and the final values of the steps before s
+        k, t = quantizer(y_s; μ_s, σ_s detached)     the real trellis.Quantizer on the step's
+                                                       layout, t = ŷ − μ
+        ŷ_s  = μ_s + t                                 (gradient through μ_s; computed as
+                                                        ŷ + (μ_s − sg(μ_s)): the codec's values)
+        final_s = ŷ_s + LRP                            the context of the later steps
+    x̂ = g_s(final latent)
     loss = λ·255²·MSE(x, x̂)  (+ bpp for decoder+entropy)
+
+The steps, one adapter per family over the model's own public step methods (no copy of a
+coding order):
+
+- :class:`ChannelSliceTrainingSteps` (:class:`qft.models.ChannelSliceModel`): one step
+  per channel slice, in the layout ``(N, C_i, H, W)``; ``hyper_context``,
+  ``slice_parameters``, ``slice_reconstruction``.
+- :class:`MLICppTrainingSteps` (:class:`qft.models.mlicpp.MLICPlusPlus`): 10 slices × 2
+  checkerboard halves through :meth:`~qft.models.mlicpp.MLICPlusPlus.coding_steps`, the
+  traversal the model's ``compress``/``decompress`` run too; each half quantized in the
+  squeezed layout ``(N, C, H, W/2)`` of :func:`qft.models.layers.squeeze_checkerboard`,
+  the layout and order of the codec's :class:`qft.codec.checkerboard.MLICppSteps`, so a
+  trellis chain runs along the same rows as at inference.
 
 ``bpp = −Σ log2 P(k) / pixels``, ``P(k)`` the ``N(0, σ²)`` mass of ``k``'s decision cell
 in its quantizer class (:func:`qft.finetune.objective.index_cells`, the class from the
@@ -25,35 +40,137 @@ gradient holds the cell fixed in the ``y`` domain (``[μ₀ + lo, μ₀ + hi)`` 
 moves the coded cell stays where ``y`` is, and moving ``μ`` away from ``y`` costs bits (as
 the control arm's rate of ``y + u − μ`` does). With the cell fixed in the residual domain
 ``μ`` had no rate gradient and drifted from ``y`` (docs/design.md). The **control arm** runs the same steps with the
-model's own training proxy (:meth:`qft.models.ChannelSliceModel.forward`):
-``ŷ_i = round_ste(y_i − μ_i) + μ_i`` and the rate of ``y_i + u`` (the mass of
-``[y_i + u − μ_i − ½, y_i + u − μ_i + ½)``, ``u ~ U(−½, ½)`` drawn per batch element
-from ``default_rng([seed, step, element])``, as the hyperprior control arm draws it).
+model's own training proxy (:meth:`qft.models.ChannelSliceModel.forward`,
+:meth:`qft.models.mlicpp.MLICPlusPlus.forward`): ``ŷ_s = round_ste(y_s − μ_s) + μ_s`` and
+the rate of ``y_s + u`` (the mass of ``[y_s + u − μ_s − ½, y_s + u − μ_s + ½)``,
+``u ~ U(−½, ½)`` latent-shaped, drawn per batch element from
+``default_rng([seed, step, element])``, as the hyperprior control arm draws it, and
+gathered into each step's layout as ``y`` is).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import torch
 
 from compressai.ops import quantize_ste
-from torch import nn
+from torch import Tensor, nn
 
 from trellis import NUM_SCALES, Quantizer
 
+from qft.codec.steps import channel_slices
 from qft.finetune.objective import cell_mass, index_cells
 from qft.models import ChannelSliceModel
+from qft.models.layers import squeeze_checkerboard, unsqueeze_checkerboard
+from qft.models.mlicpp import MLICPlusPlus, half_parity
 from qft.threads import set_threads
 from qft.train.data import sample_batch
 
-__all__ = ["SliceObjective", "image_batch", "latent_channels"]
+__all__ = [
+    "STEP_FAMILIES",
+    "ChannelSliceTrainingSteps",
+    "MLICppTrainingSteps",
+    "SliceObjective",
+    "StepCode",
+    "TrainingSteps",
+    "image_batch",
+    "training_steps",
+]
+
+#: the architectures :func:`training_steps` takes (for messages)
+STEP_FAMILIES = ("tcm", "dcae", "cca", "mlicpp")
+
+#: ``code(channels, layout, μ, scale) -> ŷ``: quantizes one step whose elements are
+#: ``layout(t[:, channels])`` of a latent-shaped ``t`` ``(N, C, H, W)`` (``μ``, ``scale`` and
+#: the returned ``ŷ`` in that layout)
+StepCode = Callable[[slice, Callable[[Tensor], Tensor], Tensor, Tensor], Tensor]
 
 
-def latent_channels(model: ChannelSliceModel) -> int:
-    """Channels of ``y`` (all slices)."""
-    return sum(model.slice_sizes)
+def _whole(t: Tensor) -> Tensor:
+    """The layout of a step that codes its channels' whole map."""
+    return t
+
+
+class TrainingSteps:
+    """A family's coding steps on the torch side, differentiable and batched: the same
+    order, parameters, layouts and LRP as the codec's :mod:`qft.codec.steps`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of ``y``."""
+        raise NotImplementedError
+
+    @property
+    def z_bottleneck(self) -> nn.Module:
+        """The ``EntropyBottleneck`` of ``z`` (frozen)."""
+        raise NotImplementedError
+
+    def final_latent(self, z_hat: Tensor, code: StepCode) -> Tensor:
+        """The latent ``g_s`` decodes ``(N, C, H, W)``: every step in coding order,
+        its ``μ, σ`` from ``ẑ`` and the final values of the earlier steps, its values
+        ``code(…)``, its final values with the LRP."""
+        raise NotImplementedError
+
+
+class ChannelSliceTrainingSteps(TrainingSteps):
+    """One step per slice of a :class:`qft.models.ChannelSliceModel` (its whole map)."""
+
+    @property
+    def latent_channels(self) -> int:
+        return sum(self.model.slice_sizes)
+
+    @property
+    def z_bottleneck(self) -> nn.Module:
+        return self.model.z_bottleneck
+
+    def final_latent(self, z_hat: Tensor, code: StepCode) -> Tensor:
+        m = self.model
+        context = m.hyper_context(z_hat)
+        finals: list[Tensor] = []
+        for i, channels in enumerate(channel_slices(m.slice_sizes)):
+            mu, scale, support = m.slice_parameters(i, context, finals)
+            finals.append(m.slice_reconstruction(i, support, code(channels, _whole, mu, scale)))
+        return torch.cat(finals, dim=1)
+
+
+class MLICppTrainingSteps(TrainingSteps):
+    """The ``2 · slice_num`` checkerboard steps of MLIC++ through the model's own
+    :meth:`~qft.models.mlicpp.MLICPlusPlus.coding_steps`, each half in its squeezed
+    layout."""
+
+    @property
+    def latent_channels(self) -> int:
+        return self.model.M
+
+    @property
+    def z_bottleneck(self) -> nn.Module:
+        return self.model.entropy_bottleneck
+
+    def final_latent(self, z_hat: Tensor, code: StepCode) -> Tensor:
+        slices = channel_slices([self.model.slice_ch] * self.model.slice_num)
+
+        def code_half(anchors: bool, index: int, scales: Tensor, means: Tensor) -> Tensor:
+            parity = half_parity(anchors)
+            layout = partial(squeeze_checkerboard, parity=parity)
+            return unsqueeze_checkerboard(code(slices[index], layout, layout(means), layout(scales)), parity)
+
+        return self.model.coding_steps(z_hat, code_half)
+
+
+def training_steps(model: nn.Module) -> TrainingSteps | None:
+    """The training steps of ``model`` (:data:`STEP_FAMILIES`), or ``None`` when it is not
+    finetuned step by step (a hyperprior model trains on a latent cache)."""
+    if isinstance(model, ChannelSliceModel):
+        return ChannelSliceTrainingSteps(model)
+    if isinstance(model, MLICPlusPlus):
+        return MLICppTrainingSteps(model)
+    return None
 
 
 def image_batch(
@@ -81,22 +198,25 @@ def image_batch(
 
 
 class SliceObjective(nn.Module):
-    """The loss of a channel-slice model over an :func:`image_batch` (module docstring);
-    the module DDP wraps.
+    """The loss of a model coded step by step (a channel-slice model or MLIC++) over an
+    :func:`image_batch` (module docstring); the module DDP wraps.
 
     Args:
-        model: the :class:`~qft.models.ChannelSliceModel` (shared, not copied); its trained
+        model: the model (shared, not copied; one of :data:`STEP_FAMILIES`); its trained
             parts are set by :func:`qft.finetune.parts.trainable_parameters`.
         parts: ``"decoder"`` (loss: distortion only) or ``"decoder+entropy"`` (+ bpp).
         control: the model's training proxy instead of the quantizer.
         lmbda: λ of ``λ·255²·MSE``.
-        quantizer: the inference quantizer (any method), on ``(N, C_i, H, W)`` float32.
+        quantizer: the inference quantizer (any method), on each step's layout, float32.
         weights: its per-channel distortion weights ``(C,)`` (RDOQ/TCQ), or ``None``.
+
+    Raises:
+        ValueError: a model that is not coded step by step (:func:`training_steps`).
     """
 
     def __init__(
         self,
-        model: ChannelSliceModel,
+        model: nn.Module,
         parts: str,
         control: bool,
         lmbda: float,
@@ -104,7 +224,13 @@ class SliceObjective(nn.Module):
         weights: np.ndarray | None = None,
     ):
         super().__init__()
+        steps = training_steps(model)
+        if steps is None:
+            raise ValueError(
+                f"{type(model).__name__} is not finetuned step by step (those: {', '.join(STEP_FAMILIES)})"
+            )
         self.model = model
+        self.steps = steps
         self.rate = parts == "decoder+entropy"
         self.control = control
         self.lmbda = lmbda
@@ -114,15 +240,15 @@ class SliceObjective(nn.Module):
     @property
     def noise_channels(self) -> int | None:
         """Channels of the noise :func:`image_batch` must draw (the control arm), else ``None``."""
-        return latent_channels(self.model) if self.control else None
+        return self.steps.latent_channels if self.control else None
 
     def _quantize(
-        self, y: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, first: int
+        self, y: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, channels: slice
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(ŷ, lo, hi)`` of a slice (its channels from ``first`` of ``y``): the quantizer's
-        reconstruction and the cells of its indices, on ``y``'s device."""
-        q, n = self.quantizer, y.shape[1]
-        w = None if self.weights is None else self.weights[first : first + n]
+        """``(ŷ, lo, hi)`` of a step (its ``channels`` of ``y``, in its layout): the
+        quantizer's reconstruction and the cells of its indices, on ``y``'s device."""
+        q = self.quantizer
+        w = None if self.weights is None else self.weights[channels]
         mu_np = mu.detach().float().cpu().numpy()
         threads = torch.get_num_threads()
         res = q.quantize(y.float().cpu().numpy(), mu_np, sigma.detach().float().cpu().numpy(), weights=w)
@@ -138,21 +264,20 @@ class SliceObjective(nn.Module):
         with torch.no_grad():
             y = m.g_a(x)
             z = m.h_a(y)
-            medians = m.z_bottleneck.quantiles[:, :, 1:2]
+            medians = self.steps.z_bottleneck.quantiles[:, :, 1:2]
             z_hat = torch.round(z - medians) + medians  # what the codec's z stream decodes to
-        context = m.hyper_context(z_hat)
-        finals: list[torch.Tensor] = []
         bits = x.new_zeros(())
-        first = 0
-        for i, y_i in enumerate(y.split(m.slice_sizes, dim=1)):
-            mu, scale, support = m.slice_parameters(i, context, finals)
+
+        def code(channels: slice, layout: Callable[[Tensor], Tensor], mu: Tensor, scale: Tensor) -> Tensor:
+            nonlocal bits
+            y_s = layout(y[:, channels])
             sigma = gc.lower_bound_scale(scale)
             if self.control:
-                y_hat = quantize_ste(y_i - mu) + mu
-                r = y_i + batch["u"][:, first : first + y_i.shape[1]] - mu
+                y_hat = quantize_ste(y_s - mu) + mu
+                r = y_s + layout(batch["u"][:, channels]) - mu
                 lo, hi = r - 0.5, r + 0.5
             else:
-                y_q, lo, hi = self._quantize(y_i, mu, sigma, first)
+                y_q, lo, hi = self._quantize(y_s, mu, sigma, channels)
                 shift = mu - mu.detach()  # 0 in value, the gradient of μ
                 y_hat = y_q + shift  # = μ + t with t = ŷ − μ fixed, bit-exact ŷ
                 lo, hi = lo - shift, hi - shift  # the coded cell stays where y is when μ moves
@@ -161,9 +286,9 @@ class SliceObjective(nn.Module):
                 if gc.use_likelihood_bound:
                     mass = gc.likelihood_lower_bound(mass)
                 bits = bits - torch.log2(mass).sum()
-            finals.append(m.slice_reconstruction(i, support, y_hat))
-            first += y_i.shape[1]
-        x_hat = m.g_s(torch.cat(finals, dim=1))
+            return y_hat
+
+        x_hat = m.g_s(self.steps.final_latent(z_hat, code))
         bpp = bits / (x.shape[0] * x.shape[2] * x.shape[3])
         mse = torch.mean((x_hat - x) ** 2)
         loss = self.lmbda * 255**2 * mse + (bpp if self.rate else 0.0)

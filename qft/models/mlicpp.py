@@ -610,10 +610,14 @@ class MLICPlusPlus(CompressionModel):
 
     # ------------------------------------------------------------------ coding (USQ)
 
-    def _steps(self, z_hat: Tensor, code_half) -> Tensor:
-        """``ŷ`` by the coding steps in order; ``code_half(anchors, index, scales, means)``
-        codes (or decodes) one half and returns its dequantized values on the full map
-        (zeros at the other half), from ``σ, μ`` on the full map."""
+    def coding_steps(self, z_hat: Tensor, code_half) -> Tensor:
+        """The final ``ŷ`` (LRP included) by the ``2 · slice_num`` coding steps in order:
+        the one torch home of MLIC++'s coding order, shared by :meth:`compress`,
+        :meth:`decompress` and finetuning (:mod:`qft.finetune.slices`).
+        ``code_half(anchors, index, scales, means)`` codes (or decodes, or quantizes for
+        training) one half of slice ``index`` and returns its dequantized values on the
+        full map (zeros at the other half), from ``σ, μ`` on the full map (zeros at the
+        other half); gradients flow through whatever it returns."""
         hyper, hyper_means = self.hyper_context(z_hat)
         y_hat_slices: list[Tensor] = []
         for i in range(self.slice_num):
@@ -646,7 +650,7 @@ class MLICPlusPlus(CompressionModel):
                 encoder.encode_with_indexes(symbols[b].reshape(-1).tolist(), indexes[b].reshape(-1).tolist(), *tables)
             return unsqueeze_checkerboard(gc.dequantize(symbols, means), half_parity(anchors))
 
-        self._steps(z_hat, code_half)
+        self.coding_steps(z_hat, code_half)
         return {"strings": [[encoder.flush() for encoder in encoders], z_strings], "shape": z.shape[-2:]}
 
     def decompress(self, strings: Sequence[Sequence[bytes]], shape: Sequence[int]) -> dict:
@@ -675,7 +679,7 @@ class MLICPlusPlus(CompressionModel):
             ).to(means.device)
             return unsqueeze_checkerboard(gc.dequantize(symbols, means), half_parity(anchors))
 
-        x_hat = self.g_s(self._steps(z_hat, code_half)).clamp_(0, 1)
+        x_hat = self.g_s(self.coding_steps(z_hat, code_half)).clamp_(0, 1)
         return {"x_hat": x_hat}
 
 
