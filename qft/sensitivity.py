@@ -159,10 +159,9 @@ def _vjp(g_s, y_hat: torch.Tensor, probes: int, gen: torch.Generator) -> np.ndar
         x_hat = g_s(y)
         out = np.zeros(y.shape[1])
 
-        def vjp(u: torch.Tensor, last: bool) -> torch.Tensor:
-            return torch.autograd.grad(x_hat, y, u, retain_graph=not last)[0]
-
-        for g in diag_jtj_probes(vjp, x_hat.shape, x_hat, probes, gen):
+        us = diag_jtj_probes(x_hat.shape, x_hat, probes, gen)
+        for k, u in enumerate(us):
+            (g,) = torch.autograd.grad(x_hat, y, u, retain_graph=k < len(us) - 1)
             out += g.double().pow(2).sum((0, 2, 3)).cpu().numpy() / x_hat.numel()
     return out
 

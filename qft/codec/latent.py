@@ -38,7 +38,6 @@ import dataclasses
 import math
 import zlib
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -104,26 +103,18 @@ def target_record(target: float | RDTarget) -> float | str:
     return "rd" if isinstance(target, RDTarget) else float(target)
 
 
-def diag_jtj_probes(
-    vjp: Callable[[torch.Tensor, bool], torch.Tensor],
-    shape: torch.Size,
-    like: torch.Tensor,
-    probes: int,
-    gen: torch.Generator,
-) -> Iterator[torch.Tensor]:
+def diag_jtj_probes(shape: torch.Size, like: torch.Tensor, probes: int, gen: torch.Generator) -> list[torch.Tensor]:
     """Hutchinson's probes of ``diag(JᵀJ)``, ``J`` the Jacobian of a decoder's output with
-    respect to its latent ``y``: yields ``v_k = Jᵀu_k`` for ``probes`` Gaussian pixel-space
-    probes ``u_k ~ N(0, I)`` of ``shape`` (float32, drawn from ``gen`` on the CPU, then moved
-    to ``like``'s device), so that ``E[v_k²] = diag(JᵀJ)`` element by element.
+    respect to its latent ``y``: ``probes`` Gaussian pixel-space probes ``u_k ~ N(0, I)`` of
+    ``shape`` (float32, drawn one after the other from ``gen`` on the CPU, then moved to
+    ``like``'s device), so that ``v_k = Jᵀu_k`` has ``E[v_k²] = diag(JᵀJ)`` element by
+    element.
 
-    ``vjp(u, last)`` returns ``Jᵀu`` (``last``: no probe follows, a kept graph may be
-    freed): one backward pass of the whole decoder, or of its tiles
-    (:func:`target_direction`). The one home of the estimate: the decoder target and the
-    per-channel sensitivity (:func:`qft.sensitivity.decoder_sensitivity`) reduce the
-    ``v_k`` each their way."""
-    for k in range(probes):
-        u = torch.randn(shape, generator=gen, dtype=torch.float32).to(like)
-        yield vjp(u, k == probes - 1)
+    The one home of the probes: the decoder target (:func:`target_direction`, its ``v_k``
+    tile by tile on one forward pass of each tile) and the per-channel sensitivity
+    (:func:`qft.sensitivity.decoder_sensitivity`, one backward pass each of a retained
+    whole graph) take their ``v_k`` of these and reduce them each their way."""
+    return [torch.randn(shape, generator=gen, dtype=torch.float32).to(like) for _ in range(probes)]
 
 
 def target_direction(
@@ -160,27 +151,25 @@ def target_direction(
     # exact, so twice the receptive radius around it; the probes are drawn whole
     rr = receptive_radius(g_s)
     step, halo = (TARGET_TILE, 2 * math.ceil(rr[0])) if rr is not None else (max(h, w), 0)
-    tiles = list(windows(h, w, step, halo))
     mask = torch.zeros_like(x[:, :1])
     mask[..., top : x.shape[-2] - bottom, left : x.shape[-1] - right] = 1
-
-    def vjp(weight: torch.Tensor, last: bool = True) -> torch.Tensor:
-        """``Jᵀ·weight`` (``weight`` in image space), tile by tile."""
-        out = torch.empty_like(yt)
-        for rows, cols, keep_rows, keep_cols in tiles:
-            window = (..., scaled(rows, scale), scaled(cols, scale))
-            yw = yt[..., rows, cols].requires_grad_(True)
-            with torch.enable_grad():
-                (v,) = torch.autograd.grad(g_s(yw), yw, weight[window])
-            keep = (..., scaled(keep_rows, 1, rows.start), scaled(keep_cols, 1, cols.start))
-            out[..., keep_rows, keep_cols] = v[keep]
-        return out
-
     with torch.no_grad():
         residual = (x - tiled(g_s, yt)) * mask
-    g = vjp(residual)
+    cotangents = [residual, *diag_jtj_probes(x.shape, x, TARGET_PROBES, gen)]
+    # Jᵀ·u for every cotangent u (image space), tile by tile: one forward pass of a tile,
+    # its graph kept for the backward pass of each cotangent
+    g, *vs = (torch.empty_like(yt) for _ in cotangents)
+    for rows, cols, keep_rows, keep_cols in windows(h, w, step, halo):
+        window = (..., scaled(rows, scale), scaled(cols, scale))
+        keep = (..., scaled(keep_rows, 1, rows.start), scaled(keep_cols, 1, cols.start))
+        yw = yt[..., rows, cols].requires_grad_(True)
+        with torch.enable_grad():
+            out = g_s(yw)
+            for k, (u, dest) in enumerate(zip(cotangents, (g, *vs))):
+                (v,) = torch.autograd.grad(out, yw, u[window], retain_graph=k < len(cotangents) - 1)
+                dest[..., keep_rows, keep_cols] = v[keep]
     d = torch.zeros(y.shape[:2], dtype=torch.float64)
-    for v in diag_jtj_probes(vjp, x.shape, x, TARGET_PROBES, gen):
+    for v in vs:
         d += v.double().pow(2).mean((2, 3)).cpu() / TARGET_PROBES
     d = d + TARGET_DAMPING * d.median(dim=1, keepdim=True).values
     return (g.double().cpu() / d[:, :, None, None]).float().numpy()
