@@ -424,22 +424,20 @@ def test_calibrate_writes_settings_and_refuses_test_sets(setup, tmp_path, capsys
     assert w.shape == (16,) and (w > 0).all() and len(settings["weights"]["sensitivity"]) == 16
     assert settings["checkpoint_sha256"] == load_checkpoint(ckpts[1]).sha256
     grid = settings["calibration"]["grid"]
-    first = [g for g in grid if g["target"] == 0]
-    assert [g["method"] for g in first].count("usq") == 9 and first[-1]["method"] == "tcq8"
-    assert {g["weights"] for g in grid if g["method"] == "tcq8"} == {"none", "decoder"}
+    # the joint search: USQ's sweep and the whole grid, without the target and with η = 0.25
+    for t in (0.0, 0.25):
+        assert [(g["method"], g["weights"]) for g in grid if g["target"] == t] == [("usq", "none")] * 9 + [
+            ("tcq8", "none"),
+            ("tcq8", "decoder"),
+        ]
     assert all(g["bpp"] > 0 for g in grid)
-    # the target pass: USQ at step 1, then every pick (none may exist for a random model) at η = 0.25
-    picks = settings["methods"].get("tcq8", {}).get("by_weights", {})
-    assert [(g["method"], g["weights"]) for g in grid if g["target"] == 0.25] == [
-        ("usq", "none"),
-        *(("tcq8", w) for w in picks),
-    ]
+    assert all(g["saving_vs_usq_target"] == g["saving"] for g in grid if g["target"] == 0)
     assert set(settings["calibration"]["usq_target"]) == {"0.25"}
     settings_path(ckpts[1]).unlink()
 
 
 def test_calibrate_keeps_the_best_target(monkeypatch):
-    """The target pass on synthetic RD points: a pick keeps the η with the best saving."""
+    """The joint search on synthetic RD points: a pick keeps the η with the best saving."""
     from qft.eval import calibrate as cal
 
     def fake_evaluate(ck, grid, images, settings, desc):
@@ -473,7 +471,7 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
     assert cal.calibrate_checkpoint(None, [], {}, **kw)["methods"]["tcq8"]["target"] == 0.0
     out = cal.calibrate_checkpoint(None, [], {}, lmbda=0.01, **kw)
     assert out["methods"]["tcq8"]["target"] == 0.125 and out["methods"]["tcq8"]["saving"] is None
-    # rd (η per image) joins the second pass after the fixed values and competes like them
+    # rd (η per image) joins the search after the fixed values and competes like them
 
     def with_rd(ck, grid, images, settings, desc):
         fake_evaluate(ck, grid, images, settings, desc)
@@ -488,6 +486,29 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
     assert set(out["calibration"]["usq_target"]) == {"0.25", "rd"}
 
 
+def test_calibrate_chooses_step_with_the_target(monkeypatch):
+    """Δ is chosen with the target on, against USQ with the same target (issue 24): a step
+    that loses without the target but wins with it is the target's pick."""
+    from qft.eval import calibrate as cal
+
+    def fake_evaluate(ck, grid, images, settings, desc):
+        for g in grid:
+            if g["method"] == "usq":  # PSNR = 30 + 3 log2(bpp); the target buys 0.5 dB
+                g["bpp"] = 1.0 / g["step"]
+                g["psnr"] = 30 + 3 * math.log2(g["bpp"]) + (0.5 if g["target"] else 0.0)
+            else:  # Δ 0.7: 3 % below USQ either way; Δ 1.0: 1 % without, 6 % below USQ + target with it
+                better = g["step"] == 1.0 and g["target"] == "rd"
+                g["bpp"] = 0.94 if better else (0.97 if g["step"] == 0.7 else 0.99)
+                g["psnr"] = 30.5 if g["target"] else 30.0
+
+    monkeypatch.setattr(cal, "_evaluate_grid", fake_evaluate)
+    kw = dict(methods=("tcq8",), steps=(0.7, 1.0), mults=(0.05,), lmbda=0.01)
+    assert cal.calibrate_checkpoint(None, [], {}, **kw)["methods"]["tcq8"]["step"] == 0.7
+    pick = cal.calibrate_checkpoint(None, [], {}, targets=("rd",), **kw)["methods"]["tcq8"]
+    assert (pick["step"], pick["target"]) == (1.0, "rd")
+    assert pick["saving_vs_usq_target"] == pytest.approx(-6.0)
+
+
 def test_calibrate_default_weights_by_saving():
     """The default between the weight picks is the better saving even where the RD cost
     prefers the other (a lower-rate point), and the RD cost only where a saving is missing."""
@@ -497,9 +518,12 @@ def test_calibrate_default_weights_by_saving():
         return 0.01 * 255**2 * 10 ** (-p["psnr"] / 10) + p["bpp"]
 
     picks = {
-        "none": {"saving": -13.8, "bpp": 0.83, "psnr": 28.6},
-        "decoder": {"saving": -9.7, "bpp": 0.77, "psnr": 28.4},
+        "none": {"saving": -13.8, "saving_vs_usq_target": -1.0, "bpp": 0.83, "psnr": 28.6, "target": "rd"},
+        "decoder": {"saving": -9.7, "saving_vs_usq_target": -2.0, "bpp": 0.77, "psnr": 28.4, "target": "rd"},
     }
+    # the same target: the saving against USQ with it decides
+    assert default_pick(picks, cost) is picks["decoder"]
+    picks["decoder"]["target"] = 0.0  # different targets: the saving against plain USQ
     assert cost(picks["decoder"]) < cost(picks["none"]) and default_pick(picks, cost) is picks["none"]
     picks["none"]["saving"] = None  # beyond USQ's curve
     assert default_pick(picks, cost) is picks["decoder"]
