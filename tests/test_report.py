@@ -244,6 +244,7 @@ quantizers: [usq, {{label: tcq8, method: tcq8, lambda_mult: 0.1}}]
 sweep: [0.9, 1.2]
 sweep_quantizers: [usq, tcq8]
 ms_ssim: false
+versus: {{tcq8: usq}}
 """)
     assert main(["report", str(recipe), "--no-progress"]) == 0
     out = tmp_path / "out"
@@ -266,6 +267,10 @@ ms_ssim: false
     assert rows[("other", "tcq8")]["vs_base_same_quantizer"]["rate_points"] == [0]
     assert rows[("ft-usq", "usq")]["vs_control"]["rate_points"] == [0, 1]
     assert rows[("other", "tcq8")]["vs_control"] is None
+    # versus: a row's TCQ-8 against the same row's USQ (for the base row: its vs_base_usq)
+    assert rows[("base", "tcq8")]["vs_quantizer"] == rows[("base", "tcq8")]["vs_base_usq"]
+    assert rows[("other", "tcq8")]["vs_quantizer"] is None  # the row has no USQ
+    assert "anchor: the same model under" in (out / "bdrate.md").read_text()
     res = json.loads((out / "results" / "base-usq.json").read_text())
     assert len(res["results"]["bpp"]) == 2 and res["qft"]["checkpoints"][0]["quantizer"]["method"] == "usq"
     assert all(b > 0 for b in res["results"]["bpp"])
@@ -382,6 +387,9 @@ def test_report_recipe_errors(tmp_path):
         load_report_recipe(bad)
     bad.write_text("data: x\nquantizers: [{method: tcq8, target: -1}]\nmodels: [{label: a, checkpoints: [a.pth]}]\n")
     with pytest.raises(UserError, match="target must be auto, rd or a number >= 0"):
+        load_report_recipe(bad)
+    bad.write_text("data: x\nquantizers: [usq]\nmodels: [{label: a, checkpoints: [a.pth]}]\nversus: {tcq8: usq}\n")
+    with pytest.raises(UserError, match="versus maps quantizer labels"):
         load_report_recipe(bad)
 
 
