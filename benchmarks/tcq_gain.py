@@ -154,6 +154,24 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
+def per_image_mult_choice(grid: list[dict], ref: list[tuple[float, float]]) -> list[dict]:
+    """Per weight choice and Δ, λ_T chosen per image too: among every multiplier's and η's
+    candidates the one of least RD cost (what an encoder could choose per image, as it
+    chooses η); its rate change against USQ + target. Drops the grid's per-image data."""
+    out = []
+    for weights in sorted({g["weights"] for g in grid}):
+        for step in sorted({g["step"] for g in grid}):
+            row = [g for g in grid if (g["weights"], g["step"]) == (weights, step)]
+            n = len(row[0]["per_image"])
+            chosen = [min((c for g in row for c in g["per_image"][i]), key=lambda c: c["cost"]) for i in range(n)]
+            pt = point(chosen)
+            out.append({"weights": weights, "step": step, "bpp": round(pt[0], 5), "psnr": round(pt[1], 4)})
+            out[-1]["vs_usq_rd"] = finite(local_rate_change(ref, pt))
+    for g in grid:
+        del g["per_image"]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--checkpoint", nargs="+", help="checkpoints (default: the shipped base models)")
@@ -231,10 +249,10 @@ def main() -> None:
             "seconds_per_image": {"analyse": round(b.analyse_s, 4), "target_step": round(b.target_s, 4)},
             "usq_sweep": usq,
             "usq_rd_sweep": {f"round{k}": ref[k] for k in range(args.rounds)},
-            "usq_rd_per_image": [[img[0]["cands"] for img in rows] for rows in usq_rd],
             "usq_rd_step1": {
                 f"round{k}": score([img[k] for img in usq_rd[USQ_STEPS.index(1.0)]], k) for k in range(args.rounds)
             },
+            "per_image_mult_choice": per_image_mult_choice(grid, ref[0]),
             "grid": grid,
             "joint_best": best,
             "relinearised": relin,
