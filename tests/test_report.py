@@ -496,7 +496,8 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
 
 def test_calibrate_chooses_step_with_the_target(monkeypatch):
     """Δ is chosen with the target on, against USQ with the same target (issue 24): a step
-    that loses without the target but wins with it is the target's pick."""
+    that loses without the target but wins with it is the target's pick; a step that moves
+    the rate out of ``RATE_BAND`` around USQ's is not, whatever it saves against the sweep."""
     from qft.eval import calibrate as cal
 
     def fake_evaluate(ck, grid, images, settings, desc):
@@ -504,17 +505,21 @@ def test_calibrate_chooses_step_with_the_target(monkeypatch):
             if g["method"] == "usq":  # PSNR = 30 + 3 log2(bpp); the target buys 0.5 dB
                 g["bpp"] = 1.0 / g["step"]
                 g["psnr"] = 30 + 3 * math.log2(g["bpp"]) + (0.5 if g["target"] else 0.0)
-            else:  # Δ 0.7: 3 % below USQ either way; Δ 1.0: 1 % without, 6 % below USQ + target with it
+            else:  # Δ 0.7: 3 % below USQ either way; Δ 1.0: 1 % without, 4 % below USQ + target with
+                # it; Δ 1.4: 20 % below, at 0.8 of USQ's rate (out of the band)
                 better = g["step"] == 1.0 and g["target"] == "rd"
-                g["bpp"] = 0.94 if better else (0.97 if g["step"] == 0.7 else 0.99)
+                g["bpp"] = {0.7: 0.97, 1.0: 0.96 if better else 0.99, 1.4: 0.8}[g["step"]]
                 g["psnr"] = 30.5 if g["target"] else 30.0
 
     monkeypatch.setattr(cal, "_evaluate_grid", fake_evaluate)
-    kw = dict(methods=("tcq8",), steps=(0.7, 1.0), mults=(0.05,), lmbda=0.01)
+    kw = dict(methods=("tcq8",), steps=(0.7, 1.0, 1.4), mults=(0.05,), lmbda=0.01)
     assert cal.calibrate_checkpoint(None, [], {}, **kw)["methods"]["tcq8"]["step"] == 0.7
-    pick = cal.calibrate_checkpoint(None, [], {}, targets=("rd",), **kw)["methods"]["tcq8"]
+    out = cal.calibrate_checkpoint(None, [], {}, targets=("rd",), **kw)
+    pick = out["methods"]["tcq8"]
     assert (pick["step"], pick["target"]) == (1.0, "rd")
-    assert pick["saving_vs_usq_target"] == pytest.approx(-6.0)
+    assert pick["saving_vs_usq_target"] == pytest.approx(-4.0)
+    far = next(g for g in out["calibration"]["grid"] if (g["method"], g["step"], g["target"]) == ("tcq8", 1.4, "rd"))
+    assert far["saving_vs_usq_target"] == pytest.approx(-20.0)
 
 
 def test_calibrate_default_weights_by_saving():

@@ -20,10 +20,11 @@ unknown).
 A configuration's *saving* is its rate change at equal PSNR against the USQ curve
 (:func:`qft.eval.bdrate.local_rate_change`, over the image-mean RD point), and its
 *saving vs USQ with the same target* against USQ's curve with that target. Per method,
-weight choice and target the choice is, among the configurations within ``TIE_PP``
-percentage points of the best saving vs USQ with the same target, the one whose rate
-stays closest to that USQ's at step 1 (the saving is nearly flat in Δ, the model's
-operating point is not). This pick is made separately without and with
+weight choice and target the choice is, among the configurations whose rate stays within
+``RATE_BAND`` of that USQ's at step 1 and within ``TIE_PP`` percentage points of their
+best saving vs USQ with the same target, the one whose rate stays closest to it (the
+saving is nearly flat in Δ, the model's operating point is not; away from it the model's
+own step sweep is a weak reference). This pick is made separately without and with
 weights; the one of better saving is the method's default, both
 are kept (``by_weights``, so ``--weights none`` still gets calibrated Δ and λ), and with
 the whole grid they go to the checkpoint's settings file (:mod:`qft.settings`),
@@ -43,12 +44,17 @@ import numpy as np
 from qft.eval.bdrate import local_rate_change
 from qft.settings import resolve_quantizer
 
-__all__ = ["USQ_SCALES", "STEPS", "MULTS", "TARGETS", "TIE_PP", "calibrate_checkpoint", "default_pick"]
+__all__ = ["USQ_SCALES", "STEPS", "MULTS", "TARGETS", "TIE_PP", "RATE_BAND", "calibrate_checkpoint", "default_pick"]
 
 USQ_SCALES = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
 STEPS = (0.63, 0.7, 0.8, 0.9, 1.0)
 MULTS = (0.025, 0.05, 0.1, 0.25)
 TIE_PP = 0.5
+#: Largest relative distance of a pick's rate from USQ's at step 1 (with the same target):
+#: away from its operating point a model's own step sweep is a weak reference (the next
+#: model of the family does better there), and picks that moved the rate by 10–30 % scored
+#: −4 to −7 % against it but lost 1.7 % BD on Kodak (docs/design.md, "TCQ's own gain").
+RATE_BAND = 0.05
 #: Decoder targets of ``qft calibrate --targets`` without values: ``η`` chosen per image.
 TARGETS = ("rd",)
 
@@ -177,12 +183,15 @@ def default_pick(picks: dict[str, dict[str, Any]], score) -> dict[str, Any]:
 
 
 def _pick(cands: list[dict[str, Any]], usq1: dict[str, Any], score) -> dict[str, Any] | None:
-    """Among the configurations within ``TIE_PP`` of the best saving against USQ with the
-    same decoder target (``saving_vs_usq_target``), the one whose rate stays closest to
-    that USQ's at step 1 (``usq1``); where none has that saving (every point beyond USQ's
-    PSNR range), the one of least ``score``; ``None`` without candidates."""
+    """Among the configurations whose rate lies within ``RATE_BAND`` of that of USQ at step 1
+    with the same decoder target (``usq1``; the closest one when none does) and within
+    ``TIE_PP`` of their best saving against USQ with that target (``saving_vs_usq_target``),
+    the one whose rate stays closest to ``usq1``'s; where none has that saving (every point
+    beyond USQ's PSNR range), the one of least ``score``; ``None`` without candidates."""
     if not cands:
         return None
+    distance = {id(g): abs(g["bpp"] / usq1["bpp"] - 1) for g in cands}
+    cands = [g for g in cands if distance[id(g)] <= RATE_BAND] or [min(cands, key=lambda g: distance[id(g)])]
     scored = [g for g in cands if g["saving_vs_usq_target"] is not None]
     best = min((g["saving_vs_usq_target"] for g in scored), default=None)
     if best is None:
