@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 from pathlib import Path
 
@@ -330,6 +331,30 @@ ms_ssim: false
     other = next(r for r in summary["rows"] if r["row"] == "other")
     assert other["vs_base_same_quantizer"]["psnr-rgb"]["local"] == [None]
     assert other["vs_base_usq"]["rate_points"] == [0]
+
+
+def test_report_rows_sharing_a_checkpoint_file_content(setup, tmp_path):
+    """Two rows whose checkpoints are copies of one file (other paths, same weights) share
+    their cells, and each row still finds its own (it used to lose the first owner)."""
+    root, ckpts = setup
+    copy = tmp_path / "copy.pth"
+    shutil.copy(ckpts[0], copy)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+data: {root / "img"}
+images: 1
+out: {tmp_path / "out"}
+models:
+  - {{label: base, checkpoints: [{ckpts[0]}, {ckpts[1]}]}}
+  - {{label: copy, checkpoints: [{copy}, null], quantizers: [usq]}}
+quantizers: [usq]
+sweep: []
+ms_ssim: false
+same_quantizer: false
+""")
+    assert main(["report", str(recipe), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "bdrate.json").read_text())
+    assert [r["row"] for r in summary["rows"]] == ["copy"]
 
 
 def test_shipped_rows_evaluate_the_control_arm_like_each_finetuned_row(monkeypatch):

@@ -360,7 +360,8 @@ def _evaluate_cells(recipe: ReportRecipe, images: list[Path], out: Path, progres
             key = _cell_key(ck.sha256, choice, names, recipe.ms_ssim)
             by_key.setdefault(key, []).append(cid)
             choices[key] = choice
-        owners |= by_key
+        for key, cids in by_key.items():  # a key two checkpoint files share (same weights) keeps both owners
+            owners.setdefault(key, []).extend(cids)
         todo = {}
         for key in by_key:
             path = out / "cells" / f"{key}.json"
