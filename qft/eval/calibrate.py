@@ -163,6 +163,7 @@ def calibrate_checkpoint(
         "metric": "rate change (%) at equal PSNR vs the USQ step sweep (saving) and vs USQ with the same "
         "decoder target (saving_vs_usq_target), real bitstreams",
         "tie_pp": TIE_PP,
+        "rate_band": RATE_BAND,
         "grid": grid,
         "usq_target": {str(t): usq1[t]["saving"] for t in targets if t != 0.0},
     }
