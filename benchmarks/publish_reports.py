@@ -61,6 +61,12 @@ def table(summary: dict) -> str:
             + " | ".join(_cols(r["vs_base_usq"]) + _cols(r["vs_base_same_quantizer"]) + _cols(r.get("vs_control")))
             + " |"
         )
+    versus = [r for r in summary["rows"] if r.get("vs_quantizer")]
+    if versus:  # the recipe's `versus`: a quantizer against the same row under another
+        lines += ["", "| model | quantizer | vs the same model under | local | BD |", "|---|---|---|---|---|"]
+        for r in versus:
+            anchor = r["vs_quantizer"]["anchor"].split("/", 1)[1]
+            lines.append(f"| {r['row']} | {r['quantizer']} | {anchor} | " + " | ".join(_cols(r["vs_quantizer"])) + " |")
     lines += ["", f"![{summary['name']} RD](figures/report_{summary['name']}.png)"]  # relative to docs/
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 from pathlib import Path
 
@@ -180,6 +181,7 @@ quantizers: [usq, {{label: tcq8, method: tcq8, lambda_mult: 0.1}}]
 sweep: [0.9, 1.2]
 sweep_quantizers: [usq, tcq8]
 ms_ssim: false
+versus: {{tcq8: usq}}
 """)
     assert main(["report", str(recipe), "--no-progress"]) == 0
     out = tmp_path / "out"
@@ -202,6 +204,10 @@ ms_ssim: false
     assert rows[("other", "tcq8")]["vs_base_same_quantizer"]["rate_points"] == [0]
     assert rows[("ft-usq", "usq")]["vs_control"]["rate_points"] == [0, 1]
     assert rows[("other", "tcq8")]["vs_control"] is None
+    # versus: a row's TCQ-8 against the same row's USQ (for the base row: its vs_base_usq)
+    assert rows[("base", "tcq8")]["vs_quantizer"] == rows[("base", "tcq8")]["vs_base_usq"]
+    assert rows[("other", "tcq8")]["vs_quantizer"] is None  # the row has no USQ
+    assert "anchor: the same model under" in (out / "bdrate.md").read_text()
     res = json.loads((out / "results" / "base-usq.json").read_text())
     assert len(res["results"]["bpp"]) == 2 and res["qft"]["checkpoints"][0]["quantizer"]["method"] == "usq"
     assert all(b > 0 for b in res["results"]["bpp"])
@@ -263,6 +269,30 @@ ms_ssim: false
     assert other["vs_base_usq"]["rate_points"] == [0]
 
 
+def test_report_rows_sharing_a_checkpoint_file_content(setup, tmp_path):
+    """Two rows whose checkpoints are copies of one file (other paths, same weights) share
+    their cells, and each row still finds its own (it used to lose the first owner)."""
+    root, ckpts = setup
+    copy = tmp_path / "copy.pth"
+    shutil.copy(ckpts[0], copy)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+data: {root / "img"}
+images: 1
+out: {tmp_path / "out"}
+models:
+  - {{label: base, checkpoints: [{ckpts[0]}, {ckpts[1]}]}}
+  - {{label: copy, checkpoints: [{copy}, null], quantizers: [usq]}}
+quantizers: [usq]
+sweep: []
+ms_ssim: false
+same_quantizer: false
+""")
+    assert main(["report", str(recipe), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "bdrate.json").read_text())
+    assert [r["row"] for r in summary["rows"]] == ["copy"]
+
+
 def test_shipped_rows_evaluate_the_control_arm_like_each_finetuned_row(monkeypatch):
     from qft.eval import report
     from qft.models import zoo
@@ -319,6 +349,9 @@ def test_report_recipe_errors(tmp_path):
     bad.write_text("data: x\nquantizers: [{method: tcq8, target: -1}]\nmodels: [{label: a, checkpoints: [a.pth]}]\n")
     with pytest.raises(UserError, match="target must be auto, rd or a number >= 0"):
         load_report_recipe(bad)
+    bad.write_text("data: x\nquantizers: [usq]\nmodels: [{label: a, checkpoints: [a.pth]}]\nversus: {tcq8: usq}\n")
+    with pytest.raises(UserError, match="versus maps quantizer labels"):
+        load_report_recipe(bad)
 
 
 def test_calibrate_writes_settings_and_refuses_test_sets(setup, tmp_path, capsys):
@@ -360,22 +393,20 @@ def test_calibrate_writes_settings_and_refuses_test_sets(setup, tmp_path, capsys
     assert w.shape == (16,) and (w > 0).all() and len(settings["weights"]["sensitivity"]) == 16
     assert settings["checkpoint_sha256"] == load_checkpoint(ckpts[1]).sha256
     grid = settings["calibration"]["grid"]
-    first = [g for g in grid if g["target"] == 0]
-    assert [g["method"] for g in first].count("usq") == 9 and first[-1]["method"] == "tcq8"
-    assert {g["weights"] for g in grid if g["method"] == "tcq8"} == {"none", "decoder"}
+    # the joint search: USQ's sweep and the whole grid, without the target and with η = 0.25
+    for t in (0.0, 0.25):
+        assert [(g["method"], g["weights"]) for g in grid if g["target"] == t] == [("usq", "none")] * 9 + [
+            ("tcq8", "none"),
+            ("tcq8", "decoder"),
+        ]
     assert all(g["bpp"] > 0 for g in grid)
-    # the target pass: USQ at step 1, then every pick (none may exist for a random model) at η = 0.25
-    picks = settings["methods"].get("tcq8", {}).get("by_weights", {})
-    assert [(g["method"], g["weights"]) for g in grid if g["target"] == 0.25] == [
-        ("usq", "none"),
-        *(("tcq8", w) for w in picks),
-    ]
+    assert all(g["saving_vs_usq_target"] == g["saving"] for g in grid if g["target"] == 0)
     assert set(settings["calibration"]["usq_target"]) == {"0.25"}
     settings_path(ckpts[1]).unlink()
 
 
 def test_calibrate_keeps_the_best_target(monkeypatch):
-    """The target pass on synthetic RD points: a pick keeps the η with the best saving."""
+    """The joint search on synthetic RD points: a pick keeps the η with the best saving."""
     from qft.eval import calibrate as cal
 
     def fake_evaluate(ck, grid, images, settings, desc):
@@ -409,7 +440,7 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
     assert cal.calibrate_checkpoint(None, [], {}, **kw)["methods"]["tcq8"]["target"] == 0.0
     out = cal.calibrate_checkpoint(None, [], {}, lmbda=0.01, **kw)
     assert out["methods"]["tcq8"]["target"] == 0.125 and out["methods"]["tcq8"]["saving"] is None
-    # rd (η per image) joins the second pass after the fixed values and competes like them
+    # rd (η per image) joins the search after the fixed values and competes like them
 
     def with_rd(ck, grid, images, settings, desc):
         fake_evaluate(ck, grid, images, settings, desc)
@@ -424,6 +455,34 @@ def test_calibrate_keeps_the_best_target(monkeypatch):
     assert set(out["calibration"]["usq_target"]) == {"0.25", "rd"}
 
 
+def test_calibrate_chooses_step_with_the_target(monkeypatch):
+    """Δ is chosen with the target on, against USQ with the same target (issue 24): a step
+    that loses without the target but wins with it is the target's pick; a step that moves
+    the rate out of ``RATE_BAND`` around USQ's is not, whatever it saves against the sweep."""
+    from qft.eval import calibrate as cal
+
+    def fake_evaluate(ck, grid, images, settings, desc):
+        for g in grid:
+            if g["method"] == "usq":  # PSNR = 30 + 3 log2(bpp); the target buys 0.5 dB
+                g["bpp"] = 1.0 / g["step"]
+                g["psnr"] = 30 + 3 * math.log2(g["bpp"]) + (0.5 if g["target"] else 0.0)
+            else:  # Δ 0.7: 3 % below USQ either way; Δ 1.0: 1 % without, 4 % below USQ + target with
+                # it; Δ 1.4: 20 % below, at 0.8 of USQ's rate (out of the band)
+                better = g["step"] == 1.0 and g["target"] == "rd"
+                g["bpp"] = {0.7: 0.97, 1.0: 0.96 if better else 0.99, 1.4: 0.8}[g["step"]]
+                g["psnr"] = 30.5 if g["target"] else 30.0
+
+    monkeypatch.setattr(cal, "_evaluate_grid", fake_evaluate)
+    kw = dict(methods=("tcq8",), steps=(0.7, 1.0, 1.4), mults=(0.05,), lmbda=0.01)
+    assert cal.calibrate_checkpoint(None, [], {}, **kw)["methods"]["tcq8"]["step"] == 0.7
+    out = cal.calibrate_checkpoint(None, [], {}, targets=("rd",), **kw)
+    pick = out["methods"]["tcq8"]
+    assert (pick["step"], pick["target"]) == (1.0, "rd")
+    assert pick["saving_vs_usq_target"] == pytest.approx(-4.0)
+    far = next(g for g in out["calibration"]["grid"] if (g["method"], g["step"], g["target"]) == ("tcq8", 1.4, "rd"))
+    assert far["saving_vs_usq_target"] == pytest.approx(-20.0)
+
+
 def test_calibrate_default_weights_by_saving():
     """The default between the weight picks is the better saving even where the RD cost
     prefers the other (a lower-rate point), and the RD cost only where a saving is missing."""
@@ -433,9 +492,12 @@ def test_calibrate_default_weights_by_saving():
         return 0.01 * 255**2 * 10 ** (-p["psnr"] / 10) + p["bpp"]
 
     picks = {
-        "none": {"saving": -13.8, "bpp": 0.83, "psnr": 28.6},
-        "decoder": {"saving": -9.7, "bpp": 0.77, "psnr": 28.4},
+        "none": {"saving": -13.8, "saving_vs_usq_target": -1.0, "bpp": 0.83, "psnr": 28.6, "target": "rd"},
+        "decoder": {"saving": -9.7, "saving_vs_usq_target": -2.0, "bpp": 0.77, "psnr": 28.4, "target": "rd"},
     }
+    # the same target: the saving against USQ with it decides
+    assert default_pick(picks, cost) is picks["decoder"]
+    picks["decoder"]["target"] = 0.0  # different targets: the saving against plain USQ
     assert cost(picks["decoder"]) < cost(picks["none"]) and default_pick(picks, cost) is picks["none"]
     picks["none"]["saving"] = None  # beyond USQ's curve
     assert default_pick(picks, cost) is picks["decoder"]

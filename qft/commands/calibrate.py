@@ -74,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_target,
         nargs="*",
         metavar="rd|ETA",
-        help="also try the decoder target on every pick: rd (η chosen per image by the model's RD "
-        f"cost) or fixed η values (no values: {' '.join(map(str, TARGETS))})",
+        help="also search with the decoder target, jointly with the step, λ multiplier and weights, each "
+        "scored against USQ with the same target: rd (η chosen per image by the model's RD cost) or fixed "
+        f"η values (no values: {' '.join(map(str, TARGETS))})",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
 
@@ -183,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
             )
             print(
                 f"{spec} {method}: step {c['step']}, λ multiplier {c['lambda_mult']}, weights {c['weights']}, "
-                f"target {c.get('target', 0)}: {pct(c['saving'])} rate at equal PSNR vs USQ ({alt})"
+                f"target {c.get('target', 0)}: {pct(c['saving'])} rate at equal PSNR vs USQ, "
+                f"{pct(c.get('saving_vs_usq_target'))} vs USQ with the same target ({alt})"
             )
         for eta, s in update["calibration"]["usq_target"].items():
             saving = "outside USQ's PSNR range" if s is None else f"{s:+.2f} % rate at equal PSNR vs USQ"

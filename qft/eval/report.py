@@ -134,6 +134,9 @@ class ReportRecipe:
     # evaluate the base under every other row's quantizer (the "same quantizer" and "control"
     # columns); False: those columns stay empty
     same_quantizer: bool = True
+    # (quantizer, anchor quantizer): each row under the first also compared with the same row
+    # under the second (``vs_quantizer``: e.g. TCQ-8 against USQ with the same decoder target)
+    versus: tuple[tuple[str, str], ...] = ()
 
 
 def shipped_rows(labels: list[str]) -> list[ModelRow]:
@@ -213,6 +216,11 @@ def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
     else:
         rows = [_parse_row(r, labels, path, f"models[{i}]") for i, r in enumerate(raw["models"])]
     rows += [_parse_row(r, labels, path, f"extra_rows[{i}]") for i, r in enumerate(raw.get("extra_rows") or [])]
+    versus = raw.get("versus") or {}
+    if not isinstance(versus, dict) or any(k not in labels or v not in labels for k, v in versus.items()):
+        raise UserError(
+            f"{path}: versus maps quantizer labels to anchor quantizer labels of this report, got {versus!r}"
+        )
     missing = [r.control for r in rows if r.control is not None and r.control not in {x.label for x in rows}]
     if missing:
         raise UserError(f"{path}: control row {missing[0]!r} is not a row of this report")
@@ -234,6 +242,7 @@ def load_report_recipe(path: str | Path, **overrides: Any) -> ReportRecipe:
         ms_ssim=bool(raw.get("ms_ssim", True)),
         workers=int(raw.get("workers", 1)),
         same_quantizer=bool(raw.get("same_quantizer", True)),
+        versus=tuple((str(k), str(v)) for k, v in versus.items()),
     )
 
 
@@ -351,7 +360,8 @@ def _evaluate_cells(recipe: ReportRecipe, images: list[Path], out: Path, progres
             key = _cell_key(ck.sha256, choice, names, recipe.ms_ssim)
             by_key.setdefault(key, []).append(cid)
             choices[key] = choice
-        owners |= by_key
+        for key, cids in by_key.items():  # a key two checkpoint files share (same weights) keeps both owners
+            owners.setdefault(key, []).extend(cids)
         todo = {}
         for key in by_key:
             path = out / "cells" / f"{key}.json"
@@ -543,6 +553,7 @@ def _tables(recipe: ReportRecipe, cells: dict) -> dict:
             "vs_base_usq": None,
             "vs_base_same_quantizer": None,
             "vs_control": None,
+            "vs_quantizer": None,
         }
         if (base, "usq") in curves:
             entry["vs_base_usq"] = _compare(recipe, cells, every, (row, label), (base, "usq"))
@@ -551,6 +562,9 @@ def _tables(recipe: ReportRecipe, cells: dict) -> dict:
         control = named[row] or ("control-" + row.removeprefix("ft-") if row.startswith("ft-") else None)
         if (control, label) in curves and entry["vs_base_same_quantizer"]:
             entry["vs_control"] = _versus_control(recipe, cells, every, (row, label), (control, label), entry)
+        anchor = dict(recipe.versus).get(label)
+        if anchor is not None and (row, anchor) in curves:
+            entry["vs_quantizer"] = _compare(recipe, cells, every, (row, label), (row, anchor))
         rows.append(entry)
     return {"rows": rows, "curves": curves}
 
@@ -575,6 +589,19 @@ def _markdown(recipe: ReportRecipe, table: list[dict], meta: dict) -> str:
             for k in ("local_mean", "bd_pchip")
         ]
         lines.append(f"| {r['row']} | {r['quantizer']} | " + " | ".join(cols) + " |")
+    versus = [r for r in table if r["vs_quantizer"]]
+    if versus:
+        lines += [
+            "",
+            "| model | quantizer | anchor: the same model under | local (%) | BD (%) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in versus:
+            c = r["vs_quantizer"]
+            lines.append(
+                f"| {r['row']} | {r['quantizer']} | {c['anchor'].split('/', 1)[1]} | "
+                f"{_fmt(c['psnr-rgb']['local_mean'])} | {_fmt(c['psnr-rgb']['bd_pchip'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
