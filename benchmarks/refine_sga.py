@@ -1,14 +1,23 @@
-"""SGA latent refinement (qft.codec.refine) against the decoder target, real bitstreams.
+"""SGA latent refinement (qft.codec.refine) against the cheap encoder help, real bitstreams.
 
-On the shipped ``mbt2018-mean-0.013`` (its training λ is the RD weight), a few Kodak
-images, one thread: bpp, PSNR, the model's RD cost ``λ·255²·MSE + bpp`` and encode
-seconds per image for USQ, USQ + target rd, TCQ-8 + target (calibrated settings), and
-SGA-N with USQ or TCQ-8 (no target) as the final quantizer. Writes
-``benchmarks/results/refine_sga.json``; the machine's load is recorded (times taken on a
-shared machine are upper bounds).
+Issue 24's table: for the shipped base models (or those given), on Kodak or any folder,
+per configuration the mean bpp, PSNR, the model's RD cost ``λ·255²·MSE + bpp`` and encode
+seconds per image, and — over two or more models, one rate point each — the BD-rate
+(pchip, PSNR) against plain USQ. Configurations: USQ, USQ + target ``rd``, TCQ-8 without
+target, TCQ-8 + target (calibrated settings: what ``qft compress -q tcq8`` does), and for
+each N of ``--steps`` SGA-N with USQ and with TCQ-8 (no target) as the final quantizer. The
+refinement runs once per image and N; both final quantizers code that latent, and each
+configuration's encode time is the refinement's plus its own quantization and coding.
 
-    python benchmarks/refine_sga.py --images 2 --steps 50 200
-    python benchmarks/refine_sga.py --model mbt2018-mean-0.0483 --images 4 --steps -o out.json  # no SGA
+Writes ``benchmarks/results/refine_sga.json`` (``-o``), after every image (partial results
+survive a timeout); the machine and its load are recorded (times taken on a shared machine
+are upper bounds). ``--device cuda`` runs the transforms and SGA on a GPU (the trellis and
+the entropy coder stay on the CPU).
+
+    python benchmarks/refine_sga.py --models mbt2018-mean-0.013 --images 2 --steps 50 200
+    python benchmarks/refine_sga.py --device cuda --steps 50 200 1000           # all shipped, Kodak
+    python benchmarks/refine_sga.py --device cuda --steps 50 200 1000 \\
+        --data ../shared/data/tecnick_sampling_300x300 -o benchmarks/results/refine_sga_tecnick.json
 """
 
 from __future__ import annotations
@@ -21,77 +30,121 @@ import time
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from qft.codec import Codec, SGARefine, list_images, read_image
+from trellis.hardware import machine_info
+
+from qft.codec import Codec, SGARefine, list_images, pad, read_image
+from qft.eval.bdrate import bd_rate
 from qft.files import atomic_write
 from qft.models import load_checkpoint
+from qft.models.zoo import base_entries
 from qft.settings import read_settings, resolve_quantizer
 
+ROOT = Path(__file__).parents[1]
 OUT = Path(__file__).parent / "results" / "refine_sga.json"
+KEYS = ("bpp", "psnr", "rd_cost", "encode_s")
+
+
+def configs(settings: dict, steps: list[int]) -> dict:
+    """name → (quantizer choice, SGA steps or 0)."""
+    out = {
+        "usq": (resolve_quantizer("usq", settings, target=0.0), 0),
+        "usq+target_rd": (resolve_quantizer("usq", settings, target="rd"), 0),
+        "tcq8": (resolve_quantizer("tcq8", settings, target=0.0), 0),
+        "tcq8+target": (resolve_quantizer("tcq8", settings), 0),
+    }
+    for n in steps:
+        out[f"sga{n}+usq"] = (resolve_quantizer("usq", settings, target=0.0), n)
+        out[f"sga{n}+tcq8"] = (resolve_quantizer("tcq8", settings, target=0.0), n)
+    return out
+
+
+def code_image(codec: Codec, x: torch.Tensor, lmbda: float, table: dict) -> dict:
+    """Every configuration of ``table`` on one image ``(1, 3, H, W)``: name → row."""
+    h, w = x.shape[-2:]
+    rows, refined = {}, {}
+    for name, (c, n) in table.items():
+        t0 = time.perf_counter()
+        if n == 0:
+            out = codec.compress(x, c.quantizer, c.weights, c.target)
+            seconds = time.perf_counter() - t0
+        else:
+            if n not in refined:  # SGA once per N, both final quantizers code its latent
+                xp, padding = pad(x.to(codec.device))
+                (lat,) = codec.latent_coder.latents(xp, False, padding, SGARefine(lmbda, n))
+                refined[n] = (lat, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+            lat, sga_seconds = refined[n]
+            q = codec.latent_coder.requantize(lat, c.quantizer, c.weights)
+            out = codec.encode_latent(q, c.quantizer, h, w)
+            seconds = sga_seconds + time.perf_counter() - t0
+        x_hat = codec.decompress(out["bitstream"])["x_hat"]
+        mse = (x_hat - x).pow(2).mean().item()
+        bpp = len(out["bitstream"]) * 8 / (h * w)
+        rows[name] = {
+            "bpp": bpp,
+            "psnr": 10 * math.log10(1 / mse),
+            "rd_cost": lmbda * 255**2 * mse + bpp,
+            "encode_s": seconds,
+        }
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="mbt2018-mean-0.013")
-    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument(
+        "--models", nargs="+", default=None, help="checkpoints or shipped names (default: the shipped bases)"
+    )
+    ap.add_argument("--data", default=str(ROOT / "qft" / "assets" / "kodak"))
+    ap.add_argument("--images", type=int, default=None, help="the first N images (default: all)")
     ap.add_argument("--steps", type=int, nargs="*", default=[50, 200], help="SGA steps (none: the cheap rows only)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("-o", "--output", default=str(OUT))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    ck = load_checkpoint(args.model)
-    settings = read_settings(ck)
-    lmbda = settings["model_lambda"]
-    codec = Codec.from_checkpoint(ck)
-    configs = {
-        "usq": (resolve_quantizer("usq", settings, target=0.0), None),
-        "usq+target_rd": (resolve_quantizer("usq", settings, target="rd"), None),
-        "tcq8+target": (resolve_quantizer("tcq8", settings), None),
-    }
-    for n in args.steps:
-        configs[f"sga{n}+usq"] = (resolve_quantizer("usq", settings, target=0.0), SGARefine(lmbda, n))
-        configs[f"sga{n}+tcq8"] = (resolve_quantizer("tcq8", settings, target=0.0), SGARefine(lmbda, n))
-    images = list_images(Path(__file__).parents[1] / "qft" / "assets" / "kodak")[: args.images]
-    c, _ = configs["tcq8+target"]
-    codec.compress(read_image(images[0]), c.quantizer, c.weights, c.target)  # JIT warm-up / cache load, untimed
-    rows = {name: [] for name in configs}
+    models = args.models or [e["name"] for e in base_entries()]
+    images = list_images(args.data)[: args.images]
     record = {
-        "model": args.model,
-        "model_lambda": lmbda,
+        "models": models,
+        "data": os.path.relpath(args.data, ROOT),
         "images": [p.name for p in images],
+        "steps": args.steps,
+        "device": args.device,
         "threads": 1,
+        "machine": machine_info(),
         "load_before": os.getloadavg(),
-        "configs": {k: {**c.describe(), "refine": r.record() if r else "none"} for k, (c, r) in configs.items()},
-        "rows": rows,
+        "per_model": {},
     }
-    for path in images:
-        x = read_image(path)
-        pixels = x.shape[-2] * x.shape[-1]
-        for name, (c, refine) in configs.items():
-            t0 = time.perf_counter()
-            out = codec.compress(x, c.quantizer, c.weights, c.target, refine)
-            seconds = time.perf_counter() - t0
-            x_hat = codec.decompress(out["bitstream"])["x_hat"]
-            mse = (x_hat - x).pow(2).mean().item()
-            bpp = len(out["bitstream"]) * 8 / pixels
-            rows[name].append(
-                {
-                    "image": path.name,
-                    "bpp": bpp,
-                    "psnr": 10 * math.log10(1 / mse),
-                    "rd_cost": lmbda * 255**2 * mse + bpp,
-                    "encode_s": seconds,
-                }
-            )
-            print(name, path.name, rows[name][-1], flush=True)
+    for name in models:
+        ck = load_checkpoint(name)
+        settings = read_settings(ck)
+        lmbda = settings["model_lambda"]
+        codec = Codec.from_checkpoint(ck, args.device)
+        table = configs(settings, args.steps)
+        c, _ = table["tcq8+target"]
+        codec.compress(read_image(images[0]), c.quantizer, c.weights, c.target)  # JIT warm-up / cache load, untimed
+        entry = record["per_model"][name] = {
+            "model_lambda": lmbda,
+            "configs": {k: {**c.describe(), "refine": f"sga-{n}" if n else "none"} for k, (c, n) in table.items()},
+            "rows": {k: [] for k in table},
+        }
+        for path in images:
+            for k, row in code_image(codec, read_image(path), lmbda, table).items():
+                entry["rows"][k].append({"image": path.name, **row})
+            print(name, path.name, {k: round(v[-1]["rd_cost"], 4) for k, v in entry["rows"].items()}, flush=True)
+            entry["mean"] = {
+                k: {m: float(np.mean([r[m] for r in rs])) for m in KEYS} for k, rs in entry["rows"].items()
+            }
             record["load_after"] = os.getloadavg()
-            atomic_write(args.output, json.dumps(record, indent=1))  # partial results survive a timeout
-    mean = {
-        name: {k: sum(r[k] for r in rs) / len(rs) for k in ("bpp", "psnr", "rd_cost", "encode_s")}
-        for name, rs in rows.items()
-        if rs
-    }
-    record["mean"] = mean
+            atomic_write(args.output, json.dumps(record, indent=1))
+    if len(models) > 1:  # one rate point per model: the family's curves
+        means = [record["per_model"][m]["mean"] for m in models]
+        curve = {k: {"bpp": [m[k]["bpp"] for m in means], "psnr-rgb": [m[k]["psnr"] for m in means]} for k in means[0]}
+        record["bd_vs_usq_pchip"] = {k: bd_rate(curve["usq"], c)["pchip"] for k, c in curve.items() if k != "usq"}
+        record["encode_s"] = {k: float(np.mean([m[k]["encode_s"] for m in means])) for k in means[0]}
+        print(json.dumps({"bd_vs_usq_pchip": record["bd_vs_usq_pchip"], "encode_s": record["encode_s"]}, indent=1))
     atomic_write(args.output, json.dumps(record, indent=1))
 
 
