@@ -74,7 +74,16 @@ from qft.codec.steps import STEP_ENTROPY
 from qft.models import ARCHITECTURES
 from qft.threads import set_threads
 
-__all__ = ["METHODS", "decoder_sensitivity", "normalise_weights", "channel_rates", "estimate_weights"]
+__all__ = [
+    "METHODS",
+    "center_crop",
+    "channel_rates",
+    "decoder_sensitivity",
+    "estimate_weights",
+    "image_tensor",
+    "normalise_weights",
+    "usq_latent",
+]
 
 #: Estimators of :func:`decoder_sensitivity`.
 METHODS = ("vjp", "exact")
@@ -95,7 +104,7 @@ def _entropy_kind(model: torch.nn.Module) -> str:
     )
 
 
-def _center_crop(x: torch.Tensor, crop: int | None) -> torch.Tensor:
+def center_crop(x: torch.Tensor, crop: int | None) -> torch.Tensor:
     """Centre crop of ``(1, 3, H, W)`` to ``crop`` (each side at most its largest multiple
     of 64), then zero padding to a multiple of 64 (only for sides below 64 or ``crop=None``)."""
     if crop is not None:
@@ -107,7 +116,13 @@ def _center_crop(x: torch.Tensor, crop: int | None) -> torch.Tensor:
     return pad(x)[0]
 
 
-def _as_tensor(image) -> torch.Tensor:
+def image_tensor(image) -> torch.Tensor:
+    """An image as ``(1, 3, H, W)`` float32 in [0, 1]: a path is read, a uint8 ``(H, W, 3)``
+    array converted.
+
+    Raises:
+        ValueError: anything else.
+    """
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
     a = np.asarray(image)
@@ -116,7 +131,7 @@ def _as_tensor(image) -> torch.Tensor:
     return to_tensor(a)
 
 
-def _usq(coder: LatentCoder, x: torch.Tensor) -> QuantizedLatent:
+def usq_latent(coder: LatentCoder, x: torch.Tensor) -> QuantizedLatent:
     """The codec's USQ quantization (``trellis.Quantizer("usq")``, step 1) of one image
     ``x`` ``(1, 3, H, W)``: :meth:`~qft.codec.LatentCoder.quantize`, step by step for
     channel-slice models. Its ``y_hat`` is the latent ``g_s`` decodes (LRP included).
@@ -238,8 +253,8 @@ def decoder_sensitivity(
     total = None
     try:
         for image in tqdm(images, desc=f"sensitivity ({method})", disable=not progress, leave=False):
-            x = _center_crop(_as_tensor(image), crop).to(device)
-            y_hat = torch.from_numpy(_usq(coder, x).y_hat)[None].to(device)
+            x = center_crop(image_tensor(image), crop).to(device)
+            y_hat = torch.from_numpy(usq_latent(coder, x).y_hat)[None].to(device)
             if method == "exact":
                 with torch.no_grad():
                     s = _exact(model.g_s, y_hat, float(step), int(probes), gen)
@@ -306,8 +321,8 @@ def channel_rates(model: torch.nn.Module, images: Sequence, *, crop: int | None 
     device = next(model.parameters()).device
     total, bits_all, pixels = None, 0.0, 0
     for img in images:
-        x = _center_crop(_as_tensor(img), crop).to(device)
-        res = _usq(coder, x).result
+        x = center_crop(image_tensor(img), crop).to(device)
+        res = usq_latent(coder, x).result
         per_channel = table.index_bits(res.rows, res.indices).mean(axis=(1, 2))
         total = per_channel if total is None else total + per_channel
         bits_all += res.bits

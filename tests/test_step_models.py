@@ -19,7 +19,7 @@ from trellis import Quantizer
 
 from qft.cli import main
 from qft.codec import Codec, LatentCoder
-from qft.sensitivity import _as_tensor, _center_crop, _usq, channel_rates, decoder_sensitivity
+from qft.sensitivity import center_crop, channel_rates, decoder_sensitivity, image_tensor, usq_latent
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,9 @@ def test_usq_latent_is_the_decoders(arch, models, images):
     count survives the Numba kernel."""
     m = models[arch]
     coder = LatentCoder(m, "channel-conditional")
-    x = _center_crop(_as_tensor(images[0]), 256)
+    x = center_crop(image_tensor(images[0]), 256)
     torch.set_num_threads(1)
-    q = _usq(coder, x)
+    q = usq_latent(coder, x)
     assert torch.get_num_threads() == 1
     assert not np.array_equal(q.y_hat, q.result.y_hat)  # the LRP moved the final values
     codec = Codec(m, arch)
@@ -84,7 +84,7 @@ def test_channel_rates_count_every_step(arch, models, images):
     assert rates.shape == (sum(m.slice_sizes),)
     bounds = np.cumsum([0, *m.slice_sizes])
     assert all(rates[a:b].sum() > 0 for a, b in zip(bounds[:-1], bounds[1:]))  # every step coded
-    enc = Codec(m, arch).compress(_as_tensor(images[0]), Quantizer("usq"))
+    enc = Codec(m, arch).compress(image_tensor(images[0]), Quantizer("usq"))
     assert bpp * 64 * 64 == pytest.approx(enc["y_table_bits"], rel=1e-9)
     assert rates.sum() * 4 * 4 == pytest.approx(enc["y_table_bits"], rel=1e-9)  # 4 × 4 latents
 
