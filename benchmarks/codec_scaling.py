@@ -17,9 +17,13 @@ over the sizes (goal: linear, within 10 %) and TCQ-8's peak over USQ's (goal: �
 The machine is shared: the load average is recorded before and after each run; wall times
 taken under load are slower and noisier, so the process CPU time (one thread: the wall time
 of an idle machine) is recorded too and is the measure of linearity; memory figures are not
-affected by load.
+affected by load. The system time and the page faults of the timed call are recorded
+(:mod:`qft.allocator`: the codec fixes glibc's thresholds, without which page faults made
+large images up to 50 % slower per pixel). ``--repeats K`` runs each subprocess K times and keeps the run of least
+CPU time (all K recorded): the VM's run-to-run spread is otherwise larger than the 10 % the
+goal asks to resolve.
 
-    python benchmarks/codec_scaling.py [--sizes 0.4 2 6 12] [--json benchmarks/results/codec_scaling.json]
+    python benchmarks/codec_scaling.py [--sizes 0.4 2 6 12] [--repeats 3] [--json benchmarks/results/codec_scaling.json]
     python benchmarks/codec_scaling.py --checkpoint runs/reference/mlicpp-small-cpu/lambda-0.013/model.pth \
         --lambda 0.013 --sizes 2 --json benchmarks/results/codec_scaling_mlicpp-small.json
 """
@@ -59,6 +63,11 @@ def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def faults(r0):
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {"system_seconds": r1.ru_stime - r0.ru_stime, "minor_faults": r1.ru_minflt - r0.ru_minflt}
+
+
 def mosaic(width, height):
     paths = list_images("qft/assets/kodak")
     x = torch.zeros(1, 3, height, width)
@@ -83,22 +92,33 @@ warm = codec.compress(x[..., :128, :128], q, weights, target)  # JIT, tables
 codec.decompress(warm["bitstream"])
 out = {"rss_after_warmup_mb": rss_mb(), "quantizer": choice.describe()}
 if phase == "compress":
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, r0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
     enc = codec.compress(x, q, weights, target)
     out["seconds"], out["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
+    out |= faults(r0)
     open(stream, "wb").write(enc["bitstream"])
     np.save(stream + ".npy", enc["y_hat"])
     out["bpp"] = len(enc["bitstream"]) * 8 / (width * height)
 else:
     del x
     data = open(stream, "rb").read()
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, r0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
     dec = codec.decompress(data)
     out["seconds"], out["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
+    out |= faults(r0)
     out["exact"] = bool(np.array_equal(dec["y_hat"], np.load(stream + ".npy")))
 out["peak_rss_mb"] = rss_mb()
 print(json.dumps(out))
 """
+
+
+def best_of(phase: str, method: str, size: tuple[int, int], stream: str, timeout: int, args) -> dict:
+    """:func:`run_phase` ``args.repeats`` times; the run of least CPU time, with every run's
+    seconds and CPU seconds under ``repeats``."""
+    runs = [run_phase(phase, method, size, stream, timeout, args) for _ in range(args.repeats)]
+    best = dict(min(runs, key=lambda r: r["cpu_seconds"]))
+    best["repeats"] = [{k: r[k] for k in ("seconds", "cpu_seconds", "loadavg_1min")} for r in runs]
+    return best
 
 
 def run_phase(phase: str, method: str, size: tuple[int, int], stream: str, timeout: int, args) -> dict:
@@ -130,6 +150,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default=CHECKPOINT, help="a checkpoint file or shipped name")
     parser.add_argument("--lambda", dest="lmbda", type=float, help="its training λ, if the file records none")
     parser.add_argument("--target", default="auto", help="decoder target: auto (qft compress's), rd, or η (0: none)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per subprocess; the least CPU time is kept")
     parser.add_argument("--json", default="benchmarks/results/codec_scaling.json")
     args = parser.parse_args(argv)
     runs: dict = {m: {} for m in args.methods}
@@ -138,8 +159,8 @@ def main(argv=None) -> int:
             for m in args.methods:
                 stream = str(Path(tmp) / f"{m}-{mp}.qft")
                 row = {"width": SIZES[mp][0], "height": SIZES[mp][1]}
-                row["compress"] = run_phase("compress", m, SIZES[mp], stream, args.timeout, args)
-                row["decompress"] = run_phase("decompress", m, SIZES[mp], stream, args.timeout, args)
+                row["compress"] = best_of("compress", m, SIZES[mp], stream, args.timeout, args)
+                row["decompress"] = best_of("decompress", m, SIZES[mp], stream, args.timeout, args)
                 runs[m][str(mp)] = row
                 print(
                     f"{m} {mp:>4} MP: compress {row['compress']['seconds']:.2f} s "
@@ -181,6 +202,7 @@ def main(argv=None) -> int:
         "lambda": args.lmbda,
         "target": args.target,
         "image": "mosaic of the Kodak images, cropped to size",
+        "repeats": args.repeats,
         "runs": runs,
         "summary": summary,
     }

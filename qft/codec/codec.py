@@ -35,6 +35,7 @@ import torch
 from trellis import Quantizer
 from trellis.rans import CorruptStreamError
 
+from qft.allocator import tune_allocator
 from qft.codec.container import Container, Header, check_image_size, check_step
 from qft.codec.image import crop, pad, padding_for, read_image
 from qft.codec.latent import HYPERPRIOR_ENTROPY, LatentCoder, QuantizedLatent, RDTarget
@@ -124,6 +125,10 @@ class Codec:
     :attr:`target` (USQ, none, 0 unless set; :meth:`qft.api.Codec.from_checkpoint` sets
     them to the quantizer the CLI resolves).
 
+    Making a codec fixes glibc's allocator thresholds for the process once
+    (:func:`qft.allocator.tune_allocator`: time linear in pixels on large images; the
+    user's own ``MALLOC_*`` settings win).
+
     Raises:
         UserError: ``arch`` not registered and no ``entropy`` given.
         ValueError: ``entropy`` contradicts the registered architecture's.
@@ -136,6 +141,7 @@ class Codec:
             entropy = get_architecture(arch).entropy
         elif arch in ARCHITECTURES and ARCHITECTURES[arch].entropy != entropy:
             raise ValueError(f"{arch} has a {ARCHITECTURES[arch].entropy} entropy model, not {entropy}")
+        tune_allocator()
         self.model = model.to(device).eval()
         self.arch = arch
         self.entropy = entropy
