@@ -19,9 +19,9 @@ taken under load are slower and noisier, so the process CPU time (one thread: th
 of an idle machine) is recorded too and is the measure of linearity; memory figures are not
 affected by load. The system time and the page faults of the timed call are recorded
 (:mod:`qft.allocator`: the codec fixes glibc's thresholds, without which page faults made
-large images up to 50 % slower per pixel). ``--repeats K`` runs each subprocess K times and keeps the run of least
-CPU time (all K recorded): the VM's run-to-run spread is otherwise larger than the 10 % the
-goal asks to resolve.
+large images up to 50 % slower per pixel). ``--repeats K`` runs K rounds over all sizes
+and keeps, per size and phase, the run of least CPU time (all K recorded): the VM's
+run-to-run spread is otherwise larger than the 10 % the goal asks to resolve.
 
     python benchmarks/codec_scaling.py [--sizes 0.4 2 6 12] [--repeats 3] [--json benchmarks/results/codec_scaling.json]
     python benchmarks/codec_scaling.py --checkpoint runs/reference/mlicpp-small-cpu/lambda-0.013/model.pth \
@@ -112,13 +112,11 @@ print(json.dumps(out))
 """
 
 
-def best_of(phase: str, method: str, size: tuple[int, int], stream: str, timeout: int, args) -> dict:
-    """:func:`run_phase` ``args.repeats`` times; the run of least CPU time, with every run's
-    seconds and CPU seconds under ``repeats``."""
-    runs = [run_phase(phase, method, size, stream, timeout, args) for _ in range(args.repeats)]
-    best = dict(min(runs, key=lambda r: r["cpu_seconds"]))
-    best["repeats"] = [{k: r[k] for k in ("seconds", "cpu_seconds", "loadavg_1min")} for r in runs]
-    return best
+def best(runs: list[dict]) -> dict:
+    """The run of least CPU time, with every run's seconds and CPU seconds under ``repeats``."""
+    out = dict(min(runs, key=lambda r: r["cpu_seconds"]))
+    out["repeats"] = [{k: r[k] for k in ("seconds", "cpu_seconds", "loadavg_1min")} for r in runs]
+    return out
 
 
 def run_phase(phase: str, method: str, size: tuple[int, int], stream: str, timeout: int, args) -> dict:
@@ -154,22 +152,24 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="benchmarks/results/codec_scaling.json")
     args = parser.parse_args(argv)
     runs: dict = {m: {} for m in args.methods}
+    tries: dict = {(m, mp): {"compress": [], "decompress": []} for mp in args.sizes for m in args.methods}
     with tempfile.TemporaryDirectory() as tmp:
-        for mp in args.sizes:
-            for m in args.methods:
-                stream = str(Path(tmp) / f"{m}-{mp}.qft")
-                row = {"width": SIZES[mp][0], "height": SIZES[mp][1]}
-                row["compress"] = best_of("compress", m, SIZES[mp], stream, args.timeout, args)
-                row["decompress"] = best_of("decompress", m, SIZES[mp], stream, args.timeout, args)
-                runs[m][str(mp)] = row
-                print(
-                    f"{m} {mp:>4} MP: compress {row['compress']['seconds']:.2f} s "
-                    f"(cpu {row['compress']['cpu_seconds']:.2f}) "
-                    f"{row['compress']['peak_rss_mb']:.0f} MB, decompress {row['decompress']['seconds']:.2f} s "
-                    f"(cpu {row['decompress']['cpu_seconds']:.2f}) "
-                    f"{row['decompress']['peak_rss_mb']:.0f} MB (load {row['compress']['loadavg_1min'][0]:.1f})",
-                    flush=True,
-                )
+        # the repeats are rounds over all sizes, so a slow spell of the machine hits every size
+        for round_ in range(args.repeats):
+            for mp in args.sizes:
+                for m in args.methods:
+                    stream = str(Path(tmp) / f"{m}-{mp}.qft")
+                    for phase in ("compress", "decompress"):
+                        tries[m, mp][phase].append(run_phase(phase, m, SIZES[mp], stream, args.timeout, args))
+                    c, d = (tries[m, mp][p][-1] for p in ("compress", "decompress"))
+                    print(
+                        f"round {round_ + 1}: {m} {mp:>4} MP: compress {c['seconds']:.2f} s "
+                        f"(cpu {c['cpu_seconds']:.2f}) {c['peak_rss_mb']:.0f} MB, decompress {d['seconds']:.2f} s "
+                        f"(cpu {d['cpu_seconds']:.2f}) {d['peak_rss_mb']:.0f} MB (load {c['loadavg_1min'][0]:.1f})",
+                        flush=True,
+                    )
+    for (m, mp), phases in tries.items():
+        runs[m][str(mp)] = {"width": SIZES[mp][0], "height": SIZES[mp][1]} | {p: best(r) for p, r in phases.items()}
     summary: dict = {}
     for m, rows in runs.items():
         s = {}
