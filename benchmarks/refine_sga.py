@@ -18,6 +18,7 @@ the entropy coder stay on the CPU).
     python benchmarks/refine_sga.py --device cuda --steps 50 200 1000           # all shipped, Kodak
     python benchmarks/refine_sga.py --device cuda --steps 50 200 1000 \\
         --data ../shared/data/tecnick_sampling_300x300 -o benchmarks/results/refine_sga_tecnick.json
+    python benchmarks/refine_sga.py --merge a.json b.json -o refine_sga.json   # models run apart
 """
 
 from __future__ import annotations
@@ -102,7 +103,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="*", default=[50, 200], help="SGA steps (none: the cheap rows only)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("-o", "--output", default=str(OUT))
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these records (different models) into -o")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.output)
     torch.set_num_threads(1)
     models = args.models or [e["name"] for e in base_entries()]
     images = list_images(args.data)[: args.images]
@@ -139,13 +143,39 @@ def main() -> None:
             }
             record["load_after"] = os.getloadavg()
             atomic_write(args.output, json.dumps(record, indent=1))
-    if len(models) > 1:  # one rate point per model: the family's curves
-        means = [record["per_model"][m]["mean"] for m in models]
-        curve = {k: {"bpp": [m[k]["bpp"] for m in means], "psnr-rgb": [m[k]["psnr"] for m in means]} for k in means[0]}
-        record["bd_vs_usq_pchip"] = {k: bd_rate(curve["usq"], c)["pchip"] for k, c in curve.items() if k != "usq"}
-        record["encode_s"] = {k: float(np.mean([m[k]["encode_s"] for m in means])) for k in means[0]}
-        print(json.dumps({"bd_vs_usq_pchip": record["bd_vs_usq_pchip"], "encode_s": record["encode_s"]}, indent=1))
+    family(record)
     atomic_write(args.output, json.dumps(record, indent=1))
+
+
+def family(record: dict) -> None:
+    """With two or more models (one rate point each, taken in the order of their λ), the
+    family's BD-rate (pchip) of each configuration against plain USQ and the mean encode
+    seconds, into ``record``."""
+    models = sorted(record["per_model"], key=lambda m: record["per_model"][m]["model_lambda"])
+    if len(models) < 2:
+        return
+    means = [record["per_model"][m]["mean"] for m in models]
+    curve = {k: {"bpp": [m[k]["bpp"] for m in means], "psnr-rgb": [m[k]["psnr"] for m in means]} for k in means[0]}
+    record["bd_vs_usq_pchip"] = {k: bd_rate(curve["usq"], c)["pchip"] for k, c in curve.items() if k != "usq"}
+    record["encode_s"] = {k: float(np.mean([m[k]["encode_s"] for m in means])) for k in means[0]}
+    print(json.dumps({"bd_vs_usq_pchip": record["bd_vs_usq_pchip"], "encode_s": record["encode_s"]}, indent=1))
+
+
+def merge(paths: list[str], output: str) -> None:
+    """Records of the same images and steps run over different models (e.g. one process
+    or machine each) as one record, with the family's BD-rates."""
+    records = [json.loads(Path(p).read_text()) for p in paths]
+    for r in records[1:]:
+        if (r["images"], r["steps"], r["data"]) != (records[0]["images"], records[0]["steps"], records[0]["data"]):
+            raise SystemExit(f"refine_sga --merge: {paths[0]} and the others differ in images, steps or data")
+    out = dict(records[0], models=[], per_model={}, merged_from=[os.path.basename(p) for p in paths])
+    out["load_before"] = [r["load_before"] for r in records]
+    out["load_after"] = [r.get("load_after") for r in records]
+    for r in records:
+        out["models"] += r["models"]
+        out["per_model"] |= r["per_model"]
+    family(out)
+    atomic_write(output, json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
