@@ -86,7 +86,9 @@ def main() -> None:
         summary["name"] = name
         summary["per_image"] = json.loads((folder / "per_image.json").read_text())
         summary.pop("markdown", None)
-        (RESULTS / f"report_{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        # paths inside the repository as the repository names them, not as this machine does
+        text = json.dumps(summary, indent=1).replace(json.dumps(f"{ROOT}/")[:-1], '"')
+        (RESULTS / f"report_{name}.json").write_text(text + "\n")
         shutil.copy(folder / "rd-psnr-rgb.png", FIGURES / f"report_{name}.png")
     readme = RESULTS_DOC.read_text()
     for name in names:
