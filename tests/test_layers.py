@@ -26,6 +26,7 @@ LAYERS = {
     "qft.errors": 1,
     "qft.files": 1,
     "qft.threads": 1,
+    "qft.allocator": 1,
     "qft.models": 2,
     "qft.codec": 3,
     "qft.settings": 4,
