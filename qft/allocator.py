@@ -21,7 +21,6 @@ user's own settings win: nothing is changed when ``MALLOC_MMAP_THRESHOLD_``,
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 from collections.abc import Mapping
@@ -37,7 +36,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 #: environment variables through which a user sets these thresholds themselves
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
-_tuned = False
+#: None until the first attempt; then whether the thresholds are set
+_tuned: bool | None = None
 
 
 def tune_allocator(environ: Mapping[str, str] | None = None) -> bool:
@@ -53,17 +53,17 @@ def tune_allocator(environ: Mapping[str, str] | None = None) -> bool:
         set their own, or the C library is not glibc (nothing changed).
     """
     global _tuned
-    if _tuned:
-        return True
-    environ = os.environ if environ is None else environ
-    if any(k in environ for k in USER_SETTINGS):
+    if _tuned is not None:  # one attempt per process: the C library does not change
+        return _tuned
+    if any(k in (os.environ if environ is None else environ) for k in USER_SETTINGS):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
+        libc = ctypes.CDLL(None)  # the symbols the process has loaded, the C library's among them
+    except (OSError, TypeError):  # TypeError: Windows has no handle for the process itself
+        libc = None
     if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):  # glibc only
-        return False
+        _tuned = False
+        return _tuned
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     _tuned = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))

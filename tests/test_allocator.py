@@ -12,14 +12,14 @@ glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 @pytest.mark.parametrize("name", allocator.USER_SETTINGS)
 def test_user_settings_win(monkeypatch, name):
-    monkeypatch.setattr(allocator, "_tuned", False)
+    monkeypatch.setattr(allocator, "_tuned", None)
     assert allocator.tune_allocator({name: "1"}) is False
-    assert allocator._tuned is False
+    assert allocator._tuned is None  # nothing attempted
 
 
 @pytest.mark.skipif(not glibc, reason="glibc only")
 def test_tunes_once_on_glibc(monkeypatch):
-    monkeypatch.setattr(allocator, "_tuned", False)
+    monkeypatch.setattr(allocator, "_tuned", None)
     calls = []
     real = ctypes.CDLL
 
@@ -41,12 +41,16 @@ def test_tunes_once_on_glibc(monkeypatch):
 
 
 def test_not_glibc_changes_nothing(monkeypatch):
-    monkeypatch.setattr(allocator, "_tuned", False)
+    monkeypatch.setattr(allocator, "_tuned", None)
+
+    loads = []
 
     class NotGlibc:
         def __init__(self, name):
-            pass
+            loads.append(name)
 
     monkeypatch.setattr(allocator.ctypes, "CDLL", NotGlibc)
     assert allocator.tune_allocator({}) is False
     assert allocator._tuned is False
+    assert allocator.tune_allocator({}) is False  # once: the C library is not looked up again
+    assert loads == [None]
