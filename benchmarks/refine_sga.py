@@ -171,7 +171,9 @@ def merge(paths: list[str], output: str) -> None:
     out = dict(records[0], models=[], per_model={}, merged_from=[os.path.basename(p) for p in paths])
     out["load_before"] = [r["load_before"] for r in records]
     out["load_after"] = [r.get("load_after") for r in records]
-    for r in records:
+    for path, r in zip(paths, records):
+        if set(r["per_model"]) & set(out["per_model"]):
+            raise SystemExit(f"refine_sga --merge: {path} repeats a model of the records before it")
         out["models"] += r["models"]
         out["per_model"] |= r["per_model"]
     family(out)
