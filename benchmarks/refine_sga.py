@@ -104,6 +104,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("-o", "--output", default=str(OUT))
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these records (different models) into -o")
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the images -o already holds (same data, images, steps, device)"
+    )
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.output)
@@ -121,6 +124,8 @@ def main() -> None:
         "load_before": os.getloadavg(),
         "per_model": {},
     }
+    if args.resume and Path(args.output).exists():
+        record = resumed(record, json.loads(Path(args.output).read_text()), args.output)
     for name in models:
         ck = load_checkpoint(name)
         settings = read_settings(ck)
@@ -129,12 +134,19 @@ def main() -> None:
         table = configs(settings, args.steps)
         c, _ = table["tcq8+target"]
         codec.compress(read_image(images[0]), c.quantizer, c.weights, c.target)  # JIT warm-up / cache load, untimed
-        entry = record["per_model"][name] = {
+        entry = {
             "model_lambda": lmbda,
             "configs": {k: {**c.describe(), "refine": f"sga-{n}" if n else "none"} for k, (c, n) in table.items()},
             "rows": {k: [] for k in table},
         }
+        old = record["per_model"].get(name)
+        if old is not None and old["configs"] != entry["configs"]:
+            raise SystemExit(f"refine_sga --resume: {name}'s settings changed since {args.output} was written")
+        entry = record["per_model"][name] = old or entry
+        done = {r["image"] for r in entry["rows"]["usq"]}
         for path in images:
+            if path.name in done:
+                continue
             for k, row in code_image(codec, read_image(path), lmbda, table).items():
                 entry["rows"][k].append({"image": path.name, **row})
             print(name, path.name, {k: round(v[-1]["rd_cost"], 4) for k, v in entry["rows"].items()}, flush=True)
@@ -159,6 +171,20 @@ def family(record: dict) -> None:
     record["bd_vs_usq_pchip"] = {k: bd_rate(curve["usq"], c)["pchip"] for k, c in curve.items() if k != "usq"}
     record["encode_s"] = {k: float(np.mean([m[k]["encode_s"] for m in means])) for k in means[0]}
     print(json.dumps({"bd_vs_usq_pchip": record["bd_vs_usq_pchip"], "encode_s": record["encode_s"]}, indent=1))
+
+
+def resumed(record: dict, old: dict, path: str) -> dict:
+    """``record`` (a new run's header) carrying on ``old``, the record at ``path``: its
+    models' rows are kept and the images they hold are not coded again. Refused where the
+    two differ in data, images, steps or device (their rows would not form one table)."""
+    keys = ("data", "images", "steps", "device")
+    if any(old[k] != record[k] for k in keys):
+        raise SystemExit(f"refine_sga --resume: {path} differs from this run in data, images, steps or device")
+    sessions = old.get("sessions", [{k: old[k] for k in ("machine", "load_before", "load_after") if k in old}])
+    record["sessions"] = sessions + [{"machine": record["machine"], "load_before": record["load_before"]}]
+    record["models"] = list(dict.fromkeys(old["models"] + record["models"]))
+    record["per_model"] = old["per_model"]
+    return record
 
 
 def merge(paths: list[str], output: str) -> None:
