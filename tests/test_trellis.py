@@ -277,6 +277,99 @@ def test_viterbi_is_optimal_exhaustive(S, seed, weighted):
     assert got == pytest.approx(best, rel=1e-6, abs=1e-9)
 
 
+class TestSoftTrellis:
+    """``Quantizer.soft_quantize``: the Gibbs expectations over the trellis paths and their
+    exact gradient (the refinement through the trellis rests on both)."""
+
+    @staticmethod
+    def case(seed, shape=(3, 1, 9), method="tcq8"):
+        rng = np.random.default_rng(seed)
+        q = Quantizer(method, step=rng.uniform(0.5, 0.9), lam=rng.uniform(0.01, 0.2))
+        sigma = np.exp(rng.uniform(np.log(0.1), np.log(5), shape)).astype(np.float32)
+        mu = rng.normal(0, 0.5, shape).astype(np.float32)
+        y = (mu + 1.5 * sigma * rng.normal(size=shape)).astype(np.float32)
+        return q, y, mu, sigma, rng
+
+    @pytest.mark.parametrize("method", ["tcq4", "tcq8"])
+    @pytest.mark.parametrize("weighting", ["none", "channel", "element"])
+    def test_kernel_equals_reference(self, method, weighting):
+        q, y, mu, sigma, rng = self.case(1, method=method)
+        w = {"none": None, "channel": rng.uniform(0.5, 2, (3, 1, 1)), "element": rng.uniform(0.5, 2, y.shape)}
+        kw = dict(tau=0.07, weights=w[weighting], g=rng.normal(size=y.shape), rho=rng.uniform(0.5, 1.5, y.shape))
+        a = q.soft_quantize(y, mu, sigma, **kw)
+        b = q.soft_quantize(y, mu, sigma, backend="numpy", **kw)
+        for u, v in zip(a, b):
+            np.testing.assert_allclose(u, v, rtol=1e-9, atol=1e-11)
+
+    @pytest.mark.parametrize("seed", range(3))
+    def test_cold_limit_is_the_viterbi_path(self, seed):
+        q, y, mu, sigma, _ = self.case(seed, shape=(4, 8, 8))
+        soft = q.soft_quantize(y, mu, sigma, tau=1e-6)
+        hard = q.quantize(y, mu, sigma)
+        np.testing.assert_allclose(soft.y_hat, hard.y_hat, atol=1e-5)
+        assert soft.bits.sum() == pytest.approx(hard.bits, abs=1e-6)
+
+    @pytest.mark.parametrize("S", [4, 8])
+    def test_expectations_by_enumeration(self, S):
+        from trellis._costs import SOFT_WINDOW, soft_index
+
+        q, y, mu, sigma, _ = self.case(S, shape=(1, 1, 5), method=f"tcq{S}")
+        tau = 0.3
+        sm, tab = q.machine, q.table
+        r = (y - mu).ravel().astype(np.float64)
+        rows = scale_rows_reference(sigma).ravel()
+        u = np.rint(r / q.step).astype(int)
+        z, et, er = 0.0, np.zeros(5), np.zeros(5)
+
+        def paths(i, s, cost, ts, bs):
+            nonlocal z, et, er
+            if i == len(r):
+                p = np.exp(-cost / tau)
+                z, et, er = z + p, et + p * np.array(ts), er + p * np.array(bs)
+                return
+            qq = int(sm.quantizer[s])
+            for n in range(u[i] - SOFT_WINDOW, u[i] + SOFT_WINDOW + 1):
+                member, k = soft_index(n, qq)
+                if member:
+                    b = float(tab.index_bits(qq * NUM_SCALES + rows[i], k))
+                    t = n * q.step
+                    nxt = sm.next_state[s, k & 1]
+                    paths(i + 1, nxt, cost + (r[i] - t) ** 2 + q.lam * b, ts + [t], bs + [b])
+
+        paths(0, 0, 0.0, [], [])
+        out = q.soft_quantize(y, mu, sigma, tau=tau)
+        np.testing.assert_allclose(out.y_hat.ravel(), mu.ravel() + et / z, atol=1e-10)
+        np.testing.assert_allclose(out.bits.ravel(), er / z, atol=1e-10)
+
+    def test_gradient_by_finite_differences(self):
+        q, y, mu, sigma, rng = self.case(7)
+        y = y.astype(np.float64)
+        w = rng.uniform(0.5, 2, (3, 1, 1))
+        g, rho = rng.normal(size=y.shape), rng.uniform(0.5, 1.5, y.shape)
+
+        def f(yy):
+            s = q.soft_quantize(yy, mu.astype(np.float64), sigma, tau=0.05, weights=w)
+            return float((g * s.y_hat + rho * s.bits).sum())
+
+        grad = q.soft_quantize(y, mu.astype(np.float64), sigma, tau=0.05, weights=w, g=g, rho=rho).grad
+        num = np.zeros_like(y)
+        for i in np.ndindex(y.shape):
+            e = np.zeros_like(y)
+            e[i] = 1e-5
+            num[i] = (f(y + e) - f(y - e)) / 2e-5
+        np.testing.assert_allclose(grad, num, rtol=1e-4, atol=1e-6 * np.abs(num).max())
+
+    def test_guards(self):
+        q, y, mu, sigma, _ = self.case(0)
+        with pytest.raises(ValueError, match="relaxes the trellis"):
+            Quantizer("usq").soft_quantize(y, mu, sigma, tau=0.1)
+        for tau in (0.0, -1.0, np.nan):
+            with pytest.raises(ValueError, match="tau"):
+                q.soft_quantize(y, mu, sigma, tau=tau)
+        with pytest.raises(ValueError, match="g has shape"):
+            q.soft_quantize(y, mu, sigma, tau=0.1, g=np.zeros(3))
+
+
 class TestBadInput:
     def setup_method(self):
         self.y, self.mu, self.sigma = latent((2, 3, 4))

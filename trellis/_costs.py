@@ -12,9 +12,20 @@ import numpy as np
 
 from numba import njit
 
-__all__ = ["NUM_SCALES", "index_bits", "first_candidate", "candidate_n0", "branches", "union_level"]
+__all__ = [
+    "NUM_SCALES",
+    "SOFT_WINDOW",
+    "index_bits",
+    "first_candidate",
+    "candidate_n0",
+    "branches",
+    "union_level",
+    "soft_index",
+]
 
 NUM_SCALES = 64
+#: The soft trellis's candidates: the union indices ``rint(r/Δ) ± SOFT_WINDOW``.
+SOFT_WINDOW = 3
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -81,3 +92,21 @@ def union_level(k, q):  # pragma: no cover
     if k < 0:
         return 2 * k + q
     return k
+
+
+@njit(cache=True, nogil=True, inline="always")
+def soft_index(n, q):  # pragma: no cover
+    """TCQ index ``k`` of union level ``n`` in quantizer ``q``, or ``None``-like ``(False, 0)``:
+    ``(member, k)``. ``Q0`` holds the even ``n`` (``k = n/2``), ``Q1`` the odd ones and 0
+    (``k = (n ± 1)/2``, the inverse of :func:`union_level`)."""
+    if q == 0:
+        if n & 1:
+            return False, np.int64(0)
+        return True, n >> 1
+    if n == 0:
+        return True, np.int64(0)
+    if (n & 1) == 0:
+        return False, np.int64(0)
+    if n > 0:
+        return True, (n + 1) >> 1
+    return True, -((1 - n) >> 1)

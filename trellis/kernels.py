@@ -22,9 +22,17 @@ import numpy as np
 from numba import njit, prange
 
 from trellis._acs import forward4, forward8
-from trellis._costs import NUM_SCALES, candidate_n0, first_candidate, index_bits, union_level
+from trellis._costs import (
+    NUM_SCALES,
+    SOFT_WINDOW,
+    candidate_n0,
+    first_candidate,
+    index_bits,
+    soft_index,
+    union_level,
+)
 
-__all__ = ["scale_rows", "usq", "rdoq", "tcq", "chain_states", "reconstruct"]
+__all__ = ["scale_rows", "usq", "rdoq", "tcq", "soft_tcq", "chain_states", "reconstruct"]
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -173,6 +181,185 @@ def tcq(r, w, mu, rows, step, lam, num_states, quant, bits, kmax, tail_bits, cdf
             acc += index_bits(bits, kmax, tail_bits, cdf_length, offset, row, k)
         chain_bits[c] = acc
     return idx, states, coding_rows, y_hat, chain_bits
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lse(a, b):  # pragma: no cover
+    """``log(eᵃ + eᵇ)``; the smaller term is dropped where it is below ``e⁻⁴⁰`` of the larger."""
+    if a < b:
+        a, b = b, a
+    if a - b > 40.0 or b == -np.inf:
+        return a
+    return a + math.log1p(math.exp(b - a))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def soft_tcq(
+    r, w, rows, step, lam, tau, nxt, quant, g, rho, bits, kmax, tail_bits, cdf_length, offset
+):  # pragma: no cover
+    """The soft trellis: expectations under ``p(path) ∝ exp(−Σ (w (r − t)² + λ_c R) / τ)``.
+
+    Per chain (start state 0, free end), candidates the union levels ``nΔ``,
+    ``n = rint(r/Δ) ± SOFT_WINDOW`` (``Q0``: even ``n``; ``Q1``: odd ``n`` and 0), each
+    with its exact table bits ``R`` in its quantizer's row. The candidates of one quantizer
+    and index parity collapse into one branch (log weight ``φ``, within it a softmax);
+    forward–backward over the state machine ``nxt`` in the log domain. Returns
+    ``(E[t], E[R], grad)`` per element, ``t`` in latent units; with ``g`` given (``None``:
+    no gradient, ``grad`` all 0), ``grad`` is ``∂E[F]/∂r`` for ``F = Σ g t + ρ R``, i.e.
+    ``(2 w / τ) Cov(F, t)``, from the conditional expectations of the prefix and suffix
+    parts of ``F`` given each state (the expectation semiring).
+    """
+    C, L = r.shape
+    S = nxt.shape[0]
+    J = 2 * SOFT_WINDOW + 1
+    ninf = -np.inf
+    et = np.zeros((C, L))
+    er = np.zeros((C, L))
+    grad = np.zeros((C, L))
+    for c in prange(C):
+        sw = np.zeros((L, 2, J))  # softmax of each candidate within its (quantizer, parity) branch
+        tv = np.empty((L, J))  # its level t
+        bv = np.zeros((L, 2, J))  # its bits
+        pv = np.full((L, 2, J), -1, dtype=np.int64)  # its index parity (−1: not in the quantizer)
+        phi = np.full((L, 2, 2), ninf)  # log weight of each branch
+        for i in range(L):
+            x = np.float64(r[c, i])
+            wd = 1.0 if w is None else w[c, i]
+            u = np.int64(np.rint(x / step))
+            for j in range(J):
+                n = u - SOFT_WINDOW + j
+                t = n * step
+                tv[i, j] = t
+                dist = wd * (x - t) * (x - t)
+                for q in range(2):
+                    member, k = soft_index(n, q)
+                    if member:
+                        b = index_bits(bits, kmax, tail_bits, cdf_length, offset, q * NUM_SCALES + rows[c, i], k)
+                        bv[i, q, j] = b
+                        pv[i, q, j] = k & 1
+                        sw[i, q, j] = -(dist + lam[c] * b) / tau  # the log weight, until normalised below
+                        phi[i, q, k & 1] = max(phi[i, q, k & 1], sw[i, q, j])
+            for q in range(2):
+                tot0 = 0.0
+                tot1 = 0.0
+                for j in range(J):
+                    p = pv[i, q, j]
+                    if p >= 0:
+                        e = math.exp(sw[i, q, j] - phi[i, q, p])
+                        sw[i, q, j] = e
+                        if p == 0:
+                            tot0 += e
+                        else:
+                            tot1 += e
+                for j in range(J):
+                    p = pv[i, q, j]
+                    if p >= 0:
+                        sw[i, q, j] /= tot0 if p == 0 else tot1
+                if tot0 > 0.0:
+                    phi[i, q, 0] += math.log(tot0)
+                if tot1 > 0.0:
+                    phi[i, q, 1] += math.log(tot1)
+        la = np.full((L + 1, S), ninf)  # log forward
+        la[0, 0] = 0.0
+        for i in range(L):
+            for s in range(S):
+                if la[i, s] != ninf:
+                    q = quant[s]
+                    for p in range(2):
+                        d = nxt[s, p]
+                        la[i + 1, d] = _lse(la[i + 1, d], la[i, s] + phi[i, q, p])
+        lb = np.zeros((L + 1, S))  # log backward
+        for i in range(L - 1, -1, -1):
+            for s in range(S):
+                q = quant[s]
+                lb[i, s] = _lse(phi[i, q, 0] + lb[i + 1, nxt[s, 0]], phi[i, q, 1] + lb[i + 1, nxt[s, 1]])
+        pb = np.zeros((L, S, 2))  # P(element i is coded in state s with index parity p)
+        for i in range(L):
+            top = ninf
+            for s in range(S):
+                q = quant[s]
+                for p in range(2):
+                    v = la[i, s] + phi[i, q, p] + lb[i + 1, nxt[s, p]]
+                    pb[i, s, p] = v
+                    top = max(top, v)
+            tot = 0.0
+            for s in range(S):
+                for p in range(2):
+                    v = pb[i, s, p] - top
+                    e = math.exp(v) if v > -40.0 else 0.0
+                    pb[i, s, p] = e
+                    tot += e
+            a_t = 0.0
+            a_r = 0.0
+            for s in range(S):
+                q = quant[s]
+                for p in range(2):
+                    pb[i, s, p] /= tot
+                    if pb[i, s, p] > 0.0:
+                        for j in range(J):
+                            if pv[i, q, j] == p:
+                                pc = pb[i, s, p] * sw[i, q, j]
+                                a_t += pc * tv[i, j]
+                                a_r += pc * bv[i, q, j]
+            et[c, i] = a_t
+            er[c, i] = a_r
+        if g is None:
+            continue
+        fb = np.zeros((L, 2, 2))  # E[g t + ρ R] within each branch
+        cf = np.zeros((L, 2, 2))  # E[t − E t] within each branch
+        cg = np.zeros((L, 2, 2))  # E[(t − E t)(g t + ρ R)] within each branch
+        for i in range(L):
+            for q in range(2):
+                for j in range(J):
+                    p = pv[i, q, j]
+                    if p >= 0:
+                        f = g[c, i] * tv[i, j] + rho[c, i] * bv[i, q, j]
+                        dt = tv[i, j] - et[c, i]
+                        fb[i, q, p] += sw[i, q, j] * f
+                        cf[i, q, p] += sw[i, q, j] * dt
+                        cg[i, q, p] += sw[i, q, j] * dt * f
+        m = np.zeros((L + 1, S))  # E[F of the prefix | state]
+        for i in range(L):
+            for s in range(S):
+                if la[i, s] != ninf:
+                    q = quant[s]
+                    for p in range(2):
+                        d = nxt[s, p]
+                        v = la[i, s] + phi[i, q, p] - la[i + 1, d]
+                        if v > -40.0:
+                            m[i + 1, d] += math.exp(v) * (m[i, s] + fb[i, q, p])
+        h = np.zeros((L + 1, S))  # E[F of the suffix | state]
+        for i in range(L - 1, -1, -1):
+            for s in range(S):
+                q = quant[s]
+                acc = 0.0
+                for p in range(2):
+                    d = nxt[s, p]
+                    v = phi[i, q, p] + lb[i + 1, d] - lb[i, s]
+                    if v > -40.0:
+                        acc += math.exp(v) * (fb[i, q, p] + h[i + 1, d])
+                h[i, s] = acc
+        top = ninf
+        for s in range(S):
+            top = max(top, la[L, s])
+        ef = 0.0
+        tot = 0.0
+        for s in range(S):
+            v = la[L, s] - top
+            if v > -40.0:
+                ef += math.exp(v) * m[L, s]
+                tot += math.exp(v)
+        ef /= tot
+        for i in range(L):
+            cov = 0.0
+            for s in range(S):
+                q = quant[s]
+                for p in range(2):
+                    if pb[i, s, p] > 0.0:
+                        cov += pb[i, s, p] * ((m[i, s] + h[i + 1, nxt[s, p]] - ef) * cf[i, q, p] + cg[i, q, p])
+            wd = 1.0 if w is None else w[c, i]
+            grad[c, i] = 2.0 * wd / tau * cov
+    return et, er, grad
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -25,13 +25,27 @@ from trellis import kernels, reference
 from trellis.machines import StateMachine, machine
 from trellis.tables import NUM_SCALES, SCALE_TABLE, RateTable, rate_table, scale_rows_reference
 
-__all__ = ["METHODS", "RESETS", "BACKENDS", "Quantizer", "QuantizeResult", "scale_rows"]
+__all__ = ["METHODS", "RESETS", "BACKENDS", "Quantizer", "QuantizeResult", "SoftQuantizeResult", "scale_rows"]
 
 METHODS = ("usq", "rdoq", "tcq4", "tcq8")
 RESETS = ("channel", "tensor")
 BACKENDS = ("numba", "numpy")
 #: ``|y - μ| / Δ`` must stay below this (indices are int32).
 _MAX_LEVEL = 2.0**30
+
+
+class SoftQuantizeResult(NamedTuple):
+    """Output of :meth:`Quantizer.soft_quantize` (float64 arrays shaped like ``y``).
+
+    Attributes:
+        y_hat: the expected reconstruction ``μ + E[t]``.
+        bits: the expected table bits of each element.
+        grad: ``∂E[Σ g·ŷ + ρ·R]/∂y`` (``None`` without ``g``).
+    """
+
+    y_hat: np.ndarray
+    bits: np.ndarray
+    grad: np.ndarray | None
 
 
 class QuantizeResult(NamedTuple):
@@ -182,35 +196,9 @@ class Quantizer:
                 none of them.
             backend: ``"numba"`` (fast kernels) or ``"numpy"`` (the reference).
         """
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         y = np.asarray(y)
-        if y.ndim not in (3, 4):
-            raise ValueError(f"y must have shape (C, H, W) or (N, C, H, W), got {y.shape}")
-        _check_finite("y", y)
-        mu = np.zeros_like(y) if mu is None else np.asarray(mu)
-        if mu.shape != y.shape:
-            raise ValueError(f"mu has shape {mu.shape}, y has shape {y.shape}")
-        _check_finite("mu", mu)
-        mu = mu.astype(y.dtype, copy=False)
-        rows = self._scale_rows(y.shape, sigma, scale_rows, backend)
-        r = self._chains(y - mu)  # residual in y's dtype (as CompressAI's round(y - μ))
-        if np.abs(r).max(initial=0.0) >= _MAX_LEVEL * self.step:
-            raise ValueError(f"y - mu exceeds {_MAX_LEVEL:g} quantization steps")
-        rows2 = self._chains(rows)
-        mu2 = self._chains(mu)
+        r, mu2, rows2, lam, w = self._prepare(y, mu, sigma, scale_rows, weights, backend)
         tab = self.table
-        lam = np.full(r.shape[0], self.lam)
-        w = None
-        if weights is not None:
-            wv = self._weights(weights, y.shape)
-            wv = wv.reshape((1,) * (y.ndim - wv.ndim) + wv.shape)
-            if self.reset == "channel" and wv.shape[-2:] == (1, 1):
-                # constant along each chain: Σ w_c (r - t)² + λ R has the argmin of
-                # Σ (r - t)² + (λ / w_c) R, a per-chain λ at no cost per element
-                lam = self.lam / np.broadcast_to(wv, y.shape[:-2] + (1, 1)).reshape(-1)
-            else:
-                w = self._chains(np.broadcast_to(wv, y.shape))
         tabargs = (tab.bits, tab.kmax, tab.tail_bits, tab.cdf_length, tab.offset)
         states = np.zeros(r.shape, dtype=np.uint8)
         coding_rows = rows2
@@ -239,6 +227,87 @@ class Quantizer:
             y_hat=y_hat.reshape(y.shape),
             bits=float(bits.sum()),
         )
+
+    def soft_quantize(
+        self,
+        y: np.ndarray,
+        mu: np.ndarray | None = None,
+        sigma: np.ndarray | None = None,
+        *,
+        tau: float,
+        scale_rows: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+        g: np.ndarray | None = None,
+        rho: np.ndarray | float = 0.0,
+        backend: str = "numba",
+    ) -> SoftQuantizeResult:
+        """The trellis relaxed at temperature ``τ`` (TCQ only): expectations under the Gibbs
+        distribution of the paths, ``p(path) ∝ exp(−J(path)/τ)`` with the quantizer's own
+        cost ``J = Σ w (r − t)² + λ Σ R`` (arguments as :meth:`quantize`).
+
+        Candidates are the union levels within ``±3Δ`` of ``r`` (``trellis._costs.SOFT_WINDOW``),
+        so as ``τ → 0`` ``y_hat`` tends to the Viterbi reconstruction of :meth:`quantize`
+        (where the chosen level lies in that window, always in practice) and ``bits`` to its
+        table bits. With ``g`` (shaped like ``y``) and ``rho`` (a number or shaped like ``y``),
+        ``grad`` is the exact gradient ``∂E[Σ g·ŷ + ρ·R]/∂y = (2w/τ) Cov(Σ g t + ρ R, t)``:
+        what an optimiser of ``y`` through the relaxed trellis needs (``qft.codec.refine``).
+        """
+        if not self.is_trellis:
+            raise ValueError(f"soft quantization relaxes the trellis; {self.method} has none (use tcq4 or tcq8)")
+        if not (np.isfinite(tau) and tau > 0):
+            raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+        y = np.asarray(y)
+        r, mu2, rows2, lam, w = self._prepare(y, mu, sigma, scale_rows, weights, backend)
+        gc = rc = None
+        if g is not None:
+            g = np.asarray(g, np.float64)
+            if g.shape != y.shape:
+                raise ValueError(f"g has shape {g.shape}, y has shape {y.shape}")
+            gc = self._chains(g)
+            rc = self._chains(np.broadcast_to(np.asarray(rho, np.float64), y.shape))
+        sm, tab = self.machine, self.table
+        if backend == "numba":
+            et, er, grad = kernels.soft_tcq(
+                r, w, rows2, self.step, lam, float(tau), sm.next_state, sm.quantizer, gc, rc,
+                tab.bits, tab.kmax, tab.tail_bits, tab.cdf_length, tab.offset,
+            )  # fmt: skip
+        else:
+            et, er, grad = reference.soft_tcq(r, w, rows2, self.step, lam, float(tau), tab, sm, gc, rc)
+        return SoftQuantizeResult(
+            y_hat=mu2.astype(np.float64).reshape(y.shape) + et.reshape(y.shape),
+            bits=er.reshape(y.shape),
+            grad=None if g is None else grad.reshape(y.shape),
+        )
+
+    def _prepare(self, y, mu, sigma, scale_rows, weights, backend):
+        """Validated chains of one call: ``(r, mu, rows, lam, w)`` (``lam`` per chain,
+        ``w`` per element or ``None``)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if y.ndim not in (3, 4):
+            raise ValueError(f"y must have shape (C, H, W) or (N, C, H, W), got {y.shape}")
+        _check_finite("y", y)
+        mu = np.zeros_like(y) if mu is None else np.asarray(mu)
+        if mu.shape != y.shape:
+            raise ValueError(f"mu has shape {mu.shape}, y has shape {y.shape}")
+        _check_finite("mu", mu)
+        mu = mu.astype(y.dtype, copy=False)
+        rows = self._scale_rows(y.shape, sigma, scale_rows, backend)
+        r = self._chains(y - mu)  # residual in y's dtype (as CompressAI's round(y - μ))
+        if np.abs(r).max(initial=0.0) >= _MAX_LEVEL * self.step:
+            raise ValueError(f"y - mu exceeds {_MAX_LEVEL:g} quantization steps")
+        lam = np.full(r.shape[0], self.lam)
+        w = None
+        if weights is not None:
+            wv = self._weights(weights, y.shape)
+            wv = wv.reshape((1,) * (y.ndim - wv.ndim) + wv.shape)
+            if self.reset == "channel" and wv.shape[-2:] == (1, 1):
+                # constant along each chain: Σ w_c (r - t)² + λ R has the argmin of
+                # Σ (r - t)² + (λ / w_c) R, a per-chain λ at no cost per element
+                lam = self.lam / np.broadcast_to(wv, y.shape[:-2] + (1, 1)).reshape(-1)
+            else:
+                w = self._chains(np.broadcast_to(wv, y.shape))
+        return r, self._chains(mu), self._chains(rows), lam, w
 
     def dequantize(self, indices: np.ndarray, mu: np.ndarray | None = None, *, backend: str = "numba"):
         """Reconstruction from the indices alone (states tracked from index parities).

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from trellis._costs import SOFT_WINDOW
 from trellis.machines import StateMachine
 from trellis.tables import NUM_SCALES, RateTable
 
-__all__ = ["usq", "rdoq", "tcq", "chain_states", "tcq_candidates", "reconstruct"]
+__all__ = ["usq", "rdoq", "tcq", "soft_tcq", "chain_states", "tcq_candidates", "reconstruct"]
 
 
 _NO_STATES = np.zeros(1, dtype=np.int64)
@@ -111,6 +112,81 @@ def tcq(r, w, mu, rows, step: float, lam: np.ndarray, table: RateTable, sm: Stat
         chain_bits[c] = table.index_bits(sm.quantizer[states[c]] * NUM_SCALES + rows[c], idx[c]).sum()
     coding_rows = (sm.quantizer[states] * NUM_SCALES + rows).astype(np.int32)
     return idx, states, coding_rows, reconstruct(idx, states, sm.quantizer, True, step, mu), chain_bits
+
+
+def soft_tcq(
+    r, w, rows, step: float, lam: np.ndarray, tau: float, table: RateTable, sm: StateMachine, g=None, rho=None
+):
+    """The soft trellis (:func:`trellis.kernels.soft_tcq`), vectorised over chains.
+
+    Returns ``(E[t], E[R], grad)`` (``grad`` all 0 without ``g``)."""
+    r = r.astype(np.float64)
+    C, L = r.shape
+    w = np.ones_like(r) if w is None else w
+    u = np.rint(r / step).astype(np.int64)
+    n = u[..., None] + np.arange(-SOFT_WINDOW, SOFT_WINDOW + 1)  # (C, L, J) union levels
+    t = n * step
+    member = np.stack([n % 2 == 0, (n % 2 == 1) | (n == 0)])  # (2, C, L, J)
+    k = np.stack([n // 2, np.where(n > 0, (n + 1) // 2, -((1 - n) // 2)) * (n != 0)])
+    parity = k & 1
+    bits = np.stack([table.index_bits(q * NUM_SCALES + rows[..., None], k[q]) for q in (0, 1)])
+    cost = w[..., None] * (r[..., None] - t) ** 2 + lam[:, None, None] * bits
+    logw = np.where(member, -cost / tau, -np.inf)
+    grp = np.stack([np.where(parity == p, logw, -np.inf) for p in (0, 1)], axis=1)  # (q, p, C, L, J)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        phi = np.logaddexp.reduce(grp, axis=-1)  # (q, p, C, L)
+        within = np.where(np.isfinite(grp), np.exp(grp - phi[..., None]), 0.0)
+    S = sm.num_states
+    nxt, quant = sm.next_state, sm.quantizer
+    la = np.full((L + 1, C, S), -np.inf)
+    la[0, :, 0] = 0.0
+    for i in range(L):
+        for s in range(S):
+            for p in (0, 1):
+                d = nxt[s, p]
+                la[i + 1, :, d] = np.logaddexp(la[i + 1, :, d], la[i, :, s] + phi[quant[s], p, :, i])
+    lb = np.zeros((L + 1, C, S))
+    for i in range(L - 1, -1, -1):
+        for s in range(S):
+            q = quant[s]
+            lb[i, :, s] = np.logaddexp(
+                phi[q, 0, :, i] + lb[i + 1, :, nxt[s, 0]], phi[q, 1, :, i] + lb[i + 1, :, nxt[s, 1]]
+            )
+    logz = np.logaddexp.reduce(la[L], axis=-1)  # (C,)
+    # P(i, s, p) and the candidate marginals P(i, s, p) · softmax within the branch
+    ps = np.exp(
+        la[:L, :, :, None] + phi[quant].transpose(3, 2, 0, 1) + lb[1:][:, :, nxt] - logz[None, :, None, None]
+    )  # (L, C, S, 2)
+    wsp = within[quant].transpose(3, 2, 0, 1, 4)  # (L, C, S, 2, J)
+    pc = ps[..., None] * wsp
+    tl = t.transpose(1, 0, 2)[:, :, None, None, :]  # (L, C, 1, 1, J)
+    bl = bits[quant].transpose(2, 1, 0, 3)[:, :, :, None, :]  # (L, C, S, 1, J)
+    et = (pc * tl).sum(axis=(2, 3, 4)).T
+    er = (pc * bl).sum(axis=(2, 3, 4)).T
+    if g is None:
+        return et, er, np.zeros((C, L))
+    f = g.T[:, :, None, None, None] * tl + rho.T[:, :, None, None, None] * bl  # (L, C, S, 1, J)
+    fb = (wsp * f).sum(-1)  # (L, C, S, 2)
+    m = np.zeros((L + 1, C, S))
+    for i in range(L):
+        for s in range(S):
+            for p in (0, 1):
+                d = nxt[s, p]
+                with np.errstate(invalid="ignore"):
+                    wt = np.exp(la[i, :, s] + phi[quant[s], p, :, i] - la[i + 1, :, d])
+                m[i + 1, :, d] += np.where(np.isfinite(wt), wt, 0.0) * (m[i, :, s] + fb[i, :, s, p])
+    h = np.zeros((L + 1, C, S))
+    for i in range(L - 1, -1, -1):
+        for s in range(S):
+            for p in (0, 1):
+                d = nxt[s, p]
+                h[i, :, s] += np.exp(phi[quant[s], p, :, i] + lb[i + 1, :, d] - lb[i, :, s]) * (
+                    fb[i, :, s, p] + h[i + 1, :, d]
+                )
+    ef = (np.exp(la[L] - logz[:, None]) * m[L]).sum(-1)  # (C,)
+    cond = m[:L][..., None, None] + f + h[1:][:, :, nxt][..., None] - ef[None, :, None, None, None]
+    cov = (pc * (tl - et.T[:, :, None, None, None]) * cond).sum(axis=(2, 3, 4)).T
+    return et, er, 2.0 * w / tau * cov
 
 
 def chain_states(indices: np.ndarray, sm: StateMachine) -> np.ndarray:
