@@ -236,7 +236,7 @@ class QuantizerChoice:
             "reset": q.reset,
             "weights": self.weights is not None,
             "target": target_record(self.target),
-            "refine": "none" if self.refine is None else self.refine.record(),
+            "refine": "none" if self.refine is None else self.refine.record(q),
             "source": self.source,
         }
 

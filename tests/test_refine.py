@@ -58,6 +58,27 @@ def test_refinement_is_deterministic(codec, image):
     assert a == b
 
 
+def test_steps_split_between_sga_and_the_trellis():
+    usq, tcq = Quantizer("usq"), Quantizer("tcq4", step=0.7, lam=0.02)
+    assert SGARefine(LMBDA, 10).split(usq) == (10, 0)
+    assert SGARefine(LMBDA, 10).split(tcq) == (5, 5)
+    assert SGARefine(LMBDA, 10, trellis_share=0.0).split(tcq) == (10, 0)
+    assert SGARefine(LMBDA, 10, trellis_share=1.0).split(tcq) == (0, 10)
+    assert SGARefine(LMBDA, 10, trellis_share=0.0).record(tcq) == "sga-10"
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_refinement_through_the_trellis(codec, image, share):
+    """Steps through the relaxed trellis (after SGA, or alone) give a stream that decodes
+    exactly, deterministically, at a lower RD loss than the trellis on the plain latent."""
+    q = Quantizer("tcq8", step=0.7, lam=0.02)
+    refine = SGARefine(LMBDA, 40, lr=0.2, trellis_share=share)
+    out = codec.compress(image, q, refine=refine)
+    assert np.array_equal(codec.decompress(out["bitstream"])["y_hat"], out["y_hat"])
+    assert out["bitstream"] == codec.compress(image, q, refine=refine)["bitstream"]
+    assert rd_cost(codec, image, out) < rd_cost(codec, image, codec.compress(image, q))
+
+
 def test_refine_settings_and_guards(codec, image):
     with pytest.raises(UserError, match="qft calibrate -m CKPT --lambda"):
         resolve_quantizer("usq", {}, refine="sga")
@@ -67,10 +88,17 @@ def test_refine_settings_and_guards(codec, image):
         resolve_quantizer("usq", {"model_lambda": LMBDA}, refine="sga", refine_steps=0)
     c = resolve_quantizer("tcq8", {"model_lambda": LMBDA}, refine="sga", refine_steps=7)
     assert c.target == 0.0 and c.refine == SGARefine(LMBDA, 7)
-    assert c.describe()["refine"] == "sga-7" and resolve_quantizer("usq", {}).describe()["refine"] == "none"
+    assert c.describe()["refine"] == "sga-3+trellis-4" and resolve_quantizer("usq", {}).describe()["refine"] == "none"
+    u = resolve_quantizer("usq", {"model_lambda": LMBDA}, refine="sga", refine_steps=7)
+    assert u.describe()["refine"] == "sga-7"
     with pytest.raises(ValueError, match="exclude"):
         codec.compress(image, Quantizer("usq"), target=0.25, refine=SGARefine(LMBDA, 1))
-    for bad in ({"lmbda": 0.0}, {"lmbda": math.nan}, {"lmbda": 0.01, "steps": 0}):
+    for bad in (
+        {"lmbda": 0.0},
+        {"lmbda": math.nan},
+        {"lmbda": 0.01, "steps": 0},
+        {"lmbda": 0.01, "trellis_share": 1.5},
+    ):
         with pytest.raises(ValueError):
             SGARefine(**bad)
 

@@ -46,7 +46,7 @@ import torch
 
 from trellis import NUM_SCALES, Quantizer, QuantizeResult, rans, scale_rows
 
-from qft.codec.refine import SGARefine, refine_latents
+from qft.codec.refine import SGARefine, refine_latents, refine_through_trellis
 from qft.codec.steps import STEP_ENTROPY, StepContext, latent_steps
 from qft.codec.tiling import receptive_radius, scaled, tiled, windows
 
@@ -344,10 +344,27 @@ class LatentCoder:
         decoder target (module docstring; 0: none) or an :class:`RDTarget`; ``padding``:
         the zero padding of ``x``, outside the target's residual and the choice's MSE;
         ``refine``: an SGA refinement of the latents before quantization
-        (:mod:`qft.codec.refine`), which the refined ``y`` is the quantizer's target of.
+        (:mod:`qft.codec.refine`), which the refined ``y`` is the quantizer's target of;
+        for a trellis quantizer its last steps run through the relaxed trellis
+        (:meth:`SGARefine.split`, :func:`qft.codec.refine.refine_through_trellis`).
         """
-        latents = self.latents(x, bool(target), padding, refine)
-        return [self.requantize(lat, quantizer, weights, target) for lat in latents]
+        if refine is None:
+            latents = self.latents(x, bool(target), padding)
+            return [self.requantize(lat, quantizer, weights, target) for lat in latents]
+        if self.entropy not in HYPERPRIOR_ENTROPY:
+            raise ValueError("the SGA refinement needs a hyperprior model")
+        sga, soft = refine.split(quantizer)
+        latents = self.latents(x, bool(target), padding, dataclasses.replace(refine, steps=sga) if sga else None)
+        out = []
+        for i, lat in enumerate(latents):
+            if soft:
+                mu, sigma = self.steps.parameters(dataclasses.replace(lat.context, finals=[], support=None), 0)
+                y = refine_through_trellis(
+                    self.model, x[i : i + 1], lat.y, mu, sigma, quantizer, weights, refine, soft, padding
+                )
+                lat = dataclasses.replace(lat, y=y)
+            out.append(self.requantize(lat, quantizer, weights, target))
+        return out
 
     @torch.no_grad()
     def requantize(

@@ -17,8 +17,19 @@ target). The decoder needs nothing: the stream format is unchanged.
 
 The rates are the model's (the ``EntropyBottleneck``'s and ``GaussianConditional``'s
 likelihoods, ``σ`` bounded below at 0.11 as the coder does), so the loss is the one the
-model was trained on, at its training λ; it is the step-1 rounding's, whichever quantizer
-codes the result.
+model was trained on, at its training λ; it is the step-1 rounding's.
+
+**Through the trellis.** A latent refined for the step-1 grid sits on that grid, which the
+union grid of a trellis quantizer does not hold: coded by TCQ it loses most of what SGA
+gained (docs/design.md, "SGA through the trellis"). For a trellis quantizer the last
+``trellis_share`` of the steps therefore relax the trellis itself
+(:func:`refine_through_trellis`): ``z`` (hence ``μ, σ``) is fixed at what the SGA steps
+gave, and Adam minimises ``λ·255²·MSE(x, g_s(E_p[ŷ])) + (E_p[Σ R] + bits(ẑ)) / pixels``
+in ``y``, where ``p(path) ∝ exp(−J(path)/τ)`` is the Gibbs distribution of the trellis
+paths under the quantizer's own cost ``J`` (:meth:`trellis.Quantizer.soft_quantize`,
+exact table bits, exact gradients) and ``τ`` anneals geometrically from
+:data:`SOFT_TAU_START` to :data:`SOFT_TAU_END`, where ``p`` is the Viterbi path: the
+trellis then codes the latent these steps optimised for.
 """
 
 from __future__ import annotations
@@ -27,11 +38,23 @@ import math
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from trellis import SCALE_TABLE
+from trellis import SCALE_TABLE, Quantizer
 
-__all__ = ["SGA_LR", "SGA_TAU_END", "SGA_TAU_START", "SGARefine", "refine_latents", "sga_round"]
+__all__ = [
+    "SGA_LR",
+    "SGA_TAU_END",
+    "SGA_TAU_START",
+    "SOFT_TAU_END",
+    "SOFT_TAU_START",
+    "TRELLIS_SHARE",
+    "SGARefine",
+    "refine_latents",
+    "refine_through_trellis",
+    "sga_round",
+]
 
 #: Adam's learning rate (the paper's 5e-3).
 SGA_LR = 5e-3
@@ -39,6 +62,13 @@ SGA_LR = 5e-3
 SGA_TAU_START = 0.5
 #: Temperature of the last step: the relaxation is then within a few % of hard rounding.
 SGA_TAU_END = 0.02
+#: Temperature of the soft trellis's first step, in the quantizer's cost units (latent
+#: squared error): neighbouring levels ``Δ`` apart are then both well represented.
+SOFT_TAU_START = 0.1
+#: Temperature of its last step: the Gibbs distribution is then the Viterbi path's.
+SOFT_TAU_END = 0.002
+#: Share of the steps spent relaxing the trellis when the quantizer is one.
+TRELLIS_SHARE = 0.5
 _EPS = 1e-5
 
 
@@ -51,12 +81,15 @@ class SGARefine:
         steps: Adam steps per image (≥ 1).
         seed: seed of the Gumbel noise (the refinement is deterministic given it).
         lr: Adam's learning rate.
+        trellis_share: for a trellis quantizer, the share of ``steps`` that relax the
+            trellis (:func:`refine_through_trellis`) after the SGA steps; 0: SGA only.
     """
 
     lmbda: float
     steps: int = 200
     seed: int = 0
     lr: float = SGA_LR
+    trellis_share: float = TRELLIS_SHARE
 
     def __post_init__(self):
         if not (math.isfinite(self.lmbda) and self.lmbda > 0):
@@ -65,10 +98,19 @@ class SGARefine:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not (0.0 <= self.trellis_share <= 1.0):
+            raise ValueError(f"trellis_share must lie in [0, 1], got {self.trellis_share!r}")
 
-    def record(self) -> str:
-        """As records write it: ``"sga-N"``."""
-        return f"sga-{self.steps}"
+    def split(self, quantizer: Quantizer) -> tuple[int, int]:
+        """``(SGA steps, trellis steps)`` for ``quantizer``: all SGA unless it is a trellis."""
+        soft = round(self.steps * self.trellis_share) if quantizer.is_trellis else 0
+        return self.steps - soft, soft
+
+    def record(self, quantizer: Quantizer) -> str:
+        """As records write it for ``quantizer``: ``"sga-N"``, or ``"sga-A+trellis-B"`` where
+        B of the N steps relax the trellis."""
+        sga, soft = self.split(quantizer)
+        return f"sga-{self.steps}" if soft == 0 else f"sga-{sga}+trellis-{soft}"
 
 
 def sga_round(r: torch.Tensor, tau: float, gen: torch.Generator) -> torch.Tensor:
@@ -142,3 +184,70 @@ def refine_latents(
         for p in frozen:
             p.requires_grad_(True)
     return y.detach(), z.detach()
+
+
+class _SoftTrellis(torch.autograd.Function):
+    """``(E_p[ŷ], E_p[R])`` of the soft trellis as a function of ``y`` (one image, CPU
+    arithmetic in float64; the gradient is the exact one of ``soft_quantize``)."""
+
+    @staticmethod
+    def forward(ctx, y, mu, sigma, quantizer, weights, tau):
+        arr = y.detach().cpu().double().numpy()[0]
+        out = quantizer.soft_quantize(arr, mu, sigma, tau=tau, weights=weights)
+        ctx.args = (arr, mu, sigma, quantizer, weights, tau)
+        return (
+            torch.from_numpy(out.y_hat).to(y)[None],
+            torch.from_numpy(out.bits).to(y)[None],
+        )
+
+    @staticmethod
+    def backward(ctx, g_hat, g_bits):
+        arr, mu, sigma, quantizer, weights, tau = ctx.args
+        g = g_hat[0].detach().cpu().double().numpy()
+        rho = g_bits[0].detach().cpu().double().numpy()
+        out = quantizer.soft_quantize(arr, mu, sigma, tau=tau, weights=weights, g=g, rho=rho)
+        return torch.from_numpy(out.grad).to(g_hat)[None], None, None, None, None, None
+
+
+def refine_through_trellis(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: np.ndarray,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    quantizer: Quantizer,
+    weights: np.ndarray | None,
+    refine: SGARefine,
+    steps: int,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> np.ndarray:
+    """``y`` (float32 ``(C, h, w)``) after ``steps`` Adam steps through the relaxed trellis
+    of ``quantizer`` (module docstring), for one image ``x`` ``(1, 3, H, W)`` whose
+    entropy parameters ``mu``, ``sigma`` (``(C, h, w)``, from its coded ``ẑ``) stay fixed;
+    ``weights``: the quantizer's per-channel distortion weights ``(C,)`` or ``None``. The
+    hyper-latent's bits are a constant of this loss and left out. The model's parameters
+    are left untouched."""
+    left, right, top, bottom = padding
+    rows, cols = slice(top, x.shape[-2] - bottom), slice(left, x.shape[-1] - right)
+    pixels = (x.shape[-2] - top - bottom) * (x.shape[-1] - left - right)
+    w = None if weights is None else np.asarray(weights, np.float64).reshape(-1, 1, 1)
+    yt = torch.tensor(np.asarray(y, np.float32), device=x.device)[None].requires_grad_(True)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([yt], lr=refine.lr)
+    try:
+        with torch.enable_grad():
+            for t in range(steps):
+                tau = SOFT_TAU_START * (SOFT_TAU_END / SOFT_TAU_START) ** (t / max(steps - 1, 1))
+                y_hat, bits = _SoftTrellis.apply(yt, mu, sigma, quantizer, w, tau)
+                x_t = model.g_s(y_hat)
+                mse = (x_t[..., rows, cols] - x[..., rows, cols]).pow(2).mean()
+                loss = refine.lmbda * 255**2 * mse + bits.sum() / pixels
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return yt.detach()[0].float().cpu().numpy()
