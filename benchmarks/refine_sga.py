@@ -5,9 +5,11 @@ per configuration the mean bpp, PSNR, the model's RD cost ``λ·255²·MSE + bpp
 seconds per image, and — over two or more models, one rate point each — the BD-rate
 (pchip, PSNR) against plain USQ. Configurations: USQ, USQ + target ``rd``, TCQ-8 without
 target, TCQ-8 + target (calibrated settings: what ``qft compress -q tcq8`` does), and for
-each N of ``--steps`` SGA-N with USQ and with TCQ-8 (no target) as the final quantizer. The
-refinement runs once per image and N; both final quantizers code that latent, and each
-configuration's encode time is the refinement's plus its own quantization and coding.
+each N of ``--steps`` SGA-N with USQ as the final quantizer, SGA-N then TCQ-8 (SGA's latent
+coded by the trellis; the same refinement as USQ's) and SGA-N + TCQ-8 (what ``qft compress
+-q tcq8 --refine sga --refine-steps N`` does: the last half of the steps through the relaxed
+trellis, ``qft.codec.refine``). Each configuration's encode time is its refinement's plus
+its own quantization and coding.
 
 Writes ``benchmarks/results/refine_sga.json`` (``-o``), after every image (partial results
 survive a timeout); the machine and its load are recorded (times taken on a shared machine
@@ -37,6 +39,7 @@ import torch
 from trellis.hardware import machine_info
 
 from qft.codec import Codec, SGARefine, list_images, pad, read_image
+from qft.codec.refine import TRELLIS_SHARE
 from qft.eval.bdrate import bd_rate
 from qft.files import atomic_write
 from qft.models import load_checkpoint
@@ -49,16 +52,17 @@ KEYS = ("bpp", "psnr", "rd_cost", "encode_s")
 
 
 def configs(settings: dict, steps: list[int]) -> dict:
-    """name → (quantizer choice, SGA steps or 0)."""
+    """name → (quantizer choice, SGA steps or 0, share of them through the trellis)."""
     out = {
-        "usq": (resolve_quantizer("usq", settings, target=0.0), 0),
-        "usq+target_rd": (resolve_quantizer("usq", settings, target="rd"), 0),
-        "tcq8": (resolve_quantizer("tcq8", settings, target=0.0), 0),
-        "tcq8+target": (resolve_quantizer("tcq8", settings), 0),
+        "usq": (resolve_quantizer("usq", settings, target=0.0), 0, 0.0),
+        "usq+target_rd": (resolve_quantizer("usq", settings, target="rd"), 0, 0.0),
+        "tcq8": (resolve_quantizer("tcq8", settings, target=0.0), 0, 0.0),
+        "tcq8+target": (resolve_quantizer("tcq8", settings), 0, 0.0),
     }
     for n in steps:
-        out[f"sga{n}+usq"] = (resolve_quantizer("usq", settings, target=0.0), n)
-        out[f"sga{n}+tcq8"] = (resolve_quantizer("tcq8", settings, target=0.0), n)
+        out[f"sga{n}+usq"] = (resolve_quantizer("usq", settings, target=0.0), n, 0.0)
+        out[f"sga{n} then tcq8"] = (resolve_quantizer("tcq8", settings, target=0.0), n, 0.0)
+        out[f"sga{n}+tcq8"] = (resolve_quantizer("tcq8", settings, target=0.0), n, TRELLIS_SHARE)
     return out
 
 
@@ -66,13 +70,14 @@ def code_image(codec: Codec, x: torch.Tensor, lmbda: float, table: dict) -> dict
     """Every configuration of ``table`` on one image ``(1, 3, H, W)``: name → row."""
     h, w = x.shape[-2:]
     rows, refined = {}, {}
-    for name, (c, n) in table.items():
+    for name, (c, n, share) in table.items():
         t0 = time.perf_counter()
-        if n == 0:
-            out = codec.compress(x, c.quantizer, c.weights, c.target)
+        if n == 0 or share > 0:  # the codec's own path (SGA through the trellis for a share)
+            refine = SGARefine(lmbda, n, trellis_share=share) if n else None
+            out = codec.compress(x, c.quantizer, c.weights, c.target, refine)
             seconds = time.perf_counter() - t0
         else:
-            if n not in refined:  # SGA once per N, both final quantizers code its latent
+            if n not in refined:  # SGA once per N; USQ and "then TCQ-8" code its latent
                 xp, padding = pad(x.to(codec.device))
                 (lat,) = codec.latent_coder.latents(xp, False, padding, SGARefine(lmbda, n))
                 refined[n] = (lat, time.perf_counter() - t0)
@@ -132,11 +137,14 @@ def main() -> None:
         lmbda = settings["model_lambda"]
         codec = Codec.from_checkpoint(ck, args.device)
         table = configs(settings, args.steps)
-        c, _ = table["tcq8+target"]
+        c, _, _ = table["tcq8+target"]
         codec.compress(read_image(images[0]), c.quantizer, c.weights, c.target)  # JIT warm-up / cache load, untimed
         entry = {
             "model_lambda": lmbda,
-            "configs": {k: {**c.describe(), "refine": f"sga-{n}" if n else "none"} for k, (c, n) in table.items()},
+            "configs": {
+                k: {**c.describe(), "refine": SGARefine(lmbda, n, trellis_share=f).record(c.quantizer) if n else "none"}
+                for k, (c, n, f) in table.items()
+            },
             "rows": {k: [] for k in table},
         }
         old = record["per_model"].get(name)

@@ -1,0 +1,113 @@
+"""SGA through the trellis: how to split the steps, which temperatures (issue 24).
+
+A refinement of ``N`` steps for a trellis quantizer spends its first ``(1 − share)·N``
+steps on SGA (``y`` and ``z``, step-1 grid) and the rest on the relaxed trellis (``y``,
+``z`` fixed; :func:`qft.codec.refine.refine_through_trellis`). Measured here per image,
+on the model's RD cost ``J = λ·255²·MSE + bpp`` of real, decoded streams against plain
+USQ: SGA-N with USQ, and with TCQ-8 at each ``share`` of ``--shares`` (0: SGA then the
+trellis codes SGA's latent, the form that lost), each soft-trellis temperature schedule of
+``--taus``. BSDS500 *validation* images (full size; nothing is tuned on Kodak), the
+shipped ``mbt2018-mean-0.013`` at its calibrated TCQ-8 settings (no target), one thread.
+Writes ``benchmarks/results/soft_trellis.json`` after every image, with the machine's load
+(seconds on a shared machine are upper bounds).
+
+    python benchmarks/soft_trellis.py --images 3 --steps 200 --shares 0 0.25 0.5 0.75 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from pathlib import Path
+
+import numpy as np
+
+from trellis.hardware import machine_info
+
+from qft.codec import Codec, SGARefine, list_images, read_image
+from qft.codec import refine as refine_module
+from qft.files import atomic_write
+from qft.models import load_checkpoint
+from qft.settings import read_settings, resolve_quantizer
+from qft.threads import set_threads
+
+OUT = Path(__file__).parent / "results" / "soft_trellis.json"
+DATA = Path(__file__).parents[1].parent / "shared" / "data" / "bsds500" / "val"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="mbt2018-mean-0.013")
+    ap.add_argument("--images", type=int, default=3)
+    ap.add_argument("--skip", type=int, default=0, help="start after this many images")
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--steps", type=int, nargs="+", default=[200])
+    ap.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--taus", nargs="+", default=["0.1:0.002"], help="soft-trellis temperature schedules START:END")
+    ap.add_argument("-o", "--output", default=str(OUT))
+    args = ap.parse_args()
+    set_threads(1)
+    ck = load_checkpoint(args.model)
+    settings = read_settings(ck)
+    lmbda = settings["model_lambda"]
+    codec = Codec.from_checkpoint(ck)
+    usq = resolve_quantizer("usq", settings, target=0.0)
+    tcq = resolve_quantizer("tcq8", settings, target=0.0)
+    taus = [tuple(float(v) for v in t.split(":")) for t in args.taus]
+    # name: (choice, SGA refinement or None, temperatures)
+    configs = {"usq": (usq, None, None), "tcq8": (tcq, None, None)}
+    for n in args.steps:
+        configs[f"sga{n}+usq"] = (usq, SGARefine(lmbda, n), None)
+        for share in args.shares:
+            for tau in taus if share else taus[:1]:
+                name = f"sga{n}+tcq8 share {share:g}" + (
+                    f" tau {tau[0]:g}:{tau[1]:g}" if share and len(taus) > 1 else ""
+                )
+                configs[name] = (tcq, SGARefine(lmbda, n, trellis_share=share), tau)
+    images = list_images(args.data)[args.skip : args.skip + args.images]
+    record = {
+        "model": args.model,
+        "model_lambda": lmbda,
+        "tcq8": tcq.describe(),
+        "data": os.path.relpath(args.data, Path(__file__).parents[1]),
+        "images": [p.name for p in images],
+        "threads": 1,
+        "machine": machine_info(),
+        "load_before": os.getloadavg(),
+        "per_image": {},
+    }
+    for path in images:
+        x = read_image(path)
+        h, w = x.shape[-2:]
+        rows = {}
+        for name, (c, refine, tau) in configs.items():
+            if tau is not None:
+                refine_module.SOFT_TAU_START, refine_module.SOFT_TAU_END = tau
+            t0 = time.process_time()
+            enc = codec.compress(x, c.quantizer, c.weights, 0.0, refine)
+            seconds = time.process_time() - t0
+            dec = codec.decompress(enc["bitstream"])
+            mse = float((dec["x_hat"] - x).pow(2).mean())
+            bpp = len(enc["bitstream"]) * 8 / (h * w)
+            rows[name] = {"bpp": bpp, "psnr": -10 * np.log10(mse), "J": lmbda * 255**2 * mse + bpp, "cpu_s": seconds}
+            print(path.name, name, {k: round(v, 4) for k, v in rows[name].items()}, flush=True)
+        for r in rows.values():
+            r["dJ_vs_usq_pct"] = 100 * (r["J"] / rows["usq"]["J"] - 1)
+        record["per_image"][path.name] = rows
+        record["mean_dJ_vs_usq_pct"] = {
+            k: float(np.mean([record["per_image"][p][k]["dJ_vs_usq_pct"] for p in record["per_image"]]))
+            for k in configs
+        }
+        record["mean_cpu_s"] = {
+            k: float(np.mean([record["per_image"][p][k]["cpu_s"] for p in record["per_image"]])) for k in configs
+        }
+        record["load_after"] = os.getloadavg()
+        atomic_write(args.output, json.dumps(record, indent=1).encode())
+    print(json.dumps(record["mean_dJ_vs_usq_pct"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
