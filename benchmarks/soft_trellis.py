@@ -17,6 +17,7 @@ Writes ``benchmarks/results/soft_trellis.json`` after every image, with the mach
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[200])
     ap.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     ap.add_argument("--taus", nargs="+", default=["0.1:0.002"], help="soft-trellis temperature schedules START:END")
+    ap.add_argument("--tcq-step", type=float, default=None, help="TCQ-8's Δ instead of the calibrated one")
     ap.add_argument("-o", "--output", default=str(OUT))
     args = ap.parse_args()
     set_threads(1)
@@ -56,6 +58,8 @@ def main() -> None:
     codec = Codec.from_checkpoint(ck)
     usq = resolve_quantizer("usq", settings, target=0.0)
     tcq = resolve_quantizer("tcq8", settings, target=0.0)
+    if args.tcq_step:
+        tcq = dataclasses.replace(tcq, quantizer=dataclasses.replace(tcq.quantizer, step=args.tcq_step))
     taus = [tuple(float(v) for v in t.split(":")) for t in args.taus]
     # name: (choice, SGA refinement or None, temperatures)
     configs = {"usq": (usq, None, None), "tcq8": (tcq, None, None)}
