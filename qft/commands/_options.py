@@ -118,7 +118,8 @@ def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
         choices=REFINE_CHOICES,
         default="none",
         help="encoder-side latent refinement before quantization: sga (stochastic Gumbel annealing, Adam on "
-        "the model's RD loss at its training λ; the decoder target is then off) or none (default)",
+        "the model's RD loss at its training λ; with -q tcq4/tcq8 the last half of the steps run through the "
+        "relaxed trellis; the decoder target is then off) or none (default)",
     )
     g.add_argument(
         "--refine-steps",
