@@ -274,6 +274,8 @@ def soft_tcq(
                 q = quant[s]
                 lb[i, s] = _lse(phi[i, q, 0] + lb[i + 1, nxt[s, 0]], phi[i, q, 1] + lb[i + 1, nxt[s, 1]])
         pb = np.zeros((L, S, 2))  # P(element i is coded in state s with index parity p)
+        gt = np.zeros((2, 2))  # E[t], E[R] within each branch of one element
+        gr = np.zeros((2, 2))
         for i in range(L):
             top = ninf
             for s in range(S):
@@ -289,18 +291,22 @@ def soft_tcq(
                     e = math.exp(v) if v > -40.0 else 0.0
                     pb[i, s, p] = e
                     tot += e
+            gt[:] = 0.0
+            gr[:] = 0.0
+            for q in range(2):
+                for j in range(J):
+                    p = pv[i, q, j]
+                    if p >= 0:
+                        gt[q, p] += sw[i, q, j] * tv[i, j]
+                        gr[q, p] += sw[i, q, j] * bv[i, q, j]
             a_t = 0.0
             a_r = 0.0
             for s in range(S):
                 q = quant[s]
                 for p in range(2):
                     pb[i, s, p] /= tot
-                    if pb[i, s, p] > 0.0:
-                        for j in range(J):
-                            if pv[i, q, j] == p:
-                                pc = pb[i, s, p] * sw[i, q, j]
-                                a_t += pc * tv[i, j]
-                                a_r += pc * bv[i, q, j]
+                    a_t += pb[i, s, p] * gt[q, p]
+                    a_r += pb[i, s, p] * gr[q, p]
             et[c, i] = a_t
             er[c, i] = a_r
         if g is None:
