@@ -6,8 +6,9 @@ Output: ``{"machine": str, "machine_info": {...}, "runs": [{"shape": [C, H, W], 
 Measures full :meth:`trellis.Quantizer.quantize` calls (validation, scale rows, kernel,
 reconstruction) in latents per second, on one thread and on all threads, for USQ, RDOQ,
 TCQ-4 and TCQ-8 (Numba), TCQ-8 with per-channel (``tcq8_weighted``) and per-element
-(``tcq8_weighted_elementwise``) distortion weights, and the NumPy reference of TCQ-8
-(``tcq8_numpy``), on latents of Kodak size
+(``tcq8_weighted_elementwise``) distortion weights, the soft trellis of TCQ-8 at τ 0.05
+(:meth:`trellis.Quantizer.soft_quantize`: expectations ``tcq8_soft``, with the gradient
+``tcq8_soft_grad``) and the NumPy reference of TCQ-8 (``tcq8_numpy``), on latents of Kodak size
 (192×32×48 and 320×32×48) with σ log-uniform in 0.11…20. JIT compilation (or loading
 from Numba's cache) is timed separately and excluded. The JSON records the machine and
 its load average before and after, so figures taken on a busy machine can be told apart.
@@ -47,6 +48,17 @@ def synthetic_latent(shape, seed: int = 0):
     return y, mu, sigma
 
 
+def _calls(y, mu, sigma, weights, elem_weights, g) -> dict:
+    """name → the timed call on one latent."""
+    tcq8 = QUANTIZERS["tcq8"]
+    return {name: (lambda q=q: q.quantize(y, mu, sigma)) for name, q in QUANTIZERS.items()} | {
+        "tcq8_weighted": lambda: tcq8.quantize(y, mu, sigma, weights=weights),
+        "tcq8_weighted_elementwise": lambda: tcq8.quantize(y, mu, sigma, weights=elem_weights),
+        "tcq8_soft": lambda: tcq8.soft_quantize(y, mu, sigma, tau=0.05),
+        "tcq8_soft_grad": lambda: tcq8.soft_quantize(y, mu, sigma, tau=0.05, g=g, rho=0.1),
+    }
+
+
 def _best_time(fn, reps: int) -> float:
     best = float("inf")
     for _ in range(reps):
@@ -68,23 +80,18 @@ def run(quick: bool = False) -> dict:
         # per-channel distortion weights (decoder-aware TCQ), log-normal around 1
         weights = np.exp(np.random.default_rng(1).normal(0.0, 0.5, (shape[0], 1, 1)))
         elem_weights = np.exp(np.random.default_rng(2).normal(0.0, 0.5, shape))
-        calls = {name: (q, None) for name, q in QUANTIZERS.items()} | {
-            "tcq8_weighted": (QUANTIZERS["tcq8"], weights),
-            "tcq8_weighted_elementwise": (QUANTIZERS["tcq8"], elem_weights),
-        }
+        calls = _calls(y, mu, sigma, weights, elem_weights, np.random.default_rng(3).standard_normal(shape))
         methods = {name: {} for name in calls}
-        for name, (q, w) in calls.items():
+        for name, call in calls.items():
             t0 = time.perf_counter()
-            q.quantize(y, mu, sigma, weights=w)  # compile or load from cache
+            call()  # compile or load from cache
             result["jit_warmup_s"].setdefault(name, time.perf_counter() - t0)
         # All one-thread figures first, then all-thread ones: switching the thread count
         # back and forth between measurements disturbed the one-thread figures.
         for key, threads in (("latents_per_s_1t", 1), ("latents_per_s_all", all_threads)):
             numba.set_num_threads(threads)
-            for name, (q, w) in calls.items():
-                methods[name][key] = y.size / _best_time(
-                    lambda q=q, w=w, y=y, mu=mu, sigma=sigma: q.quantize(y, mu, sigma, weights=w), reps
-                )
+            for name, call in calls.items():
+                methods[name][key] = y.size / _best_time(call, reps)
         numba.set_num_threads(all_threads)
         sub = tuple(a[:numpy_channels] for a in (y, mu, sigma))
         t = _best_time(lambda sub=sub: QUANTIZERS["tcq8"].quantize(*sub, backend="numpy"), 1)
