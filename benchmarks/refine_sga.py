@@ -45,6 +45,7 @@ from qft.files import atomic_write
 from qft.models import load_checkpoint
 from qft.models.zoo import base_entries
 from qft.settings import read_settings, resolve_quantizer
+from qft.threads import set_threads
 
 ROOT = Path(__file__).parents[1]
 OUT = Path(__file__).parent / "results" / "refine_sga.json"
@@ -115,7 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.output)
-    torch.set_num_threads(1)
+    set_threads(1)  # torch and Numba: Numba's first parallel kernel would reset torch's count
     models = args.models or [e["name"] for e in base_entries()]
     images = list_images(args.data)[: args.images]
     record = {
