@@ -106,6 +106,7 @@ def main() -> None:
     )
     ap.add_argument("--data", default=str(ROOT / "qft" / "assets" / "kodak"))
     ap.add_argument("--images", type=int, default=None, help="the first N images (default: all)")
+    ap.add_argument("--skip", type=int, default=0, help="start after this many images")
     ap.add_argument("--steps", type=int, nargs="*", default=[50, 200], help="SGA steps (none: the cheap rows only)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("-o", "--output", default=str(OUT))
@@ -118,7 +119,7 @@ def main() -> None:
         return merge(args.merge, args.output)
     set_threads(1)  # torch and Numba: Numba's first parallel kernel would reset torch's count
     models = args.models or [e["name"] for e in base_entries()]
-    images = list_images(args.data)[: args.images]
+    images = list_images(args.data)[args.skip :][: args.images]
     record = {
         "models": models,
         "data": os.path.relpath(args.data, ROOT),
