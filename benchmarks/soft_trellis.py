@@ -29,7 +29,7 @@ import numpy as np
 from trellis.hardware import machine_info
 
 from qft.codec import Codec, SGARefine, list_images, read_image
-from qft.codec import refine as refine_module
+from qft.codec.refine import SOFT_TAU_END, SOFT_TAU_START
 from qft.files import atomic_write
 from qft.models import load_checkpoint
 from qft.settings import read_settings, resolve_quantizer
@@ -47,7 +47,12 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--steps", type=int, nargs="+", default=[200])
     ap.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    ap.add_argument("--taus", nargs="+", default=["0.1:0.002"], help="soft-trellis temperature schedules START:END")
+    ap.add_argument(
+        "--taus",
+        nargs="+",
+        default=[f"{SOFT_TAU_START:g}:{SOFT_TAU_END:g}"],
+        help="soft-trellis temperature schedules START:END (default: the codec's)",
+    )
     ap.add_argument("--tcq-step", type=float, default=None, help="TCQ-8's Δ instead of the calibrated one")
     ap.add_argument("-o", "--output", default=str(OUT))
     args = ap.parse_args()
@@ -61,21 +66,22 @@ def main() -> None:
     if args.tcq_step:
         tcq = dataclasses.replace(tcq, quantizer=dataclasses.replace(tcq.quantizer, step=args.tcq_step))
     taus = [tuple(float(v) for v in t.split(":")) for t in args.taus]
-    # name: (choice, SGA refinement or None, temperatures)
-    configs = {"usq": (usq, None, None), "tcq8": (tcq, None, None)}
+    # name: (choice, SGA refinement or None)
+    configs = {"usq": (usq, None), "tcq8": (tcq, None)}
     for n in args.steps:
-        configs[f"sga{n}+usq"] = (usq, SGARefine(lmbda, n), None)
+        configs[f"sga{n}+usq"] = (usq, SGARefine(lmbda, n))
         for share in args.shares:
             for tau in taus if share else taus[:1]:
                 name = f"sga{n}+tcq8 share {share:g}" + (
                     f" tau {tau[0]:g}:{tau[1]:g}" if share and len(taus) > 1 else ""
                 )
-                configs[name] = (tcq, SGARefine(lmbda, n, trellis_share=share), tau)
+                configs[name] = (tcq, SGARefine(lmbda, n, trellis_share=share, trellis_taus=tau))
     images = list_images(args.data)[args.skip : args.skip + args.images]
     record = {
         "model": args.model,
         "model_lambda": lmbda,
         "tcq8": tcq.describe(),
+        "taus": args.taus,
         "data": os.path.relpath(args.data, Path(__file__).parents[1]),
         "images": [p.name for p in images],
         "threads": 1,
@@ -87,9 +93,7 @@ def main() -> None:
         x = read_image(path)
         h, w = x.shape[-2:]
         rows = {}
-        for name, (c, refine, tau) in configs.items():
-            if tau is not None:
-                refine_module.SOFT_TAU_START, refine_module.SOFT_TAU_END = tau
+        for name, (c, refine) in configs.items():
             t0 = time.process_time()
             enc = codec.compress(x, c.quantizer, c.weights, 0.0, refine)
             seconds = time.process_time() - t0

@@ -98,6 +98,7 @@ def test_refine_settings_and_guards(codec, image):
         {"lmbda": math.nan},
         {"lmbda": 0.01, "steps": 0},
         {"lmbda": 0.01, "trellis_share": 1.5},
+        {"lmbda": 0.01, "trellis_taus": (0.3, 0.0)},
     ):
         with pytest.raises(ValueError):
             SGARefine(**bad)

@@ -96,9 +96,9 @@ def union_level(k, q):  # pragma: no cover
 
 @njit(cache=True, nogil=True, inline="always")
 def soft_index(n, q):  # pragma: no cover
-    """TCQ index ``k`` of union level ``n`` in quantizer ``q``, or ``None``-like ``(False, 0)``:
-    ``(member, k)``. ``Q0`` holds the even ``n`` (``k = n/2``), ``Q1`` the odd ones and 0
-    (``k = (n ± 1)/2``, the inverse of :func:`union_level`)."""
+    """``(member, k)``: whether union level ``n`` belongs to quantizer ``q`` and its TCQ index
+    there (0 when it does not). ``Q0`` holds the even ``n`` (``k = n/2``), ``Q1`` the odd ones
+    and 0 (``k = (n ± 1)/2``); the inverse of :func:`union_level`."""
     if q == 0:
         if n & 1:
             return False, np.int64(0)

@@ -27,8 +27,9 @@ gained (docs/design.md, "SGA through the trellis"). For a trellis quantizer the 
 gave, and Adam minimises ``λ·255²·MSE(x, g_s(E_p[ŷ])) + (E_p[Σ R] + bits(ẑ)) / pixels``
 in ``y``, where ``p(path) ∝ exp(−J(path)/τ)`` is the Gibbs distribution of the trellis
 paths under the quantizer's own cost ``J`` (:meth:`trellis.Quantizer.soft_quantize`,
-exact table bits, exact gradients) and ``τ`` anneals geometrically from
-:data:`SOFT_TAU_START` to :data:`SOFT_TAU_END`, where ``p`` is nearly the Viterbi path:
+exact table bits, exact gradients) and ``τ`` anneals geometrically over
+``SGARefine.trellis_taus`` (default :data:`SOFT_TAU_START` to :data:`SOFT_TAU_END`), where
+``p`` is nearly the Viterbi path:
 the trellis then codes the latent these steps optimised for.
 """
 
@@ -85,6 +86,7 @@ class SGARefine:
         lr: Adam's learning rate.
         trellis_share: for a trellis quantizer, the share of ``steps`` that relax the
             trellis (:func:`refine_through_trellis`) after the SGA steps; 0: SGA only.
+        trellis_taus: the relaxed trellis's temperatures at its first and last step.
     """
 
     lmbda: float
@@ -92,6 +94,7 @@ class SGARefine:
     seed: int = 0
     lr: float = SGA_LR
     trellis_share: float = TRELLIS_SHARE
+    trellis_taus: tuple[float, float] = (SOFT_TAU_START, SOFT_TAU_END)
 
     def __post_init__(self):
         if not (math.isfinite(self.lmbda) and self.lmbda > 0):
@@ -102,6 +105,8 @@ class SGARefine:
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if not (0.0 <= self.trellis_share <= 1.0):
             raise ValueError(f"trellis_share must lie in [0, 1], got {self.trellis_share!r}")
+        if len(self.trellis_taus) != 2 or not all(math.isfinite(t) and t > 0 for t in self.trellis_taus):
+            raise ValueError(f"trellis_taus must be two positive finite temperatures, got {self.trellis_taus!r}")
 
     def split(self, quantizer: Quantizer) -> tuple[int, int]:
         """``(SGA steps, trellis steps)`` for ``quantizer``: all SGA unless it is a trellis."""
@@ -238,10 +243,11 @@ def refine_through_trellis(
     for p in frozen:
         p.requires_grad_(False)
     opt = torch.optim.Adam([yt], lr=refine.lr)
+    tau0, tau1 = refine.trellis_taus
     try:
         with torch.enable_grad():
             for t in range(steps):
-                tau = SOFT_TAU_START * (SOFT_TAU_END / SOFT_TAU_START) ** (t / max(steps - 1, 1))
+                tau = tau0 * (tau1 / tau0) ** (t / max(steps - 1, 1))
                 y_hat, bits = _SoftTrellis.apply(yt, mu, sigma, quantizer, w, tau)
                 x_t = model.g_s(y_hat)
                 mse = (x_t[..., rows, cols] - x[..., rows, cols]).pow(2).mean()
