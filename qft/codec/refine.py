@@ -37,12 +37,16 @@ from __future__ import annotations
 
 import math
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from trellis import SCALE_TABLE, Quantizer
+
+from qft.codec.image import crop
 
 __all__ = [
     "SGA_LR",
@@ -120,6 +124,24 @@ class SGARefine:
         return f"sga-{self.steps}" if soft == 0 else f"sga-{sga}+trellis-{soft}"
 
 
+def _annealed(start: float, end: float, t: int, steps: int) -> float:
+    """The temperature of step ``t`` of ``steps``: geometric from ``start`` to ``end``."""
+    return start * (end / start) ** (t / max(steps - 1, 1))
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """The model's trainable parameters without gradients for the block, as they were after."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def sga_round(r: torch.Tensor, tau: float, gen: torch.Generator) -> torch.Tensor:
     """The stochastic Gumbel-annealed rounding of ``r`` at temperature ``tau``: a
     differentiable value between ``⌊r⌋`` and ``⌊r⌋ + 1`` (Gumbel noise drawn from ``gen``
@@ -153,9 +175,8 @@ def refine_latents(
     ``"mean-scale-hyperprior"``; ``padding`` ``(left, right, top, bottom)``: the zero
     padding of ``x`` (:func:`qft.codec.image.pad`), outside the MSE; pixels are the
     unpadded ones. The model's parameters are left untouched (no gradients kept)."""
-    left, right, top, bottom = padding
-    rows, cols = slice(top, x.shape[-2] - bottom), slice(left, x.shape[-1] - right)
-    pixels = (x.shape[-2] - top - bottom) * (x.shape[-1] - left - right)
+    x_ref = crop(x, padding)
+    pixels = x_ref.shape[-2] * x_ref.shape[-1]
     eb = model.entropy_bottleneck
     medians = eb.quantiles[:, :, 1:2].detach().reshape(1, -1, 1, 1)
     gen = torch.Generator().manual_seed(refine.seed)
@@ -164,32 +185,25 @@ def refine_latents(
         z0 = model.h_a(torch.abs(y0) if entropy == "scale-hyperprior" else y0)
     y = y0.detach().float().clone().requires_grad_(True)
     z = z0.detach().float().clone().requires_grad_(True)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     opt = torch.optim.Adam([y, z], lr=refine.lr)
-    try:
-        with torch.enable_grad():
-            for t in range(refine.steps):
-                tau = SGA_TAU_START * (SGA_TAU_END / SGA_TAU_START) ** (t / max(refine.steps - 1, 1))
-                z_t = medians + sga_round(z - medians, tau, gen)
-                # the EntropyBottleneck's density runs on (channels, 1, elements)
-                z_lik = eb._likelihood(z_t.transpose(0, 1).reshape(z_t.shape[1], 1, -1))[0]
-                p = model.h_s(z_t)
-                sigma, mu = (p, torch.zeros_like(p)) if entropy == "scale-hyperprior" else p.chunk(2, 1)
-                sigma = sigma.clamp_min(float(SCALE_TABLE[0]))
-                r_t = sga_round(y - mu, tau, gen)
-                y_lik = model.gaussian_conditional._likelihood(r_t, sigma)
-                bits = -(torch.log2(y_lik.clamp_min(1e-9)).sum() + torch.log2(z_lik.clamp_min(1e-9)).sum())
-                x_t = model.g_s(mu + r_t)
-                mse = (x_t[..., rows, cols] - x[..., rows, cols]).pow(2).mean()
-                loss = refine.lmbda * 255**2 * mse + bits / (pixels * x.shape[0])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    with _frozen(model), torch.enable_grad():
+        for t in range(refine.steps):
+            tau = _annealed(SGA_TAU_START, SGA_TAU_END, t, refine.steps)
+            z_t = medians + sga_round(z - medians, tau, gen)
+            # the EntropyBottleneck's density runs on (channels, 1, elements)
+            z_lik = eb._likelihood(z_t.transpose(0, 1).reshape(z_t.shape[1], 1, -1))[0]
+            p = model.h_s(z_t)
+            sigma, mu = (p, torch.zeros_like(p)) if entropy == "scale-hyperprior" else p.chunk(2, 1)
+            sigma = sigma.clamp_min(float(SCALE_TABLE[0]))
+            r_t = sga_round(y - mu, tau, gen)
+            y_lik = model.gaussian_conditional._likelihood(r_t, sigma)
+            bits = -(torch.log2(y_lik.clamp_min(1e-9)).sum() + torch.log2(z_lik.clamp_min(1e-9)).sum())
+            x_t = model.g_s(mu + r_t)
+            mse = (crop(x_t, padding) - x_ref).pow(2).mean()
+            loss = refine.lmbda * 255**2 * mse + bits / (pixels * x.shape[0])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return y.detach(), z.detach()
 
 
@@ -234,28 +248,18 @@ def refine_through_trellis(
     ``weights``: the quantizer's per-channel distortion weights ``(C,)`` or ``None``. The
     hyper-latent's bits are a constant of this loss and left out. The model's parameters
     are left untouched."""
-    left, right, top, bottom = padding
-    rows, cols = slice(top, x.shape[-2] - bottom), slice(left, x.shape[-1] - right)
-    pixels = (x.shape[-2] - top - bottom) * (x.shape[-1] - left - right)
+    x_ref = crop(x, padding)
+    pixels = x_ref.shape[-2] * x_ref.shape[-1]
     w = None if weights is None else np.asarray(weights, np.float64).reshape(-1, 1, 1)
     yt = torch.tensor(np.asarray(y, np.float32), device=x.device)[None].requires_grad_(True)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     opt = torch.optim.Adam([yt], lr=refine.lr)
-    tau0, tau1 = refine.trellis_taus
-    try:
-        with torch.enable_grad():
-            for t in range(steps):
-                tau = tau0 * (tau1 / tau0) ** (t / max(steps - 1, 1))
-                y_hat, bits = _SoftTrellis.apply(yt, mu, sigma, quantizer, w, tau)
-                x_t = model.g_s(y_hat)
-                mse = (x_t[..., rows, cols] - x[..., rows, cols]).pow(2).mean()
-                loss = refine.lmbda * 255**2 * mse + bits.sum() / pixels
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    with _frozen(model), torch.enable_grad():
+        for t in range(steps):
+            tau = _annealed(*refine.trellis_taus, t, steps)
+            y_hat, bits = _SoftTrellis.apply(yt, mu, sigma, quantizer, w, tau)
+            mse = (crop(model.g_s(y_hat), padding) - x_ref).pow(2).mean()
+            loss = refine.lmbda * 255**2 * mse + bits.sum() / pixels
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return yt.detach()[0].float().cpu().numpy()
