@@ -24,7 +24,7 @@ import time
 
 from pathlib import Path
 
-import numpy as np
+from _rdcost import means, score, versus_usq  # sibling helper (the script's folder is on sys.path)
 
 from trellis.hardware import machine_info
 
@@ -91,27 +91,16 @@ def main() -> None:
     }
     for path in images:
         x = read_image(path)
-        h, w = x.shape[-2:]
         rows = {}
         for name, (c, refine) in configs.items():
             t0 = time.process_time()
             enc = codec.compress(x, c.quantizer, c.weights, 0.0, refine)
             seconds = time.process_time() - t0
-            dec = codec.decompress(enc["bitstream"])
-            mse = float((dec["x_hat"] - x).pow(2).mean())
-            bpp = len(enc["bitstream"]) * 8 / (h * w)
-            rows[name] = {"bpp": bpp, "psnr": -10 * np.log10(mse), "J": lmbda * 255**2 * mse + bpp, "cpu_s": seconds}
+            rows[name] = score(codec, x, enc["bitstream"], lmbda, seconds)
             print(path.name, name, {k: round(v, 4) for k, v in rows[name].items()}, flush=True)
-        for r in rows.values():
-            r["dJ_vs_usq_pct"] = 100 * (r["J"] / rows["usq"]["J"] - 1)
+        versus_usq(rows)
         record["per_image"][path.name] = rows
-        record["mean_dJ_vs_usq_pct"] = {
-            k: float(np.mean([record["per_image"][p][k]["dJ_vs_usq_pct"] for p in record["per_image"]]))
-            for k in configs
-        }
-        record["mean_cpu_s"] = {
-            k: float(np.mean([record["per_image"][p][k]["cpu_s"] for p in record["per_image"]])) for k in configs
-        }
+        record |= means(record["per_image"], configs)
         record["load_after"] = os.getloadavg()
         atomic_write(args.output, json.dumps(record, indent=1).encode())
     print(json.dumps(record["mean_dJ_vs_usq_pct"], indent=1))

@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _rdcost import means, score, versus_usq  # sibling helper (the script's folder is on sys.path)
+
 from trellis import Quantizer
 from trellis.hardware import machine_info
 
@@ -141,20 +143,11 @@ def main() -> None:
                 y = loop_refine(codec, xp, padding, lat, loop_q, loop_steps, args.lr, lmbda, y0)
                 enc = codec.encode_latent(codec.latent_coder.requantize(dataclasses.replace(lat, y=y), q), q, h, w)
             seconds = time.process_time() - t0
-            dec = codec.decompress(enc["bitstream"])
-            mse = float((dec["x_hat"] - x).pow(2).mean())
-            bpp = len(enc["bitstream"]) * 8 / (h * w)
-            rows[name] = {"bpp": bpp, "psnr": -10 * np.log10(mse), "J": lmbda * 255**2 * mse + bpp, "cpu_s": seconds}
+            rows[name] = score(codec, x, enc["bitstream"], lmbda, seconds)
             print(path.name, name, {k: round(v, 4) for k, v in rows[name].items()}, flush=True)
-        for r in rows.values():
-            r["dJ_vs_usq_pct"] = 100 * (r["J"] / rows["usq"]["J"] - 1)
+        versus_usq(rows)
         record["per_image"][path.name] = rows
-    record["mean_dJ_vs_usq_pct"] = {
-        name: float(np.mean([record["per_image"][p.name][name]["dJ_vs_usq_pct"] for p in images])) for name in configs
-    }
-    record["mean_cpu_s"] = {
-        name: float(np.mean([record["per_image"][p.name][name]["cpu_s"] for p in images])) for name in configs
-    }
+    record |= means(record["per_image"], configs)
     record["load_after"] = os.getloadavg()
     atomic_write(args.output, json.dumps(record, indent=1).encode())
     print(
