@@ -70,8 +70,9 @@ HYPERPRIOR_ENTROPY = ("scale-hyperprior", "mean-scale-hyperprior")
 TARGET_DAMPING = 1.0
 #: Gaussian pixel-space probes per image for ``d`` in :func:`target_direction`.
 TARGET_PROBES = 4
-#: Tile side (latent positions) of :func:`target_direction`: its halo is twice the
-#: transforms' (4 latents for g_s). 16: the autograd graph of a tile (24² latents) stays ≈ 0.2 GB.
+#: Tile side (latent positions) of :func:`target_direction`, whose windows carry the
+#: transform's halo (2 latents for g_s). 16: the autograd graph of a window (20² latents)
+#: stays ≈ 0.15 GB.
 TARGET_TILE = 16
 #: ``η`` candidates of the per-image choice (:class:`RDTarget`).
 RD_ETAS = (0.0, 0.125, 0.25, 0.375)
@@ -147,27 +148,27 @@ def target_direction(
     yt = y.detach().float()
     h, w = yt.shape[-2:]
     scale = Fraction(x.shape[-1], w)
-    # tiles (qft.codec.tiling): a tile's gradients need the outputs its latents reach to be
-    # exact, so twice the receptive radius around it; the probes are drawn whole
+    # Jᵀu = Σ_P J_Pᵀ u_P over tiles P of the *image*: the rows of J of a tile's pixels depend
+    # only on the latents within the receptive radius of it, so a window of the tile's
+    # latents and that halo gives its pixels exactly (qft.codec.tiling), and the backward
+    # pass of the tile's cotangent adds J_Pᵀ u_P into the window (overlap-add); the probes
+    # are drawn whole, the residual is the tile's own forward pass
     rr = receptive_radius(g_s)
-    step, halo = (TARGET_TILE, 2 * math.ceil(rr[0])) if rr is not None else (max(h, w), 0)
+    step, halo = (TARGET_TILE, math.ceil(rr[0])) if rr is not None else (max(h, w), 0)
     mask = torch.zeros_like(x[:, :1])
     mask[..., top : x.shape[-2] - bottom, left : x.shape[-1] - right] = 1
-    with torch.no_grad():
-        residual = (x - tiled(g_s, yt)) * mask
-    cotangents = [residual, *diag_jtj_probes(x.shape, x, TARGET_PROBES, gen)]
-    # Jᵀ·u for every cotangent u (image space), tile by tile: one forward pass of a tile,
-    # its graph kept for the backward pass of each cotangent
-    g, *vs = (torch.empty_like(yt) for _ in cotangents)
+    probes = diag_jtj_probes(x.shape, x, TARGET_PROBES, gen)
+    g, *vs = (torch.zeros_like(yt) for _ in range(1 + TARGET_PROBES))
     for rows, cols, keep_rows, keep_cols in windows(h, w, step, halo):
-        window = (..., scaled(rows, scale), scaled(cols, scale))
-        keep = (..., scaled(keep_rows, 1, rows.start), scaled(keep_cols, 1, cols.start))
+        pixels = (..., scaled(keep_rows, scale), scaled(keep_cols, scale))
+        own = (..., scaled(keep_rows, scale, rows.start), scaled(keep_cols, scale, cols.start))
         yw = yt[..., rows, cols].requires_grad_(True)
         with torch.enable_grad():
-            out = g_s(yw)
-            for k, (u, dest) in enumerate(zip(cotangents, (g, *vs))):
-                (v,) = torch.autograd.grad(out, yw, u[window], retain_graph=k < len(cotangents) - 1)
-                dest[..., keep_rows, keep_cols] = v[keep]
+            out = g_s(yw)[own]
+            residual = (x[pixels] - out.detach()) * mask[pixels]
+            for k, (u, dest) in enumerate(zip((residual, *(p[pixels] for p in probes)), (g, *vs))):
+                (v,) = torch.autograd.grad(out, yw, u, retain_graph=k < TARGET_PROBES)
+                dest[..., rows, cols] += v
     d = torch.zeros(y.shape[:2], dtype=torch.float64)
     for v in vs:
         d += v.double().pow(2).mean((2, 3)).cpu() / TARGET_PROBES
