@@ -60,7 +60,7 @@ def configs(settings: dict, steps: list[int]) -> dict:
         "tcq8": (resolve_quantizer("tcq8", settings, target=0.0), 0, 0.0),
         "tcq8+target": (resolve_quantizer("tcq8", settings), 0, 0.0),
     }
-    for n in steps:  # the codec's choices with SGA (TCQ's λ_T: settings.SGA_LAMBDA_MULT)
+    for n in steps:  # the codec's choices with SGA
         sga = {"refine": "sga", "refine_steps": n}
         out[f"sga{n}+usq"] = (resolve_quantizer("usq", settings, **sga), n, 0.0)
         out[f"sga{n} then tcq8"] = (resolve_quantizer("tcq8", settings, **sga), n, 0.0)

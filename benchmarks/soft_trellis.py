@@ -6,16 +6,15 @@ steps on SGA (``y`` and ``z``, step-1 grid) and the rest on the relaxed trellis 
 on the model's RD cost ``J = λ·255²·MSE + bpp`` of real, decoded streams against plain
 USQ: SGA-N with USQ, and with TCQ-8 at each ``share`` of ``--shares`` (0: SGA then the
 trellis codes SGA's latent, the form that lost), each soft-trellis temperature schedule of
-``--taus`` and each multiple ``--lambda-t-scales`` of TCQ-8's λ_T (the codec's after SGA,
-``qft.settings.SGA_LAMBDA_MULT``, or with ``--lambda-t-base calibrated`` the decoder
-target's). BSDS500 *validation* images (full size; nothing is tuned on Kodak), the shipped
+``--taus`` and each multiple ``--lambda-t-scales`` of TCQ-8's calibrated λ_T (what the
+codec's SGA path uses). BSDS500 *validation* images (full size; nothing is tuned on Kodak), the shipped
 ``mbt2018-mean-0.013`` (``--model``) at its calibrated TCQ-8 step, no target, one thread.
 Writes ``benchmarks/results/soft_trellis.json`` after every image, with the machine's load
 (seconds on a shared machine are upper bounds).
 
     python benchmarks/soft_trellis.py --images 3 --steps 200 --shares 0 0.25 0.5 0.75 1
     python benchmarks/soft_trellis.py --model mbt2018-mean-0.0035 --steps 200 --shares 0.5 \
-        --lambda-t-base calibrated --lambda-t-scales 0.5 1 2 -o benchmarks/results/soft_trellis_lt_0.0035.json
+        --lambda-t-scales 0.5 1 2 -o benchmarks/results/soft_trellis_lt_0.0035.json
 """
 
 from __future__ import annotations
@@ -63,14 +62,7 @@ def main() -> None:
         type=float,
         nargs="+",
         default=[1.0],
-        help="multiples of the base λ_T (--lambda-t-base) for the trellis phase and the final Viterbi",
-    )
-    ap.add_argument(
-        "--lambda-t-base",
-        choices=("sga", "calibrated"),
-        default="sga",
-        help="TCQ-8's λ_T with SGA: the codec's (settings.SGA_LAMBDA_MULT) or the calibrated one "
-        "(the decoder target's; the soft_trellis_lt_* records, made before the rule)",
+        help="multiples of TCQ-8's λ_T (the codec's with SGA) for the trellis phase and the final Viterbi",
     )
     ap.add_argument("-o", "--output", default=str(OUT))
     args = ap.parse_args()
@@ -83,7 +75,7 @@ def main() -> None:
     tcq = resolve_quantizer("tcq8", settings, target=0.0)
     if args.tcq_step:
         tcq = dataclasses.replace(tcq, quantizer=dataclasses.replace(tcq.quantizer, step=args.tcq_step))
-    base = tcq if args.lambda_t_base == "calibrated" else resolve_quantizer("tcq8", settings, refine="sga")
+    base = resolve_quantizer("tcq8", settings, refine="sga")  # what the codec's SGA path codes with
     if args.tcq_step:
         base = dataclasses.replace(base, quantizer=dataclasses.replace(base.quantizer, step=args.tcq_step))
     taus = [tuple(float(v) for v in t.split(":")) for t in args.taus]
@@ -109,7 +101,7 @@ def main() -> None:
         "model_lambda": lmbda,
         "tcq8": tcq.describe(),
         "taus": args.taus,
-        "lambda_t_base": {"base": args.lambda_t_base, "lambda_t": base.quantizer.lam},
+        "lambda_t_base": {"base": "calibrated", "lambda_t": base.quantizer.lam},
         "lambda_t_scales": args.lambda_t_scales,
         "data": os.path.relpath(args.data, Path(__file__).parents[1]),
         "images": [p.name for p in images],

@@ -19,11 +19,6 @@ models, never on a test set):
 makes TCQ lose to USQ in the image domain of these noise-trained models. ``lambda_t``
 (``--lambda-t``) sets λ_T directly.
 
-**After SGA** (``--refine sga``) TCQ codes a latent already optimised for the model's
-own loss, so its λ_T is not the calibrated one (chosen for the decoder target, which SGA
-replaces) but ``m =`` :data:`SGA_LAMBDA_MULT` of the rule above for every model, unless
-``lambda_t`` or ``lambda_mult`` is explicit (docs/design.md, "λ_T after SGA").
-
 **Names of the two λs.** ``lambda_t`` is the trellis Lagrangian λ_T of
 ``J = SSE + λ_T·bits`` (the engine's ``trellis.Quantizer.lam``); ``lmbda`` (CompressAI's
 name) is the model's training λ of ``λ·255²·MSE + bpp``, recorded in checkpoints as
@@ -81,7 +76,6 @@ __all__ = [
     "WEIGHT_CHOICES",
     "REFINE_CHOICES",
     "DEFAULT_REFINE_STEPS",
-    "SGA_LAMBDA_MULT",
     "QuantizerChoice",
     "settings_path",
     "read_settings",
@@ -91,9 +85,6 @@ __all__ = [
 ]
 
 DEFAULT_LAMBDA_MULT = 0.025
-#: ``m`` of a trellis's λ_T when SGA refines the latent (chosen on BSDS500 val over the five
-#: shipped models: docs/design.md, "λ_T after SGA")
-SGA_LAMBDA_MULT = 0.4
 DEFAULT_TCQ_STEP = 0.7
 _SLOPE = math.log(2) / 6  # dD/dR of an entropy-coded uniform quantizer of step 1, per bit
 
@@ -298,8 +289,7 @@ def resolve_quantizer(
             of SGA (:class:`~qft.codec.SGARefine`) at the model's training λ before the
             quantizer codes them. With SGA the decoder target is off (``"auto"`` gives 0, an
             explicit one is refused): SGA already optimises the latent for the decoder, by the
-            full loss rather than one linearised step (docs/design.md, "SGA refinement");
-            TCQ's λ_T is then :data:`SGA_LAMBDA_MULT`'s unless explicit.
+            full loss rather than one linearised step (docs/design.md, "SGA refinement").
 
     Raises:
         UserError: decoder weights asked for but not estimated; unreadable weights file;
@@ -333,8 +323,6 @@ def resolve_quantizer(
     mult = lambda_mult if lambda_mult is not None else cal.get("lambda_mult", DEFAULT_LAMBDA_MULT)
     if lambda_t is not None:
         lam = lambda_t
-    elif sga is not None and method.startswith("tcq") and lambda_mult is None:  # SGA's latent, not the target's
-        lam = default_lambda(method, step, SGA_LAMBDA_MULT)
     elif lambda_mult is None and _recorded_lambda_t(cal) is not None:  # a finetuned model's λ_T (∝ Δ²)
         lam = _recorded_lambda_t(cal) * step_scale**2
     else:

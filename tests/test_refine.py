@@ -13,7 +13,7 @@ from trellis import Quantizer
 
 from qft.codec import Codec, SGARefine
 from qft.errors import UserError
-from qft.settings import SGA_LAMBDA_MULT, default_lambda, resolve_quantizer
+from qft.settings import resolve_quantizer
 
 LMBDA = 0.01
 
@@ -102,25 +102,6 @@ def test_refine_settings_and_guards(codec, image):
     ):
         with pytest.raises(ValueError):
             SGARefine(**bad)
-
-
-def test_refine_sets_the_trellis_lambda():
-    """With SGA, TCQ's λ_T follows SGA_LAMBDA_MULT, not the calibrated (decoder target's)
-    one; explicit values still win and RDOQ keeps its calibration."""
-    settings = {
-        "model_lambda": LMBDA,
-        "methods": {m: {"step": s, "lambda_mult": 0.1} for m, s in (("tcq8", 0.63), ("rdoq", 1.0))},
-    }
-    plain = resolve_quantizer("tcq8", settings).quantizer
-    sga = resolve_quantizer("tcq8", settings, refine="sga").quantizer
-    assert plain.lam == pytest.approx(default_lambda("tcq8", 0.63, 0.1))
-    assert sga.step == plain.step and sga.lam == pytest.approx(default_lambda("tcq8", 0.63, SGA_LAMBDA_MULT))
-    assert resolve_quantizer("tcq8", settings, refine="sga", lambda_mult=0.3).quantizer.lam == pytest.approx(
-        default_lambda("tcq8", 0.63, 0.3)
-    )
-    assert resolve_quantizer("tcq8", settings, refine="sga", lambda_t=0.05).quantizer.lam == 0.05
-    rdoq = resolve_quantizer("rdoq", settings, refine="sga").quantizer
-    assert rdoq.lam == resolve_quantizer("rdoq", settings).quantizer.lam
 
 
 def test_cli_refine(tmp_path, capsys):
