@@ -179,7 +179,14 @@ def family(record: dict) -> None:
         return
     means = [record["per_model"][m]["mean"] for m in models]
     curve = {k: {"bpp": [m[k]["bpp"] for m in means], "psnr-rgb": [m[k]["psnr"] for m in means]} for k in means[0]}
-    record["bd_vs_usq_pchip"] = {k: bd_rate(curve["usq"], c)["pchip"] for k, c in curve.items() if k != "usq"}
+    record["bd_vs_usq_pchip"], record["bd_not_computed"] = {}, {}
+    for k, c in curve.items():
+        if k == "usq":
+            continue
+        try:
+            record["bd_vs_usq_pchip"][k] = bd_rate(curve["usq"], c)["pchip"]
+        except ValueError as exc:  # e.g. the two highest models at the same PSNR on these images
+            record["bd_vs_usq_pchip"][k], record["bd_not_computed"][k] = math.nan, str(exc)
     record["encode_s"] = {k: float(np.mean([m[k]["encode_s"] for m in means])) for k in means[0]}
     print(json.dumps({"bd_vs_usq_pchip": record["bd_vs_usq_pchip"], "encode_s": record["encode_s"]}, indent=1))
 
