@@ -75,9 +75,6 @@ def main() -> None:
     tcq = resolve_quantizer("tcq8", settings, target=0.0)
     if args.tcq_step:
         tcq = dataclasses.replace(tcq, quantizer=dataclasses.replace(tcq.quantizer, step=args.tcq_step))
-    base = resolve_quantizer("tcq8", settings, refine="sga")  # what the codec's SGA path codes with
-    if args.tcq_step:
-        base = dataclasses.replace(base, quantizer=dataclasses.replace(base.quantizer, step=args.tcq_step))
     taus = [tuple(float(v) for v in t.split(":")) for t in args.taus]
     # name: (choice, SGA refinement or None)
     configs = {"usq": (usq, None), "tcq8": (tcq, None)}
@@ -92,7 +89,7 @@ def main() -> None:
                         + (f" lambda_t x{scale:g}" if len(args.lambda_t_scales) > 1 else "")
                     )
                     c = dataclasses.replace(
-                        base, quantizer=dataclasses.replace(base.quantizer, lam=base.quantizer.lam * scale)
+                        tcq, quantizer=dataclasses.replace(tcq.quantizer, lam=tcq.quantizer.lam * scale)
                     )
                     configs[name] = (c, SGARefine(lmbda, n, trellis_share=share, trellis_taus=tau))
     images = list_images(args.data)[args.skip : args.skip + args.images]
@@ -101,7 +98,7 @@ def main() -> None:
         "model_lambda": lmbda,
         "tcq8": tcq.describe(),
         "taus": args.taus,
-        "lambda_t_base": {"base": "calibrated", "lambda_t": base.quantizer.lam},
+        "lambda_t_base": {"base": "calibrated", "lambda_t": tcq.quantizer.lam},
         "lambda_t_scales": args.lambda_t_scales,
         "data": os.path.relpath(args.data, Path(__file__).parents[1]),
         "images": [p.name for p in images],
