@@ -20,7 +20,7 @@ the entropy coder stay on the CPU).
     python benchmarks/refine_sga.py --device cuda --steps 50 200 1000           # all shipped, Kodak
     python benchmarks/refine_sga.py --device cuda --steps 50 200 1000 \\
         --data ../shared/data/tecnick_sampling_300x300 -o benchmarks/results/refine_sga_tecnick.json
-    python benchmarks/refine_sga.py --merge a.json b.json -o refine_sga.json   # models run apart
+    python benchmarks/refine_sga.py --merge a.json b.json -o refine_sga.json   # models or images run apart
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from trellis.hardware import machine_info
 
 from qft.codec import Codec, SGARefine, list_images, pad, read_image
 from qft.codec.refine import TRELLIS_SHARE
-from qft.eval.bdrate import bd_rate
+from qft.eval.bdrate import front_bd_rate
 from qft.files import atomic_write
 from qft.models import load_checkpoint
 from qft.models.zoo import base_entries
@@ -111,7 +111,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="*", default=[50, 200], help="SGA steps (none: the cheap rows only)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("-o", "--output", default=str(OUT))
-    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these records (different models) into -o")
+    ap.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="only merge these records (other models or images) into -o"
+    )
     ap.add_argument(
         "--resume", action="store_true", help="keep the images -o already holds (same data, images, steps, device)"
     )
@@ -172,23 +174,31 @@ def main() -> None:
 
 def family(record: dict) -> None:
     """With two or more models (one rate point each, taken in the order of their λ), the
-    family's BD-rate (pchip) of each configuration against plain USQ and the mean encode
-    seconds, into ``record``."""
+    family's BD-rate of each configuration against plain USQ and the mean encode seconds,
+    into ``record``: pchip over the models on both curves' Pareto fronts, as ``qft report``
+    computes it (``bd_points`` names them; the two highest models can reach the same PSNR
+    on a few images). A BD that cannot be computed is NaN with the reason. Also each
+    trellis row directly against USQ with the same encoder help (``bd_tcq_vs_usq_same_help``)."""
     models = sorted(record["per_model"], key=lambda m: record["per_model"][m]["model_lambda"])
     if len(models) < 2:
         return
     means = [record["per_model"][m]["mean"] for m in models]
-    curve = {k: {"bpp": [m[k]["bpp"] for m in means], "psnr-rgb": [m[k]["psnr"] for m in means]} for k in means[0]}
-    record["bd_vs_usq_pchip"], record["bd_not_computed"] = {}, {}
+    curve = {k: [(m[k]["bpp"], m[k]["psnr"]) for m in means] for k in means[0]}
+    record["bd_vs_usq_pchip"], record["bd_points"], record["bd_not_computed"] = {}, {}, {}
     for k, c in curve.items():
         if k == "usq":
             continue
-        try:
-            record["bd_vs_usq_pchip"][k] = bd_rate(curve["usq"], c)["pchip"]
-        except ValueError as exc:  # e.g. the two highest models at the same PSNR on these images
-            record["bd_vs_usq_pchip"][k], record["bd_not_computed"][k] = math.nan, str(exc)
+        bd, sel = front_bd_rate(curve["usq"], c)
+        record["bd_vs_usq_pchip"][k], record["bd_points"][k] = bd, [models[j] for j in sel]
+        if math.isnan(bd):
+            record["bd_not_computed"][k] = f"{len(sel)} model(s) on both Pareto fronts, or the fronts tie"
+    # what the trellis adds over USQ with the same encoder help (issue 24's measure)
+    pairs = [("tcq8+target", "usq+target_rd")] + [(f"sga{n}+tcq8", f"sga{n}+usq") for n in record["steps"]]
+    record["bd_tcq_vs_usq_same_help"] = {
+        f"{t} vs {a}": front_bd_rate(curve[a], curve[t])[0] for t, a in pairs if t in curve and a in curve
+    }
     record["encode_s"] = {k: float(np.mean([m[k]["encode_s"] for m in means])) for k in means[0]}
-    print(json.dumps({"bd_vs_usq_pchip": record["bd_vs_usq_pchip"], "encode_s": record["encode_s"]}, indent=1))
+    print(json.dumps({k: record[k] for k in ("bd_vs_usq_pchip", "bd_tcq_vs_usq_same_help", "encode_s")}, indent=1))
 
 
 def resumed(record: dict, old: dict, path: str) -> dict:
@@ -206,20 +216,43 @@ def resumed(record: dict, old: dict, path: str) -> dict:
 
 
 def merge(paths: list[str], output: str) -> None:
-    """Records of the same images and steps run over different models (e.g. one process
-    or machine each) as one record, with the family's BD-rates."""
+    """Records run apart (other models, other images: one process or machine each) as one
+    record, with the family's BD-rates. Only the configurations every record holds are
+    kept (e.g. the SGA steps they share); a model's rows are the union of its images, which
+    must not repeat, and every model must end with the same images (the family compares
+    means over the same images)."""
     records = [json.loads(Path(p).read_text()) for p in paths]
-    for r in records[1:]:
-        if (r["images"], r["steps"], r["data"]) != (records[0]["images"], records[0]["steps"], records[0]["data"]):
-            raise SystemExit(f"refine_sga --merge: {paths[0]} and the others differ in images, steps or data")
-    out = dict(records[0], models=[], per_model={}, merged_from=[os.path.basename(p) for p in paths])
+    if len({r["data"] for r in records}) > 1:
+        raise SystemExit(f"refine_sga --merge: {paths[0]} and the others differ in data")
+    steps = [n for n in records[0]["steps"] if all(n in r["steps"] for r in records)]
+    names = [
+        k
+        for k in next(iter(records[0]["per_model"].values()))["rows"]
+        if all(k in m["rows"] for r in records for m in r["per_model"].values())
+    ]
+    out = dict(records[0], models=[], steps=steps, per_model={}, merged_from=[os.path.basename(p) for p in paths])
     out["load_before"] = [r["load_before"] for r in records]
     out["load_after"] = [r.get("load_after") for r in records]
     for path, r in zip(paths, records):
-        if set(r["per_model"]) & set(out["per_model"]):
-            raise SystemExit(f"refine_sga --merge: {path} repeats a model of the records before it")
-        out["models"] += r["models"]
-        out["per_model"] |= r["per_model"]
+        for model, m in r["per_model"].items():
+            configs = {k: m["configs"][k] for k in names}
+            entry = out["per_model"].setdefault(
+                model, {"model_lambda": m["model_lambda"], "configs": configs, "rows": {k: [] for k in names}}
+            )
+            if entry["configs"] != configs:
+                raise SystemExit(f"refine_sga --merge: {path} has other settings for {model}")
+            seen = {row["image"] for row in entry["rows"]["usq"]}
+            if seen & {row["image"] for row in m["rows"]["usq"]}:
+                raise SystemExit(f"refine_sga --merge: {path} repeats an image of {model}")
+            for k in names:
+                entry["rows"][k] += m["rows"][k]
+    out["models"] = list(out["per_model"])
+    image_sets = {model: sorted(row["image"] for row in m["rows"]["usq"]) for model, m in out["per_model"].items()}
+    out["images"] = next(iter(image_sets.values()))
+    if any(v != out["images"] for v in image_sets.values()):
+        raise SystemExit("refine_sga --merge: the models do not hold the same images; merge whole sets")
+    for m in out["per_model"].values():
+        m["mean"] = {k: {q: float(np.mean([row[q] for row in rs])) for q in KEYS} for k, rs in m["rows"].items()}
     family(out)
     atomic_write(output, json.dumps(out, indent=1))
 

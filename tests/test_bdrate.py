@@ -7,6 +7,7 @@ import pytest
 
 from qft.cli import main
 from qft.eval import bd_rate
+from qft.eval.bdrate import front_bd_rate
 
 ANCHOR = {"results": {"bpp": [0.2, 0.4, 0.8, 1.6], "psnr-rgb": [28.0, 31.0, 34.0, 37.0]}}
 
@@ -29,6 +30,22 @@ def test_no_overlap_is_nan_with_warning():
     far = {"bpp": [0.1, 0.2], "psnr-rgb": [10.0, 11.0]}
     bd = bd_rate(ANCHOR, far)
     assert np.isnan(bd["pchip"]) and bd["warnings"]
+
+
+def test_front_bd_rate_keeps_the_points_on_both_fronts():
+    """A rate point off either curve's front (beaten in rate and quality by another) is left
+    out of both curves; the rest gives the BD of the scaled rates."""
+    a = list(zip(ANCHOR["results"]["bpp"], ANCHOR["results"]["psnr-rgb"]))
+    t = [(r * 0.9, q) for r, q in a]
+    bd, sel = front_bd_rate(a, t)
+    assert sel == [0, 1, 2, 3] and bd == pytest.approx(-10, abs=1e-6)
+    t[3] = (t[3][0], 33.9)  # the top test point now below the third one's quality
+    bd, sel = front_bd_rate(a, t)
+    assert sel == [0, 1, 2] and bd == pytest.approx(-10, abs=1e-6)
+    tied = [(r, 30.0) for r, _ in a]  # every test point at one quality: the front ties, no BD
+    assert np.isnan(front_bd_rate(a, tied)[0])
+    with pytest.raises(ValueError, match="3 test points"):
+        front_bd_rate(a, t[:3])
 
 
 def test_cli(tmp_path, capsys):

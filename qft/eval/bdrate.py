@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["BD_METHODS", "bd_rate", "curve", "local_rate_change", "pareto_front"]
+__all__ = ["BD_METHODS", "bd_rate", "curve", "front_bd_rate", "local_rate_change", "pareto_front"]
 
 BD_METHODS = ("pchip", "cubic", "akima")
 
@@ -96,6 +96,37 @@ def pareto_front(rates: list[float], qualities: list[float]) -> list[int]:
         for i, (r, q) in enumerate(zip(rates, qualities))
         if not any(r2 <= r and q2 > q for j, (r2, q2) in enumerate(zip(rates, qualities)) if j != i)
     ]
+
+
+def front_bd_rate(
+    anchor: list[tuple[float, float]], test: list[tuple[float, float]], metric: str = "psnr-rgb"
+) -> tuple[float, list[int]]:
+    """BD-rate (pchip, %) of ``test`` against ``anchor``, two curves of ``(rate, quality)``
+    points paired by index (one per rate point, e.g. a family's models), over the indices on
+    *both* curves' :func:`pareto_front` (a point another beats is never on a monotone RD
+    curve, and pairing keeps the two curves over the same rate points).
+
+    Returns:
+        ``(bd, indices)``: NaN for ``bd`` where fewer than two indices remain, a quality is
+        not finite, or the fronts tie (not strictly monotonic).
+    """
+    if len(anchor) != len(test):
+        raise ValueError(f"front_bd_rate: {len(anchor)} anchor but {len(test)} test points")
+    sel = sorted(
+        set(pareto_front([p[0] for p in anchor], [p[1] for p in anchor]))
+        & set(pareto_front([p[0] for p in test], [p[1] for p in test]))
+    )
+    if len(sel) < 2 or not all(math.isfinite(p[1]) for p in anchor + test):
+        return math.nan, sel
+    try:
+        bd = bd_rate(
+            {"bpp": [anchor[j][0] for j in sel], metric: [anchor[j][1] for j in sel]},
+            {"bpp": [test[j][0] for j in sel], metric: [test[j][1] for j in sel]},
+            metric,
+        )["pchip"]
+    except ValueError:  # tied points on a front: not strictly monotonic, no BD
+        return math.nan, sel
+    return bd, sel
 
 
 def local_rate_change(anchor: list[tuple[float, float]], point: tuple[float, float]) -> float:

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from qft.codec import target_record
 from qft.errors import UserError
-from qft.eval.bdrate import bd_rate, local_rate_change, pareto_front
+from qft.eval.bdrate import front_bd_rate, local_rate_change
 from qft.files import atomic_write
 from qft.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer, target_value, weights_digest
 from qft.train.recipe import recipe_path
@@ -475,21 +475,8 @@ def _compare(recipe: ReportRecipe, cells: dict, curves: dict, test: tuple[str, s
     for metric in METRICS:
         a = [_point(a_pts[i], metric) for i in common]
         t = [_point(t_pts[i], metric) for i in common]
-        sel = sorted(
-            set(pareto_front([p[0] for p in a], [p[1] for p in a]))
-            & set(pareto_front([p[0] for p in t], [p[1] for p in t]))
-        )  # on both fronts
+        bd, sel = front_bd_rate(a, t, metric)
         front = [common[j] for j in sel]
-        bd = math.nan
-        if len(sel) >= 2 and all(math.isfinite(p[1]) for p in a + t):
-            try:
-                bd = bd_rate(
-                    {"bpp": [a[j][0] for j in sel], metric: [a[j][1] for j in sel]},
-                    {"bpp": [t[j][0] for j in sel], metric: [t[j][1] for j in sel]},
-                    metric,
-                )["pchip"]
-            except ValueError:  # fronts with tied points: not strictly monotonic, no BD
-                pass
         local = []
         for i in common:
             sweep = [cells.get((anchor[0], i, anchor[1], s)) for s in (1.0, *recipe.sweep)]
