@@ -234,6 +234,7 @@ class QuantizerChoice:
             "step": q.step,
             "lambda_t": q.lam,
             "reset": q.reset,
+            "plain_rows": q.plain_rows,
             "weights": self.weights is not None,
             "target": target_record(self.target),
             "refine": "none" if self.refine is None else self.refine.record(q),
@@ -271,11 +272,14 @@ def resolve_quantizer(
     target: str | float = "auto",
     refine: str = "none",
     refine_steps: int = DEFAULT_REFINE_STEPS,
+    plain_rows: int | None = None,
 ) -> QuantizerChoice:
     """The quantizer of ``method`` for a checkpoint with ``settings`` (:func:`read_settings`).
 
     Args:
         step, lambda_t, lambda_mult: explicit values (``None``: calibrated, else default).
+        plain_rows: TCQ's plain rows (:attr:`trellis.Quantizer.plain_rows`; ``None``: the
+            calibrated value, else 0).
         weights: ``"auto"`` (the calibrated choice: decoder weights if calibration chose
             them), ``"none"``, ``"decoder"`` (the settings' decoder weights) or a file
             (``.npy`` or a settings/JSON file) holding one weight per latent channel.
@@ -350,8 +354,10 @@ def resolve_quantizer(
                 "or give a fixed η instead (e.g. --target 0.125)"
             )
         eta = RDTarget(settings["model_lambda"])
+    if plain_rows is None:
+        plain_rows = int(cal.get("plain_rows", 0)) if method.startswith("tcq") else 0
     try:
-        q = Quantizer(method, step=step, lam=lam, reset=reset)
+        q = Quantizer(method, step=step, lam=lam, reset=reset, plain_rows=plain_rows)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:

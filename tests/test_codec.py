@@ -369,6 +369,24 @@ def test_header_forged_with_every_check_is_refused_by_the_seal(coded):
             codec.decompress(forged(data, height=h, width=w, tables=codec._tables(q, h, w)))
 
 
+def test_plain_rows_travel_in_the_header(image):
+    """A TCQ stream with plain rows decodes exactly; the header carries them (format 3),
+    a format 2 stream (before plain rows) still decodes, and plain bits in one are refused."""
+    codec = Codec(tiny(), "a", "mean-scale-hyperprior")
+    x = image[..., :64, :64]
+    q = Quantizer("tcq8", step=0.5, lam=0.05, plain_rows=12)
+    out = codec.compress(x, q)
+    assert Container.from_bytes(out["bitstream"]).header.plain_rows == 12
+    assert np.array_equal(codec.decompress(out["bitstream"])["y_hat"], out["y_hat"])
+    q0 = Quantizer("tcq8", step=0.5, lam=0.05)
+    (lat,) = codec.latent_coder.quantize(pad(x)[0], q0)
+    header = dataclasses.replace(codec._header(q0, 64, 64), version=2)
+    old = Container(header, [lat.z_string, codec.latent_coder.encode(lat, q0, header.seal())]).to_bytes()
+    assert old[2] == 2 and np.array_equal(codec.decompress(old)["y_hat"], lat.y_hat)
+    with pytest.raises(UserError, match="malformed"):
+        codec.decompress(forged_raw(old, 7, bytes([old[7] | 12 << 3])))
+
+
 def test_old_format_is_named(coded):
     codec, data = coded
     with pytest.raises(UserError, match="format 1 .*encode the image again"):

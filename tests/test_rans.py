@@ -5,7 +5,7 @@ import pytest
 
 from compressai.ans import RansDecoder, RansEncoder
 
-from trellis import METHODS, Quantizer, rans, rate_table, scale_rows
+from trellis import METHODS, PLAIN_CLASS, Quantizer, rans, rate_table, scale_rows
 from trellis.rans import CorruptStreamError
 
 STEPS = {"usq": 1.0, "rdoq": 0.8, "tcq4": 0.6, "tcq8": 0.45}
@@ -59,7 +59,8 @@ def test_real_bits_match_table_bits():
 
 
 def test_fuzz_round_trip_1000_latents():
-    """≥ 1,000 random latents, σ 0.11…256 and beyond, outliers far outside the tables."""
+    """≥ 1,000 random latents, σ 0.11…256 and beyond, outliers far outside the tables,
+    TCQ with and without plain rows."""
     rng = np.random.default_rng(3)
     for i in range(1000):
         method = METHODS[i % 4]
@@ -68,6 +69,7 @@ def test_fuzz_round_trip_1000_latents():
             step=float(rng.choice([0.3, 0.55, 1.0, 1.5])),
             lam=float(rng.uniform(0, 0.3)),
             reset=("channel", "tensor")[i % 2],
+            plain_rows=int(rng.integers(0, 32)) if method.startswith("tcq") and i % 3 else 0,
         )
         shape = tuple(rng.integers(1, 6, 3))
         sigma = np.exp(rng.uniform(np.log(0.05), np.log(400), shape)).astype(np.float32)
@@ -79,11 +81,22 @@ def test_fuzz_round_trip_1000_latents():
         tab = q.table
         data = rans.encode(out.indices, out.rows, tab.cdf, tab.cdf_length, tab.offset)
         nxt, cls = q.selector
+        rows = scale_rows(sigma)
         idx = rans.decode(
-            data, scale_rows(sigma), q.chain_length(shape), nxt, cls, 64, tab.cdf, tab.cdf_length, tab.offset
+            data,
+            rows,
+            q.chain_length(shape),
+            nxt,
+            cls,
+            64,
+            tab.cdf,
+            tab.cdf_length,
+            tab.offset,
+            plain_rows=q.plain_rows,
+            plain_class=PLAIN_CLASS,
         ).reshape(shape)
         assert np.array_equal(idx, out.indices), (i, method)
-        y_hat, states = q.dequantize(idx, mu)
+        y_hat, states = q.dequantize(idx, mu, scale_rows=rows)
         assert np.array_equal(y_hat, out.y_hat) and np.array_equal(states, out.states), (i, method)
 
 

@@ -483,6 +483,37 @@ def test_calibrate_chooses_step_with_the_target(monkeypatch):
     assert far["saving_vs_usq_target"] == pytest.approx(-20.0)
 
 
+def test_calibrate_searches_plain_rows_for_tcq(monkeypatch):
+    """TCQ's grid runs over the plain rows asked for (RDOQ's does not), the pick carries its
+    number, and a record of the same images keeps the grid of the methods not searched."""
+    from qft.commands.calibrate import carried_grid
+    from qft.eval import calibrate as cal
+
+    def fake_evaluate(ck, grid, images, settings, desc):
+        for g in grid:
+            if g["method"] == "usq":
+                g["bpp"] = 1.0 / g["step"]
+                g["psnr"] = 30 + 3 * math.log2(g["bpp"])
+            else:  # 12 plain rows: 4 % below USQ, none: 2 %
+                g["bpp"], g["psnr"] = (0.96 if g.get("plain_rows") == 12 else 0.98), 30.0
+
+    monkeypatch.setattr(cal, "_evaluate_grid", fake_evaluate)
+    out = cal.calibrate_checkpoint(
+        None, [], {}, methods=("rdoq", "tcq8"), steps=(0.63,), mults=(0.1,), plain_rows=(0, 12)
+    )
+    grid = out["calibration"]["grid"]
+    assert sorted(g["plain_rows"] for g in grid if g["method"] == "tcq8") == [0, 12]
+    assert all("plain_rows" not in g for g in grid if g["method"] in ("usq", "rdoq"))
+    assert out["methods"]["tcq8"]["plain_rows"] == 12 and "plain_rows" not in out["methods"]["rdoq"]
+    old = dict(out["calibration"])
+    new = cal.calibrate_checkpoint(None, [], {}, methods=("tcq8",), steps=(0.63,), mults=(0.1,))["calibration"]
+    merged = carried_grid(old, new, ("tcq8",))
+    assert merged["carried"] == ["rdoq"]
+    assert [g["method"] for g in merged["grid"]].count("rdoq") == 1
+    assert [g.get("plain_rows") for g in merged["grid"] if g["method"] == "tcq8"] == [0]
+    assert carried_grid(old | {"images": ["other.png"]}, new, ("tcq8",)) is new
+
+
 def test_calibrate_default_weights_by_saving():
     """The default between the weight picks is the better saving even where the RD cost
     prefers the other (a lower-rate point), and the RD cost only where a saving is missing."""

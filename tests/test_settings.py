@@ -47,3 +47,17 @@ def test_importing_the_settings_and_the_options_needs_no_torch():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
         == "False"
     )
+
+
+def test_plain_rows_calibrated_or_explicit():
+    """TCQ takes the calibrated plain rows unless given; other methods have none."""
+    settings = {"methods": {"tcq8": {"step": 0.63, "lambda_mult": 0.2, "plain_rows": 12}}}
+    assert resolve_quantizer("tcq8", settings, target=0).quantizer.plain_rows == 12
+    assert resolve_quantizer("tcq8", settings, target=0, plain_rows=0).quantizer.plain_rows == 0
+    assert resolve_quantizer("tcq8", {}, target=0).quantizer.plain_rows == 0
+    assert resolve_quantizer("usq", settings).quantizer.plain_rows == 0
+    assert resolve_quantizer("tcq8", settings, target=0).describe()["plain_rows"] == 12
+    with pytest.raises(UserError, match="tcq4 and tcq8"):
+        resolve_quantizer("usq", settings, plain_rows=12)
+    with pytest.raises(UserError, match="plain_rows must be"):
+        resolve_quantizer("tcq8", settings, target=0, plain_rows=40)

@@ -277,6 +277,75 @@ def test_viterbi_is_optimal_exhaustive(S, seed, weighted):
     assert got == pytest.approx(best, rel=1e-6, abs=1e-9)
 
 
+class TestPlainRows:
+    """TCQ with plain rows: the low-scale elements rounded at step 1, outside the trellis."""
+
+    @pytest.mark.parametrize("method", ["tcq4", "tcq8"])
+    @pytest.mark.parametrize("reset", ["channel", "tensor"])
+    @pytest.mark.parametrize("plain_rows", [7, 14, 31])
+    def test_kernels_match_reference_and_decode(self, method, reset, plain_rows):
+        y, mu, sigma = latent((5, 9, 11), seed=plain_rows)
+        q = Quantizer(method, step=0.6, lam=0.05, reset=reset, plain_rows=plain_rows)
+        a = q.quantize(y, mu, sigma, weights=np.linspace(0.5, 2, 5).reshape(5, 1, 1))
+        b = q.quantize(y, mu, sigma, weights=np.linspace(0.5, 2, 5).reshape(5, 1, 1), backend="numpy")
+        for f in ("indices", "states", "rows", "y_hat"):
+            assert np.array_equal(getattr(a, f), getattr(b, f)), f
+        assert a.bits == pytest.approx(b.bits) and a.bits == pytest.approx(q.table.index_bits(a.rows, a.indices).sum())
+        rows = scale_rows_reference(sigma)
+        for backend in ("numba", "numpy"):
+            y_hat, states = q.dequantize(a.indices, mu, scale_rows=rows, backend=backend)
+            assert np.array_equal(y_hat, a.y_hat) and np.array_equal(states, a.states)
+
+    def test_plain_elements_are_rounded_and_transparent(self):
+        """The plain elements are USQ's rounding in the plain class; the others are the
+        trellis over each chain with the plain ones taken out."""
+        y, mu, sigma = latent((4, 8, 8), seed=3)
+        q = Quantizer("tcq8", step=0.6, lam=0.05, plain_rows=20)
+        out = q.quantize(y, mu, sigma)
+        rows = scale_rows_reference(sigma)
+        plain = rows < 20
+        assert 0 < plain.sum() < plain.size
+        usq = Quantizer("usq").quantize(y, mu, sigma)
+        assert np.array_equal(out.indices[plain], usq.indices[plain])
+        assert np.array_equal(out.y_hat[plain], usq.y_hat[plain])
+        assert np.array_equal(out.rows[plain], 2 * NUM_SCALES + rows[plain])
+        full = Quantizer("tcq8", step=0.6, lam=0.05)
+        for c in range(4):
+            sel = ~plain[c]
+            alone = full.quantize(y[c][sel][None, None], mu[c][sel][None, None], sigma[c][sel][None, None])
+            assert np.array_equal(out.indices[c][sel], alone.indices[0, 0])
+            assert np.array_equal(out.states[c][sel], alone.states[0, 0])
+        assert (
+            Quantizer("tcq8", step=0.6, lam=0.05, plain_rows=0).quantize(y, mu, sigma).bits
+            == full.quantize(y, mu, sigma).bits
+        )
+
+    def test_plain_table_classes(self):
+        """``tcq-plain``: classes 0 and 1 are the TCQ rows, class 2 USQ's rows at step 1."""
+        tcq, usq, both = rate_table("tcq", 0.63), rate_table("usq", 1.0), rate_table("tcq-plain", 0.63)
+        for r in range(3 * NUM_SCALES):
+            ref, rr = (tcq, r) if r < 2 * NUM_SCALES else (usq, r - 2 * NUM_SCALES)
+            n = ref.cdf_length[rr]
+            assert both.cdf_length[r] == n and both.offset[r] == ref.offset[rr]
+            assert np.array_equal(both.cdf[r, :n], ref.cdf[rr, :n])
+        lo, hi = cell_bounds("tcq-plain", 2, np.arange(3), 0.63)
+        assert np.allclose(lo, [-0.5, 0.5, 1.5]) and np.allclose(hi, [0.5, 1.5, 2.5])
+
+    def test_guards(self):
+        y, mu, sigma = latent((2, 4, 4))
+        with pytest.raises(ValueError, match="tcq4 and tcq8"):
+            Quantizer("usq", plain_rows=3)
+        for bad in (-1, 32, 2.5):
+            with pytest.raises(ValueError, match="plain_rows must be"):
+                Quantizer("tcq8", plain_rows=bad)
+        q = Quantizer("tcq8", step=0.6, lam=0.05, plain_rows=10)
+        out = q.quantize(y, mu, sigma)
+        with pytest.raises(ValueError, match="scale rows"):
+            q.dequantize(out.indices, mu)
+        with pytest.raises(ValueError, match="relaxed trellis covers every element"):
+            q.soft_quantize(y, mu, sigma, tau=0.1)
+
+
 class TestSoftTrellis:
     """``Quantizer.soft_quantize``: the Gibbs expectations over the trellis paths and their
     exact gradient (the refinement through the trellis rests on both)."""

@@ -11,13 +11,15 @@
 """
 
 from trellis.machines import MACHINES, StateMachine, machine
-from trellis.quantize import METHODS, RESETS, Quantizer, QuantizeResult, scale_rows
+from trellis.quantize import MAX_PLAIN_ROWS, METHODS, PLAIN_CLASS, RESETS, Quantizer, QuantizeResult, scale_rows
 from trellis.tables import NUM_SCALES, SCALE_TABLE, RateTable, rate_table
 
 __all__ = [
     "MACHINES",
+    "MAX_PLAIN_ROWS",
     "METHODS",
     "NUM_SCALES",
+    "PLAIN_CLASS",
     "RESETS",
     "SCALE_TABLE",
     "Quantizer",

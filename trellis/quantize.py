@@ -12,6 +12,14 @@ Chains (scan order and state reset, part of the bitstream definition):
 * ``reset="channel"`` (default): one chain per channel (per image), raster order, state 0
   at the start of every channel; chains are independent and run in parallel.
 * ``reset="tensor"``: one chain per image over the whole latent in ``(C, H, W)`` order.
+
+Plain rows (TCQ, ``plain_rows > 0``): the elements of the first ``plain_rows`` table rows
+(scale below ``SCALE_TABLE[plain_rows]``, where the model expects almost nothing) are
+rounded at step 1 with USQ's cells (the plain class of the ``"tcq-plain"`` tables) and are
+transparent to the chain: they take no trellis decision and leave its state unchanged, so
+the trellis runs over the remaining elements of each chain in the same order. At low rates
+most latents carry a small fraction of a bit, and there TCQ's ``Q1`` zero cell (half as
+wide as USQ's) costs more than the trellis gains (docs/design.md, "Plain rows").
 """
 
 from __future__ import annotations
@@ -23,15 +31,37 @@ import numpy as np
 
 from trellis import kernels, reference
 from trellis.machines import StateMachine, machine
-from trellis.tables import NUM_SCALES, SCALE_TABLE, RateTable, rate_table, scale_rows_reference
+from trellis.tables import (
+    NUM_SCALES,
+    PLAIN_STEP,
+    SCALE_TABLE,
+    RateTable,
+    rate_table,
+    scale_rows_reference,
+)
 
-__all__ = ["METHODS", "RESETS", "BACKENDS", "Quantizer", "QuantizeResult", "SoftQuantizeResult", "scale_rows"]
+__all__ = [
+    "METHODS",
+    "RESETS",
+    "BACKENDS",
+    "MAX_PLAIN_ROWS",
+    "PLAIN_CLASS",
+    "Quantizer",
+    "QuantizeResult",
+    "SoftQuantizeResult",
+    "scale_rows",
+]
 
 METHODS = ("usq", "rdoq", "tcq4", "tcq8")
 RESETS = ("channel", "tensor")
 BACKENDS = ("numba", "numpy")
 #: ``|y - μ| / Δ`` must stay below this (indices are int32).
 _MAX_LEVEL = 2.0**30
+#: Most plain rows a quantizer may have (scales below ``SCALE_TABLE[31]`` ≈ 4.3; the
+#: container's quantizer byte holds five bits for them).
+MAX_PLAIN_ROWS = 31
+#: Coding-table class of the plain elements (the third class of a ``"tcq-plain"`` table).
+PLAIN_CLASS = 2
 
 
 class SoftQuantizeResult(NamedTuple):
@@ -93,6 +123,8 @@ class Quantizer:
         theta: USQ rounding offset: ``½`` is rounding half to even (bit-identical to
             CompressAI's ``torch.round``); smaller values give a dead zone.
         reset: chain layout, ``"channel"`` or ``"tensor"`` (see module docstring).
+        plain_rows: TCQ only: elements of the first ``plain_rows`` table rows are rounded
+            at step 1 outside the trellis (module docstring); 0 (default): none.
     """
 
     method: str = "usq"
@@ -100,6 +132,7 @@ class Quantizer:
     lam: float = 0.0
     theta: float = 0.5
     reset: str = "channel"
+    plain_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -112,6 +145,10 @@ class Quantizer:
             raise ValueError(f"theta must lie in (0, 0.5], got {self.theta!r}")
         if self.reset not in RESETS:
             raise ValueError(f"reset must be one of {RESETS}, got {self.reset!r}")
+        if not (isinstance(self.plain_rows, (int, np.integer)) and 0 <= self.plain_rows <= MAX_PLAIN_ROWS):
+            raise ValueError(f"plain_rows must be an integer in [0, {MAX_PLAIN_ROWS}], got {self.plain_rows!r}")
+        if self.plain_rows and not self.is_trellis:
+            raise ValueError(f"plain_rows apply to tcq4 and tcq8; {self.method} has no trellis to leave")
 
     @property
     def is_trellis(self) -> bool:
@@ -119,8 +156,11 @@ class Quantizer:
 
     @property
     def table(self) -> RateTable:
-        """The coding tables (``"tcq"`` kind for TCQ, ``"usq"`` otherwise)."""
-        return rate_table("tcq" if self.is_trellis else "usq", self.step)
+        """The coding tables (``"tcq"`` kind for TCQ, ``"tcq-plain"`` with plain rows,
+        ``"usq"`` otherwise)."""
+        if not self.is_trellis:
+            return rate_table("usq", self.step)
+        return rate_table("tcq-plain" if self.plain_rows else "tcq", self.step)
 
     @property
     def machine(self) -> StateMachine | None:
@@ -151,25 +191,37 @@ class Quantizer:
         return np.ascontiguousarray(x).reshape(n * c if self.reset == "channel" else n, -1)
 
     def reconstruct(
-        self, indices: np.ndarray, states: np.ndarray, mu: np.ndarray, backend: str = "numba"
+        self,
+        indices: np.ndarray,
+        states: np.ndarray,
+        mu: np.ndarray,
+        backend: str = "numba",
+        *,
+        scale_rows: np.ndarray | None = None,
     ) -> np.ndarray:
-        """``ŷ = μ + t`` with ``t = kΔ`` (USQ/RDOQ) or ``(2k - sgn(k) Q(s))Δ`` (TCQ).
+        """``ŷ = μ + t`` with ``t = kΔ`` (USQ/RDOQ) or ``(2k - sgn(k) Q(s))Δ`` (TCQ), and
+        ``t = k`` for plain elements (their ``scale_rows`` below :attr:`plain_rows`; needed
+        with plain rows).
 
         ``t`` is formed in float64, rounded to ``μ``'s dtype, then added to ``μ`` in that
         dtype, so encoder and decoder produce identical bits.
         """
         quant = self.machine.quantizer if self.is_trellis else np.zeros(1, np.int64)
         if backend == "numpy":
-            return reference.reconstruct(indices, states, quant, self.is_trellis, self.step, mu)
-        flat = kernels.reconstruct(
-            indices.reshape(-1),
-            states.reshape(-1),
-            quant,
-            self.is_trellis,
-            self.step,
-            np.ascontiguousarray(mu).reshape(-1),
-        )
-        return flat.reshape(mu.shape)
+            out = reference.reconstruct(indices, states, quant, self.is_trellis, self.step, mu)
+        else:
+            out = kernels.reconstruct(
+                indices.reshape(-1),
+                states.reshape(-1),
+                quant,
+                self.is_trellis,
+                self.step,
+                np.ascontiguousarray(mu).reshape(-1),
+            ).reshape(mu.shape)
+        if self.plain_rows:
+            plain = self._plain_mask(scale_rows, mu.shape)
+            out[plain] = mu[plain] + (indices[plain].astype(np.float64) * PLAIN_STEP).astype(mu.dtype)
+        return out
 
     # -- quantize / dequantize --------------------------------------------------------
     def quantize(
@@ -198,6 +250,8 @@ class Quantizer:
         """
         y = np.asarray(y)
         r, mu2, rows2, lam, w = self._prepare(y, mu, sigma, scale_rows, weights, backend)
+        if self.plain_rows:
+            return self._quantize_plain(y.shape, r, mu2, rows2, lam, w, backend)
         tab = self.table
         tabargs = (tab.bits, tab.kmax, tab.tail_bits, tab.cdf_length, tab.offset)
         states = np.zeros(r.shape, dtype=np.uint8)
@@ -213,13 +267,7 @@ class Quantizer:
             else:
                 idx, y_hat, bits = reference.rdoq(r, w, mu2, rows2, self.step, lam, tab)
         else:
-            sm = self.machine
-            if backend == "numba":
-                idx, states, coding_rows, y_hat, bits = kernels.tcq(
-                    r, w, mu2, rows2, self.step, lam, sm.num_states, sm.quantizer, *tabargs
-                )
-            else:
-                idx, states, coding_rows, y_hat, bits = reference.tcq(r, w, mu2, rows2, self.step, lam, tab, sm)
+            idx, states, coding_rows, y_hat, bits = self._trellis(r, w, mu2, rows2, lam, backend)
         return QuantizeResult(
             indices=idx.reshape(y.shape),
             states=states.reshape(y.shape),
@@ -227,6 +275,51 @@ class Quantizer:
             y_hat=y_hat.reshape(y.shape),
             bits=float(bits.sum()),
         )
+
+    def _trellis(self, r, w, mu, rows, lam, backend):
+        """TCQ over chains ``(chains, length)``: ``(indices, states, coding_rows, y_hat, bits)``."""
+        sm, tab = self.machine, self.table
+        if backend == "numba":
+            tabargs = (tab.bits, tab.kmax, tab.tail_bits, tab.cdf_length, tab.offset)
+            return kernels.tcq(r, w, mu, rows, self.step, lam, sm.num_states, sm.quantizer, *tabargs)
+        return reference.tcq(r, w, mu, rows, self.step, lam, tab, sm)
+
+    def _quantize_plain(self, shape, r, mu, rows, lam, w, backend) -> QuantizeResult:
+        """:meth:`quantize` with plain rows: the plain elements rounded at step 1 in the
+        plain class, the trellis run over the others of each chain (module docstring)."""
+        tab = self.table
+        plain = rows < self.plain_rows
+        idx = np.where(plain, np.round(r.astype(np.float64) / PLAIN_STEP), 0).astype(np.int32)  # half to even
+        coding_rows = np.where(plain, PLAIN_CLASS * NUM_SCALES + rows, 0).astype(np.int32)
+        states = np.zeros(r.shape, np.uint8)
+        y_hat = np.empty_like(mu)
+        y_hat[plain] = mu[plain] + (idx[plain].astype(np.float64) * PLAIN_STEP).astype(mu.dtype)
+        for c in range(r.shape[0]):
+            sel = ~plain[c]
+            if not sel.any():
+                continue
+            wc = None if w is None else w[c, sel][None]
+            k, st, cr, yh, _ = self._trellis(
+                r[c, sel][None], wc, mu[c, sel][None], rows[c, sel][None], lam[c : c + 1], backend
+            )
+            idx[c, sel], states[c, sel], coding_rows[c, sel], y_hat[c, sel] = k[0], st[0], cr[0], yh[0]
+        states = _plain_states(states, idx, plain, self.machine.next_state)
+        return QuantizeResult(
+            indices=idx.reshape(shape),
+            states=states.reshape(shape),
+            rows=coding_rows.reshape(shape),
+            y_hat=y_hat.reshape(shape),
+            bits=float(tab.index_bits(coding_rows, idx).sum()),
+        )
+
+    def _plain_mask(self, scale_rows: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+        """Where the elements are plain (their table rows below :attr:`plain_rows`)."""
+        if scale_rows is None:
+            raise ValueError("a quantizer with plain rows needs the scale rows of the elements")
+        scale_rows = np.asarray(scale_rows)
+        if scale_rows.shape != tuple(shape):
+            raise ValueError(f"scale_rows has shape {scale_rows.shape}, the latent has shape {tuple(shape)}")
+        return scale_rows < self.plain_rows
 
     def soft_quantize(
         self,
@@ -254,6 +347,8 @@ class Quantizer:
         """
         if not self.is_trellis:
             raise ValueError(f"soft quantization relaxes the trellis; {self.method} has none (use tcq4 or tcq8)")
+        if self.plain_rows:
+            raise ValueError("the relaxed trellis covers every element; relax a quantizer with plain_rows=0")
         if not (np.isfinite(tau) and tau > 0):
             raise ValueError(f"tau must be a positive finite number, got {tau!r}")
         y = np.asarray(y)
@@ -309,8 +404,16 @@ class Quantizer:
                 w = self._chains(np.broadcast_to(wv, y.shape))
         return r, self._chains(mu), self._chains(rows), lam, w
 
-    def dequantize(self, indices: np.ndarray, mu: np.ndarray | None = None, *, backend: str = "numba"):
-        """Reconstruction from the indices alone (states tracked from index parities).
+    def dequantize(
+        self,
+        indices: np.ndarray,
+        mu: np.ndarray | None = None,
+        *,
+        scale_rows: np.ndarray | None = None,
+        backend: str = "numba",
+    ):
+        """Reconstruction from the indices alone (states tracked from index parities);
+        with plain rows also from the elements' ``scale_rows`` (which are plain).
 
         Returns:
             ``(y_hat, states)``, bit-identical to the encoder's ``y_hat`` and ``states``.
@@ -322,16 +425,26 @@ class Quantizer:
         if mu.shape != indices.shape:
             raise ValueError(f"mu has shape {mu.shape}, indices have shape {indices.shape}")
         _check_finite("mu", mu)
-        if self.is_trellis:
-            chains = self._chains(indices.astype(np.int64))
-            if backend == "numba":
-                states = kernels.chain_states(chains, self.machine.next_state)
-            else:
-                states = reference.chain_states(chains, self.machine)
-            states = states.reshape(indices.shape)
-        else:
+        if not self.is_trellis:
             states = np.zeros(indices.shape, dtype=np.uint8)
-        return self.reconstruct(indices, states, mu, backend), states
+            return self.reconstruct(indices, states, mu, backend), states
+        chains = self._chains(indices.astype(np.int64))
+        if not self.plain_rows:
+            states = self._chain_states(chains, backend)
+        else:
+            plain = self._chains(self._plain_mask(scale_rows, indices.shape))
+            states = np.zeros(chains.shape, np.uint8)
+            for c in range(chains.shape[0]):
+                sel = ~plain[c]
+                states[c, sel] = self._chain_states(chains[c, sel][None], backend)[0]
+            states = _plain_states(states, chains, plain, self.machine.next_state)
+        states = states.reshape(indices.shape)
+        return self.reconstruct(indices, states, mu, backend, scale_rows=scale_rows), states
+
+    def _chain_states(self, chains: np.ndarray, backend: str) -> np.ndarray:
+        if backend == "numba":
+            return kernels.chain_states(np.ascontiguousarray(chains), self.machine.next_state)
+        return reference.chain_states(chains, self.machine)
 
     def _weights(self, weights, shape) -> np.ndarray:
         """Validated weights (not yet broadcast)."""
@@ -364,3 +477,14 @@ class Quantizer:
         if sigma.size and sigma.min() <= 0:
             raise ValueError("sigma must be > 0")
         return scale_rows(sigma) if backend == "numba" else scale_rows_reference(sigma)
+
+
+def _plain_states(states: np.ndarray, indices: np.ndarray, plain: np.ndarray, next_state: np.ndarray) -> np.ndarray:
+    """Chains ``(chains, length)`` of states with those of the plain elements filled in:
+    the state the chain is in when it reaches them (after the last trellis element before
+    them; 0 before the first), which they leave unchanged."""
+    length = states.shape[1]
+    after = next_state[states.astype(np.int64), indices.astype(np.int64) & 1]
+    last = np.maximum.accumulate(np.where(plain, -1, np.arange(length)), axis=1)
+    filled = np.where(last >= 0, np.take_along_axis(after, np.maximum(last, 0), axis=1), 0)
+    return np.where(plain, filled, states).astype(np.uint8)

@@ -15,7 +15,8 @@ nibbles, in chunks of 15, then the nibbles of ``raw = -2v - 1`` below the row or
 ``RansDecoder.decode_with_indexes`` and vice versa (tested).
 
 Decoding runs chain by chain (state 0 at the start of each chain), so for TCQ the state
-machine is tracked inside the decoding loop at Numba speed. A corrupted stream (reads past
+machine is tracked inside the decoding loop at Numba speed; TCQ's plain elements (scale
+rows below ``plain_rows``) take the plain class's row and leave the state as it is. A corrupted stream (reads past
 its end, an impossible escape, a final state or position that does not match) raises
 :class:`CorruptStreamError`; it never hangs or crashes.
 """
@@ -121,7 +122,20 @@ def _get_bits(x, words, ptr):  # pragma: no cover
 
 @njit(cache=True, nogil=True)
 def _decode(
-    words, x, ptr, scale_rows, chain_length, next_state, state_class, num_scales, cdf, cdf_length, offset, out
+    words,
+    x,
+    ptr,
+    scale_rows,
+    chain_length,
+    next_state,
+    state_class,
+    num_scales,
+    cdf,
+    cdf_length,
+    offset,
+    plain_rows,
+    plain_class,
+    out,
 ):  # pragma: no cover
     """Decodes ``out.size`` symbols from coder state ``x`` at word ``ptr``; returns
     ``(status, x, ptr)``."""
@@ -131,7 +145,8 @@ def _decode(
     for i in range(n):
         if i % chain_length == 0:
             s = 0
-        r = state_class[s] * num_scales + scale_rows[i]
+        plain = scale_rows[i] < plain_rows
+        r = (plain_class if plain else state_class[s]) * num_scales + scale_rows[i]
         length = cdf_length[r]
         cum = np.int64(x & mask)
         lo = 0  # binary search: last position with cdf <= cum
@@ -176,7 +191,8 @@ def _decode(
             v = -v - 1 if raw & 1 else v + mx
         k = v + offset[r]
         out[i] = k
-        s = next_state[s, k & 1]
+        if not plain:
+            s = next_state[s, k & 1]
     return _OK, x, ptr
 
 
@@ -243,6 +259,8 @@ class StreamDecoder:
         cdf: np.ndarray,
         cdf_length: np.ndarray,
         offset: np.ndarray,
+        plain_rows: int = 0,
+        plain_class: int = 0,
     ) -> np.ndarray:
         """The next ``scale_rows.size`` symbols (``int32``, flat); arguments as :func:`decode`'s."""
         scale_rows = np.ascontiguousarray(scale_rows, dtype=np.int64).reshape(-1)
@@ -259,6 +277,8 @@ class StreamDecoder:
             cdf,
             cdf_length,
             offset,
+            int(plain_rows),
+            int(plain_class),
             out,
         )
         if status != _OK:
@@ -288,6 +308,8 @@ def decode(
     offset: np.ndarray,
     name: str = "y stream",
     seal: int | Callable[[np.ndarray], int] = 0,
+    plain_rows: int = 0,
+    plain_class: int = 0,
 ) -> np.ndarray:
     """Decodes one symbol per entry of ``scale_rows`` (flat, decoding order): a whole
     stream in one segment (:class:`StreamDecoder`).
@@ -303,11 +325,16 @@ def decode(
         name: the stream's name in error messages.
         seal: the encoder's seal (:func:`encode`), or the function of the decoded symbols
             that gives it; the stream must end in that state.
+        plain_rows, plain_class: symbols of scale rows below ``plain_rows`` are coded in
+            class ``plain_class`` and leave the selector's state unchanged (TCQ's plain
+            elements, :attr:`trellis.Quantizer.plain_rows`); 0: none.
 
     Returns:
         ``int32`` symbols. Raises :class:`CorruptStreamError` for a damaged stream.
     """
     dec = StreamDecoder(data, name)
-    out = dec.decode(scale_rows, chain_length, next_state, state_class, num_scales, cdf, cdf_length, offset)
+    out = dec.decode(
+        scale_rows, chain_length, next_state, state_class, num_scales, cdf, cdf_length, offset, plain_rows, plain_class
+    )
     dec.finish(seal)
     return out

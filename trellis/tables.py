@@ -19,6 +19,10 @@ TCQ ``Q1`` ``0, ±Δ, ±3Δ, … = (2k-sgn k)Δ`` ``C(0) = [-Δ/2, Δ/2)``, ``C(
                                           ``C(k>=2) = [(2k - 2)Δ, 2kΔ)``
 =========  =============================  =====================================
 
+The ``"tcq-plain"`` kind (TCQ whose low-scale elements skip the trellis,
+:attr:`trellis.Quantizer.plain_rows`) adds a third class after ``Q0`` and ``Q1``: USQ at
+step :data:`PLAIN_STEP` = 1, the model's own rounding grid, whatever the union step.
+
 Each row covers ``k ∈ [-K_j, K_j]`` with ``K_j = ceil(T σ_j / w) + 1`` (``w`` the level
 spacing of the class, ``Δ`` for USQ and ``2Δ`` for ``Q0``/``Q1``; ``T = -Φ⁻¹(10⁻⁹/2)``)
 plus one tail slot carrying the remaining mass. Probabilities are quantized to 16-bit
@@ -47,6 +51,7 @@ __all__ = [
     "PRECISION",
     "BYPASS_BITS",
     "TAIL_MASS",
+    "PLAIN_STEP",
     "RateTable",
     "rate_table",
     "cell_bounds",
@@ -66,22 +71,34 @@ BYPASS_BITS = 4
 TAIL_MASS = 1e-9
 _TAIL_QUANTILE = float(-ndtri(TAIL_MASS / 2))
 
-#: table kind -> (number of quantizer classes, level spacing in units of the step)
-_KINDS = {"usq": (1, 1.0), "tcq": (2, 2.0)}
+#: Step of the plain class of a ``"tcq-plain"`` table (USQ cells, the model's own grid).
+PLAIN_STEP = 1.0
+#: table kind -> number of quantizer classes
+_KINDS = {"usq": 1, "tcq": 2, "tcq-plain": 3}
+
+
+def _class_grid(kind: str, qclass: int, step: float) -> tuple[str, int, float, float]:
+    """``(cell kind, cell class, step, level spacing)`` of class ``qclass`` of a table kind."""
+    if kind == "tcq-plain":
+        return ("usq", 0, PLAIN_STEP, PLAIN_STEP) if qclass == 2 else ("tcq", qclass, step, 2 * step)
+    return kind, qclass, step, (2 * step if kind == "tcq" else step)
 
 
 def cell_bounds(kind: str, qclass: int, k: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
     """Decision cell ``[lo, hi)`` of non-negative indices ``k`` (residual domain).
 
     Args:
-        kind: ``"usq"`` or ``"tcq"``.
-        qclass: quantizer class, 0 for USQ and ``Q0``, 1 for ``Q1``.
+        kind: ``"usq"``, ``"tcq"`` or ``"tcq-plain"``.
+        qclass: quantizer class, 0 for USQ and ``Q0``, 1 for ``Q1``, 2 for the plain class
+            of ``"tcq-plain"`` (USQ at :data:`PLAIN_STEP`).
         k: non-negative integer indices.
         step: the step ``Δ`` (USQ step or TCQ union-grid step).
 
     Returns:
         ``(lo, hi)`` float64 arrays.
     """
+    if kind == "tcq-plain" and qclass in (0, 1, 2):
+        kind, qclass, step, _ = _class_grid(kind, qclass, step)
     k = np.asarray(k, dtype=np.float64)
     if kind == "usq" and qclass == 0:
         return (k - 0.5) * step, (k + 0.5) * step
@@ -177,7 +194,7 @@ class RateTable:
 
     @property
     def num_classes(self) -> int:
-        return _KINDS[self.kind][0]
+        return _KINDS[self.kind]
 
     def index_bits(self, rows: np.ndarray, k: np.ndarray) -> np.ndarray:
         """Exact coded bits of indices ``k`` in table rows ``rows`` (NumPy reference)."""
@@ -196,7 +213,8 @@ def rate_table(kind: str, step: float) -> RateTable:
     """Builds (once per ``(kind, step)``, cached) the tables of a table kind.
 
     Args:
-        kind: ``"usq"`` (USQ and RDOQ, one class) or ``"tcq"`` (classes ``Q0``, ``Q1``).
+        kind: ``"usq"`` (USQ and RDOQ, one class), ``"tcq"`` (classes ``Q0``, ``Q1``) or
+            ``"tcq-plain"`` (``Q0``, ``Q1`` and the plain class: USQ at :data:`PLAIN_STEP`).
         step: USQ step or TCQ union step ``Δ > 0``.
     """
     if kind not in _KINDS:
@@ -209,10 +227,13 @@ def rate_table(kind: str, step: float) -> RateTable:
 
 @lru_cache(maxsize=32)
 def _rate_table(kind: str, step: float) -> RateTable:
-    num_classes, spacing = _KINDS[kind]
+    num_classes = _KINDS[kind]
     sigmas = SCALE_TABLE.astype(np.float64)
-    half = np.ceil(_TAIL_QUANTILE * sigmas / (spacing * step)).astype(np.int64) + 1
-    kmax = int(half.max())
+    halves = [
+        np.ceil(_TAIL_QUANTILE * sigmas / _class_grid(kind, c, step)[3]).astype(np.int64) + 1
+        for c in range(num_classes)
+    ]
+    kmax = int(max(h.max() for h in halves))
     rows = num_classes * NUM_SCALES
     max_len = 2 * kmax + 3
     cdf = np.zeros((rows, max_len), dtype=np.int32)
@@ -223,7 +244,7 @@ def _rate_table(kind: str, step: float) -> RateTable:
     for c in range(num_classes):
         for j, sigma in enumerate(sigmas):
             r = c * NUM_SCALES + j
-            K = int(half[j])
+            K = int(halves[c][j])
             lo, hi = cell_bounds(kind, c, np.arange(K + 1), step)
             # Mass of each cell, computed in the upper tail for accuracy.
             mass = np.where(lo >= 0, ndtr(-lo / sigma) - ndtr(-hi / sigma), ndtr(hi / sigma) - ndtr(lo / sigma))

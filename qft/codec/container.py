@@ -6,7 +6,7 @@ The header holds only what the decoder needs, so the file size is an honest rate
     magic        2 bytes  b"\\x89Q"
     version      u8       FORMAT_VERSION
     checkpoint   4 bytes  first bytes of the model's weight fingerprint (SHA-256)
-    quantizer    u8       method index (trellis.METHODS) << 1 | reset index
+    quantizer    u8       plain rows << 3 | method index (trellis.METHODS) << 1 | reset index
     step         f64      the quantizer's step (the tables are rebuilt from it)
     tables       u32      CRC-32 of the y and z coding tables the encoder used and of the
                           image size (``Codec`` computes it)
@@ -27,7 +27,9 @@ The y stream of hyperprior models is moreover *sealed* with the header (:meth:`H
 the rANS coder starts from a state that carries the header's CRC-32, and the decoder checks
 that it ends there), so even a header forged with every check recomputed fails to decode
 instead of describing the payload wrongly. Format 1 (before the size checks and the seal)
-is refused with a message naming it.
+is refused with a message naming it. Format 3 added TCQ's plain rows
+(:attr:`trellis.Quantizer.plain_rows`) in the quantizer byte's upper five bits; format 2
+streams (where they are 0) are still read.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from qft.errors import UserError
 __all__ = [
     "MAGIC",
     "FORMAT_VERSION",
+    "READ_VERSIONS",
     "MAX_SIDE",
     "MAX_PIXELS",
     "STEP_RANGE",
@@ -56,7 +59,9 @@ __all__ = [
 ]
 
 MAGIC = b"\x89Q"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Formats this qft reads (2: before plain rows, which it lacks).
+READ_VERSIONS = (2, 3)
 #: Largest image side and pixel count qft codes (67 MP: ≈ 6 GB to code at ≈ 70 MB per MP
 #: above a 1 GB process; docs/design.md, "Hostile streams" and "Tiled transforms").
 MAX_SIDE = 1 << 15
@@ -77,11 +82,13 @@ class Header:
     tables: int
     height: int
     width: int
+    plain_rows: int = 0
+    version: int = FORMAT_VERSION
 
     def fixed_bytes(self) -> bytes:
         """The fixed part of the header as written (version to width)."""
-        quant = METHODS.index(self.method) << 1 | RESETS.index(self.reset)
-        return _FIXED.pack(FORMAT_VERSION, self.checkpoint[:4], quant, self.step, self.tables, self.height, self.width)
+        quant = self.plain_rows << 3 | METHODS.index(self.method) << 1 | RESETS.index(self.reset)
+        return _FIXED.pack(self.version, self.checkpoint[:4], quant, self.step, self.tables, self.height, self.width)
 
     def seal(self) -> int:
         """CRC-32 of :meth:`fixed_bytes`: the rANS coder's seal of the y stream
@@ -143,18 +150,22 @@ class Container:
         if len(data) < len(MAGIC) + _FIXED.size + 5:
             raise UserError(f"{name}: truncated qft bitstream")
         version = data[len(MAGIC)]
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             old = " (written before the image size was checked against the tables)" if version == 1 else ""
             raise UserError(
-                f"{name}: qft bitstream format {version}{old}, this qft reads format {FORMAT_VERSION}; "
-                "decode it with the qft that wrote it, or encode the image again"
+                f"{name}: qft bitstream format {version}{old}, this qft reads formats "
+                f"{', '.join(map(str, READ_VERSIONS))}; decode it with the qft that wrote it, or encode the image again"
             )
         body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
         if zlib.crc32(body) != crc:
             raise UserError(f"{name}: corrupted or truncated qft bitstream (checksum mismatch)")
         try:
             _, ckpt, quant, step, tables, height, width = _FIXED.unpack_from(body, len(MAGIC))
-            header = Header(ckpt, METHODS[quant >> 1], RESETS[quant & 1], step, tables, height, width)
+            if (quant >> 1 & 3) >= len(METHODS) or (version == 2 and quant >> 3):
+                raise ValueError("unknown quantizer code")
+            header = Header(
+                ckpt, METHODS[quant >> 1 & 3], RESETS[quant & 1], step, tables, height, width, quant >> 3, version
+            )
             damaged = f"{name}: malformed qft bitstream header", "the stream is damaged"
             check_image_size(height, width, *damaged)
             check_step(step, *damaged)

@@ -44,7 +44,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from trellis import NUM_SCALES, Quantizer, QuantizeResult, rans, scale_rows
+from trellis import NUM_SCALES, PLAIN_CLASS, Quantizer, QuantizeResult, rans, scale_rows
 
 from qft.codec.refine import SGARefine, refine_latents, refine_through_trellis
 from qft.codec.steps import STEP_ENTROPY, StepContext, latent_steps
@@ -511,8 +511,9 @@ class LatentCoder:
         indices, states = [], []
         for i in range(steps.num_steps):
             mu, sigma = steps.parameters(ctx, i)
+            rows = scale_rows(sigma)
             k = decoder.decode(
-                scale_rows(sigma),
+                rows,
                 q.chain_length(mu.shape),
                 next_state,
                 state_class,
@@ -520,8 +521,10 @@ class LatentCoder:
                 tab.cdf,
                 tab.cdf_length,
                 tab.offset,
+                q.plain_rows,
+                PLAIN_CLASS,
             ).reshape(mu.shape)
-            y_hat, s = q.dequantize(k, mu)
+            y_hat, s = q.dequantize(k, mu, scale_rows=rows)
             steps.commit(ctx, i, y_hat)
             indices.append(k)
             states.append(s)

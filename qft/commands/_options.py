@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from trellis import METHODS, RESETS
+from trellis import MAX_PLAIN_ROWS, METHODS, RESETS
 
 from qft.errors import UserError
 from qft.settings import (
@@ -97,6 +97,13 @@ def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--reset", choices=RESETS, default="channel", help="trellis chains (default: one per channel)")
     g.add_argument(
+        "--plain-rows",
+        type=int,
+        metavar="N",
+        help=f"TCQ: elements of the first N scale-table rows (scale below SCALE_TABLE[N]; 12: about 0.48) are "
+        f"rounded at step 1 outside the trellis (0 to {MAX_PLAIN_ROWS}; default: calibrated, else 0)",
+    )
+    g.add_argument(
         "--weights",
         default="auto",
         metavar="auto|none|decoder|FILE",
@@ -152,6 +159,7 @@ def quantizer_from_args(args: argparse.Namespace, settings: dict | None = None) 
         target=getattr(args, "target", "auto"),
         refine=getattr(args, "refine", "none"),
         refine_steps=getattr(args, "refine_steps", DEFAULT_REFINE_STEPS),
+        plain_rows=getattr(args, "plain_rows", None),
     )
 
 

@@ -22,7 +22,7 @@ import argparse
 
 from qft.settings import target_value
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "carried_grid", "run"]
 
 _TEST_SETS = ("kodak", "tecnick", "clic")
 
@@ -77,6 +77,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also search with the decoder target, jointly with the step, λ multiplier and weights, each "
         "scored against USQ with the same target: rd (η chosen per image by the model's RD cost) or fixed "
         f"η values (no values: {' '.join(map(str, TARGETS))})",
+    )
+    parser.add_argument(
+        "--plain-rows",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="N",
+        help="TCQ's numbers of plain rows to search (elements of the first N scale rows rounded at step 1 outside "
+        "the trellis; default: 0 only)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
 
@@ -164,8 +173,10 @@ def run(args: argparse.Namespace) -> int:
             weights=args.weights,
             targets=targets,
             lmbda=settings.get("model_lambda"),
+            plain_rows=args.plain_rows,
             desc=Path(str(spec)).name,
         )
+        update["calibration"] = carried_grid(settings.get("calibration"), update["calibration"], args.methods)
         if "model_lambda" in settings:
             update["model_lambda"] = settings["model_lambda"]
         path = write_settings(spec, ck.sha256, update)
@@ -179,12 +190,14 @@ def run(args: argparse.Namespace) -> int:
                 return "beyond USQ's PSNR range" if x is None else f"{x:+.2f} %"
 
             alt = "; ".join(
-                f"weights {w}: Δ {p['step']}, m {p['lambda_mult']}, η {p.get('target', 0)}, {pct(p['saving'])}"
+                f"weights {w}: Δ {p['step']}, m {p['lambda_mult']}, η {p.get('target', 0)}, "
+                f"plain rows {p.get('plain_rows', 0)}, {pct(p['saving'])}"
                 for w, p in c["by_weights"].items()
             )
             print(
                 f"{spec} {method}: step {c['step']}, λ multiplier {c['lambda_mult']}, weights {c['weights']}, "
-                f"target {c.get('target', 0)}: {pct(c['saving'])} rate at equal PSNR vs USQ, "
+                f"target {c.get('target', 0)}, plain rows {c.get('plain_rows', 0)}: {pct(c['saving'])} rate at "
+                "equal PSNR vs USQ, "
                 f"{pct(c.get('saving_vs_usq_target'))} vs USQ with the same target ({alt})"
             )
         for eta, s in update["calibration"]["usq_target"].items():
@@ -192,3 +205,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"{spec} usq with target {eta} (a reference, not a default): {saving}")
         print(f"wrote {path}")
     return 0
+
+
+def carried_grid(old: dict | None, new: dict, methods) -> dict:
+    """The calibration record ``new`` with the grid entries of the methods this run did not
+    search carried over from ``old`` (the record before, on the same images), so that the
+    settings keep the measurements behind every method's pick."""
+    if not old or (old.get("data"), old.get("images")) != (new["data"], new["images"]):
+        return new
+    kept = [g for g in old.get("grid", []) if g["method"] not in (*methods, "usq")]
+    if not kept:
+        return new
+    return new | {"grid": new["grid"] + kept, "carried": sorted({g["method"] for g in kept})}

@@ -59,16 +59,19 @@ RATE_BAND = 0.05
 TARGETS = ("rd",)
 
 
-def _grid(methods, steps, mults, weight_modes, targets) -> list[dict[str, Any]]:
-    """USQ's step sweep and every method's configurations, each with every decoder target."""
+def _grid(methods, steps, mults, weight_modes, targets, plain_rows=(0,)) -> list[dict[str, Any]]:
+    """USQ's step sweep and every method's configurations, each with every decoder target
+    (and for TCQ every number of plain rows)."""
     grid = []
     for t in targets:
         grid += [{"method": "usq", "step": s, "lambda_mult": 0.0, "weights": "none", "target": t} for s in USQ_SCALES]
         for method, w in itertools.product(methods, weight_modes):
             method_steps = (1.0,) if method == "rdoq" else steps
+            plain = plain_rows if method.startswith("tcq") else (0,)
             grid += [
                 {"method": method, "step": d, "lambda_mult": m, "weights": w, "target": t}
-                for d, m in itertools.product(method_steps, mults)
+                | ({"plain_rows": p} if method.startswith("tcq") else {})
+                for d, m, p in itertools.product(method_steps, mults, plain)
             ]
     return grid
 
@@ -87,6 +90,7 @@ def _evaluate_grid(ck, grid: list[dict[str, Any]], images: list[Path], settings:
             lambda_mult=g["lambda_mult"] or None,
             weights=g["weights"],
             target=g["target"],
+            plain_rows=g.get("plain_rows", 0),
         )
         configs[str(i)] = (c.quantizer, c.weights, c.target)
     codec = Codec.from_checkpoint(ck)
@@ -107,6 +111,7 @@ def calibrate_checkpoint(
     weights: bool = False,
     targets=(),
     lmbda: float | None = None,
+    plain_rows=(0,),
     desc: str = "calibrate",
 ) -> dict[str, Any]:
     """Grid search of one loaded checkpoint; returns the settings update
@@ -124,10 +129,12 @@ def calibrate_checkpoint(
     target's often do), or without ``lmbda`` the best saving vs plain USQ; the method's
     default between the weight picks is the better saving (:func:`default_pick`). USQ at
     step 1 with each ``η`` is recorded (``calibration["usq_target"]``: what the target
-    alone buys) but USQ stays the plain reference: its default target is 0.
+    alone buys) but USQ stays the plain reference: its default target is 0. ``plain_rows``:
+    the numbers of plain rows (:attr:`trellis.Quantizer.plain_rows`) TCQ's grid searches
+    with the others (default: 0 only).
     """
     targets = [0.0, *sorted({float(t) for t in targets if t != "rd" and t > 0})] + (["rd"] if "rd" in targets else [])
-    grid = _grid(methods, steps, mults, ("none", "decoder") if weights else ("none",), targets)
+    grid = _grid(methods, steps, mults, ("none", "decoder") if weights else ("none",), targets, plain_rows)
     _evaluate_grid(ck, grid, images, settings, desc)
     usq = {t: [(g["bpp"], g["psnr"]) for g in grid if g["method"] == "usq" and g["target"] == t] for t in targets}
     usq1 = {t: next(g for g in grid if g["method"] == "usq" and g["step"] == 1.0 and g["target"] == t) for t in targets}
@@ -205,6 +212,7 @@ def _pick(cands: list[dict[str, Any]], usq1: dict[str, Any], score) -> dict[str,
         "lambda_mult": pick["lambda_mult"],
         "weights": pick["weights"],
         "target": pick["target"],
+        **({"plain_rows": pick["plain_rows"]} if "plain_rows" in pick else {}),
         "saving": pick["saving"],
         "saving_vs_usq_target": pick["saving_vs_usq_target"],
         "best_saving_vs_usq_target": best,

@@ -18,7 +18,7 @@ field       dtype    content
 ``mu``      float32  μ of the entropy model (0 for scale hyperpriors)
 ``y_hat``   float32  the quantizer's reconstruction ``μ + t(k, s)``
 ``index``   int32    the coded index ``k``
-``qclass``  uint8    the quantizer class of ``k`` (0: USQ or TCQ ``Q0``; 1: TCQ ``Q1``)
+``qclass``  uint8    the quantizer class of ``k`` (0: USQ or TCQ ``Q0``; 1: TCQ ``Q1``; 2: TCQ's plain)
 ``z``       float32  hyper-latent ``h_a(y)`` (``h_a(|y|)`` for scale hyperpriors)
 ``z_hat``   float32  the decoded hyper-latent ``ẑ``
 ==========  =======  ====================================================================
