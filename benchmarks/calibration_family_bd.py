@@ -6,7 +6,7 @@ rate points (one checkpoint each, step 1). This reads the shipped base models' s
 files — at the working tree, or at git revisions (``--revs``) — and gives, from the
 measurements their calibration recorded (bpp and PSNR per configuration, real bitstreams,
 the held-out images named in the file), the BD (pchip, rate points on both curves' Pareto
-fronts, :func:`qft.eval.bdrate.bd_rate`) of each method's pick against plain USQ and
+fronts, :func:`qft.eval.bdrate.front_bd_rate`) of each method's pick against plain USQ and
 against USQ with the pick's decoder target, both at step 1. No image is coded: it is the
 dev-set counterpart of ``qft report``'s BD, in seconds.
 
@@ -22,7 +22,7 @@ import time
 
 from pathlib import Path
 
-from qft.eval.bdrate import bd_rate, pareto_front
+from qft.eval.bdrate import front_bd_rate
 from qft.files import atomic_write
 from qft.models.zoo import base_entries
 from qft.settings import settings_path
@@ -38,21 +38,18 @@ def _settings(name: str, rev: str | None) -> dict:
     return json.loads(blob)
 
 
-def _point(grid: list[dict], method: str, step: float, mult: float, weights: str, target) -> tuple[float, float]:
-    key = (method, step, mult, weights, str(target))
-    g = next(g for g in grid if (g["method"], g["step"], g["lambda_mult"], g["weights"], str(g["target"])) == key)
+def _point(grid: list[dict], method: str, pick: dict) -> tuple[float, float]:
+    """``(bpp, PSNR)`` of the grid entry of ``method`` with ``pick``'s step, λ multiplier,
+    weights, target and plain rows."""
+    keys = ("step", "lambda_mult", "weights", "target")
+    key = (method, *(str(pick[k]) for k in keys), pick.get("plain_rows", 0))
+    g = next(g for g in grid if (g["method"], *(str(g[k]) for k in keys), g.get("plain_rows", 0)) == key)
     return g["bpp"], g["psnr"]
 
 
 def family_bd(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> float:
     """BD-rate (pchip, %) of ``test`` vs ``anchor`` over the rate points on both fronts."""
-    sel = sorted(
-        set(pareto_front([p[0] for p in anchor], [p[1] for p in anchor]))
-        & set(pareto_front([p[0] for p in test], [p[1] for p in test]))
-    )
-    a = {"bpp": [anchor[j][0] for j in sel], "psnr-rgb": [anchor[j][1] for j in sel]}
-    t = {"bpp": [test[j][0] for j in sel], "psnr-rgb": [test[j][1] for j in sel]}
-    return bd_rate(a, t, "psnr-rgb")["pchip"]
+    return front_bd_rate(anchor, test)[0]
 
 
 def main() -> None:
@@ -68,10 +65,11 @@ def main() -> None:
         for name in names:
             s = _settings(name, rev)
             grid, m = s["calibration"]["grid"], s["methods"][args.method]
-            usq.append(_point(grid, "usq", 1.0, 0.0, "none", 0.0))
-            usq_t.append(_point(grid, "usq", 1.0, 0.0, "none", m["target"]))
-            pick.append(_point(grid, args.method, m["step"], m["lambda_mult"], m["weights"], m["target"]))
-            picks.append({k: m[k] for k in ("step", "lambda_mult", "weights", "target")})
+            usq_pick = {"step": 1.0, "lambda_mult": 0.0, "weights": "none"}
+            usq.append(_point(grid, "usq", usq_pick | {"target": 0.0}))
+            usq_t.append(_point(grid, "usq", usq_pick | {"target": m["target"]}))
+            pick.append(_point(grid, args.method, m))
+            picks.append({k: m.get(k, 0) for k in ("step", "lambda_mult", "weights", "target", "plain_rows")})
         row = {
             "picks": picks,
             "images": s["calibration"]["images"],

@@ -74,6 +74,7 @@ class QuantizerSpec:
     lambda_t: float | None = None
     weights: str = "auto"
     target: str | float = "auto"
+    plain_rows: int | None = None
 
     @classmethod
     def parse(cls, item: Any) -> QuantizerSpec:
@@ -290,8 +291,11 @@ def _parse_row(r: Any, labels: list[str], path: Path, where: str) -> ModelRow:
 # -- evaluation ---------------------------------------------------------------------------
 def _cell_key(sha: str, choice, images: list[str], ms_ssim: bool) -> str:
     """Identity of a cell: checkpoint file, resolved quantizer, weights and decoder target
-    (when used), images."""
+    (when used), images. TCQ's plain rows enter it when set (cells of quantizers without
+    them keep the keys they had before plain rows existed: their streams are as long)."""
     q = dataclasses.asdict(choice.quantizer)
+    if not q["plain_rows"]:
+        del q["plain_rows"]
     target = [target_record(choice.target)] if choice.target else []
     blob = json.dumps([sha, q, weights_digest(choice.weights), images, ms_ssim, REPORT_FORMAT, *target])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -342,6 +346,7 @@ def _evaluate_cells(recipe: ReportRecipe, images: list[Path], out: Path, progres
                     weights=sp.weights,
                     step_scale=s,
                     target=sp.target,
+                    plain_rows=sp.plain_rows,
                 )
                 scales = sweep if row is base and label in recipe.sweep_quantizers else (1.0,)
                 for s in scales:
