@@ -44,6 +44,7 @@ base's).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -77,6 +78,7 @@ __all__ = [
     "REFINE_CHOICES",
     "DEFAULT_REFINE_STEPS",
     "QuantizerChoice",
+    "quantizer_identity",
     "settings_path",
     "read_settings",
     "write_settings",
@@ -212,6 +214,16 @@ def weights_digest(weights: np.ndarray | None) -> str | None:
     if weights is None:
         return None
     return hashlib.sha256(np.ascontiguousarray(weights, np.float64).tobytes()).hexdigest()
+
+
+def quantizer_identity(quantizer: Quantizer) -> dict[str, Any]:
+    """The quantizer's fields as a dict: what identifies it in the finetuning cache and the
+    report's cells. TCQ's plain rows appear when set, so a quantizer without them keeps the
+    identity it had before they existed (and caches and cells made then stay valid)."""
+    out = dataclasses.asdict(quantizer)
+    if not out["plain_rows"]:
+        del out["plain_rows"]
+    return out
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from qft.errors import UserError
-from qft.settings import DEFAULT_TCQ_STEP, default_lambda, resolve_quantizer, target_value
+from qft.settings import DEFAULT_TCQ_STEP, default_lambda, quantizer_identity, resolve_quantizer, target_value
 
 
 def test_defaults_without_settings():
@@ -61,3 +61,6 @@ def test_plain_rows_calibrated_or_explicit():
         resolve_quantizer("usq", settings, plain_rows=12)
     with pytest.raises(UserError, match="plain_rows must be"):
         resolve_quantizer("tcq8", settings, target=0, plain_rows=40)
+    # identities (finetuning cache, report cells) carry plain rows only when set
+    assert "plain_rows" not in quantizer_identity(resolve_quantizer("tcq8", {}, target=0).quantizer)
+    assert quantizer_identity(resolve_quantizer("tcq8", settings, target=0).quantizer)["plain_rows"] == 12

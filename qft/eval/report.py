@@ -54,7 +54,14 @@ from qft.codec import target_record
 from qft.errors import UserError
 from qft.eval.bdrate import front_bd_rate, local_rate_change
 from qft.files import atomic_write
-from qft.settings import WEIGHT_CHOICES, read_settings, resolve_quantizer, target_value, weights_digest
+from qft.settings import (
+    WEIGHT_CHOICES,
+    quantizer_identity,
+    read_settings,
+    resolve_quantizer,
+    target_value,
+    weights_digest,
+)
 from qft.train.recipe import recipe_path
 
 __all__ = ["QuantizerSpec", "ModelRow", "ReportRecipe", "load_report_recipe", "run_report", "shipped_rows"]
@@ -290,12 +297,9 @@ def _parse_row(r: Any, labels: list[str], path: Path, where: str) -> ModelRow:
 
 # -- evaluation ---------------------------------------------------------------------------
 def _cell_key(sha: str, choice, images: list[str], ms_ssim: bool) -> str:
-    """Identity of a cell: checkpoint file, resolved quantizer, weights and decoder target
-    (when used), images. TCQ's plain rows enter it when set (cells of quantizers without
-    them keep the keys they had before plain rows existed: their streams are as long)."""
-    q = dataclasses.asdict(choice.quantizer)
-    if not q["plain_rows"]:
-        del q["plain_rows"]
+    """Identity of a cell: checkpoint file, resolved quantizer (:func:`quantizer_identity`),
+    weights and decoder target (when used), images."""
+    q = quantizer_identity(choice.quantizer)
     target = [target_record(choice.target)] if choice.target else []
     blob = json.dumps([sha, q, weights_digest(choice.weights), images, ms_ssim, REPORT_FORMAT, *target])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

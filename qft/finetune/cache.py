@@ -52,7 +52,7 @@ from trellis import NUM_SCALES, Quantizer
 
 from qft.codec import LatentCoder, RDTarget, model_fingerprint, target_record, to_tensor
 from qft.errors import UserError
-from qft.settings import weights_digest
+from qft.settings import quantizer_identity, weights_digest
 from qft.threads import set_threads
 
 __all__ = [
@@ -107,7 +107,7 @@ def cache_identity(
         "model": model_fingerprint(model),
         "arch": arch,
         "entropy": entropy,
-        "quantizer": dataclasses.asdict(quantizer),
+        "quantizer": quantizer_identity(quantizer),
         "data": data,
     }
     if weights is not None:
