@@ -342,8 +342,33 @@ class TestPlainRows:
         out = q.quantize(y, mu, sigma)
         with pytest.raises(ValueError, match="scale rows"):
             q.dequantize(out.indices, mu)
-        with pytest.raises(ValueError, match="relaxed trellis covers every element"):
-            q.soft_quantize(y, mu, sigma, tau=0.1)
+
+    @pytest.mark.parametrize("backend", ["numba", "numpy"])
+    def test_soft_trellis_leaves_the_plain_elements_rounded(self, backend):
+        """Relaxed with plain rows: the plain elements are rounded with their table bits and
+        no gradient; the rest is the soft trellis of each chain without them (its cold limit
+        the Viterbi path of :meth:`quantize`)."""
+        y, mu, sigma = latent((3, 6, 7), seed=5)
+        rng = np.random.default_rng(5)
+        g, rho = rng.normal(size=y.shape), rng.uniform(0.1, 1, y.shape)
+        q = Quantizer("tcq8", step=0.6, lam=0.05, plain_rows=20)
+        plain = scale_rows_reference(sigma) < 20
+        soft = q.soft_quantize(y, mu, sigma, tau=0.2, g=g, rho=rho, backend=backend)
+        hard = q.quantize(y, mu, sigma)
+        np.testing.assert_allclose(soft.y_hat[plain], hard.y_hat[plain], rtol=1e-6)  # float64 vs float32 sums
+        assert np.all(soft.grad[plain] == 0) and np.any(soft.grad[~plain] != 0)
+        full = Quantizer("tcq8", step=0.6, lam=0.05)
+        c = 1
+        sel = ~plain[c]
+        alone = full.soft_quantize(
+            y[c][sel][None, None], mu[c][sel][None, None], sigma[c][sel][None, None], tau=0.2,
+            g=g[c][sel][None, None], rho=rho[c][sel][None, None], backend=backend,
+        )  # fmt: skip
+        np.testing.assert_allclose(soft.y_hat[c][sel], alone.y_hat[0, 0])
+        np.testing.assert_allclose(soft.grad[c][sel], alone.grad[0, 0])
+        cold = q.soft_quantize(y, mu, sigma, tau=1e-6, backend=backend)
+        np.testing.assert_allclose(cold.y_hat, hard.y_hat, atol=1e-4)
+        assert cold.bits.sum() == pytest.approx(hard.bits, rel=1e-6)
 
 
 class TestSoftTrellis:

@@ -284,6 +284,36 @@ class Quantizer:
             return kernels.tcq(r, w, mu, rows, self.step, lam, sm.num_states, sm.quantizer, *tabargs)
         return reference.tcq(r, w, mu, rows, self.step, lam, tab, sm)
 
+    def _soft(self, r, w, rows, lam, tau, g, rho, backend):
+        """The soft trellis over chains: ``(E[t], E[R], grad)`` (:meth:`soft_quantize`)."""
+        sm, tab = self.machine, self.table
+        if backend == "numba":
+            return kernels.soft_tcq(
+                r, w, rows, self.step, lam, tau, sm.next_state, sm.quantizer, g, rho,
+                tab.bits, tab.kmax, tab.tail_bits, tab.cdf_length, tab.offset,
+            )  # fmt: skip
+        return reference.soft_tcq(r, w, rows, self.step, lam, tau, tab, sm, g, rho)
+
+    def _soft_plain(self, r, w, rows, lam, tau, g, rho, backend):
+        """:meth:`_soft` with plain rows: the plain elements are what :meth:`quantize` makes
+        of them (rounded, their table bits, no gradient), the soft trellis runs over the
+        others of each chain."""
+        plain = rows < self.plain_rows
+        k = np.where(plain, np.round(r.astype(np.float64) / PLAIN_STEP), 0.0)
+        et = k * PLAIN_STEP
+        er = np.where(plain, self.table.index_bits(PLAIN_CLASS * NUM_SCALES + rows, k.astype(np.int64)), 0.0)
+        grad = np.zeros(r.shape)
+        for c in range(r.shape[0]):
+            sel = ~plain[c]
+            if not sel.any():
+                continue
+            sub = [None if a is None else a[c, sel][None] for a in (w, g, rho)]
+            e, b, gr = self._soft(r[c, sel][None], sub[0], rows[c, sel][None], lam[c : c + 1], tau, *sub[1:], backend)
+            et[c, sel], er[c, sel] = e[0], b[0]
+            if g is not None:
+                grad[c, sel] = gr[0]
+        return et, er, grad
+
     def _quantize_plain(self, shape, r, mu, rows, lam, w, backend) -> QuantizeResult:
         """:meth:`quantize` with plain rows: the plain elements rounded at step 1 in the
         plain class, the trellis run over the others of each chain (module docstring)."""
@@ -344,11 +374,11 @@ class Quantizer:
         table bits. With ``g`` (shaped like ``y``) and ``rho`` (a number or shaped like ``y``),
         ``grad`` is the exact gradient ``∂E[Σ g·ŷ + ρ·R]/∂y = (2w/τ) Cov(Σ g t + ρ R, t)``:
         what an optimiser of ``y`` through the relaxed trellis needs (``qft.codec.refine``).
+        With plain rows the plain elements are as :meth:`quantize` makes them (rounded, their
+        table bits, gradient 0) and the trellis is relaxed over the others.
         """
         if not self.is_trellis:
             raise ValueError(f"soft quantization relaxes the trellis; {self.method} has none (use tcq4 or tcq8)")
-        if self.plain_rows:
-            raise ValueError("the relaxed trellis covers every element; relax a quantizer with plain_rows=0")
         if not (np.isfinite(tau) and tau > 0):
             raise ValueError(f"tau must be a positive finite number, got {tau!r}")
         y = np.asarray(y)
@@ -360,14 +390,10 @@ class Quantizer:
                 raise ValueError(f"g has shape {g.shape}, y has shape {y.shape}")
             gc = self._chains(g)
             rc = self._chains(np.broadcast_to(np.asarray(rho, np.float64), y.shape))
-        sm, tab = self.machine, self.table
-        if backend == "numba":
-            et, er, grad = kernels.soft_tcq(
-                r, w, rows2, self.step, lam, float(tau), sm.next_state, sm.quantizer, gc, rc,
-                tab.bits, tab.kmax, tab.tail_bits, tab.cdf_length, tab.offset,
-            )  # fmt: skip
+        if self.plain_rows:
+            et, er, grad = self._soft_plain(r, w, rows2, lam, float(tau), gc, rc, backend)
         else:
-            et, er, grad = reference.soft_tcq(r, w, rows2, self.step, lam, float(tau), tab, sm, gc, rc)
+            et, er, grad = self._soft(r, w, rows2, lam, float(tau), gc, rc, backend)
         return SoftQuantizeResult(
             y_hat=mu2.astype(np.float64).reshape(y.shape) + et.reshape(y.shape),
             bits=er.reshape(y.shape),

@@ -20,7 +20,6 @@ its own entropy parameters.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -219,9 +218,7 @@ class Codec:
         of the decoder target (:mod:`qft.codec.latent`; 0: none), or an :class:`RDTarget`
         that chooses it for this image; ``refine``: an SGA refinement of the latents
         (:mod:`qft.codec.refine`; hyperprior models), whose refined ``y`` the quantizer
-        codes (a TCQ quantizer's plain rows are dropped then: SGA's relaxed trellis runs
-        over every element, and the trellis codes what it optimised for). All are
-        encoder-side choices of step-wise coded models; the decoder needs none. The target
+        codes. All are encoder-side choices of step-wise coded models; the decoder needs none. The target
         and the refinement exclude each other (docs/design.md, "SGA refinement").
 
         Returns:
@@ -247,8 +244,6 @@ class Codec:
             raise UserError(f"{self.arch}: --refine sga needs a hyperprior model; use --refine none")
         if refine is not None and target:
             raise ValueError("the decoder target and the SGA refinement exclude each other; give one of them")
-        if refine is not None and quantizer.plain_rows:  # the relaxed trellis covers every element
-            quantizer = dataclasses.replace(quantizer, plain_rows=0)
         t0 = time.perf_counter()
         h, w = x.shape[-2:]
         check_image_size(h, w)
