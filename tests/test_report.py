@@ -349,6 +349,15 @@ def test_report_recipe_errors(tmp_path):
     bad.write_text("data: x\nquantizers: [{method: tcq8, target: -1}]\nmodels: [{label: a, checkpoints: [a.pth]}]\n")
     with pytest.raises(UserError, match="target must be auto, rd or a number >= 0"):
         load_report_recipe(bad)
+    bad.write_text(
+        "data: x\nquantizers: [{method: tcq8, plain_rows: 40}]\nmodels: [{label: a, checkpoints: [a.pth]}]\n"
+    )
+    with pytest.raises(UserError, match="plain_rows must be an integer"):
+        load_report_recipe(bad)
+    bad.write_text(
+        "data: x\nquantizers: [{method: tcq8, plain_rows: 12}]\nmodels: [{label: a, checkpoints: [a.pth]}]\n"
+    )
+    assert load_report_recipe(bad).quantizers[0].plain_rows == 12
     bad.write_text("data: x\nquantizers: [usq]\nmodels: [{label: a, checkpoints: [a.pth]}]\nversus: {tcq8: usq}\n")
     with pytest.raises(UserError, match="versus maps quantizer labels"):
         load_report_recipe(bad)

@@ -50,6 +50,8 @@ import yaml
 
 from tqdm import tqdm
 
+from trellis import MAX_PLAIN_ROWS
+
 from qft.codec import target_record
 from qft.errors import UserError
 from qft.eval.bdrate import front_bd_rate, local_rate_change
@@ -97,6 +99,11 @@ class QuantizerSpec:
             raise UserError(
                 f"report recipe: weights must be one of {WEIGHT_CHOICES} or a file, got {item['weights']!r}"
             )
+        plain = item.get("plain_rows")
+        if plain is not None and not (
+            isinstance(plain, int) and not isinstance(plain, bool) and 0 <= plain <= MAX_PLAIN_ROWS
+        ):
+            raise UserError(f"report recipe: plain_rows must be an integer in [0, {MAX_PLAIN_ROWS}], got {plain!r}")
         try:
             target_value(item.get("target", "auto"))
         except ValueError:
