@@ -11,8 +11,8 @@
 """
 
 from trellis.machines import MACHINES, StateMachine, machine
-from trellis.quantize import MAX_PLAIN_ROWS, METHODS, PLAIN_CLASS, RESETS, Quantizer, QuantizeResult, scale_rows
-from trellis.tables import NUM_SCALES, SCALE_TABLE, RateTable, rate_table
+from trellis.quantize import MAX_PLAIN_ROWS, METHODS, RESETS, Quantizer, QuantizeResult, scale_rows
+from trellis.tables import NUM_SCALES, PLAIN_CLASS, SCALE_TABLE, RateTable, rate_table
 
 __all__ = [
     "MACHINES",

@@ -24,6 +24,7 @@ wide as USQ's) costs more than the trellis gains (docs/design.md, "Plain rows").
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ from trellis import kernels, reference
 from trellis.machines import StateMachine, machine
 from trellis.tables import (
     NUM_SCALES,
+    PLAIN_CLASS,
     PLAIN_STEP,
     SCALE_TABLE,
     RateTable,
@@ -45,7 +47,6 @@ __all__ = [
     "RESETS",
     "BACKENDS",
     "MAX_PLAIN_ROWS",
-    "PLAIN_CLASS",
     "Quantizer",
     "QuantizeResult",
     "SoftQuantizeResult",
@@ -60,8 +61,6 @@ _MAX_LEVEL = 2.0**30
 #: Most plain rows a quantizer may have (scales below ``SCALE_TABLE[31]`` ≈ 4.3; the
 #: container's quantizer byte holds five bits for them).
 MAX_PLAIN_ROWS = 31
-#: Coding-table class of the plain elements (the third class of a ``"tcq-plain"`` table).
-PLAIN_CLASS = 2
 
 
 class SoftQuantizeResult(NamedTuple):
@@ -220,7 +219,7 @@ class Quantizer:
             ).reshape(mu.shape)
         if self.plain_rows:
             plain = self._plain_mask(scale_rows, mu.shape)
-            out[plain] = mu[plain] + (indices[plain].astype(np.float64) * PLAIN_STEP).astype(mu.dtype)
+            out[plain] = _plain_values(indices[plain], mu[plain])
         return out
 
     # -- quantize / dequantize --------------------------------------------------------
@@ -299,14 +298,11 @@ class Quantizer:
         of them (rounded, their table bits, no gradient), the soft trellis runs over the
         others of each chain."""
         plain = rows < self.plain_rows
-        k = np.where(plain, np.round(r.astype(np.float64) / PLAIN_STEP), 0.0)
+        k = np.where(plain, _plain_indices(r), 0)
         et = k * PLAIN_STEP
-        er = np.where(plain, self.table.index_bits(PLAIN_CLASS * NUM_SCALES + rows, k.astype(np.int64)), 0.0)
+        er = np.where(plain, self.table.index_bits(PLAIN_CLASS * NUM_SCALES + rows, k), 0.0)
         grad = np.zeros(r.shape)
-        for c in range(r.shape[0]):
-            sel = ~plain[c]
-            if not sel.any():
-                continue
+        for c, sel in _trellis_parts(plain):
             sub = [None if a is None else a[c, sel][None] for a in (w, g, rho)]
             e, b, gr = self._soft(r[c, sel][None], sub[0], rows[c, sel][None], lam[c : c + 1], tau, *sub[1:], backend)
             et[c, sel], er[c, sel] = e[0], b[0]
@@ -319,15 +315,12 @@ class Quantizer:
         plain class, the trellis run over the others of each chain (module docstring)."""
         tab = self.table
         plain = rows < self.plain_rows
-        idx = np.where(plain, np.round(r.astype(np.float64) / PLAIN_STEP), 0).astype(np.int32)  # half to even
+        idx = np.where(plain, _plain_indices(r), 0).astype(np.int32)
         coding_rows = np.where(plain, PLAIN_CLASS * NUM_SCALES + rows, 0).astype(np.int32)
         states = np.zeros(r.shape, np.uint8)
         y_hat = np.empty_like(mu)
-        y_hat[plain] = mu[plain] + (idx[plain].astype(np.float64) * PLAIN_STEP).astype(mu.dtype)
-        for c in range(r.shape[0]):
-            sel = ~plain[c]
-            if not sel.any():
-                continue
+        y_hat[plain] = _plain_values(idx[plain], mu[plain])
+        for c, sel in _trellis_parts(plain):
             wc = None if w is None else w[c, sel][None]
             k, st, cr, yh, _ = self._trellis(
                 r[c, sel][None], wc, mu[c, sel][None], rows[c, sel][None], lam[c : c + 1], backend
@@ -460,8 +453,7 @@ class Quantizer:
         else:
             plain = self._chains(self._plain_mask(scale_rows, indices.shape))
             states = np.zeros(chains.shape, np.uint8)
-            for c in range(chains.shape[0]):
-                sel = ~plain[c]
+            for c, sel in _trellis_parts(plain):
                 states[c, sel] = self._chain_states(chains[c, sel][None], backend)[0]
             states = _plain_states(states, chains, plain, self.machine.next_state)
         states = states.reshape(indices.shape)
@@ -503,6 +495,27 @@ class Quantizer:
         if sigma.size and sigma.min() <= 0:
             raise ValueError("sigma must be > 0")
         return scale_rows(sigma) if backend == "numba" else scale_rows_reference(sigma)
+
+
+def _plain_indices(r: np.ndarray) -> np.ndarray:
+    """Indices of plain elements of residual ``r``: rounded at :data:`PLAIN_STEP`, half to
+    even (USQ's rounding), as int64."""
+    return np.round(r.astype(np.float64) / PLAIN_STEP).astype(np.int64)
+
+
+def _plain_values(k: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """Reconstruction ``μ + k·PLAIN_STEP`` of plain elements, formed as every level is
+    (float64 offset rounded to ``μ``'s dtype, then added in it)."""
+    return mu + (k.astype(np.float64) * PLAIN_STEP).astype(mu.dtype)
+
+
+def _trellis_parts(plain: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``(chain, mask)`` of the trellis (non-plain) elements of each chain of ``plain``
+    ``(chains, length)`` that has any."""
+    for c in range(plain.shape[0]):
+        sel = ~plain[c]
+        if sel.any():
+            yield c, sel
 
 
 def _plain_states(states: np.ndarray, indices: np.ndarray, plain: np.ndarray, next_state: np.ndarray) -> np.ndarray:

@@ -16,9 +16,9 @@ nibbles, in chunks of 15, then the nibbles of ``raw = -2v - 1`` below the row or
 
 Decoding runs chain by chain (state 0 at the start of each chain), so for TCQ the state
 machine is tracked inside the decoding loop at Numba speed; TCQ's plain elements (scale
-rows below ``plain_rows``) take the plain class's row and leave the state as it is. A corrupted stream (reads past
-its end, an impossible escape, a final state or position that does not match) raises
-:class:`CorruptStreamError`; it never hangs or crashes.
+rows below ``plain_rows``) take the plain class's row and leave the state as it is. A
+corrupted stream (reads past its end, an impossible escape, a final state or position that
+does not match) raises :class:`CorruptStreamError`; it never hangs or crashes.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ __all__ = [
     "BYPASS_BITS",
     "TAIL_MASS",
     "PLAIN_STEP",
+    "PLAIN_CLASS",
     "RateTable",
     "rate_table",
     "cell_bounds",
@@ -73,6 +74,8 @@ _TAIL_QUANTILE = float(-ndtri(TAIL_MASS / 2))
 
 #: Step of the plain class of a ``"tcq-plain"`` table (USQ cells, the model's own grid).
 PLAIN_STEP = 1.0
+#: Class of the plain elements in a ``"tcq-plain"`` table (after ``Q0`` and ``Q1``).
+PLAIN_CLASS = 2
 #: table kind -> number of quantizer classes
 _KINDS = {"usq": 1, "tcq": 2, "tcq-plain": 3}
 
@@ -80,7 +83,7 @@ _KINDS = {"usq": 1, "tcq": 2, "tcq-plain": 3}
 def _class_grid(kind: str, qclass: int, step: float) -> tuple[str, int, float, float]:
     """``(cell kind, cell class, step, level spacing)`` of class ``qclass`` of a table kind."""
     if kind == "tcq-plain":
-        return ("usq", 0, PLAIN_STEP, PLAIN_STEP) if qclass == 2 else ("tcq", qclass, step, 2 * step)
+        return ("usq", 0, PLAIN_STEP, PLAIN_STEP) if qclass == PLAIN_CLASS else ("tcq", qclass, step, 2 * step)
     return kind, qclass, step, (2 * step if kind == "tcq" else step)
 
 
@@ -89,15 +92,15 @@ def cell_bounds(kind: str, qclass: int, k: np.ndarray, step: float) -> tuple[np.
 
     Args:
         kind: ``"usq"``, ``"tcq"`` or ``"tcq-plain"``.
-        qclass: quantizer class, 0 for USQ and ``Q0``, 1 for ``Q1``, 2 for the plain class
-            of ``"tcq-plain"`` (USQ at :data:`PLAIN_STEP`).
+        qclass: quantizer class, 0 for USQ and ``Q0``, 1 for ``Q1``, :data:`PLAIN_CLASS` for
+            the plain class of ``"tcq-plain"`` (USQ at :data:`PLAIN_STEP`).
         k: non-negative integer indices.
         step: the step ``Δ`` (USQ step or TCQ union-grid step).
 
     Returns:
         ``(lo, hi)`` float64 arrays.
     """
-    if kind == "tcq-plain" and qclass in (0, 1, 2):
+    if kind == "tcq-plain" and qclass in (0, 1, PLAIN_CLASS):
         kind, qclass, step, _ = _class_grid(kind, qclass, step)
     k = np.asarray(k, dtype=np.float64)
     if kind == "usq" and qclass == 0:

@@ -218,8 +218,9 @@ class Codec:
         of the decoder target (:mod:`qft.codec.latent`; 0: none), or an :class:`RDTarget`
         that chooses it for this image; ``refine``: an SGA refinement of the latents
         (:mod:`qft.codec.refine`; hyperprior models), whose refined ``y`` the quantizer
-        codes. All are encoder-side choices of step-wise coded models; the decoder needs none. The target
-        and the refinement exclude each other (docs/design.md, "SGA refinement").
+        codes. All are encoder-side choices of step-wise coded models; the decoder needs
+        none. The target and the refinement exclude each other (docs/design.md, "SGA
+        refinement").
 
         Returns:
             dict with ``bitstream`` (bytes), ``bits_estimated`` (for step-wise coded models

@@ -161,8 +161,8 @@ class Container:
             raise UserError(f"{name}: corrupted or truncated qft bitstream (checksum mismatch)")
         try:
             _, ckpt, quant, step, tables, height, width = _FIXED.unpack_from(body, len(MAGIC))
-            if (quant >> 1 & 3) >= len(METHODS) or (version == 2 and quant >> 3):
-                raise ValueError("unknown quantizer code")
+            if version == 2 and quant >> 3:
+                raise ValueError("plain rows in a format 2 stream")
             header = Header(
                 ckpt, METHODS[quant >> 1 & 3], RESETS[quant & 1], step, tables, height, width, quant >> 3, version
             )
