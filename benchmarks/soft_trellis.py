@@ -64,6 +64,13 @@ def main() -> None:
         default=[1.0],
         help="multiples of TCQ-8's λ_T (the codec's with SGA) for the trellis phase and the final Viterbi",
     )
+    ap.add_argument(
+        "--plain-rows",
+        type=int,
+        nargs="+",
+        default=None,
+        help="TCQ-8's plain rows, one configuration each (default: the calibrated)",
+    )
     ap.add_argument("-o", "--output", default=str(OUT))
     args = ap.parse_args()
     set_threads(1)
@@ -72,9 +79,17 @@ def main() -> None:
     lmbda = settings["model_lambda"]
     codec = Codec.from_checkpoint(ck)
     usq = resolve_quantizer("usq", settings, target=0.0)
-    tcq = resolve_quantizer("tcq8", settings, target=0.0)
+    # suffix: TCQ-8 at the calibrated plain rows, or at each of --plain-rows
+    tcqs = {
+        (f" plain {p}" if args.plain_rows else ""): resolve_quantizer("tcq8", settings, target=0.0, plain_rows=p)
+        for p in (args.plain_rows or [None])
+    }
     if args.tcq_step:
-        tcq = dataclasses.replace(tcq, quantizer=dataclasses.replace(tcq.quantizer, step=args.tcq_step))
+        tcqs = {
+            k: dataclasses.replace(t, quantizer=dataclasses.replace(t.quantizer, step=args.tcq_step))
+            for k, t in tcqs.items()
+        }
+    tcq = next(iter(tcqs.values()))
     taus = [tuple(float(v) for v in t.split(":")) for t in args.taus]
     # name: (choice, SGA refinement or None)
     configs = {"usq": (usq, None), "tcq8": (tcq, None)}
@@ -83,20 +98,23 @@ def main() -> None:
         for share in args.shares:
             for tau in taus if share else taus[:1]:
                 for scale in args.lambda_t_scales:
-                    name = (
-                        f"sga{n}+tcq8 share {share:g}"
-                        + (f" tau {tau[0]:g}:{tau[1]:g}" if share and len(taus) > 1 else "")
-                        + (f" lambda_t x{scale:g}" if len(args.lambda_t_scales) > 1 else "")
-                    )
-                    c = dataclasses.replace(
-                        tcq, quantizer=dataclasses.replace(tcq.quantizer, lam=tcq.quantizer.lam * scale)
-                    )
-                    configs[name] = (c, SGARefine(lmbda, n, trellis_share=share, trellis_taus=tau))
+                    for suffix, t in tcqs.items():
+                        name = (
+                            f"sga{n}+tcq8 share {share:g}"
+                            + (f" tau {tau[0]:g}:{tau[1]:g}" if share and len(taus) > 1 else "")
+                            + (f" lambda_t x{scale:g}" if len(args.lambda_t_scales) > 1 else "")
+                            + suffix
+                        )
+                        c = dataclasses.replace(
+                            t, quantizer=dataclasses.replace(t.quantizer, lam=t.quantizer.lam * scale)
+                        )
+                        configs[name] = (c, SGARefine(lmbda, n, trellis_share=share, trellis_taus=tau))
     images = list_images(args.data)[args.skip : args.skip + args.images]
     record = {
         "model": args.model,
         "model_lambda": lmbda,
         "tcq8": tcq.describe(),
+        "plain_rows": args.plain_rows,
         "taus": args.taus,
         "lambda_t_base": {"base": "calibrated", "lambda_t": tcq.quantizer.lam},
         "lambda_t_scales": args.lambda_t_scales,

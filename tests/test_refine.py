@@ -1,6 +1,7 @@
 """SGA latent refinement (qft.codec.refine): exact decoding, a lower RD loss, determinism,
 and the settings' guards."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,9 +10,10 @@ import torch
 
 from test_codec import tiny  # sibling test module: the tiny hyperprior
 
-from trellis import Quantizer
+from trellis import Quantizer, scale_rows
 
 from qft.codec import Codec, SGARefine
+from qft.codec.refine import refine_latents, refine_through_trellis
 from qft.errors import UserError
 from qft.settings import resolve_quantizer
 
@@ -77,6 +79,37 @@ def test_refinement_through_the_trellis(codec, image, share):
     assert np.array_equal(codec.decompress(out["bitstream"])["y_hat"], out["y_hat"])
     assert out["bitstream"] == codec.compress(image, q, refine=refine)["bitstream"]
     assert rd_cost(codec, image, out) < rd_cost(codec, image, codec.compress(image, q))
+
+
+def test_plain_elements_follow_sga_through_the_trellis(codec, image):
+    """With plain rows the trellis steps go on refining the plain elements by SGA's
+    rounding (here all of them: the tiny model's scales all lie in the first row) rather
+    than leaving them where SGA stopped; the stream decodes exactly, deterministically."""
+    q = Quantizer("tcq8", step=0.7, lam=0.02, plain_rows=12)
+    refine = SGARefine(LMBDA, 10, lr=0.2)
+    (lat,) = codec.latent_coder.latents(image)
+    mu, sigma = codec.latent_coder.steps.parameters(dataclasses.replace(lat.context, finals=[], support=None), 0)
+    assert (scale_rows(sigma) < q.plain_rows).all()
+    y = refine_through_trellis(codec.model, image, lat.y, mu, sigma, q, None, refine, 10)
+    assert np.abs(y - lat.y).max() > 0.1
+    out = codec.compress(image, q, refine=refine)
+    assert np.array_equal(codec.decompress(out["bitstream"])["y_hat"], out["y_hat"])
+    assert out["bitstream"] == codec.compress(image, q, refine=refine)["bitstream"]
+
+
+def test_sga_stops_within_one_schedule(codec, image):
+    """``stop`` runs the head of the whole schedule: all of it is the full refinement, a
+    part of it is not a shorter refinement (whose temperatures fall faster)."""
+    m, x = codec.model, image
+    full = refine_latents(m, x, SGARefine(LMBDA, 6, lr=0.2))
+    for a, b in zip(full, refine_latents(m, x, SGARefine(LMBDA, 6, lr=0.2), stop=6)):
+        assert torch.equal(a, b)
+    head = refine_latents(m, x, SGARefine(LMBDA, 6, lr=0.2), stop=3)
+    short = refine_latents(m, x, SGARefine(LMBDA, 3, lr=0.2))
+    assert not torch.equal(head[0], short[0]) and not torch.equal(head[0], full[0])
+    for bad in (0, 7):
+        with pytest.raises(ValueError, match="stop must lie in"):
+            refine_latents(m, x, SGARefine(LMBDA, 6), stop=bad)
 
 
 def test_refine_settings_and_guards(codec, image):

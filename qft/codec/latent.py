@@ -263,13 +263,18 @@ class LatentCoder:
     # -- encoder ------------------------------------------------------------------------
     @torch.no_grad()
     def analyse(
-        self, x: torch.Tensor, refine: SGARefine | None = None, padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self,
+        x: torch.Tensor,
+        refine: SGARefine | None = None,
+        padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+        stop: int | None = None,
     ):
         """Analysis and hyper-latent coding of a batch ``(N, 3, H, W)`` (``H``, ``W``
         multiples of 64), everything the quantizer needs and nothing it does. With
         ``refine`` (hyperprior models), ``y`` and ``z`` are the latents
         :func:`qft.codec.refine.refine_latents` gives (``padding``: the zero padding of
-        ``x``, outside its MSE), and ``ẑ`` is coded from the refined ``z``.
+        ``x``, outside its MSE; ``stop``: run only the first ``stop`` steps of its
+        schedule), and ``ẑ`` is coded from the refined ``z``.
 
         Returns:
             ``(y, contexts, z_strings, z_shape, z_bits)``: float32 numpy ``y``
@@ -281,7 +286,7 @@ class LatentCoder:
         if refine is not None:
             if self.entropy not in HYPERPRIOR_ENTROPY:
                 raise ValueError("the SGA refinement needs a hyperprior model")
-            y, z = refine_latents(m, x, refine, self.entropy, padding)
+            y, z = refine_latents(m, x, refine, self.entropy, padding, stop)
         else:
             y = tiled(m.g_a, x)
             z = self.steps.hyper_analysis(y)
@@ -298,12 +303,14 @@ class LatentCoder:
         direction: bool = False,
         padding: tuple[int, int, int, int] = (0, 0, 0, 0),
         refine: SGARefine | None = None,
+        stop: int | None = None,
     ) -> list[QuantizedLatent]:
         """:meth:`analyse` of a batch ``(N, 3, H, W)`` as latents to quantize (``result``
         ``None``), with the decoder-target step when ``direction`` (``padding``: the zero
         padding of ``x``, outside the target's residual and the refinement's MSE), refined
-        by ``refine`` (:mod:`qft.codec.refine`) when given."""
-        y, contexts, z_strings, z_shape, z_bits = self.analyse(x, refine, padding)
+        by ``refine`` (:mod:`qft.codec.refine`) when given, by the first ``stop`` steps of
+        its schedule when ``stop`` is given."""
+        y, contexts, z_strings, z_shape, z_bits = self.analyse(x, refine, padding, stop)
         step = None
         if direction:
             step = target_direction(self.model.g_s, x, torch.from_numpy(y).to(x.device), padding)
@@ -355,7 +362,8 @@ class LatentCoder:
         if self.entropy not in HYPERPRIOR_ENTROPY:
             raise ValueError("the SGA refinement needs a hyperprior model")
         sga, soft = refine.split(quantizer)
-        latents = self.latents(x, bool(target), padding, dataclasses.replace(refine, steps=sga) if sga else None)
+        # one SGA schedule over all the steps: its first `sga` steps, then the trellis's
+        latents = self.latents(x, bool(target), padding, refine if sga else None, stop=sga)
         out = []
         for i, lat in enumerate(latents):
             if soft:

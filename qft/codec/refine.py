@@ -30,7 +30,10 @@ paths under the quantizer's own cost ``J`` (:meth:`trellis.Quantizer.soft_quanti
 exact table bits, exact gradients) and ``τ`` anneals geometrically over
 ``SGARefine.trellis_taus`` (default :data:`SOFT_TAU_START` to :data:`SOFT_TAU_END`), where
 ``p`` is nearly the Viterbi path:
-the trellis then codes the latent these steps optimised for.
+the trellis then codes the latent these steps optimised for. The SGA steps before are the
+first ones of a schedule over all the steps, so the trellis takes over a latent that has
+not yet hardened onto the step-1 grid; elements in a quantizer's plain rows, which the
+trellis leaves, go on with SGA's rounding to the end of that schedule.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trellis import SCALE_TABLE, Quantizer
+from trellis import NUM_SCALES, PLAIN_CLASS, SCALE_TABLE, Quantizer, scale_rows
 
 from qft.codec.image import crop
 
@@ -89,7 +92,8 @@ class SGARefine:
         seed: seed of the Gumbel noise (the refinement is deterministic given it).
         lr: Adam's learning rate.
         trellis_share: for a trellis quantizer, the share of ``steps`` that relax the
-            trellis (:func:`refine_through_trellis`) after the SGA steps; 0: SGA only.
+            trellis (:func:`refine_through_trellis`) after the SGA steps, which are the
+            first of an SGA schedule over all ``steps``; 0: SGA only.
         trellis_taus: the relaxed trellis's temperatures at its first and last step.
     """
 
@@ -167,6 +171,7 @@ def refine_latents(
     refine: SGARefine,
     entropy: str = "mean-scale-hyperprior",
     padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    stop: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The latents ``(y, z)`` of a batch of images ``(N, 3, H, W)`` refined by SGA (module
     docstring), on ``x``'s (the model's) device, detached float32.
@@ -174,7 +179,12 @@ def refine_latents(
     ``entropy``: ``"scale-hyperprior"`` (``σ = h_s(z)``, ``μ = 0``, ``h_a`` sees ``|y|``) or
     ``"mean-scale-hyperprior"``; ``padding`` ``(left, right, top, bottom)``: the zero
     padding of ``x`` (:func:`qft.codec.image.pad`), outside the MSE; pixels are the
-    unpadded ones. The model's parameters are left untouched (no gradients kept)."""
+    unpadded ones. ``stop``: run only the first ``stop`` of the ``refine.steps`` steps
+    (the temperatures still those of the whole schedule: SGA hands a latent that has not
+    yet hardened to the relaxed trellis, :func:`refine_through_trellis`). The model's
+    parameters are left untouched (no gradients kept)."""
+    if stop is not None and not 1 <= stop <= refine.steps:
+        raise ValueError(f"stop must lie in [1, {refine.steps}] (the refinement's steps), got {stop!r}")
     x_ref = crop(x, padding)
     pixels = x_ref.shape[-2] * x_ref.shape[-1]
     eb = model.entropy_bottleneck
@@ -187,7 +197,7 @@ def refine_latents(
     z = z0.detach().float().clone().requires_grad_(True)
     opt = torch.optim.Adam([y, z], lr=refine.lr)
     with _frozen(model), torch.enable_grad():
-        for t in range(refine.steps):
+        for t in range(refine.steps if stop is None else stop):
             tau = _annealed(SGA_TAU_START, SGA_TAU_END, t, refine.steps)
             z_t = medians + sga_round(z - medians, tau, gen)
             # the EntropyBottleneck's density runs on (channels, 1, elements)
@@ -230,6 +240,21 @@ class _SoftTrellis(torch.autograd.Function):
         return torch.from_numpy(out.grad).to(g_hat)[None], None, None, None, None, None
 
 
+def _plain_bits(quantizer: Quantizer, coding_rows: np.ndarray, plain: np.ndarray, r: torch.Tensor) -> torch.Tensor:
+    """The table bits of the plain elements (mask ``plain``, their ``coding_rows``) at
+    SGA-rounded residuals ``r`` ``(1, C, h, w)``, interpolated between those of ``⌊r⌋``
+    and ``⌊r⌋ + 1`` as ``r`` lies between them (0 elsewhere): the rate SGA's rounding
+    expects, which the coder's table spends, with a gradient however far in the tail."""
+    lo = torch.floor(r.detach())
+    k = lo[0].cpu().numpy()[plain].astype(np.int64)
+    table = quantizer.table
+    b_lo, b_hi = np.zeros(plain.shape), np.zeros(plain.shape)
+    b_lo[plain] = table.index_bits(coding_rows, k)
+    b_hi[plain] = table.index_bits(coding_rows, k + 1)
+    b_lo, b_hi = (torch.from_numpy(b).to(r)[None] for b in (b_lo, b_hi))
+    return b_lo + (r - lo) * (b_hi - b_lo)
+
+
 def refine_through_trellis(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -246,17 +271,35 @@ def refine_through_trellis(
     of ``quantizer`` (module docstring), for one image ``x`` ``(1, 3, H, W)`` whose
     entropy parameters ``mu``, ``sigma`` (``(C, h, w)``, from its coded ``ẑ``) stay fixed;
     ``weights``: the quantizer's per-channel distortion weights ``(C,)`` or ``None``. The
+    last ``steps`` of ``refine.steps``: with plain rows the plain elements, which the
+    trellis leaves, go on with SGA's rounding at the temperatures of those steps of its
+    schedule (their rates the coder's table bits, as the trellis elements'). The
     hyper-latent's bits are a constant of this loss and left out. The model's parameters
     are left untouched."""
+    if not 1 <= steps <= refine.steps:
+        raise ValueError(f"steps must lie in [1, {refine.steps}] (the refinement's steps), got {steps!r}")
     x_ref = crop(x, padding)
     pixels = x_ref.shape[-2] * x_ref.shape[-1]
     w = None if weights is None else np.asarray(weights, np.float64).reshape(-1, 1, 1)
     yt = torch.tensor(np.asarray(y, np.float32), device=x.device)[None].requires_grad_(True)
     opt = torch.optim.Adam([yt], lr=refine.lr)
+    if quantizer.plain_rows:
+        # the plain elements go on with SGA's schedule (the trellis leaves them)
+        rows = scale_rows(np.asarray(sigma))
+        plain_np = rows < quantizer.plain_rows
+        plain = torch.from_numpy(plain_np).to(x.device)[None]
+        coding_rows = PLAIN_CLASS * NUM_SCALES + rows[plain_np]
+        mu_t = torch.tensor(np.asarray(mu, np.float32), device=x.device)[None]
+        gen = torch.Generator().manual_seed(refine.seed + 1)
     with _frozen(model), torch.enable_grad():
         for t in range(steps):
             tau = _annealed(*refine.trellis_taus, t, steps)
             y_hat, bits = _SoftTrellis.apply(yt, mu, sigma, quantizer, w, tau)
+            if quantizer.plain_rows:
+                sga_tau = _annealed(SGA_TAU_START, SGA_TAU_END, refine.steps - steps + t, refine.steps)
+                r_t = sga_round(yt - mu_t, sga_tau, gen)
+                y_hat = torch.where(plain, mu_t + r_t, y_hat)
+                bits = torch.where(plain, _plain_bits(quantizer, coding_rows, plain_np, r_t), bits)
             mse = (crop(model.g_s(y_hat), padding) - x_ref).pow(2).mean()
             loss = refine.lmbda * 255**2 * mse + bits.sum() / pixels
             opt.zero_grad(set_to_none=True)
