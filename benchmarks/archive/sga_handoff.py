@@ -100,7 +100,7 @@ def main() -> None:
                 (lat,) = coder.latents(x, False, padding, refine, stop=head)
             mu, sigma = entropy(lat)
             rows[f"share {share:g}: sga head + usq"] = cost(lat.y, usq, lat, mu, sigma)
-            for tcq in tcqs:
+            for tcq in tcqs.values():
                 name = f"share {share:g}, plain {tcq.plain_rows}"
                 rows[f"{name}: sga head then tcq8"] = cost(lat.y, tcq, lat, mu, sigma)
                 y = refine_through_trellis(
