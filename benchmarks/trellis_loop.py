@@ -59,7 +59,7 @@ def loop_refine(codec: Codec, x, padding, lat, quantizer: Quantizer, steps: int,
     """``y`` after ``steps`` Adam steps of the loop (module docstring), from ``y0``
     ``(C, h, w)`` (numpy), for the analysed latent ``lat`` (its ``ẑ`` gives ``μ, σ``)."""
     model, coder = codec.model, codec.latent_coder
-    mu, sigma = coder.steps.parameters(dataclasses.replace(lat.context, finals=[], support=None), 0)
+    mu, sigma = coder.first_parameters(lat)
     mu_t, sigma_t = torch.from_numpy(mu)[None], torch.from_numpy(sigma)[None]
     left, right, top, bottom = padding
     rows, cols = slice(top, x.shape[-2] - bottom), slice(left, x.shape[-1] - right)

@@ -1,7 +1,6 @@
 """SGA latent refinement (qft.codec.refine): exact decoding, a lower RD loss, determinism,
 and the settings' guards."""
 
-import dataclasses
 import math
 
 import numpy as np
@@ -88,7 +87,7 @@ def test_plain_elements_follow_sga_through_the_trellis(codec, image):
     q = Quantizer("tcq8", step=0.7, lam=0.02, plain_rows=12)
     refine = SGARefine(LMBDA, 10, lr=0.2)
     (lat,) = codec.latent_coder.latents(image)
-    mu, sigma = codec.latent_coder.steps.parameters(dataclasses.replace(lat.context, finals=[], support=None), 0)
+    mu, sigma = codec.latent_coder.first_parameters(lat)
     assert (scale_rows(sigma) < q.plain_rows).all()
     y = refine_through_trellis(codec.model, image, lat.y, mu, sigma, q, None, refine, 10)
     assert np.abs(y - lat.y).max() > 0.1

@@ -86,11 +86,8 @@ def main() -> None:
             bpp = (res.bits + lat.z_bits_estimated) / pixels
             return {"J": lmbda * 255**2 * mse + bpp, "bpp": bpp, "psnr": -10 * np.log10(mse)}
 
-        def entropy(lat):
-            return coder.steps.parameters(dataclasses.replace(lat.context, finals=[], support=None), 0)
-
         (full,) = coder.latents(x, False, padding, refine)
-        rows = {f"sga{args.steps}+usq": cost(full.y, usq, full, *entropy(full))}
+        rows = {f"sga{args.steps}+usq": cost(full.y, usq, full, *coder.first_parameters(full))}
         record["per_image"][path.name] = rows
         for share in args.shares:
             head = args.steps - round(args.steps * share)
@@ -98,7 +95,7 @@ def main() -> None:
                 (lat,) = coder.latents(x, False, padding, dataclasses.replace(refine, steps=head))
             else:
                 (lat,) = coder.latents(x, False, padding, refine, stop=head)
-            mu, sigma = entropy(lat)
+            mu, sigma = coder.first_parameters(lat)
             rows[f"share {share:g}: sga head + usq"] = cost(lat.y, usq, lat, mu, sigma)
             for tcq in tcqs.values():
                 name = f"share {share:g}, plain {tcq.plain_rows}"

@@ -367,13 +367,18 @@ class LatentCoder:
         out = []
         for i, lat in enumerate(latents):
             if soft:
-                mu, sigma = self.steps.parameters(dataclasses.replace(lat.context, finals=[], support=None), 0)
+                mu, sigma = self.first_parameters(lat)
                 y = refine_through_trellis(
                     self.model, x[i : i + 1], lat.y, mu, sigma, quantizer, weights, refine, soft, padding
                 )
                 lat = dataclasses.replace(lat, y=y)
             out.append(self.requantize(lat, quantizer, weights, target))
         return out
+
+    def first_parameters(self, lat: QuantizedLatent) -> tuple[np.ndarray, np.ndarray]:
+        """``(μ, σ)`` of the first coding step of ``lat`` from its coded ``ẑ`` alone
+        (float32, the step's layout; for a hyperprior model, those of the whole latent)."""
+        return self.steps.parameters(dataclasses.replace(lat.context, finals=[], support=None), 0)
 
     @torch.no_grad()
     def requantize(
