@@ -7,10 +7,8 @@ on the model's RD cost ``J = λ·255²·MSE + bpp`` of real, decoded streams aga
 USQ: SGA-N with USQ, and with TCQ-8 at each ``share`` of ``--shares`` (0: SGA then the
 trellis codes SGA's latent, the form that lost), each soft-trellis temperature schedule of
 ``--taus`` and each multiple ``--lambda-t-scales`` of TCQ-8's calibrated λ_T (what the
-codec's SGA path uses), and each ``--relax`` (the mean of the paths, or a Gumbel sample of
-them per step: ``SGARefine.trellis_sample``). BSDS500 *validation* images (full size;
-nothing is tuned on Kodak), the shipped ``mbt2018-mean-0.013`` (``--model``) at its
-calibrated TCQ-8 step, no target, one thread.
+codec's SGA path uses). BSDS500 *validation* images (full size; nothing is tuned on Kodak), the shipped
+``mbt2018-mean-0.013`` (``--model``) at its calibrated TCQ-8 step, no target, one thread.
 Writes ``benchmarks/results/soft_trellis.json`` after every image, with the machine's load
 (seconds on a shared machine are upper bounds).
 
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import os
 import time
@@ -74,13 +71,6 @@ def main() -> None:
         default=None,
         help="TCQ-8's plain rows, one configuration each (default: the calibrated)",
     )
-    ap.add_argument(
-        "--relax",
-        nargs="+",
-        choices=("mean", "sample"),
-        default=["mean"],
-        help="relax the trellis by the mean of its paths or by a Gumbel sample of them (SGARefine.trellis_sample)",
-    )
     ap.add_argument("-o", "--output", default=str(OUT))
     args = ap.parse_args()
     set_threads(1)
@@ -107,20 +97,18 @@ def main() -> None:
         configs[f"sga{n}+usq"] = (usq, SGARefine(lmbda, n))
         for share in args.shares:
             for tau in taus if share else taus[:1]:
-                for scale, (suffix, t), relax in itertools.product(args.lambda_t_scales, tcqs.items(), args.relax):
-                    name = (
-                        f"sga{n}+tcq8 share {share:g}"
-                        + (f" tau {tau[0]:g}:{tau[1]:g}" if share and len(taus) > 1 else "")
-                        + (f" lambda_t x{scale:g}" if len(args.lambda_t_scales) > 1 else "")
-                        + suffix
-                        + (f" {relax}" if len(args.relax) > 1 else "")
-                    )
-                    c = dataclasses.replace(t, quantizer=dataclasses.replace(t.quantizer, lam=t.quantizer.lam * scale))
-                    sample = relax == "sample"
-                    configs[name] = (
-                        c,
-                        SGARefine(lmbda, n, trellis_share=share, trellis_taus=tau, trellis_sample=sample),
-                    )
+                for scale in args.lambda_t_scales:
+                    for suffix, t in tcqs.items():
+                        name = (
+                            f"sga{n}+tcq8 share {share:g}"
+                            + (f" tau {tau[0]:g}:{tau[1]:g}" if share and len(taus) > 1 else "")
+                            + (f" lambda_t x{scale:g}" if len(args.lambda_t_scales) > 1 else "")
+                            + suffix
+                        )
+                        c = dataclasses.replace(
+                            t, quantizer=dataclasses.replace(t.quantizer, lam=t.quantizer.lam * scale)
+                        )
+                        configs[name] = (c, SGARefine(lmbda, n, trellis_share=share, trellis_taus=tau))
     images = list_images(args.data)[args.skip : args.skip + args.images]
     record = {
         "model": args.model,
@@ -128,7 +116,6 @@ def main() -> None:
         "tcq8": tcq.describe(),
         "plain_rows": args.plain_rows,
         "taus": args.taus,
-        "relax": args.relax,
         "lambda_t_base": {"base": "calibrated", "lambda_t": tcq.quantizer.lam},
         "lambda_t_scales": args.lambda_t_scales,
         "data": os.path.relpath(args.data, Path(__file__).parents[1]),

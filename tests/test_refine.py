@@ -68,18 +68,13 @@ def test_steps_split_between_sga_and_the_trellis():
     assert SGARefine(LMBDA, 10, trellis_share=0.0).record(tcq) == "sga-10"
 
 
-@pytest.mark.parametrize("sample", [False, True], ids=["mean", "sample"])
 @pytest.mark.parametrize("share", [0.5, 1.0])
-def test_refinement_through_the_trellis(codec, image, share, sample):
-    """Steps through the relaxed trellis (after SGA, or alone; by the mean of the paths or
-    a Gumbel sample of them) give a stream that decodes exactly, deterministically, at a
-    lower RD loss than the trellis on the plain latent."""
+def test_refinement_through_the_trellis(codec, image, share):
+    """Steps through the relaxed trellis (after SGA, or alone) give a stream that decodes
+    exactly, deterministically, at a lower RD loss than the trellis on the plain latent."""
     q = Quantizer("tcq8", step=0.7, lam=0.02)
-    refine = SGARefine(LMBDA, 40, lr=0.2, trellis_share=share, trellis_sample=sample)
+    refine = SGARefine(LMBDA, 40, lr=0.2, trellis_share=share)
     out = codec.compress(image, q, refine=refine)
-    if sample:  # the samples are not the mean
-        mean = codec.compress(image, q, refine=SGARefine(LMBDA, 40, lr=0.2, trellis_share=share))
-        assert out["bitstream"] != mean["bitstream"]
     assert np.array_equal(codec.decompress(out["bitstream"])["y_hat"], out["y_hat"])
     assert out["bitstream"] == codec.compress(image, q, refine=refine)["bitstream"]
     assert rd_cost(codec, image, out) < rd_cost(codec, image, codec.compress(image, q))

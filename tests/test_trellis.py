@@ -10,7 +10,7 @@ import pytest
 
 from scipy.special import ndtr
 
-from trellis import SOFT_CANDIDATES, Quantizer, codegen, kernels, machine, rate_table, reference
+from trellis import Quantizer, codegen, kernels, machine, rate_table, reference
 from trellis.machines import ECM_TRANSITIONS, VVC_TRANSITIONS, StateMachine
 from trellis.tables import NUM_SCALES, SCALE_TABLE, cell_bounds, escape_bits, quantize_pmf, scale_rows_reference
 
@@ -384,19 +384,12 @@ class TestSoftTrellis:
         y = (mu + 1.5 * sigma * rng.normal(size=shape)).astype(np.float32)
         return q, y, mu, sigma, rng
 
-    @staticmethod
-    def gumbel(rng, y):
-        return rng.gumbel(size=y.shape + (2, SOFT_CANDIDATES))
-
     @pytest.mark.parametrize("method", ["tcq4", "tcq8"])
     @pytest.mark.parametrize("weighting", ["none", "channel", "element"])
-    @pytest.mark.parametrize("noisy", [False, True])
-    def test_kernel_equals_reference(self, method, weighting, noisy):
+    def test_kernel_equals_reference(self, method, weighting):
         q, y, mu, sigma, rng = self.case(1, method=method)
         w = {"none": None, "channel": rng.uniform(0.5, 2, (3, 1, 1)), "element": rng.uniform(0.5, 2, y.shape)}
         kw = dict(tau=0.07, weights=w[weighting], g=rng.normal(size=y.shape), rho=rng.uniform(0.5, 1.5, y.shape))
-        if noisy:
-            kw.update(noise=self.gumbel(rng, y), kappa=0.3)
         a = q.soft_quantize(y, mu, sigma, **kw)
         b = q.soft_quantize(y, mu, sigma, backend="numpy", **kw)
         for u, v in zip(a, b):
@@ -411,56 +404,48 @@ class TestSoftTrellis:
         assert soft.bits.sum() == pytest.approx(hard.bits, abs=1e-6)
 
     @pytest.mark.parametrize("S", [4, 8])
-    @pytest.mark.parametrize("noisy", [False, True])
-    def test_expectations_by_enumeration(self, S, noisy):
-        """Every path's weight ``exp(Σ −cost/τ)`` (with noise ``exp(Σ (−cost/τ + G)/κ)``)."""
+    def test_expectations_by_enumeration(self, S):
         from trellis._costs import SOFT_WINDOW, soft_index
 
-        q, y, mu, sigma, rng = self.case(S, shape=(1, 1, 5), method=f"tcq{S}")
-        tau, kappa = 0.3, 0.4
-        noise = self.gumbel(rng, y) if noisy else np.zeros(y.shape + (2, SOFT_CANDIDATES))
-        scale = kappa if noisy else 1.0
+        q, y, mu, sigma, _ = self.case(S, shape=(1, 1, 5), method=f"tcq{S}")
+        tau = 0.3
         sm, tab = q.machine, q.table
         r = (y - mu).ravel().astype(np.float64)
         rows = scale_rows_reference(sigma).ravel()
         u = np.rint(r / q.step).astype(int)
         z, et, er = 0.0, np.zeros(5), np.zeros(5)
 
-        def paths(i, s, logp, ts, bs):
+        def paths(i, s, cost, ts, bs):
             nonlocal z, et, er
             if i == len(r):
-                p = np.exp(logp)
+                p = np.exp(-cost / tau)
                 z, et, er = z + p, et + p * np.array(ts), er + p * np.array(bs)
                 return
             qq = int(sm.quantizer[s])
-            for j, n in enumerate(range(u[i] - SOFT_WINDOW, u[i] + SOFT_WINDOW + 1)):
+            for n in range(u[i] - SOFT_WINDOW, u[i] + SOFT_WINDOW + 1):
                 member, k = soft_index(n, qq)
                 if member:
                     b = float(tab.index_bits(qq * NUM_SCALES + rows[i], k))
                     t = n * q.step
                     nxt = sm.next_state[s, k & 1]
-                    logw = (-((r[i] - t) ** 2 + q.lam * b) / tau + noise[0, 0, i, qq, j]) / scale
-                    paths(i + 1, nxt, logp + logw, ts + [t], bs + [b])
+                    paths(i + 1, nxt, cost + (r[i] - t) ** 2 + q.lam * b, ts + [t], bs + [b])
 
         paths(0, 0, 0.0, [], [])
-        kw = dict(noise=noise, kappa=kappa) if noisy else {}
-        out = q.soft_quantize(y, mu, sigma, tau=tau, **kw)
+        out = q.soft_quantize(y, mu, sigma, tau=tau)
         np.testing.assert_allclose(out.y_hat.ravel(), mu.ravel() + et / z, atol=1e-10)
         np.testing.assert_allclose(out.bits.ravel(), er / z, atol=1e-10)
 
-    @pytest.mark.parametrize("noisy", [False, True])
-    def test_gradient_by_finite_differences(self, noisy):
+    def test_gradient_by_finite_differences(self):
         q, y, mu, sigma, rng = self.case(7)
         y = y.astype(np.float64)
         w = rng.uniform(0.5, 2, (3, 1, 1))
         g, rho = rng.normal(size=y.shape), rng.uniform(0.5, 1.5, y.shape)
-        kw = dict(tau=0.05, weights=w, **(dict(noise=self.gumbel(rng, y), kappa=0.5) if noisy else {}))
 
         def f(yy):
-            s = q.soft_quantize(yy, mu.astype(np.float64), sigma, **kw)
+            s = q.soft_quantize(yy, mu.astype(np.float64), sigma, tau=0.05, weights=w)
             return float((g * s.y_hat + rho * s.bits).sum())
 
-        grad = q.soft_quantize(y, mu.astype(np.float64), sigma, g=g, rho=rho, **kw).grad
+        grad = q.soft_quantize(y, mu.astype(np.float64), sigma, tau=0.05, weights=w, g=g, rho=rho).grad
         num = np.zeros_like(y)
         for i in np.ndindex(y.shape):
             e = np.zeros_like(y)
@@ -477,11 +462,6 @@ class TestSoftTrellis:
                 q.soft_quantize(y, mu, sigma, tau=tau)
         with pytest.raises(ValueError, match="g has shape"):
             q.soft_quantize(y, mu, sigma, tau=0.1, g=np.zeros(3))
-        with pytest.raises(ValueError, match="noise has shape"):
-            q.soft_quantize(y, mu, sigma, tau=0.1, noise=np.zeros(y.shape + (2,)))
-        for kappa in (0.0, np.inf):
-            with pytest.raises(ValueError, match="kappa"):
-                q.soft_quantize(y, mu, sigma, tau=0.1, noise=np.zeros(y.shape + (2, SOFT_CANDIDATES)), kappa=kappa)
 
 
 class TestBadInput:

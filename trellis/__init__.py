@@ -11,15 +11,7 @@
 """
 
 from trellis.machines import MACHINES, StateMachine, machine
-from trellis.quantize import (
-    MAX_PLAIN_ROWS,
-    METHODS,
-    RESETS,
-    SOFT_CANDIDATES,
-    Quantizer,
-    QuantizeResult,
-    scale_rows,
-)
+from trellis.quantize import MAX_PLAIN_ROWS, METHODS, RESETS, Quantizer, QuantizeResult, scale_rows
 from trellis.tables import NUM_SCALES, PLAIN_CLASS, SCALE_TABLE, RateTable, rate_table
 
 __all__ = [
@@ -30,7 +22,6 @@ __all__ = [
     "PLAIN_CLASS",
     "RESETS",
     "SCALE_TABLE",
-    "SOFT_CANDIDATES",
     "Quantizer",
     "QuantizeResult",
     "RateTable",

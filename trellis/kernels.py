@@ -195,13 +195,9 @@ def _lse(a, b):  # pragma: no cover
 
 @njit(cache=True, nogil=True, parallel=True)
 def soft_tcq(
-    r, w, rows, step, lam, tau, nxt, quant, g, rho, bits, kmax, tail_bits, cdf_length, offset, noise, kappa
+    r, w, rows, step, lam, tau, nxt, quant, g, rho, bits, kmax, tail_bits, cdf_length, offset
 ):  # pragma: no cover
     """The soft trellis: expectations under ``p(path) ∝ exp(−Σ (w (r − t)² + λ_c R) / τ)``.
-
-    With ``noise`` ``(C, L, 2, J)`` (Gumbel draws; ``None``: none) the log weight of each
-    candidate is ``(−(w (r − t)² + λ_c R)/τ + noise) / κ``: a relaxed sample of the paths,
-    nearly hard for a small ``kappa`` (``κ``), instead of their mean.
 
     Per chain (start state 0, free end), candidates the union levels ``nΔ``,
     ``n = rint(r/Δ) ± SOFT_WINDOW`` (``Q0``: even ``n``; ``Q1``: odd ``n`` and 0), each
@@ -210,9 +206,8 @@ def soft_tcq(
     forward–backward over the state machine ``nxt`` in the log domain. Returns
     ``(E[t], E[R], grad)`` per element, ``t`` in latent units; with ``g`` given (``None``:
     no gradient, ``grad`` all 0), ``grad`` is ``∂E[F]/∂r`` for ``F = Σ g t + ρ R``, i.e.
-    ``(2 w / τ) Cov(F, t)`` (``(2 w / (τ κ)) Cov(F, t)`` with ``noise``), from the conditional
-    expectations of the prefix and suffix parts of ``F`` given each state (the expectation
-    semiring).
+    ``(2 w / τ) Cov(F, t)``, from the conditional expectations of the prefix and suffix
+    parts of ``F`` given each state (the expectation semiring).
     """
     C, L = r.shape
     S = nxt.shape[0]
@@ -242,10 +237,7 @@ def soft_tcq(
                         b = index_bits(bits, kmax, tail_bits, cdf_length, offset, q * NUM_SCALES + rows[c, i], k)
                         bv[i, q, j] = b
                         pv[i, q, j] = k & 1
-                        lw = -(dist + lam[c] * b) / tau  # the log weight, until normalised below
-                        if noise is not None:
-                            lw = (lw + noise[c, i, q, j]) / kappa
-                        sw[i, q, j] = lw
+                        sw[i, q, j] = -(dist + lam[c] * b) / tau  # the log weight, until normalised below
                         phi[i, q, k & 1] = max(phi[i, q, k & 1], sw[i, q, j])
             for q in range(2):
                 tot0 = 0.0
@@ -372,7 +364,7 @@ def soft_tcq(
                     if pb[i, s, p] > 0.0:
                         cov += pb[i, s, p] * ((m[i, s] + h[i + 1, nxt[s, p]] - ef) * cf[i, q, p] + cg[i, q, p])
             wd = 1.0 if w is None else w[c, i]
-            grad[c, i] = 2.0 * wd / (tau if noise is None else tau * kappa) * cov
+            grad[c, i] = 2.0 * wd / tau * cov
     return et, er, grad
 
 

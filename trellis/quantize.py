@@ -31,7 +31,6 @@ from typing import NamedTuple
 import numpy as np
 
 from trellis import kernels, reference
-from trellis._costs import SOFT_WINDOW
 from trellis.machines import StateMachine, machine
 from trellis.tables import (
     NUM_SCALES,
@@ -48,7 +47,6 @@ __all__ = [
     "RESETS",
     "BACKENDS",
     "MAX_PLAIN_ROWS",
-    "SOFT_CANDIDATES",
     "Quantizer",
     "QuantizeResult",
     "SoftQuantizeResult",
@@ -63,9 +61,6 @@ _MAX_LEVEL = 2.0**30
 #: Most plain rows a quantizer may have (scales below ``SCALE_TABLE[31]`` ≈ 4.3; the
 #: container's quantizer byte holds five bits for them).
 MAX_PLAIN_ROWS = 31
-#: Candidates per element and quantizer of :meth:`Quantizer.soft_quantize` (the union
-#: levels ``rint(r/Δ) ± SOFT_WINDOW``): the last axis of its ``noise``.
-SOFT_CANDIDATES = 2 * SOFT_WINDOW + 1
 
 
 class SoftQuantizeResult(NamedTuple):
@@ -288,17 +283,17 @@ class Quantizer:
             return kernels.tcq(r, w, mu, rows, self.step, lam, sm.num_states, sm.quantizer, *tabargs)
         return reference.tcq(r, w, mu, rows, self.step, lam, tab, sm)
 
-    def _soft(self, r, w, rows, lam, tau, g, rho, noise, kappa, backend):
+    def _soft(self, r, w, rows, lam, tau, g, rho, backend):
         """The soft trellis over chains: ``(E[t], E[R], grad)`` (:meth:`soft_quantize`)."""
         sm, tab = self.machine, self.table
         if backend == "numba":
             return kernels.soft_tcq(
                 r, w, rows, self.step, lam, tau, sm.next_state, sm.quantizer, g, rho,
-                tab.bits, tab.kmax, tab.tail_bits, tab.cdf_length, tab.offset, noise, kappa,
+                tab.bits, tab.kmax, tab.tail_bits, tab.cdf_length, tab.offset,
             )  # fmt: skip
-        return reference.soft_tcq(r, w, rows, self.step, lam, tau, tab, sm, g, rho, noise, kappa)
+        return reference.soft_tcq(r, w, rows, self.step, lam, tau, tab, sm, g, rho)
 
-    def _soft_plain(self, r, w, rows, lam, tau, g, rho, noise, kappa, backend):
+    def _soft_plain(self, r, w, rows, lam, tau, g, rho, backend):
         """:meth:`_soft` with plain rows: the plain elements are what :meth:`quantize` makes
         of them (rounded, their table bits, no gradient), the soft trellis runs over the
         others of each chain."""
@@ -308,10 +303,8 @@ class Quantizer:
         er = np.where(plain, self.table.index_bits(PLAIN_CLASS * NUM_SCALES + rows, k), 0.0)
         grad = np.zeros(r.shape)
         for c, sel in _trellis_parts(plain):
-            sub = [None if a is None else a[c, sel][None] for a in (w, g, rho, noise)]
-            e, b, gr = self._soft(
-                r[c, sel][None], sub[0], rows[c, sel][None], lam[c : c + 1], tau, *sub[1:], kappa, backend
-            )
+            sub = [None if a is None else a[c, sel][None] for a in (w, g, rho)]
+            e, b, gr = self._soft(r[c, sel][None], sub[0], rows[c, sel][None], lam[c : c + 1], tau, *sub[1:], backend)
             et[c, sel], er[c, sel] = e[0], b[0]
             if g is not None:
                 grad[c, sel] = gr[0]
@@ -362,8 +355,6 @@ class Quantizer:
         weights: np.ndarray | None = None,
         g: np.ndarray | None = None,
         rho: np.ndarray | float = 0.0,
-        noise: np.ndarray | None = None,
-        kappa: float = 1.0,
         backend: str = "numba",
     ) -> SoftQuantizeResult:
         """The trellis relaxed at temperature ``τ`` (TCQ only): expectations under the Gibbs
@@ -378,12 +369,6 @@ class Quantizer:
         what an optimiser of ``y`` through the relaxed trellis needs (``qft.codec.refine``).
         With plain rows the plain elements are as :meth:`quantize` makes them (rounded, their
         table bits, gradient 0) and the trellis is relaxed over the others.
-
-        ``noise`` (shaped ``y.shape + (2, SOFT_CANDIDATES)``: per element, quantizer and
-        candidate, e.g. standard Gumbel draws) perturbs the log weights, each becoming
-        ``(−cost/τ + noise)/κ``: the expectations are then those of one relaxed sample of the
-        paths, nearly hard for a small ``kappa`` (``κ``), as SGA samples its rounding; the
-        gradient is the exact one for that fixed noise.
         """
         if not self.is_trellis:
             raise ValueError(f"soft quantization relaxes the trellis; {self.method} has none (use tcq4 or tcq8)")
@@ -398,17 +383,10 @@ class Quantizer:
                 raise ValueError(f"g has shape {g.shape}, y has shape {y.shape}")
             gc = self._chains(g)
             rc = self._chains(np.broadcast_to(np.asarray(rho, np.float64), y.shape))
-        nc = None
-        if noise is not None:
-            noise = np.asarray(noise, np.float64)
-            if noise.shape != y.shape + (2, SOFT_CANDIDATES):
-                raise ValueError(f"noise has shape {noise.shape}, expected {y.shape + (2, SOFT_CANDIDATES)}")
-            _check_finite("noise", noise)
-            if not (np.isfinite(kappa) and kappa > 0):
-                raise ValueError(f"kappa must be a positive finite number, got {kappa!r}")
-            nc = np.ascontiguousarray(noise).reshape(r.shape + (2, SOFT_CANDIDATES))
-        soft = self._soft_plain if self.plain_rows else self._soft
-        et, er, grad = soft(r, w, rows2, lam, float(tau), gc, rc, nc, float(kappa), backend)
+        if self.plain_rows:
+            et, er, grad = self._soft_plain(r, w, rows2, lam, float(tau), gc, rc, backend)
+        else:
+            et, er, grad = self._soft(r, w, rows2, lam, float(tau), gc, rc, backend)
         return SoftQuantizeResult(
             y_hat=mu2.astype(np.float64).reshape(y.shape) + et.reshape(y.shape),
             bits=er.reshape(y.shape),

@@ -115,18 +115,7 @@ def tcq(r, w, mu, rows, step: float, lam: np.ndarray, table: RateTable, sm: Stat
 
 
 def soft_tcq(
-    r,
-    w,
-    rows,
-    step: float,
-    lam: np.ndarray,
-    tau: float,
-    table: RateTable,
-    sm: StateMachine,
-    g=None,
-    rho=None,
-    noise=None,
-    kappa: float = 1.0,
+    r, w, rows, step: float, lam: np.ndarray, tau: float, table: RateTable, sm: StateMachine, g=None, rho=None
 ):
     """The soft trellis (:func:`trellis.kernels.soft_tcq`), vectorised over chains.
 
@@ -142,8 +131,7 @@ def soft_tcq(
     parity = k & 1
     bits = np.stack([table.index_bits(q * NUM_SCALES + rows[..., None], k[q]) for q in (0, 1)])
     cost = w[..., None] * (r[..., None] - t) ** 2 + lam[:, None, None] * bits
-    logw = -cost / tau if noise is None else (-cost / tau + noise.transpose(2, 0, 1, 3)) / kappa
-    logw = np.where(member, logw, -np.inf)
+    logw = np.where(member, -cost / tau, -np.inf)
     grp = np.stack([np.where(parity == p, logw, -np.inf) for p in (0, 1)], axis=1)  # (q, p, C, L, J)
     with np.errstate(divide="ignore", invalid="ignore"):
         phi = np.logaddexp.reduce(grp, axis=-1)  # (q, p, C, L)
@@ -198,7 +186,7 @@ def soft_tcq(
     ef = (np.exp(la[L] - logz[:, None]) * m[L]).sum(-1)  # (C,)
     cond = m[:L][..., None, None] + f + h[1:][:, :, nxt][..., None] - ef[None, :, None, None, None]
     cov = (pc * (tl - et.T[:, :, None, None, None]) * cond).sum(axis=(2, 3, 4)).T
-    return et, er, 2.0 * w / (tau if noise is None else tau * kappa) * cov
+    return et, er, 2.0 * w / tau * cov
 
 
 def chain_states(indices: np.ndarray, sm: StateMachine) -> np.ndarray:

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trellis import NUM_SCALES, PLAIN_CLASS, SCALE_TABLE, SOFT_CANDIDATES, Quantizer, scale_rows
+from trellis import NUM_SCALES, PLAIN_CLASS, SCALE_TABLE, Quantizer, scale_rows
 
 from qft.codec.image import crop
 
@@ -95,9 +95,6 @@ class SGARefine:
             trellis (:func:`refine_through_trellis`) after the SGA steps, which are the
             first of an SGA schedule over all ``steps``; 0: SGA only.
         trellis_taus: the relaxed trellis's temperatures at its first and last step.
-        trellis_sample: relax the trellis by one Gumbel-perturbed sample of its paths per
-            step, sharpened at SGA's temperature of that step (as SGA samples its rounding),
-            instead of by their mean (:meth:`trellis.Quantizer.soft_quantize`'s ``noise``).
     """
 
     lmbda: float
@@ -106,7 +103,6 @@ class SGARefine:
     lr: float = SGA_LR
     trellis_share: float = TRELLIS_SHARE
     trellis_taus: tuple[float, float] = (SOFT_TAU_START, SOFT_TAU_END)
-    trellis_sample: bool = False
 
     def __post_init__(self):
         if not (math.isfinite(self.lmbda) and self.lmbda > 0):
@@ -148,12 +144,6 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for p in frozen:
             p.requires_grad_(True)
-
-
-def _gumbel(shape: tuple[int, ...], gen: torch.Generator) -> np.ndarray:
-    """Standard Gumbel draws (float64) from ``gen``."""
-    u = torch.rand(shape, generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-    return (-torch.log(-torch.log(u))).numpy()
 
 
 def sga_round(r: torch.Tensor, tau: float, gen: torch.Generator) -> torch.Tensor:
@@ -232,11 +222,10 @@ class _SoftTrellis(torch.autograd.Function):
     arithmetic in float64; the gradient is the exact one of ``soft_quantize``)."""
 
     @staticmethod
-    def forward(ctx, y, mu, sigma, quantizer, weights, tau, noise, kappa):
+    def forward(ctx, y, mu, sigma, quantizer, weights, tau):
         arr = y.detach().cpu().double().numpy()[0]
-        kw = dict(tau=tau, weights=weights, noise=noise, kappa=kappa)
-        out = quantizer.soft_quantize(arr, mu, sigma, **kw)
-        ctx.args = (arr, mu, sigma, quantizer, kw)
+        out = quantizer.soft_quantize(arr, mu, sigma, tau=tau, weights=weights)
+        ctx.args = (arr, mu, sigma, quantizer, weights, tau)
         return (
             torch.from_numpy(out.y_hat).to(y)[None],
             torch.from_numpy(out.bits).to(y)[None],
@@ -244,11 +233,11 @@ class _SoftTrellis(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_hat, g_bits):
-        arr, mu, sigma, quantizer, kw = ctx.args
+        arr, mu, sigma, quantizer, weights, tau = ctx.args
         g = g_hat[0].detach().cpu().double().numpy()
         rho = g_bits[0].detach().cpu().double().numpy()
-        out = quantizer.soft_quantize(arr, mu, sigma, g=g, rho=rho, **kw)
-        return (torch.from_numpy(out.grad).to(g_hat)[None],) + (None,) * 7
+        out = quantizer.soft_quantize(arr, mu, sigma, tau=tau, weights=weights, g=g, rho=rho)
+        return torch.from_numpy(out.grad).to(g_hat)[None], None, None, None, None, None
 
 
 def _plain_bits(quantizer: Quantizer, coding_rows: np.ndarray, plain: np.ndarray, r: torch.Tensor) -> torch.Tensor:
@@ -294,8 +283,6 @@ def refine_through_trellis(
     w = None if weights is None else np.asarray(weights, np.float64).reshape(-1, 1, 1)
     yt = torch.tensor(np.asarray(y, np.float32), device=x.device)[None].requires_grad_(True)
     opt = torch.optim.Adam([yt], lr=refine.lr)
-    if refine.trellis_sample:
-        paths = torch.Generator().manual_seed(refine.seed + 2)
     if quantizer.plain_rows:
         # the plain elements go on with SGA's schedule (the trellis leaves them)
         rows = scale_rows(np.asarray(sigma))
@@ -307,10 +294,9 @@ def refine_through_trellis(
     with _frozen(model), torch.enable_grad():
         for t in range(steps):
             tau = _annealed(*refine.trellis_taus, t, steps)
-            sga_tau = _annealed(SGA_TAU_START, SGA_TAU_END, refine.steps - steps + t, refine.steps)
-            noise = _gumbel(yt.shape[1:] + (2, SOFT_CANDIDATES), paths) if refine.trellis_sample else None
-            y_hat, bits = _SoftTrellis.apply(yt, mu, sigma, quantizer, w, tau, noise, sga_tau)
+            y_hat, bits = _SoftTrellis.apply(yt, mu, sigma, quantizer, w, tau)
             if quantizer.plain_rows:
+                sga_tau = _annealed(SGA_TAU_START, SGA_TAU_END, refine.steps - steps + t, refine.steps)
                 r_t = sga_round(yt - mu_t, sga_tau, gen)
                 y_hat = torch.where(plain, mu_t + r_t, y_hat)
                 bits = torch.where(plain, _plain_bits(quantizer, coding_rows, plain_np, r_t), bits)
