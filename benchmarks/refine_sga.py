@@ -172,13 +172,22 @@ def main() -> None:
     atomic_write(args.output, json.dumps(record, indent=1))
 
 
+def rd_cost_change(rows: dict, config: str, base: str) -> dict:
+    """``config``'s RD cost against ``base``'s over the images of one model's ``rows``: the
+    mean of the per-image changes in %, and on how many images ``config`` costs more."""
+    change = [100 * (c["rd_cost"] / b["rd_cost"] - 1) for c, b in zip(rows[config], rows[base], strict=True)]
+    return {"mean_pct": float(np.mean(change)), "images_worse": sum(v > 0 for v in change), "images": len(change)}
+
+
 def family(record: dict) -> None:
     """With two or more models (one rate point each, taken in the order of their λ), the
     family's BD-rate of each configuration against plain USQ and the mean encode seconds,
     into ``record``: pchip over the models on both curves' Pareto fronts, as ``qft report``
     computes it (``bd_points`` names them; the two highest models can reach the same PSNR
     on a few images). A BD that cannot be computed is NaN with the reason. Also each
-    trellis row directly against USQ with the same encoder help (``bd_tcq_vs_usq_same_help``)."""
+    trellis row directly against USQ with the same encoder help, as a BD
+    (``bd_tcq_vs_usq_same_help``) and per model as the change of its RD cost
+    (``rd_cost_tcq_vs_usq_same_help``)."""
     models = sorted(record["per_model"], key=lambda m: record["per_model"][m]["model_lambda"])
     if len(models) < 2:
         return
@@ -197,8 +206,15 @@ def family(record: dict) -> None:
     record["bd_tcq_vs_usq_same_help"] = {
         f"{t} vs {a}": front_bd_rate(curve[a], curve[t])[0] for t, a in pairs if t in curve and a in curve
     }
+    # the same per rate point: each model's RD cost (at its own λ) against USQ's, image by image
+    record["rd_cost_tcq_vs_usq_same_help"] = {
+        f"{t} vs {a}": {m: rd_cost_change(record["per_model"][m]["rows"], t, a) for m in models}
+        for t, a in pairs
+        if t in curve and a in curve
+    }
     record["encode_s"] = {k: float(np.mean([m[k]["encode_s"] for m in means])) for k in means[0]}
-    print(json.dumps({k: record[k] for k in ("bd_vs_usq_pchip", "bd_tcq_vs_usq_same_help", "encode_s")}, indent=1))
+    shown = ("bd_vs_usq_pchip", "bd_tcq_vs_usq_same_help", "rd_cost_tcq_vs_usq_same_help", "encode_s")
+    print(json.dumps({k: record[k] for k in shown}, indent=1))
 
 
 def resumed(record: dict, old: dict, path: str) -> dict:
