@@ -91,6 +91,9 @@ def test_plain_elements_follow_sga_through_the_trellis(codec, image):
     assert (scale_rows(sigma) < q.plain_rows).all()
     y = refine_through_trellis(codec.model, image, lat.y, mu, sigma, q, None, refine, 10)
     assert np.abs(y - lat.y).max() > 0.1
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="steps must lie in"):
+            refine_through_trellis(codec.model, image, lat.y, mu, sigma, q, None, refine, bad)
     out = codec.compress(image, q, refine=refine)
     assert np.array_equal(codec.decompress(out["bitstream"])["y_hat"], out["y_hat"])
     assert out["bitstream"] == codec.compress(image, q, refine=refine)["bitstream"]

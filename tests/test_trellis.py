@@ -343,6 +343,15 @@ class TestPlainRows:
         with pytest.raises(ValueError, match="scale rows"):
             q.dequantize(out.indices, mu)
 
+    def test_plain_elements_are_those_quantize_codes_plain(self):
+        """``plain_elements``: the mask of the elements :meth:`quantize` rounds outside the
+        trellis, and the table rows it codes them in."""
+        y, mu, sigma = latent((3, 6, 7), seed=5)
+        q = Quantizer("tcq8", step=0.6, lam=0.05, plain_rows=20)
+        plain, rows = q.plain_elements(sigma)
+        assert np.array_equal(plain, scale_rows_reference(sigma) < 20) and plain.any() and not plain.all()
+        assert np.array_equal(rows, q.quantize(y, mu, sigma).rows[plain])
+
     @pytest.mark.parametrize("backend", ["numba", "numpy"])
     def test_soft_trellis_leaves_the_plain_elements_rounded(self, backend):
         """Relaxed with plain rows: the plain elements are rounded with their table bits and

@@ -300,7 +300,7 @@ class Quantizer:
         plain = rows < self.plain_rows
         k = np.where(plain, _plain_indices(r), 0)
         et = k * PLAIN_STEP
-        er = np.where(plain, self.table.index_bits(PLAIN_CLASS * NUM_SCALES + rows, k), 0.0)
+        er = np.where(plain, self.table.index_bits(_plain_coding_rows(rows), k), 0.0)
         grad = np.zeros(r.shape)
         for c, sel in _trellis_parts(plain):
             sub = [None if a is None else a[c, sel][None] for a in (w, g, rho)]
@@ -316,7 +316,7 @@ class Quantizer:
         tab = self.table
         plain = rows < self.plain_rows
         idx = np.where(plain, _plain_indices(r), 0).astype(np.int32)
-        coding_rows = np.where(plain, PLAIN_CLASS * NUM_SCALES + rows, 0).astype(np.int32)
+        coding_rows = np.where(plain, _plain_coding_rows(rows), 0).astype(np.int32)
         states = np.zeros(r.shape, np.uint8)
         y_hat = np.empty_like(mu)
         y_hat[plain] = _plain_values(idx[plain], mu[plain])
@@ -334,6 +334,14 @@ class Quantizer:
             y_hat=y_hat.reshape(shape),
             bits=float(tab.index_bits(coding_rows, idx).sum()),
         )
+
+    def plain_elements(self, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(plain, rows)`` for the elements of scales ``sigma``: where they are plain (their
+        scale rows below :attr:`plain_rows`: rounded outside the trellis) and the table rows
+        the plain ones are coded in (the plain class's), in the order of ``sigma[plain]``."""
+        rows = scale_rows(sigma)
+        plain = rows < self.plain_rows
+        return plain, _plain_coding_rows(rows[plain])
 
     def _plain_mask(self, scale_rows: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
         """Where the elements are plain (their table rows below :attr:`plain_rows`)."""
@@ -495,6 +503,11 @@ class Quantizer:
         if sigma.size and sigma.min() <= 0:
             raise ValueError("sigma must be > 0")
         return scale_rows(sigma) if backend == "numba" else scale_rows_reference(sigma)
+
+
+def _plain_coding_rows(rows: np.ndarray) -> np.ndarray:
+    """The table rows plain elements of scale rows ``rows`` are coded in: the plain class's."""
+    return PLAIN_CLASS * NUM_SCALES + rows
 
 
 def _plain_indices(r: np.ndarray) -> np.ndarray:

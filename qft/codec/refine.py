@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trellis import NUM_SCALES, PLAIN_CLASS, SCALE_TABLE, Quantizer, scale_rows
+from trellis import SCALE_TABLE, Quantizer
 
 from qft.codec.image import crop
 
@@ -285,10 +285,8 @@ def refine_through_trellis(
     opt = torch.optim.Adam([yt], lr=refine.lr)
     if quantizer.plain_rows:
         # the plain elements go on with SGA's schedule (the trellis leaves them)
-        rows = scale_rows(np.asarray(sigma))
-        plain_np = rows < quantizer.plain_rows
+        plain_np, coding_rows = quantizer.plain_elements(sigma)
         plain = torch.from_numpy(plain_np).to(x.device)[None]
-        coding_rows = PLAIN_CLASS * NUM_SCALES + rows[plain_np]
         mu_t = torch.tensor(np.asarray(mu, np.float32), device=x.device)[None]
         gen = torch.Generator().manual_seed(refine.seed + 1)
     with _frozen(model), torch.enable_grad():
