@@ -9,7 +9,9 @@ each N of ``--steps`` SGA-N with USQ as the final quantizer, SGA-N then TCQ-8 (S
 coded by the trellis; the same refinement as USQ's) and SGA-N + TCQ-8 (what ``qft compress
 -q tcq8 --refine sga --refine-steps N`` does: the last half of the steps through the relaxed
 trellis, ``qft.codec.refine``). Each configuration's encode time is its refinement's plus
-its own quantization and coding.
+its own quantization and coding. The summary adds, per N, SGA-N + TCQ-8 or USQ: per image
+the one of the two with the lower RD cost, what ``--refine-fallback`` codes (its time the
+sum of both; ``usq_kept_by_fallback`` counts the images where USQ was kept).
 
 Writes ``benchmarks/results/refine_sga.json`` (``-o``), after every image (partial results
 survive a timeout); the machine and its load are recorded (times taken on a shared machine
@@ -191,7 +193,11 @@ def family(record: dict) -> None:
     models = sorted(record["per_model"], key=lambda m: record["per_model"][m]["model_lambda"])
     if len(models) < 2:
         return
-    means = [record["per_model"][m]["mean"] for m in models]
+    rows = {m: record["per_model"][m]["rows"] | fallback_rows(record["per_model"][m]["rows"]) for m in models}
+    means = [{k: {q: float(np.mean([r[q] for r in rs])) for q in KEYS} for k, rs in rows[m].items()} for m in models]
+    record["usq_kept_by_fallback"] = {
+        k: {m: sum(r["kept"] == "usq" for r in rows[m][k]) for m in models} for k in rows[models[0]] if " or usq" in k
+    }
     curve = {k: [(m[k]["bpp"], m[k]["psnr"]) for m in means] for k in means[0]}
     record["bd_vs_usq_pchip"], record["bd_points"], record["bd_not_computed"] = {}, {}, {}
     for k, c in curve.items():
@@ -202,19 +208,38 @@ def family(record: dict) -> None:
         if math.isnan(bd):
             record["bd_not_computed"][k] = f"{len(sel)} model(s) on both Pareto fronts, or the fronts tie"
     # what the trellis adds over USQ with the same encoder help (issue 24's measure)
-    pairs = [("tcq8+target", "usq+target_rd")] + [(f"sga{n}+tcq8", f"sga{n}+usq") for n in record["steps"]]
+    pairs = [("tcq8+target", "usq+target_rd")] + [
+        (f"sga{n}+tcq8{f}", f"sga{n}+usq") for n in record["steps"] for f in ("", " or usq")
+    ]
     record["bd_tcq_vs_usq_same_help"] = {
         f"{t} vs {a}": front_bd_rate(curve[a], curve[t])[0] for t, a in pairs if t in curve and a in curve
     }
     # the same per rate point: each model's RD cost (at its own λ) against USQ's, image by image
     record["rd_cost_tcq_vs_usq_same_help"] = {
-        f"{t} vs {a}": {m: rd_cost_change(record["per_model"][m]["rows"], t, a) for m in models}
-        for t, a in pairs
-        if t in curve and a in curve
+        f"{t} vs {a}": {m: rd_cost_change(rows[m], t, a) for m in models} for t, a in pairs if t in curve and a in curve
     }
     record["encode_s"] = {k: float(np.mean([m[k]["encode_s"] for m in means])) for k in means[0]}
     shown = ("bd_vs_usq_pchip", "bd_tcq_vs_usq_same_help", "rd_cost_tcq_vs_usq_same_help", "encode_s")
+    shown += ("usq_kept_by_fallback",)
     print(json.dumps({k: record[k] for k in shown}, indent=1))
+
+
+def fallback_rows(rows: dict) -> dict:
+    """What ``qft compress -q tcq8 --refine sga --refine-fallback`` codes, from one model's
+    ``rows``: for each N with both rows, ``"sgaN+tcq8 or usq"``, per image the row of
+    SGA-N + TCQ-8 or of SGA-N + USQ with the lower RD cost (``kept`` says which), its
+    encode seconds the sum of both (the codec runs both; SGA-N + USQ's refinement is the
+    one the fallback codes: the same schedule and seed)."""
+    out = {}
+    for k in rows:
+        usq = k.replace("+tcq8", "+usq")
+        if not (k.startswith("sga") and k.endswith("+tcq8") and usq in rows):
+            continue
+        out[f"{k} or usq"] = kept = []
+        for t, u in zip(rows[k], rows[usq], strict=True):
+            name, row = ("usq", u) if u["rd_cost"] < t["rd_cost"] else ("tcq8", t)  # the codec's test
+            kept.append({**row, "encode_s": t["encode_s"] + u["encode_s"], "kept": name})
+    return out
 
 
 def resumed(record: dict, old: dict, path: str) -> dict:

@@ -284,6 +284,7 @@ def resolve_quantizer(
     target: str | float = "auto",
     refine: str = "none",
     refine_steps: int = DEFAULT_REFINE_STEPS,
+    refine_fallback: bool = False,
     plain_rows: int | None = None,
 ) -> QuantizerChoice:
     """The quantizer of ``method`` for a checkpoint with ``settings`` (:func:`read_settings`).
@@ -306,6 +307,8 @@ def resolve_quantizer(
             quantizer codes them. With SGA the decoder target is off (``"auto"`` gives 0, an
             explicit one is refused): SGA already optimises the latent for the decoder, by the
             full loss rather than one linearised step (docs/design.md, "SGA refinement").
+        refine_fallback: with SGA and a quantizer other than USQ, also code SGA's latent by
+            USQ and keep the stream with the lower RD cost (:attr:`SGARefine.usq_fallback`).
 
     Raises:
         UserError: decoder weights asked for but not estimated; unreadable weights file;
@@ -327,7 +330,11 @@ def resolve_quantizer(
         if target not in ("auto", 0, 0.0):
             raise UserError("--refine sga replaces the decoder target; drop --target (or give --target 0)")
         target = 0.0
-        sga = SGARefine(float(settings["model_lambda"]), refine_steps)
+        if refine_fallback and method == "usq":
+            raise UserError("--refine-fallback weighs another quantizer against USQ; give -q rdoq, tcq4 or tcq8")
+        sga = SGARefine(float(settings["model_lambda"]), refine_steps, usq_fallback=bool(refine_fallback))
+    elif refine_fallback:
+        raise UserError("--refine-fallback chooses between two SGA-refined streams; give --refine sga")
 
     cal = settings.get("methods", {}).get(method, {})
     choice = cal.get("weights", "none") if weights == "auto" else weights

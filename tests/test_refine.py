@@ -12,6 +12,7 @@ from test_codec import tiny  # sibling test module: the tiny hyperprior
 from trellis import Quantizer, scale_rows
 
 from qft.codec import Codec, SGARefine
+from qft.codec.container import Container
 from qft.codec.refine import refine_latents, refine_through_trellis
 from qft.errors import UserError
 from qft.settings import resolve_quantizer
@@ -114,6 +115,29 @@ def test_sga_stops_within_one_schedule(codec, image):
             refine_latents(m, x, SGARefine(LMBDA, 6), stop=bad)
 
 
+def test_usq_fallback_keeps_the_cheaper_stream(codec, image, monkeypatch):
+    """With ``usq_fallback`` the codec codes the stream of whichever of SGA + TCQ-8 and
+    SGA + USQ costs less at the model's λ (:meth:`Codec.rd_cost`: as decoded), byte for
+    byte the one that quantizer alone codes."""
+    q = Quantizer("tcq8", step=0.7, lam=0.02)
+    refine, fallback = SGARefine(LMBDA, 6, lr=0.2), SGARefine(LMBDA, 6, lr=0.2, usq_fallback=True)
+    own, usq = codec.compress(image, q, refine=refine), codec.compress(image, Quantizer("usq"), refine=refine)
+    costs = [rd_cost(codec, image, o) for o in (own, usq)]
+    assert [codec.rd_cost(o, image, (0, 0, 0, 0), LMBDA) for o in (own, usq)] == pytest.approx(costs, rel=1e-9)
+    out = codec.compress(image, q, refine=fallback)
+    assert out["bitstream"] == (usq if costs[1] < costs[0] else own)["bitstream"]
+    assert out["usq_fallback"] == (costs[1] < costs[0]) and "usq_fallback" not in own
+
+    # this random decoder renders the trellis's latent better; where USQ's costs less, it is kept
+    def usq_cheaper(o, *_):
+        return float(Container.from_bytes(o["bitstream"]).header.method != "usq")
+
+    monkeypatch.setattr(codec, "rd_cost", usq_cheaper)
+    out = codec.compress(image, q, refine=fallback)
+    assert out["usq_fallback"] and out["bitstream"] == usq["bitstream"]
+    assert fallback.record(q) == "sga-3+trellis-3 or usq" and fallback.record(Quantizer("usq")) == "sga-6"
+
+
 def test_refine_settings_and_guards(codec, image):
     with pytest.raises(UserError, match="qft calibrate -m CKPT --lambda"):
         resolve_quantizer("usq", {}, refine="sga")
@@ -126,6 +150,12 @@ def test_refine_settings_and_guards(codec, image):
     assert c.describe()["refine"] == "sga-3+trellis-4" and resolve_quantizer("usq", {}).describe()["refine"] == "none"
     u = resolve_quantizer("usq", {"model_lambda": LMBDA}, refine="sga", refine_steps=7)
     assert u.describe()["refine"] == "sga-7"
+    f = resolve_quantizer("tcq8", {"model_lambda": LMBDA}, refine="sga", refine_steps=7, refine_fallback=True)
+    assert f.refine == SGARefine(LMBDA, 7, usq_fallback=True)
+    with pytest.raises(UserError, match="give --refine sga"):
+        resolve_quantizer("tcq8", {"model_lambda": LMBDA}, refine_fallback=True)
+    with pytest.raises(UserError, match="give -q rdoq, tcq4 or tcq8"):
+        resolve_quantizer("usq", {"model_lambda": LMBDA}, refine="sga", refine_fallback=True)
     with pytest.raises(ValueError, match="exclude"):
         codec.compress(image, Quantizer("usq"), target=0.25, refine=SGARefine(LMBDA, 1))
     for bad in (
@@ -158,6 +188,8 @@ def test_cli_refine(tmp_path, capsys):
     assert main(["calibrate", "-m", ck, "--lambda", "0.01"]) == 0
     assert main([*argv, "-o", str(tmp_path / "a.qft")]) == 0
     assert main(["decompress", str(tmp_path / "a.qft"), "-m", ck, "-o", str(tmp_path / "a.png")]) == 0
+    assert main([*argv, "--refine-fallback", "-o", str(tmp_path / "b.qft")]) == 0
+    assert main(["decompress", str(tmp_path / "b.qft"), "-m", ck, "-o", str(tmp_path / "b.png")]) == 0
     out = tmp_path / "r.json"
     assert (
         main(

@@ -227,7 +227,10 @@ class Codec:
             the table rate of the y indices plus the likelihood bits of ``ẑ``; otherwise
             the model's likelihood bits), ``time_s``, and for step-wise coded models
             ``y_hat`` (the decoder's latent, numpy), ``y_table_bits``, ``y_bytes``,
-            ``z_bytes``, ``target`` (the ``η`` coded).
+            ``z_bytes``, ``target`` (the ``η`` coded); with ``refine.usq_fallback``
+            (:class:`~qft.codec.SGARefine`) and a quantizer other than USQ also
+            ``usq_fallback``: whether SGA + USQ's stream was kept, its RD cost at
+            ``refine.lmbda`` (:meth:`rd_cost`) being lower than the quantizer's.
         """
         if not isinstance(x, torch.Tensor):
             x = read_image(x)
@@ -253,6 +256,14 @@ class Codec:
         if self.latent_coder is not None:
             (lat,) = self.latent_coder.quantize(xp, quantizer, weights, target, padding, refine)
             out = self.encode_latent(lat, quantizer, h, w)
+            if refine is not None and refine.usq_fallback and quantizer.method != "usq":
+                # the encoder's RD decision: SGA + USQ's stream where it costs less
+                usq = Quantizer("usq")
+                (alt,) = self.latent_coder.quantize(xp, usq, None, 0.0, padding, refine)
+                alt = self.encode_latent(alt, usq, h, w)
+                costs = [self.rd_cost(o, x, padding, refine.lmbda) for o in (out, alt)]
+                out = alt if costs[1] < costs[0] else out
+                out["usq_fallback"] = out is alt
             out["time_s"] = time.perf_counter() - t0
             return out
         # spatial context models: their own coder (USQ), inside the container
@@ -287,6 +298,21 @@ class Codec:
             "bits_estimated": lat.result.bits + lat.z_bits_estimated,
             "target": lat.target,
         }
+
+    def synthesis(self, y_hat: np.ndarray, padding: tuple[int, int, int, int]) -> torch.Tensor:
+        """The decoded image ``(1, 3, H, W)`` in ``[0, 1]`` (CPU) of a step-wise coded
+        model's latent ``y_hat`` ``(C, h, w)`` (the decoder's), cropped by ``padding``."""
+        x_hat = tiled(self.model.g_s, torch.from_numpy(y_hat)[None].to(self.device)).clamp_(0, 1)
+        return crop(x_hat, padding).cpu()
+
+    def rd_cost(self, out: dict, x: torch.Tensor, padding: tuple[int, int, int, int], lmbda: float) -> float:
+        """The RD cost ``λ·255²·MSE + bpp`` of :meth:`encode_latent`'s ``out`` for the image
+        ``x`` ``(1, 3, H, W)`` it coded (``padding``: the zero padding of its latent), at
+        ``lmbda``: the decoded image's squared error (:meth:`synthesis` of its ``y_hat``) and
+        the whole stream's bits, as the decoder will see them."""
+        h, w = x.shape[-2:]
+        mse = float((self.synthesis(out["y_hat"], padding) - x.cpu()).pow(2).mean())
+        return lmbda * 255**2 * mse + 8 * len(out["bitstream"]) / (h * w)
 
     def _header(self, quantizer: Quantizer, height: int, width: int) -> Header:
         return Header(
@@ -326,7 +352,7 @@ class Codec:
             if self.latent_coder is not None:
                 z_string, y_stream = c.sections
                 y_hat, _, _ = self.latent_coder.decode(z_string, (hp // 64, wp // 64), y_stream, quantizer, hd.seal())
-                x_hat = tiled(self.model.g_s, torch.from_numpy(y_hat)[None].to(self.device)).clamp_(0, 1)
+                x_hat = self.synthesis(y_hat, padding)
                 out["y_hat"] = y_hat
             else:
                 layout = json.loads(c.sections[0].decode())
@@ -336,12 +362,11 @@ class Codec:
                 for n in layout["groups"]:
                     strings.append(list(c.sections[pos : pos + n]))
                     pos += n
-                x_hat = self.model.decompress(strings, layout["shape"])["x_hat"]
+                x_hat = crop(self.model.decompress(strings, layout["shape"])["x_hat"], padding).cpu()
         except CorruptStreamError as exc:
             raise UserError(f"{name}: {exc}") from None
         except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise UserError(f"{name}: malformed qft bitstream ({exc})") from None
-        x_hat = crop(x_hat, padding).cpu()
         if x_hat.shape[-2:] != (hd.height, hd.width):
             raise UserError(f"{name}: malformed qft bitstream (image size does not match its latent)")
         out |= {"x_hat": x_hat, "time_s": time.perf_counter() - t0}

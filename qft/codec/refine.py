@@ -95,6 +95,9 @@ class SGARefine:
             trellis (:func:`refine_through_trellis`) after the SGA steps, which are the
             first of an SGA schedule over all ``steps``; 0: SGA only.
         trellis_taus: the relaxed trellis's temperatures at its first and last step.
+        usq_fallback: for a quantizer other than USQ, the codec also codes the latent of
+            SGA over all ``steps`` by USQ and keeps whichever stream has the lower RD cost
+            at ``lmbda`` (:meth:`qft.codec.Codec.compress`; about twice the encode time).
     """
 
     lmbda: float
@@ -103,6 +106,7 @@ class SGARefine:
     lr: float = SGA_LR
     trellis_share: float = TRELLIS_SHARE
     trellis_taus: tuple[float, float] = (SOFT_TAU_START, SOFT_TAU_END)
+    usq_fallback: bool = False
 
     def __post_init__(self):
         if not (math.isfinite(self.lmbda) and self.lmbda > 0):
@@ -123,9 +127,11 @@ class SGARefine:
 
     def record(self, quantizer: Quantizer) -> str:
         """As records write it for ``quantizer``: ``"sga-N"``, or ``"sga-A+trellis-B"`` where
-        B of the N steps relax the trellis."""
+        B of the N steps relax the trellis; ``" or usq"`` appended with :attr:`usq_fallback`
+        (for a quantizer other than USQ)."""
         sga, soft = self.split(quantizer)
-        return f"sga-{self.steps}" if soft == 0 else f"sga-{sga}+trellis-{soft}"
+        name = f"sga-{self.steps}" if soft == 0 else f"sga-{sga}+trellis-{soft}"
+        return name + " or usq" if self.usq_fallback and quantizer.method != "usq" else name
 
 
 def _annealed(start: float, end: float, t: int, steps: int) -> float:

@@ -135,6 +135,12 @@ def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"Adam steps per image of --refine sga (default: {DEFAULT_REFINE_STEPS})",
     )
+    g.add_argument(
+        "--refine-fallback",
+        action="store_true",
+        help="with --refine sga and -q rdoq/tcq4/tcq8: also code SGA's latent by USQ and keep the stream with "
+        "the lower RD cost at the model's λ (about twice the encode time; the stream says which)",
+    )
 
 
 def _target_option(text: str) -> str | float:
@@ -159,6 +165,7 @@ def quantizer_from_args(args: argparse.Namespace, settings: dict | None = None) 
         target=getattr(args, "target", "auto"),
         refine=getattr(args, "refine", "none"),
         refine_steps=getattr(args, "refine_steps", DEFAULT_REFINE_STEPS),
+        refine_fallback=getattr(args, "refine_fallback", False),
         plain_rows=getattr(args, "plain_rows", None),
     )
 
