@@ -41,7 +41,6 @@ from qft.codec.image import crop, pad, padding_for, read_image
 from qft.codec.latent import HYPERPRIOR_ENTROPY, LatentCoder, QuantizedLatent, RDTarget
 from qft.codec.refine import SGARefine
 from qft.codec.steps import STEP_ENTROPY
-from qft.codec.tiling import tiled
 from qft.errors import UserError
 
 if TYPE_CHECKING:
@@ -261,7 +260,7 @@ class Codec:
                 usq = Quantizer("usq")
                 (alt,) = self.latent_coder.quantize(xp, usq, None, 0.0, padding, refine)
                 alt = self.encode_latent(alt, usq, h, w)
-                costs = [self.rd_cost(o, x, padding, refine.lmbda) for o in (out, alt)]
+                costs = [self.rd_cost(o, xp, padding, refine.lmbda) for o in (out, alt)]
                 out = alt if costs[1] < costs[0] else out
                 out["usq_fallback"] = out is alt
             out["time_s"] = time.perf_counter() - t0
@@ -299,20 +298,14 @@ class Codec:
             "target": lat.target,
         }
 
-    def synthesis(self, y_hat: np.ndarray, padding: tuple[int, int, int, int]) -> torch.Tensor:
-        """The decoded image ``(1, 3, H, W)`` in ``[0, 1]`` (CPU) of a step-wise coded
-        model's latent ``y_hat`` ``(C, h, w)`` (the decoder's), cropped by ``padding``."""
-        x_hat = tiled(self.model.g_s, torch.from_numpy(y_hat)[None].to(self.device)).clamp_(0, 1)
-        return crop(x_hat, padding).cpu()
-
-    def rd_cost(self, out: dict, x: torch.Tensor, padding: tuple[int, int, int, int], lmbda: float) -> float:
-        """The RD cost ``λ·255²·MSE + bpp`` of :meth:`encode_latent`'s ``out`` for the image
-        ``x`` ``(1, 3, H, W)`` it coded (``padding``: the zero padding of its latent), at
-        ``lmbda``: the decoded image's squared error (:meth:`synthesis` of its ``y_hat``) and
-        the whole stream's bits, as the decoder will see them."""
-        h, w = x.shape[-2:]
-        mse = float((self.synthesis(out["y_hat"], padding) - x.cpu()).pow(2).mean())
-        return lmbda * 255**2 * mse + 8 * len(out["bitstream"]) / (h * w)
+    def rd_cost(self, out: dict, xp: torch.Tensor, padding: tuple[int, int, int, int], lmbda: float) -> float:
+        """The RD cost ``λ·255²·MSE + bpp`` at ``lmbda`` of :meth:`encode_latent`'s ``out``
+        for the zero-padded image ``xp`` ``(1, 3, H, W)`` it coded (``padding``:
+        ``(left, right, top, bottom)``): the error of the image the decoder renders
+        (:meth:`LatentCoder.mse`) and the whole stream's bits per unpadded pixel."""
+        left, right, top, bottom = padding
+        pixels = (xp.shape[-2] - top - bottom) * (xp.shape[-1] - left - right)
+        return lmbda * 255**2 * self.latent_coder.mse(out["y_hat"], xp, padding) + 8 * len(out["bitstream"]) / pixels
 
     def _header(self, quantizer: Quantizer, height: int, width: int) -> Header:
         return Header(
@@ -352,7 +345,7 @@ class Codec:
             if self.latent_coder is not None:
                 z_string, y_stream = c.sections
                 y_hat, _, _ = self.latent_coder.decode(z_string, (hp // 64, wp // 64), y_stream, quantizer, hd.seal())
-                x_hat = self.synthesis(y_hat, padding)
+                x_hat = crop(self.latent_coder.render(y_hat, self.device), padding).cpu()
                 out["y_hat"] = y_hat
             else:
                 layout = json.loads(c.sections[0].decode())

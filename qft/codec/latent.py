@@ -441,19 +441,28 @@ class LatentCoder:
         if lat.image is None:
             raise ValueError("this latent was analysed without the decoder target; quantize it with a target first")
         q = self.requantize(lat, quantizer, weights, eta)
-        x = lat.image
         left, right, top, bottom = lat.padding
+        pixels = (lat.image.shape[-2] - top - bottom) * (lat.image.shape[-1] - left - right)
+        return lmbda * 255**2 * self.mse(q.y_hat, lat.image, lat.padding) + q.result.bits / pixels, q
+
+    def render(self, y_hat: np.ndarray, device: torch.device | str) -> torch.Tensor:
+        """The decoder's image ``g_s(ŷ)`` ``(1, 3, H, W)`` in ``[0, 1]`` of a latent ``y_hat``
+        ``(C, h, w)``, on ``device``, at the padded size (:func:`~qft.codec.image.crop` it)."""
+        return tiled(self.model.g_s, torch.from_numpy(y_hat)[None].to(device)).clamp_(0, 1)
+
+    def mse(self, y_hat: np.ndarray, x: torch.Tensor, padding: tuple[int, int, int, int]) -> float:
+        """The mean squared error of :meth:`render` of ``y_hat`` against the zero-padded
+        image ``x`` ``(1, 3, H, W)`` (``padding``: ``(left, right, top, bottom)``) over the
+        unpadded pixels, summed in float64."""
+        left, right, top, bottom = padding
         rows, cols = slice(top, x.shape[-2] - bottom), slice(left, x.shape[-1] - right)
-        x_hat = tiled(self.model.g_s, torch.from_numpy(q.y_hat)[None].to(x.device)).clamp_(0, 1)
-        x_hat, x = x_hat[..., rows, cols], x[..., rows, cols]
+        x_hat, x = self.render(y_hat, x.device)[..., rows, cols], x[..., rows, cols]
         # in bands of rows: float64 copies of the whole image cost 24 bytes a pixel each
         sse = sum(
             (x_hat[..., r : r + 256, :] - x[..., r : r + 256, :]).double().pow(2).sum().item()
             for r in range(0, x.shape[-2], 256)
         )
-        mse = sse / x.numel()
-        pixels = x.shape[-2] * x.shape[-1]
-        return lmbda * 255**2 * mse + q.result.bits / pixels, q
+        return sse / x.numel()
 
     def symbols(self, q: QuantizedLatent) -> tuple[np.ndarray, np.ndarray]:
         """``(indices, rows)`` of a quantized latent, flat, in decoding order (step by
