@@ -11,7 +11,8 @@ coded by the trellis; the same refinement as USQ's) and SGA-N + TCQ-8 (what ``qf
 trellis, ``qft.codec.refine``). Each configuration's encode time is its refinement's plus
 its own quantization and coding. The summary adds, per N, SGA-N + TCQ-8 or USQ: per image
 the one of the two with the lower RD cost, what ``--refine-fallback`` codes (its time the
-sum of both; ``usq_kept_by_fallback`` counts the images where USQ was kept).
+sum of both less the SGA head they share; ``usq_kept_by_fallback`` counts the images where
+USQ was kept).
 
 Writes ``benchmarks/results/refine_sga.json`` (``-o``), after every image (partial results
 survive a timeout); the machine and its load are recorded (times taken on a shared machine
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trellis import Quantizer
 from trellis.hardware import machine_info
 
 from qft.codec import Codec, SGARefine, list_images, pad, read_image
@@ -228,17 +230,21 @@ def fallback_rows(rows: dict) -> dict:
     """What ``qft compress -q tcq8 --refine sga --refine-fallback`` codes, from one model's
     ``rows``: for each N with both rows, ``"sgaN+tcq8 or usq"``, per image the row of
     SGA-N + TCQ-8 or of SGA-N + USQ with the lower RD cost (``kept`` says which), its
-    encode seconds the sum of both (the codec runs both; SGA-N + USQ's refinement is the
-    one the fallback codes: the same schedule and seed)."""
+    encode seconds the sum of both less the SGA steps the two share (the codec runs both
+    from one SGA run, ``LatentCoder.quantize_or_usq``; SGA-N + USQ's refinement is the one
+    the fallback codes: the same schedule and seed): their share ``head/N`` of SGA-N + USQ's
+    seconds, nearly all of which are its N steps."""
     out = {}
     for k in rows:
         usq = k.replace("+tcq8", "+usq")
         if not (k.startswith("sga") and k.endswith("+tcq8") and usq in rows):
             continue
+        n = int(k[3:].split("+")[0])
+        head, _ = SGARefine(1.0, n).split(Quantizer("tcq8"))
         out[f"{k} or usq"] = kept = []
         for t, u in zip(rows[k], rows[usq], strict=True):
             name, row = ("usq", u) if u["rd_cost"] < t["rd_cost"] else ("tcq8", t)  # the codec's test
-            kept.append({**row, "encode_s": t["encode_s"] + u["encode_s"], "kept": name})
+            kept.append({**row, "encode_s": t["encode_s"] + u["encode_s"] * (1 - head / n), "kept": name})
     return out
 
 
@@ -271,9 +277,14 @@ def merge(paths: list[str], output: str) -> None:
         for k in next(iter(records[0]["per_model"].values()))["rows"]
         if all(k in m["rows"] for r in records for m in r["per_model"].values())
     ]
-    out = dict(records[0], models=[], steps=steps, per_model={}, merged_from=[os.path.basename(p) for p in paths])
-    out["load_before"] = [r["load_before"] for r in records]
-    out["load_after"] = [r.get("load_after") for r in records]
+
+    # a record merged before carries its parts' names and loads: merged again, it adds those
+    def parts(r: dict, path: str, key: str) -> list:
+        return r[key] if "merged_from" in r else [os.path.basename(path) if key == "merged_from" else r.get(key)]
+
+    out = dict(records[0], models=[], steps=steps, per_model={})
+    for key in ("merged_from", "load_before", "load_after"):
+        out[key] = [part for path, r in zip(paths, records) for part in parts(r, path, key)]
     for path, r in zip(paths, records):
         for model, m in r["per_model"].items():
             configs = {k: m["configs"][k] for k in names}

@@ -13,7 +13,7 @@ from trellis import Quantizer, scale_rows
 
 from qft.codec import Codec, SGARefine
 from qft.codec.container import Container
-from qft.codec.refine import refine_latents, refine_through_trellis
+from qft.codec.refine import refine_latents, refine_latents_at, refine_through_trellis
 from qft.errors import UserError
 from qft.settings import resolve_quantizer
 
@@ -113,6 +113,13 @@ def test_sga_stops_within_one_schedule(codec, image):
     for bad in (0, 7):
         with pytest.raises(ValueError, match="stop must lie in"):
             refine_latents(m, x, SGARefine(LMBDA, 6), stop=bad)
+    # one run, several stops: each pair is that stop's refinement exactly
+    at = refine_latents_at(m, x, SGARefine(LMBDA, 6, lr=0.2), (3, 6))
+    for pair, alone in zip(at, (head, full)):
+        assert all(torch.equal(a, b) for a, b in zip(pair, alone))
+    for bad in ((), (6, 3), (3, 3), (3, 7)):
+        with pytest.raises(ValueError, match="stop must lie in"):
+            refine_latents_at(m, x, SGARefine(LMBDA, 6), bad)
 
 
 def test_usq_fallback_keeps_the_cheaper_stream(codec, image, monkeypatch):
@@ -135,6 +142,11 @@ def test_usq_fallback_keeps_the_cheaper_stream(codec, image, monkeypatch):
     monkeypatch.setattr(codec, "rd_cost", usq_cheaper)
     out = codec.compress(image, q, refine=fallback)
     assert out["usq_fallback"] and out["bitstream"] == usq["bitstream"]
+    # and the other way round; a quantizer without the relaxed trellis (RDOQ) shares all of SGA
+    monkeypatch.setattr(codec, "rd_cost", lambda o, *_: 1.0 - usq_cheaper(o))
+    for quant in (q, Quantizer("rdoq", step=1.0, lam=0.02)):
+        out = codec.compress(image, quant, refine=fallback)
+        assert not out["usq_fallback"] and out["bitstream"] == codec.compress(image, quant, refine=refine)["bitstream"]
     assert fallback.record(q) == "sga-3+trellis-3 or usq" and fallback.record(Quantizer("usq")) == "sga-6"
 
 

@@ -253,16 +253,16 @@ class Codec:
         check_step(quantizer.step)
         xp, padding = pad(x.to(self.device))
         if self.latent_coder is not None:
-            (lat,) = self.latent_coder.quantize(xp, quantizer, weights, target, padding, refine)
-            out = self.encode_latent(lat, quantizer, h, w)
             if refine is not None and refine.usq_fallback and quantizer.method != "usq":
                 # the encoder's RD decision: SGA + USQ's stream where it costs less
-                usq = Quantizer("usq")
-                (alt,) = self.latent_coder.quantize(xp, usq, None, 0.0, padding, refine)
-                alt = self.encode_latent(alt, usq, h, w)
+                (lat,), (alt,) = self.latent_coder.quantize_or_usq(xp, quantizer, weights, padding, refine)
+                out, alt = self.encode_latent(lat, quantizer, h, w), self.encode_latent(alt, Quantizer("usq"), h, w)
                 costs = [self.rd_cost(o, xp, padding, refine.lmbda) for o in (out, alt)]
                 out = alt if costs[1] < costs[0] else out
                 out["usq_fallback"] = out is alt
+            else:
+                (lat,) = self.latent_coder.quantize(xp, quantizer, weights, target, padding, refine)
+                out = self.encode_latent(lat, quantizer, h, w)
             out["time_s"] = time.perf_counter() - t0
             return out
         # spatial context models: their own coder (USQ), inside the container

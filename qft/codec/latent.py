@@ -46,7 +46,7 @@ import torch
 
 from trellis import NUM_SCALES, PLAIN_CLASS, Quantizer, QuantizeResult, rans, scale_rows
 
-from qft.codec.refine import SGARefine, refine_latents, refine_through_trellis
+from qft.codec.refine import SGARefine, refine_latents, refine_latents_at, refine_through_trellis
 from qft.codec.steps import STEP_ENTROPY, StepContext, latent_steps
 from qft.codec.tiling import receptive_radius, scaled, tiled, windows
 
@@ -282,14 +282,16 @@ class LatentCoder:
             coded hyper-latents, their spatial size and ``-Σ log2`` of their
             ``EntropyBottleneck`` likelihoods per image.
         """
-        m, eb = self.model, self.steps.z_bottleneck
         if refine is not None:
             if self.entropy not in HYPERPRIOR_ENTROPY:
                 raise ValueError("the SGA refinement needs a hyperprior model")
-            y, z = refine_latents(m, x, refine, self.entropy, padding, stop)
-        else:
-            y = tiled(m.g_a, x)
-            z = self.steps.hyper_analysis(y)
+            return self._code_hyper(*refine_latents(self.model, x, refine, self.entropy, padding, stop))
+        y = tiled(self.model.g_a, x)
+        return self._code_hyper(y, self.steps.hyper_analysis(y))
+
+    def _code_hyper(self, y: torch.Tensor, z: torch.Tensor):
+        """:meth:`analyse`'s tuple for the latents ``y``, ``z`` of a batch: ``ẑ`` coded."""
+        eb = self.steps.z_bottleneck
         z_strings = eb.compress(z)
         z_hat = eb.decompress(z_strings, z.shape[-2:])
         _, z_lik = eb(z, training=False)
@@ -310,7 +312,11 @@ class LatentCoder:
         padding of ``x``, outside the target's residual and the refinement's MSE), refined
         by ``refine`` (:mod:`qft.codec.refine`) when given, by the first ``stop`` steps of
         its schedule when ``stop`` is given."""
-        y, contexts, z_strings, z_shape, z_bits = self.analyse(x, refine, padding, stop)
+        return self._latents(x, self.analyse(x, refine, padding, stop), direction, padding)
+
+    def _latents(self, x: torch.Tensor, analysis: tuple, direction: bool, padding) -> list[QuantizedLatent]:
+        """:meth:`latents` from :meth:`analyse`'s tuple for ``x``."""
+        y, contexts, z_strings, z_shape, z_bits = analysis
         step = None
         if direction:
             step = target_direction(self.model.g_s, x, torch.from_numpy(y).to(x.device), padding)
@@ -364,6 +370,40 @@ class LatentCoder:
         sga, soft = refine.split(quantizer)
         # one SGA schedule over all the steps: its first `sga` steps, then the trellis's
         latents = self.latents(x, bool(target), padding, refine if sga else None, stop=sga)
+        return self._through_trellis(latents, x, quantizer, weights, target, padding, refine, soft)
+
+    @torch.no_grad()
+    def quantize_or_usq(
+        self,
+        x: torch.Tensor,
+        quantizer: Quantizer,
+        weights: np.ndarray | None,
+        padding: tuple[int, int, int, int],
+        refine: SGARefine,
+    ) -> tuple[list[QuantizedLatent], list[QuantizedLatent]]:
+        """``quantize(x, quantizer, weights, 0, padding, refine)`` and ``quantize(x,
+        Quantizer("usq"), None, 0, padding, refine)`` (hyperprior models), exactly, from one
+        SGA run: the steps SGA-N + USQ's schedule starts with are those the trellis takes
+        over from (:func:`qft.codec.refine.refine_latents_at`), so the encoder's USQ
+        fallback (:attr:`SGARefine.usq_fallback`) runs them once, not twice."""
+        if self.entropy not in HYPERPRIOR_ENTROPY:
+            raise ValueError("the SGA refinement needs a hyperprior model")
+        sga, soft = refine.split(quantizer)
+        stops = tuple(sorted({s for s in (sga, refine.steps) if s}))
+        runs = [
+            self._latents(x, self._code_hyper(*r), False, padding)
+            for r in refine_latents_at(self.model, x, refine, stops, self.entropy, padding)
+        ]
+        own = runs[0] if sga else self.latents(x, False, padding)
+        usq = Quantizer("usq")
+        return (
+            self._through_trellis(own, x, quantizer, weights, 0.0, padding, refine, soft),
+            [self.requantize(lat, usq) for lat in runs[-1]],
+        )
+
+    def _through_trellis(self, latents, x, quantizer, weights, target, padding, refine, soft):
+        """``latents`` after ``soft`` steps through the relaxed trellis of ``quantizer``
+        (none: as they are), quantized (:meth:`quantize`)."""
         out = []
         for i, lat in enumerate(latents):
             if soft:

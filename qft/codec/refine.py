@@ -60,6 +60,7 @@ __all__ = [
     "TRELLIS_SHARE",
     "SGARefine",
     "refine_latents",
+    "refine_latents_at",
     "refine_through_trellis",
     "sga_round",
 ]
@@ -97,7 +98,8 @@ class SGARefine:
         trellis_taus: the relaxed trellis's temperatures at its first and last step.
         usq_fallback: for a quantizer other than USQ, the codec also codes the latent of
             SGA over all ``steps`` by USQ and keeps whichever stream has the lower RD cost
-            at ``lmbda`` (:meth:`qft.codec.Codec.compress`; about twice the encode time).
+            at ``lmbda`` (:meth:`qft.codec.Codec.compress`; both encodes, which share the
+            trellis's SGA steps: about 1.6× SGA + USQ's encode time).
     """
 
     lmbda: float
@@ -189,8 +191,23 @@ def refine_latents(
     (the temperatures still those of the whole schedule: SGA hands a latent that has not
     yet hardened to the relaxed trellis, :func:`refine_through_trellis`). The model's
     parameters are left untouched (no gradients kept)."""
-    if stop is not None and not 1 <= stop <= refine.steps:
-        raise ValueError(f"stop must lie in [1, {refine.steps}] (the refinement's steps), got {stop!r}")
+    return refine_latents_at(model, x, refine, (refine.steps if stop is None else stop,), entropy, padding)[0]
+
+
+def refine_latents_at(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    refine: SGARefine,
+    stops: tuple[int, ...],
+    entropy: str = "mean-scale-hyperprior",
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`refine_latents` after each of ``stops`` steps of one run of the schedule
+    (ascending, each in ``[1, refine.steps]``): the ``k``-th pair is exactly
+    ``refine_latents(..., stop=stops[k])``, at the cost of the last stop alone (the
+    encoder's USQ fallback shares the trellis's SGA head with SGA + USQ this way)."""
+    if not stops or any(not 1 <= s <= refine.steps for s in stops) or list(stops) != sorted(set(stops)):
+        raise ValueError(f"stop must lie in [1, {refine.steps}] (the refinement's steps), ascending, got {stops!r}")
     x_ref = crop(x, padding)
     pixels = x_ref.shape[-2] * x_ref.shape[-1]
     eb = model.entropy_bottleneck
@@ -202,8 +219,9 @@ def refine_latents(
     y = y0.detach().float().clone().requires_grad_(True)
     z = z0.detach().float().clone().requires_grad_(True)
     opt = torch.optim.Adam([y, z], lr=refine.lr)
+    out = []
     with _frozen(model), torch.enable_grad():
-        for t in range(refine.steps if stop is None else stop):
+        for t in range(stops[-1]):
             tau = _annealed(SGA_TAU_START, SGA_TAU_END, t, refine.steps)
             z_t = medians + sga_round(z - medians, tau, gen)
             # the EntropyBottleneck's density runs on (channels, 1, elements)
@@ -220,7 +238,9 @@ def refine_latents(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return y.detach(), z.detach()
+            if t + 1 in stops:
+                out.append((y.detach().clone(), z.detach().clone()))
+    return out
 
 
 class _SoftTrellis(torch.autograd.Function):

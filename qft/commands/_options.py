@@ -139,7 +139,7 @@ def add_quantizer_arguments(parser: argparse.ArgumentParser) -> None:
         "--refine-fallback",
         action="store_true",
         help="with --refine sga and -q rdoq/tcq4/tcq8: also code SGA's latent by USQ and keep the stream with "
-        "the lower RD cost at the model's λ (about twice the encode time; the stream says which)",
+        "the lower RD cost at the model's λ (about 1.6x SGA + USQ's encode time; the stream says which)",
     )
 
 
