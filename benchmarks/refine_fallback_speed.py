@@ -21,27 +21,25 @@ import json
 import os
 import time
 
-from pathlib import Path
-
 import numpy as np
 
-from trellis import Quantizer
+from _cli import KODAK, ROOT
+
 from trellis.hardware import machine_info
 
-from qft.codec import Codec, SGARefine, list_images, read_image
+from qft.codec import Codec, list_images, read_image
 from qft.files import atomic_write
 from qft.models import load_checkpoint
 from qft.settings import read_settings, resolve_quantizer
 from qft.threads import set_threads
 
-ROOT = Path(__file__).parents[1]
-OUT = Path(__file__).parent / "results" / "refine_fallback_speed.json"
+OUT = ROOT / "benchmarks" / "results" / "refine_fallback_speed.json"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="mbt2018-mean-0.0035", help="checkpoint or shipped name")
-    ap.add_argument("--data", default=str(ROOT / "qft" / "assets" / "kodak"))
+    ap.add_argument("--data", default=str(KODAK))
     ap.add_argument("--images", type=int, default=2, help="the first N images")
     ap.add_argument("--steps", type=int, default=200, help="SGA steps")
     ap.add_argument("-o", "--output", default=str(OUT))
@@ -49,13 +47,15 @@ def main() -> None:
     set_threads(1)
     ck = load_checkpoint(args.model)
     settings = read_settings(ck)
-    lmbda = settings["model_lambda"]
     codec = Codec.from_checkpoint(ck, "cpu")
-    c = resolve_quantizer("tcq8", settings, refine="sga", refine_steps=args.steps)
-    usq = Quantizer("usq")
-    refine = SGARefine(lmbda, args.steps)
-    fallback = SGARefine(lmbda, args.steps, usq_fallback=True)
-    head, _ = refine.split(c.quantizer)
+    sga = {"refine": "sga", "refine_steps": args.steps}
+    # what qft compress codes for each: -q tcq8 / -q usq --refine sga, and with --refine-fallback
+    choices = {
+        "sga+tcq8": resolve_quantizer("tcq8", settings, **sga),
+        "sga+usq": resolve_quantizer("usq", settings, **sga),
+        "fallback": resolve_quantizer("tcq8", settings, **sga, refine_fallback=True),
+    }
+    head, _ = choices["sga+tcq8"].refine.split(choices["sga+tcq8"].quantizer)
     images = list_images(args.data)[: args.images]
     record = {
         "model": args.model,
@@ -66,17 +66,14 @@ def main() -> None:
         "load_before": os.getloadavg(),
         "rows": [],
     }
-    codec.compress(read_image(images[0]), c.quantizer, c.weights, 0.0, SGARefine(lmbda, 2))  # JIT warm-up, untimed
+    warm = resolve_quantizer("tcq8", settings, refine="sga", refine_steps=2)
+    codec.compress(read_image(images[0]), warm.quantizer, warm.weights, warm.target, warm.refine)  # JIT, untimed
     for path in images:
         x = read_image(path)
         seconds, streams = {}, {}
-        for name, (q, w, r) in {
-            "sga+tcq8": (c.quantizer, c.weights, refine),
-            "sga+usq": (usq, None, refine),
-            "fallback": (c.quantizer, c.weights, fallback),
-        }.items():
+        for name, c in choices.items():
             t0 = time.perf_counter()
-            out = codec.compress(x, q, w, 0.0, r)
+            out = codec.compress(x, c.quantizer, c.weights, c.target, c.refine)
             seconds[name], streams[name] = time.perf_counter() - t0, out["bitstream"]
         kept = "sga+usq" if streams["fallback"] == streams["sga+usq"] else "sga+tcq8"
         if streams["fallback"] != streams[kept]:

@@ -277,14 +277,11 @@ def merge(paths: list[str], output: str) -> None:
         for k in next(iter(records[0]["per_model"].values()))["rows"]
         if all(k in m["rows"] for r in records for m in r["per_model"].values())
     ]
-
-    # a record merged before carries its parts' names and loads: merged again, it adds those
-    def parts(r: dict, path: str, key: str) -> list:
-        return r[key] if "merged_from" in r else [os.path.basename(path) if key == "merged_from" else r.get(key)]
-
     out = dict(records[0], models=[], steps=steps, per_model={})
-    for key in ("merged_from", "load_before", "load_after"):
-        out[key] = [part for path, r in zip(paths, records) for part in parts(r, path, key)]
+    # a record merged before carries its parts' names and loads: merged again, it adds those
+    out["merged_from"] = [n for p, r in zip(paths, records) for n in r.get("merged_from", [os.path.basename(p)])]
+    for key in ("load_before", "load_after"):
+        out[key] = [v for r in records for v in (r[key] if "merged_from" in r else [r.get(key)])]
     for path, r in zip(paths, records):
         for model, m in r["per_model"].items():
             configs = {k: m["configs"][k] for k in names}

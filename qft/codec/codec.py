@@ -255,8 +255,8 @@ class Codec:
         if self.latent_coder is not None:
             if refine is not None and refine.usq_fallback and quantizer.method != "usq":
                 # the encoder's RD decision: SGA + USQ's stream where it costs less
-                (lat,), (alt,) = self.latent_coder.quantize_or_usq(xp, quantizer, weights, padding, refine)
-                out, alt = self.encode_latent(lat, quantizer, h, w), self.encode_latent(alt, Quantizer("usq"), h, w)
+                (lat,), (usq_lat,) = self.latent_coder.quantize_or_usq(xp, quantizer, weights, padding, refine)
+                out, alt = self.encode_latent(lat, quantizer, h, w), self.encode_latent(usq_lat, Quantizer("usq"), h, w)
                 costs = [self.rd_cost(o, xp, padding, refine.lmbda) for o in (out, alt)]
                 out = alt if costs[1] < costs[0] else out
                 out["usq_fallback"] = out is alt

@@ -46,7 +46,7 @@ import torch
 
 from trellis import NUM_SCALES, PLAIN_CLASS, Quantizer, QuantizeResult, rans, scale_rows
 
-from qft.codec.refine import SGARefine, refine_latents, refine_latents_at, refine_through_trellis
+from qft.codec.refine import SGARefine, refine_latents_at, refine_through_trellis
 from qft.codec.steps import STEP_ENTROPY, StepContext, latent_steps
 from qft.codec.tiling import receptive_radius, scaled, tiled, windows
 
@@ -283,11 +283,18 @@ class LatentCoder:
             ``EntropyBottleneck`` likelihoods per image.
         """
         if refine is not None:
-            if self.entropy not in HYPERPRIOR_ENTROPY:
-                raise ValueError("the SGA refinement needs a hyperprior model")
-            return self._code_hyper(*refine_latents(self.model, x, refine, self.entropy, padding, stop))
+            return self._refined(x, refine, padding, (refine.steps if stop is None else stop,))[0]
         y = tiled(self.model.g_a, x)
         return self._code_hyper(y, self.steps.hyper_analysis(y))
+
+    def _refined(self, x: torch.Tensor, refine: SGARefine, padding, stops: tuple[int, ...]) -> list[tuple]:
+        """:meth:`analyse`'s tuples after each of ``stops`` steps of one SGA run
+        (:func:`qft.codec.refine.refine_latents_at`)."""
+        if self.entropy not in HYPERPRIOR_ENTROPY:
+            raise ValueError("the SGA refinement needs a hyperprior model")
+        return [
+            self._code_hyper(y, z) for y, z in refine_latents_at(self.model, x, refine, stops, self.entropy, padding)
+        ]
 
     def _code_hyper(self, y: torch.Tensor, z: torch.Tensor):
         """:meth:`analyse`'s tuple for the latents ``y``, ``z`` of a batch: ``ẑ`` coded."""
@@ -386,14 +393,9 @@ class LatentCoder:
         SGA run: the steps SGA-N + USQ's schedule starts with are those the trellis takes
         over from (:func:`qft.codec.refine.refine_latents_at`), so the encoder's USQ
         fallback (:attr:`SGARefine.usq_fallback`) runs them once, not twice."""
-        if self.entropy not in HYPERPRIOR_ENTROPY:
-            raise ValueError("the SGA refinement needs a hyperprior model")
         sga, soft = refine.split(quantizer)
         stops = tuple(sorted({s for s in (sga, refine.steps) if s}))
-        runs = [
-            self._latents(x, self._code_hyper(*r), False, padding)
-            for r in refine_latents_at(self.model, x, refine, stops, self.entropy, padding)
-        ]
+        runs = [self._latents(x, a, False, padding) for a in self._refined(x, refine, padding, stops)]
         own = runs[0] if sga else self.latents(x, False, padding)
         usq = Quantizer("usq")
         return (
