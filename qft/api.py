@@ -22,7 +22,7 @@ import os
 from qft.codec import Codec as CodecBase
 from qft.finetune import finetune_checkpoint as finetune
 from qft.models import LoadedCheckpoint
-from qft.settings import QuantizerChoice, read_settings, resolve_quantizer
+from qft.settings import DEFAULT_REFINE_STEPS, QuantizerChoice, read_settings, resolve_quantizer
 
 __all__ = ["Codec", "finetune"]
 
@@ -33,7 +33,7 @@ class Codec(CodecBase):
 
     It overrides nothing else: every call of :class:`qft.codec.Codec` means the same here."""
 
-    #: the quantizer, distortion weights and decoder target :meth:`from_checkpoint` resolved
+    #: the quantizer, distortion weights, decoder target and refinement :meth:`from_checkpoint` resolved
     choice: QuantizerChoice | None = None
 
     @classmethod
@@ -51,12 +51,18 @@ class Codec(CodecBase):
         reset: str = "channel",
         weights: str = "auto",
         target: str | float = "auto",
+        plain_rows: int | None = None,
+        refine: str = "none",
+        refine_steps: int = DEFAULT_REFINE_STEPS,
+        refine_fallback: bool = False,
     ) -> Codec:
         """:meth:`qft.codec.Codec.from_checkpoint` (the same arguments, the same meaning),
         with the quantizer that ``qft compress -m CHECKPOINT -q QUANTIZER`` and the same
         options (``--step``, ``--lambda-t``, ``--lambda-mult``, ``--reset``, ``--weights``,
-        ``--target``) would use as the codec's default (:attr:`quantizer`, :attr:`weights`,
-        :attr:`target`; :attr:`choice`).
+        ``--target``, ``--plain-rows``, ``--refine``, ``--refine-steps``,
+        ``--refine-fallback``) would use as the codec's default (:attr:`quantizer`,
+        :attr:`weights`, :attr:`target`, :attr:`refine`; :attr:`choice`), as
+        :func:`qft.settings.resolve_quantizer` resolves them.
 
         Raises:
             qft.errors.UserError: what the CLI refuses (unreadable checkpoint, a quantizer
@@ -72,8 +78,13 @@ class Codec(CodecBase):
             reset=reset,
             weights=weights,
             target=target,
+            plain_rows=plain_rows,
+            refine=refine,
+            refine_steps=refine_steps,
+            refine_fallback=refine_fallback,
         )
         codec.check_quantizer(choice.quantizer)
         codec.choice = choice
         codec.quantizer, codec.weights, codec.target = choice.quantizer, choice.weights, choice.target
+        codec.refine = choice.refine
         return codec

@@ -15,6 +15,7 @@ from qft.codec import Codec, SGARefine
 from qft.codec.container import Container
 from qft.codec.refine import refine_latents, refine_latents_at, refine_through_trellis
 from qft.errors import UserError
+from qft.models import save_checkpoint
 from qft.settings import resolve_quantizer
 
 LMBDA = 0.01
@@ -190,7 +191,7 @@ def test_cli_refine(tmp_path, capsys):
     from qft.cli import main
 
     ck = str(tmp_path / "m.pth")
-    assert main(["init", "--arch", "mbt2018-mean", "--N", "16", "--M", "24", "-o", ck]) == 0
+    save_checkpoint(ck, tiny(), "mbt2018-mean", {"N": 16, "M": 24})  # latents that round many ways
     (tmp_path / "imgs").mkdir()
     img = tmp_path / "imgs" / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (33, 40, 3), dtype=np.uint8)).save(img)
@@ -200,8 +201,19 @@ def test_cli_refine(tmp_path, capsys):
     assert main(["calibrate", "-m", ck, "--lambda", "0.01"]) == 0
     assert main([*argv, "-o", str(tmp_path / "a.qft")]) == 0
     assert main(["decompress", str(tmp_path / "a.qft"), "-m", ck, "-o", str(tmp_path / "a.png")]) == 0
-    assert main([*argv, "--refine-fallback", "-o", str(tmp_path / "b.qft")]) == 0
+    assert main([*argv, "--refine-fallback", "--plain-rows", "3", "-o", str(tmp_path / "b.qft")]) == 0
     assert main(["decompress", str(tmp_path / "b.qft"), "-m", ck, "-o", str(tmp_path / "b.png")]) == 0
+    # the Python API takes the same options and codes the same bytes
+    from qft import Codec as ApiCodec
+
+    api = ApiCodec.from_checkpoint(ck, quantizer="tcq8", refine="sga", refine_steps=3)
+    assert api.refine.steps == 3 and api.compress(img)["bitstream"] == (tmp_path / "a.qft").read_bytes()
+    api = ApiCodec.from_checkpoint(
+        ck, quantizer="tcq8", refine="sga", refine_steps=3, refine_fallback=True, plain_rows=3
+    )
+    assert api.quantizer.plain_rows == 3 and api.refine.usq_fallback
+    assert api.compress(img)["bitstream"] == (tmp_path / "b.qft").read_bytes()
+    assert api.compress(img, api.quantizer)["bitstream"] != (tmp_path / "b.qft").read_bytes()  # given: no refine
     out = tmp_path / "r.json"
     assert (
         main(

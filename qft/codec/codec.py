@@ -120,9 +120,9 @@ class Codec:
         device: where the analysis/synthesis transforms run; the entropy-parameter path
             always runs on the CPU.
 
-    :meth:`compress` without a quantizer codes with :attr:`quantizer`, :attr:`weights` and
-    :attr:`target` (USQ, none, 0 unless set; :meth:`qft.api.Codec.from_checkpoint` sets
-    them to the quantizer the CLI resolves).
+    :meth:`compress` without a quantizer codes with :attr:`quantizer`, :attr:`weights`,
+    :attr:`target` and :attr:`refine` (USQ, none, 0, none unless set;
+    :meth:`qft.api.Codec.from_checkpoint` sets them to the quantizer the CLI resolves).
 
     Making a codec fixes glibc's allocator thresholds for the process once
     (:func:`qft.allocator.tune_allocator`: time linear in pixels on large images; the
@@ -150,10 +150,11 @@ class Codec:
         self.z_cdf_crc = _eb_checksum(model)
         self.latent_coder = LatentCoder(model, entropy) if entropy in STEP_ENTROPY else None
         #: what :meth:`compress` codes with when given no quantizer: the quantizer, its
-        #: per-channel distortion weights and its decoder target
+        #: per-channel distortion weights, its decoder target and the latent refinement
         self.quantizer: Quantizer = Quantizer("usq")
         self.weights: np.ndarray | None = None
         self.target: float | RDTarget = 0.0
+        self.refine: SGARefine | None = None
         #: the checkpoint the codec was made from (:meth:`from_checkpoint`), else None
         self.checkpoint: LoadedCheckpoint | None = None
 
@@ -211,15 +212,15 @@ class Codec:
         """Codes one image ``(1, 3, H, W)`` in ``[0, 1]`` (or an image file,
         :func:`~qft.codec.image.read_image`) with the given latent quantizer.
 
-        Without ``quantizer``: with :attr:`quantizer`, and :attr:`weights` and
-        :attr:`target` unless given; with one, ``weights`` None is none and ``target`` None
-        is 0. ``weights``: per-channel distortion weights ``(C,)`` of RDOQ/TCQ; ``target``: ``η``
-        of the decoder target (:mod:`qft.codec.latent`; 0: none), or an :class:`RDTarget`
-        that chooses it for this image; ``refine``: an SGA refinement of the latents
-        (:mod:`qft.codec.refine`; hyperprior models), whose refined ``y`` the quantizer
-        codes. All are encoder-side choices of step-wise coded models; the decoder needs
-        none. The target and the refinement exclude each other (docs/design.md, "SGA
-        refinement").
+        Without ``quantizer``: with :attr:`quantizer`, and :attr:`weights`, :attr:`target`
+        and :attr:`refine` unless given; with one, ``weights`` None is none, ``target`` None
+        is 0 and ``refine`` None is none. ``weights``: per-channel distortion weights
+        ``(C,)`` of RDOQ/TCQ; ``target``: ``η`` of the decoder target
+        (:mod:`qft.codec.latent`; 0: none), or an :class:`RDTarget` that chooses it for
+        this image; ``refine``: an SGA refinement of the latents (:mod:`qft.codec.refine`;
+        hyperprior models), whose refined ``y`` the quantizer codes. All are encoder-side
+        choices of step-wise coded models; the decoder needs none. The target and the
+        refinement exclude each other (docs/design.md, "SGA refinement").
 
         Returns:
             dict with ``bitstream`` (bytes), ``bits_estimated`` (for step-wise coded models
@@ -237,6 +238,7 @@ class Codec:
             quantizer = self.quantizer
             weights = self.weights if weights is None else weights
             target = self.target if target is None else target
+            refine = self.refine if refine is None else refine
         target = 0.0 if target is None else target
         if x.ndim != 4 or x.shape[:2] != (1, 3):
             raise ValueError(f"expected one RGB image (1, 3, H, W), got {tuple(x.shape)}")
