@@ -178,9 +178,16 @@ def main() -> None:
 
 def rd_cost_change(rows: dict, config: str, base: str) -> dict:
     """``config``'s RD cost against ``base``'s over the images of one model's ``rows``: the
-    mean of the per-image changes in %, and on how many images ``config`` costs more."""
+    mean of the per-image changes in %, on how many images ``config`` costs more, and the
+    Pearson correlation over the images of the change with ``base``'s bpp and PSNR
+    (``corr_bpp``, ``corr_psnr``; None below 3 images): which images the gain comes from."""
     change = [100 * (c["rd_cost"] / b["rd_cost"] - 1) for c, b in zip(rows[config], rows[base], strict=True)]
-    return {"mean_pct": float(np.mean(change)), "images_worse": sum(v > 0 for v in change), "images": len(change)}
+    out = {"mean_pct": float(np.mean(change)), "images_worse": sum(v > 0 for v in change), "images": len(change)}
+    for key in ("bpp", "psnr"):
+        x = [b[key] for b in rows[base]]
+        ok = len(change) >= 3 and np.std(x) > 0 and np.std(change) > 0
+        out[f"corr_{key}"] = float(np.corrcoef(x, change)[0, 1]) if ok else None
+    return out
 
 
 def family(record: dict) -> None:
