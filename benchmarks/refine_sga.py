@@ -24,6 +24,7 @@ the entropy coder stay on the CPU).
     python benchmarks/refine_sga.py --device cuda --steps 50 200 1000 \\
         --data ../shared/data/tecnick_sampling_300x300 -o benchmarks/results/refine_sga_tecnick.json
     python benchmarks/refine_sga.py --merge a.json b.json -o refine_sga.json   # models or images run apart
+    python benchmarks/refine_sga.py --models mbt2018-mean-0.0035 --steps 1000 --center-crop 320  # no padding
 """
 
 from __future__ import annotations
@@ -72,6 +73,19 @@ def configs(settings: dict, steps: list[int]) -> dict:
     return out
 
 
+def center_crop(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """The centred ``size × size`` crop of an image ``(1, 3, H, W)`` (None: the image).
+
+    Raises ``SystemExit`` when the image is smaller than ``size``."""
+    if size is None:
+        return x
+    h, w = x.shape[-2:]
+    if size > min(h, w):
+        raise SystemExit(f"refine_sga --center-crop {size}: an image is only {h}×{w}")
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
 def code_image(codec: Codec, x: torch.Tensor, lmbda: float, table: dict) -> dict:
     """Every configuration of ``table`` on one image ``(1, 3, H, W)``: name → row."""
     h, w = x.shape[-2:]
@@ -113,6 +127,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=None, help="the first N images (default: all)")
     ap.add_argument("--skip", type=int, default=0, help="start after this many images")
     ap.add_argument("--steps", type=int, nargs="*", default=[50, 200], help="SGA steps (none: the cheap rows only)")
+    ap.add_argument(
+        "--center-crop",
+        type=int,
+        default=None,
+        metavar="S",
+        help="code the centred S×S crop of each image (S a multiple of 64: no padding; else padded as qft pads)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("-o", "--output", default=str(OUT))
     ap.add_argument(
@@ -132,6 +153,7 @@ def main() -> None:
         "data": os.path.relpath(args.data, ROOT),
         "images": [p.name for p in images],
         "steps": args.steps,
+        "center_crop": args.center_crop,
         "device": args.device,
         "threads": 1,
         "machine": machine_info(),
@@ -164,7 +186,7 @@ def main() -> None:
         for path in images:
             if path.name in done:
                 continue
-            for k, row in code_image(codec, read_image(path), lmbda, table).items():
+            for k, row in code_image(codec, center_crop(read_image(path), args.center_crop), lmbda, table).items():
                 entry["rows"][k].append({"image": path.name, **row})
             print(name, path.name, {k: round(v[-1]["rd_cost"], 4) for k, v in entry["rows"].items()}, flush=True)
             entry["mean"] = {
@@ -258,10 +280,10 @@ def fallback_rows(rows: dict) -> dict:
 def resumed(record: dict, old: dict, path: str) -> dict:
     """``record`` (a new run's header) carrying on ``old``, the record at ``path``: its
     models' rows are kept and the images they hold are not coded again. Refused where the
-    two differ in data, images, steps or device (their rows would not form one table)."""
-    keys = ("data", "images", "steps", "device")
-    if any(old[k] != record[k] for k in keys):
-        raise SystemExit(f"refine_sga --resume: {path} differs from this run in data, images, steps or device")
+    two differ in data, images, steps, crop or device (their rows would not form one table)."""
+    keys = ("data", "images", "steps", "center_crop", "device")
+    if any(old.get(k) != record[k] for k in keys):
+        raise SystemExit(f"refine_sga --resume: {path} differs from this run in data, images, steps, crop or device")
     sessions = old.get("sessions", [{k: old[k] for k in ("machine", "load_before", "load_after") if k in old}])
     record["sessions"] = sessions + [{"machine": record["machine"], "load_before": record["load_before"]}]
     record["models"] = list(dict.fromkeys(old["models"] + record["models"]))
