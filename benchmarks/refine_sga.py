@@ -280,10 +280,13 @@ def fallback_rows(rows: dict) -> dict:
 def resumed(record: dict, old: dict, path: str) -> dict:
     """``record`` (a new run's header) carrying on ``old``, the record at ``path``: its
     models' rows are kept and the images they hold are not coded again. Refused where the
-    two differ in data, images, steps, crop or device (their rows would not form one table)."""
+    two differ in data, images, steps, crop, device or kind of CPU (their rows would not
+    form one table)."""
     keys = ("data", "images", "steps", "center_crop", "device")
     if any(old.get(k) != record[k] for k in keys):
         raise SystemExit(f"refine_sga --resume: {path} differs from this run in data, images, steps, crop or device")
+    if old["machine"]["cpu"] != record["machine"]["cpu"]:
+        raise SystemExit(f"refine_sga --resume: {path} ran on another CPU, where SGA's float path differs")
     sessions = old.get("sessions", [{k: old[k] for k in ("machine", "load_before", "load_after") if k in old}])
     record["sessions"] = sessions + [{"machine": record["machine"], "load_before": record["load_before"]}]
     record["models"] = list(dict.fromkeys(old["models"] + record["models"]))
@@ -293,13 +296,19 @@ def resumed(record: dict, old: dict, path: str) -> dict:
 
 def merge(paths: list[str], output: str) -> None:
     """Records run apart (other models, other images: one process or machine each) as one
-    record, with the family's BD-rates. Only the configurations every record holds are
-    kept (e.g. the SGA steps they share); a model's rows are the union of its images, which
+    record, with the family's BD-rates. They must share data, crop and kind of CPU (SGA's
+    float path, hence its rows, differs across CPUs). Only the configurations every record
+    holds are kept (e.g. the SGA steps they share); a model's rows are the union of its images, which
     must not repeat, and every model must end with the same images (the family compares
     means over the same images)."""
     records = [json.loads(Path(p).read_text()) for p in paths]
-    if len({r["data"] for r in records}) > 1:
-        raise SystemExit(f"refine_sga --merge: {paths[0]} and the others differ in data")
+    if len({(r["data"], r.get("center_crop")) for r in records}) > 1:
+        raise SystemExit(f"refine_sga --merge: {paths[0]} and the others differ in data or crop")
+    if len({r["machine"]["cpu"] for r in records}) > 1:
+        raise SystemExit(
+            f"refine_sga --merge: {paths[0]} and the others ran on other CPUs, where SGA's float path differs:"
+            " merge the records of one kind of CPU"
+        )
     steps = [n for n in records[0]["steps"] if all(n in r["steps"] for r in records)]
     names = [
         k
