@@ -296,14 +296,14 @@ def resumed(record: dict, old: dict, path: str) -> dict:
 
 def merge(paths: list[str], output: str) -> None:
     """Records run apart (other models, other images: one process or machine each) as one
-    record, with the family's BD-rates. They must share data, crop and kind of CPU (SGA's
-    float path, hence its rows, differs across CPUs). Only the configurations every record
+    record, with the family's BD-rates. They must share data, crop, device and kind of CPU
+    (SGA's float path, hence its rows, differs across CPUs and devices). Only the configurations every record
     holds are kept (e.g. the SGA steps they share); a model's rows are the union of its images, which
     must not repeat, and every model must end with the same images (the family compares
     means over the same images)."""
     records = [json.loads(Path(p).read_text()) for p in paths]
-    if len({(r["data"], r.get("center_crop")) for r in records}) > 1:
-        raise SystemExit(f"refine_sga --merge: {paths[0]} and the others differ in data or crop")
+    if len({(r["data"], r.get("center_crop"), r.get("device")) for r in records}) > 1:
+        raise SystemExit(f"refine_sga --merge: {paths[0]} and the others differ in data, crop or device")
     if len({r["machine"]["cpu"] for r in records}) > 1:
         raise SystemExit(
             f"refine_sga --merge: {paths[0]} and the others ran on other CPUs, where SGA's float path differs:"
