@@ -277,13 +277,17 @@ def fallback_rows(rows: dict) -> dict:
     return out
 
 
+#: what records joined into one table (``--resume``, ``--merge``) must share besides the kind
+#: of CPU: SGA's float path, hence its rows, differs across devices and CPUs
+SHARED = ("data", "center_crop", "device")
+
+
 def resumed(record: dict, old: dict, path: str) -> dict:
     """``record`` (a new run's header) carrying on ``old``, the record at ``path``: its
     models' rows are kept and the images they hold are not coded again. Refused where the
     two differ in data, images, steps, crop, device or kind of CPU (their rows would not
     form one table)."""
-    keys = ("data", "images", "steps", "center_crop", "device")
-    if any(old.get(k) != record[k] for k in keys):
+    if any(old.get(k) != record[k] for k in (*SHARED, "images", "steps")):
         raise SystemExit(f"refine_sga --resume: {path} differs from this run in data, images, steps, crop or device")
     if old["machine"]["cpu"] != record["machine"]["cpu"]:
         raise SystemExit(f"refine_sga --resume: {path} ran on another CPU, where SGA's float path differs")
@@ -302,7 +306,7 @@ def merge(paths: list[str], output: str) -> None:
     must not repeat, and every model must end with the same images (the family compares
     means over the same images)."""
     records = [json.loads(Path(p).read_text()) for p in paths]
-    if len({(r["data"], r.get("center_crop"), r.get("device")) for r in records}) > 1:
+    if len({tuple(r.get(k) for k in SHARED) for r in records}) > 1:
         raise SystemExit(f"refine_sga --merge: {paths[0]} and the others differ in data, crop or device")
     if len({r["machine"]["cpu"] for r in records}) > 1:
         raise SystemExit(

@@ -57,3 +57,52 @@ def test_benchmark_shows_help(helps, script):
     result = helps[script]
     assert result["code"] == 0, result["output"]
     assert "usage:" in result["output"], result["output"]
+
+
+@pytest.fixture(scope="module")
+def refine_sga():
+    """``benchmarks/refine_sga.py`` as a module (its ``merge`` and ``resumed``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("refine_sga", ROOT / "benchmarks" / "refine_sga.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(**kw) -> dict:
+    """The header fields of a ``refine_sga`` record that decide whether two join."""
+    base = {"data": "kodak", "center_crop": None, "device": "cpu", "images": 1, "steps": [1000]}
+    return {**base, "machine": {"cpu": kw.pop("cpu", "Intel")}, **kw}
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        ({"device": "cuda"}, "differ in data, crop or device"),
+        ({"center_crop": 320}, "differ in data, crop or device"),
+        ({"data": "tecnick"}, "differ in data, crop or device"),
+        ({"cpu": "AMD"}, "ran on other CPUs"),
+    ],
+)
+def test_refine_sga_merge_refuses_records_of_another_run(refine_sga, tmp_path, other, message):
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    paths[0].write_text(json.dumps(_record()))
+    paths[1].write_text(json.dumps(_record(**other)))
+    out = tmp_path / "merged.json"
+    with pytest.raises(SystemExit, match=message):
+        refine_sga.merge([str(p) for p in paths], str(out))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        ({"device": "cuda"}, "differs from this run"),
+        ({"steps": [200]}, "differs from this run"),
+        ({"cpu": "AMD"}, "ran on another CPU"),
+    ],
+)
+def test_refine_sga_resume_refuses_another_run(refine_sga, other, message):
+    with pytest.raises(SystemExit, match=message):
+        refine_sga.resumed(_record(), _record(**other), "old.json")
