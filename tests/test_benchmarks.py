@@ -4,6 +4,7 @@ renamed code. One subprocess runs them all (torch is imported once)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -59,15 +60,19 @@ def test_benchmark_shows_help(helps, script):
     assert "usage:" in result["output"], result["output"]
 
 
-@pytest.fixture(scope="module")
-def refine_sga():
-    """``benchmarks/refine_sga.py`` as a module (its ``merge`` and ``resumed``)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("refine_sga", ROOT / "benchmarks" / "refine_sga.py")
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the scripts are not a package), for tests that
+    call its functions."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def refine_sga():
+    """``benchmarks/refine_sga.py`` as a module (its ``merge`` and ``resumed``)."""
+    return load_benchmark("refine_sga")
 
 
 def _record(**kw) -> dict:

@@ -15,6 +15,7 @@ import torch
 
 from finetune_helpers import LAMBDA, write_images, write_recipe  # sibling helper module
 from PIL import Image
+from test_benchmarks import load_benchmark  # sibling test module: benchmark scripts as modules
 from test_checkerboard_coding import TINY_ELIC  # sibling test modules: one tiny size per family
 from test_dcae_cca import TINY as TINY_SLICE_MODELS
 from test_mlicpp import TINY as TINY_MLICPP
@@ -305,14 +306,7 @@ def test_image_batch_is_split_over_processes():
 def test_benchmark_end_to_end(setup, tmp_path):
     """benchmarks/finetune_slices.py on the tiny TCM: three arms of 2 steps, the base and
     each arm coded on one image, the JSON written (to a temporary folder)."""
-    import importlib.util
-
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_slices.py"
-    spec = importlib.util.spec_from_file_location("finetune_slices_benchmark", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("finetune_slices")
     kodak = tmp_path / "kodak"
     kodak.mkdir()
     img = np.random.default_rng(5).integers(0, 256, size=(64, 96, 3), dtype=np.uint8)

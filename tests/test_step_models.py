@@ -12,7 +12,8 @@ import torch
 
 from PIL import Image
 from scipy.stats import spearmanr
-from test_sensitivity import smooth_images  # sibling test modules: the smooth images, one tiny model per family
+from test_benchmarks import load_benchmark  # sibling test modules: benchmark scripts as modules,
+from test_sensitivity import smooth_images  # the smooth images, one tiny model per family
 from test_slice_coding import ARCHS, TINY, tiny_model
 
 from trellis import Quantizer
@@ -129,19 +130,6 @@ def test_calibrate_compress_eval_with_weights_and_target(workdir, capsys):
     assert result["results"]["bpp"][0] > 0
 
 
-def _benchmark():
-    """``benchmarks/step_models.py`` as a module (the scripts are not a package)."""
-    import importlib.util
-
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_models.py"
-    spec = importlib.util.spec_from_file_location("step_models_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def cca_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
@@ -180,7 +168,7 @@ def test_benchmark_rd_sweeps(cca_dir):
     """The RD part: every family at every scale, λ_T following Δ by the global rule, the
     comparisons against the USQ curve; a model without a recorded λ needs --lambda."""
     d = cca_dir
-    bench = _benchmark()
+    bench = load_benchmark("step_models")
     argv = [str(d / "cca.pth"), "--data", str(d / "img"), "--parts", "rd", "--usq-scales", "0.9", "1.0"]
     argv += ["--tcq-scales", "0.9", "1.0"]
     with pytest.raises(SystemExit):  # no λ recorded: refused before any measurement
@@ -202,7 +190,7 @@ def test_benchmark_rd_sweeps(cca_dir):
 def test_benchmark_speed(cca_dir):
     """The speed part: one subprocess per configuration, its peak RSS, ratios to USQ."""
     d = cca_dir
-    bench = _benchmark()
+    bench = load_benchmark("step_models")
     argv = [str(d / "cca.pth"), "--data", str(d / "img"), "--parts", "speed", "--lambda", "0.013"]
     assert bench.main([*argv, "--out", str(d / "speed.json")]) == 0
     result = json.loads((d / "speed.json").read_text())
