@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from qft.files import atomic_write
-from qft.models import create_model
+from qft.models import create_model, load_weights
 from qft.models.zoo import base_entries
 from qft.train.checkpoint import export_state_dict
 from qft.train.recipe import lambda_tag, load_recipe
@@ -109,7 +109,7 @@ def main() -> None:
     for lmbda in bases:
         ckpt = torch.load(args.out / lambda_tag(lmbda) / "checkpoint.pth", map_location="cpu", weights_only=True)
         model = create_model("mbt2018-mean", N=recipe.N, M=recipe.M)  # the weights come from the checkpoint
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], name=f"λ={lmbda:g} training checkpoint")  # CDF tables rebuilt
         state = export_state_dict(model)
         atomic_write(args.out / f"mbt2018-mean-{lmbda:g}-continued.pth", lambda f, state=state: torch.save(state, f))
         val = [e for e in _log(args.out, lmbda) if e["kind"] == "val"]
