@@ -7,11 +7,14 @@ process each: a 60-step probe measures the step time with all of them running, t
 resumes with the step count that fills the budget (so its learning-rate decay at 85 % is
 reached), and a point that has not finished at the deadline stops at its last checkpoint.
 The weights are exported as fp16 state_dicts ``<out>/mbt2018-mean-<λ>-continued.pth``
-beside ``continue.json`` (steps, step time, wall time, last validation per point).
+beside ``continue.json`` (steps, step time, wall time, validation history per point).
+With ``--init-dir`` a further round starts from an earlier round's exported weights.
 
 ::
 
     python benchmarks/continue_reference.py --seconds 420 --out runs/reference/continue
+    python benchmarks/continue_reference.py --seconds 420 --init-dir runs/reference/continue \
+        --out runs/reference/continue-2   # a further round from the last one's weights
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ def main() -> None:
     p.add_argument("--recipe", type=Path, default=RECIPE, help="training recipe (N and M of the shipped models)")
     p.add_argument("--data", help="BSDS500 root (default: the recipe's)")
     p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    p.add_argument(
+        "--init-dir",
+        type=Path,
+        help="start from an earlier run's <dir>/mbt2018-mean-<λ>-continued.pth instead of the shipped models",
+    )
     args = p.parse_args()
     deadline = time.monotonic() + args.seconds
     args.out.mkdir(parents=True, exist_ok=True)
@@ -60,6 +68,11 @@ def main() -> None:
     recipe_path = args.out / args.recipe.name
     recipe_path.write_text(yaml.safe_dump(raw))
     bases = {e["lambda"]: Path(e["file"]).stem for e in base_entries()}
+    if args.init_dir:
+        bases = {lam: str((args.init_dir / f"mbt2018-mean-{lam:g}-continued.pth").resolve()) for lam in bases}
+        missing = [n for n in bases.values() if not Path(n).is_file()]
+        if missing:
+            sys.exit(f"--init-dir lacks {', '.join(missing)}: give the --out folder of an earlier run")
 
     def launch(lmbda: float, name: str, *extra: str) -> subprocess.Popen:
         cmd = [
@@ -121,6 +134,7 @@ def main() -> None:
             "wall_time_s": ckpt["wall_time_s"],
             "machine": ckpt["machine"],
             "last_val": val[-1] if val else None,
+            "val_history": [{k: e[k] for k in ("step", "loss", "bpp", "psnr")} for e in val],
         }
     summary = {
         "benchmark": "continue_reference",
