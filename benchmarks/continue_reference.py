@@ -41,6 +41,11 @@ RECIPE = ROOT / "recipes" / "reference" / "mbt2018-mean-continue-gpu.yaml"
 PROBE = 60
 
 
+def _exported(folder: Path, lmbda: float) -> Path:
+    """The fp16 weights a run exports for ``lmbda`` (and ``--init-dir`` reads back)."""
+    return folder / f"mbt2018-mean-{lmbda:g}-continued.pth"
+
+
 def _log(out: Path, lmbda: float) -> list[dict]:
     path = out / lambda_tag(lmbda) / "log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -69,7 +74,7 @@ def main() -> None:
     recipe_path.write_text(yaml.safe_dump(raw))
     bases = {e["lambda"]: Path(e["file"]).stem for e in base_entries()}
     if args.init_dir:
-        bases = {lam: str((args.init_dir / f"mbt2018-mean-{lam:g}-continued.pth").resolve()) for lam in bases}
+        bases = {lam: str(_exported(args.init_dir, lam).resolve()) for lam in bases}
         missing = [n for n in bases.values() if not Path(n).is_file()]
         if missing:
             sys.exit(f"--init-dir lacks {', '.join(missing)}: give the --out folder of an earlier run")
@@ -124,7 +129,7 @@ def main() -> None:
         model = create_model("mbt2018-mean", N=recipe.N, M=recipe.M)  # the weights come from the checkpoint
         load_weights(model, ckpt["model"], name=f"λ={lmbda:g} training checkpoint")  # CDF tables rebuilt
         state = export_state_dict(model)
-        atomic_write(args.out / f"mbt2018-mean-{lmbda:g}-continued.pth", lambda f, state=state: torch.save(state, f))
+        atomic_write(_exported(args.out, lmbda), lambda f, state=state: torch.save(state, f))
         val = [e for e in _log(args.out, lmbda) if e["kind"] == "val"]
         points[f"{lmbda:g}"] = {
             "init": ckpt["init"],
