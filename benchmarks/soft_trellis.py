@@ -15,6 +15,17 @@ Writes ``benchmarks/results/soft_trellis.json`` after every image, with the mach
     python benchmarks/soft_trellis.py --images 3 --steps 200 --shares 0 0.25 0.5 0.75 1
     python benchmarks/soft_trellis.py --model mbt2018-mean-0.0035 --steps 200 --shares 0.5 \
         --lambda-t-scales 0.5 1 2 -o benchmarks/results/soft_trellis_lt_0.0035.json
+
+``--family A.json B.json …`` codes nothing: from records of several models (a model's
+records joined; every model over the same images), the family's BD-rate of every
+configuration they share against plain USQ — the mean (bpp, PSNR) over the images per
+model, pchip over the models on both curves' Pareto fronts
+(:func:`qft.eval.bdrate.front_bd_rate`), as ``qft report`` computes it — written to
+``-o``. The RD cost at each model's own λ and this BD can disagree (a setting that moves
+each point up its curve):
+
+    python benchmarks/soft_trellis.py --family r0.0035.json r0.0067.json r0.013.json \
+        r0.025.json r0.0483.json -o family.json
 """
 
 from __future__ import annotations
@@ -27,12 +38,15 @@ import time
 
 from pathlib import Path
 
+import numpy as np
+
 from _rdcost import means, score, versus_usq  # sibling helper (the script's folder is on sys.path)
 
 from trellis.hardware import machine_info
 
 from qft.codec import Codec, SGARefine, list_images, read_image
 from qft.codec.refine import SOFT_TAU_END, SOFT_TAU_START
+from qft.eval.bdrate import front_bd_rate
 from qft.files import atomic_write
 from qft.models import load_checkpoint
 from qft.settings import read_settings, resolve_quantizer
@@ -71,8 +85,11 @@ def main() -> None:
         default=None,
         help="TCQ-8's plain rows, one configuration each (default: the calibrated)",
     )
+    ap.add_argument("--family", nargs="+", metavar="JSON", help="only the family's BD over these records (above)")
     ap.add_argument("-o", "--output", default=str(OUT))
     args = ap.parse_args()
+    if args.family:
+        return family(args.family, args.output)
     set_threads(1)
     ck = load_checkpoint(args.model)
     settings = read_settings(ck)
@@ -140,6 +157,45 @@ def main() -> None:
         record["load_after"] = os.getloadavg()
         atomic_write(args.output, json.dumps(record, indent=1).encode())
     print(json.dumps(record["mean_dJ_vs_usq_pct"], indent=1))
+
+
+def family(paths: list[str], output: str) -> None:
+    """The family's BD-rate of each configuration the records at ``paths`` share against
+    plain USQ (module docstring), into ``output``: the models in the order of their λ, the
+    points used (``bd_points``) and the mean RD cost change per model. A model's records
+    (other images, e.g. one process each) are joined."""
+    models: dict[str, dict] = {}
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        m = models.setdefault(r["model"], {"lambda": r["model_lambda"], "tcq8": r["tcq8"], "per_image": {}})
+        if r["tcq8"] != m["tcq8"] or set(r["per_image"]) & set(m["per_image"]):
+            raise SystemExit(f"soft_trellis --family: {p} repeats an image of {r['model']} or has other TCQ-8 settings")
+        m["per_image"] |= r["per_image"]
+    order = sorted(models, key=lambda k: models[k]["lambda"])
+    rows = [list(models[k]["per_image"].values()) for k in order]  # per model, per image
+    if len({tuple(sorted(models[k]["per_image"])) for k in order}) > 1 or len(
+        {models[k]["lambda"] for k in order}
+    ) < len(order):
+        raise SystemExit("soft_trellis --family: give one model per λ, all over the same images")
+    names = [k for k in rows[0][0] if all(k in row for rs in rows for row in rs)]
+    curve = {
+        k: [(np.mean([x[k]["bpp"] for x in rs]), np.mean([x[k]["psnr"] for x in rs])) for rs in rows] for k in names
+    }
+    out = {
+        "records": paths,
+        "models": order,
+        "images": sorted(models[order[0]]["per_image"]),
+        "tcq8": [models[k]["tcq8"] for k in order],
+        "bd_vs_usq_pchip": {},
+        "bd_points": {},
+    }
+    for k in names:
+        if k != "usq":
+            bd, sel = front_bd_rate(curve["usq"], curve[k])
+            out["bd_vs_usq_pchip"][k], out["bd_points"][k] = bd, [order[j] for j in sel]
+    out["mean_dJ_vs_usq_pct"] = {k: [float(np.mean([x[k]["dJ_vs_usq_pct"] for x in rs])) for rs in rows] for k in names}
+    atomic_write(output, json.dumps(out, indent=1).encode())
+    print(json.dumps(out["bd_vs_usq_pchip"], indent=1))
 
 
 if __name__ == "__main__":
