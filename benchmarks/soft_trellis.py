@@ -173,9 +173,8 @@ def family(paths: list[str], output: str) -> None:
         m["per_image"] |= r["per_image"]
     order = sorted(models, key=lambda k: models[k]["lambda"])
     rows = [list(models[k]["per_image"].values()) for k in order]  # per model, per image
-    if len({tuple(sorted(models[k]["per_image"])) for k in order}) > 1 or len(
-        {models[k]["lambda"] for k in order}
-    ) < len(order):
+    same_images = len({tuple(sorted(models[k]["per_image"])) for k in order}) == 1
+    if not same_images or len({models[k]["lambda"] for k in order}) < len(order):
         raise SystemExit("soft_trellis --family: give one model per λ, all over the same images")
     names = [k for k in rows[0][0] if all(k in row for rs in rows for row in rs)]
     curve = {
