@@ -167,6 +167,8 @@ def family(paths: list[str], output: str) -> None:
     models: dict[str, dict] = {}
     for p in paths:
         r = json.loads(Path(p).read_text())
+        if not {"model", "model_lambda", "tcq8", "per_image"} <= set(r):
+            raise SystemExit(f"soft_trellis --family: {p} is not a record of this script (a family's output?)")
         m = models.setdefault(r["model"], {"lambda": r["model_lambda"], "tcq8": r["tcq8"], "per_image": {}})
         if r["tcq8"] != m["tcq8"] or set(r["per_image"]) & set(m["per_image"]):
             raise SystemExit(f"soft_trellis --family: {p} repeats an image of {r['model']} or has other TCQ-8 settings")
