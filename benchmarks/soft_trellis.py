@@ -194,7 +194,8 @@ def family(paths: list[str], output: str) -> None:
         if k != "usq":
             bd, sel = front_bd_rate(curve["usq"], curve[k])
             out["bd_vs_usq_pchip"][k], out["bd_points"][k] = bd, [order[j] for j in sel]
-    out["mean_dJ_vs_usq_pct"] = {k: [float(np.mean([x[k]["dJ_vs_usq_pct"] for x in rs])) for rs in rows] for k in names}
+    per_model = [means(models[m]["per_image"], names)["mean_dJ_vs_usq_pct"] for m in order]
+    out["mean_dJ_vs_usq_pct"] = {k: [pm[k] for pm in per_model] for k in names}
     atomic_write(output, json.dumps(out, indent=1).encode())
     print(json.dumps(out["bd_vs_usq_pchip"], indent=1))
 
