@@ -25,6 +25,14 @@ the entropy coder stay on the CPU).
         --data ../shared/data/tecnick_sampling_300x300 -o benchmarks/results/refine_sga_tecnick.json
     python benchmarks/refine_sga.py --merge a.json b.json -o refine_sga.json   # models or images run apart
     python benchmarks/refine_sga.py --models mbt2018-mean-0.0035 --steps 1000 --center-crop 320  # no padding
+    python benchmarks/refine_sga.py --steps 1000 --configs usq usq+target_rd tcq8 tcq8+target sga1000+usq \
+        sga1000+tcq8 --reuse old.json     # after a change of the TCQ-8 settings: only the trellis rows are coded
+
+``--reuse OLD`` copies, per model and image, the row of every configuration whose settings
+(its ``configs`` entry) are those of OLD, a record of the same data, crop, device and kind
+of CPU: SGA's float path is deterministic there, so the row would repeat bit for bit (the
+encode seconds are OLD's). ``--configs`` keeps only the configurations named (an SGA-N
+then TCQ-8 row needs the SGA-N run that a reused SGA-N + USQ row saves).
 """
 
 from __future__ import annotations
@@ -86,6 +94,37 @@ def center_crop(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return x[..., top : top + size, left : left + size]
 
 
+def reuse_source(path: str, record: dict) -> dict:
+    """The record at ``path`` for ``--reuse``; refused where it differs from this run
+    (``record``'s header) in data, crop, device or kind of CPU, where its rows would not
+    repeat."""
+    old = json.loads(Path(path).read_text())
+    if not isinstance(old, dict) or "per_model" not in old:
+        raise SystemExit(f"refine_sga --reuse: {path} is not a refine_sga record")
+    if any(old.get(k) != record[k] for k in SHARED):
+        raise SystemExit(f"refine_sga --reuse: {path} differs from this run in data, crop or device")
+    if old["machine"]["cpu"] != record["machine"]["cpu"]:
+        raise SystemExit(f"refine_sga --reuse: {path} ran on another CPU, where SGA's float path differs")
+    return old
+
+
+def reused_rows(old: dict | None, model: str, configs: dict, image: str) -> dict:
+    """name → ``image``'s row in ``old`` (a ``--reuse`` record) for every configuration of
+    ``configs`` (name → its ``configs`` entry) that ``old`` ran for ``model`` with the same
+    settings and on that image; ``{}`` without ``old``."""
+    entry = (old or {}).get("per_model", {}).get(model)
+    if entry is None:
+        return {}
+    out = {}
+    for name, described in configs.items():
+        if entry["configs"].get(name) != described:
+            continue
+        row = next((r for r in entry["rows"].get(name, []) if r["image"] == image), None)
+        if row is not None:
+            out[name] = {**row, "reused": True}
+    return out
+
+
 def code_image(codec: Codec, x: torch.Tensor, lmbda: float, table: dict) -> dict:
     """Every configuration of ``table`` on one image ``(1, 3, H, W)``: name → row."""
     h, w = x.shape[-2:]
@@ -135,6 +174,10 @@ def main() -> None:
         help="code the centred S×S crop of each image (S a multiple of 64: no padding; else padded as qft pads)",
     )
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--configs", nargs="+", default=None, help="only these configurations (default: all)")
+    ap.add_argument(
+        "--reuse", metavar="JSON", default=None, help="copy the rows of configurations whose settings JSON ran"
+    )
     ap.add_argument("-o", "--output", default=str(OUT))
     ap.add_argument(
         "--merge", nargs="+", metavar="JSON", help="only merge these records (other models or images) into -o"
@@ -162,6 +205,10 @@ def main() -> None:
     }
     if args.resume and Path(args.output).exists():
         record = resumed(record, json.loads(Path(args.output).read_text()), args.output)
+    reuse = None
+    if args.reuse:
+        reuse = reuse_source(args.reuse, record)
+        record["reused_from"] = os.path.relpath(args.reuse, ROOT)
     for name in models:
         ck = load_checkpoint(name)
         settings = read_settings(ck)
@@ -170,6 +217,13 @@ def main() -> None:
         table = configs(settings, args.steps)
         c, _, _ = table["tcq8+target"]
         codec.compress(read_image(images[0]), c.quantizer, c.weights, c.target)  # JIT warm-up / cache load, untimed
+        if args.configs:
+            unknown = sorted(set(args.configs) - set(table))
+            if unknown:
+                raise SystemExit(f"refine_sga --configs: no configuration {unknown}; these exist: {sorted(table)}")
+            if "usq" not in args.configs:
+                raise SystemExit("refine_sga --configs: name usq too, the anchor of every BD and of --merge")
+            table = {k: v for k, v in table.items() if k in args.configs}
         entry = {
             "model_lambda": lmbda,
             "configs": {
@@ -186,8 +240,11 @@ def main() -> None:
         for path in images:
             if path.name in done:
                 continue
-            for k, row in code_image(codec, center_crop(read_image(path), args.center_crop), lmbda, table).items():
-                entry["rows"][k].append({"image": path.name, **row})
+            rows = reused_rows(reuse, name, entry["configs"], path.name)
+            todo = {k: v for k, v in table.items() if k not in rows}
+            rows |= code_image(codec, center_crop(read_image(path), args.center_crop), lmbda, todo)
+            for k in table:
+                entry["rows"][k].append({"image": path.name, **rows[k]})
             print(name, path.name, {k: round(v[-1]["rd_cost"], 4) for k, v in entry["rows"].items()}, flush=True)
             entry["mean"] = {
                 k: {m: float(np.mean([r[m] for r in rs])) for m in KEYS} for k, rs in entry["rows"].items()

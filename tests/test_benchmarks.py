@@ -111,3 +111,45 @@ def test_refine_sga_merge_refuses_records_of_another_run(refine_sga, tmp_path, o
 def test_refine_sga_resume_refuses_another_run(refine_sga, other, message):
     with pytest.raises(SystemExit, match=message):
         refine_sga.resumed(_record(), _record(**other), "old.json")
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        ({"device": "cuda"}, "differs from this run in data, crop or device"),
+        ({"center_crop": 300}, "differs from this run in data, crop or device"),
+        ({"cpu": "AMD"}, "ran on another CPU"),
+    ],
+)
+def test_refine_sga_reuse_refuses_another_run(refine_sga, tmp_path, other, message):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({**_record(**other), "per_model": {}}))
+    with pytest.raises(SystemExit, match=message):
+        refine_sga.reuse_source(str(path), _record())
+
+
+def test_refine_sga_reuse_refuses_a_json_that_is_no_record(refine_sga, tmp_path):
+    path = tmp_path / "family.json"
+    path.write_text(json.dumps({"bd": -1.0}))
+    with pytest.raises(SystemExit, match="is not a refine_sga record"):
+        refine_sga.reuse_source(str(path), _record())
+
+
+def test_refine_sga_reuses_only_rows_of_the_same_settings_and_image(refine_sga):
+    usq, tcq = {"method": "usq", "step": 1.0}, {"method": "tcq8", "step": 0.63}
+    old = {
+        "per_model": {
+            "m": {
+                "configs": {"usq": usq, "tcq8": tcq},
+                "rows": {
+                    "usq": [{"image": "a.png", "bpp": 1.0}, {"image": "b.png", "bpp": 2.0}],
+                    "tcq8": [{"image": "a.png", "bpp": 0.9}, {"image": "b.png", "bpp": 1.8}],
+                },
+            }
+        }
+    }
+    now = {"usq": usq, "tcq8": {**tcq, "step": 0.55}}  # the trellis's settings changed
+    assert refine_sga.reused_rows(old, "m", now, "b.png") == {"usq": {"image": "b.png", "bpp": 2.0, "reused": True}}
+    assert refine_sga.reused_rows(old, "m", now, "c.png") == {}  # an image the old record lacks
+    assert refine_sga.reused_rows(old, "other", now, "a.png") == {}  # a model it lacks
+    assert refine_sga.reused_rows(None, "m", now, "a.png") == {}  # no --reuse
