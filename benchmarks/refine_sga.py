@@ -183,11 +183,18 @@ def main() -> None:
         "--merge", nargs="+", metavar="JSON", help="only merge these records (other models or images) into -o"
     )
     ap.add_argument(
+        "--only-images",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="with --merge: keep only these images (a family over the images another record holds)",
+    )
+    ap.add_argument(
         "--resume", action="store_true", help="keep the images -o already holds (same data, images, steps, device)"
     )
     args = ap.parse_args()
     if args.merge:
-        return merge(args.merge, args.output)
+        return merge(args.merge, args.output, args.only_images)
     set_threads(1)  # torch and Numba: Numba's first parallel kernel would reset torch's count
     models = args.models or [e["name"] for e in base_entries()]
     images = list_images(args.data)[args.skip :][: args.images]
@@ -355,13 +362,14 @@ def resumed(record: dict, old: dict, path: str) -> dict:
     return record
 
 
-def merge(paths: list[str], output: str) -> None:
+def merge(paths: list[str], output: str, only: list[str] | None = None) -> None:
     """Records run apart (other models, other images: one process or machine each) as one
     record, with the family's BD-rates. They must share data, crop, device and kind of CPU
     (SGA's float path, hence its rows, differs across CPUs and devices). Only the configurations every record
     holds are kept (e.g. the SGA steps they share); a model's rows are the union of its images, which
     must not repeat, and every model must end with the same images (the family compares
-    means over the same images)."""
+    means over the same images). ``only``: keep just the rows of these image names (e.g. a
+    subset that another record holds, to compare the two on the same images)."""
     records = [json.loads(Path(p).read_text()) for p in paths]
     if len({tuple(r.get(k) for k in SHARED) for r in records}) > 1:
         raise SystemExit(f"refine_sga --merge: {paths[0]} and the others differ in data, crop or device")
@@ -389,16 +397,19 @@ def merge(paths: list[str], output: str) -> None:
             )
             if entry["configs"] != configs:
                 raise SystemExit(f"refine_sga --merge: {path} has other settings for {model}")
+            rows = {k: [row for row in m["rows"][k] if only is None or row["image"] in only] for k in names}
             seen = {row["image"] for row in entry["rows"]["usq"]}
-            if seen & {row["image"] for row in m["rows"]["usq"]}:
+            if seen & {row["image"] for row in rows["usq"]}:
                 raise SystemExit(f"refine_sga --merge: {path} repeats an image of {model}")
             for k in names:
-                entry["rows"][k] += m["rows"][k]
+                entry["rows"][k] += rows[k]
     out["models"] = list(out["per_model"])
     image_sets = {model: sorted(row["image"] for row in m["rows"]["usq"]) for model, m in out["per_model"].items()}
     out["images"] = next(iter(image_sets.values()))
     if any(v != out["images"] for v in image_sets.values()):
         raise SystemExit("refine_sga --merge: the models do not hold the same images; merge whole sets")
+    if only is not None and sorted(only) != out["images"]:
+        raise SystemExit(f"refine_sga --merge --only-images: the records hold only {out['images']} of them")
     for m in out["per_model"].values():
         m["mean"] = {k: {q: float(np.mean([row[q] for row in rs])) for q in KEYS} for k, rs in m["rows"].items()}
     family(out)

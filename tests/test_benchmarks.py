@@ -153,3 +153,21 @@ def test_refine_sga_reuses_only_rows_of_the_same_settings_and_image(refine_sga):
     assert refine_sga.reused_rows(old, "m", now, "c.png") == {}  # an image the old record lacks
     assert refine_sga.reused_rows(old, "other", now, "a.png") == {}  # a model it lacks
     assert refine_sga.reused_rows(None, "m", now, "a.png") == {}  # no --reuse
+
+
+def _rows_record(images: list[str]) -> dict:
+    """A one-model ``refine_sga`` record with a ``usq`` row per image."""
+    rows = [{"image": i, "bpp": 1.0, "psnr": 30.0, "rd_cost": 1.0, "encode_s": 0.1} for i in images]
+    entry = {"model_lambda": 0.01, "configs": {"usq": {"method": "usq"}}, "rows": {"usq": rows}}
+    return {**_record(), "steps": [], "load_before": [0, 0, 0], "per_model": {"m": entry}}
+
+
+def test_refine_sga_merge_keeps_only_the_images_named(refine_sga, tmp_path):
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    paths[0].write_text(json.dumps(_rows_record(["a.png", "b.png", "c.png"])))
+    paths[1].write_text(json.dumps(_rows_record(["d.png"])))
+    out = tmp_path / "merged.json"
+    refine_sga.merge([str(p) for p in paths], str(out), ["a.png", "d.png"])
+    assert json.loads(out.read_text())["images"] == ["a.png", "d.png"]
+    with pytest.raises(SystemExit, match="hold only"):
+        refine_sga.merge([str(p) for p in paths], str(tmp_path / "other.json"), ["a.png", "e.png"])
