@@ -195,6 +195,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.output, args.only_images)
+    if args.only_images:
+        raise SystemExit("refine_sga --only-images: only with --merge (a run's images are --skip and --images)")
     set_threads(1)  # torch and Numba: Numba's first parallel kernel would reset torch's count
     models = args.models or [e["name"] for e in base_entries()]
     images = list_images(args.data)[args.skip :][: args.images]
