@@ -81,6 +81,20 @@ def configs(settings: dict, steps: list[int]) -> dict:
     return out
 
 
+def selected(table: dict, names: list[str] | None) -> dict:
+    """The configurations of ``table`` named by ``--configs`` (None: all), in ``table``'s
+    order. Raises ``SystemExit`` for a name ``table`` lacks, or without ``usq`` (the anchor
+    of every BD and of ``--merge``)."""
+    if names is None:
+        return table
+    unknown = sorted(set(names) - set(table))
+    if unknown:
+        raise SystemExit(f"refine_sga --configs: no configuration {unknown}; these exist: {sorted(table)}")
+    if "usq" not in names:
+        raise SystemExit("refine_sga --configs: name usq too, the anchor of every BD and of --merge")
+    return {k: v for k, v in table.items() if k in names}
+
+
 def center_crop(x: torch.Tensor, size: int | None) -> torch.Tensor:
     """The centred ``size × size`` crop of an image ``(1, 3, H, W)`` (None: the image).
 
@@ -225,14 +239,8 @@ def main() -> None:
         codec = Codec.from_checkpoint(ck, args.device)
         table = configs(settings, args.steps)
         c, _, _ = table["tcq8+target"]
+        table = selected(table, args.configs)
         codec.compress(read_image(images[0]), c.quantizer, c.weights, c.target)  # JIT warm-up / cache load, untimed
-        if args.configs:
-            unknown = sorted(set(args.configs) - set(table))
-            if unknown:
-                raise SystemExit(f"refine_sga --configs: no configuration {unknown}; these exist: {sorted(table)}")
-            if "usq" not in args.configs:
-                raise SystemExit("refine_sga --configs: name usq too, the anchor of every BD and of --merge")
-            table = {k: v for k, v in table.items() if k in args.configs}
         entry = {
             "model_lambda": lmbda,
             "configs": {

@@ -171,3 +171,13 @@ def test_refine_sga_merge_keeps_only_the_images_named(refine_sga, tmp_path):
     assert json.loads(out.read_text())["images"] == ["a.png", "d.png"]
     with pytest.raises(SystemExit, match="hold only"):
         refine_sga.merge([str(p) for p in paths], str(tmp_path / "other.json"), ["a.png", "e.png"])
+
+
+def test_refine_sga_configs_keeps_the_named_and_refuses_unknown_or_no_anchor(refine_sga):
+    table = {"usq": 1, "tcq8": 2, "sga4+usq": 3}
+    assert refine_sga.selected(table, None) is table
+    assert list(refine_sga.selected(table, ["sga4+usq", "usq"])) == ["usq", "sga4+usq"]
+    with pytest.raises(SystemExit, match=r"no configuration \['bogus'\]"):
+        refine_sga.selected(table, ["usq", "bogus"])
+    with pytest.raises(SystemExit, match="name usq too"):
+        refine_sga.selected(table, ["tcq8"])
