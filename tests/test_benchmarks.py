@@ -181,3 +181,11 @@ def test_refine_sga_configs_keeps_the_named_and_refuses_unknown_or_no_anchor(ref
         refine_sga.selected(table, ["usq", "bogus"])
     with pytest.raises(SystemExit, match="name usq too"):
         refine_sga.selected(table, ["tcq8"])
+
+
+def test_refine_sga_refuses_only_images_without_merge(refine_sga, monkeypatch):
+    monkeypatch.setattr(
+        sys, "argv", ["refine_sga.py", "--only-images", "kodim01.png", "--data", "no-such-folder", "-o", "unused.json"]
+    )
+    with pytest.raises(SystemExit, match="--only-images: only with --merge"):
+        refine_sga.main()
